@@ -1,0 +1,107 @@
+// Elementwise ops with broadcasting. Gradient rules:
+//   add: ga = g, gb = g;  sub: gb = -g;  mul: ga = g·b, gb = g·a;  div: ga = g/b, gb = -g·a/b²
+// each summed back to the input's shape (sum_to) when it was broadcast. Unary ops: gx = g·f'(x), with the
+// derivative computed by the kernel from x and the saved output y.
+#include "autograd/op_util.h"
+#include "tensor/cpu/kernels.h"
+
+namespace psa {
+namespace {
+
+using cpu::BinaryOp;
+using cpu::UnaryOp;
+
+Tensor binary_forward(const char* op, BinaryOp kind, const Tensor& a, const Tensor& b) {
+  check_defined(op, a, "a");
+  check_defined(op, b, "b");
+  check_same_device(op, a, b);
+  check_same_dtype(op, a, b);
+  check_float(op, a);
+  Tensor out = Tensor::empty(broadcast_shape(op, a.shape(), b.shape()), a.dtype(), a.device());
+  if (out.device() != Device::cpu) no_kernel(op, out.device());
+  cpu::binary(kind, a, b, out);
+  return out;
+}
+
+Tensor unary_forward(const char* op, UnaryOp kind, const Tensor& x, double param) {
+  check_defined(op, x, "input");
+  check_float(op, x);
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+  if (out.device() != Device::cpu) no_kernel(op, out.device());
+  cpu::unary(kind, x, param, out);
+  return out;
+}
+
+Tensor unary_grad(UnaryOp kind, const Tensor& x, const Tensor& y, const Tensor& g, double param) {
+  Tensor gx = Tensor::empty(x.shape(), x.dtype(), x.device());
+  if (gx.device() != Device::cpu) no_kernel("unary_backward", gx.device());
+  cpu::unary_backward(kind, x, y, g, param, gx);
+  return gx;
+}
+
+// One op per unary kind; the output is saved detached so the node does not keep itself alive.
+Tensor unary_op(const char* op, UnaryOp kind, const Tensor& x, double param = 0) {
+  Tensor y = unary_forward(op, kind, x, param);
+  Tensor xs = x.detach(), ys = y.detach();
+  return record(op, y, {x}, [=](const Tensor& g) -> Grads { return {unary_grad(kind, xs, ys, g, param)}; });
+}
+
+}  // namespace
+
+Tensor add(const Tensor& a, const Tensor& b) {
+  Tensor out = binary_forward("add", BinaryOp::add, a, b);
+  Shape sa = a.shape(), sb = b.shape();
+  return record("add", out, {a, b}, [=](const Tensor& g) -> Grads { return {sum_to(g, sa), sum_to(g, sb)}; });
+}
+
+Tensor sub(const Tensor& a, const Tensor& b) {
+  Tensor out = binary_forward("sub", BinaryOp::sub, a, b);
+  Shape sa = a.shape(), sb = b.shape();
+  return record("sub", out, {a, b}, [=](const Tensor& g) -> Grads { return {sum_to(g, sa), sum_to(neg(g), sb)}; });
+}
+
+Tensor mul(const Tensor& a, const Tensor& b) {
+  Tensor out = binary_forward("mul", BinaryOp::mul, a, b);
+  Tensor as = a.detach(), bs = b.detach();
+  bool need_a = a.requires_grad(), need_b = b.requires_grad();
+  return record("mul", out, {a, b}, [=](const Tensor& g) -> Grads {
+    return {need_a ? sum_to(mul(g, bs), as.shape()) : Tensor(), need_b ? sum_to(mul(g, as), bs.shape()) : Tensor()};
+  });
+}
+
+Tensor div(const Tensor& a, const Tensor& b) {
+  Tensor out = binary_forward("div", BinaryOp::div, a, b);
+  Tensor bs = b.detach(), outs = out.detach();
+  Shape sa = a.shape();
+  bool need_b = b.requires_grad();
+  return record("div", out, {a, b}, [=](const Tensor& g) -> Grads {
+    Tensor ga = div(g, bs);
+    return {sum_to(ga, sa), need_b ? sum_to(neg(mul(ga, outs)), bs.shape()) : Tensor()};
+  });
+}
+
+Tensor add_scalar(const Tensor& a, double s) { return unary_op("add_scalar", UnaryOp::add_scalar, a, s); }
+Tensor mul_scalar(const Tensor& a, double s) { return unary_op("mul_scalar", UnaryOp::mul_scalar, a, s); }
+Tensor neg(const Tensor& a) { return unary_op("neg", UnaryOp::neg, a); }
+Tensor exp(const Tensor& a) { return unary_op("exp", UnaryOp::exp, a); }
+Tensor log(const Tensor& a) { return unary_op("log", UnaryOp::log, a); }
+Tensor sqrt(const Tensor& a) { return unary_op("sqrt", UnaryOp::sqrt, a); }
+Tensor rsqrt(const Tensor& a) { return unary_op("rsqrt", UnaryOp::rsqrt, a); }
+Tensor pow_scalar(const Tensor& a, double p) { return unary_op("pow_scalar", UnaryOp::pow, a, p); }
+Tensor tanh(const Tensor& a) { return unary_op("tanh", UnaryOp::tanh, a); }
+Tensor sigmoid(const Tensor& a) { return unary_op("sigmoid", UnaryOp::sigmoid, a); }
+Tensor relu(const Tensor& a) { return unary_op("relu", UnaryOp::relu, a); }
+Tensor gelu(const Tensor& a) { return unary_op("gelu", UnaryOp::gelu, a); }
+Tensor quick_gelu(const Tensor& a) { return unary_op("quick_gelu", UnaryOp::quick_gelu, a); }
+Tensor silu(const Tensor& a) { return unary_op("silu", UnaryOp::silu, a); }
+
+Tensor activation(const Tensor& a, const std::string& name) {
+  if (name == "gelu") return gelu(a);
+  if (name == "quick_gelu") return quick_gelu(a);
+  if (name == "silu" || name == "swish") return silu(a);
+  if (name == "relu") return relu(a);
+  if (name == "tanh") return tanh(a);
+  fail("activation: unknown activation '", name, "' (known: gelu, quick_gelu, silu, relu, tanh)");
+}
+
+}  // namespace psa

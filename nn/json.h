@@ -1,0 +1,90 @@
+// A small JSON value, strict parser and printer: configs, tokenizer files, JSONL datasets, safetensors headers.
+// Numbers are doubles (integers exact up to 2^53); objects keep insertion order so dumps are stable.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace psa::json {
+
+struct Value {
+  enum class Kind { Null, Bool, Number, String, Array, Object };
+  Kind kind = Kind::Null;
+  bool b = false;
+  double num = 0;
+  std::string str;
+  std::vector<Value> arr;
+  std::vector<std::pair<std::string, Value>> obj;  // insertion order kept
+
+  Value() = default;
+  Value(std::nullptr_t) {}
+  Value(double v) : kind(Kind::Number), num(v) {}
+  Value(int64_t v) : kind(Kind::Number), num(static_cast<double>(v)) {}
+  Value(uint64_t v) : kind(Kind::Number), num(static_cast<double>(v)) {}
+  Value(int v) : kind(Kind::Number), num(v) {}
+  Value(unsigned v) : kind(Kind::Number), num(v) {}
+  Value(long long v) : kind(Kind::Number), num(static_cast<double>(v)) {}
+  Value(unsigned long long v) : kind(Kind::Number), num(static_cast<double>(v)) {}
+  Value(bool v) : kind(Kind::Bool), b(v) {}
+  Value(std::string v) : kind(Kind::String), str(std::move(v)) {}
+  Value(const char* v) : kind(Kind::String), str(v) {}
+  static Value object();
+  static Value array();
+
+  bool is_null() const { return kind == Kind::Null; }
+  bool is_bool() const { return kind == Kind::Bool; }
+  bool is_number() const { return kind == Kind::Number; }
+  bool is_string() const { return kind == Kind::String; }
+  bool is_array() const { return kind == Kind::Array; }
+  bool is_object() const { return kind == Kind::Object; }
+  bool is_int() const;  // a number with an integral value in int64 range
+
+  // Typed access; a wrong kind throws "expected <kind>, got <kind>".
+  double as_number() const;
+  int64_t as_int() const;  // also throws when the number is not integral
+  const std::string& as_string() const;
+  bool as_bool() const;
+  const std::vector<Value>& as_array() const;
+  const std::vector<std::pair<std::string, Value>>& as_object() const;
+  size_t size() const;  // elements of an array or members of an object
+
+  // Object members: at() throws "missing key 'x'"; find() returns nullptr.
+  const Value& at(const std::string& key) const;
+  const Value* find(const std::string& key) const;
+  bool contains(const std::string& key) const { return find(key) != nullptr; }
+  const Value& at(size_t i) const;  // array element, bounds-checked
+
+  // Member access that names the key on a kind error: "key 'x': expected number, got string".
+  double number_at(const std::string& key) const;
+  int64_t int_at(const std::string& key) const;
+  const std::string& string_at(const std::string& key) const;
+  bool bool_at(const std::string& key) const;
+  const std::vector<Value>& array_at(const std::string& key) const;
+  // Same, with a default when the key is missing or null (HF configs often write null for "unset").
+  double number_or(const std::string& key, double def) const;
+  int64_t int_or(const std::string& key, int64_t def) const;
+  std::string string_or(const std::string& key, const std::string& def) const;
+  bool bool_or(const std::string& key, bool def) const;
+
+  Value& set(const std::string& key, Value v);  // replaces an existing key in place
+  void push(Value v);
+
+  bool operator==(const Value& o) const;
+  bool operator!=(const Value& o) const { return !(*this == o); }
+};
+
+const char* kind_name(Value::Kind k);
+
+// Errors read "source:line:col: reason". Rejects duplicate keys, trailing garbage, invalid UTF-8,
+// lone surrogates, control characters in strings, and nesting deeper than 512.
+Value parse(const std::string& text, const std::string& source = "<json>");
+// Compact when indent < 0, else pretty with `indent` spaces. Integral numbers print without ".0";
+// other doubles print with the fewest digits that round-trip. Non-finite numbers throw.
+std::string dump(const Value& v, int indent = -1);
+// Errors name the path; an unreadable file gives "path: cannot open: <strerror>".
+Value parse_file(const std::string& path);
+// Whole file as bytes, same error wording; shared with the JSONL and safetensors readers.
+std::string read_file(const std::string& path);
+
+}  // namespace psa::json

@@ -1,0 +1,96 @@
+// Data movement: permutation, block copies for concat/slice, row gathers for embeddings. These move bytes,
+// so they are written once over element size rather than per dtype.
+#include <cstring>
+
+#include "tensor/cpu/kernels.h"
+
+namespace psa::cpu {
+
+void permute(const Tensor& a, const std::vector<int64_t>& perm, Tensor& out) {
+  const Shape& s = a.shape();
+  int64_t rank = s.size(), es = dtype_size(a.dtype());
+  std::vector<int64_t> in_stride(rank, 1);
+  for (int64_t d = rank - 2; d >= 0; --d) in_stride[d] = in_stride[d + 1] * s[d + 1];
+  // Walk the output in order; src offset follows the permuted input strides. The last output dim is the
+  // inner loop, copied element by element with its (possibly large) input stride.
+  const Shape& os = out.shape();
+  int64_t inner = rank ? os[rank - 1] : 1, n = out.numel(), outer = inner ? n / inner : 0;
+  int64_t inner_stride = rank ? in_stride[perm[rank - 1]] : 1;
+  const char* src = static_cast<const char*>(a.raw());
+  char* dst = static_cast<char*>(out.raw());
+#pragma omp parallel for if (n > (1 << 16))
+  for (int64_t r = 0; r < outer; ++r) {
+    int64_t rem = r, off = 0;
+    for (int64_t d = rank - 2; d >= 0; --d) {
+      int64_t idx = rem % os[d];
+      rem /= os[d];
+      off += idx * in_stride[perm[d]];
+    }
+    char* o = dst + r * inner * es;
+    if (es == 4) {
+      const uint32_t* p = reinterpret_cast<const uint32_t*>(src) + off;
+      uint32_t* q = reinterpret_cast<uint32_t*>(o);
+      for (int64_t i = 0; i < inner; ++i) q[i] = p[i * inner_stride];
+    } else {
+      const uint64_t* p = reinterpret_cast<const uint64_t*>(src) + off;
+      uint64_t* q = reinterpret_cast<uint64_t*>(o);
+      for (int64_t i = 0; i < inner; ++i) q[i] = p[i * inner_stride];
+    }
+  }
+}
+
+void copy_block(const Tensor& a, int64_t outer, int64_t n_a, int64_t inner, Tensor& out, int64_t n_out, int64_t at) {
+  int64_t es = dtype_size(a.dtype()), row = n_a * inner * es;
+  const char* src = static_cast<const char*>(a.raw());
+  char* dst = static_cast<char*>(out.raw());
+  for (int64_t o = 0; o < outer; ++o) std::memcpy(dst + (o * n_out + at) * inner * es, src + o * row, row);
+}
+
+void extract_block(const Tensor& a, int64_t outer, int64_t n_a, int64_t inner, int64_t at, int64_t n_out,
+                   Tensor& out) {
+  int64_t es = dtype_size(a.dtype()), row = n_out * inner * es;
+  const char* src = static_cast<const char*>(a.raw());
+  char* dst = static_cast<char*>(out.raw());
+  for (int64_t o = 0; o < outer; ++o) std::memcpy(dst + o * row, src + (o * n_a + at) * inner * es, row);
+}
+
+template <typename I>
+static void gather(const char* src, char* dst, int64_t outer, int64_t n, int64_t inner, const I* idx,
+                   int64_t m, int64_t es, const char* op) {
+  for (int64_t k = 0; k < m; ++k)
+    PSA_CHECK(idx[k] >= 0 && idx[k] < n, op, ": index ", idx[k], " out of range [0, ", n, ")");
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t k = 0; k < m; ++k)
+      std::memcpy(dst + (o * m + k) * inner * es, src + (o * n + idx[k]) * inner * es, inner * es);
+}
+
+void index_select(const Tensor& a, int64_t outer, int64_t n, int64_t inner, const Tensor& index, Tensor& out) {
+  const char* src = static_cast<const char*>(a.raw());
+  char* dst = static_cast<char*>(out.raw());
+  int64_t es = dtype_size(a.dtype()), m = index.numel();
+  if (index.dtype() == DType::i64) gather(src, dst, outer, n, inner, index.data<int64_t>(), m, es, "index_select");
+  else gather(src, dst, outer, n, inner, index.data<int32_t>(), m, es, "index_select");
+}
+
+void index_add(const Tensor& g, int64_t outer, int64_t n, int64_t inner, const Tensor& index, Tensor& ga) {
+  dispatch_float(g.dtype(), "index_add", [&](auto tag_) {
+    using scalar_t = typename decltype(tag_)::type;
+    using T = scalar_t;
+    const T* pg = g.data<T>();
+    T* po = ga.data<T>();
+    int64_t m = index.numel();
+    std::fill(po, po + outer * n * inner, T(0));
+    auto row = [&](int64_t k) {
+      return index.dtype() == DType::i64 ? index.data<int64_t>()[k] : (int64_t)index.data<int32_t>()[k];
+    };
+    // Rows are accumulated in index order on one thread: repeated ids make this a scatter with conflicts.
+    for (int64_t o = 0; o < outer; ++o)
+      for (int64_t k = 0; k < m; ++k) {
+        T* dst = po + (o * n + row(k)) * inner;
+        const T* src = pg + (o * m + k) * inner;
+        for (int64_t j = 0; j < inner; ++j) dst[j] += src[j];
+      }
+  });
+}
+
+}  // namespace psa::cpu

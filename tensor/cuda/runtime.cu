@@ -1,0 +1,88 @@
+// CUDA runtime glue: device query, a caching allocator and copies.
+// The allocator keeps freed blocks in per-size free lists (sizes rounded up to 512 bytes, or to 2 MiB above
+// 1 MiB) so that training steps after the first never call cudaMalloc/cudaFree; peak bytes are tracked.
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <map>
+#include <mutex>
+#include <vector>
+
+#include "tensor/device.h"
+#include "tensor/error.h"
+
+#define cudaCheck(call)                                                                        \
+  do {                                                                                         \
+    cudaError_t err_ = (call);                                                                 \
+    if (err_ != cudaSuccess)                                                                   \
+      ::psa::fail(__FILE__, ":", __LINE__, ": ", #call, ": ", cudaGetErrorString(err_));       \
+  } while (0)
+
+namespace psa::gpu {
+namespace {
+struct Cache {
+  std::mutex mu;
+  std::map<size_t, std::vector<void*>> free_blocks;
+  size_t in_use = 0, peak = 0;
+};
+Cache& cache() {
+  static Cache* c = new Cache();  // leaked on purpose: blocks must outlive static tensors at exit
+  return *c;
+}
+size_t round_size(size_t n) {
+  const size_t small = 512, big = size_t(2) << 20;
+  return n < (size_t(1) << 20) ? (n + small - 1) / small * small : (n + big - 1) / big * big;
+}
+}  // namespace
+
+bool available() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+std::string describe() {
+  int n = 0;
+  cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess || n == 0) return std::string("no CUDA device: ") + cudaGetErrorString(err);
+  cudaDeviceProp p;
+  cudaCheck(cudaGetDeviceProperties(&p, 0));
+  char buf[256];
+  snprintf(buf, sizeof buf, "%s, %.1f GiB, sm_%d%d", p.name, p.totalGlobalMem / 1073741824.0, p.major, p.minor);
+  return buf;
+}
+
+void* alloc(size_t nbytes) {
+  size_t n = round_size(nbytes ? nbytes : 1);
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  void* p = nullptr;
+  auto it = c.free_blocks.find(n);
+  if (it != c.free_blocks.end() && !it->second.empty()) {
+    p = it->second.back();
+    it->second.pop_back();
+  } else if (cudaMalloc(&p, n) != cudaSuccess) {
+    cudaGetLastError();
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    fail("CUDA out of memory: requested ", n, " bytes, ", free_b, " free of ", total_b);
+  }
+  c.in_use += n;
+  if (c.in_use > c.peak) c.peak = c.in_use;
+  return p;
+}
+
+void free(void* p, size_t nbytes) {
+  if (!p) return;
+  size_t n = round_size(nbytes ? nbytes : 1);
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.free_blocks[n].push_back(p);
+  c.in_use -= n;
+}
+
+void copy_to_device(void* dst, const void* src, size_t n) { cudaCheck(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice)); }
+void copy_to_host(void* dst, const void* src, size_t n) { cudaCheck(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToHost)); }
+void copy_on_device(void* dst, const void* src, size_t n) { cudaCheck(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToDevice)); }
+void memset_zero(void* p, size_t n) { cudaCheck(cudaMemset(p, 0, n)); }
+size_t peak_bytes() { return cache().peak; }
+}  // namespace psa::gpu
