@@ -4,6 +4,7 @@ CXX      ?= g++
 NVCC     ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 CUDA_ARCH ?= sm_90
 BUILD    ?= build
+OBJ      := $(BUILD)/obj
 OPT      ?= -O3 -march=native
 CXXFLAGS += -std=c++17 $(OPT) -fopenmp -Wall -Wextra -Wno-unused-parameter -I. -MMD -MP
 LDLIBS   += -fopenmp -lxxhash -lpthread -ldl
@@ -24,20 +25,20 @@ TOOL_SRCS  := $(wildcard tools/*.cpp)
 TEST_SRCS  := $(wildcard tests/*.cpp)
 BENCH_SRCS := $(wildcard bench/*.cpp)
 
-LIB_OBJS   := $(LIB_SRCS:%.cpp=$(BUILD)/%.o) $(CU_SRCS:%.cu=$(BUILD)/%.cu.o)
-TOOL_OBJS  := $(TOOL_SRCS:%.cpp=$(BUILD)/%.o)
-TEST_OBJS  := $(TEST_SRCS:%.cpp=$(BUILD)/%.o)
+LIB_OBJS   := $(LIB_SRCS:%.cpp=$(OBJ)/%.o) $(CU_SRCS:%.cu=$(OBJ)/%.cu.o)
+TOOL_OBJS  := $(TOOL_SRCS:%.cpp=$(OBJ)/%.o)
+TEST_OBJS  := $(TEST_SRCS:%.cpp=$(OBJ)/%.o)
 BENCH_BINS := $(BENCH_SRCS:bench/%.cpp=$(BUILD)/bench_%)
 LIB        := $(BUILD)/libpsa.a
 
 .PHONY: all test deps clean bench
 all: $(BUILD)/psa $(BUILD)/psa_tests $(BENCH_BINS)
 
-$(BUILD)/%.o: %.cpp
+$(OBJ)/%.o: %.cpp
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) -c $< -o $@
 
-$(BUILD)/%.cu.o: %.cu
+$(OBJ)/%.cu.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) -c $< -o $@
 

@@ -247,7 +247,7 @@ TEST(Json, ParseFile) {
 
 TEST(Json, ParsesRealHfConfigs) {
   for (const char* name : {"clip_vision", "llama", "llava", "mha", "c_abstractor"}) {
-    std::string path = std::string("/work/shared/fixtures/hf/") + name + "/config.json";
+    std::string path = std::string("tests/data/hf/") + name + "/config.json";
     std::ifstream probe(path);
     if (!probe) continue;  // fixtures live outside the repo; the rest of the suite does not need them
     Value v = json::parse_file(path);

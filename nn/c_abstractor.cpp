@@ -1,0 +1,131 @@
+#include "nn/c_abstractor.h"
+
+#include <cmath>
+
+namespace psa::nn {
+
+CAbstractorConfig CAbstractorConfig::from_json(const json::Value& v) {
+  CAbstractorConfig c;
+  c.encoder_hidden = v.at("encoder_hidden_size").as_int();
+  c.hidden = v.at("hidden_size").as_int();
+  c.output_hidden = v.at("output_hidden_size").as_int();
+  c.depth = v.at("depth").as_int();
+  if (const json::Value* m = v.find("mlp_depth")) c.mlp_depth = m->as_int();
+  c.num_queries = v.at("num_queries").as_int();
+  c.num_input_tokens = v.find("num_input_tokens") ? v.at("num_input_tokens").as_int() : c.num_queries;
+  if (const json::Value* s = v.find("se_ratio")) c.se_ratio = s->as_number();
+  if (const json::Value* e = v.find("eps")) c.eps = e->as_number();
+  auto square = [](int64_t n) { int64_t r = std::llround(std::sqrt((double)n)); return r * r == n; };
+  PSA_CHECK(square(c.num_queries) && square(c.num_input_tokens), "c_abstractor config: num_queries ", c.num_queries,
+            " and num_input_tokens ", c.num_input_tokens, " must be perfect squares");
+  PSA_CHECK(c.depth >= 1 && c.mlp_depth >= 1, "c_abstractor config: depth and mlp_depth must be >= 1");
+  return c;
+}
+
+json::Value CAbstractorConfig::to_json() const {
+  json::Value v = json::Value::object();
+  v.set("kind", "c_abstractor");
+  v.set("encoder_hidden_size", encoder_hidden);
+  v.set("hidden_size", hidden);
+  v.set("output_hidden_size", output_hidden);
+  v.set("depth", depth);
+  v.set("mlp_depth", mlp_depth);
+  v.set("num_input_tokens", num_input_tokens);
+  v.set("num_queries", num_queries);
+  v.set("se_ratio", se_ratio);
+  v.set("eps", eps);
+  return v;
+}
+
+// A 1×1 conv on channels-last tokens is a Linear over the weight [out, in, 1, 1] viewed as [out, in].
+static Tensor conv1x1(const Tensor& x, const Tensor& w, const Tensor& b) {
+  return linear(x, reshape(w, {w.size(0), w.size(1)}), b);
+}
+
+ConvNorm1x1::ConvNorm1x1(int64_t in, int64_t out, bool a, double eps) : act(a) {
+  weight = register_parameter("conv.weight", {out, in, 1, 1});
+  bn = register_module("bn", std::make_shared<LayerNorm>(out, eps));
+}
+
+Tensor ConvNorm1x1::forward(const Tensor& x) const {
+  Tensor y = bn->forward(conv1x1(x, weight, Tensor()));
+  return act ? silu(y) : y;
+}
+
+RegBottleneck::RegBottleneck(int64_t in, int64_t out, const CAbstractorConfig& c) {
+  int64_t squeeze = std::llround(c.se_ratio * in);  // timm: rd_channels from the block's input width
+  conv1 = register_module("conv1", std::make_shared<ConvNorm1x1>(in, out, true, c.eps));
+  dw_weight = register_parameter("conv2.conv.weight", {out, 1, 3, 3});
+  dw_norm = register_module("conv2.bn", std::make_shared<LayerNorm>(out, c.eps));
+  se_fc1_w = register_parameter("se.fc1.weight", {squeeze, out, 1, 1});
+  se_fc1_b = register_parameter("se.fc1.bias", {squeeze}, {Init::zeros});
+  se_fc2_w = register_parameter("se.fc2.weight", {out, squeeze, 1, 1});
+  se_fc2_b = register_parameter("se.fc2.bias", {out}, {Init::zeros});
+  conv3 = register_module("conv3", std::make_shared<ConvNorm1x1>(out, out, false, c.eps));
+  if (in != out) downsample = register_module("downsample", std::make_shared<ConvNorm1x1>(in, out, false, c.eps));
+}
+
+Tensor RegBottleneck::forward(const Tensor& x) const {
+  Tensor y = conv1->forward(x);
+  y = silu(dw_norm->forward(depthwise_conv3x3(y, dw_weight)));
+  int64_t B = y.size(0), C = y.size(3);
+  Tensor pooled = mean(reshape(y, {B, -1, C}), 1);                         // [B, C]
+  Tensor gate = sigmoid(conv1x1(silu(conv1x1(pooled, se_fc1_w, se_fc1_b)), se_fc2_w, se_fc2_b));  // [B, C]
+  y = mul(y, reshape(gate, {B, 1, 1, C}));
+  y = conv3->forward(y);
+  return silu(add(y, downsample ? downsample->forward(x) : x));
+}
+
+CAbstractor::CAbstractor(const CAbstractorConfig& c) : config(c) {
+  for (int64_t i = 0; i < c.depth; ++i)
+    stage1.push_back(register_module("net.0.b" + std::to_string(i + 1),
+                                     std::make_shared<RegBottleneck>(i ? c.hidden : c.encoder_hidden, c.hidden, c)));
+  for (int64_t i = 0; i < c.depth; ++i)
+    stage2.push_back(register_module("net.2.b" + std::to_string(i + 1), std::make_shared<RegBottleneck>(c.hidden, c.hidden, c)));
+  for (int64_t i = 0; i < c.mlp_depth; ++i)
+    readout.push_back(register_module("readout." + std::to_string(2 * i),
+                                      std::make_shared<Linear>(i ? c.output_hidden : c.hidden, c.output_hidden)));
+}
+
+Tensor CAbstractor::forward(const Tensor& x) const {
+  PSA_CHECK(x.dim() == 3 && x.size(1) == config.num_input_tokens && x.size(2) == config.encoder_hidden,
+            "c_abstractor: input ", shape_str(x.shape()), ", expected [B, ", config.num_input_tokens, ", ",
+            config.encoder_hidden, "]");
+  int64_t B = x.size(0), g = std::llround(std::sqrt((double)x.size(1))), q = std::llround(std::sqrt((double)config.num_queries));
+  Tensor h = reshape(x, {B, g, g, x.size(2)});
+  for (const auto& b : stage1) h = b->forward(h);
+  h = adaptive_avg_pool2d(h, q, q);
+  for (const auto& b : stage2) h = b->forward(h);
+  h = reshape(h, {B, q * q, config.hidden});
+  for (size_t i = 0; i < readout.size(); ++i) h = i ? readout[i]->forward(silu(h)) : readout[i]->forward(h);
+  return h;
+}
+
+MultiheadAttention::MultiheadAttention(int64_t e, int64_t h) : embed_dim(e), heads(h) {
+  PSA_CHECK(e % h == 0, "multihead attention: embed_dim ", e, " not divisible by ", h, " heads");
+  in_proj_weight = register_parameter("in_proj_weight", {3 * e, e}, {Init::xavier_uniform});
+  in_proj_bias = register_parameter("in_proj_bias", {3 * e}, {Init::zeros});
+  out_proj = register_module("out_proj", std::make_shared<Linear>(e, e));
+}
+
+Tensor MultiheadAttention::project(const Tensor& x, int64_t which) const {
+  int64_t E = embed_dim, B = x.size(0), T = x.size(1);
+  Tensor w = slice(in_proj_weight, 0, which * E, (which + 1) * E), b = slice(in_proj_bias, 0, which * E, (which + 1) * E);
+  return permute(reshape(linear(x, w, b), {B, T, heads, E / heads}), {0, 2, 1, 3});
+}
+
+Tensor MultiheadAttention::forward(const Tensor& query, const Tensor& kv) const {
+  PSA_CHECK(query.dim() == 3 && kv.dim() == 3 && query.size(2) == embed_dim && kv.size(2) == embed_dim &&
+                query.size(0) == kv.size(0),
+            "multihead attention: query ", shape_str(query.shape()), " and key/value ", shape_str(kv.shape()),
+            " for embed_dim ", embed_dim);
+  Tensor o = permute(attention(project(query, 0), project(kv, 1), project(kv, 2), false), {0, 2, 1, 3});
+  return out_proj->forward(reshape(o, {query.size(0), query.size(1), embed_dim}));
+}
+
+Tensor MultiheadAttention::attention_weights(const Tensor& query, const Tensor& kv) const {
+  Tensor q = project(query, 0), k = project(kv, 1);
+  return softmax(mul_scalar(matmul(q, k, false, true), 1.0 / std::sqrt((double)(embed_dim / heads))), -1);
+}
+
+}  // namespace psa::nn

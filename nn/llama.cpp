@@ -1,0 +1,218 @@
+#include "nn/llama.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "tensor/rng.h"
+
+namespace psa::nn {
+
+LlamaConfig LlamaConfig::from_json(const json::Value& v) {
+  LlamaConfig c;
+  c.vocab = v.at("vocab_size").as_int();
+  c.hidden = v.at("hidden_size").as_int();
+  c.intermediate = v.at("intermediate_size").as_int();
+  c.layers = v.at("num_hidden_layers").as_int();
+  c.heads = v.at("num_attention_heads").as_int();
+  const json::Value* kv = v.find("num_key_value_heads");
+  c.kv_heads = kv && !kv->is_null() ? kv->as_int() : c.heads;
+  const json::Value* hd = v.find("head_dim");
+  c.head_dim = hd && !hd->is_null() ? hd->as_int() : 0;
+  if (const json::Value* e = v.find("rms_norm_eps")) c.eps = e->as_number();
+  if (const json::Value* m = v.find("max_position_embeddings")) c.max_positions = m->as_int();
+  const json::Value* rp = v.find("rope_parameters");
+  if (rp && !rp->is_null() && rp->find("rope_theta")) c.rope_theta = rp->at("rope_theta").as_number();
+  else if (const json::Value* t = v.find("rope_theta")) c.rope_theta = t->as_number();
+  if (const json::Value* t = v.find("tie_word_embeddings")) c.tie_embeddings = t->as_bool();
+  if (const json::Value* b = v.find("attention_bias")) c.attention_bias = b->as_bool();
+  if (const json::Value* b = v.find("mlp_bias")) c.mlp_bias = b->as_bool();
+  if (const json::Value* b = v.find("bos_token_id"); b && !b->is_null()) c.bos_id = b->as_int();
+  if (const json::Value* e = v.find("eos_token_id"); e && !e->is_null() && !e->is_array()) c.eos_id = e->as_int();
+  PSA_CHECK(c.heads % c.kv_heads == 0, "llama config: ", c.heads, " heads not divisible by ", c.kv_heads,
+            " key/value heads");
+  PSA_CHECK(c.head_dim || c.hidden % c.heads == 0, "llama config: hidden_size ", c.hidden, " not divisible by ",
+            c.heads, " heads");
+  return c;
+}
+
+json::Value LlamaConfig::to_json() const {
+  json::Value v = json::Value::object();
+  v.set("model_type", "llama");
+  v.set("vocab_size", vocab);
+  v.set("hidden_size", hidden);
+  v.set("intermediate_size", intermediate);
+  v.set("num_hidden_layers", layers);
+  v.set("num_attention_heads", heads);
+  v.set("num_key_value_heads", kv_heads);
+  v.set("head_dim", dim_head());
+  v.set("rms_norm_eps", eps);
+  v.set("rope_theta", rope_theta);
+  v.set("max_position_embeddings", max_positions);
+  v.set("tie_word_embeddings", tie_embeddings);
+  v.set("attention_bias", attention_bias);
+  v.set("mlp_bias", mlp_bias);
+  v.set("bos_token_id", bos_id);
+  v.set("eos_token_id", eos_id);
+  v.set("hidden_act", "silu");
+  return v;
+}
+
+LlamaAttention::LlamaAttention(const LlamaConfig& c) : heads(c.heads), kv_heads(c.kv_heads), head_dim(c.dim_head()) {
+  q_proj = register_module("q_proj", std::make_shared<Linear>(c.hidden, heads * head_dim, c.attention_bias));
+  k_proj = register_module("k_proj", std::make_shared<Linear>(c.hidden, kv_heads * head_dim, c.attention_bias));
+  v_proj = register_module("v_proj", std::make_shared<Linear>(c.hidden, kv_heads * head_dim, c.attention_bias));
+  o_proj = register_module("o_proj", std::make_shared<Linear>(heads * head_dim, c.hidden, c.attention_bias));
+}
+
+Tensor LlamaAttention::forward(const Tensor& x, const Tensor& cos, const Tensor& sin, KVCache* cache,
+                               int64_t layer) const {
+  int64_t B = x.size(0), T = x.size(1);
+  auto heads_of = [&](const Tensor& t, int64_t h) { return permute(reshape(t, {B, T, h, head_dim}), {0, 2, 1, 3}); };
+  Tensor q = rope(heads_of(q_proj->forward(x), heads), cos, sin);
+  Tensor k = rope(heads_of(k_proj->forward(x), kv_heads), cos, sin);
+  Tensor v = heads_of(v_proj->forward(x), kv_heads);
+  if (cache) {
+    if ((int64_t)cache->k.size() <= layer) {
+      cache->k.resize(layer + 1);
+      cache->v.resize(layer + 1);
+    }
+    if (cache->k[layer].defined()) {
+      k = concat({cache->k[layer], k}, 2);
+      v = concat({cache->v[layer], v}, 2);
+    }
+    cache->k[layer] = k;
+    cache->v[layer] = v;
+  }
+  Tensor o = permute(attention(q, k, v, true), {0, 2, 1, 3});
+  return o_proj->forward(reshape(o, {B, T, heads * head_dim}));
+}
+
+LlamaLayer::LlamaLayer(const LlamaConfig& c) {
+  self_attn = register_module("self_attn", std::make_shared<LlamaAttention>(c));
+  gate_proj = register_module("mlp.gate_proj", std::make_shared<Linear>(c.hidden, c.intermediate, c.mlp_bias));
+  up_proj = register_module("mlp.up_proj", std::make_shared<Linear>(c.hidden, c.intermediate, c.mlp_bias));
+  down_proj = register_module("mlp.down_proj", std::make_shared<Linear>(c.intermediate, c.hidden, c.mlp_bias));
+  input_layernorm = register_module("input_layernorm", std::make_shared<RMSNorm>(c.hidden, c.eps));
+  post_attention_layernorm = register_module("post_attention_layernorm", std::make_shared<RMSNorm>(c.hidden, c.eps));
+}
+
+Tensor LlamaLayer::forward(const Tensor& x, const Tensor& cos, const Tensor& sin, KVCache* cache, int64_t layer) const {
+  Tensor h = add(x, self_attn->forward(input_layernorm->forward(x), cos, sin, cache, layer));
+  Tensor n = post_attention_layernorm->forward(h);
+  return add(h, down_proj->forward(mul(silu(gate_proj->forward(n)), up_proj->forward(n))));
+}
+
+LlamaForCausalLM::LlamaForCausalLM(const LlamaConfig& c) : config(c) {
+  embed_tokens = register_module("model.embed_tokens", std::make_shared<Embedding>(c.vocab, c.hidden));
+  for (int64_t i = 0; i < c.layers; ++i)
+    layers.push_back(register_module("model.layers." + std::to_string(i), std::make_shared<LlamaLayer>(c)));
+  norm = register_module("model.norm", std::make_shared<RMSNorm>(c.hidden, c.eps));
+  if (!c.tie_embeddings) lm_head = register_module("lm_head", std::make_shared<Linear>(c.hidden, c.vocab, false));
+}
+
+Tensor LlamaForCausalLM::embed(const Tensor& ids) const { return embed_tokens->forward(ids); }
+
+// cos/sin [T, D] for positions start..start+T-1, computed in double: inv_freq_i = theta^(-2i/D), the angle table
+// repeated over both halves (HF's cat(freqs, freqs)).
+std::pair<Tensor, Tensor> LlamaForCausalLM::rope_tables(int64_t start, int64_t T, DType dtype) const {
+  int64_t D = config.dim_head();
+  Tensor c = Tensor::empty({T, D}, DType::f64), s = Tensor::empty({T, D}, DType::f64);
+  double* pc = c.data<double>();
+  double* ps = s.data<double>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < D / 2; ++i) {
+      double inv_freq = 1.0 / std::pow(config.rope_theta, (2.0 * i) / D), a = (start + t) * inv_freq;
+      pc[t * D + i] = pc[t * D + i + D / 2] = std::cos(a);
+      ps[t * D + i] = ps[t * D + i + D / 2] = std::sin(a);
+    }
+  return {c.to(dtype), s.to(dtype)};
+}
+
+LlamaForCausalLM::Output LlamaForCausalLM::forward(const Tensor& x0, KVCache* cache, bool keep_hidden) const {
+  PSA_CHECK(x0.dim() == 3 && x0.size(2) == config.hidden, "llama: inputs_embeds ", shape_str(x0.shape()),
+            ", expected [B, T, ", config.hidden, "]");
+  int64_t start = cache ? cache->length() : 0, T = x0.size(1);
+  PSA_CHECK(start + T <= config.max_positions, "llama: sequence of ", start + T, " tokens exceeds max_position_embeddings ",
+            config.max_positions);
+  auto [cos, sin] = rope_tables(start, T, x0.dtype());
+  cos = cos.to(x0.device());
+  sin = sin.to(x0.device());
+  Output out;
+  Tensor x = x0;
+  if (keep_hidden) out.hidden_states.push_back(x);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    x = layers[i]->forward(x, cos, sin, cache, i);
+    if (keep_hidden) out.hidden_states.push_back(x);
+  }
+  x = norm->forward(x);
+  if (keep_hidden) out.hidden_states.back() = x;
+  out.logits = lm_head ? lm_head->forward(x) : linear(x, embed_tokens->weight);
+  return out;
+}
+
+Tensor LlamaForCausalLM::causal_lm_loss(const Tensor& logits, const Tensor& labels) {
+  PSA_CHECK(logits.dim() == 3 && labels.dim() == 2 && logits.size(0) == labels.size(0) &&
+                logits.size(1) == labels.size(1),
+            "causal_lm_loss: logits ", shape_str(logits.shape()), " and labels ", shape_str(labels.shape()));
+  int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+  Tensor pred = reshape(slice(logits, 1, 0, T - 1), {B * (T - 1), V});
+  Tensor target = reshape(slice(labels, 1, 1, T), {B * (T - 1)});
+  return cross_entropy(pred, target, -100);
+}
+
+std::vector<Linear*> LlamaForCausalLM::linears() {
+  std::vector<Linear*> out;
+  for (auto& l : layers)
+    for (Linear* p : {l->self_attn->q_proj.get(), l->self_attn->k_proj.get(), l->self_attn->v_proj.get(),
+                      l->self_attn->o_proj.get(), l->gate_proj.get(), l->up_proj.get(), l->down_proj.get()})
+      out.push_back(p);
+  if (lm_head) out.push_back(lm_head.get());
+  return out;
+}
+
+int64_t sample_token(const std::vector<float>& logits, const SamplingOptions& opt, uint64_t step) {
+  int64_t V = logits.size();
+  if (opt.temperature <= 0) return std::max_element(logits.begin(), logits.end()) - logits.begin();
+  std::vector<int64_t> order(V);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return logits[a] > logits[b]; });
+  int64_t keep = opt.top_k > 0 ? std::min(opt.top_k, V) : V;
+  std::vector<double> p(keep);
+  double total = 0;
+  for (int64_t i = 0; i < keep; ++i) total += p[i] = std::exp((logits[order[i]] - logits[order[0]]) / opt.temperature);
+  double cum = 0;  // top-p: the smallest prefix whose mass reaches top_p
+  int64_t n = 0;
+  while (n < keep) {
+    cum += p[n++] / total;
+    if (cum >= opt.top_p) break;
+  }
+  double mass = 0;
+  for (int64_t i = 0; i < n; ++i) mass += p[i];
+  double r = philox_uniform(opt.seed, 7, step) * mass;
+  for (int64_t i = 0; i < n; ++i) {
+    r -= p[i];
+    if (r < 0) return order[i];
+  }
+  return order[n - 1];
+}
+
+std::vector<int64_t> generate(const LlamaForCausalLM& lm, const Tensor& prompt_embeds, const SamplingOptions& opt) {
+  NoGrad no_grad;
+  KVCache cache;
+  std::vector<int64_t> out;
+  Tensor logits = lm.forward(prompt_embeds, &cache).logits;
+  for (int64_t step = 0; step < opt.max_new_tokens; ++step) {
+    int64_t T = logits.size(1), V = logits.size(2);
+    std::vector<float> last = reshape(slice(logits, 1, T - 1, T), {V}).to(DType::f32).vec<float>();
+    int64_t next = sample_token(last, opt, step);
+    if (std::find(opt.stop_ids.begin(), opt.stop_ids.end(), next) != opt.stop_ids.end()) break;
+    out.push_back(next);
+    if (cache.length() >= lm.config.max_positions) break;
+    Tensor id = Tensor::from(std::vector<int64_t>{next}, {1, 1}, DType::i64).to(prompt_embeds.device());
+    logits = lm.forward(lm.embed(id).to(prompt_embeds.dtype()), &cache).logits;
+  }
+  return out;
+}
+
+}  // namespace psa::nn

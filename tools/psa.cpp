@@ -1,0 +1,51 @@
+// The `psa` command line: one binary, one subcommand per task. Errors print one line and exit with status 2.
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "tensor/error.h"
+
+namespace psa {
+int cmd_conform(int argc, char** argv);
+}
+
+namespace {
+
+struct Subcommand {
+  const char* name;
+  int (*run)(int, char**);
+  const char* help;
+};
+
+const Subcommand kCommands[] = {
+    {"conform", psa::cmd_conform, "check the engine against Hugging Face / timm / torch golden data"},
+};
+
+void usage() {
+  std::printf("usage: psa <command> [options]   (psa <command> --help for details)\n\ncommands:\n");
+  for (const Subcommand& c : kCommands) std::printf("  %-10s %s\n", c.name, c.help);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
+    usage();
+    return argc < 2 ? 2 : 0;
+  }
+  for (const Subcommand& c : kCommands) {
+    if (std::strcmp(argv[1], c.name)) continue;
+    try {
+      return c.run(argc - 2, argv + 2);
+    } catch (const psa::Error& e) {
+      std::fprintf(stderr, "psa %s: error: %s\n", c.name, e.what());
+      return 2;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "psa %s: error: %s\n", c.name, e.what());
+      return 2;
+    }
+  }
+  std::fprintf(stderr, "psa: unknown command '%s'\n", argv[1]);
+  usage();
+  return 2;
+}
