@@ -7,6 +7,12 @@
 
 namespace psa {
 int cmd_conform(int argc, char** argv);
+int cmd_infer(int argc, char** argv);
+int cmd_eval(int argc, char** argv);
+int cmd_audit(int argc, char** argv);
+int cmd_data(int argc, char** argv);
+int cmd_tokenizer(int argc, char** argv);
+int cmd_train(int argc, char** argv);
 }
 
 namespace {
@@ -18,6 +24,12 @@ struct Subcommand {
 };
 
 const Subcommand kCommands[] = {
+    {"data", psa::cmd_data, "generate the synthetic safety dataset"},
+    {"tokenizer", psa::cmd_tokenizer, "train a byte-level BPE tokenizer on a dataset"},
+    {"train", psa::cmd_train, "train the base VLM, Stage I and Stage II"},
+    {"infer", psa::cmd_infer, "answer one image + question with dynamic safety control"},
+    {"eval", psa::cmd_eval, "run the benchmark on checkpoints; JSON report + Markdown table"},
+    {"audit", psa::cmd_audit, "compare two checkpoints' weights per module group"},
     {"conform", psa::cmd_conform, "check the engine against Hugging Face / timm / torch golden data"},
 };
 

@@ -34,3 +34,73 @@ void matmul(const Tensor& a, const Tensor& b, bool ta, bool tb, int64_t batch, i
             int64_t stride_a, int64_t stride_b, Tensor& out, float beta = 0);
 
 }  // namespace psa::cpu
+
+// ==== optim.cpp: fused optimizer kernels (used by nn/optim.cpp). All update their tensors in place and are
+// element-wise or block-wise, so results do not depend on the number of OpenMP threads.
+namespace psa::cpu {
+
+struct AdamWCoeffs {
+  double lr, beta1, beta2, eps, weight_decay;
+  int64_t step;  // 1 on the first update; sets the bias corrections
+};
+// p, g, m, v: same shape and floating dtype. One pass: decay p, update m and v, step p.
+void adamw_step(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWCoeffs& c);
+
+struct SgdCoeffs {
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov;
+  bool first_step;  // the momentum buffer starts as a copy of the first (decayed) gradient, as in torch
+};
+// buf is only read and written when momentum != 0.
+void sgd_step(Tensor& p, const Tensor& g, Tensor& buf, const SgdCoeffs& c);
+
+double sum_squares(const Tensor& x);        // accumulated in double, in a fixed block order
+void scale_in_place(Tensor& x, double s);  // x *= s
+bool all_finite(const Tensor& x);           // no NaN and no ±Inf
+
+}  // namespace psa::cpu
+
+// ---- nn.cpp, attention.cpp, conv.cpp: normalisation, losses, dropout, attention, convolutions ----------------
+// Declared together so that ops_nn / ops_attention / ops_conv find their kernels in one place. Optional tensors
+// (weights, biases, gradients nobody needs) may be undefined and are then skipped.
+namespace psa::cpu {
+
+// nn.cpp. x is viewed as [rows, C] over its last dim; mean/rstd are [rows] (saved for backward).
+void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& out, Tensor& mean, Tensor& rstd);
+void layer_norm_backward(const Tensor& gout, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd,
+                         Tensor& gx, Tensor& gw, Tensor& gb);
+void rms_norm(const Tensor& x, const Tensor& w, double eps, Tensor& out, Tensor& rstd);
+void rms_norm_backward(const Tensor& gout, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& gx, Tensor& gw);
+// (log_)softmax over the middle dim of an [outer, n, inner] view; backward from the saved output y.
+void softmax(const Tensor& x, int64_t outer, int64_t n, int64_t inner, bool log, Tensor& out);
+void softmax_backward(const Tensor& gout, const Tensor& y, int64_t outer, int64_t n, int64_t inner, bool log, Tensor& gx);
+// logits [N, V], targets i64 [N] already validated; count = targets != ignore_index. loss [] and lse [N] out.
+void cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t count, Tensor& loss,
+                   Tensor& lse);
+void cross_entropy_backward(const Tensor& gout, const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                            int64_t ignore_index, int64_t count, Tensor& glogits);
+// out = x·keep/(1-p) with keep = philox_keep(seed, offset, i, dropout_threshold(p)); also the backward (x = gout).
+uint32_t dropout_threshold(double p);
+void dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset, Tensor& out);
+
+// attention.cpp. x [B, H, T, D], cos/sin [T, D].
+void rope(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& out);
+void rope_backward(const Tensor& gout, const Tensor& cos, const Tensor& sin, Tensor& gx);
+// q [B, H, T, D], k/v [B, Hkv, S, D], mask [T, S] or [Bm, Hm, T, S] (Bm in {1, B}, Hm in {1, H}) or undefined;
+// out [B, H, T, D] and probs [B, H, T, S] (saved for backward).
+void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, bool causal, double scale,
+               Tensor& out, Tensor& probs);
+void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& probs,
+                        double scale, Tensor& gq, Tensor& gk, Tensor& gv);
+
+// conv.cpp. patch_conv: x [B, C, H, W], w [O, C, p, p], bias [O] -> out [B, O, H/p, W/p].
+void patch_conv(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out);
+void patch_conv_backward(const Tensor& gout, const Tensor& x, const Tensor& w, Tensor& gx, Tensor& gw, Tensor& gbias);
+// x [B, H, W, C], w [C, 1, 3, 3], padding 1.
+void depthwise_conv3x3(const Tensor& x, const Tensor& w, Tensor& out);
+void depthwise_conv3x3_backward(const Tensor& gout, const Tensor& x, const Tensor& w, Tensor& gx, Tensor& gw);
+// x [B, H, W, C] -> out [B, out_h, out_w, C] with torch's bins.
+void adaptive_avg_pool2d(const Tensor& x, Tensor& out);
+void adaptive_avg_pool2d_backward(const Tensor& gout, Tensor& gx);
+
+}  // namespace psa::cpu

@@ -1,0 +1,112 @@
+// Rotary position embedding and scaled dot-product attention (kernels: tensor/cpu/attention.cpp).
+// Gradient rules:
+//   rope: out = x·cos + R x·sin with R = rotate_half (Rᵀ = -R)  ->  gx = g·cos + Rᵀ(g·sin); cos/sin are constants.
+//   attention: P = softmax(scale·QKᵀ + mask), O = PV  ->  dV = PᵀdO, dS = P∘(dP - rowsum(dP∘P)) with dP = dO Vᵀ,
+//              dQ = scale·dS K, dK = scale·dSᵀQ, summed over the query heads sharing a kv head (saves P).
+//              The mask is a constant.
+#include <cmath>
+
+#include "autograd/op_util.h"
+#include "tensor/cpu/kernels.h"
+
+namespace psa {
+namespace {
+
+void require_cpu(const char* op, const Tensor& t) {
+  if (t.device() != Device::cpu) no_kernel(op, t.device());
+}
+
+// Tables and masks are inputs the ops do not differentiate: refuse rather than silently drop a gradient.
+void check_constant(const char* op, const Tensor& t, const char* what) {
+  PSA_CHECK(!(grad_enabled() && t.requires_grad()), op, ": ", what, " ", shape_str(t.shape()),
+            " requires grad, but it is treated as a constant (detach it)");
+}
+
+void check_operand(const char* op, const Tensor& ref, const Tensor& t, const char* what) {
+  check_defined(op, t, what);
+  check_same_device(op, ref, t);
+  check_same_dtype(op, ref, t);
+  check_rank(op, t, ref.dim(), what);
+}
+
+}  // namespace
+
+Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
+  const char* op = "rope";
+  check_defined(op, x, "x");
+  check_float(op, x);
+  check_rank(op, x, 4, "x [B,H,T,D]");
+  check_defined(op, cos, "cos");
+  check_defined(op, sin, "sin");
+  for (const Tensor* table : {&cos, &sin}) {
+    check_same_device(op, x, *table);
+    check_same_dtype(op, x, *table);
+  }
+  int64_t T = x.size(2), D = x.size(3);
+  PSA_CHECK(D % 2 == 0, op, ": x ", shape_str(x.shape()), ": head dim ", D, " must be even to rotate halves");
+  PSA_CHECK(cos.shape() == Shape({T, D}) && sin.shape() == Shape({T, D}), op, ": x ", shape_str(x.shape()),
+            " with cos ", shape_str(cos.shape()), " and sin ", shape_str(sin.shape()), ": want tables [", T, ",", D,
+            "]");
+  check_constant(op, cos, "cos");
+  check_constant(op, sin, "sin");
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+  require_cpu(op, out);
+  cpu::rope(x, cos, sin, out);
+  Tensor cs = cos.detach(), sn = sin.detach();
+  return record(op, out, {x}, [=](const Tensor& g) -> Grads {
+    Tensor gx = Tensor::empty(g.shape(), g.dtype(), g.device());
+    cpu::rope_backward(g, cs, sn, gx);
+    return {gx};
+  });
+}
+
+namespace {
+
+// q [B,H,T,D], k = v [B,Hkv,S,D], H % Hkv == 0; mask [T,S] or [B|1, H|1, T, S].
+void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
+  const char* op = "attention";
+  check_defined(op, q, "q");
+  check_float(op, q);
+  check_rank(op, q, 4, "q [B,H,T,D]");
+  check_operand(op, q, k, "k [B,Hkv,S,D]");
+  check_operand(op, q, v, "v [B,Hkv,S,D]");
+  std::string qk = str_cat("q ", shape_str(q.shape()), " and k ", shape_str(k.shape()));
+  PSA_CHECK(k.shape() == v.shape(), op, ": k ", shape_str(k.shape()), " and v ", shape_str(v.shape()), " differ");
+  PSA_CHECK(q.size(0) == k.size(0), op, ": ", qk, ": batch ", q.size(0), " != ", k.size(0));
+  PSA_CHECK(q.size(3) == k.size(3), op, ": ", qk, ": head dims ", q.size(3), " != ", k.size(3));
+  PSA_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": ", qk, ": ", q.size(1),
+            " query heads not divisible by ", k.size(1), " kv heads");
+  if (!mask.defined()) return;
+  check_same_device(op, q, mask);
+  check_same_dtype(op, q, mask);
+  int64_t B = q.size(0), H = q.size(1), T = q.size(2), S = k.size(2);
+  const Shape& m = mask.shape();
+  bool fits = (m == Shape{T, S}) || (m.size() == 4 && (m[0] == 1 || m[0] == B) && (m[1] == 1 || m[1] == H) &&
+                                     m[2] == T && m[3] == S);
+  PSA_CHECK(fits, op, ": mask ", shape_str(m), " does not fit scores [", B, ",", H, ",", T, ",", S, "] of ", qk,
+            " (want [T,S] or [B|1,H|1,T,S])");
+  check_constant(op, mask, "mask");
+}
+
+}  // namespace
+
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, const Tensor& mask, double scale) {
+  const char* op = "attention";
+  check_attention(q, k, v, mask);
+  if (scale == 0) scale = 1.0 / std::sqrt((double)q.size(3));
+  Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());
+  Tensor probs = Tensor::empty({q.size(0), q.size(1), q.size(2), k.size(2)}, q.dtype(), q.device());
+  require_cpu(op, out);
+  cpu::attention(q, k, v, mask, causal, scale, out, probs);
+  Tensor qs = q.detach(), ks = k.detach(), vs = v.detach();
+  bool need_q = q.requires_grad(), need_k = k.requires_grad(), need_v = v.requires_grad();
+  return record(op, out, {q, k, v}, [=](const Tensor& g) -> Grads {
+    Tensor gq = need_q ? Tensor::empty(qs.shape(), qs.dtype(), qs.device()) : Tensor();
+    Tensor gk = need_k ? Tensor::empty(ks.shape(), ks.dtype(), ks.device()) : Tensor();
+    Tensor gv = need_v ? Tensor::empty(vs.shape(), vs.dtype(), vs.device()) : Tensor();
+    cpu::attention_backward(g, qs, ks, vs, probs, scale, gq, gk, gv);
+    return {gq, gk, gv};
+  });
+}
+
+}  // namespace psa

@@ -1,0 +1,36 @@
+// Records -> tokenized examples with preprocessed images -> collated batches.
+#pragma once
+#include "psa/model.h"
+#include "psa/records.h"
+#include "psa/tokenizer.h"
+
+namespace psa {
+
+struct Example {
+  std::vector<float> pixels;        // [3, S, S] CLIP-normalised
+  std::vector<int32_t> prompt_ids;  // BOS + the prompt template (with one <image> token)
+  std::vector<int32_t> answer_ids;  // " answer" + EOS (EOS dropped when truncated)
+  int level = 0, type = 6;
+  Record record;
+};
+
+struct Dataset {
+  std::vector<Example> examples;
+  int64_t image_size = 32;
+  int64_t size() const { return examples.size(); }
+};
+
+// Loads images and tokenizes. Records whose image cannot be decoded are skipped and reported in `report`.
+Dataset build_dataset(const std::vector<Record>& records, const Tokenizer& tok, int64_t image_size,
+                      int64_t max_text_tokens, LoadReport* report);
+// Prompt ids for a question (and hint) at inference: BOS + build_prompt(question, hint).
+std::vector<int32_t> prompt_tokens(const Tokenizer& tok, const std::string& question, const std::string& hint);
+
+// Right-pads with pad_id; labels are -100 on BOS and the prompt, the answer tokens (and EOS) otherwise.
+// with_answer = false collates prompts only (classification and generation).
+PsaBatch collate(const Dataset& d, const std::vector<int64_t>& indices, int64_t pad_id, bool with_answer = true);
+
+// Every text the tokenizer should learn from (questions with hints, answers, the prompt template).
+std::vector<std::string> corpus_of(const std::vector<Record>& records);
+
+}  // namespace psa

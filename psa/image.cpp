@@ -1,0 +1,197 @@
+#include "psa/image.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "tensor/error.h"
+
+// The one translation unit that holds the stb implementations (synth.cpp uses stb_truetype's).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wall"
+#pragma GCC diagnostic ignored "-Wextra"
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
+#pragma GCC diagnostic ignored "-Wsign-compare"
+#pragma GCC diagnostic ignored "-Wunused-function"
+#pragma GCC diagnostic ignored "-Wimplicit-fallthrough"
+#define STB_IMAGE_IMPLEMENTATION
+#define STB_IMAGE_WRITE_IMPLEMENTATION
+#define STB_TRUETYPE_IMPLEMENTATION
+#include <stb/stb_image.h>
+#include <stb/stb_image_write.h>
+#include <stb/stb_truetype.h>
+#pragma GCC diagnostic pop
+
+namespace psa {
+
+Image::Image(int width, int height, uint8_t fill) : w(width), h(height) {
+  PSA_CHECK(width >= 0 && height >= 0, "Image: negative size ", width, "x", height);
+  rgb.assign(static_cast<size_t>(width) * height * 3, fill);
+}
+
+static void check_header(const std::string& path, int* w, int* h) {
+  int comp = 0;
+  if (!stbi_info(path.c_str(), w, h, &comp)) fail(path, ": cannot decode image: ", stbi_failure_reason());
+  PSA_CHECK(*w > 0 && *h > 0, path, ": cannot decode image: empty image");
+  PSA_CHECK(*w <= kMaxImageSide && *h <= kMaxImageSide, path, ": image too large: ", *w, "x", *h, " (limit ",
+            kMaxImageSide, " per side)");
+}
+
+void check_image(const std::string& path) {
+  int w = 0, h = 0;
+  check_header(path, &w, &h);
+}
+
+Image load_image(const std::string& path) {
+  int w = 0, h = 0, comp = 0;
+  check_header(path, &w, &h);
+  uint8_t* data = stbi_load(path.c_str(), &w, &h, &comp, 3);
+  if (!data) fail(path, ": cannot decode image: ", stbi_failure_reason());
+  Image img;
+  img.w = w;
+  img.h = h;
+  img.rgb.assign(data, data + static_cast<size_t>(w) * h * 3);
+  stbi_image_free(data);
+  return img;
+}
+
+void save_png(const std::string& path, const Image& img) {
+  PSA_CHECK(img.w > 0 && img.h > 0 && img.rgb.size() == static_cast<size_t>(img.w) * img.h * 3, path,
+            ": save_png: bad image ", img.w, "x", img.h, " with ", img.rgb.size(), " bytes");
+  if (!stbi_write_png(path.c_str(), img.w, img.h, 3, img.rgb.data(), img.w * 3)) fail(path, ": cannot write png");
+}
+
+Image paste_side_by_side(const Image& a, const Image& b) {
+  Image out(a.w + b.w, std::max(a.h, b.h), 0);
+  for (int y = 0; y < a.h; ++y) std::copy(a.at(0, y), a.at(0, y) + a.w * 3, out.at(0, y));
+  for (int y = 0; y < b.h; ++y) std::copy(b.at(0, y), b.at(0, y) + b.w * 3, out.at(a.w, y));
+  return out;
+}
+
+// ---- PIL-exact bicubic resampling (Pillow src/libImaging/Resample.c) ----
+
+static double bicubic_filter(double x) {
+  const double a = -0.5;
+  x = std::fabs(x);
+  if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
+  if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * a;
+  return 0.0;
+}
+
+// Pillow accumulates 8-bit pixels with 22-bit fixed-point weights; copying that makes us bit-exact.
+constexpr int kPrecisionBits = 32 - 8 - 2;
+
+struct Taps {
+  int first = 0;
+  std::vector<int32_t> weights;
+};
+
+static std::vector<Taps> resample_taps(int in_size, int out_size) {
+  const double scale = static_cast<double>(in_size) / out_size;
+  const double filterscale = std::max(scale, 1.0);
+  const double support = 2.0 * filterscale;
+  std::vector<Taps> taps(out_size);
+  for (int o = 0; o < out_size; ++o) {
+    const double center = (o + 0.5) * scale;
+    int lo = std::max(static_cast<int>(center - support + 0.5), 0);
+    int hi = std::min(static_cast<int>(center + support + 0.5), in_size);
+    std::vector<double> k(hi - lo);
+    double total = 0;
+    for (int i = lo; i < hi; ++i) total += k[i - lo] = bicubic_filter((i - center + 0.5) / filterscale);
+    taps[o].first = lo;
+    for (double w : k) {
+      double v = (total != 0.0 ? w / total : w) * (1 << kPrecisionBits);
+      taps[o].weights.push_back(static_cast<int32_t>(v < 0 ? v - 0.5 : v + 0.5));
+    }
+  }
+  return taps;
+}
+
+static uint8_t clip8(int64_t acc) {
+  acc >>= kPrecisionBits;
+  return static_cast<uint8_t>(std::clamp<int64_t>(acc, 0, 255));
+}
+
+static Image resample_horizontal(const Image& in, int w) {
+  Image out(w, in.h);
+  auto taps = resample_taps(in.w, w);
+  for (int y = 0; y < in.h; ++y)
+    for (int x = 0; x < w; ++x)
+      for (int c = 0; c < 3; ++c) {
+        int64_t acc = int64_t(1) << (kPrecisionBits - 1);
+        for (size_t i = 0; i < taps[x].weights.size(); ++i)
+          acc += int64_t(in.at(taps[x].first + int(i), y)[c]) * taps[x].weights[i];
+        out.at(x, y)[c] = clip8(acc);
+      }
+  return out;
+}
+
+static Image resample_vertical(const Image& in, int h) {
+  Image out(in.w, h);
+  auto taps = resample_taps(in.h, h);
+  for (int y = 0; y < h; ++y)
+    for (int x = 0; x < in.w; ++x)
+      for (int c = 0; c < 3; ++c) {
+        int64_t acc = int64_t(1) << (kPrecisionBits - 1);
+        for (size_t i = 0; i < taps[y].weights.size(); ++i)
+          acc += int64_t(in.at(x, taps[y].first + int(i))[c]) * taps[y].weights[i];
+        out.at(x, y)[c] = clip8(acc);
+      }
+  return out;
+}
+
+Image resize_bicubic(const Image& img, int w, int h) {
+  PSA_CHECK(img.w > 0 && img.h > 0, "resize_bicubic: empty input image");
+  PSA_CHECK(w > 0 && h > 0 && w <= kMaxImageSide && h <= kMaxImageSide, "resize_bicubic: bad target size ", w, "x", h);
+  Image out = img.w == w ? img : resample_horizontal(img, w);
+  return out.h == h ? out : resample_vertical(out, h);
+}
+
+std::vector<float> preprocess(const Image& img, int size) {
+  PSA_CHECK(size > 0, "preprocess: bad size ", size);
+  PSA_CHECK(img.w > 0 && img.h > 0, "preprocess: empty image");
+  // transformers' get_resize_output_image_size: the long side is truncated, not rounded.
+  const bool wide = img.w >= img.h;
+  const int short_side = wide ? img.h : img.w, long_side = wide ? img.w : img.h;
+  const int new_long = static_cast<int>(static_cast<int64_t>(size) * long_side / short_side);
+  const Image r = wide ? resize_bicubic(img, new_long, size) : resize_bicubic(img, size, new_long);
+  const int left = (r.w - size) / 2, top = (r.h - size) / 2;
+  std::vector<float> out(static_cast<size_t>(3) * size * size);
+  for (int c = 0; c < 3; ++c)
+    for (int y = 0; y < size; ++y)
+      for (int x = 0; x < size; ++x) {
+        float v = r.at(left + x, top + y)[c] * (1.0f / 255.0f);
+        out[(static_cast<size_t>(c) * size + y) * size + x] = (v - kClipMean[c]) / kClipStd[c];
+      }
+  return out;
+}
+
+std::vector<std::string> split_image_field(const std::string& field) {
+  static const std::string sep = "<split>";
+  std::vector<std::string> parts;
+  size_t start = 0;
+  for (size_t pos; (pos = field.find(sep, start)) != std::string::npos; start = pos + sep.size())
+    parts.push_back(field.substr(start, pos - start));
+  parts.push_back(field.substr(start));
+  return parts;
+}
+
+std::string resolve_image_path(const std::string& path, const std::string& base_dir) {
+  if (path.empty() || path[0] == '/' || base_dir.empty() || base_dir == ".") return path;
+  return base_dir.back() == '/' ? base_dir + path : base_dir + "/" + path;
+}
+
+Image load_record_pixels(const std::string& field, const std::string& base_dir) {
+  Image out;
+  for (const std::string& part : split_image_field(field)) {
+    PSA_CHECK(!part.empty(), "image field '", field, "' has an empty part");
+    Image img = load_image(resolve_image_path(part, base_dir));
+    out = out.w == 0 ? std::move(img) : paste_side_by_side(out, img);
+  }
+  return out;
+}
+
+std::vector<float> load_record_image(const std::string& field, const std::string& base_dir, int size) {
+  return preprocess(load_record_pixels(field, base_dir), size);
+}
+
+}  // namespace psa

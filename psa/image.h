@@ -1,0 +1,54 @@
+// RGB images for the data pipeline: decode (stb_image), pair pasting, PIL-style bicubic resize,
+// CLIP preprocessing to CHW floats, and PNG output for the synthetic generator.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace psa {
+
+// 8-bit RGB, row-major, 3 bytes per pixel: rgb.size() == w * h * 3.
+struct Image {
+  int w = 0, h = 0;
+  std::vector<uint8_t> rgb;
+
+  Image() = default;
+  Image(int width, int height, uint8_t fill = 0);
+  uint8_t* at(int x, int y) { return &rgb[(static_cast<size_t>(y) * w + x) * 3]; }
+  const uint8_t* at(int x, int y) const { return &rgb[(static_cast<size_t>(y) * w + x) * 3]; }
+};
+
+// Larger sides are refused before any pixel buffer is allocated (a hostile header could ask for GBs).
+constexpr int kMaxImageSide = 16384;
+
+// Same constants as CLIPImageProcessor (openai/clip-vit-*).
+constexpr float kClipMean[3] = {0.48145466f, 0.4578275f, 0.40821073f};
+constexpr float kClipStd[3] = {0.26862954f, 0.26130258f, 0.27577711f};
+
+// Any format stb_image reads (PNG, JPEG, BMP, GIF, TGA, PSD, HDR, PIC, PNM), forced to 3 channels.
+// Errors: "path: cannot decode image: <reason>", "path: image too large: WxH (limit 16384 per side)".
+Image load_image(const std::string& path);
+// Header-only check with the same errors as load_image (used to validate datasets without decoding).
+void check_image(const std::string& path);
+
+void save_png(const std::string& path, const Image& img);
+
+// The reference's horizontal concatenation for "a<split>b" pairs: black canvas, a at x=0, b at x=wa, both top-aligned.
+Image paste_side_by_side(const Image& a, const Image& b);
+
+// PIL's BICUBIC (a = -0.5) with its antialias: when shrinking, the kernel support widens by the scale
+// factor. Horizontal pass first, rounded to 8 bits in between, as PIL does.
+Image resize_bicubic(const Image& img, int w, int h);
+
+// CLIPImageProcessor: shortest edge -> size (bicubic), centre crop size x size, /255, (x - mean) / std.
+// Returns [3, size, size] floats, channel-major.
+std::vector<float> preprocess(const Image& img, int size);
+
+// "a.png" or "a.png<split>b.png"; relative parts are resolved against base_dir (the JSONL file's folder).
+std::vector<std::string> split_image_field(const std::string& field);
+std::string resolve_image_path(const std::string& path, const std::string& base_dir);
+// Decodes every part of the field and pastes pairs side by side (left to right).
+Image load_record_pixels(const std::string& field, const std::string& base_dir);
+std::vector<float> load_record_image(const std::string& field, const std::string& base_dir, int size);
+
+}  // namespace psa

@@ -1,0 +1,174 @@
+#include "psa/records.h"
+
+#include <cctype>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "psa/image.h"
+#include "tensor/error.h"
+
+namespace psa {
+
+static const char kImageTag[] = "<image>";
+
+static std::string trim(const std::string& s) {
+  const char* ws = " \t\r\n";
+  size_t b = s.find_first_not_of(ws);
+  if (b == std::string::npos) return "";
+  return s.substr(b, s.find_last_not_of(ws) - b + 1);
+}
+
+static int int_field(const json::Value& v, const char* key, int lo, int hi) {
+  const json::Value* f = v.find(key);
+  PSA_CHECK(f, "missing field '", key, "'");
+  PSA_CHECK(f->is_int(), "field '", key, "' must be an integer, got ",
+            f->is_number() ? std::string("a non-integer number") : std::string(json::kind_name(f->kind)));
+  PSA_CHECK(f->num >= lo && f->num <= hi, key, " ", f->as_int(), " out of range ", lo, "..", hi);
+  return static_cast<int>(f->num);
+}
+
+static bool role_is(const std::string& from, bool user) {
+  std::string r;
+  for (char c : from) r += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  // LLaVA's own files say human/gpt; accepting them costs nothing and avoids a silent whole-file skip.
+  return user ? (r == "user" || r == "human") : (r == "assistant" || r == "gpt");
+}
+
+struct Turns {
+  std::string user, assistant;
+};
+
+static Turns first_exchange(const json::Value& v) {
+  const json::Value* conv = v.find("conversations");
+  PSA_CHECK(conv, "missing field 'conversations'");
+  PSA_CHECK(conv->is_array(), "field 'conversations' must be an array, got ", json::kind_name(conv->kind));
+  Turns t;
+  bool have_user = false;
+  for (size_t i = 0; i < conv->arr.size(); ++i) {
+    const json::Value& turn = conv->arr[i];
+    PSA_CHECK(turn.is_object(), "conversations[", i, "] must be an object");
+    const json::Value* from = turn.find("from");
+    const json::Value* value = turn.find("value");
+    PSA_CHECK(from && from->is_string() && value && value->is_string(), "conversations[", i,
+              "] needs string fields 'from' and 'value'");
+    if (!have_user && role_is(from->str, true)) {
+      t.user = value->str;
+      have_user = true;
+    } else if (have_user && role_is(from->str, false)) {
+      t.assistant = value->str;
+      return t;
+    }
+  }
+  fail(have_user ? "no ASSISTANT turn after the first USER turn" : "no USER turn");
+}
+
+static std::string remove_tags(std::string s) {
+  for (size_t pos; (pos = s.find(kImageTag)) != std::string::npos;) s.erase(pos, sizeof(kImageTag) - 1);
+  return trim(s);
+}
+
+static std::string resolve_field(const std::string& field, const std::string& base_dir, bool check_images) {
+  std::string out;
+  for (const std::string& part : split_image_field(field)) {
+    PSA_CHECK(!trim(part).empty(), "image field '", field, "' has an empty part");
+    std::string path = resolve_image_path(part, base_dir);
+    if (check_images) check_image(path);
+    out += (out.empty() ? "" : "<split>") + path;
+  }
+  return out;
+}
+
+Record parse_record(const json::Value& v, const std::string& base_dir, bool check_images) {
+  PSA_CHECK(v.is_object(), "record must be a JSON object, got ", json::kind_name(v.kind));
+  Record r;
+  r.safe_level = int_field(v, "safe_level", 0, 3);
+  r.safe_type = int_field(v, "safe_type", 0, 6);
+  const json::Value* image = v.find("image");
+  PSA_CHECK(image, "missing field 'image'");
+  PSA_CHECK(image->is_string() && !image->str.empty(), "field 'image' must be a non-empty string");
+  Turns t = first_exchange(v);
+  PSA_CHECK(t.user.find(kImageTag) != std::string::npos, "first USER turn has no <image> tag");
+  r.image_first = trim(t.user).rfind(kImageTag, 0) == 0;
+  r.question = remove_tags(t.user);
+  r.answer = t.assistant;
+  if (const json::Value* meta = v.find("meta")) r.meta = *meta;
+  r.image = resolve_field(image->str, base_dir, check_images);
+  return r;
+}
+
+// The JSON parser reports "<record>:1:COL: reason"; the line is already in our prefix.
+static std::string json_reason(const std::string& what) {
+  static const std::string prefix = "<record>:1:";
+  if (what.rfind(prefix, 0) != 0) return "invalid JSON: " + what;
+  size_t colon = what.find(": ", prefix.size());
+  if (colon == std::string::npos) return "invalid JSON: " + what;
+  return "invalid JSON at column " + what.substr(prefix.size(), colon - prefix.size()) + ": " + what.substr(colon + 2);
+}
+
+static std::string line_reason(const std::string& line, const std::string& base_dir, bool check_images, Record* out) {
+  json::Value v;
+  try {
+    v = json::parse(line, "<record>");
+  } catch (const std::exception& e) {
+    return json_reason(e.what());
+  }
+  try {
+    *out = parse_record(v, base_dir, check_images);
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+std::vector<Record> load_records(const std::string& jsonl_path, LoadReport* report, bool check_images) {
+  std::ifstream in(jsonl_path, std::ios::binary);
+  if (!in) fail(jsonl_path, ": cannot open: ", std::strerror(errno));
+  LoadReport local;
+  LoadReport& rep = report ? *report : local;
+  rep = LoadReport();
+  const std::string base_dir = std::filesystem::path(jsonl_path).parent_path().string();
+  std::vector<Record> records;
+  std::string line;
+  for (int64_t lineno = 1; std::getline(in, line); ++lineno) {
+    if (lineno == 1 && line.rfind("\xEF\xBB\xBF", 0) == 0) line.erase(0, 3);  // UTF-8 BOM from editors
+    if (trim(line).empty()) continue;
+    ++rep.lines;
+    Record r;
+    std::string reason = line_reason(line, base_dir, check_images, &r);
+    std::string where = jsonl_path + ":" + std::to_string(lineno);
+    if (reason.empty()) {
+      r.source = where;
+      records.push_back(std::move(r));
+      ++rep.loaded;
+    } else {
+      rep.messages.push_back(where + ": " + reason);
+      ++rep.skipped;
+    }
+  }
+  if (in.bad()) fail(jsonl_path, ": read error: ", std::strerror(errno));
+  return records;
+}
+
+json::Value record_to_json(int safe_level, int safe_type, const std::string& image, const std::string& question,
+                           const std::string& answer, const json::Value& meta) {
+  json::Value user = json::Value::object();
+  user.set("from", "USER");
+  user.set("value", "<image>\n" + question);
+  json::Value assistant = json::Value::object();
+  assistant.set("from", "ASSISTANT");
+  assistant.set("value", answer);
+  json::Value conv = json::Value::array();
+  conv.push(std::move(user));
+  conv.push(std::move(assistant));
+  json::Value r = json::Value::object();
+  r.set("safe_level", safe_level);
+  r.set("safe_type", safe_type);
+  r.set("image", image);
+  r.set("conversations", std::move(conv));
+  if (!meta.is_null()) r.set("meta", meta);
+  return r;
+}
+
+}  // namespace psa

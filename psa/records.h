@@ -1,0 +1,41 @@
+// Reference-format training records (dataset.md "Records", psa-vlm.md §6.2): one JSON object per line,
+// {"safe_level", "safe_type", "image", "conversations": [{"from": "USER", ...}, {"from": "ASSISTANT", ...}]}.
+// Bad lines are reported and skipped so that a large real dataset with a few broken rows still trains.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "nn/json.h"
+
+namespace psa {
+
+struct Record {
+  int safe_level = 0, safe_type = 6;
+  std::string image;        // resolved: relative parts joined to the JSONL file's folder; pairs keep "<split>"
+  std::string question;     // first USER value, <image> tag removed, trimmed (may carry "\nSafe Hint: ...")
+  std::string answer;       // first ASSISTANT value after it
+  bool image_first = true;  // the tag stood at the start of the user turn (else at the end)
+  json::Value meta;         // optional "meta" field, kept as is (the synthetic benchmark's ground truth)
+  std::string source;       // "file:line"
+};
+
+struct LoadReport {
+  int64_t lines = 0;  // non-blank lines, so lines == loaded + skipped
+  int64_t loaded = 0, skipped = 0;
+  std::vector<std::string> messages;  // one "file:line: reason" per skipped line
+};
+
+// Never throws for a bad record, only when the file itself cannot be read. `report` may be null.
+// check_images verifies every image part's header (exists, decodable format, size limit) without decoding.
+std::vector<Record> load_records(const std::string& jsonl_path, LoadReport* report, bool check_images = true);
+
+// Validates one parsed line; throws psa::Error with the reason (no location) when it is not a usable record.
+Record parse_record(const json::Value& v, const std::string& base_dir, bool check_images);
+
+// The reference record for a question without the tag: the user turn becomes "<image>\n" + question.
+// A null meta is left out.
+json::Value record_to_json(int safe_level, int safe_type, const std::string& image, const std::string& question,
+                           const std::string& answer, const json::Value& meta = json::Value());
+
+}  // namespace psa

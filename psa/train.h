@@ -1,0 +1,41 @@
+// Stage training (psa-vlm.md §4): which parameters train in each stage, which data each stage sees, and the
+// loop (AdamW, warmup + linear decay, global-norm clipping, seeded shuffling, NaN guard, JSONL log, resume).
+#pragma once
+#include "nn/optim.h"
+#include "psa/checkpoint.h"
+#include "psa/data.h"
+
+namespace psa {
+
+struct StageOptions {
+  std::string stage;  // base | stage1 | stage2
+  int64_t steps = 100, batch = 16, warmup = 20;
+  double lr = 1e-3, clip = 1.0, weight_decay = 0;
+  uint64_t seed = 42;
+  LoraSettings lora;        // stage2: adapters on every LLM linear (rank 0 = full fine-tune of the LLM)
+  std::string log_path;     // JSONL, one line per step ("" = none)
+  std::string state_path;   // training state saved here every `state_every` steps and at the end ("" = none)
+  int64_t state_every = 0;
+  std::string resume_from;  // a training state to continue from
+  int64_t max_bad_steps = 5;  // consecutive non-finite steps before the run stops
+  bool progress = true;
+  int64_t stop_after = 0;   // testing: return after this many steps of this call (0 = run to the end)
+};
+
+struct StageResult {
+  int64_t steps = 0;
+  double seconds = 0, tokens_per_second = 0;
+  std::vector<double> loss, loss_lm, loss_level, loss_type;  // per step
+};
+
+// Freezes everything, then unfreezes the stage's set: base = vision, projector, LLM; stage1 = safety tokens,
+// safety projector, cross-attention and heads; stage2 = the LoRA matrices (added here if missing), or the
+// whole LLM when lora.rank == 0.
+void set_trainable(PsaVlm& m, const std::string& stage, const LoraSettings& lora);
+// Stage I sees every risky record plus clean ones in the reference ratio (3000 clean : 11.2k risky, seed 42);
+// the other stages see everything.
+std::vector<int64_t> stage_indices(const Dataset& d, const std::string& stage, uint64_t seed);
+
+StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o);
+
+}  // namespace psa

@@ -1,0 +1,192 @@
+// Rotary embeddings and scaled dot-product attention.
+// rope: rows of D along [B, H, T] are independent; spread over threads when large.
+// attention: one (b, h) block at a time, blocks spread over OpenMP threads; inside a block the GEMMs run
+// single-threaded (gemm.h's contract inside a parallel region). The forward keeps the probabilities P
+// [B, H, T, S] for the backward (T, S are at most a few hundred in this project), so no score is recomputed.
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "tensor/cpu/gemm.h"
+#include "tensor/cpu/kernels.h"
+
+namespace psa::cpu {
+namespace {
+
+constexpr int64_t kParallelMin = 1 << 15;
+
+// One GEMM entry point for both scalar types: C = alpha·op(A)·op(B) + beta·C (row-major, gemm.h's contract).
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
+          const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+  dgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+}  // namespace
+
+// ---- rope (rotate-half, HF Llama): out = x·cos + rotate_half(x)·sin, rotate_half(x) = [-x2, x1] for
+// x = [x1, x2] halves of D. rotate_half is R with Rᵀ = -R, so gx = g·cos + Rᵀ(g·sin) = g·cos - rotate_half(g·sin).
+void rope(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& out) {
+  int64_t T = x.size(2), D = x.size(3), half = D / 2, rows = x.numel() / D;
+  dispatch_float(x.dtype(), "rope", [&](auto tag_) {
+    using S = typename decltype(tag_)::type;
+    const S *px = x.data<S>(), *pc = cos.data<S>(), *ps = sin.data<S>();
+    S* po = out.data<S>();
+#pragma omp parallel for if (rows * D > kParallelMin)
+    for (int64_t r = 0; r < rows; ++r) {
+      const S *xr = px + r * D, *c = pc + (r % T) * D, *s = ps + (r % T) * D;
+      S* y = po + r * D;
+      for (int64_t d = 0; d < half; ++d) y[d] = xr[d] * c[d] - xr[d + half] * s[d];
+      for (int64_t d = half; d < D; ++d) y[d] = xr[d] * c[d] + xr[d - half] * s[d];
+    }
+  });
+}
+
+void rope_backward(const Tensor& gout, const Tensor& cos, const Tensor& sin, Tensor& gx) {
+  int64_t T = gout.size(2), D = gout.size(3), half = D / 2, rows = gout.numel() / D;
+  dispatch_float(gout.dtype(), "rope_backward", [&](auto tag_) {
+    using S = typename decltype(tag_)::type;
+    const S *pg = gout.data<S>(), *pc = cos.data<S>(), *ps = sin.data<S>();
+    S* po = gx.data<S>();
+#pragma omp parallel for if (rows * D > kParallelMin)
+    for (int64_t r = 0; r < rows; ++r) {
+      const S *g = pg + r * D, *c = pc + (r % T) * D, *s = ps + (r % T) * D;
+      S* y = po + r * D;
+      for (int64_t d = 0; d < half; ++d) y[d] = g[d] * c[d] + g[d + half] * s[d + half];
+      for (int64_t d = half; d < D; ++d) y[d] = g[d] * c[d] - g[d - half] * s[d - half];
+    }
+  });
+}
+
+// ---- attention. Per (b, h), with G = H / Hkv query heads per kv head and kv head h / G:
+//   forward:  P = softmax(scale·Q Kᵀ + mask, causal: s > t + S - T masked) [T, S];  O = P V [T, D]
+//   backward: dV = Pᵀ dO;  dP = dO Vᵀ;  dS = P∘(dP - rowsum(dP∘P));  dQ = scale·dS K;  dK = scale·dSᵀ Q
+// dK, dV of the G heads sharing a kv head are summed afterwards in a fixed order (no races, reproducible).
+namespace {
+
+struct AttnDims {
+  int64_t B, H, Hkv, T, S, D;
+  int64_t group() const { return H / Hkv; }
+};
+
+AttnDims dims_of(const Tensor& q, const Tensor& k) {
+  return {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+}
+
+// Offset of the [T, S] mask block used by (b, h); -1 when there is no mask. Size-1 mask dims broadcast.
+int64_t mask_offset(const Tensor& mask, const AttnDims& a, int64_t b, int64_t h) {
+  if (!mask.defined()) return -1;
+  if (mask.dim() == 2) return 0;
+  int64_t mb = mask.size(0) == 1 ? 0 : b, mh = mask.size(1) == 1 ? 0 : h;
+  return (mb * mask.size(1) + mh) * a.T * a.S;
+}
+
+// Turns the scores [T, S] into probabilities in place: add the mask, drop s > t + S - T when causal, stable
+// softmax per row. Rows with every position masked become zeros (not NaN), so they pass nothing on.
+template <typename X>
+void mask_softmax_rows(X* P, const X* mask, bool causal, int64_t T, int64_t S) {
+  const X inf = std::numeric_limits<X>::infinity();
+  for (int64_t t = 0; t < T; ++t) {
+    X* row = P + t * S;
+    int64_t visible = causal ? std::min(S, std::max<int64_t>(t + S - T + 1, 0)) : S;
+    if (mask)
+      for (int64_t s = 0; s < visible; ++s) row[s] += mask[t * S + s];
+    X mx = -inf;
+    for (int64_t s = 0; s < visible; ++s) mx = std::max(mx, row[s]);
+    if (mx == -inf) visible = 0;
+    double sum = 0;
+    for (int64_t s = 0; s < visible; ++s) {
+      row[s] = std::exp(row[s] - mx);
+      sum += row[s];
+    }
+    X inv = visible ? (X)(1.0 / sum) : X(0);
+    for (int64_t s = 0; s < visible; ++s) row[s] *= inv;
+    for (int64_t s = visible; s < S; ++s) row[s] = X(0);
+  }
+}
+
+// dP [T, S] -> dS = P∘(dP - rowsum(dP∘P)) in place.
+template <typename X>
+void softmax_grad_rows(const X* P, X* dP, int64_t T, int64_t S) {
+  for (int64_t t = 0; t < T; ++t) {
+    const X* p = P + t * S;
+    X* d = dP + t * S;
+    double dot = 0;
+    for (int64_t s = 0; s < S; ++s) dot += (double)d[s] * p[s];
+    X c = (X)dot;
+    for (int64_t s = 0; s < S; ++s) d[s] = p[s] * (d[s] - c);
+  }
+}
+
+// gk[b, j] = Σ_{g < G} per_head[b, j·G + g] over [S, D] blocks.
+template <typename X>
+void sum_kv_groups(const X* per_head, const AttnDims& a, X* out) {
+  int64_t block = a.S * a.D, G = a.group();
+#pragma omp parallel for if (a.B * a.H * block > kParallelMin)
+  for (int64_t bj = 0; bj < a.B * a.Hkv; ++bj) {
+    X* o = out + bj * block;
+    const X* src = per_head + bj * G * block;
+    for (int64_t i = 0; i < block; ++i) o[i] = src[i];
+    for (int64_t g = 1; g < G; ++g)
+      for (int64_t i = 0; i < block; ++i) o[i] += src[g * block + i];
+  }
+}
+
+}  // namespace
+
+void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, bool causal, double scale,
+               Tensor& out, Tensor& probs) {
+  AttnDims a = dims_of(q, k);
+  dispatch_float(q.dtype(), "attention", [&](auto tag_) {
+    using X = typename decltype(tag_)::type;
+    const X *pq = q.data<X>(), *pk = k.data<X>(), *pv = v.data<X>();
+    const X* pm = mask.defined() ? mask.data<X>() : nullptr;
+    X *po = out.data<X>(), *pp = probs.data<X>();
+#pragma omp parallel for schedule(dynamic) if (a.B * a.H > 1 && a.B * a.H * a.T * a.S * a.D > kParallelMin)
+    for (int64_t bh = 0; bh < a.B * a.H; ++bh) {
+      int64_t b = bh / a.H, h = bh % a.H, kv = (b * a.Hkv + h / a.group()) * a.S * a.D;
+      const X* Q = pq + bh * a.T * a.D;
+      X* P = pp + bh * a.T * a.S;
+      gemm(false, true, a.T, a.S, a.D, (X)scale, Q, a.D, pk + kv, a.D, X(0), P, a.S);
+      int64_t mo = mask_offset(mask, a, b, h);
+      mask_softmax_rows(P, mo < 0 ? nullptr : pm + mo, causal, a.T, a.S);
+      gemm(false, false, a.T, a.D, a.S, X(1), P, a.S, pv + kv, a.D, X(0), po + bh * a.T * a.D, a.D);
+    }
+  });
+}
+
+void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& probs,
+                        double scale, Tensor& gq, Tensor& gk, Tensor& gv) {
+  AttnDims a = dims_of(q, k);
+  int64_t G = a.group(), kv_block = a.S * a.D;
+  dispatch_float(q.dtype(), "attention_backward", [&](auto tag_) {
+    using X = typename decltype(tag_)::type;
+    const X *pg = gout.data<X>(), *pq = q.data<X>(), *pk = k.data<X>(), *pv = v.data<X>(), *pp = probs.data<X>();
+    X* pgq = gq.defined() ? gq.data<X>() : nullptr;
+    // With shared kv heads each query head writes its own dK/dV block, summed by sum_kv_groups below.
+    std::vector<X> dk_heads, dv_heads;
+    X* dk = gk.defined() ? gk.data<X>() : nullptr;
+    X* dv = gv.defined() ? gv.data<X>() : nullptr;
+    if (G > 1 && dk) { dk_heads.resize(a.B * a.H * kv_block); dk = dk_heads.data(); }
+    if (G > 1 && dv) { dv_heads.resize(a.B * a.H * kv_block); dv = dv_heads.data(); }
+#pragma omp parallel for schedule(dynamic) if (a.B * a.H > 1 && a.B * a.H * a.T * a.S * a.D > kParallelMin)
+    for (int64_t bh = 0; bh < a.B * a.H; ++bh) {
+      int64_t b = bh / a.H, h = bh % a.H, kv = (b * a.Hkv + h / G) * kv_block;
+      const X *dO = pg + bh * a.T * a.D, *Q = pq + bh * a.T * a.D, *P = pp + bh * a.T * a.S;
+      if (dv) gemm(true, false, a.S, a.D, a.T, X(1), P, a.S, dO, a.D, X(0), dv + bh * kv_block, a.D);
+      if (!pgq && !dk) continue;
+      std::vector<X> dS(a.T * a.S);
+      gemm(false, true, a.T, a.S, a.D, X(1), dO, a.D, pv + kv, a.D, X(0), dS.data(), a.S);
+      softmax_grad_rows(P, dS.data(), a.T, a.S);
+      if (pgq) gemm(false, false, a.T, a.D, a.S, (X)scale, dS.data(), a.S, pk + kv, a.D, X(0), pgq + bh * a.T * a.D, a.D);
+      if (dk) gemm(true, false, a.S, a.D, a.T, (X)scale, dS.data(), a.S, Q, a.D, X(0), dk + bh * kv_block, a.D);
+    }
+    if (G > 1 && gk.defined()) sum_kv_groups(dk_heads.data(), a, gk.data<X>());
+    if (G > 1 && gv.defined()) sum_kv_groups(dv_heads.data(), a, gv.data<X>());
+  });
+}
+
+}  // namespace psa::cpu

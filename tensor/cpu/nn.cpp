@@ -1,0 +1,301 @@
+// Row-wise kernels: layer_norm, rms_norm, (log_)softmax, cross_entropy, dropout, each one fused forward and one
+// fused backward. Every op sees its input as rows ([rows, C] over the last dim, or strided rows of an
+// [outer, n, inner] view for softmax over any dim). Rows are spread over OpenMP threads when the tensor is large;
+// reductions over rows (weight gradients) go to per-thread double accumulators summed in a fixed order, so
+// results do not depend on scheduling. f32 sums accumulate in double.
+#include <omp.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "tensor/cpu/kernels.h"
+#include "tensor/rng.h"
+
+namespace psa::cpu {
+namespace {
+
+constexpr int64_t kParallelMin = 1 << 15;  // elements below which threads cost more than they save
+
+template <typename T>
+const T* data_or_null(const Tensor& t) { return t.defined() ? t.data<T>() : nullptr; }
+template <typename T>
+T* mutable_or_null(Tensor& t) { return t.defined() ? t.data<T>() : nullptr; }
+
+// Runs body(r, acc) for every row on the threads, each with its own zeroed accumulator of `width` doubles;
+// returns the accumulators summed thread by thread (deterministic for a fixed thread count).
+template <typename F>
+std::vector<double> rows_with_partial_sums(int64_t rows, int64_t width, bool parallel, F body) {
+  int threads = parallel ? omp_get_max_threads() : 1;
+  std::vector<double> partial((size_t)threads * width, 0.0);
+#pragma omp parallel num_threads(threads) if (parallel)
+  {
+    double* acc = partial.data() + (size_t)omp_get_thread_num() * width;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) body(r, acc);
+  }
+  std::vector<double> total(width, 0.0);
+  for (int t = 0; t < threads; ++t)
+    for (int64_t j = 0; j < width; ++j) total[j] += partial[(size_t)t * width + j];
+  return total;
+}
+
+template <typename T>
+void store(const std::vector<double>& src, int64_t from, int64_t n, T* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = (T)src[from + j];
+}
+
+}  // namespace
+
+// ---- layer_norm: y = (x - mean)·rstd·w + b over the last dim C; saves mean and rstd per row.
+void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& out, Tensor& mean, Tensor& rstd) {
+  int64_t C = x.size(-1), rows = x.numel() / C;
+  dispatch_float(x.dtype(), "layer_norm", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    const T* px = x.data<T>();
+    const T* pw = data_or_null<T>(w);
+    const T* pb = data_or_null<T>(b);
+    T *po = out.data<T>(), *pm = mean.data<T>(), *pr = rstd.data<T>();
+#pragma omp parallel for if (rows * C > kParallelMin)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = px + r * C;
+      double sum = 0, sq = 0;
+      for (int64_t c = 0; c < C; ++c) sum += xr[c];
+      double mu = sum / C;
+      for (int64_t c = 0; c < C; ++c) sq += (xr[c] - mu) * (xr[c] - mu);  // two passes: no cancellation
+      T m = (T)mu, rs = (T)(1.0 / std::sqrt(sq / C + eps));
+      pm[r] = m;
+      pr[r] = rs;
+      T* yr = po + r * C;
+      for (int64_t c = 0; c < C; ++c) yr[c] = (xr[c] - m) * rs * (pw ? pw[c] : T(1)) + (pb ? pb[c] : T(0));
+    }
+  });
+}
+
+// With xhat = (x - mean)·rstd and gxhat = g·w:
+//   gx = rstd·(gxhat - mean(gxhat) - xhat·mean(gxhat·xhat)),  gw = Σ_rows g·xhat,  gb = Σ_rows g.
+void layer_norm_backward(const Tensor& gout, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd,
+                         Tensor& gx, Tensor& gw, Tensor& gb) {
+  int64_t C = x.size(-1), rows = x.numel() / C;
+  dispatch_float(x.dtype(), "layer_norm_backward", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    const T *pg = gout.data<T>(), *px = x.data<T>(), *pm = mean.data<T>(), *pr = rstd.data<T>();
+    const T* pw = data_or_null<T>(w);
+    T* pgx = mutable_or_null<T>(gx);
+    bool need_w = gw.defined(), need_b = gb.defined();
+    auto row = [&](int64_t r, double* acc) {  // acc: [0, C) for gw, [C, 2C) for gb
+      const T *gr = pg + r * C, *xr = px + r * C;
+      T m = pm[r], rs = pr[r];
+      double sum_gxhat = 0, sum_gxhat_xhat = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        T xhat = (xr[c] - m) * rs, gxhat = gr[c] * (pw ? pw[c] : T(1));
+        sum_gxhat += gxhat;
+        sum_gxhat_xhat += gxhat * xhat;
+        if (need_w) acc[c] += gr[c] * xhat;
+        if (need_b) acc[C + c] += gr[c];
+      }
+      if (!pgx) return;
+      T mean_g = (T)(sum_gxhat / C), mean_gx = (T)(sum_gxhat_xhat / C);
+      T* out = pgx + r * C;
+      for (int64_t c = 0; c < C; ++c) {
+        T xhat = (xr[c] - m) * rs, gxhat = gr[c] * (pw ? pw[c] : T(1));
+        out[c] = rs * (gxhat - mean_g - xhat * mean_gx);
+      }
+    };
+    std::vector<double> sums = rows_with_partial_sums(rows, 2 * C, rows * C > kParallelMin, row);
+    if (need_w) store(sums, 0, C, gw.data<T>());
+    if (need_b) store(sums, C, C, gb.data<T>());
+  });
+}
+
+// ---- rms_norm (HF Llama): y = x·rstd·w, rstd = 1/sqrt(mean(x²) + eps), in the input dtype; saves rstd per row.
+void rms_norm(const Tensor& x, const Tensor& w, double eps, Tensor& out, Tensor& rstd) {
+  int64_t C = x.size(-1), rows = x.numel() / C;
+  dispatch_float(x.dtype(), "rms_norm", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    const T* px = x.data<T>();
+    const T* pw = data_or_null<T>(w);
+    T *po = out.data<T>(), *pr = rstd.data<T>();
+#pragma omp parallel for if (rows * C > kParallelMin)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = px + r * C;
+      double sq = 0;
+      for (int64_t c = 0; c < C; ++c) sq += (double)xr[c] * xr[c];
+      T rs = (T)(1.0 / std::sqrt(sq / C + eps));
+      pr[r] = rs;
+      T* yr = po + r * C;
+      for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * rs * (pw ? pw[c] : T(1));
+    }
+  });
+}
+
+// With xhat = x·rstd and gxhat = g·w:  gx = rstd·(gxhat - xhat·mean(gxhat·xhat)),  gw = Σ_rows g·xhat.
+void rms_norm_backward(const Tensor& gout, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& gx, Tensor& gw) {
+  int64_t C = x.size(-1), rows = x.numel() / C;
+  dispatch_float(x.dtype(), "rms_norm_backward", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    const T *pg = gout.data<T>(), *px = x.data<T>(), *pr = rstd.data<T>();
+    const T* pw = data_or_null<T>(w);
+    T* pgx = mutable_or_null<T>(gx);
+    bool need_w = gw.defined();
+    auto row = [&](int64_t r, double* acc) {
+      const T *gr = pg + r * C, *xr = px + r * C;
+      T rs = pr[r];
+      double sum_gxhat_xhat = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        T xhat = xr[c] * rs;
+        sum_gxhat_xhat += gr[c] * (pw ? pw[c] : T(1)) * xhat;
+        if (need_w) acc[c] += gr[c] * xhat;
+      }
+      if (!pgx) return;
+      T mean_gx = (T)(sum_gxhat_xhat / C);
+      T* out = pgx + r * C;
+      for (int64_t c = 0; c < C; ++c) out[c] = rs * (gr[c] * (pw ? pw[c] : T(1)) - xr[c] * rs * mean_gx);
+    };
+    std::vector<double> sums = rows_with_partial_sums(rows, C, rows * C > kParallelMin, row);
+    if (need_w) store(sums, 0, C, gw.data<T>());
+  });
+}
+
+// ---- softmax / log_softmax over the middle dim n of [outer, n, inner]: row (o, j) is n values `inner` apart.
+// Stable: exponents are taken after subtracting the row max. A row that is all -inf gives zeros (softmax) or
+// -inf (log_softmax), never NaN.
+namespace {
+
+template <typename T>
+void softmax_row(const T* x, T* y, int64_t n, int64_t stride, bool log) {
+  T mx = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, x[i * stride]);
+  if (mx == -std::numeric_limits<T>::infinity()) {
+    for (int64_t i = 0; i < n; ++i) y[i * stride] = log ? mx : T(0);
+    return;
+  }
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(x[i * stride] - mx);
+  if (log) {
+    T log_sum = (T)std::log(sum);  // (x - max) - log_sum: exact shift first, no rounding of a large lse
+    for (int64_t i = 0; i < n; ++i) y[i * stride] = (x[i * stride] - mx) - log_sum;
+  } else {
+    T inv = (T)(1.0 / sum);
+    for (int64_t i = 0; i < n; ++i) y[i * stride] = std::exp(x[i * stride] - mx) * inv;
+  }
+}
+
+// softmax: gx = y·(g - Σ g·y);  log_softmax: gx = g - exp(y)·Σ g.
+template <typename T>
+void softmax_backward_row(const T* g, const T* y, T* gx, int64_t n, int64_t stride, bool log) {
+  double dot = 0;
+  for (int64_t i = 0; i < n; ++i) dot += log ? (double)g[i * stride] : (double)g[i * stride] * y[i * stride];
+  T d = (T)dot;
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t k = i * stride;
+    gx[k] = log ? g[k] - std::exp(y[k]) * d : y[k] * (g[k] - d);
+  }
+}
+
+}  // namespace
+
+void softmax(const Tensor& x, int64_t outer, int64_t n, int64_t inner, bool log, Tensor& out) {
+  dispatch_float(x.dtype(), "softmax", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    const T* px = x.data<T>();
+    T* po = out.data<T>();
+    int64_t rows = outer * inner;
+#pragma omp parallel for if (rows * n > kParallelMin)
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t base = (r / inner) * n * inner + r % inner;
+      softmax_row(px + base, po + base, n, inner, log);
+    }
+  });
+}
+
+void softmax_backward(const Tensor& gout, const Tensor& y, int64_t outer, int64_t n, int64_t inner, bool log, Tensor& gx) {
+  dispatch_float(y.dtype(), "softmax_backward", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    const T *pg = gout.data<T>(), *py = y.data<T>();
+    T* po = gx.data<T>();
+    int64_t rows = outer * inner;
+#pragma omp parallel for if (rows * n > kParallelMin)
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t base = (r / inner) * n * inner + r % inner;
+      softmax_backward_row(pg + base, py + base, po + base, n, inner, log);
+    }
+  });
+}
+
+// ---- cross_entropy: loss = Σ_counted (lse_i - x_i[t_i]) / count (0 when count is 0); saves lse [N] and
+// recomputes the probabilities exp(x - lse) from the logits in backward rather than keeping an [N, V] copy.
+void cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t count, Tensor& loss,
+                   Tensor& lse) {
+  int64_t N = logits.size(0), V = logits.size(1);
+  dispatch_float(logits.dtype(), "cross_entropy", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    const T* px = logits.data<T>();
+    const int64_t* pt = targets.data<int64_t>();
+    T* pl = lse.data<T>();
+    std::vector<double> row_loss(N, 0.0);  // summed in order afterwards: the loss is bit-reproducible
+#pragma omp parallel for if (N * V > kParallelMin)
+    for (int64_t i = 0; i < N; ++i) {
+      const T* xr = px + i * V;
+      T mx = -std::numeric_limits<T>::infinity();
+      for (int64_t v = 0; v < V; ++v) mx = std::max(mx, xr[v]);
+      double sum = 0;
+      for (int64_t v = 0; v < V; ++v) sum += std::exp(xr[v] - mx);
+      double row_lse = mx + std::log(sum);
+      pl[i] = (T)row_lse;
+      if (pt[i] != ignore_index) row_loss[i] = row_lse - xr[pt[i]];
+    }
+    double total = 0;
+    for (double l : row_loss) total += l;
+    loss.data<T>()[0] = count ? (T)(total / count) : T(0);
+  });
+}
+
+// glogits_i = g/count · (softmax(x_i) - onehot(t_i)) for counted rows, 0 for ignored ones.
+void cross_entropy_backward(const Tensor& gout, const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                            int64_t ignore_index, int64_t count, Tensor& glogits) {
+  int64_t N = logits.size(0), V = logits.size(1);
+  dispatch_float(logits.dtype(), "cross_entropy_backward", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    const T *px = logits.data<T>(), *pl = lse.data<T>();
+    const int64_t* pt = targets.data<int64_t>();
+    T* po = glogits.data<T>();
+    T g = count ? (T)(gout.data<T>()[0] / count) : T(0);
+#pragma omp parallel for if (N * V > kParallelMin)
+    for (int64_t i = 0; i < N; ++i) {
+      T* out = po + i * V;
+      if (pt[i] == ignore_index || !count) {
+        std::fill(out, out + V, T(0));
+        continue;
+      }
+      const T* xr = px + i * V;
+      for (int64_t v = 0; v < V; ++v) out[v] = g * std::exp(xr[v] - pl[i]);
+      out[pt[i]] -= g;
+    }
+  });
+}
+
+// ---- dropout: keep element i when its Philox draw >= p·2^32 (integers, identical on every device), scale the
+// kept ones by 1/(1-p). The mask is a pure function of (seed, offset, i), so backward is this kernel on gout.
+uint32_t dropout_threshold(double p) {
+  return p <= 0 ? 0u : p >= 1 ? 0xFFFFFFFFu : (uint32_t)(p * 4294967296.0);
+}
+
+void dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset, Tensor& out) {
+  int64_t n = x.numel();
+  uint32_t threshold = dropout_threshold(p);
+  dispatch_float(x.dtype(), "dropout", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    const T* px = x.data<T>();
+    T* po = out.data<T>();
+    if (p >= 1) {  // every element dropped (the threshold cannot say "all": a draw of 2^32-1 would pass)
+      std::fill(po, po + n, T(0));
+      return;
+    }
+    T scale = (T)(1.0 / (1.0 - p));
+#pragma omp parallel for if (n > kParallelMin / 8)
+    for (int64_t i = 0; i < n; ++i) po[i] = philox_keep(seed, offset, i, threshold) ? px[i] * scale : T(0);
+  });
+}
+
+}  // namespace psa::cpu

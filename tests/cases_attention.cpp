@@ -1,0 +1,150 @@
+// Op cases for rope and attention with naive f64 references (see op_harness.h): odd T, S and D, causal with
+// S > T and S < T, additive masks [T,S] (with -inf and a fully masked row) and [B,1,T,S], grouped-query heads.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "op_harness.h"
+
+namespace psa::test {
+namespace {
+
+// ---- rope: inputs x [B,H,T,D], cos, sin [T,D] built like HF Llama's tables (inv_freq = 10000^(-2i/D)).
+Inputs rope_inputs(const std::vector<Shape>& s, uint64_t seed, DType dt) {
+  int64_t T = s[0][2], D = s[0][3];
+  Tensor c = empty64({T, D}), sn = empty64({T, D});
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t d = 0; d < D; ++d) {
+      double angle = t * std::pow(10000.0, -2.0 * (d % (D / 2)) / D);
+      md(c)[t * D + d] = std::cos(angle);
+      md(sn)[t * D + d] = std::sin(angle);
+    }
+  return {randn(s[0], seed, dt), c.to(dt), sn.to(dt)};
+}
+
+Tensor ref_rope(const Tensor& x, const Tensor& c, const Tensor& s) {
+  int64_t T = x.size(2), D = x.size(3), half = D / 2;
+  Tensor out = empty64(x.shape());
+  for (int64_t r = 0; r < x.numel() / D; ++r)
+    for (int64_t d = 0; d < D; ++d) {
+      int64_t t = r % T;
+      double rotated = d < half ? -cd(x)[r * D + d + half] : cd(x)[r * D + d - half];
+      md(out)[r * D + d] = cd(x)[r * D + d] * cd(c)[t * D + d] + rotated * cd(s)[t * D + d];
+    }
+  return out;
+}
+
+std::vector<OpCase> rope_cases() {
+  OpCase c;
+  c.op = "rope";
+  c.shapes = {{{2, 3, 5, 6}, {5, 6}, {5, 6}}, {{1, 2, 7, 4}, {7, 4}, {7, 4}}, {{1, 1, 1, 2}, {1, 2}, {1, 2}}};
+  c.make_inputs = rope_inputs;
+  c.differentiable = {true, false, false};
+  c.run = [](const Inputs& in) { return rope(in[0], in[1], in[2]); };
+  c.reference = [](const Inputs& in) { return ref_rope(in[0], in[1], in[2]); };
+  return {c};
+}
+
+// ---- attention: inputs q, k, v and optionally the mask. A [T,S] mask gets -inf entries and a fully masked row 2;
+// a 4-D mask gets finite values.
+Inputs attention_inputs(const std::vector<Shape>& s, uint64_t seed, DType dt) {
+  Inputs in = randn_inputs({s[0], s[1], s[2]}, seed, dt);
+  if (s.size() < 4) return in;
+  Tensor mask = randn(s[3], seed + 99, DType::f64, 0.5);
+  if (mask.dim() == 2)
+    for (int64_t t = 0; t < mask.size(0); ++t)
+      for (int64_t j = 0; j < mask.size(1); ++j)
+        if (t == 2 || (t * 3 + j) % 4 == 0) md(mask)[t * mask.size(1) + j] = -INFINITY;
+  in.push_back(mask.to(dt));
+  return in;
+}
+
+Tensor ref_attention(const Inputs& in, bool causal, double scale) {
+  const Tensor &q = in[0], &k = in[1], &v = in[2];
+  int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  if (scale == 0) scale = 1 / std::sqrt((double)D);
+  Tensor out = empty64(q.shape());
+  std::vector<double> score(S);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        int64_t kh = h / (H / Hkv);
+        const double* qr = cd(q) + ((b * H + h) * T + t) * D;
+        double mx = -INFINITY;
+        for (int64_t s = 0; s < S; ++s) {
+          const double* kr = cd(k) + ((b * Hkv + kh) * S + s) * D;
+          double dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += qr[d] * kr[d];
+          score[s] = scale * dot;
+          if (in.size() > 3) {
+            const Tensor& m = in[3];
+            int64_t mb = m.dim() == 2 || m.size(0) == 1 ? 0 : b, mh = m.dim() == 2 || m.size(1) == 1 ? 0 : h;
+            int64_t heads = m.dim() == 2 ? 1 : m.size(1);
+            score[s] += cd(m)[((mb * heads + mh) * T + t) * S + s];
+          }
+          if (causal && s > t + S - T) score[s] = -INFINITY;
+          mx = std::max(mx, score[s]);
+        }
+        double sum = 0;
+        for (int64_t s = 0; s < S; ++s) sum += mx == -INFINITY ? 0 : std::exp(score[s] - mx);
+        double* o = md(out) + ((b * H + h) * T + t) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          double acc = 0;
+          for (int64_t s = 0; s < S && sum > 0; ++s)
+            acc += std::exp(score[s] - mx) / sum * cd(v)[((b * Hkv + kh) * S + s) * D + d];
+          o[d] = acc;
+        }
+      }
+  return out;
+}
+
+std::vector<OpCase> attention_cases() {
+  struct Spec {
+    std::vector<Shape> shapes;
+    bool causal;
+    double scale;
+  };
+  std::vector<Spec> specs = {
+      {{{2, 2, 5, 6}, {2, 2, 7, 6}, {2, 2, 7, 6}}, false, 0},              // plain, T != S
+      {{{1, 4, 5, 6}, {1, 2, 7, 6}, {1, 2, 7, 6}}, true, 0},               // GQA 4 -> 2, causal, S > T
+      {{{2, 2, 6, 4}, {2, 2, 6, 4}, {2, 2, 6, 4}}, true, 0},               // causal, T == S
+      {{{1, 2, 5, 6}, {1, 2, 7, 6}, {1, 2, 7, 6}, {5, 7}}, false, 0},      // [T,S] mask with -inf, a dead row
+      {{{2, 4, 3, 8}, {2, 1, 5, 8}, {2, 1, 5, 8}, {2, 1, 3, 5}}, true, 0.5},  // MQA, [B,1,T,S] mask + causal
+      {{{1, 2, 4, 4}, {1, 2, 3, 4}, {1, 2, 3, 4}}, true, 0},               // causal S < T: row 0 sees nothing
+  };
+  std::vector<OpCase> v;
+  for (const Spec& s : specs) {
+    OpCase c;
+    c.op = "attention";
+    c.shapes = {s.shapes};
+    c.make_inputs = attention_inputs;
+    c.differentiable = {true, true, true, false};
+    c.run = [s](const Inputs& in) { return attention(in[0], in[1], in[2], s.causal, in.size() > 3 ? in[3] : Tensor(), s.scale); };
+    c.reference = [s](const Inputs& in) { return ref_attention(in, s.causal, s.scale); };
+    v.push_back(c);
+  }
+  return v;
+}
+
+const bool registered = register_cases(rope_cases()) && register_cases(attention_cases());
+
+TEST(AttentionOps, FullyMaskedRowsGiveZerosAndFiniteGradients) {
+  Tensor q = randn({1, 2, 4, 4}, 1).requires_grad_(), k = randn({1, 2, 3, 4}, 2).requires_grad_();
+  Tensor v = randn({1, 2, 3, 4}, 3).requires_grad_();
+  Tensor mask = Tensor::zeros({4, 3});
+  for (int64_t s = 0; s < 3; ++s) mask.data<float>()[3 * 3 + s] = -INFINITY;  // row 3 masked by hand, row 0 by causality
+  Tensor out = attention(q, k, v, true, mask);
+  std::vector<double> o = out.to_vector();
+  for (int64_t h = 0; h < 2; ++h)
+    for (int64_t d = 0; d < 4; ++d) {
+      EXPECT_EQ(o[(h * 4 + 0) * 4 + d], 0.0);
+      EXPECT_EQ(o[(h * 4 + 3) * 4 + d], 0.0);
+      EXPECT_NE(o[(h * 4 + 1) * 4 + d], 0.0);
+    }
+  sum(out).backward();
+  for (const Tensor& t : {q, k, v})
+    for (double g : t.grad().to_vector()) EXPECT_TRUE(std::isfinite(g));
+}
+
+}  // namespace
+}  // namespace psa::test

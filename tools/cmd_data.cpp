@@ -1,0 +1,62 @@
+// psa data: writes the synthetic safety dataset; psa tokenizer train: a BPE tokenizer for a dataset.
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+
+#include "psa/data.h"
+#include "psa/synth.h"
+#include "psa/tokenizer.h"
+#include "tools/cli.h"
+
+namespace psa {
+
+static const char* kDataUsage = R"(usage: psa data [--preset tiny|small] [--out DIR] [--seed N]
+
+Generates the synthetic safety dataset (shared/spec dataset.md) deterministically from the seed:
+DIR/images/*.png, DIR/base_train.jsonl (base-VLM data: compliant descriptions of risky images and
+hint-following samples), DIR/train.jsonl (safety data for Stages I and II), DIR/val.jsonl, DIR/test.jsonl
+and DIR/dataset.json (config and counts). Records use the PSA-VLM reference format, so the same loader
+trains on real data. Defaults: --preset tiny --out data/tiny --seed 1.)";
+
+int cmd_data(int argc, char** argv) {
+  cli::Args a;
+  if (!cli::parse(argc, argv, {kDataUsage, {"--preset", "--out", "--seed"}, {}}, &a)) return 0;
+  PSA_CHECK(a.positional.empty(), "data: unexpected argument '", a.positional[0], "' (see --help)");
+  SynthConfig cfg = synth_preset(a.get("--preset", "tiny"));
+  cfg.seed = a.get_int("--seed", 1);
+  std::string out = a.get("--out", "data/" + cfg.preset);
+  auto t0 = std::chrono::steady_clock::now();
+  json::Value info = generate_dataset(cfg, out);
+  double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("wrote %s in %.1f s: %s\n", out.c_str(), s, json::dump(info.at("counts")).c_str());
+  return 0;
+}
+
+static const char* kTokUsage = R"(usage: psa tokenizer train --data DIR [--vocab 512] [--out FILE]
+
+Trains a byte-level BPE tokenizer (GPT-2 byte map and pre-tokenisation; specials <pad> <s> </s> <image>
+<unk>) on every question and answer of DIR/base_train.jsonl and DIR/train.jsonl, with the prompt template.
+Default output: DIR/tokenizer.json.)";
+
+int cmd_tokenizer(int argc, char** argv) {
+  cli::Args a;
+  if (!cli::parse(argc, argv, {kTokUsage, {"--data", "--vocab", "--out"}, {}}, &a)) return 0;
+  PSA_CHECK(a.positional.size() == 1 && a.positional[0] == "train", "tokenizer: expected 'train' (see --help)");
+  PSA_CHECK(a.has("--data"), "tokenizer train: --data DIR is required");
+  std::string dir = a.get("--data");
+  std::vector<Record> recs;
+  for (const char* f : {"base_train.jsonl", "train.jsonl"}) {
+    std::string p = (std::filesystem::path(dir) / f).string();
+    if (!std::filesystem::exists(p)) continue;
+    std::vector<Record> r = load_records(p, nullptr, false);
+    recs.insert(recs.end(), r.begin(), r.end());
+  }
+  PSA_CHECK(!recs.empty(), dir, ": no base_train.jsonl or train.jsonl records");
+  Tokenizer tok = Tokenizer::train(corpus_of(recs), a.get_int("--vocab", 512));
+  std::string out = a.get("--out", (std::filesystem::path(dir) / "tokenizer.json").string());
+  tok.save(out);
+  std::printf("wrote %s: %d tokens from %zu records\n", out.c_str(), tok.vocab_size(), recs.size());
+  return 0;
+}
+
+}  // namespace psa

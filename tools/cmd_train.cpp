@@ -1,0 +1,206 @@
+// psa train: base VLM -> Stage I -> Stage II on a dataset folder, one checkpoint per stage.
+#include <cstdio>
+#include <filesystem>
+
+#include "psa/plot.h"
+#include "psa/synth.h"
+#include "psa/train.h"
+#include "tools/cli.h"
+
+namespace psa {
+namespace fs = std::filesystem;
+
+static const char* kTrainUsage = R"(usage: psa train [options]
+
+Trains PSA-VLM in the paper's stages on a dataset folder (generated with `psa data` when missing):
+  base    LLaVA-style training of ViT + projector + LLM on DIR/base_train.jsonl (the vulnerable base VLM)
+  1       Stage I: safety tokens, C-Abstractor safety projector, cross-attention head and the two classifiers
+          on DIR/train.jsonl (all risky records + clean ones in the reference 3000:11200 ratio);
+          L = L_LLM + lambda (L_level + L_type), lambda = 10; everything else frozen
+  2       Stage II: LoRA on every LLM linear (or --full-ft), safety modules frozen, all of DIR/train.jsonl
+Each stage writes OUT/<stage>/ (model.safetensors, config.json, tokenizer.json), a JSONL log
+OUT/<stage>/log.jsonl, and an audit against the previous stage; OUT/loss_curves.png plots every loss.
+With --eval (default for --stage all) the benchmark runs on DIR/test.jsonl into OUT/report.json and
+OUT/report.md.
+
+options:
+  --preset tiny|small      model and data preset (default tiny)
+  --data DIR               dataset folder (default data/<preset>)
+  --out DIR                run folder (default runs/<preset>)
+  --stage all|base|1|2     which stages (default all); later stages start from OUT/<previous stage>
+  --seed N                 initialisation, shuffling and LoRA-dropout seed (default 42)
+  --batch N                batch size (default 16)
+  --steps-base N --steps-1 N --steps-2 N     optimiser steps per stage
+  --lr-base X --lr-1 X --lr-2 X              peak learning rates (AdamW, warmup then linear decay)
+  --warmup N               warmup steps (default 5% of the stage's steps)
+  --lora-rank N --lora-alpha X --lora-dropout X   Stage II adapters (defaults 16, 16, 0.05)
+  --lora-lm-head           also adapt lm_head (the reference code does, by accident)
+  --full-ft                Stage II fine-tunes the whole LLM instead of LoRA
+  --eval / --no-eval       run the benchmark at the end
+  --eval-limit N           evaluate on the first N test records only (0 = all)
+  --quiet                  no progress bars)";
+
+namespace {
+
+struct Plan {
+  std::string preset, data, out;
+  uint64_t seed;
+  int64_t batch;
+};
+
+Dataset load_split(const std::string& file, const Tokenizer& tok, const PsaConfig& cfg) {
+  LoadReport rep;
+  std::vector<Record> recs = load_records(file, &rep);
+  Dataset d = build_dataset(recs, tok, cfg.vision.image_size, cfg.max_text_tokens, &rep);
+  for (size_t i = 0; i < rep.messages.size() && i < 10; ++i) std::fprintf(stderr, "skipped: %s\n", rep.messages[i].c_str());
+  std::printf("%s: %ld records loaded, %ld skipped\n", file.c_str(), (long)d.size(), (long)rep.skipped);
+  return d;
+}
+
+Tokenizer tokenizer_for(const Plan& p, int64_t vocab) {
+  fs::path path = fs::path(p.out) / "tokenizer.json";
+  if (fs::exists(path)) return Tokenizer::load(path.string());
+  std::vector<Record> recs;
+  for (const char* f : {"base_train.jsonl", "train.jsonl"}) {
+    std::vector<Record> r = load_records((fs::path(p.data) / f).string(), nullptr, false);
+    recs.insert(recs.end(), r.begin(), r.end());
+  }
+  Tokenizer tok = Tokenizer::train(corpus_of(recs), vocab);
+  fs::create_directories(p.out);
+  tok.save(path.string());
+  return tok;
+}
+
+struct Defaults {
+  int64_t steps;
+  double lr;
+};
+
+Defaults stage_defaults(const std::string& preset, const std::string& stage) {
+  bool tiny = preset == "tiny";
+  if (stage == "base") return {tiny ? 1500 : 3000, tiny ? 2e-3 : 6e-4};
+  if (stage == "stage1") return {tiny ? 400 : 800, tiny ? 2e-3 : 1e-3};
+  return {tiny ? 400 : 800, tiny ? 2e-3 : 1e-3};
+}
+
+void record_stage(json::Value& report, const std::string& stage, const StageResult& r, const json::Value& audit) {
+  json::Value s = report.find(stage) ? report.at(stage) : json::Value::object();
+  s.set("train_seconds", r.seconds);
+  s.set("tokens_per_second", r.tokens_per_second);
+  s.set("steps", r.steps);
+  s.set("first_loss", r.loss.empty() ? 0.0 : r.loss.front());
+  s.set("last_loss", r.loss.empty() ? 0.0 : r.loss.back());
+  if (!audit.is_null()) s.set("audit", audit);
+  report.set(stage, s);
+}
+
+}  // namespace
+
+int cmd_train(int argc, char** argv) {
+  cli::Args a;
+  if (!cli::parse(argc, argv,
+                  {kTrainUsage,
+                   {"--preset", "--data", "--out", "--stage", "--seed", "--batch", "--steps-base", "--steps-1", "--steps-2",
+                    "--lr-base", "--lr-1", "--lr-2", "--warmup", "--lora-rank", "--lora-alpha", "--lora-dropout", "--eval-limit"},
+                   {"--lora-lm-head", "--full-ft", "--eval", "--no-eval", "--quiet"}},
+                  &a))
+    return 0;
+  PSA_CHECK(a.positional.empty(), "train: unexpected argument '", a.positional[0], "' (see --help)");
+  Plan p;
+  p.preset = a.get("--preset", "tiny");
+  PsaConfig cfg = PsaConfig::from_preset(p.preset);
+  p.data = a.get("--data", "data/" + p.preset);
+  p.out = a.get("--out", "runs/" + p.preset);
+  p.seed = a.get_int("--seed", 42);
+  p.batch = a.get_int("--batch", 16);
+  std::string which = a.get("--stage", "all");
+  PSA_CHECK(which == "all" || which == "base" || which == "1" || which == "2", "--stage: expected all, base, 1 or 2, got '", which, "'");
+  if (!fs::exists(fs::path(p.data) / "train.jsonl")) {
+    PSA_CHECK(!a.has("--data"), p.data, ": no train.jsonl (generate one with `psa data --out ", p.data, "`)");
+    std::printf("generating the %s dataset into %s\n", p.preset.c_str(), p.data.c_str());
+    generate_dataset(synth_preset(p.preset), p.data);
+  }
+  Tokenizer tok = tokenizer_for(p, cfg.text.vocab);
+  cfg.image_token = tok.image_id();
+  cfg.pad_id = tok.pad_id();
+  cfg.text.bos_id = tok.bos_id();
+  cfg.text.eos_id = tok.eos_id();
+  LoraSettings lora;
+  if (!a.has("--full-ft")) {
+    lora.rank = a.get_int("--lora-rank", 16);
+    lora.alpha = a.get_double("--lora-alpha", 16);
+    lora.dropout = a.get_double("--lora-dropout", 0.05);
+    lora.include_lm_head = a.has("--lora-lm-head");
+  }
+  json::Value report = json::Value::object();
+  fs::path report_path = fs::path(p.out) / "report.json";
+  if (fs::exists(report_path)) report = json::parse_file(report_path.string());
+  report.set("config", cfg.to_json());
+  std::vector<Series> curves;
+  std::shared_ptr<PsaVlm> model;
+  std::string prev;
+  const std::vector<std::pair<std::string, std::string>> stages = {{"base", "base"}, {"1", "stage1"}, {"2", "stage2"}};
+  for (const auto& [flag, stage] : stages) {
+    fs::path dir = fs::path(p.out) / stage;
+    if (which != "all" && which != flag) {
+      prev = stage;
+      continue;
+    }
+    if (!model) {
+      if (stage == "base") {
+        model = std::make_shared<PsaVlm>(cfg);
+        model->initialize(p.seed);
+      } else {
+        fs::path from = fs::path(p.out) / prev;
+        Checkpoint c = load_checkpoint(from.string());
+        model = c.model;
+      }
+    }
+    Defaults d = stage_defaults(p.preset, stage);
+    StageOptions o;
+    o.stage = stage;
+    o.steps = a.get_int(stage == "base" ? "--steps-base" : stage == "stage1" ? "--steps-1" : "--steps-2", d.steps);
+    o.lr = a.get_double(stage == "base" ? "--lr-base" : stage == "stage1" ? "--lr-1" : "--lr-2", d.lr);
+    o.warmup = a.get_int("--warmup", std::max<int64_t>(1, o.steps / 20));
+    o.batch = p.batch;
+    o.seed = p.seed;
+    o.lora = lora;
+    o.progress = !a.has("--quiet");
+    fs::create_directories(dir);
+    o.log_path = (dir / "log.jsonl").string();
+    Dataset data = load_split((fs::path(p.data) / (stage == "base" ? "base_train.jsonl" : "train.jsonl")).string(), tok, cfg);
+    StageResult r = train_stage(*model, data, o);
+    std::printf("[%s] %ld steps in %.1f s (%.0f tokens/s), loss %.4f -> %.4f\n", stage.c_str(), (long)r.steps, r.seconds,
+                r.tokens_per_second, r.loss.front(), r.loss.back());
+    save_checkpoint(dir.string(), *model, tok, stage, stage == "stage2" ? lora : LoraSettings{});
+    json::Value audit;
+    if (!prev.empty() && fs::exists(fs::path(p.out) / prev / "model.safetensors")) {
+      // AUDIT_HOOK
+    }
+    record_stage(report, stage, r, audit);
+    curves.push_back({stage + " loss", {}, r.loss});
+    if (!r.loss_level.empty()) curves.push_back({stage + " level CE", {}, r.loss_level});
+    if (!r.loss_type.empty()) curves.push_back({stage + " type CE", {}, r.loss_type});
+    json::Value tmp = report;
+    std::string text = json::dump(report, 2);
+    fs::path tmp_path = report_path;
+    tmp_path += ".tmp";
+    { FILE* f = std::fopen(tmp_path.c_str(), "w"); PSA_CHECK(f, tmp_path.string(), ": cannot write"); std::fputs(text.c_str(), f); std::fclose(f); }
+    fs::rename(tmp_path, report_path);
+    prev = stage;
+  }
+  if (!curves.empty()) {
+    PlotOptions po{"PSA-VLM training losses (" + p.preset + ")", "step", "loss", true, 900, 500, 10};
+    plot_lines((fs::path(p.out) / "loss_curves.png").string(), curves, po);
+  }
+  bool eval = a.has("--eval") || (which == "all" && !a.has("--no-eval"));
+  if (eval) {
+    std::vector<std::string> ckpts;
+    for (const auto& [flag, stage] : stages)
+      if (fs::exists(fs::path(p.out) / stage / "model.safetensors")) ckpts.push_back((fs::path(p.out) / stage).string());
+    // EVAL_HOOK
+  }
+  return 0;
+}
+
+}  // namespace psa
