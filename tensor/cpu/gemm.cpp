@@ -1,0 +1,520 @@
+// SGEMM for the CPU, GotoBLAS/BLIS style. C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C, row-major.
+//
+// Micro-kernel. An MR x NR tile of C lives in vector registers for a whole K block. For every k it loads
+// NR/W vectors of B (W floats per vector), broadcasts the MR values of A's column k, and does one FMA per
+// accumulator:
+//   AVX-512: 12 x 32 -> 24 zmm accumulators + 2 B vectors + 1 broadcast = 27 of 32 registers;
+//   AVX2:     6 x 16 -> 12 ymm accumulators + 2 B vectors + 1 broadcast = 15 of 16 registers;
+//   scalar:   4 x  8 plain floats (the compiler vectorises what it can).
+// Two FMA ports with 4-cycle latency need >= 8 independent accumulators to stay busy, and each k-step
+// issues MR*NR/W FMAs against only NR/W loads + MR broadcasts, so the FMA ports, not loads, are the limit.
+// The kernel is one template over (rows, vectors); a table holds every instance m <= MR, nv <= NR/W, so an
+// edge tile runs the exact shape it needs instead of a padded full tile (matters for the model's M = 64
+// attention matrices). Columns past n inside the last vector are computed on zero padding and dropped.
+//
+// Loop nest (per thread), with what each level keeps in which cache:
+//   for jc in N step NC:
+//     for pc in K step KC:           pack op(B)[KC x NC] into NR-wide slivers     -> B panel, L3
+//       for ic in M step MC:         pack op(A)[MC x KC] into MR-tall slivers     -> A block, L2
+//         for jr in NC step NR:      B sliver [KC x NR], reused by every A sliver  -> L1
+//           for ir in MC step MR:    micro-kernel: C[MR x NR] += A sliver * B sliver
+// Block sizes: the B sliver (KC*NR*4 bytes) takes at most ~3/4 of L1 so the streaming A sliver and the C
+// tile do not evict it: AVX2 256*16*4 = 16 KiB of 32 KiB, AVX-512 192*32*4 = 24 KiB of 32-48 KiB. The A
+// block takes a fraction of L2: AVX2 144*256*4 = 144 KiB of 512 KiB, AVX-512 240*192*4 = 180 KiB of
+// 1-2 MiB. NC only bounds the B panel (2-3 MiB, L3). The AVX2 values are the BLIS Zen choices, confirmed
+// on a Zen 3 (KC 256..384, MC 96..144 all within noise; OpenBLAS 0.3.21 as the yardstick). Later K blocks
+// accumulate onto C (beta = 1), so a block of K costs one extra read and write of the C tile; each kernel
+// prefetches its C tile before the k loop so that this read does not stall the write-back.
+//
+// Packing always copies both operands (layout in the Packing section): packed slivers make every kernel
+// load sequential and keep power-of-two leading dimensions (1024, 2048) from mapping a block's rows onto
+// the same cache sets. The transposing packs (A row-major, B stored transposed) use 8x8 register
+// transposes, so packing stays a few percent of the work even when N or M is only ~128.
+//
+// Threads: C is cut into a tm x tn grid of independent sub-problems, one per thread, each packing its own
+// panels (no barriers, no shared buffers; re-packing B per row band costs ~K*N against M*N*K/threads
+// FMAs). The grid shape minimises the largest tile. Below ~64^3 FMAs per thread fewer threads are used,
+// since starting a parallel region costs microseconds. sgemm_batched gives whole small problems to threads
+// instead (attention: many [T x 32] x [32 x T] products).
+#include "tensor/cpu/gemm.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <utility>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "tensor/error.h"
+
+namespace psa::cpu {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// Vector abstraction: the kernel is written once; only the register width and block sizes change.
+
+#if defined(__AVX512F__)
+struct Vec {
+  using T = __m512;
+  static constexpr int W = 16;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static T bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static T set1(float x) { return _mm512_set1_ps(x); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+};
+constexpr int MR = 12, NV = 2;
+constexpr int64_t KC = 192, MC = 240, NC = 3072;
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Vec {
+  using T = __m256;
+  static constexpr int W = 8;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static T bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static T set1(float x) { return _mm256_set1_ps(x); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+};
+constexpr int MR = 6, NV = 2;
+constexpr int64_t KC = 256, MC = 144, NC = 2048;
+#else
+struct Vec {
+  using T = float;
+  static constexpr int W = 1;
+  static T zero() { return 0.0f; }
+  static T load(const float* p) { return *p; }
+  static T bcast(const float* p) { return *p; }
+  static T set1(float x) { return x; }
+  static T fma(T a, T b, T c) { return a * b + c; }
+  static T mul(T a, T b) { return a * b; }
+  static void store(float* p, T v) { *p = v; }
+};
+constexpr int MR = 4, NV = 8;
+constexpr int64_t KC = 256, MC = 128, NC = 1024;
+#endif
+
+constexpr int NR = NV * Vec::W;
+static_assert(MC % MR == 0 && NC % NR == 0, "blocks must hold whole slivers");
+
+// Below this many FMAs per thread a parallel region costs more than it saves.
+constexpr int64_t kMinWorkPerThread = 64 * 64 * 64;
+
+// ---------------------------------------------------------------------------------------------------
+// Packing buffers: one pair per thread, 64-byte aligned, grown on demand and kept for the next call.
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+
+float* thread_buffer(int which, int64_t floats) {
+  thread_local std::unique_ptr<float, FreeDeleter> buf[2];
+  thread_local int64_t cap[2] = {0, 0};
+  if (cap[which] < floats) {
+    size_t bytes = (size_t(floats) * sizeof(float) + 63) / 64 * 64;
+    float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    PSA_CHECK(p != nullptr, "sgemm: cannot allocate ", bytes, " bytes of packing buffer");
+    buf[which].reset(p);
+    cap[which] = floats;
+  }
+  return buf[which].get();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Packing. Both operands are copied into the order the kernel reads them, so that its loads are sequential
+// and its working set is contiguous (no cache-set or TLB conflicts from power-of-two leading dimensions):
+//   B panel op(B)[kc x nc] -> ceil(nc/NR) slivers [kc][NR], zero padded past nc;
+//   A block op(A)[mc x kc] -> ceil(mc/MR) slivers [kc][MR]; rows past mc are left unset, since the kernel
+//   instance for a short sliver never reads them.
+// A stored row-major and B stored transposed need a transpose; it is done in 8x8 register blocks (AVX2),
+// about 4x faster than element by element, which matters when N (or M) is only ~128 and each packed
+// value feeds few FMAs.
+
+#if defined(__AVX2__)
+// In-register transpose: r[i] holds row i of an 8x8 block; afterwards r[j] holds column j.
+inline void transpose8x8(__m256 r[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m256 u[8];
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+#endif
+
+// B stored [K,N] (op(B) = B): each k-row of a sliver is a contiguous copy.
+void pack_b_rows(int64_t kc, int64_t nc, const float* B, int64_t ldb, float* dst) {
+  for (int64_t j0 = 0; j0 < nc; j0 += NR, dst += kc * NR) {
+    int64_t n = std::min<int64_t>(NR, nc - j0);
+    const float* src = B + j0;
+    if (n == NR)  // constant size: inlined as vector moves, not a libc call per row
+      for (int64_t k = 0; k < kc; ++k) std::memcpy(dst + k * NR, src + k * ldb, NR * sizeof(float));
+    else
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t j = 0; j < NR; ++j) dst[k * NR + j] = j < n ? src[k * ldb + j] : 0.0f;
+  }
+}
+
+// B stored [N,K] (op(B) = B^T): sliver = transpose of NR rows of B.
+void pack_b_cols(int64_t kc, int64_t nc, const float* B, int64_t ldb, float* dst) {
+  for (int64_t j0 = 0; j0 < nc; j0 += NR, dst += kc * NR) {
+    int64_t n = std::min<int64_t>(NR, nc - j0);
+    const float* src = B + j0 * ldb;
+    int64_t k = 0;
+#if defined(__AVX2__)
+    for (; n == NR && k + 8 <= kc; k += 8)
+      for (int j = 0; j < NR; j += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (j + i) * ldb + k);
+        transpose8x8(r);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (k + i) * NR + j, r[i]);
+      }
+#endif
+    for (; k < kc; ++k)
+      for (int64_t j = 0; j < NR; ++j) dst[k * NR + j] = j < n ? src[j * ldb + k] : 0.0f;
+  }
+}
+
+// A stored [K,M] (op(A) = A^T): for each k, MR contiguous values.
+void pack_a_cols(int64_t mc, int64_t kc, const float* A, int64_t lda, float* dst) {
+  for (int64_t i0 = 0; i0 < mc; i0 += MR, dst += kc * MR) {
+    int64_t m = std::min<int64_t>(MR, mc - i0);
+    const float* src = A + i0;
+    if (m == MR)
+      for (int64_t k = 0; k < kc; ++k) std::memcpy(dst + k * MR, src + k * lda, MR * sizeof(float));
+    else
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t i = 0; i < m; ++i) dst[k * MR + i] = src[k * lda + i];
+  }
+}
+
+// A stored [M,K] (op(A) = A): sliver = transpose of MR rows of A. MR is not a multiple of 8, so rows are
+// transposed in groups of 8 (the missing rows of the last group re-read row 0) and each k's 8-wide store
+// spills past its MR values into the next k's slot, which a later store overwrites; the spill past the
+// end of the block lands in the buffer's slack (kPackSlack).
+constexpr int64_t kPackSlack = 16;
+
+void pack_a_rows(int64_t mc, int64_t kc, const float* A, int64_t lda, float* dst) {
+  for (int64_t i0 = 0; i0 < mc; i0 += MR, dst += kc * MR) {
+    int64_t m = std::min<int64_t>(MR, mc - i0);
+    const float* src = A + i0 * lda;
+    int64_t k = 0;
+#if defined(__AVX2__)
+    constexpr int groups = (MR + 7) / 8;
+    for (; m == MR && k + 8 <= kc; k += 8) {
+      __m256 r[groups][8];
+      for (int g = 0; g < groups; ++g) {
+        for (int i = 0; i < 8; ++i) {
+          int row = g * 8 + i < MR ? g * 8 + i : 0;
+          r[g][i] = _mm256_loadu_ps(src + row * lda + k);
+        }
+        transpose8x8(r[g]);
+      }
+      for (int kk = 0; kk < 8; ++kk)  // ascending k, then group: every spill is overwritten later
+        for (int g = 0; g < groups; ++g) _mm256_storeu_ps(dst + (k + kk) * MR + g * 8, r[g][kk]);
+    }
+#endif
+    for (; k < kc; ++k)
+      for (int64_t i = 0; i < m; ++i) dst[k * MR + i] = src[i * lda + k];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Micro-kernel: C[m_ x n] = alpha * sum_k a[k][0..m_) (x) b[k][0..n) + beta * C (beta == 0: C not read).
+// a is a packed A sliver [kc][MR], b a packed B sliver [kc][NR]. nv_ = ceil(n / W) vectors per row are
+// computed; when n < nv_ * W the tile goes through a buffer and only n columns are written.
+
+template <int m_, int nv_>
+void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
+                  int64_t ldc, float alpha, float beta, int n) {
+  // C is needed only after the k loop: start fetching its lines now so the write-back does not wait.
+  for (int i = 0; i < m_; ++i) {
+    __builtin_prefetch(c + i * ldc, 1);
+    __builtin_prefetch(c + i * ldc + n - 1, 1);
+  }
+  typename Vec::T acc[m_][nv_];
+#pragma GCC unroll 16
+  for (int i = 0; i < m_; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < nv_; ++j) acc[i][j] = Vec::zero();
+
+  for (int64_t k = 0; k < kc; ++k, a += MR, b += NR) {
+    typename Vec::T bv[nv_];
+#pragma GCC unroll 4
+    for (int j = 0; j < nv_; ++j) bv[j] = Vec::load(b + j * Vec::W);
+#pragma GCC unroll 16
+    for (int i = 0; i < m_; ++i) {
+      typename Vec::T av = Vec::bcast(a + i);
+#pragma GCC unroll 4
+      for (int j = 0; j < nv_; ++j) acc[i][j] = Vec::fma(av, bv[j], acc[i][j]);
+    }
+  }
+
+  const typename Vec::T va = Vec::set1(alpha), vb = Vec::set1(beta);
+  if (n == nv_ * Vec::W) {
+#pragma GCC unroll 16
+    for (int i = 0; i < m_; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < nv_; ++j) {
+        float* p = c + i * ldc + j * Vec::W;
+        typename Vec::T v = Vec::mul(va, acc[i][j]);
+        Vec::store(p, beta == 0.0f ? v : Vec::fma(vb, Vec::load(p), v));
+      }
+    return;
+  }
+  // Constant indices only (fully unrolled), or GCC would keep acc in memory for the whole k loop.
+  if (n > nv_ * Vec::W) __builtin_unreachable();  // the caller guarantees it; silences -Wmaybe-uninitialized
+  alignas(64) float tile[m_][nv_ * Vec::W];
+#pragma GCC unroll 16
+  for (int i = 0; i < m_; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < nv_; ++j) Vec::store(&tile[i][j * Vec::W], acc[i][j]);
+  for (int i = 0; i < m_; ++i) {
+    float* p = c + i * ldc;
+    if (beta == 0.0f)
+      for (int j = 0; j < n; ++j) p[j] = alpha * tile[i][j];
+    else
+      for (int j = 0; j < n; ++j) p[j] = alpha * tile[i][j] + beta * p[j];
+  }
+}
+
+using Kernel = void (*)(int64_t, const float*, const float*, float*, int64_t, float, float, int);
+
+// kKernels[(m-1)*NV + (nv-1)]: the exact instance for every tile shape an edge can need.
+template <size_t... I>
+constexpr std::array<Kernel, MR * NV> kernel_table(std::index_sequence<I...>) {
+  return {&micro_kernel<int(I) / NV + 1, int(I) % NV + 1>...};
+}
+constexpr std::array<Kernel, MR * NV> kKernels = kernel_table(std::make_index_sequence<MR * NV>{});
+
+// ---------------------------------------------------------------------------------------------------
+// One thread's whole problem: the loop nest of the header comment.
+
+struct Problem {
+  bool trans_a, trans_b;
+  int64_t M, N, K;
+  float alpha;
+  const float* A;
+  int64_t lda;
+  const float* B;
+  int64_t ldb;
+  float beta;
+  float* C;
+  int64_t ldc;
+};
+
+// C = beta * C, for the degenerate alpha == 0 or K == 0 (A and B are not read).
+void scale_c(const Problem& p) {
+  for (int64_t i = 0; i < p.M; ++i) {
+    float* c = p.C + i * p.ldc;
+    if (p.beta == 0.0f)
+      std::fill(c, c + p.N, 0.0f);
+    else if (p.beta != 1.0f)
+      for (int64_t j = 0; j < p.N; ++j) c[j] *= p.beta;
+  }
+}
+
+// Tiles of one packed B panel times the A block [mc x kc] at row ic, column pc of op(A).
+void macro_kernel(const Problem& p, int64_t ic, int64_t mc, int64_t pc, int64_t kc, int64_t jc, int64_t nc,
+                  const float* b_panel, float beta) {
+  float* a_block = thread_buffer(0, MC * KC + kPackSlack);
+  if (p.trans_a)
+    pack_a_cols(mc, kc, p.A + pc * p.lda + ic, p.lda, a_block);
+  else
+    pack_a_rows(mc, kc, p.A + ic * p.lda + pc, p.lda, a_block);
+  for (int64_t jr = 0; jr < nc; jr += NR) {
+    int n = int(std::min<int64_t>(NR, nc - jr));
+    int nv = (n + Vec::W - 1) / Vec::W;
+    for (int64_t ir = 0; ir < mc; ir += MR) {
+      int m = int(std::min<int64_t>(MR, mc - ir));
+      float* c = p.C + (ic + ir) * p.ldc + jc + jr;
+      kKernels[(m - 1) * NV + (nv - 1)](kc, a_block + ir * kc, b_panel + jr * kc, c, p.ldc, p.alpha, beta, n);
+    }
+  }
+}
+
+void gemm_serial(const Problem& p) {
+  if (p.M <= 0 || p.N <= 0) return;
+  if (p.K <= 0 || p.alpha == 0.0f) return scale_c(p);
+  for (int64_t jc = 0; jc < p.N; jc += NC) {
+    int64_t nc = std::min(NC, p.N - jc);
+    for (int64_t pc = 0; pc < p.K; pc += KC) {
+      int64_t kc = std::min(KC, p.K - pc);
+      float* b_panel = thread_buffer(1, KC * ((std::min(NC, p.N) + NR - 1) / NR * NR));
+      if (p.trans_b)
+        pack_b_cols(kc, nc, p.B + jc * p.ldb + pc, p.ldb, b_panel);
+      else
+        pack_b_rows(kc, nc, p.B + pc * p.ldb + jc, p.ldb, b_panel);
+      float beta = pc == 0 ? p.beta : 1.0f;  // later K blocks accumulate onto the first
+      for (int64_t ic = 0; ic < p.M; ic += MC)
+        macro_kernel(p, ic, std::min(MC, p.M - ic), pc, kc, jc, nc, b_panel, beta);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Threading.
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Threads worth using for `work` FMAs: all of them for large problems, one inside an existing parallel region.
+int threads_for(int64_t work) {
+  if (omp_in_parallel()) return 1;
+  int64_t t = std::min<int64_t>(omp_get_max_threads(), work / kMinWorkPerThread);
+  return int(std::max<int64_t>(t, 1));
+}
+
+// The sub-problem of C rows [m0, m0+m) and columns [n0, n0+n).
+Problem sub_problem(const Problem& p, int64_t m0, int64_t m, int64_t n0, int64_t n) {
+  Problem s = p;
+  s.M = m;
+  s.N = n;
+  s.A = p.trans_a ? p.A + m0 : p.A + m0 * p.lda;
+  s.B = p.trans_b ? p.B + n0 * p.ldb : p.B + n0;
+  s.C = p.C + m0 * p.ldc + n0;
+  return s;
+}
+
+// Splits C into a tm x tn grid (tm * tn = threads) of tiles whole in MR rows and NR columns, choosing the
+// grid whose largest tile (plus its packing, ~K*(rows+cols)) is cheapest.
+void gemm_parallel(const Problem& p, int threads) {
+  int best_tm = 1;
+  double best_cost = -1;
+  for (int tm = 1; tm <= threads; ++tm) {
+    if (threads % tm) continue;
+    int tn = threads / tm;
+    double rows = double(round_up(ceil_div(p.M, tm), MR)), cols = double(round_up(ceil_div(p.N, tn), NR));
+    double cost = rows * cols * double(p.K) + 4.0 * double(p.K) * (rows + cols);
+    if (best_cost < 0 || cost < best_cost) best_cost = cost, best_tm = tm;
+  }
+  const int tm = best_tm, tn = threads / best_tm;
+  const int64_t rows = round_up(ceil_div(p.M, tm), MR), cols = round_up(ceil_div(p.N, tn), NR);
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int t = 0; t < threads; ++t) {
+    int64_t m0 = (t / tn) * rows, n0 = (t % tn) * cols;
+    int64_t m = std::min(rows, p.M - m0), n = std::min(cols, p.N - n0);
+    if (m > 0 && n > 0) gemm_serial(sub_problem(p, m0, m, n0, n));
+  }
+}
+
+void gemm(const Problem& p) {
+  if (p.M <= 0 || p.N <= 0) return;
+  int threads = (p.K <= 0 || p.alpha == 0.0f) ? 1 : threads_for(p.M * p.N * p.K);
+  if (threads == 1)
+    gemm_serial(p);
+  else
+    gemm_parallel(p, threads);
+}
+
+void check_args(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, int64_t lda,
+                int64_t ldb, int64_t ldc) {
+  PSA_CHECK(M >= 0 && N >= 0 && K >= 0, op, ": negative size M=", M, " N=", N, " K=", K);
+  PSA_CHECK(lda >= std::max<int64_t>(1, trans_a ? M : K), op, ": lda=", lda, " too small for ",
+            trans_a ? "A^T" : "A", " with M=", M, " K=", K);
+  PSA_CHECK(ldb >= std::max<int64_t>(1, trans_b ? K : N), op, ": ldb=", ldb, " too small for ",
+            trans_b ? "B^T" : "B", " with K=", K, " N=", N);
+  PSA_CHECK(ldc >= std::max<int64_t>(1, N), op, ": ldc=", ldc, " too small for N=", N);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Double precision: plain loops, the inner one along contiguous memory: row updates c += a_ik * B[k,:]
+// when B is stored [K,N], dot products with rows of B when it is stored [N,K]. Used by gradient checks,
+// where exactness matters and speed does not.
+
+double op_at(const double* X, int64_t ld, bool trans, int64_t r, int64_t c) {
+  return trans ? X[c * ld + r] : X[r * ld + c];
+}
+
+void dgemm_serial(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
+                  int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+#pragma omp parallel for if (M * N * K > (int64_t(1) << 22) && !omp_in_parallel())
+  for (int64_t i = 0; i < M; ++i) {
+    double* c = C + i * ldc;
+    for (int64_t j = 0; j < N; ++j) c[j] = beta == 0.0 ? 0.0 : beta * c[j];  // beta == 0: C not read
+    if (alpha == 0.0 || K == 0) continue;
+    if (trans_b) {
+      for (int64_t j = 0; j < N; ++j) {
+        double dot = 0.0;
+        for (int64_t k = 0; k < K; ++k) dot += op_at(A, lda, trans_a, i, k) * B[j * ldb + k];
+        c[j] += alpha * dot;
+      }
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        double a = alpha * op_at(A, lda, trans_a, i, k);
+        const double* b = B + k * ldb;
+        for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  check_args("sgemm", trans_a, trans_b, M, N, K, lda, ldb, ldc);
+  gemm(Problem{trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc});
+}
+
+void sgemm_batched(int64_t batch, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                   const float* A, int64_t lda, int64_t stride_a, const float* B, int64_t ldb, int64_t stride_b,
+                   float beta, float* C, int64_t ldc, int64_t stride_c) {
+  check_args("sgemm_batched", trans_a, trans_b, M, N, K, lda, ldb, ldc);
+  PSA_CHECK(batch >= 0, "sgemm_batched: negative batch ", batch);
+  if (batch == 0 || M == 0 || N == 0) return;
+  PSA_CHECK(batch == 1 || stride_c != 0, "sgemm_batched: stride_c = 0 would make ", batch, " outputs overlap");
+  auto one = [&](int64_t b) {
+    return Problem{trans_a, trans_b, M,    N,   K,    alpha, A + b * stride_a, lda, B + b * stride_b,
+                   ldb,     beta,    C + b * stride_c, ldc};
+  };
+  const int64_t work = M * N * std::max<int64_t>(K, 1);
+  const int threads = threads_for(batch * work);
+  // Whole problems per thread when there are enough of them and each is too small to split well
+  // (or they divide evenly); otherwise each problem uses every thread in turn.
+  const bool per_problem = threads > 1 && batch >= threads &&
+                           (work < int64_t(256) * 256 * 256 || batch % threads == 0);
+  if (per_problem) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < batch; ++b) gemm_serial(one(b));
+  } else {
+    for (int64_t b = 0; b < batch; ++b) gemm(one(b));
+  }
+}
+
+void dgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
+           int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+  check_args("dgemm", trans_a, trans_b, M, N, K, lda, ldb, ldc);
+  dgemm_serial(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void dgemm_batched(int64_t batch, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha,
+                   const double* A, int64_t lda, int64_t stride_a, const double* B, int64_t ldb,
+                   int64_t stride_b, double beta, double* C, int64_t ldc, int64_t stride_c) {
+  check_args("dgemm_batched", trans_a, trans_b, M, N, K, lda, ldb, ldc);
+  PSA_CHECK(batch >= 0, "dgemm_batched: negative batch ", batch);
+  for (int64_t b = 0; b < batch; ++b)
+    dgemm_serial(trans_a, trans_b, M, N, K, alpha, A + b * stride_a, lda, B + b * stride_b, ldb, beta,
+                 C + b * stride_c, ldc);
+}
+
+}  // namespace psa::cpu
