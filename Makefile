@@ -58,7 +58,7 @@ $(BUILD)/bench_%: bench/%.cpp $(LIB)
 
 # GTEST_FILTER narrows a run, e.g. `make test GTEST_FILTER='Ops.*'`.
 test: $(BUILD)/psa_tests $(BUILD)/psa
-	./$(BUILD)/psa_tests --gtest_brief=1 $(if $(GTEST_FILTER),--gtest_filter='$(GTEST_FILTER)')
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/psa_tests --gtest_brief=1 $(if $(GTEST_FILTER),--gtest_filter='$(GTEST_FILTER)')
 
 bench: $(BENCH_BINS)
 	@for b in $(BENCH_BINS); do echo "== $$b"; ./$$b --benchmark_min_time=0.2 || exit 1; done

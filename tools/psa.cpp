@@ -1,5 +1,6 @@
 // The `psa` command line: one binary, one subcommand per task. Errors print one line and exit with status 2.
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -41,6 +42,9 @@ void usage() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads steal the core
+  // from the one doing the work (10x slower steps were measured). Must be set before the first parallel region.
+  setenv("OMP_WAIT_POLICY", "passive", 0);
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
     usage();
     return argc < 2 ? 2 : 0;
