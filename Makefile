@@ -31,7 +31,7 @@ TEST_OBJS  := $(TEST_SRCS:%.cpp=$(OBJ)/%.o)
 BENCH_BINS := $(BENCH_SRCS:bench/%.cpp=$(BUILD)/bench_%)
 LIB        := $(BUILD)/libpsa.a
 
-.PHONY: all test deps clean bench
+.PHONY: all test deps clean bench train infer check-deps
 all: $(BUILD)/psa $(BUILD)/psa_tests $(BENCH_BINS)
 
 $(OBJ)/%.o: %.cpp
@@ -60,8 +60,45 @@ $(BUILD)/bench_%: bench/%.cpp $(LIB)
 test: $(BUILD)/psa_tests $(BUILD)/psa
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/psa_tests --gtest_brief=1 $(if $(GTEST_FILTER),--gtest_filter='$(GTEST_FILTER)')
 
-bench: $(BENCH_BINS)
-	@for b in $(BENCH_BINS); do echo "== $$b"; ./$$b --benchmark_min_time=0.2 || exit 1; done
+# The two-minute tour: dataset, three training stages, benchmark table (OUT/report.md).
+PRESET ?= tiny
+DATA   ?= data/$(PRESET)
+RUN    ?= runs/$(PRESET)
+train: check-deps all
+	./$(BUILD)/psa train --preset $(PRESET) --data $(DATA) --out $(RUN)
+
+check-deps:
+	@for h in gtest/gtest.h benchmark/benchmark.h stb/stb_image.h xxhash.h; do \
+	  [ -f /usr/include/$$h ] || { echo "missing /usr/include/$$h: run 'make deps' as root"; exit 1; }; done
+
+# `make bench` (~6 minutes on 2 cores): every bench/*.cpp binary (Google Benchmark JSON), the tiny training step
+# at stages base/1/2 x 1/2 threads, the PyTorch baseline when /usr/bin/python3 has torch, the scaling sweep; then
+# tools/bench_report.py merges them into bench/results/<host>.{json,md,csv}. Raw outputs: bench/results/<host>/.
+# OMP_WAIT_POLICY=passive as in `psa` itself: spinning idle threads steal the core on a shared 2-core machine.
+BENCH_HOST := $(shell hostname)
+BENCH_RAW  := bench/results/$(BENCH_HOST)
+BENCH_MIN_TIME ?= 0.05
+# The scaling sweep runs on one thread by default: on a shared machine a second thread's stalls at every OpenMP
+# barrier swamp the batch/length effects being measured (set BENCH_SCALING_THREADS=2 on an idle machine).
+BENCH_SCALING_THREADS ?= 1
+bench: $(BENCH_BINS) $(BUILD)/psa
+	@mkdir -p $(BENCH_RAW) && rm -f $(BENCH_RAW)/*.json
+	@uptime | tee $(BENCH_RAW)/uptime_start.txt
+	@for b in $(BENCH_BINS:$(BUILD)/bench_%=%); do echo "== bench_$$b"; \
+	  OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/bench_$$b --benchmark_min_time=$(BENCH_MIN_TIME) \
+	    --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
+	    --benchmark_out=$(BENCH_RAW)/$$b.json --benchmark_out_format=json || exit 1; done
+	@for s in base 1 2; do for t in 1 2; do echo "== psa bench-step --preset tiny --stage $$s --threads $$t"; \
+	  ./$(BUILD)/psa bench-step --preset tiny --stage $$s --threads $$t --json > $(BENCH_RAW)/step_$${s}_t$$t.json \
+	    && grep -E '"(median_ms|tokens_per_s|peak_rss_mib)"' $(BENCH_RAW)/step_$${s}_t$$t.json || exit 1; done; done
+	@if ! /usr/bin/python3 -c 'import torch' 2>/dev/null; then echo "== PyTorch baseline SKIPPED: /usr/bin/python3 has no torch"; \
+	elif [ ! -f tools/psa_reference.py ]; then echo "== PyTorch baseline SKIPPED: tools/psa_reference.py does not exist yet"; \
+	else echo "== PyTorch baseline: tools/psa_reference.py --bench"; \
+	  /usr/bin/python3 tools/psa_reference.py --bench --out $(BENCH_RAW)/torch_tiny_cpu.json \
+	    || { echo "== PyTorch baseline FAILED (above): SKIPPED, the report has no PyTorch ratios"; rm -f $(BENCH_RAW)/torch_tiny_cpu.json; }; fi
+	./$(BUILD)/psa bench-step --scaling --preset tiny --stage 1 --threads $(BENCH_SCALING_THREADS) --out-dir bench/results
+	@uptime | tee $(BENCH_RAW)/uptime_end.txt
+	python3 tools/bench_report.py --raw $(BENCH_RAW) --out bench/results --host $(BENCH_HOST)
 
 DEB_PKGS := build-essential libgtest-dev libbenchmark-dev libstb-dev libxxhash-dev fonts-dejavu-core
 deps:
@@ -71,4 +108,4 @@ deps:
 clean:
 	rm -rf $(BUILD)
 
--include $(LIB_OBJS:.o=.d) $(TOOL_OBJS:.o=.d) $(TEST_OBJS:.o=.d)
+-include $(LIB_OBJS:.o=.d) $(TOOL_OBJS:.o=.d) $(TEST_OBJS:.o=.d) $(BENCH_BINS:=.d)

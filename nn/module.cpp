@@ -108,10 +108,13 @@ std::pair<double, double> fans(const Shape& s) {
 
 }  // namespace
 
-void Module::initialize(uint64_t seed) {
+void Module::initialize(uint64_t seed) { initialize_matching(seed, ""); }
+
+void Module::initialize_matching(uint64_t seed, const std::string& part) {
   std::vector<std::pair<std::string, const Param*>> all;
   collect("", all);
   for (auto& [name, p] : all) {
+    if (name.find(part) == std::string::npos) continue;
     Tensor t = p->tensor;
     uint64_t s = name_seed(seed, name);
     Tensor v;

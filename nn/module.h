@@ -43,6 +43,8 @@ class Module {
   bool training() const { return training_; }
 
   void initialize(uint64_t seed);
+  // Only the parameters whose full name contains `part` (e.g. adapters added after initialisation).
+  void initialize_matching(uint64_t seed, const std::string& part);
   void to(Device device);  // moves every parameter in place (handles stay valid)
   void to(DType dtype);
 

@@ -184,9 +184,10 @@ PsaOutput PsaVlm::forward(const PsaBatch& b, bool classify_pass, bool lm_pass, b
   return out;
 }
 
-void PsaVlm::add_lora(int64_t rank, double alpha, double dropout, bool include_lm_head) {
+void PsaVlm::add_lora(int64_t rank, double alpha, double dropout, bool include_lm_head, uint64_t seed) {
   for (nn::Linear* l : lm->linears())
     if (include_lm_head || l != lm->lm_head.get()) l->add_lora(rank, alpha, dropout);
+  initialize_matching(seed, ".lora_");  // A kaiming-uniform, B zero (PEFT's defaults)
 }
 
 }  // namespace psa

@@ -52,7 +52,7 @@ class PsaVlm : public nn::Module {
   // Embeddings of a prompt with the image spliced in, for generation ([1, T', D]).
   Tensor prompt_embeddings(const Tensor& pixels, const Tensor& ids, bool safety_tokens) const;
   // Stage II adapters on every LLM linear (lm_head only when include_lm_head).
-  void add_lora(int64_t rank, double alpha, double dropout, bool include_lm_head);
+  void add_lora(int64_t rank, double alpha, double dropout, bool include_lm_head, uint64_t seed = 0);
 
   PsaConfig config;
   std::shared_ptr<nn::ClipVision> vision;

@@ -10,7 +10,7 @@
 
 namespace psa {
 
-void set_trainable(PsaVlm& m, const std::string& stage, const LoraSettings& lora) {
+void set_trainable(PsaVlm& m, const std::string& stage, const LoraSettings& lora, uint64_t seed) {
   m.freeze();
   if (stage == "base") {
     m.unfreeze(kVisionPrefix);
@@ -23,7 +23,7 @@ void set_trainable(PsaVlm& m, const std::string& stage, const LoraSettings& lora
       m.unfreeze(kLmPrefix);
       return;
     }
-    if (!m.lm->layers[0]->self_attn->q_proj->has_lora()) m.add_lora(lora.rank, lora.alpha, lora.dropout, lora.include_lm_head);
+    if (!m.lm->layers[0]->self_attn->q_proj->has_lora()) m.add_lora(lora.rank, lora.alpha, lora.dropout, lora.include_lm_head, seed);
     for (auto& [name, t] : m.named_parameters())
       if (name.find(".lora_A.") != std::string::npos || name.find(".lora_B.") != std::string::npos) Tensor(t).requires_grad_(true);
   } else {
@@ -96,7 +96,7 @@ std::vector<int64_t> stage_indices(const Dataset& d, const std::string& stage, u
 
 StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o) {
   PSA_CHECK(data.size() > 0, "train ", o.stage, ": no training examples");
-  set_trainable(m, o.stage, o.lora);
+  set_trainable(m, o.stage, o.lora, o.seed);
   m.train();
   std::vector<nn::ParamRef> params = nn::trainable(m);
   PSA_CHECK(!params.empty(), "train ", o.stage, ": no trainable parameters");

@@ -31,7 +31,7 @@ struct StageResult {
 // Freezes everything, then unfreezes the stage's set: base = vision, projector, LLM; stage1 = safety tokens,
 // safety projector, cross-attention and heads; stage2 = the LoRA matrices (added here if missing), or the
 // whole LLM when lora.rank == 0.
-void set_trainable(PsaVlm& m, const std::string& stage, const LoraSettings& lora);
+void set_trainable(PsaVlm& m, const std::string& stage, const LoraSettings& lora, uint64_t seed = 0);
 // Stage I sees every risky record plus clean ones in the reference ratio (3000 clean : 11.2k risky, seed 42);
 // the other stages see everything.
 std::vector<int64_t> stage_indices(const Dataset& d, const std::string& stage, uint64_t seed);

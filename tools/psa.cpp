@@ -14,6 +14,7 @@ int cmd_audit(int argc, char** argv);
 int cmd_data(int argc, char** argv);
 int cmd_tokenizer(int argc, char** argv);
 int cmd_train(int argc, char** argv);
+int cmd_bench_step(int argc, char** argv);
 }
 
 namespace {
@@ -32,6 +33,7 @@ const Subcommand kCommands[] = {
     {"eval", psa::cmd_eval, "run the benchmark on checkpoints; JSON report + Markdown table"},
     {"audit", psa::cmd_audit, "compare two checkpoints' weights per module group"},
     {"conform", psa::cmd_conform, "check the engine against Hugging Face / timm / torch golden data"},
+    {"bench-step", psa::cmd_bench_step, "time training steps (forward, backward, clip, AdamW); --scaling sweeps"},
 };
 
 void usage() {

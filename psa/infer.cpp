@@ -1,0 +1,227 @@
+#include "psa/infer.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "autograd/autograd.h"
+#include "psa/data.h"
+
+namespace psa {
+
+bool has_safety_tokens(const Checkpoint& c) { return c.stage != "base"; }
+
+static std::string trim(const std::string& s) {
+  const char* ws = " \t\r\n";
+  size_t b = s.find_first_not_of(ws);
+  if (b == std::string::npos) return "";
+  return s.substr(b, s.find_last_not_of(ws) - b + 1);
+}
+
+std::string clean_question(const std::string& question) {
+  static const std::string tag = "<image>";
+  std::string q = question;
+  for (size_t p; (p = q.find(tag)) != std::string::npos;) q.erase(p, tag.size());
+  return trim(q);
+}
+
+static Device model_device(const Checkpoint& c) { return c.model->lm->embed_tokens->weight.device(); }
+
+static void check_pixels(const Checkpoint& c, const std::vector<float>& px) {
+  const int64_t S = c.model->config.vision.image_size;
+  PSA_CHECK((int64_t)px.size() == 3 * S * S, "infer: image has ", px.size(), " values, expected 3x", S, "x", S,
+            " (preprocess at the model's image size)");
+}
+
+static Tensor pixel_tensor(const Checkpoint& c, const std::vector<const std::vector<float>*>& pixels) {
+  const int64_t S = c.model->config.vision.image_size, B = pixels.size();
+  std::vector<float> all;
+  all.reserve(B * 3 * S * S);
+  for (const auto* p : pixels) {
+    check_pixels(c, *p);
+    all.insert(all.end(), p->begin(), p->end());
+  }
+  return Tensor::from(all, {B, 3, S, S}, DType::f32).to(model_device(c));
+}
+
+// Plain prompts (no hint), right-padded: the head never attends over text, so padding cannot change it.
+static PsaBatch prompt_batch(const Checkpoint& c, const std::vector<const std::vector<float>*>& pixels,
+                             const std::vector<std::string>& questions) {
+  PSA_CHECK(pixels.size() == questions.size(), "classify_images: ", pixels.size(), " images but ",
+            questions.size(), " questions");
+  std::vector<std::vector<int32_t>> rows;
+  size_t L = 0;
+  for (const std::string& q : questions) {
+    rows.push_back(prompt_tokens(*c.tokenizer, clean_question(q), ""));
+    L = std::max(L, rows.back().size());
+  }
+  const int64_t B = rows.size();
+  std::vector<int64_t> ids(B * L, c.model->config.pad_id);
+  PsaBatch b;
+  for (int64_t r = 0; r < B; ++r) {
+    std::copy(rows[r].begin(), rows[r].end(), ids.begin() + r * L);
+    b.prompt_len.push_back(rows[r].size());
+  }
+  b.ids = Tensor::from(ids, {B, (int64_t)L}, DType::i64).to(model_device(c));
+  b.pixels = pixel_tensor(c, pixels);
+  return b;
+}
+
+static std::vector<double> softmax_row(const std::vector<double>& logits, size_t row, size_t n) {
+  std::vector<double> p(logits.begin() + row * n, logits.begin() + (row + 1) * n);
+  const double m = *std::max_element(p.begin(), p.end());
+  double total = 0;
+  for (double& v : p) total += v = std::exp(v - m);
+  for (double& v : p) v /= total;
+  return p;
+}
+
+static int argmax_of(const std::vector<double>& p) { return std::max_element(p.begin(), p.end()) - p.begin(); }
+
+std::vector<HeadPrediction> classify_images(const Checkpoint& c, const std::vector<const std::vector<float>*>& pixels,
+                                            const std::vector<std::string>& questions) {
+  if (pixels.empty()) return {};
+  NoGrad ng;
+  PsaOutput o = c.model->forward(prompt_batch(c, pixels, questions), true, false, false);
+  const std::vector<double> lv = o.level_logits.to_vector(), ty = o.type_logits.to_vector();
+  std::vector<HeadPrediction> out(pixels.size());
+  for (size_t r = 0; r < out.size(); ++r) {
+    out[r].level_probs = softmax_row(lv, r, kNumLevels);
+    out[r].type_probs = softmax_row(ty, r, kNumTypes);
+    out[r].level = argmax_of(out[r].level_probs);  // independent argmaxes, as the reference (§5 step 2)
+    out[r].type = argmax_of(out[r].type_probs);
+  }
+  return out;
+}
+
+// Length of the valid UTF-8 sequence at s[i], or 0 (overlong forms, surrogates and > U+10FFFF are invalid).
+static size_t utf8_length(const std::string& s, size_t i) {
+  const unsigned char c = s[i];
+  if (c < 0x80) return 1;
+  const size_t n = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 ? 2 : 0;
+  if (n == 0 || c > 0xF4 || i + n > s.size()) return 0;
+  for (size_t k = 1; k < n; ++k)
+    if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return 0;
+  const unsigned char d = s[i + 1];
+  if ((c == 0xE0 && d < 0xA0) || (c == 0xED && d > 0x9F) || (c == 0xF0 && d < 0x90) || (c == 0xF4 && d > 0x8F)) return 0;
+  return n;
+}
+
+// Byte-level BPE can stop inside a character, and an untrained model emits arbitrary bytes; answers go into
+// JSON reports (whose parser rejects invalid UTF-8), so each invalid byte becomes U+FFFD.
+static std::string valid_utf8(const std::string& s) {
+  std::string out;
+  for (size_t i = 0; i < s.size();) {
+    const size_t n = utf8_length(s, i);
+    out += n ? s.substr(i, n) : "\xEF\xBF\xBD";
+    i += n ? n : 1;
+  }
+  return out;
+}
+
+// A random or under-trained model may emit ids past the tokenizer's vocabulary (the model's table is
+// larger); they carry no text, so they are dropped instead of failing the decode.
+static std::string decode_answer(const Tokenizer& tok, const std::vector<int64_t>& ids) {
+  std::vector<int32_t> known;
+  for (int64_t id : ids)
+    if (id >= 0 && id < tok.vocab_size()) known.push_back(static_cast<int32_t>(id));
+  return trim(valid_utf8(tok.decode(known)));
+}
+
+InferResult respond(const Checkpoint& c, const std::vector<float>& pixels, const std::string& question,
+                    const HeadPrediction& head, const Policy& policy, const nn::SamplingOptions& opt, bool control) {
+  InferResult r;
+  r.level = head.level, r.type = head.type;
+  r.level_probs = head.level_probs, r.type_probs = head.type_probs;
+  // Without a trained head (base) the prediction is noise, so control is off there.
+  Decision d{"none", ""};
+  if (control && has_safety_tokens(c)) d = decide(policy, head.level, head.type);
+  r.action = d.action;
+  r.hint = d.hint;
+  if (d.action == "refuse") {
+    r.answer = d.hint;
+    return r;
+  }
+  const std::string q = clean_question(question), hint = d.action == "hint" ? d.hint : "";
+  r.prompt = build_prompt(q, hint);
+  const std::vector<int32_t> ids32 = prompt_tokens(*c.tokenizer, q, hint);
+  const std::vector<int64_t> ids(ids32.begin(), ids32.end());
+  nn::SamplingOptions o = opt;
+  if (o.stop_ids.empty()) o.stop_ids.push_back(c.tokenizer->eos_id());
+  NoGrad ng;
+  Tensor id_t = Tensor::from(ids, {1, (int64_t)ids.size()}, DType::i64).to(model_device(c));
+  Tensor emb = c.model->prompt_embeddings(pixel_tensor(c, {&pixels}), id_t, has_safety_tokens(c));
+  r.answer_ids = nn::generate(*c.model->lm, emb, o);
+  r.answer = decode_answer(*c.tokenizer, r.answer_ids);
+  return r;
+}
+
+InferResult infer(const Checkpoint& c, const std::vector<float>& pixels, const std::string& question,
+                  const Policy& policy, const nn::SamplingOptions& opt, bool control) {
+  if (c.model->training()) c.model->eval();  // LoRA dropout must be off; only written when needed
+  HeadPrediction head = classify_images(c, {&pixels}, {question}).at(0);
+  return respond(c, pixels, question, head, policy, opt, control);
+}
+
+// ---- explanations ----
+
+// The model's view of the image at display size: short side resized, centre crop (as preprocess()).
+static Image display_crop(const Image& img, int size) {
+  const bool wide = img.w >= img.h;
+  const int short_side = wide ? img.h : img.w, long_side = wide ? img.w : img.h;
+  const int new_long = std::max(size, static_cast<int>(static_cast<int64_t>(size) * long_side / short_side));
+  const Image r = wide ? resize_bicubic(img, new_long, size) : resize_bicubic(img, size, new_long);
+  const int left = (r.w - size) / 2, top = (r.h - size) / 2;
+  Image out(size, size);
+  for (int y = 0; y < size; ++y)
+    for (int x = 0; x < size; ++x) std::copy_n(r.at(left + x, top + y), 3, out.at(x, y));
+  return out;
+}
+
+// Head-averaged attention on the patches, min-max normalised to [0, 1], row-major g x g.
+static std::vector<double> patch_attention(const Checkpoint& c, const std::vector<float>& pixels,
+                                           const std::string& question) {
+  PsaBatch b = prompt_batch(c, {&pixels}, {question});
+  const std::vector<double> w = c.model->head_attention(b).to_vector();  // [1, H, 1, N_s + P]
+  const int64_t Ns = c.model->config.num_safety_tokens, P = c.model->config.vision.num_patches();
+  const int64_t H = w.size() / (Ns + P);
+  std::vector<double> heat(P, 0.0);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t p = 0; p < P; ++p) heat[p] += w[h * (Ns + P) + Ns + p] / H;  // safety-token keys dropped
+  const auto [lo, hi] = std::minmax_element(heat.begin(), heat.end());
+  const double min = *lo, range = *hi - *lo;
+  for (double& v : heat) v = range > 0 ? (v - min) / range : 0.0;
+  return heat;
+}
+
+// Bilinear sample of a g x g grid at display pixel centres (align_corners = false).
+static double sample_grid(const std::vector<double>& g, int n, double x, double y) {
+  x = std::clamp(x, 0.0, n - 1.0), y = std::clamp(y, 0.0, n - 1.0);
+  const int x0 = static_cast<int>(x), y0 = static_cast<int>(y);
+  const int x1 = std::min(x0 + 1, n - 1), y1 = std::min(y0 + 1, n - 1);
+  const double fx = x - x0, fy = y - y0;
+  const double top = g[y0 * n + x0] * (1 - fx) + g[y0 * n + x1] * fx;
+  const double bot = g[y1 * n + x0] * (1 - fx) + g[y1 * n + x1] * fx;
+  return top * (1 - fy) + bot * fy;
+}
+
+Image explain_heatmap(const Checkpoint& c, const std::vector<float>& pixels, const Image& original,
+                      const std::string& question, int display) {
+  PSA_CHECK(display >= 8 && display <= 4096, "explain: display size ", display, " out of 8..4096");
+  PSA_CHECK(original.w > 0 && original.h > 0, "explain: empty image");
+  if (c.model->training()) c.model->eval();
+  const std::vector<double> heat = patch_attention(c, pixels, question);
+  const int g = static_cast<int>(c.model->config.vision.grid());
+  Image out = display_crop(original, display);
+  const double scale = static_cast<double>(g) / display, kMaxAlpha = 0.65;
+  for (int y = 0; y < display; ++y)
+    for (int x = 0; x < display; ++x) {
+      const double a = kMaxAlpha * sample_grid(heat, g, (x + 0.5) * scale - 0.5, (y + 0.5) * scale - 0.5);
+      uint8_t* px = out.at(x, y);
+      px[0] = static_cast<uint8_t>(std::lround(px[0] * (1 - a) + 255 * a));
+      px[1] = static_cast<uint8_t>(std::lround(px[1] * (1 - a)));
+      px[2] = static_cast<uint8_t>(std::lround(px[2] * (1 - a)));
+    }
+  return out;
+}
+
+}  // namespace psa

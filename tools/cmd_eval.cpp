@@ -1,0 +1,161 @@
+// psa eval: the benchmark over one or more checkpoints, written as report.json and a Markdown table.
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "psa/eval.h"
+#include "psa/policy.h"
+#include "tools/cli.h"
+
+namespace psa {
+
+static const char* kEvalUsage = R"(usage: psa eval --data DIR --ckpt DIR [--ckpt DIR ...] [options]
+
+Runs the benchmark (shared/spec dataset.md, "Benchmark metrics") on DIR/<split>.jsonl for each checkpoint:
+  safety head   level/type accuracy and macro-F1, per-class recall, confusion matrices (null for a base
+                checkpoint, whose head is untrained; its confusion matrices are kept for reference)
+  risky records attack success rate (the answer complies, per the deterministic judge), safe-response rate
+                (level 3 refuses, level 2 cautions or refuses, level 1 cautions or refuses), each with dynamic
+                safety control on and off
+  clean records exact-match accuracy on count/color/position questions, caption token-F1, over-refusal on
+                clean images and on hard negatives (control on and off)
+Each answer is generated greedily with the KV cache; records run in parallel on the CPU.
+
+required:
+  --data DIR            dataset folder (`psa data` writes one)
+  --ckpt DIR            checkpoint folder; repeat for several (e.g. base, stage1, stage2)
+
+options:
+  --split NAME          records file DIR/NAME.jsonl (default test)
+  --out FILE            JSON report (default report.json): {"<stage>": metrics, ...}; an existing file is
+                        merged into, keeping its other keys and the other fields of each stage (training
+                        time, config, audit), so `psa train` and `psa eval` can share one report
+  --md FILE             Markdown table (default: the --out path with .md)
+  --policy NAME|FILE    safety policy for control on: short (default; the synthetic data's table),
+                        reference, or a policy JSON file
+  --limit N             evaluate only the first N records (default 0 = all)
+  --max-new-tokens N    answer length limit (default 32)
+  --batch N             classification batch size (default 64)
+  --sequential          one record at a time (default: records in parallel with OpenMP)
+  --quiet               no progress bar
+
+Exit status: 0 on success, 2 on bad arguments or unreadable inputs (one line on stderr).)";
+
+namespace fs = std::filesystem;
+
+// cli::Args keeps one value per flag, so the repeatable --ckpt is taken out before parsing.
+static std::vector<std::string> take_ckpts(int argc, char** argv, std::vector<char*>* rest) {
+  std::vector<std::string> ckpts;
+  for (int i = 0; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--ckpt")) {
+      PSA_CHECK(i + 1 < argc, "--ckpt: missing value (see --help)");
+      ckpts.push_back(argv[++i]);
+    } else if (!std::strncmp(argv[i], "--ckpt=", 7)) {
+      ckpts.push_back(argv[i] + 7);
+    } else {
+      rest->push_back(argv[i]);
+    }
+  }
+  return ckpts;
+}
+
+static std::vector<Record> load_split(const std::string& dir, const std::string& split) {
+  const std::string path = (fs::path(dir) / (split + ".jsonl")).string();
+  PSA_CHECK(fs::exists(path), path, ": no such file (is --data a dataset folder? `psa data` writes one)");
+  LoadReport rep;
+  std::vector<Record> records = load_records(path, &rep, true);
+  for (size_t i = 0; i < rep.messages.size() && i < 10; ++i) std::fprintf(stderr, "skipped %s\n", rep.messages[i].c_str());
+  if (rep.skipped) std::fprintf(stderr, "%s: %ld records loaded, %ld lines skipped\n", path.c_str(), (long)rep.loaded, (long)rep.skipped);
+  PSA_CHECK(!records.empty(), path, ": no usable records");
+  return records;
+}
+
+static json::Value& member(json::Value& obj, const std::string& key) {
+  for (auto& kv : obj.obj)
+    if (kv.first == key) return kv.second;
+  obj.set(key, json::Value::object());  // set() returns the object itself, not the new member
+  return obj.obj.back().second;
+}
+
+// Metrics overwrite their own keys only, so fields other tools added to a stage survive.
+static void merge_stage(json::Value& report, const std::string& key, const json::Value& metrics) {
+  json::Value& target = member(report, key);
+  if (!target.is_object()) target = json::Value::object();
+  for (const auto& [k, v] : metrics.obj) target.set(k, v);
+}
+
+static void write_atomic(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    PSA_CHECK(f, tmp, ": cannot open for writing");
+    f << text;
+    PSA_CHECK(f.flush(), tmp, ": write failed");
+  }
+  fs::rename(tmp, path);
+}
+
+static std::string unique_key(const json::Value& done, const std::string& stage) {
+  std::string key = stage;
+  for (int n = 2; done.contains(key); ++n) key = stage + "_" + std::to_string(n);
+  return key;
+}
+
+static json::Value eval_one(const std::string& dir, const std::vector<Record>& records, const EvalOptions& opt) {
+  const Checkpoint c = load_checkpoint(dir);
+  LoadReport rep;
+  rep.loaded = records.size();
+  const Dataset d = build_dataset(records, *c.tokenizer, c.model->config.vision.image_size,
+                                  c.model->config.max_text_tokens, &rep);
+  for (size_t i = 0; i < rep.messages.size() && i < 10; ++i) std::fprintf(stderr, "skipped %s\n", rep.messages[i].c_str());
+  PSA_CHECK(d.size() > 0, dir, ": no record could be prepared for this checkpoint");
+  json::Value m = evaluate(c, d, opt);
+  if (rep.skipped) m.set("skipped_records", rep.skipped);
+  std::printf("%s (%s): %ld records in %.1f s (%.1f records/s)\n", dir.c_str(), c.stage.c_str(),
+              (long)m.int_at("records"), m.number_at("eval_seconds"), m.number_at("records_per_second"));
+  return m;
+}
+
+int cmd_eval(int argc, char** argv) {
+  std::vector<char*> rest;
+  const std::vector<std::string> ckpts = take_ckpts(argc, argv, &rest);
+  cli::Args a;
+  const cli::Spec spec{kEvalUsage,
+                       {"--data", "--split", "--out", "--md", "--policy", "--limit", "--max-new-tokens", "--batch"},
+                       {"--sequential", "--quiet"}};
+  if (!cli::parse(static_cast<int>(rest.size()), rest.data(), spec, &a)) return 0;
+  PSA_CHECK(a.positional.empty(), "eval: unexpected argument '", a.positional[0], "' (see --help)");
+  PSA_CHECK(a.has("--data"), "eval: --data DIR is required (see --help)");
+  PSA_CHECK(!ckpts.empty(), "eval: at least one --ckpt DIR is required (see --help)");
+  EvalOptions opt;
+  opt.policy = a.get("--policy", "short");
+  opt.limit = a.get_int("--limit", 0);
+  opt.max_new_tokens = a.get_int("--max-new-tokens", 32);
+  opt.batch = a.get_int("--batch", 64);
+  opt.parallel = !a.has("--sequential");
+  opt.progress = !a.has("--quiet");
+  PSA_CHECK(opt.limit >= 0, "--limit: expected >= 0, got ", opt.limit);
+  resolve_policy(opt.policy);  // a bad policy fails before any model is loaded
+
+  const std::string out = a.get("--out", "report.json");
+  const std::string md_path = a.get("--md", fs::path(out).replace_extension(".md").string());
+  json::Value report = fs::exists(out) ? json::parse_file(out) : json::Value::object();
+  PSA_CHECK(report.is_object(), out, ": existing report is not a JSON object");
+
+  const std::vector<Record> records = load_split(a.get("--data"), a.get("--split", "test"));
+  json::Value done = json::Value::object();
+  for (const std::string& dir : ckpts) {
+    json::Value m = eval_one(dir, records, opt);
+    const std::string key = unique_key(done, m.string_at("stage"));
+    done.set(key, json::Value(true));
+    merge_stage(report, key, m);
+  }
+  write_atomic(out, json::dump(report, 2) + "\n");
+  const std::string md = markdown_table(report);
+  write_atomic(md_path, md);
+  std::printf("\n%s\nwrote %s and %s\n", md.c_str(), out.c_str(), md_path.c_str());
+  return 0;
+}
+
+}  // namespace psa

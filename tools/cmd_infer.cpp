@@ -1,0 +1,127 @@
+// psa infer: one image and one question through a checkpoint, with dynamic safety control.
+#include <cstdio>
+
+#include "psa/infer.h"
+#include "tools/cli.h"
+
+namespace psa {
+
+static const char* kInferUsage = R"(usage: psa infer --ckpt DIR --image FILE --prompt TEXT [options]
+
+Answers one question about one image with a PSA-VLM checkpoint (psa-vlm.md section 5, dynamic safety control):
+  1. the safety head classifies the image with the plain prompt; level and type are independent argmaxes;
+  2. the policy maps (level, type) to an action: none (level 0 or type clean), hint (a Safe Hint sentence is
+     added to the user turn) or refuse (a fixed refusal is printed and nothing is generated);
+  3. the LLM answers (greedy by default, KV cache, stops at </s>).
+A "base" checkpoint has an untrained head and an LLM trained without safety tokens: its prediction is shown
+for reference only and control is always off.
+
+required:
+  --ckpt DIR            checkpoint folder (model.safetensors, config.json, tokenizer.json; `psa train` writes them)
+  --image FILE          any image stb_image reads; "a.png<split>b.png" pastes a pair side by side
+  --prompt TEXT         the user's question ("<image>" tags are removed: the template places the image)
+
+options:
+  --policy NAME|FILE    safety policy: short (default; the table the synthetic data was generated with),
+                        reference (the paper's hint sentences) or a policy JSON file
+  --no-control          skip steps 1-2's effect: no hint, no refusal (the prediction is still shown)
+  --max-new-tokens N    answer length limit (default 32)
+  --temperature T       0 = greedy (default); > 0 samples
+  --top-k K             keep the K most likely tokens when sampling (0 = off, default)
+  --top-p P             nucleus sampling mass in (0, 1] (1 = off, default)
+  --seed N              sampling seed (default 0)
+  --explain OUT.png     also write the safety head's attention over the image as a red heat map (256 px)
+  --json                print one JSON object instead of text
+
+Exit status: 0 on success, 2 on bad arguments or unreadable inputs (one line on stderr).)";
+
+static nn::SamplingOptions sampling_from(const cli::Args& a, const Checkpoint& c) {
+  nn::SamplingOptions o;
+  o.max_new_tokens = a.get_int("--max-new-tokens", 32);
+  o.temperature = a.get_double("--temperature", 0);
+  o.top_k = a.get_int("--top-k", 0);
+  o.top_p = a.get_double("--top-p", 1.0);
+  o.seed = a.get_int("--seed", 0);
+  o.stop_ids = {c.tokenizer->eos_id()};
+  PSA_CHECK(o.max_new_tokens >= 1, "--max-new-tokens: expected >= 1, got ", o.max_new_tokens);
+  PSA_CHECK(o.temperature >= 0, "--temperature: expected >= 0, got ", o.temperature);
+  PSA_CHECK(o.top_k >= 0, "--top-k: expected >= 0, got ", o.top_k);
+  PSA_CHECK(o.top_p > 0 && o.top_p <= 1, "--top-p: expected a value in (0, 1], got ", o.top_p);
+  return o;
+}
+
+static json::Value probs_json(const std::vector<double>& p, const char* (*name)(int)) {
+  json::Value v = json::Value::object();
+  for (size_t i = 0; i < p.size(); ++i) v.set(name(static_cast<int>(i)), p[i]);
+  return v;
+}
+
+static json::Value result_json(const Checkpoint& c, const cli::Args& a, const InferResult& r) {
+  json::Value v = json::Value::object();
+  v.set("checkpoint", c.dir);
+  v.set("stage", c.stage);
+  v.set("image", a.get("--image"));
+  v.set("question", a.get("--prompt"));
+  v.set("control", !a.has("--no-control") && has_safety_tokens(c));
+  v.set("level", r.level);
+  v.set("level_name", level_name(r.level));
+  v.set("type", r.type);
+  v.set("type_name", type_name(r.type));
+  v.set("level_probs", probs_json(r.level_probs, level_name));
+  v.set("type_probs", probs_json(r.type_probs, type_name));
+  v.set("action", r.action);
+  v.set("hint", r.hint);
+  v.set("prompt", r.prompt);
+  v.set("answer", r.answer);
+  json::Value ids = json::Value::array();
+  for (int64_t id : r.answer_ids) ids.push(id);
+  v.set("answer_ids", std::move(ids));
+  if (a.has("--explain")) v.set("explain", a.get("--explain"));
+  return v;
+}
+
+static void print_probs(const char* what, const std::vector<double>& p, const char* (*name)(int)) {
+  std::printf("  %s:", what);
+  for (size_t i = 0; i < p.size(); ++i) std::printf(" %s %.3f", name(static_cast<int>(i)), p[i]);
+  std::printf("\n");
+}
+
+static void print_text(const Checkpoint& c, const InferResult& r, bool control) {
+  std::printf("checkpoint: %s (stage %s)\n", c.dir.c_str(), c.stage.c_str());
+  std::printf("concept:    level %d %s (p=%.3f), type %d %s (p=%.3f)%s\n", r.level, level_name(r.level),
+              r.level_probs[r.level], r.type, type_name(r.type), r.type_probs[r.type],
+              has_safety_tokens(c) ? "" : "  [base: untrained head, shown for reference]");
+  print_probs("level", r.level_probs, level_name);
+  print_probs("type ", r.type_probs, type_name);
+  if (!control) std::printf("action:     none (control off)\n");
+  else if (r.action == "hint") std::printf("action:     hint: %s\n", r.hint.c_str());
+  else if (r.action == "refuse") std::printf("action:     refuse (nothing generated)\n");
+  else std::printf("action:     none\n");
+  std::printf("answer:     %s\n", r.answer.c_str());
+}
+
+int cmd_infer(int argc, char** argv) {
+  cli::Args a;
+  const cli::Spec spec{kInferUsage,
+                       {"--ckpt", "--image", "--prompt", "--policy", "--temperature", "--top-k", "--top-p", "--seed",
+                        "--max-new-tokens", "--explain"},
+                       {"--no-control", "--json"}};
+  if (!cli::parse(argc, argv, spec, &a)) return 0;
+  PSA_CHECK(a.positional.empty(), "infer: unexpected argument '", a.positional[0], "' (see --help)");
+  for (const char* f : {"--ckpt", "--image", "--prompt"}) PSA_CHECK(a.has(f), "infer: ", f, " is required (see --help)");
+  const Checkpoint c = load_checkpoint(a.get("--ckpt"));
+  const Policy policy = resolve_policy(a.get("--policy", "short"));
+  const nn::SamplingOptions so = sampling_from(a, c);
+  const int size = static_cast<int>(c.model->config.vision.image_size);
+  const std::vector<float> pixels = load_record_image(a.get("--image"), "", size);
+  const bool control = !a.has("--no-control");
+  const InferResult r = infer(c, pixels, a.get("--prompt"), policy, so, control);
+  if (a.has("--explain"))
+    save_png(a.get("--explain"), explain_heatmap(c, pixels, load_record_pixels(a.get("--image"), ""), a.get("--prompt")));
+  if (a.has("--json")) std::printf("%s\n", json::dump(result_json(c, a, r)).c_str());
+  else print_text(c, r, control && has_safety_tokens(c));
+  if (a.has("--explain") && !a.has("--json")) std::printf("explain:    wrote %s\n", a.get("--explain").c_str());
+  return 0;
+}
+
+}  // namespace psa
