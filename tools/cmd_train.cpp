@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "psa/eval.h"
 #include "psa/plot.h"
 #include "psa/synth.h"
 #include "psa/train.h"
@@ -9,6 +10,7 @@
 
 namespace psa {
 namespace fs = std::filesystem;
+int cmd_eval(int argc, char** argv);
 
 static const char* kTrainUsage = R"(usage: psa train [options]
 
@@ -175,7 +177,12 @@ int cmd_train(int argc, char** argv) {
     save_checkpoint(dir.string(), *model, tok, stage, stage == "stage2" ? lora : LoraSettings{});
     json::Value audit;
     if (!prev.empty() && fs::exists(fs::path(p.out) / prev / "model.safetensors")) {
-      // AUDIT_HOOK
+      audit = audit_checkpoints((fs::path(p.out) / prev).string(), dir.string());
+      std::printf("[%s] audit against %s:\n", stage.c_str(), prev.c_str());
+      for (const json::Value& g : audit.at("groups").as_array())
+        std::printf("  %-24s %3ld tensors: %3ld changed, %3ld unchanged, %3ld added\n", g.at("group").as_string().c_str(),
+                    (long)g.at("tensors").as_int(), (long)g.at("changed").as_int(), (long)g.at("unchanged").as_int(),
+                    (long)g.at("added").as_int());
     }
     record_stage(report, stage, r, audit);
     curves.push_back({stage + " loss", {}, r.loss});
@@ -198,7 +205,16 @@ int cmd_train(int argc, char** argv) {
     std::vector<std::string> ckpts;
     for (const auto& [flag, stage] : stages)
       if (fs::exists(fs::path(p.out) / stage / "model.safetensors")) ckpts.push_back((fs::path(p.out) / stage).string());
-    // EVAL_HOOK
+    std::vector<std::string> args = {"--data", p.data, "--out", report_path.string(), "--md",
+                                     (fs::path(p.out) / "report.md").string(), "--limit", a.get("--eval-limit", "0")};
+    if (a.has("--quiet")) args.push_back("--quiet");
+    for (const std::string& c : ckpts) {
+      args.push_back("--ckpt");
+      args.push_back(c);
+    }
+    std::vector<char*> argv2;
+    for (std::string& s : args) argv2.push_back(s.data());
+    return cmd_eval((int)argv2.size(), argv2.data());
   }
   return 0;
 }
