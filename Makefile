@@ -67,6 +67,16 @@ RUN    ?= runs/$(PRESET)
 train: check-deps all
 	./$(BUILD)/psa train --preset $(PRESET) --data $(DATA) --out $(RUN)
 
+# Asks the trained model about a clean image, three risky ones and a hard negative from the test split.
+INFER_PICKS := "safe_type":6,.*"hard_negative":false "safe_type":0, "safe_type":1, "safe_type":4, "hard_negative":true
+infer: $(BUILD)/psa
+	@[ -f $(RUN)/stage2/model.safetensors ] || $(MAKE) train
+	@for pick in $(INFER_PICKS); do \
+	  img=$$(grep -m1 "$$pick" $(DATA)/test.jsonl | sed 's/.*"image":"\([^"]*\)".*/\1/'); \
+	  echo "== $(DATA)/$$img  ($$pick)"; \
+	  ./$(BUILD)/psa infer --ckpt $(RUN)/stage2 --image $(DATA)/$$img --prompt "Describe the image." || exit 1; \
+	done
+
 check-deps:
 	@for h in gtest/gtest.h benchmark/benchmark.h stb/stb_image.h xxhash.h; do \
 	  [ -f /usr/include/$$h ] || { echo "missing /usr/include/$$h: run 'make deps' as root"; exit 1; }; done

@@ -138,6 +138,12 @@ void Module::initialize_matching(uint64_t seed, const std::string& part) {
   }
 }
 
+void Module::set_normal_init_std(double std) {
+  for (Param& p : params_)
+    if (p.init.kind == Init::normal) p.init.std = std;
+  for (auto& [name, child] : children_) child->set_normal_init_std(std);
+}
+
 void Module::to(Device device) {
   for (auto& [name, t] : named_parameters()) {
     if (t.device() == device) continue;

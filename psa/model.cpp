@@ -1,5 +1,7 @@
 #include "psa/model.h"
 
+#include <cmath>
+
 namespace psa {
 
 const char* const kVisionPrefix = "vision_tower.";
@@ -29,6 +31,7 @@ PsaConfig PsaConfig::from_preset(const std::string& name) {
     fail("unknown preset '", name, "' (known: tiny, small)");
   }
   c.text.max_positions = 512;
+  c.safety_init_std = 0.02 * std::sqrt(4096.0 / c.text.hidden);
   return c;
 }
 
@@ -46,6 +49,7 @@ json::Value PsaConfig::to_json() const {
   v.set("image_token_index", image_token);
   v.set("pad_token_id", pad_id);
   v.set("safety_loss_weight", safety_loss_weight);
+  v.set("safety_init_std", safety_init_std);
   v.set("head_query", head_query);
   v.set("projector_hidden_act", projector_act);
   v.set("max_text_tokens", max_text_tokens);
@@ -65,6 +69,7 @@ PsaConfig PsaConfig::from_json(const json::Value& v) {
   c.image_token = v.at("image_token_index").as_int();
   c.pad_id = v.at("pad_token_id").as_int();
   c.safety_loss_weight = v.at("safety_loss_weight").as_number();
+  if (const json::Value* s = v.find("safety_init_std")) c.safety_init_std = s->as_number();
   c.head_query = v.at("head_query").as_string();
   c.projector_act = v.at("projector_hidden_act").as_string();
   c.max_text_tokens = v.at("max_text_tokens").as_int();
@@ -88,6 +93,8 @@ PsaVlm::PsaVlm(const PsaConfig& c) : config(c) {
   cross_attention = register_module("safe_part.cross_attention", std::make_shared<nn::MultiheadAttention>(D, c.head_heads));
   level_head = register_module("safe_part.safety_head", std::make_shared<nn::Linear>(D, 4));
   type_head = register_module("safe_part.other_head", std::make_shared<nn::Linear>(D, 7));
+  for (nn::Module* m : std::initializer_list<nn::Module*>{safety_projector.get(), cross_attention.get(), level_head.get(), type_head.get()})
+    m->set_normal_init_std(c.safety_init_std);
 }
 
 // The reference reads output position 0 only; since query positions attend independently, computing just

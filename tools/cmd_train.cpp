@@ -81,7 +81,7 @@ struct Defaults {
 Defaults stage_defaults(const std::string& preset, const std::string& stage) {
   bool tiny = preset == "tiny";
   if (stage == "base") return {tiny ? 1500 : 3000, tiny ? 2e-3 : 6e-4};
-  if (stage == "stage1") return {tiny ? 400 : 800, tiny ? 2e-3 : 1e-3};
+  if (stage == "stage1") return {tiny ? 600 : 1200, tiny ? 3e-3 : 1e-3};
   return {tiny ? 400 : 800, tiny ? 2e-3 : 1e-3};
 }
 
