@@ -1,0 +1,347 @@
+// psa bench-step: the end-to-end training-step benchmark of design.md's Performance table. One PsaVlm of a
+// preset with random weights, one synthetic batch built like tools/psa_reference.py's --bench batch (so both
+// sides time the same work), warm-up steps, then timed steps of forward + backward + clip + AdamW.
+// --scaling sweeps batch size and text length and writes a Markdown table and a PNG chart.
+#include <omp.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+#include "nn/json.h"
+#include "psa/plot.h"
+#include "psa/train.h"
+#include "tensor/device.h"
+#include "tools/cli.h"
+
+namespace psa {
+
+static const char* kBenchStepUsage = R"(usage: psa bench-step [options]
+
+Times training steps of PSA-VLM on a synthetic batch: forward, backward, global-norm clipping at 1.0 and
+AdamW, the same step as `psa train` and as tools/psa_reference.py --bench (the PyTorch baseline).
+Prints the median ms/step, merged tokens/s (text - 1 + safety tokens + patches per row), the peak RSS
+and the thread count.
+
+options:
+  --preset tiny|small     model preset (default tiny)
+  --stage base|1|2        which parameters train (default 1): base = ViT + projector + LLM; 1 = the safety
+                          modules (the forward runs the head and the LLM with safety tokens); 2 = the whole LLM
+                          (the PyTorch baseline's Stage II), or LoRA adapters with --lora
+  --lora                  Stage II with LoRA (rank 16, alpha 16, dropout 0.05) instead of the full LLM
+  --batch N               rows per batch (default 16 for tiny, 32 for small)
+  --text-tokens N         text tokens per row, one of them the image token (default 32 tiny, 48 small)
+  --threads N             OpenMP threads (default: OMP_NUM_THREADS or all cores)
+  --steps N               timed steps (default 10; 5 per point with --scaling)
+  --warmup N              untimed steps first (default 3; 2 per point with --scaling)
+  --device cpu|cuda       where to run (default cpu)
+  --seed N                weights and batch (default 0)
+  --json                  one JSON object on stdout instead of text
+  --scaling               step time against batch size (1, 2, 4, 8, 16, 32, at --text-tokens) and against text
+                          tokens (16, 32, 64, 128, at --batch): Markdown table on stdout and in
+                          OUT/scaling_<host>.md, chart OUT/scaling_<host>.png
+  --out-dir OUT           where --scaling writes (default bench/results))";
+
+namespace {
+
+struct StepSpec {
+  std::string preset = "tiny", stage = "stage1";
+  int64_t batch = 16, text = 32, steps = 10, warmup = 3, threads = 0;  // threads 0 = not set
+  uint64_t seed = 0;
+  bool lora = false;
+  Device device = Device::cpu;
+};
+
+struct StepTiming {
+  std::vector<double> ms;  // one per timed step
+  double median_ms = 0, tokens_per_step = 0;
+  double tokens_per_s() const { return tokens_per_step / (median_ms / 1000); }
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  size_t n = v.size();
+  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+double peak_rss_mib() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_maxrss / 1024.0;  // KiB on Linux
+}
+
+std::string host_name() {
+  char buf[256] = {0};
+  gethostname(buf, sizeof buf - 1);
+  return buf[0] ? buf : "unknown";
+}
+
+std::vector<double> load_average() {
+  double l[3] = {0, 0, 0};
+  getloadavg(l, 3);
+  return {l[0], l[1], l[2]};
+}
+
+// Rows of L tokens: BOS, the image token, random ids; the last third is the answer (the rest -100), as in
+// tools/psa_reference.py bench_batch. Pixels are N(0, 1), the head's labels uniform over their classes.
+PsaBatch synthetic_batch(const PsaConfig& c, int64_t B, int64_t L, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int64_t> ids(B * L), labels(B * L), level(B), type(B);
+  const int64_t answer_from = L - L / 3;
+  for (int64_t r = 0; r < B; ++r) {
+    for (int64_t t = 0; t < L; ++t) {
+      int64_t id = 4 + int64_t(rng() % uint64_t(c.text.vocab - 4));
+      if (id == c.image_token) id = 4;
+      if (t == 0) id = c.text.bos_id;
+      if (t == 1) id = c.image_token;
+      ids[r * L + t] = id;
+      labels[r * L + t] = t < answer_from ? -100 : id;
+    }
+    level[r] = int64_t(rng() % 4);
+    type[r] = int64_t(rng() % 7);
+  }
+  int64_t S = c.vision.image_size;
+  std::vector<float> pixels(B * 3 * S * S);
+  std::normal_distribution<float> normal(0, 1);
+  for (float& p : pixels) p = normal(rng);
+  PsaBatch b;
+  b.pixels = Tensor::from(pixels, {B, 3, S, S});
+  b.ids = Tensor::from(ids, {B, L}, DType::i64);
+  b.labels = Tensor::from(labels, {B, L}, DType::i64);
+  b.level = Tensor::from(level, {B}, DType::i64);
+  b.type = Tensor::from(type, {B}, DType::i64);
+  b.prompt_len.assign(B, answer_from);
+  return b;
+}
+
+void batch_to(PsaBatch& b, Device d) {
+  for (Tensor* t : {&b.pixels, &b.ids, &b.labels, &b.level, &b.type}) *t = t->to(d);
+}
+
+// The model and optimizer of a spec, built once and reused by every point of a --scaling sweep (AdamW's state
+// does not depend on the batch).
+struct Trainer {
+  std::shared_ptr<PsaVlm> model;
+  std::vector<nn::ParamRef> params;
+  std::unique_ptr<nn::AdamW> opt;
+  bool safety = true;  // stages 1 and 2 run the head and the LLM with safety tokens, base the LLM alone
+};
+
+Trainer make_trainer(const StepSpec& s) {
+  Trainer t;
+  t.model = std::make_shared<PsaVlm>(PsaConfig::from_preset(s.preset));
+  t.model->initialize(s.seed);
+  LoraSettings lora;
+  if (s.lora) lora = {16, 16, 0.05, false};
+  set_trainable(*t.model, s.stage, lora, s.seed);
+  if (s.device != Device::cpu) t.model->to(s.device);
+  t.model->train();
+  t.params = nn::trainable(*t.model);
+  t.opt = std::make_unique<nn::AdamW>(t.params, 1e-5);
+  t.safety = s.stage != "base";
+  return t;
+}
+
+// One training step. item() on the loss comes last: it copies to the host, which waits for a GPU to finish the
+// whole step, so the wall-clock time is the step's on either device.
+double train_step(Trainer& t, const PsaBatch& b) {
+  t.opt->zero_grad();
+  PsaOutput out = t.model->forward(b, t.safety, true, t.safety);
+  out.loss.backward();
+  nn::clip_grad_norm(t.params, 1.0);
+  t.opt->update();
+  return out.loss.item();
+}
+
+StepTiming time_steps(Trainer& t, const StepSpec& s, int64_t batch, int64_t text) {
+  PsaBatch b = synthetic_batch(t.model->config, batch, text, s.seed + 1);
+  if (s.device != Device::cpu) batch_to(b, s.device);
+  StepTiming r;
+  r.tokens_per_step = double(batch * t.model->config.merged_length(text));
+  for (int64_t i = 0; i < s.warmup + s.steps; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    double loss = train_step(t, b);
+    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    PSA_CHECK(std::isfinite(loss), "bench-step: non-finite loss at step ", i);
+    if (i >= s.warmup) r.ms.push_back(ms);
+  }
+  r.median_ms = median(r.ms);
+  return r;
+}
+
+// ---- single measurement -----------------------------------------------------------------------------------
+
+json::Value timing_json(const StepSpec& s, const Trainer& t, const StepTiming& r) {
+  json::Value j = json::Value::object();
+  j.set("preset", s.preset);
+  j.set("stage", s.stage);
+  j.set("lora", s.lora);
+  j.set("device", device_name(s.device));
+  j.set("batch", s.batch);
+  j.set("text_tokens", s.text);
+  j.set("merged_tokens_per_row", t.model->config.merged_length(s.text));
+  j.set("threads", s.threads ? json::Value(s.threads) : json::Value());
+  j.set("max_threads", omp_get_max_threads());
+  j.set("warmup", s.warmup);
+  j.set("steps", s.steps);
+  j.set("median_ms", r.median_ms);
+  j.set("min_ms", *std::min_element(r.ms.begin(), r.ms.end()));
+  j.set("max_ms", *std::max_element(r.ms.begin(), r.ms.end()));
+  json::Value all = json::Value::array();
+  for (double ms : r.ms) all.push(ms);
+  j.set("all_ms", all);
+  j.set("tokens_per_s", r.tokens_per_s());
+  j.set("peak_rss_mib", peak_rss_mib());
+  int64_t trainable = 0;
+  for (const auto& p : t.params) trainable += p.param.numel();
+  j.set("trainable_parameters", trainable);
+  j.set("host", host_name());
+  json::Value load = json::Value::array();
+  for (double l : load_average()) load.push(l);
+  j.set("loadavg_at_end", load);
+  return j;
+}
+
+void print_timing(const StepSpec& s, const StepTiming& r) {
+  std::printf("bench-step %s %s%s on %s: batch %ld, %ld text tokens (%ld merged per row), median of %ld steps after %ld warm-up\n",
+              s.preset.c_str(), s.stage.c_str(), s.lora ? " (LoRA)" : "", device_name(s.device), (long)s.batch,
+              (long)s.text, (long)(r.tokens_per_step / s.batch), (long)s.steps, (long)s.warmup);
+  std::printf("  %.1f ms/step (min %.1f, max %.1f), %.0f tokens/s, peak RSS %.0f MiB", r.median_ms,
+              *std::min_element(r.ms.begin(), r.ms.end()), *std::max_element(r.ms.begin(), r.ms.end()),
+              r.tokens_per_s(), peak_rss_mib());
+  if (s.threads) std::printf(", %ld thread%s", (long)s.threads, s.threads == 1 ? "" : "s");
+  std::printf("\n");
+}
+
+// ---- --scaling ------------------------------------------------------------------------------------------
+
+struct Point {
+  std::string series;
+  int64_t batch, text;
+  StepTiming t;
+};
+
+std::string scaling_table(const StepSpec& s, const std::vector<Point>& pts) {
+  std::string md = "| series | batch | text tokens | merged tokens/step | ms/step | us/token | tokens/s |\n"
+                   "|---|---:|---:|---:|---:|---:|---:|\n";
+  char line[256];
+  for (const Point& p : pts) {
+    std::snprintf(line, sizeof line, "| %s | %ld | %ld | %.0f | %.1f | %.1f | %.0f |\n", p.series.c_str(),
+                  (long)p.batch, (long)p.text, p.t.tokens_per_step, p.t.median_ms,
+                  1000 * p.t.median_ms / p.t.tokens_per_step, p.t.tokens_per_s());
+    md += line;
+  }
+  return md;
+}
+
+// One chart over merged tokens per step, so both sweeps share the x axis. The third series is the straight line
+// through the origin and the default point (batch 16, 32 text tokens): where a sweep bends away from it, the
+// step's cost stops being proportional to its tokens.
+void scaling_chart(const std::string& path, const StepSpec& s, const std::vector<Point>& pts) {
+  Series by_batch{"batch 1-32, L=" + std::to_string(s.text), {}, {}};
+  Series by_text{"text 16-128, B=" + std::to_string(s.batch), {}, {}};
+  const Point* ref = nullptr;
+  for (const Point& p : pts) {
+    Series& dst = p.series == "batch" ? by_batch : by_text;
+    dst.x.push_back(p.t.tokens_per_step);
+    dst.y.push_back(p.t.median_ms);
+    if (p.series == "batch" && p.batch == s.batch) ref = &p;
+  }
+  std::vector<Series> series{by_batch, by_text};
+  if (ref) {
+    double max_x = 0;
+    for (const Point& p : pts) max_x = std::max(max_x, p.t.tokens_per_step);
+    double per_token = ref->t.median_ms / ref->t.tokens_per_step;
+    series.push_back({"linear via B=" + std::to_string(s.batch), {0, max_x}, {0, per_token * max_x}});
+  }
+  PlotOptions o;
+  o.title = s.preset + " " + s.stage + " step time, " + std::to_string(omp_get_max_threads()) + " thread(s), " + host_name();
+  o.x_label = "merged tokens per step";
+  o.y_label = "ms per training step (median)";
+  plot_lines(path, series, o);
+}
+
+int run_scaling(const StepSpec& s, const std::string& out_dir) {
+  Trainer t = make_trainer(s);
+  std::vector<Point> pts;
+  for (int64_t b : {1, 2, 4, 8, 16, 32}) pts.push_back({"batch", b, s.text, time_steps(t, s, b, s.text)});
+  for (int64_t l : {16, 32, 64, 128}) pts.push_back({"text", s.batch, l, time_steps(t, s, s.batch, l)});
+  std::vector<double> load = load_average();
+  char head[512];
+  std::snprintf(head, sizeof head,
+                "# Step-time scaling, %s %s on %s (%s)\n\n%d threads, median of %ld steps after %ld warm-up per point, "
+                "load average at the end %.2f %.2f %.2f, peak RSS %.0f MiB.\n\n",
+                s.preset.c_str(), s.stage.c_str(), host_name().c_str(), device_name(s.device), omp_get_max_threads(),
+                (long)s.steps, (long)s.warmup, load[0], load[1], load[2], peak_rss_mib());
+  std::string md = std::string(head) + scaling_table(s, pts);
+  std::printf("%s", md.c_str());
+  std::filesystem::create_directories(out_dir);
+  std::string base = out_dir + "/scaling_" + host_name();
+  std::ofstream(base + ".md") << md;
+  scaling_chart(base + ".png", s, pts);
+  std::printf("\nwrote %s.md and %s.png\n", base.c_str(), base.c_str());
+  return 0;
+}
+
+// ---- arguments ----------------------------------------------------------------------------------------------
+
+StepSpec parse_spec(const cli::Args& a) {
+  StepSpec s;
+  s.preset = a.get("--preset", "tiny");
+  PSA_CHECK(s.preset == "tiny" || s.preset == "small", "--preset: expected tiny or small, got '", s.preset, "'");
+  std::string stage = a.get("--stage", "1");
+  PSA_CHECK(stage == "base" || stage == "1" || stage == "2", "--stage: expected base, 1 or 2, got '", stage, "'");
+  s.stage = stage == "base" ? "base" : "stage" + stage;
+  s.lora = a.has("--lora");
+  PSA_CHECK(!s.lora || s.stage == "stage2", "--lora applies to --stage 2 only");
+  bool tiny = s.preset == "tiny";
+  s.batch = a.get_int("--batch", tiny ? 16 : 32);
+  s.text = a.get_int("--text-tokens", tiny ? 32 : 48);
+  PSA_CHECK(s.batch >= 1, "--batch: must be at least 1");
+  PSA_CHECK(s.text >= 3, "--text-tokens: must be at least 3 (BOS, the image token and an answer token)");
+  bool scaling = a.has("--scaling");
+  s.steps = a.get_int("--steps", scaling ? 5 : 10);
+  s.warmup = a.get_int("--warmup", scaling ? 2 : 3);
+  PSA_CHECK(s.steps >= 1 && s.warmup >= 0, "--steps must be >= 1 and --warmup >= 0");
+  s.threads = a.get_int("--threads", 0);
+  PSA_CHECK(s.threads >= 0, "--threads: must be positive");
+  s.seed = a.get_int("--seed", 0);
+  std::string dev = a.get("--device", "cpu");
+  PSA_CHECK(dev == "cpu" || dev == "cuda", "--device: expected cpu or cuda, got '", dev, "'");
+  s.device = dev == "cuda" ? Device::cuda : Device::cpu;
+  return s;
+}
+
+}  // namespace
+
+int cmd_bench_step(int argc, char** argv) {
+  cli::Args a;
+  if (!cli::parse(argc, argv,
+                  {kBenchStepUsage,
+                   {"--preset", "--stage", "--batch", "--text-tokens", "--threads", "--steps", "--warmup", "--device",
+                    "--seed", "--out-dir"},
+                   {"--json", "--lora", "--scaling"}},
+                  &a))
+    return 0;
+  PSA_CHECK(a.positional.empty(), "bench-step: unexpected argument '", a.positional[0], "' (see --help)");
+  StepSpec s = parse_spec(a);
+  // Checked before any work: without a GPU (or a CUDA build) there is nothing to time.
+  PSA_CHECK(s.device == Device::cpu || gpu::available(), "bench-step --device cuda: no usable GPU (",
+            gpu::describe(), "); the engine's CUDA backend is not written yet, so only --device cpu runs");
+  if (s.threads) omp_set_num_threads(int(s.threads));
+  if (a.has("--scaling")) return run_scaling(s, a.get("--out-dir", "bench/results"));
+  Trainer t = make_trainer(s);
+  StepTiming r = time_steps(t, s, s.batch, s.text);
+  if (a.has("--json")) std::printf("%s\n", json::dump(timing_json(s, t, r), 2).c_str());
+  else print_timing(s, r);
+  return 0;
+}
+
+}  // namespace psa
