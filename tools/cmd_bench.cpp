@@ -43,7 +43,7 @@ options:
   --warmup N              untimed steps first (default 3; 2 per point with --scaling)
   --device cpu|cuda       where to run (default cpu)
   --seed N                weights and batch (default 0)
-  --json                  one JSON object on stdout instead of text
+  --json                  one JSON object on stdout instead of text (not with --scaling)
   --scaling               step time against batch size (1, 2, 4, 8, 16, 32, at --text-tokens) and against text
                           tokens (16, 32, 64, 128, at --batch): Markdown table on stdout and in
                           OUT/scaling_<host>.md, chart OUT/scaling_<host>.png
@@ -262,7 +262,7 @@ void scaling_chart(const std::string& path, const StepSpec& s, const std::vector
     series.push_back({"linear via B=" + std::to_string(s.batch), {0, max_x}, {0, per_token * max_x}});
   }
   PlotOptions o;
-  o.title = s.preset + " " + s.stage + " step time, " + std::to_string(omp_get_max_threads()) + " thread(s), " + host_name();
+  o.title = s.preset + " " + s.stage + " step time, threads: " + std::to_string(omp_get_max_threads()) + ", " + host_name();
   o.x_label = "merged tokens per step";
   o.y_label = "ms per training step (median)";
   plot_lines(path, series, o);
@@ -276,7 +276,7 @@ int run_scaling(const StepSpec& s, const std::string& out_dir) {
   std::vector<double> load = load_average();
   char head[512];
   std::snprintf(head, sizeof head,
-                "# Step-time scaling, %s %s on %s (%s)\n\n%d threads, median of %ld steps after %ld warm-up per point, "
+                "# Step-time scaling, %s %s on %s (%s)\n\nthreads: %d, median of %ld steps after %ld warm-up per point, "
                 "load average at the end %.2f %.2f %.2f, peak RSS %.0f MiB.\n\n",
                 s.preset.c_str(), s.stage.c_str(), host_name().c_str(), device_name(s.device), omp_get_max_threads(),
                 (long)s.steps, (long)s.warmup, load[0], load[1], load[2], peak_rss_mib());
