@@ -191,6 +191,11 @@ PsaOutput PsaVlm::forward(const PsaBatch& b, bool classify_pass, bool lm_pass, b
   return out;
 }
 
+void PsaVlm::merge_lora() {
+  for (nn::Linear* l : lm->linears())
+    if (l->has_lora() && !l->lora_merged) l->merge_lora();
+}
+
 void PsaVlm::add_lora(int64_t rank, double alpha, double dropout, bool include_lm_head, uint64_t seed) {
   for (nn::Linear* l : lm->linears())
     if (include_lm_head || l != lm->lm_head.get()) l->add_lora(rank, alpha, dropout);

@@ -57,6 +57,8 @@ class PsaVlm : public nn::Module {
   Tensor prompt_embeddings(const Tensor& pixels, const Tensor& ids, bool safety_tokens) const;
   // Stage II adapters on every LLM linear (lm_head only when include_lm_head).
   void add_lora(int64_t rank, double alpha, double dropout, bool include_lm_head, uint64_t seed = 0);
+  // Folds every adapter into its weight for inference (the adapters stay in the state dict, inactive).
+  void merge_lora();
 
   PsaConfig config;
   std::shared_ptr<nn::ClipVision> vision;

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <unistd.h>
 
 #include "nn/checkpoint.h"
 #include "psa/policy.h"
@@ -166,12 +167,15 @@ StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o) {
       log << json::dump(j) << "\n";
       log.flush();
     }
-    if (o.progress && (step + 1 == o.steps || done_here % 5 == 0)) {
+    // A terminal gets a redrawn bar; a log file gets one line per 10% instead of thousands of \r updates.
+    static const bool tty = isatty(fileno(stderr));
+    int64_t every = tty ? 5 : std::max<int64_t>(1, o.steps / 10);
+    if (o.progress && (step + 1 == o.steps || done_here % every == 0)) {
       int width = 24, fill = (int)(width * (step + 1) / o.steps);
-      std::fprintf(stderr, "\r[%s] %5ld/%ld |%s%s| loss %.4f  %.0f tok/s  ETA %s ", o.stage.c_str(), (long)step + 1,
+      std::fprintf(stderr, "%s[%s] %5ld/%ld |%s%s| loss %.4f  %.0f tok/s  ETA %s%s", tty ? "\r" : "", o.stage.c_str(), (long)step + 1,
                    (long)o.steps, std::string(fill, '#').c_str(), std::string(width - fill, '.').c_str(), loss,
-                   tokens / secs, eta(secs / done_here * (o.steps - step - 1)).c_str());
-      if (step + 1 == o.steps) std::fprintf(stderr, "\n");
+                   tokens / secs, eta(secs / done_here * (o.steps - step - 1)).c_str(), tty ? " " : "\n");
+      if (tty && step + 1 == o.steps) std::fprintf(stderr, "\n");
     }
     bool last = step + 1 == o.steps || (o.stop_after && done_here >= o.stop_after);
     if (!o.state_path.empty() && (last || (o.state_every && (step + 1) % o.state_every == 0))) save_state(o.state_path, opt, sampler, r);

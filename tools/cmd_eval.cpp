@@ -104,6 +104,7 @@ static std::string unique_key(const json::Value& done, const std::string& stage)
 
 static json::Value eval_one(const std::string& dir, const std::vector<Record>& records, const EvalOptions& opt) {
   const Checkpoint c = load_checkpoint(dir);
+  c.model->merge_lora();  // inference only: one matmul per layer instead of three
   LoadReport rep;
   rep.loaded = records.size();
   const Dataset d = build_dataset(records, *c.tokenizer, c.model->config.vision.image_size,

@@ -110,6 +110,7 @@ int cmd_infer(int argc, char** argv) {
   PSA_CHECK(a.positional.empty(), "infer: unexpected argument '", a.positional[0], "' (see --help)");
   for (const char* f : {"--ckpt", "--image", "--prompt"}) PSA_CHECK(a.has(f), "infer: ", f, " is required (see --help)");
   const Checkpoint c = load_checkpoint(a.get("--ckpt"));
+  c.model->merge_lora();  // inference only: one matmul per layer instead of three
   const Policy policy = resolve_policy(a.get("--policy", "short"));
   const nn::SamplingOptions so = sampling_from(a, c);
   const int size = static_cast<int>(c.model->config.vision.image_size);
