@@ -57,19 +57,23 @@ $(BUILD)/bench_%: bench/%.cpp $(LIB)
 	$(CXX) $(CXXFLAGS) $< $(LIB) -o $@ -lbenchmark -lbenchmark_main $(LDLIBS)
 
 # GTEST_FILTER narrows a run, e.g. `make test GTEST_FILTER='Ops.*'`.
-test: $(BUILD)/psa_tests $(BUILD)/psa
+test:
+	@$(MAKE) --no-print-directory -j$(JOBS) $(BUILD)/psa_tests $(BUILD)/psa
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/psa_tests --gtest_brief=1 $(if $(GTEST_FILTER),--gtest_filter='$(GTEST_FILTER)')
 
 # The two-minute tour: dataset, three training stages, benchmark table (OUT/report.md).
 PRESET ?= tiny
 DATA   ?= data/$(PRESET)
 RUN    ?= runs/$(PRESET)
-train: check-deps all
+JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
+train: check-deps
+	@$(MAKE) --no-print-directory -j$(JOBS) $(BUILD)/psa
 	./$(BUILD)/psa train --preset $(PRESET) --data $(DATA) --out $(RUN)
 
 # Asks the trained model about a clean image, three risky ones and a hard negative from the test split.
 INFER_PICKS := "safe_type":6,.*"hard_negative":false "safe_type":0, "safe_type":1, "safe_type":4, "hard_negative":true
-infer: $(BUILD)/psa
+infer:
+	@$(MAKE) --no-print-directory -j$(JOBS) $(BUILD)/psa
 	@[ -f $(RUN)/stage2/model.safetensors ] || $(MAKE) train
 	@for pick in $(INFER_PICKS); do \
 	  img=$$(grep -m1 "$$pick" $(DATA)/test.jsonl | sed 's/.*"image":"\([^"]*\)".*/\1/'); \
