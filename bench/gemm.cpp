@@ -1,10 +1,12 @@
-// SGEMM throughput, ours against OpenBLAS in the same run (GFLOP/s = 2*M*N*K per second).
+// SGEMM throughput, ours against OpenBLAS in the same run (counter GFLOP, shown per second: 2*M*N*K flops).
 // Shapes: squares 256..2048 and the `tiny` model's matmuls over 16 x ~100 tokens (M = 1600) in their three
 // forms: forward x[M,K] W[K,N] (NN), input gradient dY W^T (NT), weight gradient x^T dY (TN); plus the
 // attention's batched per-head products. Each at 1 and 2 threads (the name ends in threads=T).
 // OpenBLAS is loaded with dlopen at run time, never linked: without it its rows say "OpenBLAS not installed".
 // Before a shape is timed, our result is checked against OpenBLAS's; a disagreement aborts the run.
 // Run: build/bench_gemm --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+// On a machine shared with other jobs, add OMP_WAIT_POLICY=passive: libgomp's idle workers otherwise spin,
+// and when the scheduler puts them on our own busy core the 2-thread rows measure the scheduler, not the GEMM.
 #include <benchmark/benchmark.h>
 #include <dlfcn.h>
 #include <omp.h>
@@ -102,7 +104,7 @@ void validate_against_openblas(const Shape& s) {
 }
 
 void set_flops(benchmark::State& state, const Shape& s) {
-  state.counters["GFLOP/s"] =
+  state.counters["GFLOP"] =
       benchmark::Counter(2e-9 * double(s.batch * s.M * s.N * s.K) * double(state.iterations()),
                          benchmark::Counter::kIsRate);
 }

@@ -129,6 +129,7 @@ TEST(Gemm, Threaded) {
       check_sgemm(Case{bool(t & 1), bool(t & 2), 130, 120, 110, 1.0f, 0.5f, 1}, seed++);
       check_sgemm(Case{bool(t & 1), bool(t & 2), 3, 2100, 100, 1.0f, 0.0f, 0}, seed++);
       check_sgemm(Case{bool(t & 1), bool(t & 2), 2100, 3, 100, 1.0f, 0.0f, 0}, seed++);
+      check_sgemm(Case{bool(t & 1), bool(t & 2), 40, 300, 520, -1.0f, 1.0f, 0}, seed++);  // K blocks, B chunks
     }
   }
 }

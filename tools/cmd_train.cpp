@@ -119,7 +119,9 @@ int cmd_train(int argc, char** argv) {
   std::string which = a.get("--stage", "all");
   PSA_CHECK(which == "all" || which == "base" || which == "1" || which == "2", "--stage: expected all, base, 1 or 2, got '", which, "'");
   if (!fs::exists(fs::path(p.data) / "train.jsonl")) {
-    PSA_CHECK(!a.has("--data"), p.data, ": no train.jsonl (generate one with `psa data --out ", p.data, "`)");
+    // Only a missing or empty folder is filled with the synthetic data: never write into someone's data folder.
+    PSA_CHECK(!fs::exists(p.data) || fs::is_empty(p.data), p.data, ": no train.jsonl (generate one with `psa data --out ",
+              p.data, "`)");
     std::printf("generating the %s dataset into %s\n", p.preset.c_str(), p.data.c_str());
     generate_dataset(synth_preset(p.preset), p.data);
   }

@@ -12,18 +12,21 @@
 // edge tile runs the exact shape it needs instead of a padded full tile (matters for the model's M = 64
 // attention matrices). Columns past n inside the last vector are computed on zero padding and dropped.
 //
-// Loop nest (per thread), with what each level keeps in which cache:
-//   for jc in N step NC:
-//     for pc in K step KC:           pack op(B)[KC x NC] into NR-wide slivers     -> B panel, L3
-//       for ic in M step MC:         pack op(A)[MC x KC] into MR-tall slivers     -> A block, L2
-//         for jr in NC step NR:      B sliver [KC x NR], reused by every A sliver  -> L1
-//           for ir in MC step MR:    micro-kernel: C[MR x NR] += A sliver * B sliver
+// Loop nest, with what each level keeps in which cache:
+//   pack all of op(B) into NR-wide slivers, per K block     -> B panels [KC x N], L3
+//   for each band of C (<= MC rows):                         one task
+//     for pc in K step KC:
+//       pack op(A)[band rows x KC] into MR-tall slivers      -> A block, L2
+//       for jr in band columns step NR:                      B sliver [KC x NR], reused by every A sliver -> L1
+//         for ir in band rows step MR:                       micro-kernel: C[MR x NR] += A sliver * B sliver
 // Block sizes: the B sliver (KC*NR*4 bytes) takes at most ~3/4 of L1 so the streaming A sliver and the C
 // tile do not evict it: AVX2 256*16*4 = 16 KiB of 32 KiB, AVX-512 192*32*4 = 24 KiB of 32-48 KiB. The A
 // block takes a fraction of L2: AVX2 144*256*4 = 144 KiB of 512 KiB, AVX-512 240*192*4 = 180 KiB of
-// 1-2 MiB. NC only bounds the B panel (2-3 MiB, L3). The AVX2 values are the BLIS Zen choices, confirmed
-// on a Zen 3 (KC 256..384, MC 96..144 all within noise; OpenBLAS 0.3.21 as the yardstick). Later K blocks
-// accumulate onto C (beta = 1), so a block of K costs one extra read and write of the C tile; each kernel
+// 1-2 MiB. B is packed whole rather than in NC-wide panels: the model's matrices are small, a B panel of
+// KC x 2048 (2 MiB) still streams from L3 at a few bytes per 100 FMAs, and packing once up front lets
+// threads share it with a single synchronisation. The AVX2 values are the BLIS Zen choices, confirmed on
+// a Zen 3 (KC 256..384, MC 96..144 all within noise, OpenBLAS 0.3.21 as the yardstick). Later K blocks
+// accumulate onto C (beta = 1), costing one extra read and write of each C tile per K block; the kernel
 // prefetches its C tile before the k loop so that this read does not stall the write-back.
 //
 // Packing always copies both operands (layout in the Packing section): packed slivers make every kernel
@@ -31,9 +34,11 @@
 // the same cache sets. The transposing packs (A row-major, B stored transposed) use 8x8 register
 // transposes, so packing stays a few percent of the work even when N or M is only ~128.
 //
-// Threads: C is cut into a tm x tn grid of independent sub-problems, one per thread, each packing its own
-// panels (no barriers, no shared buffers; re-packing B per row band costs ~K*N against M*N*K/threads
-// FMAs). The grid shape minimises the largest tile. Below ~64^3 FMAs per thread fewer threads are used,
+// Threads: the B packing (K block x 16 slivers) and the bands of C (row bands, plus column bands when M is
+// short; at least two per thread) are tasks that threads claim from atomic counters; bands write disjoint
+// parts of C, so the only synchronisation is "all of B packed". Claiming, rather than a fixed split, and
+// waiting with sched_yield, rather than libgomp's spinning barriers, keep a descheduled or core-sharing
+// thread from stalling the call on a busy machine. Below ~64^3 FMAs per thread fewer threads are used,
 // since starting a parallel region costs microseconds. sgemm_batched gives whole small problems to threads
 // instead (attention: many [T x 32] x [32 x T] products).
 #include "tensor/cpu/gemm.h"
@@ -42,9 +47,11 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <utility>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -72,7 +79,7 @@ struct Vec {
   static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
 };
 constexpr int MR = 12, NV = 2;
-constexpr int64_t KC = 192, MC = 240, NC = 3072;
+constexpr int64_t KC = 192, MC = 240;
 #elif defined(__AVX2__) && defined(__FMA__)
 struct Vec {
   using T = __m256;
@@ -86,7 +93,7 @@ struct Vec {
   static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
 };
 constexpr int MR = 6, NV = 2;
-constexpr int64_t KC = 256, MC = 144, NC = 2048;
+constexpr int64_t KC = 256, MC = 144;
 #else
 struct Vec {
   using T = float;
@@ -100,17 +107,18 @@ struct Vec {
   static void store(float* p, T v) { *p = v; }
 };
 constexpr int MR = 4, NV = 8;
-constexpr int64_t KC = 256, MC = 128, NC = 1024;
+constexpr int64_t KC = 256, MC = 128;
 #endif
 
 constexpr int NR = NV * Vec::W;
-static_assert(MC % MR == 0 && NC % NR == 0, "blocks must hold whole slivers");
+static_assert(MC % MR == 0, "an A block holds whole slivers");
 
 // Below this many FMAs per thread a parallel region costs more than it saves.
 constexpr int64_t kMinWorkPerThread = 64 * 64 * 64;
 
 // ---------------------------------------------------------------------------------------------------
-// Packing buffers: one pair per thread, 64-byte aligned, grown on demand and kept for the next call.
+// Packing buffers, per thread, 64-byte aligned, grown on demand and kept for the next call:
+// 0 = the A block [MC x KC]; 1 = all of packed op(B) [K x N] (shared with the team during a threaded call).
 
 struct FreeDeleter {
   void operator()(float* p) const { std::free(p); }
@@ -307,7 +315,8 @@ constexpr std::array<Kernel, MR * NV> kernel_table(std::index_sequence<I...>) {
 constexpr std::array<Kernel, MR * NV> kKernels = kernel_table(std::make_index_sequence<MR * NV>{});
 
 // ---------------------------------------------------------------------------------------------------
-// One thread's whole problem: the loop nest of the header comment.
+// Driver: pack all of op(B), then compute C in bands (tasks). With threads, both the packing and the bands
+// are tasks claimed from shared counters.
 
 struct Problem {
   bool trans_a, trans_b;
@@ -322,6 +331,9 @@ struct Problem {
   int64_t ldc;
 };
 
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
 // C = beta * C, for the degenerate alpha == 0 or K == 0 (A and B are not read).
 void scale_c(const Problem& p) {
   for (int64_t i = 0; i < p.M; ++i) {
@@ -333,21 +345,95 @@ void scale_c(const Problem& p) {
   }
 }
 
-// Tiles of one packed B panel times the A block [mc x kc] at row ic, column pc of op(A).
-void macro_kernel(const Problem& p, int64_t ic, int64_t mc, int64_t pc, int64_t kc, int64_t jc, int64_t nc,
-                  const float* b_panel, float beta) {
-  float* a_block = thread_buffer(0, MC * KC + kPackSlack);
-  if (p.trans_a)
-    pack_a_cols(mc, kc, p.A + pc * p.lda + ic, p.lda, a_block);
+// How the work is cut. Packed B: for each K block starting at pc, a panel of ceil(N/NR) slivers [kc][NR]
+// at b_packed + pc * n_pad. Bands of C: `rows` x `cols` (multiples of MR, NR); rows <= MC so that a band's
+// A block stays in L2. With threads there are at least two bands per thread, so that a thread that is
+// descheduled mid-call leaves work for the others (columns are split too when M is short; each column band
+// then re-packs its A block, cheap next to the band's FMAs).
+struct Plan {
+  int64_t n_pad;
+  int64_t kc, k_blocks;  // K in k_blocks blocks of kc <= KC (the last may be shorter)
+  int64_t pack_chunks;   // B packing tasks: k_blocks x pack_chunks, kPackSlivers slivers each
+  int64_t rows, cols, row_bands, col_bands;
+};
+
+constexpr int64_t kPackSlivers = 16;
+
+Plan make_plan(const Problem& p, int threads) {
+  Plan pl;
+  pl.n_pad = round_up(p.N, NR);
+  // Equal K blocks: K = 1600 as 7 x 229 rather than 6 x 256 + 64, whose short block would pay a full C
+  // tile read and write for a quarter of the FMAs.
+  pl.k_blocks = ceil_div(p.K, KC);
+  pl.kc = ceil_div(p.K, pl.k_blocks);
+  pl.pack_chunks = ceil_div(pl.n_pad / NR, kPackSlivers);
+  int64_t bands = ceil_div(p.M, MC);
+  if (threads > 1) bands = std::min(round_up(bands, threads), ceil_div(p.M, MR));  // even split when possible
+  pl.rows = round_up(ceil_div(p.M, bands), MR);
+  pl.row_bands = ceil_div(p.M, pl.rows);
+  int64_t col_bands = 1;
+  if (threads > 1 && pl.row_bands < 2 * threads)
+    col_bands = std::min(ceil_div(2 * threads, pl.row_bands), pl.n_pad / NR);
+  pl.cols = round_up(ceil_div(p.N, col_bands), NR);
+  pl.col_bands = ceil_div(p.N, pl.cols);
+  return pl;
+}
+
+// Packing task t: K block t / pack_chunks, slivers [c * kPackSlivers, ...) of its panel.
+void pack_b_task(const Problem& p, const Plan& pl, float* b_packed, int64_t t) {
+  int64_t pc = (t / pl.pack_chunks) * pl.kc, kc = std::min(pl.kc, p.K - pc);
+  int64_t j0 = (t % pl.pack_chunks) * kPackSlivers * NR, nc = std::min(kPackSlivers * NR, p.N - j0);
+  float* dst = b_packed + pc * pl.n_pad + j0 * kc;
+  if (p.trans_b)
+    pack_b_cols(kc, nc, p.B + j0 * p.ldb + pc, p.ldb, dst);
   else
-    pack_a_rows(mc, kc, p.A + ic * p.lda + pc, p.lda, a_block);
-  for (int64_t jr = 0; jr < nc; jr += NR) {
-    int n = int(std::min<int64_t>(NR, nc - jr));
-    int nv = (n + Vec::W - 1) / Vec::W;
-    for (int64_t ir = 0; ir < mc; ir += MR) {
-      int m = int(std::min<int64_t>(MR, mc - ir));
-      float* c = p.C + (ic + ir) * p.ldc + jc + jr;
-      kKernels[(m - 1) * NV + (nv - 1)](kc, a_block + ir * kc, b_panel + jr * kc, c, p.ldc, p.alpha, beta, n);
+    pack_b_rows(kc, nc, p.B + pc * p.ldb + j0, p.ldb, dst);
+}
+
+// Band task: C[m0 : m0+m, n0 : n0+n] over all of K, the loop nest of the header comment.
+void band_task(const Problem& p, const Plan& pl, const float* b_packed, int64_t t) {
+  const int64_t m0 = (t / pl.col_bands) * pl.rows, m = std::min(pl.rows, p.M - m0);
+  const int64_t n0 = (t % pl.col_bands) * pl.cols, n_end = std::min(n0 + pl.cols, p.N);
+  float* a_block = thread_buffer(0, MC * KC + kPackSlack);
+  for (int64_t pc = 0; pc < p.K; pc += pl.kc) {
+    const int64_t kc = std::min(pl.kc, p.K - pc);
+    if (p.trans_a)
+      pack_a_cols(m, kc, p.A + pc * p.lda + m0, p.lda, a_block);
+    else
+      pack_a_rows(m, kc, p.A + m0 * p.lda + pc, p.lda, a_block);
+    const float* panel = b_packed + pc * pl.n_pad;
+    const float beta = pc == 0 ? p.beta : 1.0f;  // later K blocks accumulate onto the first
+    for (int64_t jr = n0; jr < n_end; jr += NR) {
+      const int n = int(std::min<int64_t>(NR, n_end - jr)), nv = (n + Vec::W - 1) / Vec::W;
+      for (int64_t ir = 0; ir < m; ir += MR) {
+        const int mr = int(std::min<int64_t>(MR, m - ir));
+        float* c = p.C + (m0 + ir) * p.ldc + jr;
+        kKernels[(mr - 1) * NV + (nv - 1)](kc, a_block + ir * kc, panel + jr * kc, c, p.ldc, p.alpha, beta, n);
+      }
+    }
+  }
+}
+
+// Claims tasks [0, n) from `next` until none are left.
+template <typename Task>
+void claim_tasks(std::atomic<int64_t>& next, int64_t n, const Task& task) {
+  for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) task(i);
+}
+
+// Waits for `count` to reach `target`: spins briefly (the awaited thread is usually running on another
+// core and about to finish), then yields. Spinning alone, as libgomp's barriers do, is what hurts on a
+// busy machine: the scheduler may put two of our threads on one core, and a spinning waiter then keeps
+// the thread it waits for off that core for a whole time slice (4 ms, 10x the work). Threads meet here
+// first, so libgomp's closing barrier finds them all arrived. (libgomp's idle workers still spin between
+// regions; on a machine shared with other jobs, OMP_WAIT_POLICY=passive stops that.)
+void wait_for(const std::atomic<int64_t>& count, int64_t target) {
+  for (int spin = 0; count.load(std::memory_order_acquire) < target; ++spin) {
+    if (spin < 4096) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    } else {
+      std::this_thread::yield();
     }
   }
 }
@@ -355,66 +441,35 @@ void macro_kernel(const Problem& p, int64_t ic, int64_t mc, int64_t pc, int64_t 
 void gemm_serial(const Problem& p) {
   if (p.M <= 0 || p.N <= 0) return;
   if (p.K <= 0 || p.alpha == 0.0f) return scale_c(p);
-  for (int64_t jc = 0; jc < p.N; jc += NC) {
-    int64_t nc = std::min(NC, p.N - jc);
-    for (int64_t pc = 0; pc < p.K; pc += KC) {
-      int64_t kc = std::min(KC, p.K - pc);
-      float* b_panel = thread_buffer(1, KC * ((std::min(NC, p.N) + NR - 1) / NR * NR));
-      if (p.trans_b)
-        pack_b_cols(kc, nc, p.B + jc * p.ldb + pc, p.ldb, b_panel);
-      else
-        pack_b_rows(kc, nc, p.B + pc * p.ldb + jc, p.ldb, b_panel);
-      float beta = pc == 0 ? p.beta : 1.0f;  // later K blocks accumulate onto the first
-      for (int64_t ic = 0; ic < p.M; ic += MC)
-        macro_kernel(p, ic, std::min(MC, p.M - ic), pc, kc, jc, nc, b_panel, beta);
-    }
-  }
+  const Plan pl = make_plan(p, 1);
+  float* b_packed = thread_buffer(1, p.K * pl.n_pad);
+  for (int64_t t = 0; t < pl.k_blocks * pl.pack_chunks; ++t) pack_b_task(p, pl, b_packed, t);
+  for (int64_t t = 0; t < pl.row_bands * pl.col_bands; ++t) band_task(p, pl, b_packed, t);
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Threading.
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+void gemm_parallel(const Problem& p, int threads) {
+  const Plan pl = make_plan(p, threads);
+  float* b_packed = thread_buffer(1, p.K * pl.n_pad);  // the calling thread's, shared for this call
+  const int64_t n_pack = pl.k_blocks * pl.pack_chunks, n_bands = pl.row_bands * pl.col_bands;
+  std::atomic<int64_t> next_pack{0}, packed{0}, next_band{0}, finished{0};
+#pragma omp parallel num_threads(threads)
+  {
+    claim_tasks(next_pack, n_pack, [&](int64_t t) {
+      pack_b_task(p, pl, b_packed, t);
+      packed.fetch_add(1, std::memory_order_acq_rel);
+    });
+    wait_for(packed, n_pack);  // every band reads every panel
+    claim_tasks(next_band, n_bands, [&](int64_t t) { band_task(p, pl, b_packed, t); });
+    finished.fetch_add(1, std::memory_order_acq_rel);
+    wait_for(finished, omp_get_num_threads());
+  }
+}
 
 // Threads worth using for `work` FMAs: all of them for large problems, one inside an existing parallel region.
 int threads_for(int64_t work) {
   if (omp_in_parallel()) return 1;
   int64_t t = std::min<int64_t>(omp_get_max_threads(), work / kMinWorkPerThread);
   return int(std::max<int64_t>(t, 1));
-}
-
-// The sub-problem of C rows [m0, m0+m) and columns [n0, n0+n).
-Problem sub_problem(const Problem& p, int64_t m0, int64_t m, int64_t n0, int64_t n) {
-  Problem s = p;
-  s.M = m;
-  s.N = n;
-  s.A = p.trans_a ? p.A + m0 : p.A + m0 * p.lda;
-  s.B = p.trans_b ? p.B + n0 * p.ldb : p.B + n0;
-  s.C = p.C + m0 * p.ldc + n0;
-  return s;
-}
-
-// Splits C into a tm x tn grid (tm * tn = threads) of tiles whole in MR rows and NR columns, choosing the
-// grid whose largest tile (plus its packing, ~K*(rows+cols)) is cheapest.
-void gemm_parallel(const Problem& p, int threads) {
-  int best_tm = 1;
-  double best_cost = -1;
-  for (int tm = 1; tm <= threads; ++tm) {
-    if (threads % tm) continue;
-    int tn = threads / tm;
-    double rows = double(round_up(ceil_div(p.M, tm), MR)), cols = double(round_up(ceil_div(p.N, tn), NR));
-    double cost = rows * cols * double(p.K) + 4.0 * double(p.K) * (rows + cols);
-    if (best_cost < 0 || cost < best_cost) best_cost = cost, best_tm = tm;
-  }
-  const int tm = best_tm, tn = threads / best_tm;
-  const int64_t rows = round_up(ceil_div(p.M, tm), MR), cols = round_up(ceil_div(p.N, tn), NR);
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-  for (int t = 0; t < threads; ++t) {
-    int64_t m0 = (t / tn) * rows, n0 = (t % tn) * cols;
-    int64_t m = std::min(rows, p.M - m0), n = std::min(cols, p.N - n0);
-    if (m > 0 && n > 0) gemm_serial(sub_problem(p, m0, m, n0, n));
-  }
 }
 
 void gemm(const Problem& p) {
@@ -494,8 +549,13 @@ void sgemm_batched(int64_t batch, bool trans_a, bool trans_b, int64_t M, int64_t
   const bool per_problem = threads > 1 && batch >= threads &&
                            (work < int64_t(256) * 256 * 256 || batch % threads == 0);
   if (per_problem) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < batch; ++b) gemm_serial(one(b));
+    std::atomic<int64_t> next{0}, finished{0};
+#pragma omp parallel num_threads(threads)
+    {
+      claim_tasks(next, batch, [&](int64_t b) { gemm_serial(one(b)); });
+      finished.fetch_add(1, std::memory_order_acq_rel);
+      wait_for(finished, omp_get_num_threads());
+    }
   } else {
     for (int64_t b = 0; b < batch; ++b) gemm(one(b));
   }
