@@ -71,12 +71,13 @@ train: check-deps
 	./$(BUILD)/psa train --preset $(PRESET) --data $(DATA) --out $(RUN)
 
 # Asks the trained model about a clean image, three risky ones and a hard negative from the test split.
-INFER_PICKS := "safe_type":6,.*"hard_negative":false "safe_type":0, "safe_type":1, "safe_type":4, "hard_negative":true
+INFER_PICKS := safe_type.:6,.*hard_negative.:false safe_type.:0, safe_type.:1, safe_type.:4, hard_negative.:true
 infer:
 	@$(MAKE) --no-print-directory -j$(JOBS) $(BUILD)/psa
 	@[ -f $(RUN)/stage2/model.safetensors ] || $(MAKE) train
 	@for pick in $(INFER_PICKS); do \
 	  img=$$(grep -m1 "$$pick" $(DATA)/test.jsonl | sed 's/.*"image":"\([^"]*\)".*/\1/'); \
+	  [ -n "$$img" ] || { echo "no test record matches $$pick in $(DATA)/test.jsonl"; exit 1; }; \
 	  echo "== $(DATA)/$$img  ($$pick)"; \
 	  ./$(BUILD)/psa infer --ckpt $(RUN)/stage2 --image $(DATA)/$$img --prompt "Describe the image." || exit 1; \
 	done
