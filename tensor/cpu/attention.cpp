@@ -7,7 +7,7 @@
 #include <limits>
 #include <vector>
 
-#include "tensor/cpu/gemm.h"
+#include "tensor/cpu/kernel_util.h"
 #include "tensor/cpu/kernels.h"
 
 namespace psa::cpu {
@@ -15,15 +15,6 @@ namespace {
 
 constexpr int64_t kParallelMin = 1 << 15;
 
-// One GEMM entry point for both scalar types: C = alpha·op(A)·op(B) + beta·C (row-major, gemm.h's contract).
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-}
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
-          const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
-  dgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-}
 
 }  // namespace
 

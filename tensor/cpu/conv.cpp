@@ -10,7 +10,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "tensor/cpu/gemm.h"
+#include "tensor/cpu/kernel_util.h"
 #include "tensor/cpu/kernels.h"
 
 namespace psa::cpu {
@@ -18,39 +18,7 @@ namespace {
 
 constexpr int64_t kParallelMin = 1 << 15;
 
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-}
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
-          const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
-  dgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-}
-void gemm_batched(int64_t batch, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                  int64_t sa, const float* B, int64_t ldb, int64_t sb, float* C, int64_t ldc, int64_t sc) {
-  sgemm_batched(batch, ta, tb, M, N, K, 1.0f, A, lda, sa, B, ldb, sb, 0.0f, C, ldc, sc);
-}
-void gemm_batched(int64_t batch, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
-                  int64_t sa, const double* B, int64_t ldb, int64_t sb, double* C, int64_t ldc, int64_t sc) {
-  dgemm_batched(batch, ta, tb, M, N, K, 1.0, A, lda, sa, B, ldb, sb, 0.0, C, ldc, sc);
-}
 
-// Runs body(r, acc) for every row with a per-thread zeroed accumulator of `width` doubles; returns their sum.
-template <typename F>
-std::vector<double> rows_with_partial_sums(int64_t rows, int64_t width, bool parallel, F body) {
-  int threads = parallel ? omp_get_max_threads() : 1;
-  std::vector<double> partial((size_t)threads * width, 0.0);
-#pragma omp parallel num_threads(threads) if (parallel)
-  {
-    double* acc = partial.data() + (size_t)omp_get_thread_num() * width;
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) body(r, acc);
-  }
-  std::vector<double> total(width, 0.0);
-  for (int t = 0; t < threads; ++t)
-    for (int64_t j = 0; j < width; ++j) total[j] += partial[(size_t)t * width + j];
-  return total;
-}
 
 // ---- patch_conv. cols[b, i·Wp + j, (c·p + ky)·p + kx] = x[b, c, i·p + ky, j·p + kx]: the (c, ky, kx) order of
 // w [O, C, p, p], so out_b [O, L] = w [O, K] · cols_bᵀ.

@@ -9,6 +9,7 @@
 #include <limits>
 #include <vector>
 
+#include "tensor/cpu/kernel_util.h"
 #include "tensor/cpu/kernels.h"
 #include "tensor/rng.h"
 
@@ -22,23 +23,6 @@ const T* data_or_null(const Tensor& t) { return t.defined() ? t.data<T>() : null
 template <typename T>
 T* mutable_or_null(Tensor& t) { return t.defined() ? t.data<T>() : nullptr; }
 
-// Runs body(r, acc) for every row on the threads, each with its own zeroed accumulator of `width` doubles;
-// returns the accumulators summed thread by thread (deterministic for a fixed thread count).
-template <typename F>
-std::vector<double> rows_with_partial_sums(int64_t rows, int64_t width, bool parallel, F body) {
-  int threads = parallel ? omp_get_max_threads() : 1;
-  std::vector<double> partial((size_t)threads * width, 0.0);
-#pragma omp parallel num_threads(threads) if (parallel)
-  {
-    double* acc = partial.data() + (size_t)omp_get_thread_num() * width;
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) body(r, acc);
-  }
-  std::vector<double> total(width, 0.0);
-  for (int t = 0; t < threads; ++t)
-    for (int64_t j = 0; j < width; ++j) total[j] += partial[(size_t)t * width + j];
-  return total;
-}
 
 template <typename T>
 void store(const std::vector<double>& src, int64_t from, int64_t n, T* dst) {
