@@ -1,6 +1,8 @@
 // Checkpoints at the tensor level (nn/checkpoint.h): round trips with hashes, Hugging Face folders (single file and
 // sharded), the LLaVA / CLIP key layouts, and shape errors when a config disagrees with its weights.
 #include <gtest/gtest.h>
+
+#include "test_util.h"
 #include <unistd.h>
 
 #include <cstring>
@@ -18,15 +20,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using psa::test::error_of;
 
 std::string fresh_dir(const std::string& tag) {
   fs::path p = fs::path(::testing::TempDir()) / ("psa_ckpt_" + tag + "_" + std::to_string(::getpid()));

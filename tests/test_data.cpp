@@ -1,6 +1,8 @@
 // Suite Data: the synthetic safety world, the JSONL record loader, image preprocessing, the safety-control
 // policy and the benchmark judge.
 #include <gtest/gtest.h>
+
+#include "test_util.h"
 #include <unistd.h>
 
 #include <cmath>
@@ -65,15 +67,7 @@ json::Value& member(json::Value& v, const std::string& key) {
   return v;
 }
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const psa::Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using psa::test::error_of;
 
 SynthConfig small_config(uint64_t seed) {
   SynthConfig c = synth_preset("tiny");

@@ -1,6 +1,8 @@
 // JSON parser and printer: round trips, unicode, numbers, and error positions.
 #include <gtest/gtest.h>
 
+#include "test_util.h"
+
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -13,16 +15,7 @@ namespace json = psa::json;
 
 namespace {
 
-// Message of the psa::Error thrown by f, or "" (so a missing throw fails the caller's EXPECT).
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const psa::Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using psa::test::error_of;
 
 std::string parse_error(const std::string& text) {
   return error_of([&] { json::parse(text, "cfg.json"); });

@@ -3,6 +3,8 @@
 // (memorisation, KV cache against full recomputation, top-k / top-p sampling).
 #include <gtest/gtest.h>
 
+#include "test_util.h"
+
 #include <cmath>
 #include <set>
 
@@ -15,15 +17,7 @@
 namespace psa::nn {
 namespace {
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using psa::test::error_of;
 
 bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
 

@@ -1,6 +1,8 @@
 // Optimizers against updates computed independently in double (the textbook formulas, not the kernels'
 // arrangement), gradient clipping, the HF schedules, and that a resumed optimizer continues bit-identically.
 #include <gtest/gtest.h>
+
+#include "test_util.h"
 #include <omp.h>
 
 #include <cmath>
@@ -11,15 +13,7 @@
 namespace psa::nn {
 namespace {
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using psa::test::error_of;
 
 Tensor param(const std::vector<double>& values, DType dtype) {
   Tensor t = Tensor::from(values, {(int64_t)values.size()}, dtype);

@@ -2,6 +2,8 @@
 // (tests/data/bad/, made by tests/data/bad/make_bad.py).
 #include <dirent.h>
 #include <gtest/gtest.h>
+
+#include "test_util.h"
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -18,15 +20,7 @@ using st::DType;
 
 namespace {
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const psa::Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using psa::test::error_of;
 
 std::string bad(const std::string& name) { return "tests/data/bad/" + name + ".safetensors"; }
 
