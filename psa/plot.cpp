@@ -46,7 +46,8 @@ struct Canvas {
   int text_width(const std::string& s) { return stb_easy_font_width(const_cast<char*>(s.c_str())); }
 };
 
-const uint8_t kColors[][3] = {{31, 119, 180}, {214, 39, 40}, {44, 160, 44}, {255, 127, 14}, {148, 103, 189}, {140, 86, 75}};
+const uint8_t kColors[][3] = {{31, 119, 180}, {214, 39, 40}, {44, 160, 44}, {255, 127, 14}, {148, 103, 189}, {140, 86, 75}, {227, 119, 194}, {23, 190, 207}, {127, 127, 127}};
+constexpr size_t kNumColors = sizeof(kColors) / sizeof(kColors[0]);
 const uint8_t kBlack[3] = {0, 0, 0}, kGrey[3] = {220, 220, 220};
 
 std::vector<double> smoothed(const std::vector<double>& y, int window) {
@@ -103,7 +104,7 @@ void plot_lines(const std::string& path, const std::vector<Series>& series, cons
   c.rect(left, top + ph, left + pw, top + ph + 2, kBlack);
   c.rect(left - 2, top, left, top + ph, kBlack);
   for (size_t k = 0; k < series.size(); ++k) {
-    const uint8_t* col = kColors[k % 6];
+    const uint8_t* col = kColors[k % kNumColors];
     const Series& s = series[k];
     for (size_t i = 1; i < s.y.size(); ++i) {
       double x0 = s.x.empty() ? i : s.x[i - 1], x1 = s.x.empty() ? i + 1 : s.x[i];
