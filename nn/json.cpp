@@ -9,6 +9,8 @@
 #include <string_view>
 #include <unordered_set>
 
+#include <unistd.h>
+
 #include "tensor/error.h"
 
 namespace psa::json {
@@ -607,5 +609,23 @@ std::string read_file(const std::string& path) {
 }
 
 Value parse_file(const std::string& path) { return parse(read_file(path), path); }
+
+void write_file(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  FILE* f = std::fopen(tmp.c_str(), "wb");
+  PSA_CHECK(f, path, ": cannot write: ", std::strerror(errno));
+  bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size() && std::fflush(f) == 0 && ::fsync(fileno(f)) == 0;
+  int err = errno;
+  ok = std::fclose(f) == 0 && ok;
+  if (!ok) {
+    std::remove(tmp.c_str());
+    fail(path, ": cannot write: ", std::strerror(err));
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    err = errno;
+    std::remove(tmp.c_str());
+    fail(path, ": cannot rename ", tmp, ": ", std::strerror(err));
+  }
+}
 
 }  // namespace psa::json

@@ -86,5 +86,8 @@ std::string dump(const Value& v, int indent = -1);
 Value parse_file(const std::string& path);
 // Whole file as bytes, same error wording; shared with the JSONL and safetensors readers.
 std::string read_file(const std::string& path);
+// Writes `text` atomically: a temp file beside `path`, flushed and fsynced, then renamed over it, so a crash
+// leaves either the old file or the new one. Errors name the path.
+void write_file(const std::string& path, const std::string& text);
 
 }  // namespace psa::json

@@ -9,19 +9,6 @@
 namespace psa {
 namespace fs = std::filesystem;
 
-static void write_text_atomic(const fs::path& path, const std::string& text) {
-  fs::path tmp = path;
-  tmp += ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary);
-    PSA_CHECK(f, tmp.string(), ": cannot open for writing");
-    f << text;
-    f.flush();
-    PSA_CHECK(f, tmp.string(), ": write failed");
-  }
-  fs::rename(tmp, path);
-}
-
 static json::Value lora_json(const LoraSettings& l) {
   json::Value v = json::Value::object();
   v.set("rank", l.rank);
@@ -36,7 +23,7 @@ void save_checkpoint(const std::string& dir, const PsaVlm& model, const Tokenize
   fs::create_directories(dir);
   std::string config = json::dump(model.config.to_json(), 2);
   tok.save((fs::path(dir) / "tokenizer.json").string());
-  write_text_atomic(fs::path(dir) / "config.json", config + "\n");
+  json::write_file((fs::path(dir) / "config.json").string(), config + "\n");
   nn::write_tensors((fs::path(dir) / "model.safetensors").string(), model.state_dict(),
                     {{"format", "pt"}, {"config", config}, {"stage", stage}, {"lora", json::dump(lora_json(lora))}});
 }

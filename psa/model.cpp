@@ -1,6 +1,7 @@
 #include "psa/model.h"
 
 #include <cmath>
+#include <tuple>
 
 namespace psa {
 
@@ -116,11 +117,20 @@ Tensor PsaVlm::head_keys(const Tensor& features) const {
   return concat({expand(s_head, {B, s_head.size(1), s_head.size(2)}), h_s}, 1);
 }
 
-std::pair<Tensor, Tensor> PsaVlm::classify(const Tensor& pixels, const Tensor& text, const PsaBatch* b) const {
-  Tensor features = vision->features(pixels, config.feature_layer);
+std::pair<Tensor, Tensor> PsaVlm::head_logits(const Tensor& text, const Tensor& features, const PsaBatch* b) const {
   Tensor z = cross_attention->forward(head_query(text, b), head_keys(features));  // [B, 1, D]
   z = reshape(z, {z.size(0), z.size(2)});
   return {level_head->forward(z), type_head->forward(z)};
+}
+
+std::pair<Tensor, Tensor> PsaVlm::classify(const Tensor& pixels, const Tensor& text, const PsaBatch* b) const {
+  return head_logits(text, vision->features(pixels, config.feature_layer), b);
+}
+
+Tensor PsaVlm::image_inserts(const Tensor& features, bool safety_tokens) const {
+  Tensor h_i = projector->forward(features);
+  if (!safety_tokens) return h_i;
+  return concat({expand(s_llm, {h_i.size(0), s_llm.size(1), s_llm.size(2)}), h_i}, 1);
 }
 
 Tensor PsaVlm::head_attention(const PsaBatch& b) const {
@@ -154,24 +164,17 @@ Tensor merged_labels(const Tensor& ids, const Tensor& labels, int64_t image_toke
 }  // namespace
 
 Tensor PsaVlm::prompt_embeddings(const Tensor& pixels, const Tensor& ids, bool safety_tokens) const {
-  Tensor text = lm->embed(ids);
-  Tensor h_i = projector->forward(vision->features(pixels, config.feature_layer));
-  int64_t B = ids.size(0);
-  Tensor inserts = safety_tokens ? concat({expand(s_llm, {B, s_llm.size(1), s_llm.size(2)}), h_i}, 1) : h_i;
-  return nn::splice_embeddings(text, ids, config.image_token, inserts, false);
+  Tensor inserts = image_inserts(vision->features(pixels, config.feature_layer), safety_tokens);
+  return nn::splice_embeddings(lm->embed(ids), ids, config.image_token, inserts, false);
 }
 
 PsaOutput PsaVlm::forward(const PsaBatch& b, bool classify_pass, bool lm_pass, bool safety_tokens) const {
   PsaOutput out;
   Tensor text = lm->embed(b.ids);
   Tensor features = vision->features(b.pixels, config.feature_layer);
-  int64_t B = b.ids.size(0);
   std::vector<Tensor> losses;
   if (classify_pass) {
-    Tensor z = cross_attention->forward(head_query(text, &b), head_keys(features));
-    z = reshape(z, {B, z.size(2)});
-    out.level_logits = level_head->forward(z);
-    out.type_logits = type_head->forward(z);
+    std::tie(out.level_logits, out.type_logits) = head_logits(text, features, &b);
     if (b.level.defined()) {
       out.loss_level = cross_entropy(out.level_logits, b.level);
       out.loss_type = cross_entropy(out.type_logits, b.type);
@@ -179,8 +182,7 @@ PsaOutput PsaVlm::forward(const PsaBatch& b, bool classify_pass, bool lm_pass, b
     }
   }
   if (lm_pass) {
-    Tensor h_i = projector->forward(features);
-    Tensor inserts = safety_tokens ? concat({expand(s_llm, {B, s_llm.size(1), s_llm.size(2)}), h_i}, 1) : h_i;
+    Tensor inserts = image_inserts(features, safety_tokens);
     Tensor merged = nn::splice_embeddings(text, b.ids, config.image_token, inserts, false);
     out.merged_labels = merged_labels(b.ids, b.labels, config.image_token, inserts.size(1)).to(merged.device());
     out.lm_logits = lm->forward(merged).logits;

@@ -72,6 +72,9 @@ class PsaVlm : public nn::Module {
  private:
   Tensor head_query(const Tensor& text_embeds, const PsaBatch* b) const;
   Tensor head_keys(const Tensor& features) const;
+  std::pair<Tensor, Tensor> head_logits(const Tensor& text, const Tensor& features, const PsaBatch* b) const;
+  // What replaces the <image> token: [s_llm; projected patches], or the patches alone without safety tokens.
+  Tensor image_inserts(const Tensor& features, bool safety_tokens) const;
 };
 
 // Parameter-name prefixes of each group (for freezing, audits and the stage invariants).

@@ -406,25 +406,6 @@ const json::Value& member(const json::Value& obj, const std::string& key, json::
   return *v;
 }
 
-void write_atomically(const std::string& path, const std::string& data) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    PSA_CHECK(out, path, ": cannot write: ", std::strerror(errno));
-    out.write(data.data(), std::streamsize(data.size()));
-    out.close();
-    if (!out) {
-      std::remove(tmp.c_str());
-      fail(path, ": cannot write: ", std::strerror(errno));
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    int err = errno;
-    std::remove(tmp.c_str());
-    fail(path, ": cannot rename ", tmp, ": ", std::strerror(err));
-  }
-}
-
 // Splits a vocab.bpe line on ASCII whitespace, as the reference's str.split().
 std::vector<std::string> split_ws(const std::string& line) {
   std::vector<std::string> parts;
@@ -624,7 +605,7 @@ void Tokenizer::save(const std::string& path) const {
   root.set("special_tokens", std::move(specials));
   root.set("vocab", std::move(vocab));
   root.set("merges", std::move(merges));
-  write_atomically(path, json::dump(root, 1) + "\n");
+  json::write_file(path, json::dump(root, 1) + "\n");
 }
 
 void Tokenizer::load_specials(const json::Value& specials, const std::string& path) {

@@ -112,8 +112,11 @@ TEST(PsaStages, StageOneTrainsEverySafetyModuleAndNothingElse) {
   auto m = fresh_model();
   std::set<std::string> g = grads_of(*m, "stage1");
   for (const std::string& n : g) EXPECT_TRUE(is_safety(n)) << n << " got a gradient in Stage I";
-  for (auto& [n, t] : m->named_parameters())
-    if (is_safety(n)) EXPECT_TRUE(g.count(n)) << n << " got no gradient in Stage I";
+  for (auto& [n, t] : m->named_parameters()) {
+    if (is_safety(n)) {
+      EXPECT_TRUE(g.count(n)) << n << " got no gradient in Stage I";
+    }
+  }
   EXPECT_TRUE(g.count("safety_query_tokens_2")) << "L_LLM must reach the LLM-side safety tokens";
 }
 

@@ -85,16 +85,6 @@ static void merge_stage(json::Value& report, const std::string& key, const json:
   for (const auto& [k, v] : metrics.obj) target.set(k, v);
 }
 
-static void write_atomic(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    PSA_CHECK(f, tmp, ": cannot open for writing");
-    f << text;
-    PSA_CHECK(f.flush(), tmp, ": write failed");
-  }
-  fs::rename(tmp, path);
-}
 
 static std::string unique_key(const json::Value& done, const std::string& stage) {
   std::string key = stage;
@@ -152,9 +142,9 @@ int cmd_eval(int argc, char** argv) {
     done.set(key, json::Value(true));
     merge_stage(report, key, m);
   }
-  write_atomic(out, json::dump(report, 2) + "\n");
+  json::write_file(out, json::dump(report, 2) + "\n");
   const std::string md = markdown_table(report);
-  write_atomic(md_path, md);
+  json::write_file(md_path, md);
   std::printf("\n%s\nwrote %s and %s\n", md.c_str(), out.c_str(), md_path.c_str());
   return 0;
 }

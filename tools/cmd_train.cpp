@@ -191,12 +191,7 @@ int cmd_train(int argc, char** argv) {
     curves.push_back({stage + " loss", {}, r.loss});
     if (!r.loss_level.empty()) curves.push_back({stage + " level CE", {}, r.loss_level});
     if (!r.loss_type.empty()) curves.push_back({stage + " type CE", {}, r.loss_type});
-    json::Value tmp = report;
-    std::string text = json::dump(report, 2);
-    fs::path tmp_path = report_path;
-    tmp_path += ".tmp";
-    { FILE* f = std::fopen(tmp_path.c_str(), "w"); PSA_CHECK(f, tmp_path.string(), ": cannot write"); std::fputs(text.c_str(), f); std::fclose(f); }
-    fs::rename(tmp_path, report_path);
+    json::write_file(report_path.string(), json::dump(report, 2) + "\n");
     prev = stage;
   }
   if (!curves.empty()) {
