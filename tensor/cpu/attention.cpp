@@ -9,6 +9,7 @@
 
 #include "tensor/cpu/kernel_util.h"
 #include "tensor/cpu/kernels.h"
+#include "tensor/cpu/vec_math.h"
 
 namespace psa::cpu {
 namespace {
@@ -85,14 +86,9 @@ void mask_softmax_rows(X* P, const X* mask, bool causal, int64_t T, int64_t S) {
     int64_t visible = causal ? std::min(S, std::max<int64_t>(t + S - T + 1, 0)) : S;
     if (mask)
       for (int64_t s = 0; s < visible; ++s) row[s] += mask[t * S + s];
-    X mx = -inf;
-    for (int64_t s = 0; s < visible; ++s) mx = std::max(mx, row[s]);
+    X mx = row_max(row, visible);
     if (mx == -inf) visible = 0;
-    double sum = 0;
-    for (int64_t s = 0; s < visible; ++s) {
-      row[s] = std::exp(row[s] - mx);
-      sum += row[s];
-    }
+    double sum = exp_shifted_sum(row, mx, row, visible);  // in place: each lane is read before it is written
     X inv = visible ? (X)(1.0 / sum) : X(0);
     for (int64_t s = 0; s < visible; ++s) row[s] *= inv;
     for (int64_t s = visible; s < S; ++s) row[s] = X(0);

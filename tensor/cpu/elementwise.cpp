@@ -1,9 +1,12 @@
 // Elementwise kernels, forward and backward side by side. Broadcasting is resolved into per-operand strides
 // (0 along broadcast dims) and walked with the last dim innermost, so the common cases (same shape, a bias
 // along the last dim, a scalar) are flat vectorisable loops.
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "tensor/cpu/kernels.h"
+#include "tensor/cpu/vec_math.h"
 
 namespace psa::cpu {
 namespace {
@@ -54,14 +57,37 @@ void binary_loop(const T* a, const T* b, T* o, const Shape& sa, const Shape& sb,
 template <typename T>
 T gelu_cdf(T x) { return T(0.5) * (T(1) + std::erf(x * T(0.70710678118654752440))); }
 
-template <typename T>
-T sigmoid_of(T x) { return T(1) / (T(1) + std::exp(-x)); }
+// ---- the activations whose cost is an exp, written once over V = double, float or (AVX2) 8 float lanes, so
+// the f64 reference path, the f32 scalar tails and the f32 vector bodies share one formula (exp_of: the
+// vectorised exp for f32, std::exp for f64, vec_math.h).
+template <typename V>
+using scalar_of = std::conditional_t<std::is_same_v<V, double>, double, float>;  // float for float and lanes
+
+template <typename V>
+V sigmoid_of(V x) {
+  using S = scalar_of<V>;
+  return S(1) / (S(1) + exp_of(-x));
+}
+template <typename V>
+V silu_of(V x) { return x * sigmoid_of(x); }
+template <typename V>
+V quick_gelu_of(V x) {
+  using S = scalar_of<V>;
+  return x * sigmoid_of(S(1.702) * x);
+}
+// d/dx x·σ(a·x) = σ + a·x·σ·(1 - σ) with σ = σ(a·x): silu is a = 1, quick_gelu a = 1.702.
+template <typename V>
+V x_sigmoid_grad(V x, scalar_of<V> a) {
+  using S = scalar_of<V>;
+  V s = sigmoid_of(a * x);
+  return s + a * x * s * (S(1) - s);
+}
 
 template <typename T>
 T unary_value(UnaryOp op, T x, T p) {
   switch (op) {
     case UnaryOp::neg: return -x;
-    case UnaryOp::exp: return std::exp(x);
+    case UnaryOp::exp: return exp_of(x);
     case UnaryOp::log: return std::log(x);
     case UnaryOp::sqrt: return std::sqrt(x);
     case UnaryOp::rsqrt: return T(1) / std::sqrt(x);
@@ -69,8 +95,8 @@ T unary_value(UnaryOp op, T x, T p) {
     case UnaryOp::sigmoid: return sigmoid_of(x);
     case UnaryOp::relu: return x > 0 ? x : T(0);
     case UnaryOp::gelu: return x * gelu_cdf(x);
-    case UnaryOp::quick_gelu: return x * sigmoid_of(T(1.702) * x);
-    case UnaryOp::silu: return x * sigmoid_of(x);
+    case UnaryOp::quick_gelu: return quick_gelu_of(x);
+    case UnaryOp::silu: return silu_of(x);
     case UnaryOp::pow: return std::pow(x, p);
     case UnaryOp::add_scalar: return x + p;
     case UnaryOp::mul_scalar: return x * p;
@@ -90,14 +116,48 @@ T unary_derivative(UnaryOp op, T x, T y, T p) {
     case UnaryOp::tanh: return T(1) - y * y;
     case UnaryOp::sigmoid: return y * (T(1) - y);
     case UnaryOp::relu: return x > 0 ? T(1) : T(0);
-    case UnaryOp::gelu: return gelu_cdf(x) + x * T(0.39894228040143267794) * std::exp(T(-0.5) * x * x);
-    case UnaryOp::quick_gelu: { T s = sigmoid_of(T(1.702) * x); return s + T(1.702) * x * s * (T(1) - s); }
-    case UnaryOp::silu: { T s = sigmoid_of(x); return s + x * s * (T(1) - s); }
+    case UnaryOp::gelu: return gelu_cdf(x) + x * T(0.39894228040143267794) * exp_of(T(-0.5) * x * x);
+    case UnaryOp::quick_gelu: return x_sigmoid_grad(x, T(1.702));
+    case UnaryOp::silu: return x_sigmoid_grad(x, T(1));
     case UnaryOp::pow: return p * std::pow(x, p - T(1));
     case UnaryOp::add_scalar: return T(1);
     case UnaryOp::mul_scalar: return p;
   }
   return T(0);
+}
+
+// Runs body(begin, end) over [0, n) in blocks spread over the threads when n is large. Blocks are multiples of
+// 8, so which elements take the vector body does not depend on the thread count.
+template <typename F>
+void for_blocks(int64_t n, F body) {
+  constexpr int64_t kBlock = 1 << 12;
+  int64_t blocks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel for if (n > kParallelMin)
+  for (int64_t b = 0; b < blocks; ++b) body(b * kBlock, std::min(n, (b + 1) * kBlock));
+}
+
+// The activations that cost an exp, as lane loops (vec_math.h); false for the other ops (the scalar table).
+template <typename T>
+bool unary_lanes(UnaryOp op, const T* x, T* y, int64_t n) {
+  auto run = [&](auto f) { for_blocks(n, [&](int64_t i, int64_t e) { map_lanes(x + i, y + i, e - i, f); }); };
+  switch (op) {
+    case UnaryOp::exp: run([](auto v) { return exp_of(v); }); return true;
+    case UnaryOp::sigmoid: run([](auto v) { return sigmoid_of(v); }); return true;
+    case UnaryOp::silu: run([](auto v) { return silu_of(v); }); return true;
+    case UnaryOp::quick_gelu: run([](auto v) { return quick_gelu_of(v); }); return true;
+    default: return false;
+  }
+}
+
+// gx = g·op'(x) for the activations that cost an exp; false for the other ops.
+template <typename T>
+bool unary_backward_lanes(UnaryOp op, const T* x, const T* g, T* gx, int64_t n) {
+  auto run = [&](auto f) { for_blocks(n, [&](int64_t i, int64_t e) { map_lanes(x + i, g + i, gx + i, e - i, f); }); };
+  switch (op) {
+    case UnaryOp::silu: run([](auto v, auto gv) { return gv * x_sigmoid_grad(v, scalar_of<T>(1)); }); return true;
+    case UnaryOp::quick_gelu: run([](auto v, auto gv) { return gv * x_sigmoid_grad(v, scalar_of<T>(1.702)); }); return true;
+    default: return false;
+  }
 }
 
 }  // namespace
@@ -126,6 +186,7 @@ void unary(UnaryOp op, const Tensor& x, double param, Tensor& out) {
     T* po = out.data<T>();
     T p = (T)param;
     int64_t n = x.numel();
+    if (unary_lanes(op, px, po, n)) return;
 #pragma omp parallel for if (n > kParallelMin)
     for (int64_t i = 0; i < n; ++i) po[i] = unary_value(op, px[i], p);
   });
@@ -141,6 +202,7 @@ void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& 
     T* po = gx.data<T>();
     T p = (T)param;
     int64_t n = x.numel();
+    if (unary_backward_lanes(op, px, pg, po, n)) return;
 #pragma omp parallel for if (n > kParallelMin)
     for (int64_t i = 0; i < n; ++i) po[i] = pg[i] * unary_derivative(op, px[i], py[i], p);
   });

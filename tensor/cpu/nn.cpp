@@ -11,6 +11,7 @@
 
 #include "tensor/cpu/kernel_util.h"
 #include "tensor/cpu/kernels.h"
+#include "tensor/cpu/vec_math.h"
 #include "tensor/rng.h"
 
 namespace psa::cpu {
@@ -146,22 +147,31 @@ void rms_norm_backward(const Tensor& gout, const Tensor& x, const Tensor& w, con
 // -inf (log_softmax), never NaN.
 namespace {
 
+// A contiguous row (stride 1, the common case: softmax over the last dim) takes the lane loops of vec_math.h
+// and computes each exp once; a strided one reads column-wise and takes the exps again for the output.
 template <typename T>
 void softmax_row(const T* x, T* y, int64_t n, int64_t stride, bool log) {
   T mx = -std::numeric_limits<T>::infinity();
-  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, x[i * stride]);
+  if (stride == 1) mx = row_max(x, n);
+  else
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, x[i * stride]);
   if (mx == -std::numeric_limits<T>::infinity()) {
     for (int64_t i = 0; i < n; ++i) y[i * stride] = log ? mx : T(0);
     return;
   }
   double sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += std::exp(x[i * stride] - mx);
+  if (stride == 1) sum = exp_shifted_sum(x, mx, log ? nullptr : y, n);
+  else
+    for (int64_t i = 0; i < n; ++i) sum += exp_of(x[i * stride] - mx);
   if (log) {
     T log_sum = (T)std::log(sum);  // (x - max) - log_sum: exact shift first, no rounding of a large lse
     for (int64_t i = 0; i < n; ++i) y[i * stride] = (x[i * stride] - mx) - log_sum;
+  } else if (stride == 1) {
+    T inv = (T)(1.0 / sum);
+    for (int64_t i = 0; i < n; ++i) y[i] *= inv;
   } else {
     T inv = (T)(1.0 / sum);
-    for (int64_t i = 0; i < n; ++i) y[i * stride] = std::exp(x[i * stride] - mx) * inv;
+    for (int64_t i = 0; i < n; ++i) y[i * stride] = exp_of(x[i * stride] - mx) * inv;
   }
 }
 
@@ -173,7 +183,7 @@ void softmax_backward_row(const T* g, const T* y, T* gx, int64_t n, int64_t stri
   T d = (T)dot;
   for (int64_t i = 0; i < n; ++i) {
     int64_t k = i * stride;
-    gx[k] = log ? g[k] - std::exp(y[k]) * d : y[k] * (g[k] - d);
+    gx[k] = log ? g[k] - exp_of(y[k]) * d : y[k] * (g[k] - d);
   }
 }
 
@@ -221,11 +231,8 @@ void cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_i
 #pragma omp parallel for if (N * V > kParallelMin)
     for (int64_t i = 0; i < N; ++i) {
       const T* xr = px + i * V;
-      T mx = -std::numeric_limits<T>::infinity();
-      for (int64_t v = 0; v < V; ++v) mx = std::max(mx, xr[v]);
-      double sum = 0;
-      for (int64_t v = 0; v < V; ++v) sum += std::exp(xr[v] - mx);
-      double row_lse = mx + std::log(sum);
+      T mx = row_max(xr, V);
+      double row_lse = mx + std::log(exp_shifted_sum(xr, mx, (T*)nullptr, V));
       pl[i] = (T)row_lse;
       if (pt[i] != ignore_index) row_loss[i] = row_lse - xr[pt[i]];
     }
@@ -252,8 +259,8 @@ void cross_entropy_backward(const Tensor& gout, const Tensor& logits, const Tens
         std::fill(out, out + V, T(0));
         continue;
       }
-      const T* xr = px + i * V;
-      for (int64_t v = 0; v < V; ++v) out[v] = g * std::exp(xr[v] - pl[i]);
+      const T lse_i = pl[i];
+      map_lanes(px + i * V, out, V, [=](auto x) { return g * exp_of(x - lse_i); });
       out[pt[i]] -= g;
     }
   });

@@ -1,0 +1,173 @@
+// Vectorised f32 exp and the array loops built on it (softmax rows, sigmoid, silu, quick_gelu), for the CPU
+// kernels' f32 paths; f64 paths keep std::exp (they are the references the f32 paths are tested against).
+//
+// exp(x) = 2^k · e^r with k = round(x·log2 e) and r = x - k·ln2 (ln2 split in a hi part exact in f32 and a lo
+// part, so r is exact to ~1 ulp), |r| <= ln2/2; e^r = 1 + r + r²·P(r) with Cephes' degree-5 minimax P
+// (~1 ulp). 2^k is applied as two factors 2^(k/2)·2^(k-k/2), each a valid normal float, so results that
+// round into denormals (x < -87.3) are rounded once and exp(88.7 .. 89) gives the largest floats or +inf
+// instead of garbage. Inputs are clamped to [-110, 89]: below, the result rounds to 0 (-inf gives 0); above,
+// it is +inf (+inf gives +inf). NaN stays NaN (the clamps pass it through, the polynomial propagates it).
+//
+// exp_f32 on 8 AVX2 lanes and on one float run the same operations, so an element's value does not depend on
+// whether it fell in a vector body or a tail. Without AVX2+FMA everything is std::exp.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PSA_VEC_EXP 1
+#endif
+
+namespace psa::cpu {
+
+namespace vexp_const {
+constexpr float kHi = 89.0f, kLo = -110.0f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // kLn2Hi has 9 significant bits: k·kLn2Hi exact
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f, kP3 = 4.1665795894e-2f,
+                kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+}  // namespace vexp_const
+
+#ifdef PSA_VEC_EXP
+
+inline __m256 exp_f32(__m256 x) {
+  using namespace vexp_const;
+  // min/max return their second operand when one is NaN: with x second, NaN passes through both clamps.
+  x = _mm256_max_ps(_mm256_set1_ps(kLo), _mm256_min_ps(_mm256_set1_ps(kHi), x));
+  __m256 kf = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(kf, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(kf, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kP0);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP5));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i k = _mm256_cvtps_epi32(kf);  // NaN gives INT_MIN: garbage scale, but p is NaN already
+  __m256i k1 = _mm256_srai_epi32(k, 1), k2 = _mm256_sub_epi32(k, k1);
+  __m256i bias = _mm256_set1_epi32(127);
+  __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k1, bias), 23));
+  __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k2, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+// The same operations as the 8-lane exp_f32 on one value (std::fma compiles to the FMA instruction here).
+inline float exp_f32(float x) {
+  using namespace vexp_const;
+  x = std::isnan(x) ? x : std::fmax(kLo, std::fmin(kHi, x));
+  float kf = std::nearbyint(x * kLog2e);
+  float r = std::fma(-kf, kLn2Hi, x);
+  r = std::fma(-kf, kLn2Lo, r);
+  float p = kP0;
+  for (float c : {kP1, kP2, kP3, kP4, kP5}) p = std::fma(p, r, c);
+  p = std::fma(p, r * r, r + 1.0f);
+  if (std::isnan(p)) return p;
+  int32_t k = (int32_t)kf, k1 = k >> 1, k2 = k - k1;
+  return p * std::ldexp(1.0f, k1) * std::ldexp(1.0f, k2);
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+#else
+
+inline float exp_f32(float x) { return std::exp(x); }
+
+#endif
+
+// exp for code templated over the scalar type: the vectorised exp for f32 (one value or 8 lanes), std::exp
+// for f64.
+inline double exp_of(double x) { return std::exp(x); }
+inline float exp_of(float x) { return exp_f32(x); }
+#ifdef PSA_VEC_EXP
+inline __m256 exp_of(__m256 x) { return exp_f32(x); }
+#endif
+
+// ---- array loops over f32 (8 lanes in the body, one float at a time in the tail) or f64 (scalar). --------
+
+// y[i] = f(x[i]), f generic: called on __m256 lanes and on single floats (or doubles).
+template <typename T, typename F>
+void map_lanes(const T* x, T* y, int64_t n, F f) {
+  int64_t i = 0;
+#ifdef PSA_VEC_EXP
+  if constexpr (std::is_same_v<T, float>)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, f(_mm256_loadu_ps(x + i)));
+#endif
+  for (; i < n; ++i) y[i] = f(x[i]);
+}
+
+// y[i] = f(x[i], g[i]), the same way (an activation's backward: f = g·f'(x)).
+template <typename T, typename F>
+void map_lanes(const T* x, const T* g, T* y, int64_t n, F f) {
+  int64_t i = 0;
+#ifdef PSA_VEC_EXP
+  if constexpr (std::is_same_v<T, float>)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, f(_mm256_loadu_ps(x + i), _mm256_loadu_ps(g + i)));
+#endif
+  for (; i < n; ++i) y[i] = f(x[i], g[i]);
+}
+
+// y = exp(x), elementwise.
+template <typename T>
+void exp_array(const T* x, T* y, int64_t n) {
+  map_lanes(x, y, n, [](auto v) { return exp_of(v); });
+}
+
+// Largest of x[0, n): -inf for n = 0; NaNs are skipped (as std::max(mx, x) does).
+template <typename T>
+T row_max(const T* x, int64_t n) {
+  int64_t i = 0;
+  T mx = -std::numeric_limits<T>::infinity();
+#ifdef PSA_VEC_EXP
+  if constexpr (std::is_same_v<T, float>) {
+    __m256 m = _mm256_set1_ps(mx);
+    for (; i + 8 <= n; i += 8) m = _mm256_max_ps(_mm256_loadu_ps(x + i), m);  // m second: a NaN x is skipped
+    mx = hmax8(m);
+  }
+#endif
+  for (; i < n; ++i) mx = std::max(mx, x[i]);
+  return mx;
+}
+
+// Σ exp(x - shift), also stored to y unless y is null. f32 sums in 8 float lanes (added in a fixed order),
+// f64 in one running double, so both are reproducible.
+template <typename T>
+double exp_shifted_sum(const T* x, T shift, T* y, int64_t n) {
+  int64_t i = 0;
+  double sum = 0;
+#ifdef PSA_VEC_EXP
+  if constexpr (std::is_same_v<T, float>) {
+    __m256 acc = _mm256_setzero_ps(), s = _mm256_set1_ps(shift);
+    for (; i + 8 <= n; i += 8) {
+      __m256 e = exp_f32(_mm256_sub_ps(_mm256_loadu_ps(x + i), s));
+      if (y) _mm256_storeu_ps(y + i, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum8(acc);
+  }
+#endif
+  for (; i < n; ++i) {
+    T e = exp_of(x[i] - shift);
+    if (y) y[i] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+}  // namespace psa::cpu
