@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -56,6 +57,14 @@ inline __m256 exp_f32(__m256 x) {
   return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
 }
 
+// 2^k for k in [-126, 127], from its bits (std::ldexp is a library call; this is one shift).
+inline float pow2_f32(int32_t k) {
+  uint32_t bits = uint32_t(k + 127) << 23;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 // The same operations as the 8-lane exp_f32 on one value (std::fma compiles to the FMA instruction here).
 inline float exp_f32(float x) {
   using namespace vexp_const;
@@ -68,7 +77,7 @@ inline float exp_f32(float x) {
   p = std::fma(p, r * r, r + 1.0f);
   if (std::isnan(p)) return p;
   int32_t k = (int32_t)kf, k1 = k >> 1, k2 = k - k1;
-  return p * std::ldexp(1.0f, k1) * std::ldexp(1.0f, k2);
+  return p * pow2_f32(k1) * pow2_f32(k2);
 }
 
 inline float hsum8(__m256 v) {
