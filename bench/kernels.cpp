@@ -581,6 +581,26 @@ Case silu_case(const Dims& d, bool backward) {
 Case silu_fwd(const Dims& d) { return silu_case(d, false); }
 Case silu_bwd(const Dims& d) { return silu_case(d, true); }
 
+// ---- exp over a tensor (the vectorised exp of tensor/cpu/vec_math.h that softmax, cross_entropy, attention
+// and the sigmoid-family activations use), on inputs spread over [-20, 20] ---------------------------------
+
+Case exp_case(const Dims& d) {
+  int64_t n = d[0] * d[1];
+  Tensor x = uniform({d[0], d[1]}, -20, 20, 1), y = Tensor::empty({d[0], d[1]});
+  Case c;
+  c.run = [=]() mutable { cpu::unary(cpu::UnaryOp::exp, x, 0, y); };
+  c.check = [=] {
+    Check k;
+    for (int64_t i = 0; i < n; ++i) {  // every element: relative error of a few ulps
+      double want = std::exp(double(f(x)[i]));
+      k.near("exp", i, f(y)[i] / want, 1, 5e-7);
+    }
+    return k.error;
+  };
+  c.bytes = 2.0 * n * 4;
+  return c;
+}
+
 // ---- fused AdamW: p, g, m, v read; p, m, v written --------------------------------------------------------
 
 Case adamw_case(const Dims& d) {
@@ -693,6 +713,7 @@ std::vector<Family> families() {
       {"add", add_case, mlp_rows},
       {"silu", silu_fwd, mlp_rows},
       {"silu_bwd", silu_bwd, mlp_rows},
+      {"exp", exp_case, logits},
       {"adamw", adamw_case, {{"1M", {1 << 20}}}},
   };
 }
