@@ -101,9 +101,7 @@ void softmax_grad_rows(const X* P, X* dP, int64_t T, int64_t S) {
   for (int64_t t = 0; t < T; ++t) {
     const X* p = P + t * S;
     X* d = dP + t * S;
-    double dot = 0;
-    for (int64_t s = 0; s < S; ++s) dot += (double)d[s] * p[s];
-    X c = (X)dot;
+    X c = (X)sum_f64(S, [&](int64_t s) { return (double)d[s] * p[s]; });
     for (int64_t s = 0; s < S; ++s) d[s] = p[s] * (d[s] - c);
   }
 }

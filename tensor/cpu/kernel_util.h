@@ -27,6 +27,19 @@ inline void gemm_batched(int64_t batch, bool ta, bool tb, int64_t M, int64_t N, 
   dgemm_batched(batch, ta, tb, M, N, K, 1.0, A, lda, sa, B, ldb, sb, 0.0, C, ldc, sc);
 }
 
+// Σ_{i<n} term(i) in double, over 8 interleaved partial sums added in a fixed order: the compiler keeps them in
+// vector registers, where a single running sum is a chain of dependent adds (4 cycles per element). Used for
+// the per-row statistics of the norms and softmax backwards; the order is fixed, so results are reproducible.
+template <typename F>
+double sum_f64(int64_t n, F term) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += term(i + j);
+  for (int j = 0; i < n; ++i, ++j) acc[j] += term(i);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 // Runs body(r, acc) for every row on the threads, each with its own zeroed accumulator of `width` doubles;
 // returns the accumulators summed thread by thread (deterministic for a fixed thread count).
 template <typename F>

@@ -44,10 +44,9 @@ void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps, T
 #pragma omp parallel for if (rows * C > kParallelMin)
     for (int64_t r = 0; r < rows; ++r) {
       const T* xr = px + r * C;
-      double sum = 0, sq = 0;
-      for (int64_t c = 0; c < C; ++c) sum += xr[c];
-      double mu = sum / C;
-      for (int64_t c = 0; c < C; ++c) sq += (xr[c] - mu) * (xr[c] - mu);  // two passes: no cancellation
+      double mu = sum_f64(C, [&](int64_t c) { return (double)xr[c]; }) / C;
+      // two passes: no cancellation
+      double sq = sum_f64(C, [&](int64_t c) { return ((double)xr[c] - mu) * ((double)xr[c] - mu); });
       T m = (T)mu, rs = (T)(1.0 / std::sqrt(sq / C + eps));
       pm[r] = m;
       pr[r] = rs;
@@ -104,8 +103,7 @@ void rms_norm(const Tensor& x, const Tensor& w, double eps, Tensor& out, Tensor&
 #pragma omp parallel for if (rows * C > kParallelMin)
     for (int64_t r = 0; r < rows; ++r) {
       const T* xr = px + r * C;
-      double sq = 0;
-      for (int64_t c = 0; c < C; ++c) sq += (double)xr[c] * xr[c];
+      double sq = sum_f64(C, [&](int64_t c) { return (double)xr[c] * xr[c]; });
       T rs = (T)(1.0 / std::sqrt(sq / C + eps));
       pr[r] = rs;
       T* yr = po + r * C;
@@ -178,12 +176,12 @@ void softmax_row(const T* x, T* y, int64_t n, int64_t stride, bool log) {
 // softmax: gx = y·(g - Σ g·y);  log_softmax: gx = g - exp(y)·Σ g.
 template <typename T>
 void softmax_backward_row(const T* g, const T* y, T* gx, int64_t n, int64_t stride, bool log) {
-  double dot = 0;
-  for (int64_t i = 0; i < n; ++i) dot += log ? (double)g[i * stride] : (double)g[i * stride] * y[i * stride];
-  T d = (T)dot;
-  for (int64_t i = 0; i < n; ++i) {
-    int64_t k = i * stride;
-    gx[k] = log ? g[k] - exp_of(y[k]) * d : y[k] * (g[k] - d);
+  if (log) {  // separate loops: with `log ?` per element the compiler may compute the exp for softmax too
+    T d = (T)sum_f64(n, [&](int64_t i) { return (double)g[i * stride]; });
+    for (int64_t i = 0, k = 0; i < n; ++i, k += stride) gx[k] = g[k] - exp_of(y[k]) * d;
+  } else {
+    T d = (T)sum_f64(n, [&](int64_t i) { return (double)g[i * stride] * y[i * stride]; });
+    for (int64_t i = 0, k = 0; i < n; ++i, k += stride) gx[k] = y[k] * (g[k] - d);
   }
 }
 
