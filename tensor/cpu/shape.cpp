@@ -1,5 +1,8 @@
 // Data movement: permutation, block copies for concat/slice, row gathers for embeddings. These move bytes,
 // so they are written once over element size rather than per dtype.
+#include <omp.h>
+
+#include <algorithm>
 #include <cstring>
 
 #include "tensor/cpu/kernels.h"
@@ -11,23 +14,19 @@ void permute(const Tensor& a, const std::vector<int64_t>& perm, Tensor& out) {
   int64_t rank = s.size(), es = dtype_size(a.dtype());
   std::vector<int64_t> in_stride(rank, 1);
   for (int64_t d = rank - 2; d >= 0; --d) in_stride[d] = in_stride[d + 1] * s[d + 1];
-  // Walk the output in order; src offset follows the permuted input strides. The last output dim is the
-  // inner loop, copied element by element with its (possibly large) input stride.
+  // Walk the output in order, one row (last output dim) at a time; the source offset follows the permuted
+  // input strides. Each thread takes a contiguous range of rows and steps the row's multi-index like an
+  // odometer: a division per dim per row costs more than copying a 32-float row (head splits).
   const Shape& os = out.shape();
   int64_t inner = rank ? os[rank - 1] : 1, n = out.numel(), outer = inner ? n / inner : 0;
   int64_t inner_stride = rank ? in_stride[perm[rank - 1]] : 1;
   const char* src = static_cast<const char*>(a.raw());
   char* dst = static_cast<char*>(out.raw());
-#pragma omp parallel for if (n > (1 << 16))
-  for (int64_t r = 0; r < outer; ++r) {
-    int64_t rem = r, off = 0;
-    for (int64_t d = rank - 2; d >= 0; --d) {
-      int64_t idx = rem % os[d];
-      rem /= os[d];
-      off += idx * in_stride[perm[d]];
-    }
+  auto copy_row = [&](int64_t r, int64_t off) {
     char* o = dst + r * inner * es;
-    if (es == 4) {
+    if (inner_stride == 1) {  // the last dim stays last: one contiguous row
+      std::memcpy(o, src + off * es, inner * es);
+    } else if (es == 4) {
       const uint32_t* p = reinterpret_cast<const uint32_t*>(src) + off;
       uint32_t* q = reinterpret_cast<uint32_t*>(o);
       for (int64_t i = 0; i < inner; ++i) q[i] = p[i * inner_stride];
@@ -36,6 +35,29 @@ void permute(const Tensor& a, const std::vector<int64_t>& perm, Tensor& out) {
       uint64_t* q = reinterpret_cast<uint64_t*>(o);
       for (int64_t i = 0; i < inner; ++i) q[i] = p[i * inner_stride];
     }
+  };
+  auto copy_rows = [&](int64_t r0, int64_t r1) {
+    std::vector<int64_t> idx(std::max<int64_t>(rank - 1, 0));  // multi-index of row r over output dims < rank-1
+    int64_t off = 0, rem = r0;
+    for (int64_t d = rank - 2; d >= 0; --d) {
+      idx[d] = rem % os[d];
+      rem /= os[d];
+      off += idx[d] * in_stride[perm[d]];
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      copy_row(r, off);
+      for (int64_t d = rank - 2; d >= 0; --d) {  // next row: carry through the dims like an odometer
+        off += in_stride[perm[d]];
+        if (++idx[d] < os[d]) break;
+        off -= idx[d] * in_stride[perm[d]];
+        idx[d] = 0;
+      }
+    }
+  };
+#pragma omp parallel if (n > (1 << 16))
+  {
+    int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    copy_rows(outer * t / nt, outer * (t + 1) / nt);
   }
 }
 
