@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "tensor/cpu/kernel_util.h"
 #include "tensor/cpu/kernels.h"
 
 namespace psa::cpu {
@@ -19,15 +20,7 @@ constexpr int64_t kNormBlock = 1 << 14;
 
 template <typename T>
 double block_sum_squares(const T* x, int64_t n) {
-  // Eight independent accumulators let the compiler vectorise without reassociating: the order stays fixed.
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += double(x[i + j]) * double(x[i + j]);
-  for (int j = 0; i < n; ++i, ++j) acc[j] += double(x[i]) * double(x[i]);
-  double total = 0;
-  for (double a : acc) total += a;
-  return total;
+  return sum_f64(n, [&](int64_t i) { return double(x[i]) * double(x[i]); });
 }
 
 }  // namespace
