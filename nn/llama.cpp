@@ -156,9 +156,17 @@ Tensor LlamaForCausalLM::causal_lm_loss(const Tensor& logits, const Tensor& labe
                 logits.size(1) == labels.size(1),
             "causal_lm_loss: logits ", shape_str(logits.shape()), " and labels ", shape_str(labels.shape()));
   int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
-  Tensor pred = reshape(slice(logits, 1, 0, T - 1), {B * (T - 1), V});
-  Tensor target = reshape(slice(labels, 1, 1, T), {B * (T - 1)});
-  return cross_entropy(pred, target, -100);
+  // Position t predicts label t + 1. The labels are shifted left (a row's last position predicts nothing:
+  // -100) instead of slicing off the logits' last position, so the [B, T, V] logits are read in place rather
+  // than copied, and their gradient is written in place rather than scattered into a zero tensor. The extra
+  // rows are ignored and add exactly 0 to the loss.
+  Tensor host = labels.to(Device::cpu);
+  const int64_t* lab = host.data<int64_t>();
+  std::vector<int64_t> next(B * T, -100);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t + 1 < T; ++t) next[b * T + t] = lab[b * T + t + 1];
+  Tensor target = Tensor::from(next, {B * T}, DType::i64).to(logits.device());
+  return cross_entropy(reshape(logits, {B * T, V}), target, -100);
 }
 
 std::vector<Linear*> LlamaForCausalLM::linears() {
