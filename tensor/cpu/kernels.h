@@ -74,7 +74,8 @@ void rms_norm_backward(const Tensor& gout, const Tensor& x, const Tensor& w, con
 // (log_)softmax over the middle dim of an [outer, n, inner] view; backward from the saved output y.
 void softmax(const Tensor& x, int64_t outer, int64_t n, int64_t inner, bool log, Tensor& out);
 void softmax_backward(const Tensor& gout, const Tensor& y, int64_t outer, int64_t n, int64_t inner, bool log, Tensor& gx);
-// logits [N, V], targets i64 [N] already validated; count = targets != ignore_index. loss [] and lse [N] out.
+// logits [N, V], targets i64 [N] already validated; count = targets != ignore_index. loss [] and lse [N] out
+// (lse is 0 on ignored rows: only the backward reads it).
 void cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t count, Tensor& loss,
                    Tensor& lse);
 void cross_entropy_backward(const Tensor& gout, const Tensor& logits, const Tensor& targets, const Tensor& lse,

@@ -215,8 +215,9 @@ void softmax_backward(const Tensor& gout, const Tensor& y, int64_t outer, int64_
   });
 }
 
-// ---- cross_entropy: loss = Σ_counted (lse_i - x_i[t_i]) / count (0 when count is 0); saves lse [N] and
-// recomputes the probabilities exp(x - lse) from the logits in backward rather than keeping an [N, V] copy.
+// ---- cross_entropy: loss = Σ_counted (lse_i - x_i[t_i]) / count (0 when count is 0); saves lse [N] (0 on
+// ignored rows) and recomputes the probabilities exp(x - lse) from the logits in backward rather than keeping
+// an [N, V] copy.
 void cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t count, Tensor& loss,
                    Tensor& lse) {
   int64_t N = logits.size(0), V = logits.size(1);
@@ -228,11 +229,15 @@ void cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_i
     std::vector<double> row_loss(N, 0.0);  // summed in order afterwards: the loss is bit-reproducible
 #pragma omp parallel for if (N * V > kParallelMin)
     for (int64_t i = 0; i < N; ++i) {
+      if (pt[i] == ignore_index) {  // backward never reads an ignored row's lse (LM prompts: most rows)
+        pl[i] = T(0);
+        continue;
+      }
       const T* xr = px + i * V;
       T mx = row_max(xr, V);
       double row_lse = mx + std::log(exp_shifted_sum(xr, mx, (T*)nullptr, V));
       pl[i] = (T)row_lse;
-      if (pt[i] != ignore_index) row_loss[i] = row_lse - xr[pt[i]];
+      row_loss[i] = row_lse - xr[pt[i]];
     }
     double total = 0;
     for (double l : row_loss) total += l;
