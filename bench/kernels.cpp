@@ -528,7 +528,8 @@ Case cross_entropy_case(const Dims& d, bool backward) {
     if (backward) k.near("cross_entropy backward (ignored row)", V, f(gx)[V], 0, 0);
     return k.error;
   };
-  c.bytes = backward ? (double(count) * V + N * V + N) * 4 + N * 8.0 : (double(N) * V + N) * 4 + N * 8.0;
+  // Only counted rows' logits are read (forward and backward); backward writes every row.
+  c.bytes = backward ? (double(count) * V + N * V + N) * 4 + N * 8.0 : (double(count) * V + N) * 4 + N * 8.0;
   return c;
 }
 
