@@ -61,7 +61,7 @@ struct Rng {
   }
 };
 
-enum Stream : uint64_t { kTrain = 1, kVal = 2, kTest = 3, kBaseExtra = 4, kBaseQA = 5, kOrder = 6 };
+enum Stream : uint64_t { kTrain = 1, kVal = 2, kTest = 3, kBaseExtra = 4, kBaseQA = 5, kOrder = 6, kVision = 7 };
 
 // libm's sin/cos may differ in the last bit between C libraries; a fixed polynomial keeps pixels identical.
 double det_sin(double x) {
@@ -249,6 +249,7 @@ struct Scene {
   int prominence = -1;  // 0 small, 1 medium, 2 large motif
   int look = -1;        // hard negatives: which look-alike
   int text = -1;        // typographic attack or benign sign index
+  Box box{0, 0, 0, 0};  // where the motif (or sign) is drawn; w = 0 when there is none
   std::vector<Obj> objs;
   Image img;
 };
@@ -551,11 +552,12 @@ void draw_sign(Image& im, const Box& b, const std::string& text, const std::stri
 // ---------------------------------------------------------------------------------------------------
 // Scenes
 
-// Level follows prominence around the type's usual severity, with jitter so it is not a function of type.
-int risk_level(int type, int prominence, Rng& rng) {
+// Level follows the type's usual severity shifted by the motif's prominence (its size, which the image
+// shows), so level is not a function of type alone, yet every label can be read off the image: a random
+// jitter here would cap the head's attainable level accuracy (at +-0.45 it capped it near 0.8).
+int risk_level(int type, int prominence) {
   static const double severity[kRiskTypes] = {3.0, 3.0, 2.0, 2.0, 2.0, 1.5};
-  double score = severity[type] + 0.6 * (prominence - 1) + rng.uniform(-0.45, 0.45);
-  int level = std::clamp(static_cast<int>(std::lround(score)), 1, 3);
+  int level = std::clamp(static_cast<int>(std::lround(severity[type] + (prominence - 1))), 1, 3);
   return type == 5 ? std::min(level, 2) : level;  // misleading is 1-2 (dataset.md)
 }
 
@@ -567,7 +569,7 @@ Scene risky_scene(int S, int type, Rng& rng) {
   sc.type = type;
   sc.img = background(S, rng);
   sc.prominence = rng.below(3);
-  sc.level = risk_level(type, sc.prominence, rng);
+  sc.level = risk_level(type, sc.prominence);
   sc.motif = type == 0   ? "flag"
              : type == 1 ? (rng.chance(0.5) ? "skull" : "syringe")
              : type == 2 ? "balloon"
@@ -576,6 +578,7 @@ Scene risky_scene(int S, int type, Rng& rng) {
                          : "chart";
   const double aspect = type == 4 ? 0.64 : 1.0;
   Box b = place_motif(S, kProminenceFrac[sc.prominence] * rng.uniform(0.92, 1.08), aspect, 2, rng, &sc.objs);
+  sc.box = b;
   for (const Obj& o : sc.objs) draw_object(sc.img, o);
   if (sc.motif == "flag")
     draw_flag(sc.img, b, rng, true, rng.chance(0.7));
@@ -604,6 +607,7 @@ Scene sign_scene(int S, Rng& rng, Kind kind, int text, const std::string& font_p
   sc.prominence = 2;
   const Box size = sign_box(S, rng);
   Box b = place_motif(S, size.w / S, size.h / size.w, 2, rng, &sc.objs);
+  sc.box = b;
   for (const Obj& o : sc.objs) draw_object(sc.img, o);
   if (kind == kTypo) {
     sc.type = kAttacks[text].type;
@@ -627,6 +631,7 @@ Scene hard_negative_scene(int S, int look, Rng& rng) {
   sc.prominence = rng.below(3);
   const double aspect = look == kBlankCard ? 0.64 : 1.0;
   Box b = place_motif(S, kProminenceFrac[sc.prominence] * rng.uniform(0.92, 1.08), aspect, 2, rng, &sc.objs);
+  sc.box = b;
   for (const Obj& o : sc.objs) draw_object(sc.img, o);
   if (look == kStripes)
     draw_flag(sc.img, b, rng, false, rng.chance(0.5));
@@ -826,17 +831,18 @@ QA base_qa(const Scene& sc, const Policy& policy, double hint_share, Rng& rng) {
 // ---------------------------------------------------------------------------------------------------
 // Records and files
 
-json::Value meta_json(const Scene& sc, const QA& qa, const std::string& split) {
-  json::Value m = json::Value::object();
-  m.set("kind", qa.kind);
-  if (!qa.expected.empty()) m.set("expected", qa.expected);
-  m.set("target", qa.target);
+// The scene part of a record's meta: what is drawn where.
+void add_scene_fields(json::Value& m, const Scene& sc) {
   m.set("hard_negative", sc.kind == kHardNeg);
   m.set("motif", sc.motif);
   if (sc.prominence >= 0) m.set("prominence", sc.prominence);
+  if (sc.box.w > 0) {  // pixels: x, y, width, height (dense targets for vision pretraining)
+    json::Value box = json::Value::array();
+    for (double v : {sc.box.x, sc.box.y, sc.box.w, sc.box.h}) box.push(std::round(v * 10) / 10);
+    m.set("motif_box", std::move(box));
+  }
   if (sc.kind == kTypo) m.set("text", kAttacks[sc.text].text);
   if (sc.look == kBenignSign) m.set("text", kBenignSigns[sc.text]);
-  if (!qa.hint.empty()) m.set("hint", qa.hint);
   json::Value objs = json::Value::array();
   for (const Obj& o : sc.objs) {
     json::Value ob = json::Value::object();
@@ -846,6 +852,15 @@ json::Value meta_json(const Scene& sc, const QA& qa, const std::string& split) {
     objs.push(std::move(ob));
   }
   m.set("objects", std::move(objs));
+}
+
+json::Value meta_json(const Scene& sc, const QA& qa, const std::string& split) {
+  json::Value m = json::Value::object();
+  m.set("kind", qa.kind);
+  if (!qa.expected.empty()) m.set("expected", qa.expected);
+  m.set("target", qa.target);
+  if (!qa.hint.empty()) m.set("hint", qa.hint);
+  add_scene_fields(m, sc);
   m.set("split", split);
   return m;
 }
@@ -1038,6 +1053,32 @@ json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir)
   meta.close();
   PSA_CHECK(meta, file("dataset.json"), ": write error");
   return info;
+}
+
+SceneSample vision_scene(const SynthConfig& cfg, uint64_t i) {
+  check_config(cfg);
+  Rng rng(stream_seed(cfg.seed, kVision, i));
+  const SplitSizes& n = cfg.train;
+  const int looks = cfg.image_size >= 64 ? 5 : 4;
+  int k = rng.below(n.clean + n.risky + n.hard_negative + n.typographic);
+  SceneSpec spec{kClean, 0};
+  if ((k -= n.clean) >= 0) spec = {kRisky, k % kRiskTypes};
+  if (k >= 0 && (k -= n.risky) >= 0) spec = {kHardNeg, k % looks};
+  if (k >= 0 && (k -= n.hard_negative) >= 0) spec = {kTypo, k % kNumAttacks};
+  Scene sc = make_scene(cfg, spec, rng);
+  SceneSample out{std::move(sc.img), json::Value::object()};
+  add_scene_fields(out.meta, sc);
+  return out;
+}
+
+SceneWords scene_words(const SynthConfig& cfg) {
+  SceneWords w;
+  w.motifs = {"none", "flag", "skull", "syringe", "balloon", "figures", "id_card", "chart"};
+  for (int look = 0; look < (cfg.image_size >= 64 ? 5 : 4); ++look) w.motifs.push_back(kLookMotif[look]);
+  if (cfg.image_size >= 64) w.motifs.push_back("text");
+  w.shapes.assign(std::begin(kShapes), std::end(kShapes));
+  for (const Colour& c : kColours) w.colours.push_back(c.name);
+  return w;
 }
 
 }  // namespace psa

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "nn/json.h"
+#include "psa/image.h"
 
 namespace psa {
 
@@ -22,7 +23,7 @@ struct SynthConfig {
   uint64_t seed = 1;
   SplitSizes train{1200, 1800, 300, 0};
   SplitSizes val{60, 120, 30, 0};
-  SplitSizes test{150, 600, 100, 0};
+  SplitSizes test{400, 600, 100, 0};  // enough clean questions that a 2-point change in clean accuracy shows
   int base_extra_clean = 1500;        // clean scenes that only the base-VLM data gets (it must learn to describe)
   double hint_share = 0.2;            // share of base records whose question carries a Safe Hint
   std::string hint_policy = "short";  // built-in name or policy file; inference must use the same table
@@ -37,6 +38,21 @@ json::Value synth_config_to_json(const SynthConfig& cfg);
 // (config + counts, also returned). Every record carries a "meta" object with the ground truth
 // (kind, expected, hard_negative, motif, objects, target, ...).
 json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir);
+
+// Scene i of the vision-pretraining stream (psa/vision_pretrain.h): the train split's mix of clean, risky and
+// hard-negative scenes from a seed stream of its own, disjoint from every split and never written to disk.
+// meta holds the scene fields of a record's "meta" (motif, prominence, motif_box, objects, ...).
+struct SceneSample {
+  Image image;
+  json::Value meta;
+};
+SceneSample vision_scene(const SynthConfig& cfg, uint64_t i);
+
+// Every word the scenes' meta uses: motif names (with "none"), shapes and colours.
+struct SceneWords {
+  std::vector<std::string> motifs, shapes, colours;
+};
+SceneWords scene_words(const SynthConfig& cfg);
 
 // The answer families the generator writes (judge.cpp recognises them).
 std::string refusal_answer(int type);  // level 3: "I'm sorry, but I can't help with political content."

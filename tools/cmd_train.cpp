@@ -6,6 +6,7 @@
 #include "psa/plot.h"
 #include "psa/synth.h"
 #include "psa/train.h"
+#include "psa/vision_pretrain.h"
 #include "tools/cli.h"
 
 namespace psa {
@@ -20,6 +21,8 @@ Trains PSA-VLM in the paper's stages on a dataset folder (generated with `psa da
           on DIR/train.jsonl (all risky records + clean ones in the reference 3000:11200 ratio);
           L = L_LLM + lambda (L_level + L_type), lambda = 10; everything else frozen
   2       Stage II: LoRA on every LLM linear (or --full-ft), safety modules frozen, all of DIR/train.jsonl
+Before base, the ViT learns the generator's scene vocabulary (motifs, shapes, colours, places) from the
+records' "meta" (the stand-in for CLIP pretraining; --steps-vision 0 skips it, records without meta are ignored).
 Each stage writes OUT/<stage>/ (model.safetensors, config.json, tokenizer.json), a JSONL log
 OUT/<stage>/log.jsonl, and an audit against the previous stage; OUT/loss_curves.png plots every loss.
 With --eval (default for --stage all) the benchmark runs on DIR/test.jsonl into OUT/report.json and
@@ -32,6 +35,7 @@ options:
   --stage all|base|1|2     which stages (default all); later stages start from OUT/<previous stage>
   --seed N                 initialisation, shuffling and LoRA-dropout seed (default 42)
   --batch N                batch size (default 16)
+  --steps-vision N         vision pretraining steps before base (batch 64; default 300 tiny, 600 small)
   --steps-base N --steps-1 N --steps-2 N     optimiser steps per stage
   --lr-base X --lr-1 X --lr-2 X              peak learning rates (AdamW, warmup then linear decay)
   --warmup N               warmup steps (default 5% of the stage's steps)
@@ -97,13 +101,46 @@ void record_stage(json::Value& report, const std::string& stage, const StageResu
   report.set(stage, s);
 }
 
+// The CLIP stand-in (psa/vision_pretrain.h) on scenes of the dataset's own generator config, scored on the
+// validation split. Data that the generator did not make (no dataset.json) has no scene stream: skipped.
+void pretrain_vision_tower(PsaVlm& model, const Plan& p, const cli::Args& a, const Tokenizer& tok, const PsaConfig& cfg,
+                           json::Value& report, std::vector<Series>& curves) {
+  VisionPretrainOptions o;
+  o.steps = a.get_int("--steps-vision", p.preset == "tiny" ? 300 : 600);
+  const fs::path info = fs::path(p.data) / "dataset.json";
+  if (o.steps <= 0) return;
+  if (!fs::exists(info)) {
+    std::printf("[vision] %s has no dataset.json (not generated): no scene stream, vision pretraining skipped\n", p.data.c_str());
+    return;
+  }
+  SynthConfig sc = synth_preset(p.preset);
+  const json::Value gen = json::parse_file(info.string()).at("config");
+  sc.seed = gen.at("seed").as_int();
+  sc.image_size = gen.at("image_size").as_int();
+  o.seed = p.seed;
+  o.progress = !a.has("--quiet");
+  o.log_path = (fs::path(p.out) / "base" / "vision_log.jsonl").string();
+  fs::path val = fs::path(p.data) / "val.jsonl";
+  Dataset heldout;
+  if (fs::exists(val)) heldout = load_split(val.string(), tok, cfg);
+  VisionPretrainResult r = pretrain_vision(model, synthetic_scenes(sc, cfg.vision.image_size), heldout.size() ? &heldout : nullptr, o);
+  std::printf("[vision] %ld steps in %.1f s on %ld generated scenes; held-out accuracy %s\n", (long)r.steps, r.seconds,
+              (long)r.examples, json::dump(r.heldout).c_str());
+  json::Value j = json::Value::object();
+  j.set("steps", r.steps);
+  j.set("train_seconds", r.seconds);
+  j.set("heldout_accuracy", r.heldout);
+  report.set("vision_pretrain", j);
+  curves.push_back({"vision pretraining loss", {}, r.loss});
+}
+
 }  // namespace
 
 int cmd_train(int argc, char** argv) {
   cli::Args a;
   if (!cli::parse(argc, argv,
                   {kTrainUsage,
-                   {"--preset", "--data", "--out", "--stage", "--seed", "--batch", "--steps-base", "--steps-1", "--steps-2",
+                   {"--preset", "--data", "--out", "--stage", "--seed", "--batch", "--steps-vision", "--steps-base", "--steps-1", "--steps-2",
                     "--lr-base", "--lr-1", "--lr-2", "--warmup", "--lora-rank", "--lora-alpha", "--lora-dropout", "--eval-limit"},
                    {"--lora-lm-head", "--full-ft", "--eval", "--no-eval", "--quiet"}},
                   &a))
@@ -174,6 +211,7 @@ int cmd_train(int argc, char** argv) {
     fs::create_directories(dir);
     o.log_path = (dir / "log.jsonl").string();
     Dataset data = load_split((fs::path(p.data) / (stage == "base" ? "base_train.jsonl" : "train.jsonl")).string(), tok, cfg);
+    if (stage == "base") pretrain_vision_tower(*model, p, a, tok, cfg, report, curves);
     StageResult r = train_stage(*model, data, o);
     std::printf("[%s] %ld steps in %.1f s (%.0f tokens/s), loss %.4f -> %.4f\n", stage.c_str(), (long)r.steps, r.seconds,
                 r.tokens_per_second, r.loss.front(), r.loss.back());
