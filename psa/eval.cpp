@@ -464,6 +464,13 @@ std::string markdown_table(const json::Value& report) {
     }
     if (any) md += line + "\n";
   }
+  if (const json::Value* v = report.find("vision_pretrain")) {
+    md += "\nVision pretraining (the CLIP stand-in, before base): " + std::to_string(v->int_or("steps", 0)) +
+          " steps; held-out accuracy";
+    if (const json::Value* acc = v->find("heldout_accuracy"); acc && acc->is_object())
+      for (const auto& [k, a] : acc->as_object()) md += " " + k + " " + cell(&a, Fmt::dec3);
+    md += "\n";
+  }
   return md;
 }
 

@@ -21,7 +21,7 @@ struct SynthConfig {
   std::string preset = "tiny";
   int image_size = 32;
   uint64_t seed = 1;
-  SplitSizes train{1200, 1800, 300, 0};
+  SplitSizes train{2400, 3600, 600, 0};
   SplitSizes val{60, 120, 30, 0};
   SplitSizes test{400, 600, 100, 0};  // enough clean questions that a 2-point change in clean accuracy shows
   int base_extra_clean = 1500;        // clean scenes that only the base-VLM data gets (it must learn to describe)

@@ -35,7 +35,7 @@ options:
   --stage all|base|1|2     which stages (default all); later stages start from OUT/<previous stage>
   --seed N                 initialisation, shuffling and LoRA-dropout seed (default 42)
   --batch N                batch size (default 16)
-  --steps-vision N         vision pretraining steps before base (batch 64; default 300 tiny, 600 small)
+  --steps-vision N         vision pretraining steps before base (batch 64; default 800 tiny, 1200 small)
   --steps-base N --steps-1 N --steps-2 N     optimiser steps per stage
   --lr-base X --lr-1 X --lr-2 X              peak learning rates (AdamW, warmup then linear decay)
   --warmup N               warmup steps (default 5% of the stage's steps)
@@ -85,9 +85,9 @@ struct Defaults {
 Defaults stage_defaults(const std::string& preset, const std::string& stage) {
   bool tiny = preset == "tiny";
   // Tiny defaults fit `make train` in about a quarter of an hour on 2 cores (README has the measured time).
-  if (stage == "base") return {tiny ? 1600 : 3000, tiny ? 2e-3 : 6e-4};
+  if (stage == "base") return {tiny ? 1200 : 3000, tiny ? 2e-3 : 6e-4};
   if (stage == "stage1") return {tiny ? 800 : 1200, tiny ? 3e-3 : 1e-3};
-  return {tiny ? 300 : 800, tiny ? 2e-3 : 1e-3};
+  return {tiny ? 500 : 800, tiny ? 2e-3 : 1e-3};
 }
 
 void record_stage(json::Value& report, const std::string& stage, const StageResult& r, const json::Value& audit) {
@@ -106,7 +106,7 @@ void record_stage(json::Value& report, const std::string& stage, const StageResu
 void pretrain_vision_tower(PsaVlm& model, const Plan& p, const cli::Args& a, const Tokenizer& tok, const PsaConfig& cfg,
                            json::Value& report, std::vector<Series>& curves) {
   VisionPretrainOptions o;
-  o.steps = a.get_int("--steps-vision", p.preset == "tiny" ? 300 : 600);
+  o.steps = a.get_int("--steps-vision", p.preset == "tiny" ? 800 : 1200);
   const fs::path info = fs::path(p.data) / "dataset.json";
   if (o.steps <= 0) return;
   if (!fs::exists(info)) {
