@@ -139,6 +139,16 @@ const std::vector<Value>& Value::array_at(const std::string& key) const {
   return with_key(key, [&]() -> const std::vector<Value>& { return v.as_array(); });
 }
 
+int64_t Value::int_in(const std::string& key, int64_t lo, int64_t hi) const {
+  const int64_t n = int_at(key);
+  PSA_CHECK(n >= lo && n <= hi, "json: key '", key, "': ", n, " out of range [", lo, ", ", hi, "]");
+  return n;
+}
+int64_t Value::int_in_or(const std::string& key, int64_t def, int64_t lo, int64_t hi) const {
+  const Value* v = find(key);
+  return v && !v->is_null() ? int_in(key, lo, hi) : def;
+}
+
 double Value::number_or(const std::string& key, double def) const {
   const Value* v = find(key);
   return v && !v->is_null() ? number_at(key) : def;

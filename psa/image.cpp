@@ -44,8 +44,15 @@ void check_image(const std::string& path) {
 Image load_image(const std::string& path) {
   int w = 0, h = 0, comp = 0;
   check_header(path, &w, &h);
+  const int header_w = w, header_h = h;
   uint8_t* data = stbi_load(path.c_str(), &w, &h, &comp, 3);
   if (!data) fail(path, ": cannot decode image: ", stbi_failure_reason());
+  // The file is read twice; if it changed in between (or a decoder disagrees with its own header reader),
+  // trust neither size rather than copy w * h * 3 bytes out of a buffer of another size.
+  if (w != header_w || h != header_h) {
+    stbi_image_free(data);
+    fail(path, ": cannot decode image: size ", w, "x", h, " differs from the header's ", header_w, "x", header_h);
+  }
   Image img;
   img.w = w;
   img.h = h;
