@@ -65,7 +65,7 @@ Checkpoint load_checkpoint(const std::string& dir) {
   double elements = 0;
   for (const auto& [name, t] : sd) elements += t.numel();
   PSA_CHECK(min_params(cfg) <= 2 * elements + (1 << 20), file, ": metadata 'config' describes a model of at least ",
-            min_params(cfg), " parameters but the file holds ", elements, " values");
+            int64_t(min_params(cfg)), " parameters but the file holds ", int64_t(elements), " values");
   if (meta.count("lora"))
     c.lora = from_metadata(file, "lora", meta["lora"], [&](const json::Value& l) {
       LoraSettings s;
