@@ -9,6 +9,7 @@
 #include <string_view>
 #include <unordered_set>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "tensor/error.h"
@@ -605,6 +606,10 @@ std::string dump(const Value& v, int indent) {
 }
 
 std::string read_file(const std::string& path) {
+  // A FIFO or a device (a config.json symlinked to /dev/zero) would block in open() or never end: regular
+  // files only, checked before opening.
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) fail(path, ": cannot open: not a regular file");
   FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) fail(path, ": cannot open: ", std::strerror(errno));
   std::string data;

@@ -1,12 +1,9 @@
 #include "psa/image.h"
 
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
-#include <cstring>
-#include <fstream>
-#include <iterator>
 
+#include "nn/json.h"
 #include "tensor/error.h"
 
 // The one translation unit that holds the stb implementations (synth.cpp uses stb_truetype's).
@@ -39,12 +36,15 @@ Image::Image(int width, int height, uint8_t fill) : w(width), h(height) {
 
 namespace {
 
+// The whole file, once: header check and decode must see the same bytes. Regular files only (see json.h).
+// Errors keep the image contract: "path: cannot decode image: cannot open: <reason>".
 std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(path, ": cannot open: ", std::strerror(errno));
-  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad()) fail(path, ": read error: ", std::strerror(errno));
-  return bytes;
+  try {
+    return json::read_file(path);
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    fail(path, ": cannot decode image: ", msg.rfind(path + ": ", 0) == 0 ? msg.substr(path.size() + 2) : msg);
+  }
 }
 
 bool starts_with(const std::string& s, const char* magic, size_t n) { return s.size() >= n && s.compare(0, n, magic, n) == 0; }

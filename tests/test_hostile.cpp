@@ -4,6 +4,7 @@
 // allocate what the file claims. Files: tests/data/bad/, made by tests/data/bad/make_bad.py, except
 // jpeg_dht_overflow.jpg, which is the input `make fuzz` found (stb_image 2.27 wrote past a Huffman table).
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <cstdio>
@@ -12,6 +13,7 @@
 
 #include "nn/checkpoint.h"
 #include "nn/clip.h"
+#include "nn/safetensors.h"
 #include "nn/llama.h"
 #include "psa/checkpoint.h"
 #include "psa/image.h"
@@ -144,14 +146,26 @@ TEST(Hostile, RecordLinesAreSkippedWithReasons) {
   LoadReport rep;
   std::vector<Record> recs = load_records(kBad + "records_hostile.jsonl", &rep, false);
   EXPECT_TRUE(recs.empty());
-  ASSERT_EQ(rep.skipped, 5);
+  ASSERT_EQ(rep.skipped, 6);
   const char* reasons[] = {"invalid UTF-8 in string", "control character", "nesting deeper than 512",
-                           "duplicate key 'safe_level'", "number out of range"};
-  for (int i = 0; i < 5; ++i) {
+                           "duplicate key 'safe_level'", "number out of range", "'image' contains a NUL character"};
+  for (int i = 0; i < 6; ++i) {
     EXPECT_EQ(rep.messages[i].rfind(kBad + "records_hostile.jsonl:" + std::to_string(i + 1) + ": ", 0), 0u)
         << rep.messages[i];
     EXPECT_NE(rep.messages[i].find(reasons[i]), std::string::npos) << rep.messages[i];
   }
+}
+
+// A FIFO would block a reader forever (nothing writes to it): every reader refuses non-regular files.
+TEST(Hostile, FifoIsRefusedNotWaitedOn) {
+  const std::string fifo = ::testing::TempDir() + "psa_fifo_" + std::to_string(::getpid());
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  const std::string want = fifo + ": cannot open: not a regular file";
+  EXPECT_EQ(error_of([&] { json::parse_file(fifo); }), want);
+  EXPECT_EQ(error_of([&] { load_records(fifo, nullptr); }), want);
+  EXPECT_EQ(error_of([&] { load_image(fifo); }), fifo + ": cannot decode image: cannot open: not a regular file");
+  EXPECT_EQ(error_of([&] { st::File::open(fifo); }), fifo + ": not a regular file");
+  std::remove(fifo.c_str());
 }
 
 // ---- the command line: exit status 2 and one line

@@ -125,9 +125,11 @@ write("image_zero_width.png", PNG_SIG + png_chunk(b"IHDR", struct.pack(">IIBBBBB
 write("image_truncated.png", PNG_SIG + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0)))
 write("image.gif", b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\x00\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
 
-# JSONL records: one line of invalid UTF-8, one with a NUL byte, one nested 10000 deep, one duplicate key.
+# JSONL records: invalid UTF-8, a raw NUL byte, nesting 10000 deep, a duplicate key, a number out of range and
+# an escaped NUL in the image path.
 write("records_hostile.jsonl",
       b'{"safe_level": 0, "safe_type": 6, "image": "a.png", "conversations": [{"from": "USER", "value": "\xff\xfe"}]}\n'
       b'{"safe_level": 0, "safe_type": 6, "image": "a\x00.png"}\n' + b"[" * 10000 + b"\n"
       b'{"safe_level": 0, "safe_level": 1, "safe_type": 6}\n'
-      b'{"safe_level": 1e400, "safe_type": 6}\n')
+      b'{"safe_level": 1e400, "safe_type": 6}\n'
+      b'{"safe_level": 0, "safe_type": 6, "image": "a\\u0000.png", "conversations": []}\n')
