@@ -162,7 +162,8 @@ check-asan:
 	PSA_BIN=./$(ASAN_BUILD)/psa OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 \
 	  UBSAN_OPTIONS=print_stacktrace=1 ./$(ASAN_BUILD)/psa_tests --gtest_brief=1 $(if $(GTEST_FILTER),--gtest_filter='$(GTEST_FILTER)')
 
-# `make check-valgrind`: two Stage-I steps of `psa train` on a 1%-scale dataset under memcheck (~2 minutes).
+# `make check-valgrind`: two base-stage steps of `psa train` (tiny preset, batch 2) on a 1%-scale dataset under
+# memcheck; any error or definite leak fails it.
 VG_DIR ?= $(BUILD)/valgrind
 check-valgrind: $(BUILD)/psa
 	@rm -rf $(VG_DIR) && mkdir -p $(VG_DIR)
