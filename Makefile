@@ -169,7 +169,7 @@ check-valgrind: $(BUILD)/psa
 	@rm -rf $(VG_DIR) && mkdir -p $(VG_DIR)
 	./$(BUILD)/psa data --preset tiny --scale 0.01 --out $(VG_DIR)/data
 	OMP_NUM_THREADS=1 valgrind --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \
-	  ./$(BUILD)/psa train --data $(VG_DIR)/data --out $(VG_DIR)/run --stage base --steps-base 2 --batch 2 --no-eval --quiet
+	  ./$(BUILD)/psa train --data $(VG_DIR)/data --out $(VG_DIR)/run --stage base --steps-vision 0 --steps-base 2 --batch 2 --no-eval --quiet
 
 DEB_PKGS := build-essential libgtest-dev libbenchmark-dev libstb-dev libxxhash-dev fonts-dejavu-core
 deps:
