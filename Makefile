@@ -31,7 +31,7 @@ TEST_OBJS  := $(TEST_SRCS:%.cpp=$(OBJ)/%.o)
 BENCH_BINS := $(BENCH_SRCS:bench/%.cpp=$(BUILD)/bench_%)
 LIB        := $(BUILD)/libpsa.a
 
-.PHONY: all test deps clean bench train infer check-deps
+.PHONY: all test deps clean bench train infer check-deps fuzz check-asan check-valgrind
 all: $(BUILD)/psa $(BUILD)/psa_tests $(BENCH_BINS)
 
 $(OBJ)/%.o: %.cpp
@@ -121,12 +121,62 @@ bench: $(BENCH_BINS) $(BUILD)/psa
 	@uptime | tee $(BENCH_RAW)/uptime_end.txt
 	python3 tools/bench_report.py --raw $(BENCH_RAW) --out bench/results --host $(BENCH_HOST)
 
+# `make fuzz`: libFuzzer targets (fuzz/fuzz_*.cpp) for every reader of untrusted bytes, built with clang and
+# ASan + UBSan in build-fuzz/, each run for FUZZ_SECONDS from its committed seeds (fuzz/corpus/<target>/;
+# new inputs go to build-fuzz/corpus/<target>/, crashes to build-fuzz/artifacts/<target>/). Only the reader
+# sources are compiled: the targets need no tensors, so the build takes seconds, not minutes.
+FUZZ_SECONDS ?= 30
+FUZZ_CXX     ?= clang++
+FUZZ_BUILD   ?= build-fuzz
+FUZZ_TARGETS := safetensors json records tokenizer image
+FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined
+FUZZ_FLAGS   := -std=c++17 -O1 -g -fno-omit-frame-pointer -I. -MMD -MP $(FUZZ_SAN)
+FUZZ_LIB     := $(patsubst %.cpp,$(FUZZ_BUILD)/obj/%.o,nn/json.cpp nn/safetensors.cpp psa/tokenizer.cpp psa/image.cpp psa/records.cpp)
+FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/fuzz_%)
+
+$(FUZZ_BUILD)/obj/%.o: %.cpp
+	@mkdir -p $(dir $@)
+	$(FUZZ_CXX) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+$(FUZZ_BUILD)/fuzz_%: fuzz/fuzz_%.cpp $(FUZZ_LIB)
+	$(FUZZ_CXX) $(FUZZ_FLAGS) -fsanitize=fuzzer $^ -o $@ -lxxhash
+
+# The reader objects are intermediates of the pattern rule above; keep them so a rerun only relinks.
+.SECONDARY: $(FUZZ_LIB)
+
+fuzz: $(FUZZ_BINS)
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_BUILD)/corpus/$$t $(FUZZ_BUILD)/artifacts/$$t; echo "== fuzz_$$t for $(FUZZ_SECONDS) s"; \
+	  ./$(FUZZ_BUILD)/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
+	    -print_final_stats=1 -artifact_prefix=$(FUZZ_BUILD)/artifacts/$$t/ \
+	    $(FUZZ_BUILD)/corpus/$$t fuzz/corpus/$$t 2>$(FUZZ_BUILD)/fuzz_$$t.log \
+	    || { tail -40 $(FUZZ_BUILD)/fuzz_$$t.log; exit 1; }; \
+	  grep -E '^stat::number_of_executed_units|^Done' $(FUZZ_BUILD)/fuzz_$$t.log; done
+
+# `make check-asan`: the test suite (and the `psa` binary the CLI tests run) built with ASan + UBSan in
+# build-asan/ on the CPU only; any finding fails the run.
+ASAN_BUILD ?= build-asan
+ASAN_OPT   := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+check-asan:
+	@$(MAKE) --no-print-directory -j$(JOBS) BUILD=$(ASAN_BUILD) CUDA=0 OPT="$(ASAN_OPT)" $(ASAN_BUILD)/psa_tests $(ASAN_BUILD)/psa
+	PSA_BIN=./$(ASAN_BUILD)/psa OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 \
+	  UBSAN_OPTIONS=print_stacktrace=1 ./$(ASAN_BUILD)/psa_tests --gtest_brief=1 $(if $(GTEST_FILTER),--gtest_filter='$(GTEST_FILTER)')
+
+# `make check-valgrind`: two base-stage steps of `psa train` (tiny preset, batch 2) on a 1%-scale dataset under
+# memcheck; any error or definite leak fails it.
+VG_DIR ?= $(BUILD)/valgrind
+check-valgrind: $(BUILD)/psa
+	@rm -rf $(VG_DIR) && mkdir -p $(VG_DIR)
+	./$(BUILD)/psa data --preset tiny --scale 0.01 --out $(VG_DIR)/data
+	OMP_NUM_THREADS=1 valgrind --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \
+	  ./$(BUILD)/psa train --data $(VG_DIR)/data --out $(VG_DIR)/run --stage base --steps-vision 0 --steps-base 2 --batch 2 --no-eval --quiet
+
 DEB_PKGS := build-essential libgtest-dev libbenchmark-dev libstb-dev libxxhash-dev fonts-dejavu-core
 deps:
 	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(DEB_PKGS); \
 	else echo "run as root: apt-get install -y $(DEB_PKGS)"; fi
 
 clean:
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) $(FUZZ_BUILD) $(ASAN_BUILD)
 
--include $(LIB_OBJS:.o=.d) $(TOOL_OBJS:.o=.d) $(TEST_OBJS:.o=.d) $(BENCH_BINS:=.d)
+-include $(FUZZ_LIB:.o=.d) $(LIB_OBJS:.o=.d) $(TOOL_OBJS:.o=.d) $(TEST_OBJS:.o=.d) $(BENCH_BINS:=.d)

@@ -1,6 +1,7 @@
 #include "nn/checkpoint.h"
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 
@@ -66,12 +67,32 @@ st::DType file_dtype(DType d) {
   return st::DType::F32;
 }
 
+// Non-finite weights load (a diverged run is still worth inspecting) but never silently: one warning line.
+void warn_non_finite(const std::string& path, const StateDict& tensors) {
+  int64_t bad_tensors = 0, bad_values = 0;
+  std::string first;
+  for (const auto& [name, t] : tensors) {
+    int64_t n = 0;
+    if (t.dtype() == DType::f32)
+      for (int64_t i = 0; i < t.numel(); ++i) n += !std::isfinite(t.data<float>()[i]);
+    if (t.dtype() == DType::f64)
+      for (int64_t i = 0; i < t.numel(); ++i) n += !std::isfinite(t.data<double>()[i]);
+    if (!n) continue;
+    if (!bad_tensors++) first = name;
+    bad_values += n;
+  }
+  if (bad_tensors)
+    std::fprintf(stderr, "warning: %s: %ld tensor(s) hold NaN/Inf (%ld values; first '%s')\n", path.c_str(),
+                 (long)bad_tensors, (long)bad_values, first.c_str());
+}
+
 }  // namespace
 
 StateDict read_tensors(const std::string& path, std::map<std::string, std::string>* metadata) {
   st::File f = st::File::open(path);
   StateDict out;
   for (const st::TensorView& v : f.tensors()) out.emplace(v.name, to_tensor(v));
+  warn_non_finite(path, out);
   if (metadata) *metadata = f.metadata();
   return out;
 }

@@ -4,17 +4,18 @@ namespace psa::nn {
 
 ClipConfig ClipConfig::from_json(const json::Value& v) {
   ClipConfig c;
-  c.hidden = v.at("hidden_size").as_int();
-  c.layers = v.at("num_hidden_layers").as_int();
-  c.heads = v.at("num_attention_heads").as_int();
-  c.intermediate = v.at("intermediate_size").as_int();
-  c.image_size = v.at("image_size").as_int();
-  c.patch = v.at("patch_size").as_int();
-  if (const json::Value* ch = v.find("num_channels")) c.channels = ch->as_int();
+  // Ranges far above any real CLIP; they only stop absurd values before anything is allocated.
+  c.hidden = v.int_in("hidden_size", 1, 1 << 16);
+  c.layers = v.int_in("num_hidden_layers", 1, 1024);
+  c.heads = v.int_in("num_attention_heads", 1, c.hidden);
+  c.intermediate = v.int_in("intermediate_size", 1, 1 << 20);
+  c.image_size = v.int_in("image_size", 1, 16384);
+  c.patch = v.int_in("patch_size", 1, c.image_size);
+  c.channels = v.int_in_or("num_channels", c.channels, 1, 16);
   if (const json::Value* e = v.find("layer_norm_eps")) c.eps = e->as_number();
   if (const json::Value* a = v.find("hidden_act")) c.act = a->as_string();
   PSA_CHECK(c.hidden % c.heads == 0, "clip config: hidden_size ", c.hidden, " not divisible by ", c.heads, " heads");
-  PSA_CHECK(c.patch > 0 && c.image_size % c.patch == 0, "clip config: image_size ", c.image_size,
+  PSA_CHECK(c.image_size % c.patch == 0, "clip config: image_size ", c.image_size,
             " not divisible by patch_size ", c.patch);
   return c;
 }

@@ -9,6 +9,7 @@
 #include <string_view>
 #include <unordered_set>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "tensor/error.h"
@@ -137,6 +138,16 @@ bool Value::bool_at(const std::string& key) const {
 const std::vector<Value>& Value::array_at(const std::string& key) const {
   const Value& v = at(key);
   return with_key(key, [&]() -> const std::vector<Value>& { return v.as_array(); });
+}
+
+int64_t Value::int_in(const std::string& key, int64_t lo, int64_t hi) const {
+  const int64_t n = int_at(key);
+  PSA_CHECK(n >= lo && n <= hi, "json: key '", key, "': ", n, " out of range [", lo, ", ", hi, "]");
+  return n;
+}
+int64_t Value::int_in_or(const std::string& key, int64_t def, int64_t lo, int64_t hi) const {
+  const Value* v = find(key);
+  return v && !v->is_null() ? int_in(key, lo, hi) : def;
 }
 
 double Value::number_or(const std::string& key, double def) const {
@@ -595,6 +606,10 @@ std::string dump(const Value& v, int indent) {
 }
 
 std::string read_file(const std::string& path) {
+  // A FIFO or a device (a config.json symlinked to /dev/zero) would block in open() or never end: regular
+  // files only, checked before opening.
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) fail(path, ": cannot open: not a regular file");
   FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) fail(path, ": cannot open: ", std::strerror(errno));
   std::string data;

@@ -61,6 +61,10 @@ struct Value {
   const std::string& string_at(const std::string& key) const;
   bool bool_at(const std::string& key) const;
   const std::vector<Value>& array_at(const std::string& key) const;
+  // An integer in [lo, hi]: configs use it so that a hostile or mistyped size is refused before anything is
+  // allocated from it (and a zero never reaches a division). "key 'x': 0 out of range [1, 65536]".
+  int64_t int_in(const std::string& key, int64_t lo, int64_t hi) const;
+  int64_t int_in_or(const std::string& key, int64_t def, int64_t lo, int64_t hi) const;
   // Same, with a default when the key is missing or null (HF configs often write null for "unset").
   double number_or(const std::string& key, double def) const;
   int64_t int_or(const std::string& key, int64_t def) const;

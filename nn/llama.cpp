@@ -10,17 +10,16 @@ namespace psa::nn {
 
 LlamaConfig LlamaConfig::from_json(const json::Value& v) {
   LlamaConfig c;
-  c.vocab = v.at("vocab_size").as_int();
-  c.hidden = v.at("hidden_size").as_int();
-  c.intermediate = v.at("intermediate_size").as_int();
-  c.layers = v.at("num_hidden_layers").as_int();
-  c.heads = v.at("num_attention_heads").as_int();
-  const json::Value* kv = v.find("num_key_value_heads");
-  c.kv_heads = kv && !kv->is_null() ? kv->as_int() : c.heads;
-  const json::Value* hd = v.find("head_dim");
-  c.head_dim = hd && !hd->is_null() ? hd->as_int() : 0;
+  // Ranges far above any real Llama; they only stop absurd values before anything is allocated.
+  c.vocab = v.int_in("vocab_size", 1, 1 << 22);
+  c.hidden = v.int_in("hidden_size", 1, 1 << 16);
+  c.intermediate = v.int_in("intermediate_size", 1, 1 << 20);
+  c.layers = v.int_in("num_hidden_layers", 1, 1024);
+  c.heads = v.int_in("num_attention_heads", 1, c.hidden);
+  c.kv_heads = v.int_in_or("num_key_value_heads", c.heads, 1, c.heads);
+  c.head_dim = v.int_in_or("head_dim", 0, 0, 1 << 12);
   if (const json::Value* e = v.find("rms_norm_eps")) c.eps = e->as_number();
-  if (const json::Value* m = v.find("max_position_embeddings")) c.max_positions = m->as_int();
+  c.max_positions = v.int_in_or("max_position_embeddings", c.max_positions, 1, int64_t(1) << 24);
   const json::Value* rp = v.find("rope_parameters");
   if (rp && !rp->is_null() && rp->find("rope_theta")) c.rope_theta = rp->at("rope_theta").as_number();
   else if (const json::Value* t = v.find("rope_theta")) c.rope_theta = t->as_number();

@@ -11,7 +11,9 @@
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <set>
@@ -125,7 +127,8 @@ namespace {
 // A template so that it can fill File's private Buffer type when called from File::open.
 template <typename B>
 std::shared_ptr<const B> map_file(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below; regular files ignore it).
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) fail(path, ": cannot open: ", std::strerror(errno));
   struct stat st;
   if (::fstat(fd, &st) != 0) {
@@ -319,6 +322,21 @@ void fsync_dir(const std::string& dir, const std::string& path) {
   if (rc != 0 && err != EINVAL && err != ENOTSUP) fail(path, ": fsync of directory ", dir, ": ", std::strerror(err));
 }
 
+// Fault injection for the crash-safety tests: PSA_TEST_KILL_DURING_SAVE=N makes the N-th save() of this
+// process SIGKILL itself half-way through writing the data, exactly the moment an atomic write must survive.
+bool kill_this_save() {
+  static int calls = 0;
+  const char* n = std::getenv("PSA_TEST_KILL_DURING_SAVE");
+  return n && ++calls == std::atoi(n);
+}
+
+[[noreturn]] void die_mid_write(FILE* f) {
+  std::fflush(f);
+  ::fsync(::fileno(f));
+  std::raise(SIGKILL);
+  std::abort();  // not reached
+}
+
 }  // namespace
 
 void save(const std::string& path, const std::vector<TensorData>& tensors,
@@ -379,7 +397,12 @@ void save(const std::string& path, const std::vector<TensorData>& tensors,
   for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(htext.size()) >> (8 * i));
   write(len, 8);
   write(htext.data(), htext.size());
-  for (const auto& t : tensors) write(t.data, t.nbytes);
+  const bool die = kill_this_save();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (die && i == tensors.size() / 2) die_mid_write(tmp.f);
+    write(tensors[i].data, tensors[i].nbytes);
+  }
+  if (die) die_mid_write(tmp.f);
   if (std::fflush(tmp.f) != 0) fail(path, ": flush failed: ", std::strerror(errno));
   if (::fsync(::fileno(tmp.f)) != 0) fail(path, ": fsync failed: ", std::strerror(errno));
   FILE* f = tmp.f;

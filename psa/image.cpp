@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "nn/json.h"
 #include "tensor/error.h"
 
 // The one translation unit that holds the stb implementations (synth.cpp uses stb_truetype's).
@@ -13,6 +14,11 @@
 #pragma GCC diagnostic ignored "-Wsign-compare"
 #pragma GCC diagnostic ignored "-Wunused-function"
 #pragma GCC diagnostic ignored "-Wimplicit-fallthrough"
+// Only the decoders datasets use: every other stb_image decoder is attack surface for hostile files and
+// nothing else (the 2.27 GIF, PSD, PIC, HDR, TGA and PNM readers are the least hardened).
+#define STBI_ONLY_PNG
+#define STBI_ONLY_JPEG
+#define STBI_ONLY_BMP
 #define STB_IMAGE_IMPLEMENTATION
 #define STB_IMAGE_WRITE_IMPLEMENTATION
 #define STB_TRUETYPE_IMPLEMENTATION
@@ -28,24 +34,107 @@ Image::Image(int width, int height, uint8_t fill) : w(width), h(height) {
   rgb.assign(static_cast<size_t>(width) * height * 3, fill);
 }
 
-static void check_header(const std::string& path, int* w, int* h) {
+namespace {
+
+// The whole file, once: header check and decode must see the same bytes. Regular files only (see json.h).
+// Errors keep the image contract: "path: cannot decode image: cannot open: <reason>".
+std::string read_bytes(const std::string& path) {
+  try {
+    return json::read_file(path);
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    fail(path, ": cannot decode image: ", msg.rfind(path + ": ", 0) == 0 ? msg.substr(path.size() + 2) : msg);
+  }
+}
+
+bool starts_with(const std::string& s, const char* magic, size_t n) { return s.size() >= n && s.compare(0, n, magic, n) == 0; }
+
+size_t be16(const std::string& s, size_t at) { return size_t(uint8_t(s[at])) << 8 | uint8_t(s[at + 1]); }
+
+// One JPEG DHT segment [at, end): stb_image 2.27 trusts each table's 16 code counts and writes up to their sum
+// into a 257-byte array, so a sum above 256 (or a table running past the segment) is refused here first.
+void check_dht(const std::string& path, const std::string& s, size_t at, size_t end) {
+  while (at < end) {
+    PSA_CHECK(at + 17 <= end, path, ": cannot decode image: truncated JPEG Huffman table at byte ", at);
+    size_t n = 0;
+    for (size_t i = 1; i <= 16; ++i) n += uint8_t(s[at + i]);
+    PSA_CHECK(n <= 256, path, ": cannot decode image: JPEG Huffman table at byte ", at, " has ", n,
+              " codes (at most 256)");
+    at += 17 + n;
+  }
+  PSA_CHECK(at == end, path, ": cannot decode image: JPEG Huffman table runs past its segment");
+}
+
+// Walks the JPEG marker segments (skipping entropy-coded data, where progressive files put more tables) and
+// checks every Huffman table before stb_image reads any of them.
+void check_jpeg(const std::string& path, const std::string& s) {
+  size_t at = 2;  // after SOI
+  while (at + 4 <= s.size()) {
+    if (uint8_t(s[at]) != 0xFF) {  // entropy-coded data: skip to the next real marker
+      ++at;
+      continue;
+    }
+    const uint8_t m = uint8_t(s[at + 1]);
+    if (m == 0xFF || m == 0x00 || (m >= 0xD0 && m <= 0xD7) || m == 0x01) {  // fill, stuffed byte, RSTn, TEM
+      at += m == 0xFF ? 1 : 2;
+      continue;
+    }
+    if (m == 0xD9) return;  // EOI
+    const size_t len = be16(s, at + 2);
+    PSA_CHECK(len >= 2 && at + 2 + len <= s.size(), path, ": cannot decode image: JPEG segment at byte ", at,
+              " runs past the end of the file");
+    if (m == 0xC4) check_dht(path, s, at + 4, at + 2 + len);
+    at += 2 + len;
+  }
+}
+
+// Format sniffing by magic bytes (the extension says nothing about a hostile file) + format-specific checks.
+void check_format(const std::string& path, const std::string& bytes) {
+  if (starts_with(bytes, "\x89PNG\r\n\x1a\n", 8) || starts_with(bytes, "BM", 2)) return;
+  if (starts_with(bytes, "\xFF\xD8", 2)) return check_jpeg(path, bytes);
+  fail(path, ": cannot decode image: not a PNG, JPEG or BMP file");
+}
+
+// stb_image leaves the reason empty on some truncated files.
+std::string stb_reason() {
+  const char* r = stbi_failure_reason();
+  return r && *r ? r : "corrupt or truncated data";
+}
+
+const stbi_uc* bytes_of(const std::string& s) { return reinterpret_cast<const stbi_uc*>(s.data()); }
+
+// Checks format, header and size limits on bytes already read (so the decoder sees the same bytes).
+void check_header(const std::string& path, const std::string& bytes, int* w, int* h) {
+  check_format(path, bytes);
+  PSA_CHECK(bytes.size() <= size_t(INT32_MAX), path, ": cannot decode image: file larger than 2 GiB");
   int comp = 0;
-  if (!stbi_info(path.c_str(), w, h, &comp)) fail(path, ": cannot decode image: ", stbi_failure_reason());
+  if (!stbi_info_from_memory(bytes_of(bytes), int(bytes.size()), w, h, &comp))
+    fail(path, ": cannot decode image: ", stb_reason());
   PSA_CHECK(*w > 0 && *h > 0, path, ": cannot decode image: empty image");
   PSA_CHECK(*w <= kMaxImageSide && *h <= kMaxImageSide, path, ": image too large: ", *w, "x", *h, " (limit ",
             kMaxImageSide, " per side)");
 }
 
+}  // namespace
+
 void check_image(const std::string& path) {
   int w = 0, h = 0;
-  check_header(path, &w, &h);
+  check_header(path, read_bytes(path), &w, &h);
 }
 
 Image load_image(const std::string& path) {
+  const std::string bytes = read_bytes(path);
   int w = 0, h = 0, comp = 0;
-  check_header(path, &w, &h);
-  uint8_t* data = stbi_load(path.c_str(), &w, &h, &comp, 3);
-  if (!data) fail(path, ": cannot decode image: ", stbi_failure_reason());
+  check_header(path, bytes, &w, &h);
+  const int header_w = w, header_h = h;
+  uint8_t* data = stbi_load_from_memory(bytes_of(bytes), int(bytes.size()), &w, &h, &comp, 3);
+  if (!data) fail(path, ": cannot decode image: ", stb_reason());
+  // If a decoder disagrees with its own header reader, trust neither size rather than copy w * h * 3 bytes out
+  // of a buffer of another size.
+  if (w != header_w || h != header_h) {
+    stbi_image_free(data);
+    fail(path, ": cannot decode image: size ", w, "x", h, " differs from the header's ", header_w, "x", header_h);
+  }
   Image img;
   img.w = w;
   img.h = h;

@@ -25,8 +25,10 @@ constexpr int kMaxImageSide = 16384;
 constexpr float kClipMean[3] = {0.48145466f, 0.4578275f, 0.40821073f};
 constexpr float kClipStd[3] = {0.26862954f, 0.26130258f, 0.27577711f};
 
-// Any format stb_image reads (PNG, JPEG, BMP, GIF, TGA, PSD, HDR, PIC, PNM), forced to 3 channels.
-// Errors: "path: cannot decode image: <reason>", "path: image too large: WxH (limit 16384 per side)".
+// PNG, JPEG or BMP (recognised by their magic bytes; stb_image's other decoders are left out as attack
+// surface), forced to 3 channels. The file is read once; JPEG Huffman tables are checked before stb_image sees
+// them (2.27 overflows on some). Errors: "path: cannot decode image: <reason>",
+// "path: image too large: WxH (limit 16384 per side)".
 Image load_image(const std::string& path);
 // Header-only check with the same errors as load_image (used to validate datasets without decoding).
 void check_image(const std::string& path);

@@ -62,18 +62,20 @@ PsaConfig PsaConfig::from_json(const json::Value& v) {
   c.preset = v.at("preset").as_string();
   c.vision = nn::ClipConfig::from_json(v.at("vision_config"));
   c.text = nn::LlamaConfig::from_json(v.at("text_config"));
-  c.num_safety_tokens = v.at("num_safety_tokens").as_int();
-  c.abstractor_depth = v.at("abstractor_depth").as_int();
-  c.abstractor_mlp_depth = v.at("abstractor_mlp_depth").as_int();
-  c.head_heads = v.at("head_heads").as_int();
-  c.feature_layer = v.at("vision_feature_layer").as_int();
-  c.image_token = v.at("image_token_index").as_int();
-  c.pad_id = v.at("pad_token_id").as_int();
+  c.num_safety_tokens = v.int_in("num_safety_tokens", 1, 4096);
+  c.abstractor_depth = v.int_in("abstractor_depth", 1, 64);
+  c.abstractor_mlp_depth = v.int_in("abstractor_mlp_depth", 1, 64);
+  c.head_heads = v.int_in("head_heads", 1, c.text.hidden);
+  PSA_CHECK(c.text.hidden % c.head_heads == 0, "psa config: text hidden_size ", c.text.hidden,
+            " not divisible by head_heads ", c.head_heads);
+  c.feature_layer = v.int_in("vision_feature_layer", -c.vision.layers - 1, c.vision.layers);  // HF hidden_states index
+  c.image_token = v.int_in("image_token_index", 0, c.text.vocab - 1);
+  c.pad_id = v.int_in("pad_token_id", 0, c.text.vocab - 1);
   c.safety_loss_weight = v.at("safety_loss_weight").as_number();
   if (const json::Value* s = v.find("safety_init_std")) c.safety_init_std = s->as_number();
   c.head_query = v.at("head_query").as_string();
   c.projector_act = v.at("projector_hidden_act").as_string();
-  c.max_text_tokens = v.at("max_text_tokens").as_int();
+  c.max_text_tokens = v.int_in("max_text_tokens", 2, 1 << 20);
   return c;
 }
 

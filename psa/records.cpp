@@ -88,6 +88,8 @@ Record parse_record(const json::Value& v, const std::string& base_dir, bool chec
   const json::Value* image = v.find("image");
   PSA_CHECK(image, "missing field 'image'");
   PSA_CHECK(image->is_string() && !image->str.empty(), "field 'image' must be a non-empty string");
+  // "\u0000" is valid JSON, but a path cut at the NUL would name another file.
+  PSA_CHECK(image->str.find('\0') == std::string::npos, "field 'image' contains a NUL character");
   Turns t = first_exchange(v);
   PSA_CHECK(t.user.find(kImageTag) != std::string::npos, "first USER turn has no <image> tag");
   r.image_first = trim(t.user).rfind(kImageTag, 0) == 0;
@@ -123,6 +125,9 @@ static std::string line_reason(const std::string& line, const std::string& base_
 }
 
 std::vector<Record> load_records(const std::string& jsonl_path, LoadReport* report, bool check_images) {
+  // A FIFO or device would block or never end: regular files only, as json::read_file.
+  PSA_CHECK(!std::filesystem::exists(jsonl_path) || std::filesystem::is_regular_file(jsonl_path), jsonl_path,
+            ": cannot open: not a regular file");
   std::ifstream in(jsonl_path, std::ios::binary);
   if (!in) fail(jsonl_path, ": cannot open: ", std::strerror(errno));
   LoadReport local;

@@ -1,8 +1,11 @@
 #include "psa/train.h"
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <unistd.h>
 
@@ -66,12 +69,96 @@ struct Sampler {
   }
 };
 
-void save_state(const std::string& path, const nn::AdamW& opt, const Sampler& s, const StageResult& r) {
-  std::map<std::string, std::string> meta{{"step", std::to_string(opt.step())}, {"epoch", std::to_string(s.epoch)},
-                                          {"offset", std::to_string(s.offset)}};
+const char* const kWeightPrefix = "weights/";
+const char* const kLossKeys[] = {"__losses__", "__losses_lm__", "__losses_level__", "__losses_type__"};
+
+std::vector<double>* loss_series(StageResult& r, int k) {
+  std::vector<double>* s[] = {&r.loss, &r.loss_lm, &r.loss_level, &r.loss_type};
+  return s[k];
+}
+
+// One file holds everything a resumed run needs, so no crash can leave weights and optimizer out of step.
+void save_state(const std::string& path, const PsaVlm& m, const nn::AdamW& opt, const Sampler& s, int64_t next_step,
+                StageResult r) {
+  std::map<std::string, std::string> meta{{"step", std::to_string(next_step)},   {"opt_step", std::to_string(opt.step())},
+                                          {"epoch", std::to_string(s.epoch)},    {"offset", std::to_string(s.offset)},
+                                          {"skipped", std::to_string(r.skipped)}};
   nn::StateDict t = opt.state();
-  t.emplace("__losses__", Tensor::from(r.loss, {(int64_t)r.loss.size()}, DType::f64));
+  for (auto& [name, w] : m.state_dict()) t.emplace(kWeightPrefix + name, w);
+  for (int k = 0; k < 4; ++k) {
+    std::vector<double>& v = *loss_series(r, k);
+    t.emplace(kLossKeys[k], Tensor::from(v, {(int64_t)v.size()}, DType::f64));
+  }
   nn::write_tensors(path, t, meta);
+}
+
+// A non-negative integer from the state's metadata; errors name the file and the key.
+int64_t meta_int(const std::map<std::string, std::string>& meta, const std::string& key, const std::string& path) {
+  auto it = meta.find(key);
+  PSA_CHECK(it != meta.end(), path, ": training state has no '", key, "' in its metadata");
+  const std::string& v = it->second;
+  char* end = nullptr;
+  errno = 0;
+  long long n = std::strtoll(v.c_str(), &end, 10);
+  PSA_CHECK(!v.empty() && *end == 0 && errno == 0 && n >= 0, path, ": training state '", key, "' = '", v,
+            "' is not a non-negative integer");
+  return n;
+}
+
+struct Resumed {
+  int64_t step = 0;
+};
+
+// Loads weights, optimizer moments, data position and losses; checks the state belongs to this run.
+Resumed load_state(const std::string& path, PsaVlm& m, nn::AdamW& opt, Sampler& s, const StageOptions& o,
+                   StageResult& r) {
+  std::map<std::string, std::string> meta;
+  nn::StateDict st = nn::read_tensors(path, &meta);
+  Resumed z;
+  z.step = meta_int(meta, "step", path);
+  const int64_t opt_step = meta.count("opt_step") ? meta_int(meta, "opt_step", path) : z.step;
+  PSA_CHECK(opt_step <= z.step && z.step <= o.steps, path, ": training state at step ", z.step, " (", opt_step,
+            " updates) does not fit a run of ", o.steps, " steps");
+  const int64_t epoch = meta_int(meta, "epoch", path), offset = meta_int(meta, "offset", path);
+  PSA_CHECK(offset <= (int64_t)s.pool.size(), path, ": data offset ", offset, " past the epoch of ", s.pool.size(),
+            " examples (a different dataset?)");
+  r.skipped = meta.count("skipped") ? meta_int(meta, "skipped", path) : 0;
+  for (int k = 0; k < 4; ++k) {
+    auto it = st.find(kLossKeys[k]);
+    if (it == st.end()) continue;  // states written before the per-loss series existed
+    PSA_CHECK(it->second.dtype() == DType::f64 && it->second.dim() == 1, path, ": '", kLossKeys[k],
+              "' must be a 1-d F64 tensor");
+    *loss_series(r, k) = it->second.vec<double>();
+    st.erase(it);
+  }
+  nn::StateDict weights;
+  for (auto it = st.begin(); it != st.end();) {
+    if (it->first.rfind(kWeightPrefix, 0) != 0) {
+      ++it;
+      continue;
+    }
+    weights.emplace(it->first.substr(std::strlen(kWeightPrefix)), it->second);
+    it = st.erase(it);
+  }
+  if (!weights.empty()) m.load_state_dict(weights, true, path);  // states without weights: the caller's model
+  opt.load_state(st, opt_step);
+  s.start_epoch(epoch);
+  s.offset = offset;
+  return z;
+}
+
+// A resumed run appends to the log; lines past the resumed step came from the killed run and would repeat.
+void truncate_log(const std::string& path, int64_t step) {
+  std::ifstream in(path);
+  if (!in) return;
+  std::string kept, line;
+  while (std::getline(in, line)) {
+    try {
+      if (json::parse(line, path).int_or("step", 0) <= step) kept += line + "\n";
+    } catch (const Error&) {  // a line cut short by the kill
+    }
+  }
+  json::write_file(path, kept);
 }
 
 std::string eta(double s) {
@@ -108,23 +195,17 @@ StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o) {
   sampler.seed = o.seed;
   sampler.start_epoch(0);
   StageResult r;
-  if (!o.resume_from.empty()) {
-    std::map<std::string, std::string> meta;
-    nn::StateDict st = nn::read_tensors(o.resume_from, &meta);
-    Tensor losses = st.at("__losses__");
-    st.erase("__losses__");
-    opt.load_state(st, std::stoll(meta.at("step")));
-    sampler.start_epoch(std::stoll(meta.at("epoch")));
-    sampler.offset = std::stoll(meta.at("offset"));
-    r.loss = losses.vec<double>();
-  }
+  int64_t first_step = 0;
+  if (!o.resume_from.empty()) first_step = load_state(o.resume_from, m, opt, sampler, o, r).step;
+  if (!o.resume_from.empty() && !o.log_path.empty()) truncate_log(o.log_path, first_step);
   std::ofstream log;
   if (!o.log_path.empty()) log.open(o.log_path, o.resume_from.empty() ? std::ios::trunc : std::ios::app);
   bool classify = o.stage != "base", safety_tokens = o.stage != "base";
   auto t0 = std::chrono::steady_clock::now();
   double tokens = 0;
   int64_t bad = 0, done_here = 0;
-  for (int64_t step = opt.step(); step < o.steps; ++step) {
+  int64_t step = first_step;
+  for (; step < o.steps; ++step) {
     opt.set_lr(nn::lr_at(sched, step));
     for (auto& l : m.lm->linears()) l->dropout_offset = step;  // LoRA dropout masks differ per step, repeat per run
     PsaBatch b = collate(data, sampler.next(o.batch), m.config.pad_id);
@@ -133,9 +214,14 @@ StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o) {
     out.loss.backward();
     double loss = out.loss.item();
     if (!std::isfinite(loss) || !nn::grads_finite(params)) {
-      std::fprintf(stderr, "\n[%s] step %ld: non-finite loss or gradient, step skipped\n", o.stage.c_str(), (long)step);
-      PSA_CHECK(++bad < o.max_bad_steps, "train ", o.stage, ": ", bad, " non-finite steps in a row; stopping (the last "
-                "saved checkpoint is intact)");
+      // The batch is consumed and the schedule moves on, so a resumed run skips the same step.
+      std::fprintf(stderr, "%s[%s] step %ld: non-finite %s (loss %g), step skipped\n", o.progress ? "\n" : "",
+                   o.stage.c_str(), (long)step + 1,
+                   std::isfinite(loss) ? "gradient" : "loss", loss);
+      ++r.skipped;
+      PSA_CHECK(++bad < o.max_bad_steps, "train ", o.stage, ": ", bad, " non-finite steps in a row (steps ",
+                step + 2 - bad, "..", step + 1, "); stopping", o.state_path.empty() ? "" : " (the last good state " +
+                o.state_path + " is intact)", " - lower the learning rate or check the data");
       opt.zero_grad();
       continue;
     }
@@ -178,10 +264,14 @@ StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o) {
       if (tty && step + 1 == o.steps) std::fprintf(stderr, "\n");
     }
     bool last = step + 1 == o.steps || (o.stop_after && done_here >= o.stop_after);
-    if (!o.state_path.empty() && (last || (o.state_every && (step + 1) % o.state_every == 0))) save_state(o.state_path, opt, sampler, r);
-    if (o.stop_after && done_here >= o.stop_after) break;
+    if (!o.state_path.empty() && (last || (o.state_every && (step + 1) % o.state_every == 0)))
+      save_state(o.state_path, m, opt, sampler, step + 1, r);
+    if (o.stop_after && done_here >= o.stop_after) {
+      ++step;
+      break;
+    }
   }
-  r.steps = opt.step();
+  r.steps = step;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   r.tokens_per_second = r.seconds > 0 ? tokens / r.seconds : 0;
   m.eval();

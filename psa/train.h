@@ -14,16 +14,20 @@ struct StageOptions {
   uint64_t seed = 42;
   LoraSettings lora;        // stage2: adapters on every LLM linear (rank 0 = full fine-tune of the LLM)
   std::string log_path;     // JSONL, one line per step ("" = none)
-  std::string state_path;   // training state saved here every `state_every` steps and at the end ("" = none)
+  // Training state (model weights, AdamW moments, step, data position, losses: one atomically written
+  // safetensors file, so a kill at any moment leaves the previous state whole) saved here every
+  // `state_every` steps and at the end ("" = none).
+  std::string state_path;
   int64_t state_every = 0;
-  std::string resume_from;  // a training state to continue from
-  int64_t max_bad_steps = 5;  // consecutive non-finite steps before the run stops
+  std::string resume_from;  // a training state to continue from: the model's weights are replaced by its own
+  int64_t max_bad_steps = 5;  // a non-finite loss or gradient skips the step; this many in a row stop the run
   bool progress = true;
   int64_t stop_after = 0;   // testing: return after this many steps of this call (0 = run to the end)
 };
 
 struct StageResult {
-  int64_t steps = 0;
+  int64_t steps = 0;    // steps run so far, skipped ones included (the schedule's position)
+  int64_t skipped = 0;  // steps skipped for a non-finite loss or gradient
   double seconds = 0, tokens_per_second = 0;
   std::vector<double> loss, loss_lm, loss_level, loss_type;  // per step
 };

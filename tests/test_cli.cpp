@@ -1,17 +1,19 @@
 // The `psa` binary as a user meets it: exit status 0 on success, 2 with a one-line message on bad input.
-// Runs ./build/psa from the repository root (where the tests run); skips when it has not been built.
+// Runs ./build/psa (or $PSA_BIN, e.g. the sanitizer build's) from the repository root (where the tests run);
+// skips when it has not been built.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
 namespace {
 
-const char* kPsa = "./build/psa";
+const char* const kPsa = std::getenv("PSA_BIN") ? std::getenv("PSA_BIN") : "./build/psa";
 
 struct Result {
   int status = -1;  // exit status, -1 when killed by a signal

@@ -11,6 +11,7 @@
 #include "nn/safetensors.h"
 #include "psa/synth.h"
 #include "psa/train.h"
+#include "tests/test_util.h"
 
 namespace psa {
 namespace {
@@ -215,6 +216,60 @@ TEST(PsaTrain, ResumeEqualsUninterruptedRunBitForBit) {
   ASSERT_EQ(a.loss.size(), b.loss.size());
   for (size_t i = 0; i < a.loss.size(); ++i) EXPECT_EQ(a.loss[i], b.loss[i]) << "step " << i;
   EXPECT_EQ(params_of(*straight), params_of(*c.model));
+}
+
+// Four base examples; the ones listed get NaN pixels, which makes the loss of any batch holding them NaN.
+Dataset poisoned(const std::vector<int>& bad) {
+  Dataset d;
+  d.image_size = world().base.image_size;
+  for (int i = 0; i < 4; ++i) d.examples.push_back(world().base.examples[i]);
+  for (int i : bad) std::fill(d.examples[i].pixels.begin(), d.examples[i].pixels.end(), NAN);
+  return d;
+}
+
+StageOptions guard_options(int64_t steps) {
+  StageOptions o;
+  o.stage = "base";
+  o.steps = steps;
+  o.batch = 1;
+  o.warmup = 1;
+  o.progress = false;
+  o.max_bad_steps = 3;
+  return o;
+}
+
+TEST(PsaTrain, NonFiniteStepIsSkippedAndTheRunGoesOn) {
+  auto m = fresh_model();
+  StageResult r = train_stage(*m, poisoned({2}), guard_options(4));  // one epoch: example 2 comes up once
+  EXPECT_EQ(r.steps, 4);
+  EXPECT_EQ(r.skipped, 1);
+  ASSERT_EQ(r.loss.size(), 3u);
+  for (double l : r.loss) EXPECT_TRUE(std::isfinite(l));
+  for (double p : params_of(*m)) ASSERT_TRUE(std::isfinite(p)) << "a skipped step must not touch the weights";
+}
+
+TEST(PsaTrain, NonFiniteStepsInARowStopTheRunAndKeepTheLastGoodState) {
+  std::string dir = world().dir + "/bad_steps";
+  fs::create_directories(dir);
+  StageOptions good = guard_options(8);
+  good.state_path = dir + "/state.safetensors";
+  good.stop_after = 2;
+  auto m = fresh_model();
+  train_stage(*m, poisoned({}), good);
+  const std::string key = "xxh64.weights/multi_modal_projector.linear_1.weight";
+  const st::File saved = st::File::open(good.state_path);
+  const std::string before = saved.metadata().at(key);
+
+  StageOptions rest = guard_options(8);
+  rest.state_path = good.state_path;
+  rest.state_every = 1;
+  rest.resume_from = good.state_path;
+  std::string err = test::error_of([&] { train_stage(*m, poisoned({0, 1, 2, 3}), rest); });
+  EXPECT_NE(err.find("3 non-finite steps in a row (steps 3..5)"), std::string::npos) << err;
+  EXPECT_NE(err.find("state.safetensors is intact"), std::string::npos) << err;
+  st::File f = st::File::open(good.state_path);  // still whole: hashes verified on open
+  EXPECT_EQ(f.metadata().at("step"), "2");
+  EXPECT_EQ(f.metadata().at(key), before);
 }
 
 TEST(PsaTrain, StageOneLeavesEverythingButSafetyModulesBitIdentical) {

@@ -1,4 +1,5 @@
 // psa data: writes the synthetic safety dataset; psa tokenizer train: a BPE tokenizer for a dataset.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -10,20 +11,33 @@
 
 namespace psa {
 
-static const char* kDataUsage = R"(usage: psa data [--preset tiny|small] [--out DIR] [--seed N]
+static const char* kDataUsage = R"(usage: psa data [--preset tiny|small] [--out DIR] [--seed N] [--scale X]
 
 Generates the synthetic safety dataset (shared/spec dataset.md) deterministically from the seed:
 DIR/images/*.png, DIR/base_train.jsonl (base-VLM data: compliant descriptions of risky images and
 hint-following samples), DIR/train.jsonl (safety data for Stages I and II), DIR/val.jsonl, DIR/test.jsonl
 and DIR/dataset.json (config and counts). Records use the PSA-VLM reference format, so the same loader
-trains on real data. Defaults: --preset tiny --out data/tiny --seed 1.)";
+trains on real data. --scale X multiplies every record count (at least one record where the preset has any),
+e.g. 0.01 for a dataset of a few dozen records for smoke tests. Defaults: --preset tiny --out data/tiny --seed 1.)";
+
+// Scales one count, keeping non-empty kinds non-empty so a small dataset still has every kind of record.
+static int scaled(int n, double f) { return n == 0 ? 0 : std::max(1, static_cast<int>(n * f)); }
+
+static void scale_sizes(SplitSizes& s, double f) {
+  s.clean = scaled(s.clean, f), s.risky = scaled(s.risky, f);
+  s.hard_negative = scaled(s.hard_negative, f), s.typographic = scaled(s.typographic, f);
+}
 
 int cmd_data(int argc, char** argv) {
   cli::Args a;
-  if (!cli::parse(argc, argv, {kDataUsage, {"--preset", "--out", "--seed"}, {}}, &a)) return 0;
+  if (!cli::parse(argc, argv, {kDataUsage, {"--preset", "--out", "--seed", "--scale"}, {}}, &a)) return 0;
   PSA_CHECK(a.positional.empty(), "data: unexpected argument '", a.positional[0], "' (see --help)");
   SynthConfig cfg = synth_preset(a.get("--preset", "tiny"));
   cfg.seed = a.get_int("--seed", 1);
+  const double scale = a.get_double("--scale", 1);
+  PSA_CHECK(scale > 0 && scale <= 1, "--scale: expected a number in (0, 1], got ", scale);
+  for (SplitSizes* s : {&cfg.train, &cfg.val, &cfg.test}) scale_sizes(*s, scale);
+  cfg.base_extra_clean = scaled(cfg.base_extra_clean, scale);
   std::string out = a.get("--out", "data/" + cfg.preset);
   auto t0 = std::chrono::steady_clock::now();
   json::Value info = generate_dataset(cfg, out);

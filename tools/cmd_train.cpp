@@ -1,4 +1,5 @@
 // psa train: base VLM -> Stage I -> Stage II on a dataset folder, one checkpoint per stage.
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 
@@ -44,6 +45,12 @@ options:
   --full-ft                Stage II fine-tunes the whole LLM instead of LoRA
   --eval / --no-eval       run the benchmark at the end
   --eval-limit N           evaluate on the first N test records only (0 = all)
+  --save-every N           write the training state OUT/<stage>/train_state.safetensors every N steps
+                           (default 100; it is also written at the end of each stage)
+  --resume                 continue a killed run in OUT: each stage restarts from its training state (weights,
+                           optimizer, data position, losses) and ends bit-identical to an uninterrupted run;
+                           a stage without one starts from scratch; use the same options as the killed run
+  --max-bad-steps K        a non-finite loss or gradient skips the step; K in a row stop the run (default 5)
   --quiet                  no progress bars)";
 
 namespace {
@@ -141,8 +148,9 @@ int cmd_train(int argc, char** argv) {
   if (!cli::parse(argc, argv,
                   {kTrainUsage,
                    {"--preset", "--data", "--out", "--stage", "--seed", "--batch", "--steps-vision", "--steps-base", "--steps-1", "--steps-2",
-                    "--lr-base", "--lr-1", "--lr-2", "--warmup", "--lora-rank", "--lora-alpha", "--lora-dropout", "--eval-limit"},
-                   {"--lora-lm-head", "--full-ft", "--eval", "--no-eval", "--quiet"}},
+                    "--lr-base", "--lr-1", "--lr-2", "--warmup", "--lora-rank", "--lora-alpha", "--lora-dropout", "--eval-limit",
+                    "--save-every", "--max-bad-steps"},
+                   {"--lora-lm-head", "--full-ft", "--eval", "--no-eval", "--quiet", "--resume"}},
                   &a))
     return 0;
   PSA_CHECK(a.positional.empty(), "train: unexpected argument '", a.positional[0], "' (see --help)");
@@ -208,13 +216,24 @@ int cmd_train(int argc, char** argv) {
     o.seed = p.seed;
     o.lora = lora;
     o.progress = !a.has("--quiet");
+    o.max_bad_steps = a.get_int("--max-bad-steps", 5);
+    PSA_CHECK(o.max_bad_steps >= 1, "--max-bad-steps: expected at least 1, got ", o.max_bad_steps);
     fs::create_directories(dir);
     o.log_path = (dir / "log.jsonl").string();
+    o.state_path = (dir / "train_state.safetensors").string();
+    o.state_every = a.get_int("--save-every", 100);
+    PSA_CHECK(o.state_every >= 0, "--save-every: expected N >= 0, got ", o.state_every);
+    if (a.has("--resume") && fs::exists(o.state_path)) {
+      o.resume_from = o.state_path;
+      std::printf("[%s] resuming from %s\n", stage.c_str(), o.state_path.c_str());
+    }
     Dataset data = load_split((fs::path(p.data) / (stage == "base" ? "base_train.jsonl" : "train.jsonl")).string(), tok, cfg);
-    if (stage == "base") pretrain_vision_tower(*model, p, a, tok, cfg, report, curves);
+    // A resumed base stage takes every weight from its state: pretraining again would only be overwritten.
+    if (stage == "base" && o.resume_from.empty()) pretrain_vision_tower(*model, p, a, tok, cfg, report, curves);
     StageResult r = train_stage(*model, data, o);
-    std::printf("[%s] %ld steps in %.1f s (%.0f tokens/s), loss %.4f -> %.4f\n", stage.c_str(), (long)r.steps, r.seconds,
-                r.tokens_per_second, r.loss.front(), r.loss.back());
+    std::printf("[%s] %ld steps (%ld skipped) in %.1f s (%.0f tokens/s), loss %.4f -> %.4f\n", stage.c_str(),
+                (long)r.steps, (long)r.skipped, r.seconds, r.tokens_per_second, r.loss.empty() ? NAN : r.loss.front(),
+                r.loss.empty() ? NAN : r.loss.back());
     save_checkpoint(dir.string(), *model, tok, stage, stage == "stage2" ? lora : LoraSettings{});
     json::Value audit;
     if (!prev.empty() && fs::exists(fs::path(p.out) / prev / "model.safetensors")) {

@@ -51,6 +51,38 @@ std::string describe() {
   return buf;
 }
 
+namespace {
+
+double mib(size_t n) { return n / 1048576.0; }
+
+// Returns every cached block to the driver (called with the lock held): a request that fails while other
+// sizes sit idle in the cache should get that memory before the run is declared out of memory.
+size_t release_cached(Cache& c) {
+  size_t released = 0;
+  for (auto& [size, blocks] : c.free_blocks) {
+    for (void* p : blocks) cudaFree(p);
+    released += size * blocks.size();
+    blocks.clear();
+  }
+  return released;
+}
+
+// One line with what was asked for and what the device has, so the fix (smaller batch, another GPU) is obvious.
+[[noreturn]] void out_of_memory(size_t requested, size_t rounded, const Cache& c, cudaError_t err) {
+  cudaGetLastError();  // clear the sticky error so later calls are not blamed for it
+  size_t free_b = 0, total_b = 0;
+  cudaMemGetInfo(&free_b, &total_b);
+  char buf[320];
+  snprintf(buf, sizeof buf,
+           "CUDA out of memory: cudaMalloc of %zu bytes (%.1f MiB; %zu requested) failed (%s); the device has "
+           "%.1f MiB free of %.1f MiB; this process holds %.1f MiB in tensors (peak %.1f MiB)",
+           rounded, mib(rounded), requested, cudaGetErrorString(err), mib(free_b), mib(total_b), mib(c.in_use),
+           mib(c.peak));
+  fail(buf);
+}
+
+}  // namespace
+
 void* alloc(size_t nbytes) {
   size_t n = round_size(nbytes ? nbytes : 1);
   Cache& c = cache();
@@ -60,11 +92,9 @@ void* alloc(size_t nbytes) {
   if (it != c.free_blocks.end() && !it->second.empty()) {
     p = it->second.back();
     it->second.pop_back();
-  } else if (cudaMalloc(&p, n) != cudaSuccess) {
+  } else if (cudaError_t err = cudaMalloc(&p, n); err != cudaSuccess) {
     cudaGetLastError();
-    size_t free_b = 0, total_b = 0;
-    cudaMemGetInfo(&free_b, &total_b);
-    fail("CUDA out of memory: requested ", n, " bytes, ", free_b, " free of ", total_b);
+    if (release_cached(c) == 0 || (err = cudaMalloc(&p, n)) != cudaSuccess) out_of_memory(nbytes, n, c, err);
   }
   c.in_use += n;
   if (c.in_use > c.peak) c.peak = c.in_use;

@@ -51,3 +51,85 @@ st("dup_key.safetensors",
 st("metadata_not_string.safetensors", hdr({"w": t("F32", [4], 0, 16)}, {"step": 3}), F)
 st("hash_mismatch.safetensors", hdr({"w": t("F32", [4], 0, 16)}, {"xxh64.w": "0000000000000000"}), F)
 st("hash_orphan.safetensors", hdr({"w": t("F32", [4], 0, 16)}, {"xxh64.gone": "0000000000000000"}), F)
+
+# ---- hostile inputs for the other readers (tests/test_hostile.cpp) ----
+
+
+def write(name, blob):
+    path = os.path.join(HERE, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(blob if isinstance(blob, bytes) else blob.encode("utf-8"))
+
+
+NAN4 = struct.pack("<4f", 1.0, float("nan"), float("inf"), 2.0)
+st("nan_weights.safetensors", hdr({"w": t("F32", [4], 0, 16), "ok": t("F32", [4], 16, 32)}), NAN4 + F)
+
+
+def ckpt(name, edit, meta_extra=None):
+    """A PSA checkpoint folder whose metadata config (the golden one) is edited by `edit`; one small tensor."""
+    with open(os.path.join(HERE, "..", "psa_golden", "config.json")) as f:
+        cfg = json.load(f)
+    edit(cfg)
+    meta = {"format": "pt", "stage": "base", "config": json.dumps(cfg)}
+    meta.update(meta_extra or {})
+    h = hdr({"w": t("F32", [4], 0, 16)}, meta).encode()
+    h += b" " * (-len(h) % 8)
+    write(name + "/model.safetensors", struct.pack("<Q", len(h)) + h + F)
+
+
+ckpt("ckpt_zero_heads", lambda c: c["text_config"].update(num_attention_heads=0))
+ckpt("ckpt_absurd_dims", lambda c: c["text_config"].update(vocab_size=1 << 22, hidden_size=1 << 16, num_attention_heads=1,
+                                                                  num_key_value_heads=1))
+ckpt("ckpt_bad_lora", lambda c: None, {"lora": '{"rank": -3, "alpha": 8, "dropout": 0, "include_lm_head": false}'})
+ckpt("ckpt_config_not_json", lambda c: None, {"config": '{"preset": "golden",'})
+
+# Training states (psa/train.cpp): a step that is not a number.
+st("state_bad_step.safetensors", hdr({"w": t("F32", [4], 0, 16)}, {"step": "-5", "epoch": "0", "offset": "0"}), F)
+
+
+def tokenizer(name, edit, raw_bytes=None):
+    specials = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    byte_map = dict(zip(bs, cs))
+    tok = {"format": "psa-bpe-tokenizer", "version": 1, "special_tokens": {s: i for i, s in enumerate(specials)},
+           "vocab": specials + [chr(byte_map[b]) for b in range(256)], "merges": []}
+    edit(tok)
+    text = json.dumps(tok, ensure_ascii=False)
+    write(name, raw_bytes(text) if raw_bytes else text)
+
+
+tokenizer("tokenizer_unknown_key.json", lambda t: t.update(merge=[]))
+tokenizer("tokenizer_special_out_of_range.json", lambda t: t["special_tokens"].update({"<unk>": 5000}))
+tokenizer("tokenizer_merge_unknown.json", lambda t: t.update(merges=["a zz"]))
+# Non-UTF-8 text: a raw 0xFF byte inside the vocabulary.
+tokenizer("tokenizer_not_utf8.json", lambda t: None, lambda s: s.encode().replace(b'"a"', b'"\xff"', 1))
+
+# Images: the fuzzer's JPEG (jpeg_dht_overflow.jpg, kept as found) plus hand-made headers.
+PNG_SIG = b"\x89PNG\r\n\x1a\n"
+
+
+def png_chunk(kind, data):
+    import zlib
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+write("image_huge.png", PNG_SIG + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 10, 8, 2, 0, 0, 0)))
+write("image_zero_width.png", PNG_SIG + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 10, 8, 2, 0, 0, 0)))
+write("image_truncated.png", PNG_SIG + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0)))
+write("image.gif", b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\x00\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+
+# JSONL records: invalid UTF-8, a raw NUL byte, nesting 10000 deep, a duplicate key, a number out of range and
+# an escaped NUL in the image path.
+write("records_hostile.jsonl",
+      b'{"safe_level": 0, "safe_type": 6, "image": "a.png", "conversations": [{"from": "USER", "value": "\xff\xfe"}]}\n'
+      b'{"safe_level": 0, "safe_type": 6, "image": "a\x00.png"}\n' + b"[" * 10000 + b"\n"
+      b'{"safe_level": 0, "safe_level": 1, "safe_type": 6}\n'
+      b'{"safe_level": 1e400, "safe_type": 6}\n'
+      b'{"safe_level": 0, "safe_type": 6, "image": "a\\u0000.png", "conversations": []}\n')
