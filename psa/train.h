@@ -20,6 +20,7 @@ struct StageOptions {
   int64_t max_bad_steps = 5;  // consecutive non-finite steps before the run stops
   bool progress = true;
   int64_t stop_after = 0;   // testing: return after this many steps of this call (0 = run to the end)
+  Device device = Device::cpu;  // where the model, the batches and the optimizer live during the stage
 };
 
 struct StageResult {
@@ -36,6 +37,7 @@ void set_trainable(PsaVlm& m, const std::string& stage, const LoraSettings& lora
 // the other stages see everything.
 std::vector<int64_t> stage_indices(const Dataset& d, const std::string& stage, uint64_t seed);
 
+// The model is moved to o.device for the stage and left there (checkpoint writers copy to the host).
 StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o);
 
 }  // namespace psa

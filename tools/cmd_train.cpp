@@ -7,6 +7,7 @@
 #include "psa/synth.h"
 #include "psa/train.h"
 #include "psa/vision_pretrain.h"
+#include "tensor/device.h"
 #include "tools/cli.h"
 
 namespace psa {
@@ -44,6 +45,7 @@ options:
   --full-ft                Stage II fine-tunes the whole LLM instead of LoRA
   --eval / --no-eval       run the benchmark at the end
   --eval-limit N           evaluate on the first N test records only (0 = all)
+  --device cpu|cuda        where training runs (default cpu): model, batches and AdamW on that device
   --quiet                  no progress bars)";
 
 namespace {
@@ -141,7 +143,8 @@ int cmd_train(int argc, char** argv) {
   if (!cli::parse(argc, argv,
                   {kTrainUsage,
                    {"--preset", "--data", "--out", "--stage", "--seed", "--batch", "--steps-vision", "--steps-base", "--steps-1", "--steps-2",
-                    "--lr-base", "--lr-1", "--lr-2", "--warmup", "--lora-rank", "--lora-alpha", "--lora-dropout", "--eval-limit"},
+                    "--lr-base", "--lr-1", "--lr-2", "--warmup", "--lora-rank", "--lora-alpha", "--lora-dropout", "--eval-limit",
+                    "--device"},
                    {"--lora-lm-head", "--full-ft", "--eval", "--no-eval", "--quiet"}},
                   &a))
     return 0;
@@ -154,6 +157,10 @@ int cmd_train(int argc, char** argv) {
   p.seed = a.get_int("--seed", 42);
   p.batch = a.get_int("--batch", 16);
   std::string which = a.get("--stage", "all");
+  std::string dev = a.get("--device", "cpu");
+  PSA_CHECK(dev == "cpu" || dev == "cuda", "--device: expected cpu or cuda, got '", dev, "'");
+  Device device = dev == "cuda" ? Device::cuda : Device::cpu;
+  PSA_CHECK(device == Device::cpu || gpu::available(), "train --device cuda: no usable GPU (", gpu::describe(), ")");
   PSA_CHECK(which == "all" || which == "base" || which == "1" || which == "2", "--stage: expected all, base, 1 or 2, got '", which, "'");
   if (!fs::exists(fs::path(p.data) / "train.jsonl")) {
     // Only a missing or empty folder is filled with the synthetic data: never write into someone's data folder.
@@ -208,6 +215,7 @@ int cmd_train(int argc, char** argv) {
     o.seed = p.seed;
     o.lora = lora;
     o.progress = !a.has("--quiet");
+    o.device = device;
     fs::create_directories(dir);
     o.log_path = (dir / "log.jsonl").string();
     Dataset data = load_split((fs::path(p.data) / (stage == "base" ? "base_train.jsonl" : "train.jsonl")).string(), tok, cfg);
