@@ -11,6 +11,7 @@
 #include <random>
 #include <set>
 
+#include "nn/conform.h"
 #include "nn/optim.h"
 #include "op_harness.h"
 #include "psa/train.h"
@@ -419,6 +420,16 @@ TEST(CudaTrain, OneTinyStepOfEachStageMatchesCpu) {
         if (std::fabs(a[i] - b[i]) > 2.5 * lr + 1e-5 * (1 + std::fabs(a[i]))) ++bad;
       EXPECT_EQ(bad, 0) << stage << ": parameter " << name << " after AdamW";
     }
+  }
+}
+
+// `psa conform --device cuda`: the Hugging Face / timm / torch fixtures through the CUDA kernels.
+TEST(CudaConform, FixturesMatchOnCuda) {
+  SKIP_WITHOUT_GPU();
+  for (const char* kind : {"clip_vision", "llama", "llava", "c_abstractor", "mha"}) {
+    nn::ConformReport r = nn::conform(std::string("tests/data/hf/") + kind, Device::cuda, 1e-4);
+    EXPECT_GT(r.entries.size(), 5u) << kind;
+    for (const nn::ConformEntry& e : r.entries) EXPECT_TRUE(e.ok) << kind << ": " << e.name << " relative error " << e.rel_err;
   }
 }
 
