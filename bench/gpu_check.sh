@@ -7,6 +7,7 @@
 #   3. SGEMM benchmark: own kernel vs cuBLAS at 4096² and 8192² (CUDA events, validated first)
 #   4. psa bench-step --device cuda --preset small --stage 1 / 2 --batch 32
 #   5. PyTorch's same step (tools/psa_reference.py --bench --bench-preset small --device cuda) if torch imports
+#   6. the f32 op parity under compute-sanitizer memcheck (out-of-bounds reads), with whatever time is left
 # and prints a compact table. Raw outputs go to $RESULTS (default: $OUT when set, else bench/results/gpu).
 # Usage: bench/gpu_check.sh            (JOBS, CUDA_ARCH, RESULTS, TOTAL_S may be set in the environment)
 set -u
@@ -67,6 +68,13 @@ else
   STATUS[torch]="SKIPPED (no torch with CUDA)"
 fi
 
+# Out-of-bounds reads (guard bytes only catch writes): the f32 op parity under compute-sanitizer, if time is left.
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+if [ $BUILT -eq 0 ] && [ -n "$SAN" ]; then
+  run_part memcheck 60 "$RESULTS/memcheck.log" "$SAN" --tool memcheck --error-exitcode 9 ./build/psa_tests \
+    --gtest_brief=1 --gtest_filter='CudaParity.EveryOpMatchesCpuInF32'
+fi
+
 # ---- table
 python3 - "$RESULTS" <<'PY' || echo "(python3 missing or failed: see the logs in $RESULTS)"
 import json, os, sys
@@ -101,6 +109,6 @@ PY
 
 echo
 echo "== summary ($(( $(date +%s) - START ))s of ${TOTAL_S}s)"
-for k in build tests sgemm step_stage1 step_stage2 torch; do printf '  %-12s %s\n' "$k" "${STATUS[$k]:-not run}"; done
+for k in build tests sgemm step_stage1 step_stage2 torch memcheck; do printf '  %-12s %s\n' "$k" "${STATUS[$k]:-not run}"; done
 grep -E '^\[  FAILED  \]' "$RESULTS/tests.log" 2>/dev/null | head -40
 grep -E "op '.*' trial" "$RESULTS/tests.log" 2>/dev/null | head -60
