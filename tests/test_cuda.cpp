@@ -112,6 +112,16 @@ std::vector<Tensor> run_op(const OpCase& c, const Inputs& in, Device device, con
   return r;
 }
 
+// After a kernel fault (illegal address, ...) every later CUDA call fails with the same sticky error.
+bool device_usable() {
+  try {
+    gpu::check_guards();
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
 // Every case of every op-table row (tests/cases_*.cpp), CPU vs CUDA. Returns one line per disagreement.
 std::vector<std::string> op_parity(DType dtype, const std::set<std::string>& only = {}) {
   std::vector<std::string> failures;
@@ -136,10 +146,15 @@ std::vector<std::string> op_parity(DType dtype, const std::set<std::string>& onl
           e = compare(ref[i], got[i], tol);
           if (!e.empty()) failures.push_back(str_cat(where, "gradient of input ", i - 1, ": ", e));
         }
+        // Synchronises, so an asynchronous kernel fault is charged to this op rather than to a later one.
+        for (const std::string& g : gpu::check_guards()) failures.push_back(where + "guard bytes: " + g);
       } catch (const std::exception& ex) {
         failures.push_back(where + "threw: " + ex.what());
+        if (!device_usable()) {
+          failures.push_back(where + "the CUDA context is unusable after this op (a kernel fault): stopping here");
+          return failures;
+        }
       }
-      for (const std::string& g : gpu::check_guards()) failures.push_back(where + "guard bytes: " + g);
     }
   }
   return failures;
@@ -190,7 +205,16 @@ TEST(CudaParity, NanAndInfPropagateLikeCpu) {
     Tensor cpu_out, gpu_out;
     std::string cpu_err, gpu_err;
     try { cpu_out = run_op(c, in, Device::cpu, Tensor(), false)[0]; } catch (const std::exception& e) { cpu_err = e.what(); }
-    try { gpu_out = run_op(c, in, Device::cuda, Tensor(), false)[0]; } catch (const std::exception& e) { gpu_err = e.what(); }
+    try {
+      gpu_out = run_op(c, in, Device::cuda, Tensor(), false)[0];
+      gpu::check_guards();  // synchronises: a kernel fault is charged to this op
+    } catch (const std::exception& e) {
+      gpu_err = e.what();
+      if (!device_usable()) {
+        failures.push_back(where + "kernel fault, CUDA context unusable: " + gpu_err);
+        break;
+      }
+    }
     if (cpu_err.empty() != gpu_err.empty()) {
       failures.push_back(where + "cpu error '" + cpu_err + "', cuda error '" + gpu_err + "'");
       continue;
