@@ -45,7 +45,8 @@ options:
   --full-ft                Stage II fine-tunes the whole LLM instead of LoRA
   --eval / --no-eval       run the benchmark at the end
   --eval-limit N           evaluate on the first N test records only (0 = all)
-  --device cpu|cuda        where training runs (default cpu): model, batches and AdamW on that device
+  --device cpu|cuda        where the stages train (default cpu): model, batches and AdamW on that device
+                           (the vision pretraining before base stays on the CPU)
   --quiet                  no progress bars)";
 
 namespace {
