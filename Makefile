@@ -16,7 +16,7 @@ CU_SRCS  := $(if $(NVCC),$(wildcard tensor/cuda/*.cu))
 ifneq ($(CU_SRCS),)
   CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
   CXXFLAGS  += -DPSA_CUDA=1 -I$(CUDA_HOME)/include
-  NVFLAGS   := -std=c++17 -O3 -arch=$(CUDA_ARCH) -I. -DPSA_CUDA=1 -MMD -MP -Xcompiler -fopenmp
+  NVFLAGS   := -std=c++17 -O3 -arch=$(CUDA_ARCH) -lineinfo -I. -DPSA_CUDA=1 -MMD -MP -Xcompiler -fopenmp,-Wall,-Wextra,-Wno-unused-parameter
   LDLIBS    += -L$(CUDA_HOME)/lib64 -lcudart -lcublas -Wl,-rpath,$(CUDA_HOME)/lib64
 endif
 
@@ -30,15 +30,21 @@ TOOL_OBJS  := $(TOOL_SRCS:%.cpp=$(OBJ)/%.o)
 TEST_OBJS  := $(TEST_SRCS:%.cpp=$(OBJ)/%.o)
 BENCH_BINS := $(BENCH_SRCS:bench/%.cpp=$(BUILD)/bench_%)
 LIB        := $(BUILD)/libpsa.a
+# Objects depend on a stamp named after a hash of the flags, so switching CUDA=0 <-> CUDA builds (or OPT,
+# CUDA_ARCH) in one build folder recompiles instead of linking objects made for the other configuration.
+FLAGS_STAMP := $(OBJ)/.flags-$(shell echo '$(CXX) $(CXXFLAGS) $(NVCC) $(NVFLAGS) $(LDLIBS)' | md5sum | cut -c1-12)
 
 .PHONY: all test deps clean bench train infer check-deps fuzz check-asan check-valgrind
 all: $(BUILD)/psa $(BUILD)/psa_tests $(BENCH_BINS)
 
-$(OBJ)/%.o: %.cpp
+$(FLAGS_STAMP):
+	@mkdir -p $(OBJ) && rm -f $(OBJ)/.flags-* && touch $@
+
+$(OBJ)/%.o: %.cpp $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) -c $< -o $@
 
-$(OBJ)/%.cu.o: %.cu
+$(OBJ)/%.cu.o: %.cu $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) -c $< -o $@
 
@@ -52,7 +58,7 @@ $(BUILD)/psa: $(TOOL_OBJS) $(LIB)
 $(BUILD)/psa_tests: $(TEST_OBJS) $(LIB)
 	$(CXX) $(CXXFLAGS) $^ -o $@ -lgtest -lgtest_main $(LDLIBS)
 
-$(BUILD)/bench_%: bench/%.cpp $(LIB)
+$(BUILD)/bench_%: bench/%.cpp $(LIB) $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) $< $(LIB) -o $@ -lbenchmark -lbenchmark_main $(LDLIBS)
 
@@ -65,10 +71,11 @@ test:
 PRESET ?= tiny
 DATA   ?= data/$(PRESET)
 RUN    ?= runs/$(PRESET)
+DEVICE ?= cpu
 JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
 train: check-deps
 	@$(MAKE) --no-print-directory -j$(JOBS) $(BUILD)/psa
-	./$(BUILD)/psa train --preset $(PRESET) --data $(DATA) --out $(RUN)
+	./$(BUILD)/psa train --preset $(PRESET) --data $(DATA) --out $(RUN) --device $(DEVICE)
 
 # Asks the trained model about a clean image, three risky ones and a hard negative from the test split.
 INFER_PICKS := safe_type.:6,.*hard_negative.:false safe_type.:0, safe_type.:1, safe_type.:4, hard_negative.:true

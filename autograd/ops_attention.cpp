@@ -7,14 +7,10 @@
 #include <cmath>
 
 #include "autograd/op_util.h"
-#include "tensor/cpu/kernels.h"
+#include "tensor/dispatch.h"
 
 namespace psa {
 namespace {
-
-void require_cpu(const char* op, const Tensor& t) {
-  if (t.device() != Device::cpu) no_kernel(op, t.device());
-}
 
 // Tables and masks are inputs the ops do not differentiate: refuse rather than silently drop a gradient.
 void check_constant(const char* op, const Tensor& t, const char* what) {
@@ -50,12 +46,11 @@ Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
   check_constant(op, cos, "cos");
   check_constant(op, sin, "sin");
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-  require_cpu(op, out);
-  cpu::rope(x, cos, sin, out);
+  PSA_KERNEL(out.device(), rope)(x, cos, sin, out);
   Tensor cs = cos.detach(), sn = sin.detach();
   return record(op, out, {x}, [=](const Tensor& g) -> Grads {
     Tensor gx = Tensor::empty(g.shape(), g.dtype(), g.device());
-    cpu::rope_backward(g, cs, sn, gx);
+    PSA_KERNEL(gx.device(), rope_backward)(g, cs, sn, gx);
     return {gx};
   });
 }
@@ -90,22 +85,41 @@ void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Te
 
 }  // namespace
 
+// The CPU keeps the probabilities P [B, H, T, S] for the backward. CUDA runs flash-style: it keeps only the row
+// log-sum-exp [B, H, T] and the output, and its backward recomputes P tile by tile (tensor/cuda/attention.cu),
+// so the two devices save different tensors and this op is the one place that branches on the device.
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, const Tensor& mask, double scale) {
   const char* op = "attention";
   check_attention(q, k, v, mask);
   if (scale == 0) scale = 1.0 / std::sqrt((double)q.size(3));
-  Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());
-  Tensor probs = Tensor::empty({q.size(0), q.size(1), q.size(2), k.size(2)}, q.dtype(), q.device());
-  require_cpu(op, out);
-  cpu::attention(q, k, v, mask, causal, scale, out, probs);
   Tensor qs = q.detach(), ks = k.detach(), vs = v.detach();
   bool need_q = q.requires_grad(), need_k = k.requires_grad(), need_v = v.requires_grad();
+  auto grads_like = [=]() -> Grads {
+    return {need_q ? Tensor::empty(qs.shape(), qs.dtype(), qs.device()) : Tensor(),
+            need_k ? Tensor::empty(ks.shape(), ks.dtype(), ks.device()) : Tensor(),
+            need_v ? Tensor::empty(vs.shape(), vs.dtype(), vs.device()) : Tensor()};
+  };
+  Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());
+  if (q.device() == Device::cuda) {
+#ifdef PSA_CUDA
+    Tensor lse = Tensor::empty({q.size(0), q.size(1), q.size(2)}, q.dtype(), q.device());
+    cuda::attention(q, k, v, mask, causal, scale, out, lse);
+    Tensor os = out.detach(), ms = mask.defined() ? mask.detach() : Tensor();
+    return record(op, out, {q, k, v}, [=](const Tensor& g) -> Grads {
+      Grads gr = grads_like();
+      cuda::attention_backward(g, qs, ks, vs, os, lse, ms, causal, scale, gr[0], gr[1], gr[2]);
+      return gr;
+    });
+#else
+    no_cuda_kernel(op);
+#endif
+  }
+  Tensor probs = Tensor::empty({q.size(0), q.size(1), q.size(2), k.size(2)}, q.dtype(), q.device());
+  cpu::attention(q, k, v, mask, causal, scale, out, probs);
   return record(op, out, {q, k, v}, [=](const Tensor& g) -> Grads {
-    Tensor gq = need_q ? Tensor::empty(qs.shape(), qs.dtype(), qs.device()) : Tensor();
-    Tensor gk = need_k ? Tensor::empty(ks.shape(), ks.dtype(), ks.device()) : Tensor();
-    Tensor gv = need_v ? Tensor::empty(vs.shape(), vs.dtype(), vs.device()) : Tensor();
-    cpu::attention_backward(g, qs, ks, vs, probs, scale, gq, gk, gv);
-    return {gq, gk, gv};
+    Grads gr = grads_like();
+    cpu::attention_backward(g, qs, ks, vs, probs, scale, gr[0], gr[1], gr[2]);
+    return gr;
   });
 }
 

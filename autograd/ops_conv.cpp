@@ -4,14 +4,10 @@
 //   depthwise_conv3x3: gx = the transposed 3x3 correlation of g, gw[c,k] = Σ g·shifted x  (saves x, w)
 //   adaptive_avg_pool2d: every input gets g/|bin| from each bin containing it  (saves nothing)
 #include "autograd/op_util.h"
-#include "tensor/cpu/kernels.h"
+#include "tensor/dispatch.h"
 
 namespace psa {
 namespace {
-
-void require_cpu(const char* op, const Tensor& t) {
-  if (t.device() != Device::cpu) no_kernel(op, t.device());
-}
 
 Tensor grad_like(bool needed, const Tensor& t) {
   return needed ? Tensor::empty(t.shape(), t.dtype(), t.device()) : Tensor();
@@ -52,14 +48,13 @@ Tensor patch_conv(const Tensor& x, const Tensor& w, const Tensor& bias) {
   check_patch_conv(x, w, bias);
   int64_t p = w.size(2);
   Tensor out = Tensor::empty({x.size(0), w.size(0), x.size(2) / p, x.size(3) / p}, x.dtype(), x.device());
-  require_cpu(op, out);
-  cpu::patch_conv(x, w, bias, out);
+  PSA_KERNEL(out.device(), patch_conv)(x, w, bias, out);
   Tensor xs = x.detach(), ws = w.detach();
   bool need_x = needs_grad(x), need_w = needs_grad(w), need_b = needs_grad(bias);
   return record(op, out, {x, w, bias}, [=](const Tensor& g) -> Grads {
     Tensor gx = grad_like(need_x, xs), gw = grad_like(need_w, ws);
     Tensor gb = need_b ? Tensor::empty({ws.size(0)}, ws.dtype(), ws.device()) : Tensor();
-    cpu::patch_conv_backward(g, xs, ws, gx, gw, gb);
+    PSA_KERNEL(xs.device(), patch_conv_backward)(g, xs, ws, gx, gw, gb);
     return {gx, gw, gb};
   });
 }
@@ -70,13 +65,12 @@ Tensor depthwise_conv3x3(const Tensor& x, const Tensor& w) {
   PSA_CHECK(x.dim() == 4 && w.shape() == Shape({x.size(3), 1, 3, 3}), op, ": x ", shape_str(x.shape()), " and w ",
             shape_str(w.shape()), ": want x [B,H,W,C] and w [C,1,3,3]");
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-  require_cpu(op, out);
-  cpu::depthwise_conv3x3(x, w, out);
+  PSA_KERNEL(out.device(), depthwise_conv3x3)(x, w, out);
   Tensor xs = x.detach(), ws = w.detach();
   bool need_x = needs_grad(x), need_w = needs_grad(w);
   return record(op, out, {x, w}, [=](const Tensor& g) -> Grads {
     Tensor gx = grad_like(need_x, xs), gw = grad_like(need_w, ws);
-    cpu::depthwise_conv3x3_backward(g, xs, ws, gx, gw);
+    PSA_KERNEL(xs.device(), depthwise_conv3x3_backward)(g, xs, ws, gx, gw);
     return {gx, gw};
   });
 }
@@ -90,12 +84,11 @@ Tensor adaptive_avg_pool2d(const Tensor& x, int64_t out_h, int64_t out_w) {
             " to ", out_h, "x", out_w, ": sizes must be positive");
   if (out_h == x.size(1) && out_w == x.size(2)) return x;  // every bin is one position
   Tensor out = Tensor::empty({x.size(0), out_h, out_w, x.size(3)}, x.dtype(), x.device());
-  require_cpu(op, out);
-  cpu::adaptive_avg_pool2d(x, out);
+  PSA_KERNEL(out.device(), adaptive_avg_pool2d)(x, out);
   Shape sx = x.shape();
   return record(op, out, {x}, [=](const Tensor& g) -> Grads {
     Tensor gx = Tensor::empty(sx, g.dtype(), g.device());
-    cpu::adaptive_avg_pool2d_backward(g, gx);
+    PSA_KERNEL(gx.device(), adaptive_avg_pool2d_backward)(g, gx);
     return {gx};
   });
 }

@@ -3,7 +3,7 @@
 // each summed back to the input's shape (sum_to) when it was broadcast. Unary ops: gx = g·f'(x), with the
 // derivative computed by the kernel from x and the saved output y.
 #include "autograd/op_util.h"
-#include "tensor/cpu/kernels.h"
+#include "tensor/dispatch.h"
 
 namespace psa {
 namespace {
@@ -18,8 +18,7 @@ Tensor binary_forward(const char* op, BinaryOp kind, const Tensor& a, const Tens
   check_same_dtype(op, a, b);
   check_float(op, a);
   Tensor out = Tensor::empty(broadcast_shape(op, a.shape(), b.shape()), a.dtype(), a.device());
-  if (out.device() != Device::cpu) no_kernel(op, out.device());
-  cpu::binary(kind, a, b, out);
+  PSA_KERNEL(out.device(), binary)(kind, a, b, out);
   return out;
 }
 
@@ -27,15 +26,13 @@ Tensor unary_forward(const char* op, UnaryOp kind, const Tensor& x, double param
   check_defined(op, x, "input");
   check_float(op, x);
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-  if (out.device() != Device::cpu) no_kernel(op, out.device());
-  cpu::unary(kind, x, param, out);
+  PSA_KERNEL(out.device(), unary)(kind, x, param, out);
   return out;
 }
 
 Tensor unary_grad(UnaryOp kind, const Tensor& x, const Tensor& y, const Tensor& g, double param) {
   Tensor gx = Tensor::empty(x.shape(), x.dtype(), x.device());
-  if (gx.device() != Device::cpu) no_kernel("unary_backward", gx.device());
-  cpu::unary_backward(kind, x, y, g, param, gx);
+  PSA_KERNEL(gx.device(), unary_backward)(kind, x, y, g, param, gx);
   return gx;
 }
 

@@ -2,7 +2,7 @@
 // stored layout of each operand, so the backward pass is two more matmuls with transpose flags and no copies.
 // A shared 2-D right operand (weights) folds the batch into M: one large GEMM instead of many small ones.
 #include "autograd/op_util.h"
-#include "tensor/cpu/kernels.h"
+#include "tensor/dispatch.h"
 
 namespace psa {
 
@@ -33,9 +33,8 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
   out_shape.push_back(M);
   out_shape.push_back(N);
   Tensor out = Tensor::empty(out_shape, a.dtype(), a.device());
-  if (out.device() != Device::cpu) no_kernel(op, out.device());
   int64_t stride_a = batch_a.empty() ? 0 : M * Ka, stride_b = batch_b.empty() ? 0 : Ka * N;
-  cpu::matmul(a, b, ta, tb, batch, M, N, Ka, stride_a, stride_b, out);
+  PSA_KERNEL(out.device(), matmul)(a, b, ta, tb, batch, M, N, Ka, stride_a, stride_b, out, 0.0f);
   Tensor as = a.detach(), bs = b.detach();
   bool need_a = a.requires_grad(), need_b = b.requires_grad();
   return record(op, out, {a, b}, [=](const Tensor& g) -> Grads {

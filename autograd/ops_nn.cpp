@@ -6,14 +6,10 @@
 //   cross_entropy: glogits = g/count·(softmax - onehot) on counted rows  (saves lse per row)
 //   dropout:    gx = g·keep/(1-p), the same Philox mask recomputed
 #include "autograd/op_util.h"
-#include "tensor/cpu/kernels.h"
+#include "tensor/dispatch.h"
 
 namespace psa {
 namespace {
-
-void require_cpu(const char* op, const Tensor& t) {
-  if (t.device() != Device::cpu) no_kernel(op, t.device());
-}
 
 // x [..., C] must have a non-empty last dim; an optional affine parameter must be [C] like x.
 int64_t check_rows_input(const char* op, const Tensor& x) {
@@ -48,13 +44,12 @@ Tensor layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps)
   Shape stats_shape{x.numel() / C};
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
   Tensor mean = Tensor::empty(stats_shape, x.dtype(), x.device()), rstd = Tensor::empty(stats_shape, x.dtype(), x.device());
-  require_cpu(op, out);
-  cpu::layer_norm(x, w, b, eps, out, mean, rstd);
+  PSA_KERNEL(out.device(), layer_norm)(x, w, b, eps, out, mean, rstd);
   Tensor xs = x.detach(), ws = w.defined() ? w.detach() : Tensor();
   bool need_x = needs_grad(x), need_w = needs_grad(w), need_b = needs_grad(b);
   return record(op, out, {x, w, b}, [=](const Tensor& g) -> Grads {
     Tensor gx = grad_buffer(need_x, xs.shape(), xs), gw = grad_buffer(need_w, {C}, xs), gb = grad_buffer(need_b, {C}, xs);
-    cpu::layer_norm_backward(g, xs, ws, mean, rstd, gx, gw, gb);
+    PSA_KERNEL(xs.device(), layer_norm_backward)(g, xs, ws, mean, rstd, gx, gw, gb);
     return {gx, gw, gb};
   });
 }
@@ -65,13 +60,12 @@ Tensor rms_norm(const Tensor& x, const Tensor& w, double eps) {
   check_affine(op, x, w, "weight");
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
   Tensor rstd = Tensor::empty({x.numel() / C}, x.dtype(), x.device());
-  require_cpu(op, out);
-  cpu::rms_norm(x, w, eps, out, rstd);
+  PSA_KERNEL(out.device(), rms_norm)(x, w, eps, out, rstd);
   Tensor xs = x.detach(), ws = w.defined() ? w.detach() : Tensor();
   bool need_x = needs_grad(x), need_w = needs_grad(w);
   return record(op, out, {x, w}, [=](const Tensor& g) -> Grads {
     Tensor gx = grad_buffer(need_x, xs.shape(), xs), gw = grad_buffer(need_w, {C}, xs);
-    cpu::rms_norm_backward(g, xs, ws, rstd, gx, gw);
+    PSA_KERNEL(xs.device(), rms_norm_backward)(g, xs, ws, rstd, gx, gw);
     return {gx, gw};
   });
 }
@@ -86,12 +80,11 @@ Tensor softmax_op(const char* op, const Tensor& x, int64_t dim, bool log) {
   int64_t d = normalize_dim(op, dim, x.dim());
   DimSplit sp = split_at(x.shape(), d);
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
-  require_cpu(op, y);
-  cpu::softmax(x, sp.outer, sp.n, sp.inner, log, y);
+  PSA_KERNEL(y.device(), softmax)(x, sp.outer, sp.n, sp.inner, log, y);
   Tensor ys = y.detach();
   return record(op, y, {x}, [=](const Tensor& g) -> Grads {
     Tensor gx = Tensor::empty(ys.shape(), ys.dtype(), ys.device());
-    cpu::softmax_backward(g, ys, sp.outer, sp.n, sp.inner, log, gx);
+    PSA_KERNEL(gx.device(), softmax_backward)(g, ys, sp.outer, sp.n, sp.inner, log, gx);
     return {gx};
   });
 }
@@ -105,8 +98,8 @@ int64_t count_targets(const Tensor& logits, const Tensor& targets, int64_t ignor
             ": want logits [N,V] and targets [N]");
   PSA_CHECK(logits.size(1) > 0, op, ": ", shapes, ": empty vocabulary");
   check_same_device(op, logits, targets);
-  require_cpu(op, logits);
-  const int64_t* t = targets.data<int64_t>();
+  Tensor host = targets.to(Device::cpu);  // a few ids: counted and validated on the host on either device
+  const int64_t* t = host.data<int64_t>();
   int64_t V = logits.size(1), count = 0;
   for (int64_t i = 0; i < targets.numel(); ++i) {
     if (t[i] == ignore_index) continue;
@@ -130,11 +123,11 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
   int64_t count = count_targets(logits, targets, ignore_index);
   Tensor loss = Tensor::empty({}, logits.dtype(), logits.device());
   Tensor lse = Tensor::empty({logits.size(0)}, logits.dtype(), logits.device());
-  cpu::cross_entropy(logits, targets, ignore_index, count, loss, lse);
+  PSA_KERNEL(loss.device(), cross_entropy)(logits, targets, ignore_index, count, loss, lse);
   Tensor xs = logits.detach();
   return record(op, loss, {logits, targets}, [=](const Tensor& g) -> Grads {
     Tensor gx = Tensor::empty(xs.shape(), xs.dtype(), xs.device());
-    cpu::cross_entropy_backward(g, xs, targets, lse, ignore_index, count, gx);
+    PSA_KERNEL(gx.device(), cross_entropy_backward)(g, xs, targets, lse, ignore_index, count, gx);
     return {gx, Tensor()};
   });
 }
@@ -146,11 +139,10 @@ Tensor dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset) {
   PSA_CHECK(p >= 0 && p <= 1, op, ": p = ", p, " outside [0, 1] for input ", shape_str(x.shape()));
   if (p == 0) return x;
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-  require_cpu(op, out);
-  cpu::dropout(x, p, seed, offset, out);
+  PSA_KERNEL(out.device(), dropout)(x, p, seed, offset, out);
   return record(op, out, {x}, [=](const Tensor& g) -> Grads {
     Tensor gx = Tensor::empty(g.shape(), g.dtype(), g.device());
-    cpu::dropout(g, p, seed, offset, gx);
+    PSA_KERNEL(gx.device(), dropout)(g, p, seed, offset, gx);
     return {gx};
   });
 }

@@ -1,7 +1,7 @@
 // Reductions. Gradient rules: sum over a dim -> the gradient broadcast back along that dim; mean = sum / n;
 // max -> the gradient routed to the (first) position of the maximum, zero elsewhere.
 #include "autograd/op_util.h"
-#include "tensor/cpu/kernels.h"
+#include "tensor/dispatch.h"
 
 namespace psa {
 namespace {
@@ -22,8 +22,7 @@ Tensor sum(const Tensor& a, int64_t dim, bool keepdim) {
   int64_t d = normalize_dim("sum", dim, a.dim());
   DimSplit sp = split_at(a.shape(), d);
   Tensor out = Tensor::empty(reduced_shape(a.shape(), d, keepdim), a.dtype(), a.device());
-  if (out.device() != Device::cpu) no_kernel("sum", out.device());
-  cpu::sum_dim(a, sp.outer, sp.n, sp.inner, out);
+  PSA_KERNEL(out.device(), sum_dim)(a, sp.outer, sp.n, sp.inner, out);
   Shape sa = a.shape(), kept = reduced_shape(a.shape(), d, true);
   return record("sum", out, {a}, [=](const Tensor& g) -> Grads { return {expand(reshape(g, kept), sa)}; });
 }
@@ -45,13 +44,12 @@ Tensor max(const Tensor& a, int64_t dim, bool keepdim) {
   Shape out_shape = reduced_shape(a.shape(), d, keepdim);
   Tensor out = Tensor::empty(out_shape, a.dtype(), a.device());
   Tensor idx = Tensor::empty(out_shape, DType::i64, a.device());
-  if (out.device() != Device::cpu) no_kernel("max", out.device());
-  cpu::max_dim(a, sp.outer, sp.n, sp.inner, out, idx);
+  PSA_KERNEL(out.device(), max_dim)(a, sp.outer, sp.n, sp.inner, out, idx);
   Shape sa = a.shape();
   DType dt = a.dtype();
   return record("max", out, {a}, [=](const Tensor& g) -> Grads {
     Tensor ga = Tensor::empty(sa, dt, g.device());
-    cpu::max_backward(g, idx, sp.outer, sp.n, sp.inner, ga);
+    PSA_KERNEL(ga.device(), max_backward)(g, idx, sp.outer, sp.n, sp.inner, ga);
     return {ga};
   });
 }
@@ -61,9 +59,8 @@ Tensor argmax(const Tensor& a, int64_t dim) {
   PSA_CHECK(a.size(d) > 0, "argmax: empty dim ", dim, " in ", shape_str(a.shape()));
   DimSplit sp = split_at(a.shape(), d);
   Tensor idx = Tensor::empty(reduced_shape(a.shape(), d, false), DType::i64, a.device());
-  if (idx.device() != Device::cpu) no_kernel("argmax", idx.device());
   Tensor none;
-  cpu::max_dim(a, sp.outer, sp.n, sp.inner, none, idx);
+  PSA_KERNEL(idx.device(), max_dim)(a, sp.outer, sp.n, sp.inner, none, idx);
   return record_nondifferentiable("argmax", idx, {a});
 }
 

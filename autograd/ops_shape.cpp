@@ -1,14 +1,10 @@
 // Shape ops. Gradient rules: reshape -> reshape back; permute -> inverse permutation; concat -> slices;
 // slice -> zero tensor with the gradient copied into the slice; expand -> sum_to; index_select -> index_add.
 #include "autograd/op_util.h"
-#include "tensor/cpu/kernels.h"
+#include "tensor/dispatch.h"
 
 namespace psa {
 namespace {
-
-void require_cpu(const char* op, const Tensor& t) {
-  if (t.device() != Device::cpu) no_kernel(op, t.device());
-}
 
 Shape infer_shape(const Shape& want, int64_t numel, const Shape& from) {
   Shape s = want;
@@ -59,8 +55,7 @@ Tensor permute(const Tensor& a, const std::vector<int64_t>& perm) {
     out_shape[i] = a.size(p[i]);
   }
   Tensor out = Tensor::empty(out_shape, a.dtype(), a.device());
-  require_cpu("permute", out);
-  cpu::permute(a, p, out);
+  PSA_KERNEL(out.device(), permute)(a, p, out);
   return record("permute", out, {a}, [=](const Tensor& g) -> Grads { return {permute(g, inverse)}; });
 }
 
@@ -90,12 +85,11 @@ Tensor concat(const std::vector<Tensor>& parts, int64_t dim) {
     out_shape[d] += t.size(d);
   }
   Tensor out = Tensor::empty(out_shape, first.dtype(), first.device());
-  require_cpu("concat", out);
   DimSplit sp = split_at(out_shape, d);
   std::vector<int64_t> sizes;
   int64_t at = 0;
   for (const Tensor& t : parts) {
-    cpu::copy_block(t, sp.outer, t.size(d), sp.inner, out, sp.n, at);
+    PSA_KERNEL(out.device(), copy_block)(t, sp.outer, t.size(d), sp.inner, out, sp.n, at);
     at += t.size(d);
     sizes.push_back(t.size(d));
   }
@@ -110,13 +104,12 @@ Tensor slice(const Tensor& a, int64_t dim, int64_t start, int64_t end) {
   Shape out_shape = a.shape();
   out_shape[d] = end - start;
   Tensor out = Tensor::empty(out_shape, a.dtype(), a.device());
-  require_cpu("slice", out);
   DimSplit sp = split_at(a.shape(), d);
-  cpu::extract_block(a, sp.outer, sp.n, sp.inner, start, end - start, out);
+  PSA_KERNEL(out.device(), extract_block)(a, sp.outer, sp.n, sp.inner, start, end - start, out);
   Shape sa = a.shape();
   return record("slice", out, {a}, [=](const Tensor& g) -> Grads {
     Tensor ga = Tensor::zeros(sa, g.dtype(), g.device());
-    cpu::copy_block(g, sp.outer, end - start, sp.inner, ga, sp.n, start);
+    PSA_KERNEL(ga.device(), copy_block)(g, sp.outer, end - start, sp.inner, ga, sp.n, start);
     return {ga};
   });
 }
@@ -141,8 +134,7 @@ Tensor expand(const Tensor& a, const Shape& shape) {
   PSA_CHECK(s == shape, "expand: ", shape_str(a.shape()), " cannot expand to ", shape_str(shape));
   if (a.shape() == shape) return a;
   Tensor out = Tensor::empty(shape, a.dtype(), a.device());
-  require_cpu("expand", out);
-  cpu::broadcast_to(a, out);
+  PSA_KERNEL(out.device(), broadcast_to)(a, out);
   Shape sa = a.shape();
   return record("expand", out, {a}, [=](const Tensor& g) -> Grads { return {sum_to(g, sa)}; });
 }
@@ -157,13 +149,12 @@ Tensor index_select(const Tensor& a, int64_t dim, const Tensor& index) {
   Shape out_shape = a.shape();
   out_shape[d] = index.numel();
   Tensor out = Tensor::empty(out_shape, a.dtype(), a.device());
-  require_cpu("index_select", out);
   DimSplit sp = split_at(a.shape(), d);
-  cpu::index_select(a, sp.outer, sp.n, sp.inner, index, out);
+  PSA_KERNEL(out.device(), index_select)(a, sp.outer, sp.n, sp.inner, index, out);
   Shape sa = a.shape();
   return record("index_select", out, {a}, [=](const Tensor& g) -> Grads {
     Tensor ga = Tensor::empty(sa, g.dtype(), g.device());
-    cpu::index_add(g, sp.outer, sp.n, sp.inner, index, ga);
+    PSA_KERNEL(ga.device(), index_add)(g, sp.outer, sp.n, sp.inner, index, ga);
     return {ga};
   });
 }

@@ -1,20 +1,20 @@
-// Optimizer bookkeeping around the fused kernels of tensor/cpu/optim.cpp: validation with errors that name the
+// Optimizer bookkeeping around the fused kernels of tensor/cpu/optim.cpp and tensor/cuda/optim.cu: validation with errors that name the
 // parameter, the state tensors, the step count, clipping over many tensors, and the LR schedules.
 #include "nn/optim.h"
 
 #include <cmath>
 #include <set>
 
-#include "tensor/cpu/kernels.h"
+#include "tensor/dispatch.h"
 
 namespace psa::nn {
 
 namespace {
 
-// The kernels are CPU-only for now; a CUDA tensor must fail here with a message, not crash in the kernel.
-void require_cpu(const char* who, const std::string& what, const Tensor& t) {
-  PSA_CHECK(t.device() == Device::cpu, who, ": ", what, " is on ", device_name(t.device()),
-            "; only the CPU kernel exists so far");
+// A gradient must live where its parameter does: the fused kernels run on that one device.
+void require_device(const char* who, const std::string& what, const Tensor& t, Device d) {
+  PSA_CHECK(t.device() == d, who, ": ", what, " is on ", device_name(t.device()), " but its parameter is on ",
+            device_name(d));
 }
 
 std::string key_of(const std::string& param, const char* moment) { return param + "." + moment; }
@@ -64,8 +64,7 @@ void Optimizer::check_grads() const {
   for (const ParamRef& r : params_) {
     Tensor g = r.param.grad();
     if (!g.defined()) continue;
-    require_cpu(name_, "parameter '" + r.name + "'", r.param);
-    require_cpu(name_, "gradient of '" + r.name + "'", g);
+    require_device(name_, "gradient of '" + r.name + "'", g, r.param.device());
     PSA_CHECK(g.shape() == r.param.shape() && g.dtype() == r.param.dtype(), name_, ": gradient of '", r.name,
               "' is ", shape_str(g.shape()), " ", dtype_name(g.dtype()), ", the parameter ",
               shape_str(r.param.shape()), " ", dtype_name(r.param.dtype()));
@@ -98,7 +97,7 @@ void AdamW::update() {
   const cpu::AdamWCoeffs c{lr_, options_.beta1, options_.beta2, options_.eps, options_.weight_decay, step_};
   for (size_t i = 0; i < params_.size(); ++i) {
     Tensor g = params_[i].param.grad();
-    if (g.defined()) cpu::adamw_step(params_[i].param, g, exp_avg_[i], exp_avg_sq_[i], c);
+    if (g.defined()) PSA_KERNEL(g.device(), adamw_step)(params_[i].param, g, exp_avg_[i], exp_avg_sq_[i], c);
   }
 }
 
@@ -147,10 +146,10 @@ void SGD::update() {
     if (!g.defined()) continue;
     Tensor& buf = momentum_buffer_[i];
     const bool first = !buf.defined();
-    if (first && options_.momentum != 0) buf = Tensor::empty(g.shape(), g.dtype());
+    if (first && options_.momentum != 0) buf = Tensor::empty(g.shape(), g.dtype(), g.device());
     const cpu::SgdCoeffs c{lr_, options_.momentum, options_.dampening, options_.weight_decay, options_.nesterov,
                            first};
-    cpu::sgd_step(params_[i].param, g, buf, c);
+    PSA_KERNEL(g.device(), sgd_step)(params_[i].param, g, buf, c);
   }
 }
 
@@ -162,15 +161,15 @@ double clip_grad_norm(const std::vector<ParamRef>& params, double max_norm) {
   for (const ParamRef& r : params) {
     Tensor g = r.param.grad();
     if (!g.defined()) continue;
-    require_cpu("clip_grad_norm", "gradient of '" + r.name + "'", g);
-    sum += cpu::sum_squares(g);
+    require_device("clip_grad_norm", "gradient of '" + r.name + "'", g, r.param.device());
+    sum += PSA_KERNEL(g.device(), sum_squares)(g);
   }
   const double norm = std::sqrt(sum);
   const double coef = max_norm / (norm + 1e-6);
   if (!std::isfinite(norm) || coef >= 1) return norm;
   for (const ParamRef& r : params) {
     Tensor g = r.param.grad();
-    if (g.defined()) cpu::scale_in_place(g, coef);
+    if (g.defined()) PSA_KERNEL(g.device(), scale_in_place)(g, coef);
   }
   return norm;
 }
@@ -179,8 +178,8 @@ bool grads_finite(const std::vector<ParamRef>& params) {
   for (const ParamRef& r : params) {
     Tensor g = r.param.grad();
     if (!g.defined()) continue;
-    require_cpu("grads_finite", "gradient of '" + r.name + "'", g);
-    if (!cpu::all_finite(g)) return false;
+    require_device("grads_finite", "gradient of '" + r.name + "'", g, r.param.device());
+    if (!PSA_KERNEL(g.device(), all_finite)(g)) return false;
   }
   return true;
 }

@@ -1,6 +1,7 @@
 // Optimizers, gradient clipping and learning-rate schedules with PyTorch / Hugging Face semantics
 // (psa-vlm.md §4.2: AdamW β (0.9, 0.999), ε 1e-8, weight decay 0, clip at norm 1.0, linear warmup then linear
-// decay to 0). The arithmetic is in fused kernels (tensor/cpu/optim.cpp); this file keeps the bookkeeping:
+// decay to 0). The arithmetic is in fused kernels (tensor/cpu/optim.cpp, tensor/cuda/optim.cu, picked by the
+// parameters' device); this file keeps the bookkeeping:
 // which parameters, their state, the step count, and the checks that give errors naming the parameter.
 //
 // A training step:  lr = lr_at(schedule, opt.step()); opt.set_lr(lr); loss.backward();
@@ -40,7 +41,7 @@ class Optimizer {
   const std::vector<ParamRef>& params() const { return params_; }
 
  protected:
-  // Throws, before anything is modified, unless every gradient is on the CPU with its parameter's shape and dtype.
+  // Throws, before anything is modified, unless every gradient is on its parameter's device with its shape and dtype.
   void check_grads() const;
 
   std::vector<ParamRef> params_;

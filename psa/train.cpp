@@ -184,7 +184,8 @@ std::vector<int64_t> stage_indices(const Dataset& d, const std::string& stage, u
 
 StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o) {
   PSA_CHECK(data.size() > 0, "train ", o.stage, ": no training examples");
-  set_trainable(m, o.stage, o.lora, o.seed);
+  set_trainable(m, o.stage, o.lora, o.seed);  // may add LoRA parameters (on the host): move afterwards
+  m.to(o.device);
   m.train();
   std::vector<nn::ParamRef> params = nn::trainable(m);
   PSA_CHECK(!params.empty(), "train ", o.stage, ": no trainable parameters");
@@ -209,6 +210,9 @@ StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o) {
     opt.set_lr(nn::lr_at(sched, step));
     for (auto& l : m.lm->linears()) l->dropout_offset = step;  // LoRA dropout masks differ per step, repeat per run
     PsaBatch b = collate(data, sampler.next(o.batch), m.config.pad_id);
+    if (o.device != Device::cpu)
+      for (Tensor* t : {&b.pixels, &b.ids, &b.labels, &b.level, &b.type})
+        if (t->defined()) *t = t->to(o.device);
     PsaOutput out = m.forward(b, classify, true, safety_tokens);
     opt.zero_grad();
     out.loss.backward();

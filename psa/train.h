@@ -23,6 +23,7 @@ struct StageOptions {
   int64_t max_bad_steps = 5;  // a non-finite loss or gradient skips the step; this many in a row stop the run
   bool progress = true;
   int64_t stop_after = 0;   // testing: return after this many steps of this call (0 = run to the end)
+  Device device = Device::cpu;  // where the model, the batches and the optimizer live during the stage
 };
 
 struct StageResult {
@@ -40,6 +41,7 @@ void set_trainable(PsaVlm& m, const std::string& stage, const LoraSettings& lora
 // the other stages see everything.
 std::vector<int64_t> stage_indices(const Dataset& d, const std::string& stage, uint64_t seed);
 
+// The model is moved to o.device for the stage and left there (checkpoint writers copy to the host).
 StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o);
 
 }  // namespace psa

@@ -17,5 +17,7 @@ void copy_to_host(void*, const void*, size_t) { no_cuda(); }
 void copy_on_device(void*, const void*, size_t) { no_cuda(); }
 void memset_zero(void*, size_t) { no_cuda(); }
 size_t peak_bytes() { return 0; }
+void set_guard_mode(bool) {}
+std::vector<std::string> check_guards() { return {}; }
 }  // namespace psa::gpu
 #endif

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstddef>
 #include <string>
+#include <vector>
 
 namespace psa::gpu {
 bool available();                  // built with CUDA and a device is present
@@ -14,4 +15,9 @@ void copy_to_host(void* dst, const void* src, size_t nbytes);
 void copy_on_device(void* dst, const void* src, size_t nbytes);
 void memset_zero(void* p, size_t nbytes);
 size_t peak_bytes();
+// Tests: guard mode gives every new allocation guard bytes on both sides and a 0xFF-filled (NaN) body;
+// check_guards() synchronises, verifies every live guarded block and returns (and clears) the violations found
+// so far, including those of blocks already freed.
+void set_guard_mode(bool on);
+std::vector<std::string> check_guards();
 }  // namespace psa::gpu

@@ -6,8 +6,13 @@
 #include <cstring>
 
 #include "tensor/device.h"
+#include "tensor/dispatch.h"
 
 namespace psa {
+
+void no_cuda_kernel(const char* name) {
+  fail(name, ": a CUDA tensor in a build without CUDA kernels (rebuild with nvcc present and CUDA!=0)");
+}
 
 size_t dtype_size(DType t) {
   switch (t) {

@@ -18,6 +18,7 @@
 #include "nn/json.h"
 #include "psa/plot.h"
 #include "psa/train.h"
+#include "tensor/cuda/kernels.h"
 #include "tensor/device.h"
 #include "tools/cli.h"
 
@@ -199,6 +200,7 @@ json::Value timing_json(const StepSpec& s, const Trainer& t, const StepTiming& r
   j.set("all_ms", all);
   j.set("tokens_per_s", r.tokens_per_s());
   j.set("peak_rss_mib", peak_rss_mib());
+  if (s.device == Device::cuda) j.set("peak_gpu_gib", gpu::peak_bytes() / 1073741824.0);
   int64_t trainable = 0;
   for (const auto& p : t.params) trainable += p.param.numel();
   j.set("trainable_parameters", trainable);
@@ -217,6 +219,7 @@ void print_timing(const StepSpec& s, const StepTiming& r) {
               *std::min_element(r.ms.begin(), r.ms.end()), *std::max_element(r.ms.begin(), r.ms.end()),
               r.tokens_per_s(), peak_rss_mib());
   if (s.threads) std::printf(", %ld thread%s", (long)s.threads, s.threads == 1 ? "" : "s");
+  if (s.device == Device::cuda) std::printf(", peak GPU %.2f GiB (caching allocator)", gpu::peak_bytes() / 1073741824.0);
   std::printf("\n");
 }
 
@@ -334,7 +337,7 @@ int cmd_bench_step(int argc, char** argv) {
   StepSpec s = parse_spec(a);
   // Checked before any work: without a GPU (or a CUDA build) there is nothing to time.
   PSA_CHECK(s.device == Device::cpu || gpu::available(), "bench-step --device cuda: no usable GPU (",
-            gpu::describe(), "); the engine's CUDA backend is not written yet, so only --device cpu runs");
+            gpu::describe(), ")");
   if (s.threads) omp_set_num_threads(int(s.threads));
   if (a.has("--scaling")) return run_scaling(s, a.get("--out-dir", "bench/results"));
   Trainer t = make_trainer(s);
@@ -342,6 +345,65 @@ int cmd_bench_step(int argc, char** argv) {
   if (a.has("--json")) std::printf("%s\n", json::dump(timing_json(s, t, r), 2).c_str());
   else print_timing(s, r);
   return 0;
+}
+
+// ---- bench-gemm --------------------------------------------------------------------------------------------
+
+static const char* kBenchGemmUsage = R"(usage: psa bench-gemm [--sizes 4096,8192] [--reps N] [--tf32] [--json]
+
+Times square fp32 GEMMs C = A·B on the GPU with CUDA events: the hand-written tiled SGEMM
+(tensor/cuda/sgemm.cu, PSA_GEMM=own) against cuBLAS. Each implementation is validated against cuBLAS fp32
+first (max |C - C_cublas| / max |C_cublas|). --tf32 lets the cuBLAS row use TF32 tensor cores (the own kernel
+is always fp32). Prints ms and TFLOP/s per size and the own/cuBLAS ratio.)";
+
+int cmd_bench_gemm(int argc, char** argv) {
+  cli::Args a;
+  if (!cli::parse(argc, argv, {kBenchGemmUsage, {"--sizes", "--reps"}, {"--tf32", "--json"}}, &a)) return 0;
+  PSA_CHECK(gpu::available(), "bench-gemm: no usable GPU (", gpu::describe(), ")");
+#ifdef PSA_CUDA
+  std::vector<int64_t> sizes;
+  std::string list = a.get("--sizes", "4096,8192");
+  for (size_t at = 0; at < list.size();) {
+    size_t comma = list.find(',', at);
+    sizes.push_back(std::stoll(list.substr(at, comma == std::string::npos ? std::string::npos : comma - at)));
+    at = comma == std::string::npos ? list.size() : comma + 1;
+  }
+  int reps = (int)a.get_int("--reps", 10);
+  cuda::set_tf32(a.has("--tf32"));
+  json::Value rows = json::Value::array();
+  if (!a.has("--json")) std::printf("%-7s %-8s %10s %10s %12s\n", "n", "impl", "ms", "TFLOP/s", "max err");
+  for (int64_t n : sizes) {
+    double flops = 2.0 * n * n * n;
+    double cublas_ms = 0;
+    for (cuda::GemmImpl impl : {cuda::GemmImpl::cublas, cuda::GemmImpl::own}) {
+      cuda::GemmTiming t = cuda::time_sgemm(impl, n, reps);
+      const char* name = impl == cuda::GemmImpl::own ? "own" : (cuda::tf32() ? "cublas-tf32" : "cublas");
+      if (impl == cuda::GemmImpl::cublas) cublas_ms = t.ms;
+      double tflops = flops / (t.ms * 1e-3) / 1e12;
+      json::Value r = json::Value::object();
+      r.set("n", n);
+      r.set("impl", name);
+      r.set("ms", t.ms);
+      r.set("tflops", tflops);
+      r.set("max_err", t.max_err);
+      if (impl == cuda::GemmImpl::own) r.set("vs_cublas", cublas_ms / t.ms);
+      rows.push(r);
+      if (!a.has("--json"))
+        std::printf("%-7ld %-8s %10.3f %10.2f %12.2e%s\n", (long)n, name, t.ms, tflops, t.max_err,
+                    impl == cuda::GemmImpl::own ? str_cat("   (", cublas_ms / t.ms, "x cuBLAS)").c_str() : "");
+    }
+  }
+  if (a.has("--json")) {
+    json::Value j = json::Value::object();
+    j.set("device", gpu::describe());
+    j.set("reps", (int64_t)reps);
+    j.set("results", rows);
+    std::printf("%s\n", json::dump(j, 2).c_str());
+  }
+  return 0;
+#else
+  fail("bench-gemm: this build has no CUDA");
+#endif
 }
 
 }  // namespace psa

@@ -8,6 +8,7 @@
 #include "psa/synth.h"
 #include "psa/train.h"
 #include "psa/vision_pretrain.h"
+#include "tensor/device.h"
 #include "tools/cli.h"
 
 namespace psa {
@@ -51,6 +52,8 @@ options:
                            optimizer, data position, losses) and ends bit-identical to an uninterrupted run;
                            a stage without one starts from scratch; use the same options as the killed run
   --max-bad-steps K        a non-finite loss or gradient skips the step; K in a row stop the run (default 5)
+  --device cpu|cuda        where the stages train (default cpu): model, batches and AdamW on that device
+                           (the vision pretraining before base stays on the CPU)
   --quiet                  no progress bars)";
 
 namespace {
@@ -149,7 +152,7 @@ int cmd_train(int argc, char** argv) {
                   {kTrainUsage,
                    {"--preset", "--data", "--out", "--stage", "--seed", "--batch", "--steps-vision", "--steps-base", "--steps-1", "--steps-2",
                     "--lr-base", "--lr-1", "--lr-2", "--warmup", "--lora-rank", "--lora-alpha", "--lora-dropout", "--eval-limit",
-                    "--save-every", "--max-bad-steps"},
+                    "--save-every", "--max-bad-steps", "--device"},
                    {"--lora-lm-head", "--full-ft", "--eval", "--no-eval", "--quiet", "--resume"}},
                   &a))
     return 0;
@@ -162,6 +165,10 @@ int cmd_train(int argc, char** argv) {
   p.seed = a.get_int("--seed", 42);
   p.batch = a.get_int("--batch", 16);
   std::string which = a.get("--stage", "all");
+  std::string dev = a.get("--device", "cpu");
+  PSA_CHECK(dev == "cpu" || dev == "cuda", "--device: expected cpu or cuda, got '", dev, "'");
+  Device device = dev == "cuda" ? Device::cuda : Device::cpu;
+  PSA_CHECK(device == Device::cpu || gpu::available(), "train --device cuda: no usable GPU (", gpu::describe(), ")");
   PSA_CHECK(which == "all" || which == "base" || which == "1" || which == "2", "--stage: expected all, base, 1 or 2, got '", which, "'");
   if (!fs::exists(fs::path(p.data) / "train.jsonl")) {
     // Only a missing or empty folder is filled with the synthetic data: never write into someone's data folder.
@@ -218,6 +225,7 @@ int cmd_train(int argc, char** argv) {
     o.progress = !a.has("--quiet");
     o.max_bad_steps = a.get_int("--max-bad-steps", 5);
     PSA_CHECK(o.max_bad_steps >= 1, "--max-bad-steps: expected at least 1, got ", o.max_bad_steps);
+    o.device = device;
     fs::create_directories(dir);
     o.log_path = (dir / "log.jsonl").string();
     o.state_path = (dir / "train_state.safetensors").string();

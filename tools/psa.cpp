@@ -15,6 +15,7 @@ int cmd_data(int argc, char** argv);
 int cmd_tokenizer(int argc, char** argv);
 int cmd_train(int argc, char** argv);
 int cmd_bench_step(int argc, char** argv);
+int cmd_bench_gemm(int argc, char** argv);
 }
 
 namespace {
@@ -34,6 +35,7 @@ const Subcommand kCommands[] = {
     {"audit", psa::cmd_audit, "compare two checkpoints' weights per module group"},
     {"conform", psa::cmd_conform, "check the engine against Hugging Face / timm / torch golden data"},
     {"bench-step", psa::cmd_bench_step, "time training steps (forward, backward, clip, AdamW); --scaling sweeps"},
+    {"bench-gemm", psa::cmd_bench_gemm, "CUDA SGEMM: the hand-written kernel vs cuBLAS (validated, CUDA events)"},
 };
 
 void usage() {

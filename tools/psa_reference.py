@@ -13,6 +13,8 @@ Modes
                            Stage I (safety modules trainable) and Stage II (the whole LLM trainable), with
                            1 and 2 threads; median of --steps steps after 3 warm-up steps.
   --bench-preset small     the same for the GPU preset on CUDA (skipped when CUDA is absent).
+  --device cpu|cuda        where --bench runs (default: cuda for --bench-preset small, else cpu); e.g.
+                           `--bench --bench-preset small --device cuda` is the H100 baseline of bench/gpu_check.sh.
 
 Shapes: B batch, L text tokens, P patches, N_s safety tokens, D LLM width, Dv ViT width, C abstractor width.
 """
@@ -625,8 +627,8 @@ def time_steps(model, batch, params, steps, warmup, device):
     return times
 
 
-def bench(preset, out_path, steps, warmup, thread_counts):
-    device = torch.device("cuda" if preset == "small" else "cpu")
+def bench(preset, out_path, steps, warmup, thread_counts, device_name=None):
+    device = torch.device(device_name or ("cuda" if preset == "small" else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"--bench-preset {preset}: CUDA is not available with torch {torch.__version__}; skipped")
         return
@@ -691,13 +693,15 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", default="1,2", help="CPU thread counts, comma-separated")
+    ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda for the small preset, else cpu")
     a = ap.parse_args()
     if a.make_fixture:
         make_fixture(a.make_fixture)
     if a.bench or a.bench_preset:
         preset = a.bench_preset or "tiny"
-        out = a.out or f"bench/results/torch_{preset}_{'cuda' if preset == 'small' else 'cpu'}.json"
-        bench(preset, out, a.steps, a.warmup, [int(n) for n in a.threads.split(",")])
+        dev = a.device or ("cuda" if preset == "small" else "cpu")
+        out = a.out or f"bench/results/torch_{preset}_{dev}.json"
+        bench(preset, out, a.steps, a.warmup, [int(n) for n in a.threads.split(",")], dev)
     if not (a.make_fixture or a.bench or a.bench_preset):
         ap.print_help()
 

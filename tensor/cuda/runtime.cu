@@ -1,29 +1,33 @@
 // CUDA runtime glue: device query, a caching allocator and copies.
 // The allocator keeps freed blocks in per-size free lists (sizes rounded up to 512 bytes, or to 2 MiB above
 // 1 MiB) so that training steps after the first never call cudaMalloc/cudaFree; peak bytes are tracked.
+// Guard mode (tests): every allocation gets its own cudaMalloc with kGuard bytes of a known pattern on each
+// side and a body filled with 0xFF bytes (NaN as f32/f64, so an output a kernel forgets to write shows up);
+// the guards are verified when the block is freed and by check_guards(), catching out-of-bounds writes.
 #include <cuda_runtime.h>
 
 #include <cstdio>
 #include <map>
 #include <mutex>
+#include <string>
 #include <vector>
 
+#include "tensor/cuda/common.cuh"
 #include "tensor/device.h"
 #include "tensor/error.h"
 
-#define cudaCheck(call)                                                                        \
-  do {                                                                                         \
-    cudaError_t err_ = (call);                                                                 \
-    if (err_ != cudaSuccess)                                                                   \
-      ::psa::fail(__FILE__, ":", __LINE__, ": ", #call, ": ", cudaGetErrorString(err_));       \
-  } while (0)
-
 namespace psa::gpu {
 namespace {
+constexpr size_t kGuard = 256;  // keeps the returned pointer 256-byte aligned like cudaMalloc's
+constexpr unsigned char kGuardByte = 0xA5;
+
 struct Cache {
   std::mutex mu;
   std::map<size_t, std::vector<void*>> free_blocks;
   size_t in_use = 0, peak = 0;
+  bool guard = false;
+  std::map<void*, size_t> guarded;  // user pointer -> user bytes
+  std::vector<std::string> violations;
 };
 Cache& cache() {
   static Cache* c = new Cache();  // leaked on purpose: blocks must outlive static tensors at exit
@@ -46,7 +50,7 @@ std::string describe() {
   if (err != cudaSuccess || n == 0) return std::string("no CUDA device: ") + cudaGetErrorString(err);
   cudaDeviceProp p;
   cudaCheck(cudaGetDeviceProperties(&p, 0));
-  char buf[256];
+  char buf[640];
   snprintf(buf, sizeof buf, "%s, %.1f GiB, sm_%d%d", p.name, p.totalGlobalMem / 1073741824.0, p.major, p.minor);
   return buf;
 }
@@ -81,12 +85,69 @@ size_t release_cached(Cache& c) {
   fail(buf);
 }
 
+// Appends a message to `violations` when a guard of the block at `user` (user bytes n) was overwritten.
+void verify_guards(Cache& c, void* user, size_t n) {
+  std::vector<unsigned char> before(kGuard), after(kGuard);
+  char* base = static_cast<char*>(user) - kGuard;
+  // No throwing here: this runs from Storage's destructor. A failed copy is reported as a violation instead.
+  cudaError_t e1 = cudaMemcpy(before.data(), base, kGuard, cudaMemcpyDeviceToHost);
+  cudaError_t e2 = cudaMemcpy(after.data(), static_cast<char*>(user) + n, kGuard, cudaMemcpyDeviceToHost);
+  if (e1 != cudaSuccess || e2 != cudaSuccess) {
+    c.violations.push_back(std::string("guard check failed: ") + cudaGetErrorString(e1 != cudaSuccess ? e1 : e2));
+    return;
+  }
+  for (size_t i = 0; i < kGuard; ++i) {
+    if (before[i] != kGuardByte) {
+      c.violations.push_back("write " + std::to_string(kGuard - i) + " bytes before a " + std::to_string(n) +
+                             "-byte block");
+      break;
+    }
+  }
+  for (size_t i = kGuard; i-- > 0;) {
+    if (after[i] != kGuardByte) {
+      c.violations.push_back("write " + std::to_string(i + 1) + " bytes past the end of a " + std::to_string(n) +
+                             "-byte block");
+      break;
+    }
+  }
+}
+
+void* guarded_alloc(Cache& c, size_t n) {
+  void* base = nullptr;
+  cudaCheck(cudaMalloc(&base, n + 2 * kGuard));
+  cudaCheck(cudaMemset(base, kGuardByte, n + 2 * kGuard));
+  void* user = static_cast<char*>(base) + kGuard;
+  cudaCheck(cudaMemset(user, 0xFF, n));
+  c.guarded[user] = n;
+  return user;
+}
 }  // namespace
+
+void set_guard_mode(bool on) {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.guard = on;
+}
+
+std::vector<std::string> check_guards() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  cudaCheck(cudaDeviceSynchronize());
+  for (auto& [user, n] : c.guarded) verify_guards(c, user, n);
+  std::vector<std::string> out;
+  out.swap(c.violations);
+  return out;
+}
 
 void* alloc(size_t nbytes) {
   size_t n = round_size(nbytes ? nbytes : 1);
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
+  if (c.guard) {
+    c.in_use += nbytes;
+    if (c.in_use > c.peak) c.peak = c.in_use;
+    return guarded_alloc(c, nbytes);
+  }
   void* p = nullptr;
   auto it = c.free_blocks.find(n);
   if (it != c.free_blocks.end() && !it->second.empty()) {
@@ -106,6 +167,14 @@ void free(void* p, size_t nbytes) {
   size_t n = round_size(nbytes ? nbytes : 1);
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
+  auto g = c.guarded.find(p);
+  if (g != c.guarded.end()) {  // a guard-mode block (guard mode may be off by now): verify, then release
+    verify_guards(c, p, g->second);
+    c.in_use -= g->second;
+    c.guarded.erase(g);
+    cudaFree(static_cast<char*>(p) - kGuard);  // unchecked: a destructor must not throw
+    return;
+  }
   c.free_blocks[n].push_back(p);
   c.in_use -= n;
 }

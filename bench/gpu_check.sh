@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# One-shot GPU check for an H100 session (issue #5). Budget: under 8 minutes in total; every part has its own
+# timeout, capped by what is left of the total, so a hung part cannot eat the rest.
+#   1. build with nvcc for CUDA_ARCH (default sm_90)
+#   2. the CUDA test suites (op parity CPU vs CUDA, NaN/Inf parity, guard bytes, determinism, own SGEMM,
+#      one training step of each stage, HF fixtures on CUDA)
+#   3. SGEMM benchmark: own kernel vs cuBLAS at 4096² and 8192² (CUDA events, validated first)
+#   4. psa bench-step --device cuda --preset small --stage 1 / 2 --batch 32
+#   5. PyTorch's same step (tools/psa_reference.py --bench --bench-preset small --device cuda) if torch imports
+#   6. the f32 op parity under compute-sanitizer memcheck (out-of-bounds reads), with whatever time is left
+# and prints a compact table. Raw outputs go to $RESULTS (default: $OUT when set, else bench/results/gpu).
+# Usage: bench/gpu_check.sh            (JOBS, CUDA_ARCH, RESULTS, TOTAL_S may be set in the environment)
+set -u
+cd "$(dirname "$0")/.."
+CUDA_ARCH=${CUDA_ARCH:-sm_90}
+JOBS=${JOBS:-$(nproc)}
+RESULTS=${RESULTS:-${OUT:-bench/results/gpu}}
+TOTAL_S=${TOTAL_S:-450}  # 7.5 minutes for everything
+mkdir -p "$RESULTS"
+START=$(date +%s)
+declare -A STATUS
+
+# run_part NAME CAP_SECONDS LOGFILE COMMAND...: runs with timeout min(CAP, time left), stdout to LOGFILE and
+# stderr to LOGFILE.stderr, and records PASS/FAIL/TIMEOUT.
+run_part() {
+  local name=$1 cap=$2 log=$3
+  shift 3
+  local left=$((TOTAL_S - ($(date +%s) - START)))
+  local limit=$((cap < left ? cap : left))
+  if [ "$limit" -lt 15 ]; then
+    STATUS[$name]="SKIPPED (no time left)"
+    echo "== $name: SKIPPED, ${left}s left"
+    return 1
+  fi
+  echo "== $name (timeout ${limit}s)"
+  local t0=$(date +%s)
+  timeout -k 5 "$limit" "$@" >"$log" 2>"$log.stderr"
+  local rc=$?
+  local dt=$(($(date +%s) - t0))
+  tail -n 25 "$log" "$log.stderr"
+  if [ $rc -eq 0 ]; then STATUS[$name]="PASS (${dt}s)"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then STATUS[$name]="TIMEOUT (${limit}s)"
+  else STATUS[$name]="FAIL rc=$rc (${dt}s)"; fi
+  echo "== $name: ${STATUS[$name]}"
+  [ $rc -eq 0 ]
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$RESULTS/gpu.txt"
+
+make --no-print-directory check-deps || echo "== some headers are missing (above): parts that need them will fail"
+# psa first: the benchmarks need only it, so a machine without GoogleTest still gets its numbers.
+run_part build 150 "$RESULTS/build.log" make -j"$JOBS" CUDA_ARCH="$CUDA_ARCH" build/psa
+BUILT=$?
+if [ $BUILT -eq 0 ]; then
+  run_part build_tests 90 "$RESULTS/build_tests.log" make -j"$JOBS" CUDA_ARCH="$CUDA_ARCH" build/psa_tests &&
+    run_part tests 120 "$RESULTS/tests.log" env OMP_WAIT_POLICY=passive ./build/psa_tests --gtest_brief=1 \
+      --gtest_filter='Cuda*' --gtest_output=json:"$RESULTS/tests.json"
+  run_part sgemm 75 "$RESULTS/sgemm.log" ./build/psa bench-gemm --sizes 4096,8192 --reps 10 --json
+  cp "$RESULTS/sgemm.log" "$RESULTS/sgemm.json" 2>/dev/null
+  for s in 1 2; do
+    run_part "step_stage$s" 60 "$RESULTS/step_stage$s.json" ./build/psa bench-step --device cuda --preset small \
+      --stage $s --batch 32 --steps 10 --warmup 3 --json
+  done
+fi
+
+if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  run_part torch 90 "$RESULTS/torch.log" python3 tools/psa_reference.py --bench --bench-preset small --device cuda \
+    --steps 10 --warmup 3 --out "$RESULTS/torch_small_cuda.json"
+else
+  STATUS[torch]="SKIPPED (no torch with CUDA)"
+fi
+
+# Out-of-bounds reads (guard bytes only catch writes): the f32 op parity under compute-sanitizer, if time is left.
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+if [ $BUILT -eq 0 ] && [ -x build/psa_tests ] && [ -n "$SAN" ]; then
+  run_part memcheck 60 "$RESULTS/memcheck.log" "$SAN" --tool memcheck --error-exitcode 9 ./build/psa_tests \
+    --gtest_brief=1 --gtest_filter='CudaParity.EveryOpMatchesCpuInF32'
+fi
+
+# ---- table
+python3 - "$RESULTS" <<'PY' || echo "(python3 missing or failed: see the logs in $RESULTS)"
+import json, os, sys
+r = sys.argv[1]
+def load(name):
+    try:
+        with open(os.path.join(r, name)) as f:
+            return json.load(f)
+    except Exception:
+        return None
+print("\n| what | ours | reference | ratio |\n|---|---|---|---|")
+g = load("sgemm.json")
+if g:
+    rows = {(x["n"], x["impl"]): x for x in g["results"]}
+    for n in sorted({x["n"] for x in g["results"]}):
+        own, cub = rows.get((n, "own")), rows.get((n, "cublas"))
+        if own and cub:
+            print(f"| SGEMM {n}² fp32 (TFLOP/s, err {own['max_err']:.1e}) | {own['tflops']:.1f} | cuBLAS {cub['tflops']:.1f} "
+                  f"| {own['tflops'] / cub['tflops']:.2f}x |")
+t = load("torch_small_cuda.json")
+for s in (1, 2):
+    j = load(f"step_stage{s}.json")
+    if not j:
+        continue
+    ours = j["median_ms"]
+    ref = t[f"stage{s}_ms"] if t else None
+    peak = j.get("peak_gpu_gib") or 0.0
+    tpeak = t["runs"][-1].get(f"stage{s}_peak_gib") if t else None
+    print(f"| small step Stage {'I' * s} (ms, peak GiB ours {peak:.2f}" + (f" / torch {tpeak}" if tpeak else "") + ") "
+          f"| {ours:.1f} | " + (f"torch eager {ref}" if ref else "-") + " | " + (f"{ours / ref:.2f}x" if ref else "-") + " |")
+PY
+
+echo
+echo "== summary ($(( $(date +%s) - START ))s of ${TOTAL_S}s)"
+for k in build build_tests tests sgemm step_stage1 step_stage2 torch memcheck; do printf '  %-12s %s\n' "$k" "${STATUS[$k]:-not run}"; done
+grep -E '^\[  FAILED  \]' "$RESULTS/tests.log" 2>/dev/null | head -40
+grep -E "op '.*' trial" "$RESULTS/tests.log" 2>/dev/null | head -60

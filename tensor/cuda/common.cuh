@@ -1,0 +1,112 @@
+// Helpers shared by the .cu files: the checked-call macros, launch sizes, typed device math (so one template
+// serves f32 and f64 with the right intrinsic), and fixed-order block reductions.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "tensor/cuda/kernels.h"
+#include "tensor/error.h"
+
+// Every CUDA runtime call goes through cudaCheck; every launch is followed by cudaCheckLaunch(), which reports
+// launch-configuration errors at the launch site with file:line (asynchronous faults surface at the next check).
+#define cudaCheck(call)                                                                  \
+  do {                                                                                   \
+    cudaError_t err_ = (call);                                                           \
+    if (err_ != cudaSuccess)                                                             \
+      ::psa::fail(__FILE__, ":", __LINE__, ": ", #call, ": ", cudaGetErrorString(err_)); \
+  } while (0)
+#define cudaCheckLaunch() cudaCheck(cudaGetLastError())
+
+namespace psa::cuda {
+
+constexpr int kThreads = 256;
+
+inline unsigned blocks_for(int64_t n, int threads = kThreads) {
+  int64_t b = (n + threads - 1) / threads;
+  return (unsigned)(b < 1 ? 1 : b > 65535LL * 1024 ? 65535LL * 1024 : b);
+}
+
+// Grid-stride loop: kernels stay correct for any n whatever the grid.
+#define CUDA_LOOP(i, n) \
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (int64_t)blockDim.x * gridDim.x)
+
+// Typed math: f32 calls the float intrinsic, f64 the double one (no silent promotion either way).
+__device__ __forceinline__ float d_exp(float x) { return expf(x); }
+__device__ __forceinline__ double d_exp(double x) { return exp(x); }
+__device__ __forceinline__ float d_log(float x) { return logf(x); }
+__device__ __forceinline__ double d_log(double x) { return log(x); }
+__device__ __forceinline__ float d_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double d_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float d_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double d_tanh(double x) { return tanh(x); }
+__device__ __forceinline__ float d_erf(float x) { return erff(x); }
+__device__ __forceinline__ double d_erf(double x) { return erf(x); }
+__device__ __forceinline__ float d_pow(float x, float p) { return powf(x, p); }
+__device__ __forceinline__ double d_pow(double x, double p) { return pow(x, p); }
+template <typename T>
+__device__ __forceinline__ bool d_isfinite(T x) { return isfinite(x); }
+template <typename T>
+__device__ __forceinline__ T d_inf() { return (T)INFINITY; }
+
+// The running maximum of the CPU kernels, mx = std::max(mx, x) from -inf, skips NaN inputs (the comparison is
+// false) and so never becomes NaN whatever the order. fmax skips NaN too, so tree reductions of it agree.
+template <typename T>
+__device__ __forceinline__ T std_max(T a, T b) { return fmax(a, b); }
+
+// Sum of one value per thread over the block (blockDim.x a power of two <= 1024), in a fixed tree order:
+// the result does not depend on timing. `scratch` holds blockDim.x doubles; every thread gets the total.
+__device__ __forceinline__ double block_sum(double v, double* scratch) {
+  int t = threadIdx.x;
+  scratch[t] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (t < s) scratch[t] += scratch[t + s];
+    __syncthreads();
+  }
+  double total = scratch[0];
+  __syncthreads();
+  return total;
+}
+
+template <typename T>
+__device__ __forceinline__ T block_max(T v, T* scratch) {
+  int t = threadIdx.x;
+  scratch[t] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (t < s) scratch[t] = std_max(scratch[t], scratch[t + s]);
+    __syncthreads();
+  }
+  T total = scratch[0];
+  __syncthreads();
+  return total;
+}
+
+// Warp butterfly sum: every lane ends with the same total, fixed order.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+  for (int o = 16; o > 0; o >>= 1) v = std_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Up to 8 dims of shape/strides passed by value to kernels.
+constexpr int kMaxDims = 8;
+struct Dims {
+  int rank;
+  int64_t size[kMaxDims];
+  int64_t stride[kMaxDims];
+};
+
+template <typename T>
+const T* ptr_or_null(const Tensor& t) { return t.defined() ? t.data<T>() : nullptr; }
+template <typename T>
+T* mut_or_null(Tensor& t) { return t.defined() ? t.data<T>() : nullptr; }
+
+}  // namespace psa::cuda

@@ -1,0 +1,168 @@
+// Elementwise kernels with broadcasting, forward and backward side by side (mirrors tensor/cpu/elementwise.cpp).
+// Parallelisation: one thread per output element (grid-stride). Same-shape operands take a flat path; otherwise
+// each thread turns its output index into per-operand offsets with strides that are 0 along broadcast dims.
+#include "tensor/cuda/common.cuh"
+
+namespace psa::cuda {
+namespace {
+
+// Strides (in elements) of `shape` aligned to the right of the output, 0 where broadcast (as on the CPU).
+Dims broadcast_dims(const Shape& shape, const Shape& out) {
+  PSA_CHECK((int)out.size() <= kMaxDims, "cuda broadcast: rank ", out.size(), " > ", kMaxDims);
+  Dims d{};
+  d.rank = (int)out.size();
+  int64_t s = 1;
+  for (int i = 0; i < d.rank; ++i) d.size[i] = out[i], d.stride[i] = 0;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    size_t sd = shape.size() - 1 - i, od = out.size() - 1 - i;
+    d.stride[od] = shape[sd] == 1 ? 0 : s;
+    s *= shape[sd];
+  }
+  return d;
+}
+
+__device__ __forceinline__ int64_t offset_of(int64_t i, const Dims& d) {
+  int64_t off = 0;
+  for (int k = d.rank - 1; k >= 0; --k) {
+    int64_t idx = i % d.size[k];
+    i /= d.size[k];
+    off += idx * d.stride[k];
+  }
+  return off;
+}
+
+template <typename T>
+__device__ __forceinline__ T apply(BinaryOp op, T x, T y) {
+  switch (op) {
+    case BinaryOp::add: return x + y;
+    case BinaryOp::sub: return x - y;
+    case BinaryOp::mul: return x * y;
+    case BinaryOp::div: return x / y;
+  }
+  return x;
+}
+
+template <typename T>
+__global__ void binary_flat(BinaryOp op, const T* a, const T* b, T* o, int64_t n) {
+  CUDA_LOOP(i, n) o[i] = apply(op, a[i], b[i]);
+}
+
+template <typename T>
+__global__ void binary_broadcast(BinaryOp op, const T* a, Dims da, const T* b, Dims db, T* o, int64_t n) {
+  CUDA_LOOP(i, n) o[i] = apply(op, a[offset_of(i, da)], b[offset_of(i, db)]);
+}
+
+template <typename T>
+__global__ void gather_broadcast(const T* a, Dims da, T* o, int64_t n) {
+  CUDA_LOOP(i, n) o[i] = a[offset_of(i, da)];
+}
+
+template <typename T>
+__device__ __forceinline__ T sigmoid_of(T x) { return T(1) / (T(1) + d_exp(-x)); }
+template <typename T>
+__device__ __forceinline__ T gelu_cdf(T x) { return T(0.5) * (T(1) + d_erf(x * T(0.70710678118654752440))); }
+
+template <typename T>
+__device__ __forceinline__ T unary_value(UnaryOp op, T x, T p) {
+  switch (op) {
+    case UnaryOp::neg: return -x;
+    case UnaryOp::exp: return d_exp(x);
+    case UnaryOp::log: return d_log(x);
+    case UnaryOp::sqrt: return d_sqrt(x);
+    case UnaryOp::rsqrt: return T(1) / d_sqrt(x);
+    case UnaryOp::tanh: return d_tanh(x);
+    case UnaryOp::sigmoid: return sigmoid_of(x);
+    case UnaryOp::relu: return x > 0 ? x : T(0);
+    case UnaryOp::gelu: return x * gelu_cdf(x);
+    case UnaryOp::quick_gelu: return x * sigmoid_of(T(1.702) * x);
+    case UnaryOp::silu: return x * sigmoid_of(x);
+    case UnaryOp::pow: return d_pow(x, p);
+    case UnaryOp::add_scalar: return x + p;
+    case UnaryOp::mul_scalar: return x * p;
+  }
+  return x;
+}
+
+// d op(x)/dx, from x or from y = op(x) where cheaper (the same formulas as the CPU).
+template <typename T>
+__device__ __forceinline__ T unary_derivative(UnaryOp op, T x, T y, T p) {
+  switch (op) {
+    case UnaryOp::neg: return T(-1);
+    case UnaryOp::exp: return y;
+    case UnaryOp::log: return T(1) / x;
+    case UnaryOp::sqrt: return T(0.5) / y;
+    case UnaryOp::rsqrt: return T(-0.5) * y * y * y;
+    case UnaryOp::tanh: return T(1) - y * y;
+    case UnaryOp::sigmoid: return y * (T(1) - y);
+    case UnaryOp::relu: return x > 0 ? T(1) : T(0);
+    case UnaryOp::gelu: return gelu_cdf(x) + x * T(0.39894228040143267794) * d_exp(T(-0.5) * x * x);
+    case UnaryOp::quick_gelu: { T s = sigmoid_of(T(1.702) * x); return s + T(1.702) * x * s * (T(1) - s); }
+    case UnaryOp::silu: { T s = sigmoid_of(x); return s + x * s * (T(1) - s); }
+    case UnaryOp::pow: return p * d_pow(x, p - T(1));
+    case UnaryOp::add_scalar: return T(1);
+    case UnaryOp::mul_scalar: return p;
+  }
+  return T(0);
+}
+
+template <typename T>
+__global__ void unary_kernel(UnaryOp op, const T* x, T p, T* o, int64_t n) {
+  CUDA_LOOP(i, n) o[i] = unary_value(op, x[i], p);
+}
+
+template <typename T>
+__global__ void unary_backward_kernel(UnaryOp op, const T* x, const T* y, const T* g, T p, T* o, int64_t n) {
+  CUDA_LOOP(i, n) o[i] = g[i] * unary_derivative(op, x[i], y[i], p);
+}
+
+}  // namespace
+
+void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out) {
+  int64_t n = out.numel();
+  if (n == 0) return;
+  dispatch_float(out.dtype(), "cuda binary", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    if (a.shape() == out.shape() && b.shape() == out.shape()) {
+      binary_flat<T><<<blocks_for(n), kThreads>>>(op, a.data<T>(), b.data<T>(), out.data<T>(), n);
+    } else {
+      binary_broadcast<T><<<blocks_for(n), kThreads>>>(op, a.data<T>(), broadcast_dims(a.shape(), out.shape()),
+                                                       b.data<T>(), broadcast_dims(b.shape(), out.shape()),
+                                                       out.data<T>(), n);
+    }
+    cudaCheckLaunch();
+  });
+}
+
+void unary(UnaryOp op, const Tensor& x, double param, Tensor& out) {
+  int64_t n = x.numel();
+  if (n == 0) return;
+  dispatch_float(out.dtype(), "cuda unary", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    unary_kernel<T><<<blocks_for(n), kThreads>>>(op, x.data<T>(), (T)param, out.data<T>(), n);
+    cudaCheckLaunch();
+  });
+}
+
+void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& gout, double param, Tensor& gx) {
+  int64_t n = x.numel();
+  if (n == 0) return;
+  dispatch_float(gx.dtype(), "cuda unary_backward", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    unary_backward_kernel<T><<<blocks_for(n), kThreads>>>(op, x.data<T>(), y.data<T>(), gout.data<T>(), (T)param,
+                                                          gx.data<T>(), n);
+    cudaCheckLaunch();
+  });
+}
+
+void broadcast_to(const Tensor& a, Tensor& out) {
+  int64_t n = out.numel();
+  if (n == 0) return;
+  dispatch_all(out.dtype(), "cuda broadcast_to", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    gather_broadcast<T><<<blocks_for(n), kThreads>>>(a.data<T>(), broadcast_dims(a.shape(), out.shape()),
+                                                     out.data<T>(), n);
+    cudaCheckLaunch();
+  });
+}
+
+}  // namespace psa::cuda

@@ -1,0 +1,108 @@
+// CUDA kernels: the same interface as tensor/cpu/kernels.h, in namespace psa::cuda, implemented in
+// tensor/cuda/<family>.cu. Every function takes contiguous device tensors already checked by the op in
+// autograd/, writes the outputs the caller allocated, and checks its launches (cudaCheck). Deterministic:
+// no reduction that feeds training uses atomics; sums run in a fixed-order tree or loop.
+// This header needs no CUDA headers, so the C++ side (autograd/, nn/) includes it in every build; the
+// definitions exist only in CUDA builds (tensor/dispatch.h never references them otherwise).
+#pragma once
+#include "tensor/cpu/kernels.h"
+
+namespace psa::cuda {
+
+using cpu::AdamWCoeffs;
+using cpu::BinaryOp;
+using cpu::SgdCoeffs;
+using cpu::UnaryOp;
+
+// elementwise.cu
+void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out);
+void unary(UnaryOp op, const Tensor& x, double param, Tensor& out);
+void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& gout, double param, Tensor& gx);
+void broadcast_to(const Tensor& a, Tensor& out);
+
+// reduce.cu
+void sum_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& out);
+void max_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& out, Tensor& argmax);
+void max_backward(const Tensor& gout, const Tensor& argmax, int64_t outer, int64_t n, int64_t inner, Tensor& ga);
+
+// shape.cu
+void permute(const Tensor& a, const std::vector<int64_t>& perm, Tensor& out);
+void copy_block(const Tensor& a, int64_t outer, int64_t n_a, int64_t inner, Tensor& out, int64_t n_out, int64_t at);
+void extract_block(const Tensor& a, int64_t outer, int64_t n_a, int64_t inner, int64_t at, int64_t n_out, Tensor& out);
+void index_select(const Tensor& a, int64_t outer, int64_t n, int64_t inner, const Tensor& index, Tensor& out);
+void index_add(const Tensor& g, int64_t outer, int64_t n, int64_t inner, const Tensor& index, Tensor& ga);
+
+// matmul.cu: cuBLAS (f32, f64). TF32 tensor cores only when enabled (set_tf32(true) or PSA_TF32=1).
+void matmul(const Tensor& a, const Tensor& b, bool ta, bool tb, int64_t batch, int64_t M, int64_t N, int64_t K,
+            int64_t stride_a, int64_t stride_b, Tensor& out, float beta = 0);
+
+// optim.cu
+void adamw_step(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWCoeffs& c);
+void sgd_step(Tensor& p, const Tensor& g, Tensor& buf, const SgdCoeffs& c);
+double sum_squares(const Tensor& x);  // fixed-order block partials in double, summed in order on the host
+void scale_in_place(Tensor& x, double s);
+bool all_finite(const Tensor& x);
+
+// nn.cu
+void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& out, Tensor& mean, Tensor& rstd);
+void layer_norm_backward(const Tensor& gout, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd,
+                         Tensor& gx, Tensor& gw, Tensor& gb);
+void rms_norm(const Tensor& x, const Tensor& w, double eps, Tensor& out, Tensor& rstd);
+void rms_norm_backward(const Tensor& gout, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& gx, Tensor& gw);
+void softmax(const Tensor& x, int64_t outer, int64_t n, int64_t inner, bool log, Tensor& out);
+void softmax_backward(const Tensor& gout, const Tensor& y, int64_t outer, int64_t n, int64_t inner, bool log, Tensor& gx);
+void cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t count, Tensor& loss,
+                   Tensor& lse);
+void cross_entropy_backward(const Tensor& gout, const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                            int64_t ignore_index, int64_t count, Tensor& glogits);
+uint32_t dropout_threshold(double p);
+void dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset, Tensor& out);
+
+// attention.cu. rope as on the CPU. attention is flash-style and so differs from the CPU interface in what it
+// saves: instead of the probabilities [B, H, T, S] it keeps the row log-sum-exp `lse` [B, H, T] (-inf for a
+// fully masked row), and its backward recomputes the probabilities tile by tile from q, k, lse, the mask and
+// the causal flag; it also needs the forward output (for rowsum(dO∘O)). Head dim D <= 128.
+void rope(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& out);
+void rope_backward(const Tensor& gout, const Tensor& cos, const Tensor& sin, Tensor& gx);
+void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, bool causal, double scale,
+               Tensor& out, Tensor& lse);
+void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                        const Tensor& lse, const Tensor& mask, bool causal, double scale, Tensor& gq, Tensor& gk,
+                        Tensor& gv);
+constexpr int64_t kMaxAttentionHeadDim = 128;
+
+// conv.cu
+void patch_conv(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out);
+void patch_conv_backward(const Tensor& gout, const Tensor& x, const Tensor& w, Tensor& gx, Tensor& gw, Tensor& gbias);
+void depthwise_conv3x3(const Tensor& x, const Tensor& w, Tensor& out);
+void depthwise_conv3x3_backward(const Tensor& gout, const Tensor& x, const Tensor& w, Tensor& gx, Tensor& gw);
+void adaptive_avg_pool2d(const Tensor& x, Tensor& out);
+void adaptive_avg_pool2d_backward(const Tensor& gout, Tensor& gx);
+
+// ---- GEMM selection (matmul.cu, sgemm.cu). cuBLAS is the default; the hand-written tiled SGEMM of sgemm.cu
+// is chosen with set_gemm(GemmImpl::own) or PSA_GEMM=own in the environment (read once). f64 always uses cuBLAS.
+enum class GemmImpl { cublas, own };
+void set_gemm(GemmImpl impl);
+GemmImpl gemm_impl();
+void set_tf32(bool on);  // cuBLAS f32 GEMMs on TF32 tensor cores (off by default: parity tests need fp32)
+bool tf32();
+// Row-major C = alpha·op(A)·op(B) + beta·C on device pointers, `batch` problems strided by sa, sb, sc.
+void sgemm(GemmImpl impl, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+           int64_t lda, int64_t sa, const float* B, int64_t ldb, int64_t sb, float beta, float* C, int64_t ldc,
+           int64_t sc, int64_t batch = 1);
+void dgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
+           int64_t sa, const double* B, int64_t ldb, int64_t sb, double beta, double* C, int64_t ldc, int64_t sc,
+           int64_t batch = 1);
+// The hand-written kernel alone (sgemm.cu), one problem.
+void own_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+               const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+// bench: times `reps` square f32 GEMMs of size n with CUDA events after a warm-up and a validation against
+// cuBLAS; returns ms per GEMM and the max normalised error of the chosen implementation vs cuBLAS.
+struct GemmTiming {
+  double ms = 0, max_err = 0;
+};
+GemmTiming time_sgemm(GemmImpl impl, int64_t n, int reps);
+void synchronize();
+
+}  // namespace psa::cuda

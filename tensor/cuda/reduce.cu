@@ -1,0 +1,89 @@
+// Reductions over the middle dim of an [outer, n, inner] view (mirrors tensor/cpu/reduce.cpp).
+// sum: f32 accumulates in double like the CPU. inner == 1 (rows): one block per row, a fixed-order tree over
+// the block's per-thread partials; inner > 1: one thread per (o, j) output walking n in order (coalesced over
+// j). max/argmax: one thread per output, a sequential scan with the CPU's comparison (first maximum wins).
+#include "tensor/cuda/common.cuh"
+
+namespace psa::cuda {
+namespace {
+
+template <typename T>
+__global__ void sum_rows(const T* a, int64_t n, T* out) {
+  __shared__ double scratch[kThreads];
+  const T* row = a + (int64_t)blockIdx.x * n;
+  double acc = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += (double)row[i];
+  double total = block_sum(acc, scratch);
+  if (threadIdx.x == 0) out[blockIdx.x] = (T)total;
+}
+
+template <typename T>
+__global__ void sum_columns(const T* a, int64_t outer, int64_t n, int64_t inner, T* out) {
+  CUDA_LOOP(r, outer * inner) {
+    int64_t o = r / inner, j = r % inner;
+    const T* col = a + o * n * inner + j;
+    double acc = 0;
+    for (int64_t i = 0; i < n; ++i) acc += (double)col[i * inner];
+    out[r] = (T)acc;
+  }
+}
+
+template <typename T>
+__global__ void max_columns(const T* a, int64_t outer, int64_t n, int64_t inner, T* out, int64_t* argmax) {
+  CUDA_LOOP(r, outer * inner) {
+    int64_t o = r / inner, j = r % inner;
+    const T* col = a + o * n * inner + j;
+    int64_t best = 0;
+    for (int64_t i = 1; i < n; ++i)
+      if (col[i * inner] > col[best * inner]) best = i;
+    if (out) out[r] = col[best * inner];
+    argmax[r] = best;
+  }
+}
+
+template <typename T>
+__global__ void max_backward_kernel(const T* g, const int64_t* argmax, int64_t n, int64_t inner, T* ga,
+                                    int64_t total) {
+  CUDA_LOOP(e, total) {
+    int64_t j = e % inner, i = (e / inner) % n, o = e / (inner * n);
+    int64_t r = o * inner + j;
+    ga[e] = argmax[r] == i ? g[r] : T(0);
+  }
+}
+
+}  // namespace
+
+void sum_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& out) {
+  if (outer * inner == 0) return;
+  dispatch_float(a.dtype(), "cuda sum", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    if (inner == 1 && outer <= 0x7fffffff)
+      sum_rows<T><<<(unsigned)outer, kThreads>>>(a.data<T>(), n, out.data<T>());
+    else
+      sum_columns<T><<<blocks_for(outer * inner), kThreads>>>(a.data<T>(), outer, n, inner, out.data<T>());
+    cudaCheckLaunch();
+  });
+}
+
+void max_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& out, Tensor& argmax) {
+  if (outer * inner == 0) return;
+  dispatch_all(a.dtype(), "cuda max", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    max_columns<T><<<blocks_for(outer * inner), kThreads>>>(a.data<T>(), outer, n, inner, mut_or_null<T>(out),
+                                                             argmax.data<int64_t>());
+    cudaCheckLaunch();
+  });
+}
+
+void max_backward(const Tensor& gout, const Tensor& argmax, int64_t outer, int64_t n, int64_t inner, Tensor& ga) {
+  int64_t total = outer * n * inner;
+  if (total == 0) return;
+  dispatch_float(ga.dtype(), "cuda max_backward", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    max_backward_kernel<T><<<blocks_for(total), kThreads>>>(gout.data<T>(), argmax.data<int64_t>(), n, inner,
+                                                            ga.data<T>(), total);
+    cudaCheckLaunch();
+  });
+}
+
+}  // namespace psa::cuda
