@@ -30,6 +30,10 @@ std::vector<int32_t> prompt_tokens(const Tokenizer& tok, const std::string& ques
 // with_answer = false collates prompts only (classification and generation).
 PsaBatch collate(const Dataset& d, const std::vector<int64_t>& indices, int64_t pad_id, bool with_answer = true);
 
+// A random batch for benchmarks and device-parity tests: rows of L tokens (BOS, the image token, random ids;
+// the last third is the answer), N(0, 1) pixels, uniform head labels. Matches tools/psa_reference.py bench_batch.
+PsaBatch random_batch(const PsaConfig& c, int64_t B, int64_t L, uint64_t seed);
+
 // Every text the tokenizer should learn from (questions with hints, answers, the prompt template).
 std::vector<std::string> corpus_of(const std::vector<Record>& records);
 

@@ -14,8 +14,8 @@ namespace {
 
 constexpr int64_t kCells = 9;  // the generator's 3x3 grid, row-major: top left ... bottom right
 constexpr int64_t kMaxCount = 3;
-const char* const kCellNames[kCells] = {"top left", "top",    "top right",   "left",  "center",
-                                        "right",    "bottom left", "bottom", "bottom right"};
+const std::vector<std::string> kCellNames = {"top left", "top",         "top right", "left",        "center",
+                                             "right",    "bottom left", "bottom",    "bottom right"};
 
 bool labelled(const Example& e) { return e.record.meta.is_object() && e.record.meta.contains("objects"); }
 
@@ -52,7 +52,7 @@ std::vector<int64_t> scene_targets(const Example& e, const SceneVocab& v, const 
   t[1] = meta.int_or("prominence", -100);
   t[2] = std::min<int64_t>(objs.size(), kMaxCount);
   for (const json::Value& o : objs) {
-    int64_t cell = index_of(std::vector<std::string>(kCellNames, kCellNames + kCells), o.string_at("position"));
+    int64_t cell = index_of(kCellNames, o.string_at("position"));
     if (cell < 0) continue;
     t[lay.shapes + cell] = index_of(v.shapes, o.string_at("shape"));
     t[lay.colours + cell] = index_of(v.colours, o.string_at("color"));

@@ -356,34 +356,6 @@ TEST(CudaGemm, BenchmarkHelperValidates) {
 
 // ---- a whole training step ----------------------------------------------------------------------------------
 
-// A batch like psa bench-step's: BOS, the image token, random ids; the last third is the answer.
-PsaBatch tiny_batch(const PsaConfig& c, int64_t B, int64_t L, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int64_t> ids(B * L), labels(B * L), level(B), type(B);
-  const int64_t answer_from = L - L / 3;
-  for (int64_t r = 0; r < B; ++r) {
-    for (int64_t t = 0; t < L; ++t) {
-      int64_t id = 4 + int64_t(rng() % uint64_t(c.text.vocab - 4));
-      if (id == c.image_token) id = 4;
-      if (t == 0) id = c.text.bos_id;
-      if (t == 1) id = c.image_token;
-      ids[r * L + t] = id;
-      labels[r * L + t] = t < answer_from ? -100 : id;
-    }
-    level[r] = int64_t(rng() % 4);
-    type[r] = int64_t(rng() % 7);
-  }
-  int64_t S = c.vision.image_size;
-  PsaBatch b;
-  b.pixels = randn({B, 3, S, S}, seed + 1);
-  b.ids = Tensor::from(ids, {B, L}, DType::i64);
-  b.labels = Tensor::from(labels, {B, L}, DType::i64);
-  b.level = Tensor::from(level, {B}, DType::i64);
-  b.type = Tensor::from(type, {B}, DType::i64);
-  b.prompt_len.assign(B, answer_from);
-  return b;
-}
-
 struct StepResult {
   double loss = 0, norm = 0;
   std::map<std::string, Tensor> grads, params;  // grads before clipping, params after the update
@@ -400,7 +372,7 @@ StepResult train_step(const std::string& stage, Device device, double lr) {
   for (auto& l : m.lm->linears()) l->dropout_offset = 1;
   std::vector<nn::ParamRef> params = nn::trainable(m);
   nn::AdamW opt(params, lr, {0.9, 0.999, 1e-8, 0.01});
-  PsaBatch b = tiny_batch(cfg, 4, 24, 9);
+  PsaBatch b = random_batch(cfg, 4, 24, 9);
   for (Tensor* t : {&b.pixels, &b.ids, &b.labels, &b.level, &b.type}) *t = t->to(device);
   bool safety = stage != "base";
   PsaOutput out = m.forward(b, safety, true, safety);

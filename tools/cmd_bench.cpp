@@ -90,38 +90,6 @@ std::vector<double> load_average() {
   return {l[0], l[1], l[2]};
 }
 
-// Rows of L tokens: BOS, the image token, random ids; the last third is the answer (the rest -100), as in
-// tools/psa_reference.py bench_batch. Pixels are N(0, 1), the head's labels uniform over their classes.
-PsaBatch synthetic_batch(const PsaConfig& c, int64_t B, int64_t L, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int64_t> ids(B * L), labels(B * L), level(B), type(B);
-  const int64_t answer_from = L - L / 3;
-  for (int64_t r = 0; r < B; ++r) {
-    for (int64_t t = 0; t < L; ++t) {
-      int64_t id = 4 + int64_t(rng() % uint64_t(c.text.vocab - 4));
-      if (id == c.image_token) id = 4;
-      if (t == 0) id = c.text.bos_id;
-      if (t == 1) id = c.image_token;
-      ids[r * L + t] = id;
-      labels[r * L + t] = t < answer_from ? -100 : id;
-    }
-    level[r] = int64_t(rng() % 4);
-    type[r] = int64_t(rng() % 7);
-  }
-  int64_t S = c.vision.image_size;
-  std::vector<float> pixels(B * 3 * S * S);
-  std::normal_distribution<float> normal(0, 1);
-  for (float& p : pixels) p = normal(rng);
-  PsaBatch b;
-  b.pixels = Tensor::from(pixels, {B, 3, S, S});
-  b.ids = Tensor::from(ids, {B, L}, DType::i64);
-  b.labels = Tensor::from(labels, {B, L}, DType::i64);
-  b.level = Tensor::from(level, {B}, DType::i64);
-  b.type = Tensor::from(type, {B}, DType::i64);
-  b.prompt_len.assign(B, answer_from);
-  return b;
-}
-
 void batch_to(PsaBatch& b, Device d) {
   for (Tensor* t : {&b.pixels, &b.ids, &b.labels, &b.level, &b.type}) *t = t->to(d);
 }
@@ -162,7 +130,7 @@ double train_step(Trainer& t, const PsaBatch& b) {
 }
 
 StepTiming time_steps(Trainer& t, const StepSpec& s, int64_t batch, int64_t text) {
-  PsaBatch b = synthetic_batch(t.model->config, batch, text, s.seed + 1);
+  PsaBatch b = random_batch(t.model->config, batch, text, s.seed + 1);
   if (s.device != Device::cpu) batch_to(b, s.device);
   StepTiming r;
   r.tokens_per_step = double(batch * t.model->config.merged_length(text));
