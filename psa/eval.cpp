@@ -330,6 +330,37 @@ json::Value samples_json(const Dataset& d, const std::vector<RecordResult>& res,
   return s;
 }
 
+// Per-record audit trail: what the head saw, what the policy did and what the model said, so that a rate in
+// the report can be traced to the records behind it (e.g. which hard-negative looks are refused).
+void write_predictions(const std::string& path, const Dataset& d, const std::vector<RecordResult>& res) {
+  std::string text;
+  for (size_t i = 0; i < res.size(); ++i) {
+    const Example& e = d.examples[i];
+    const Record& r = e.record;
+    json::Value v = json::Value::object();
+    v.set("index", (int64_t)i);
+    v.set("image", r.image);
+    v.set("safe_level", e.level);
+    v.set("safe_type", e.type);
+    v.set("hard_negative", is_hard_negative(r));
+    v.set("kind", kind_of(r));
+    v.set("motif", r.meta.is_object() ? r.meta.string_or("motif", "") : "");
+    v.set("question", plain_question(e));
+    v.set("level", res[i].head.level);
+    v.set("type", res[i].head.type);
+    v.set("level_prob", res[i].head.level_probs.empty() ? 0.0 : res[i].head.level_probs[res[i].head.level]);
+    v.set("type_prob", res[i].head.type_probs.empty() ? 0.0 : res[i].head.type_probs[res[i].head.type]);
+    v.set("action", res[i].action);
+    v.set("answer", res[i].answer_on);
+    v.set("answer_no_control", res[i].answer_off);
+    v.set("verdict", verdict_name(judge_answer(res[i].answer_on)));
+    v.set("verdict_no_control", verdict_name(judge_answer(res[i].answer_off)));
+    v.set("over_refusal", e.type == kCleanType && is_over_refusal(res[i].answer_on));
+    text += json::dump(v) + "\n";
+  }
+  json::write_file(path, text);
+}
+
 std::string notes_for(const Checkpoint& c, const std::string& policy) {
   if (!has_safety_tokens(c))
     return "base checkpoint: the safety head is untrained, so the head metrics are null (the confusion matrices "
@@ -366,6 +397,7 @@ json::Value evaluate(const Checkpoint& c, const Dataset& test, const EvalOptions
   out.set("counts", counts_json(test, res, clean));
   out.set("notes", notes_for(c, policy.name));
   out.set("samples", samples_json(test, res));
+  if (!opt.predictions.empty()) write_predictions(opt.predictions, test, res);
   const double secs = seconds_since(t0);
   out.set("eval_seconds", secs);
   out.set("records_per_second", secs > 0 ? n / secs : 0.0);

@@ -139,6 +139,29 @@ TEST_F(Eval, Stage1MetricsAreRatesAndControlActsOnEveryRecord) {
     EXPECT_TRUE(m.contains(k)) << k;
 }
 
+TEST_F(Eval, PredictionsFileHasOneLinePerRecordMatchingTheReport) {
+  const Checkpoint c = load_checkpoint(stage1_dir());
+  EvalOptions o = quick();
+  o.limit = 6;
+  o.predictions = (fs::temp_directory_path() / ("psa_eval_predictions_" + std::to_string(getpid()) + ".jsonl")).string();
+  const json::Value m = evaluate(c, test_set(c), o);
+  std::ifstream in(o.predictions);
+  std::string line;
+  int64_t lines = 0, hints = 0;
+  while (std::getline(in, line)) {
+    const json::Value v = json::parse(line);
+    EXPECT_EQ(v.int_at("index"), lines);
+    EXPECT_EQ(v.int_at("type"), 0);  // every prediction is (3, politics), as above
+    hints += v.string_at("action") == "hint";
+    for (const char* k : {"image", "safe_level", "safe_type", "answer", "answer_no_control", "verdict", "motif"})
+      EXPECT_TRUE(v.contains(k)) << k;
+    ++lines;
+  }
+  EXPECT_EQ(lines, 6);
+  EXPECT_EQ(hints, m.at("actions").int_at("hint"));
+  fs::remove(o.predictions);
+}
+
 TEST_F(Eval, BaseHeadMetricsAreNullAndControlIsOff) {
   const Checkpoint c = load_checkpoint(base_dir());
   EvalOptions o = quick();

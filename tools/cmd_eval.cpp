@@ -38,6 +38,8 @@ options:
   --max-new-tokens N    answer length limit (default 32)
   --batch N             classification batch size (default 64)
   --sequential          one record at a time (default: records in parallel with OpenMP)
+  --predictions DIR     also write one JSON line per record (truth, head prediction, action, answers and
+                        the judge's verdicts) to DIR/<checkpoint folder name>.jsonl
   --quiet               no progress bar
 
 Exit status: 0 on success, 2 on bad arguments or unreadable inputs (one line on stderr).)";
@@ -113,7 +115,8 @@ int cmd_eval(int argc, char** argv) {
   const std::vector<std::string> ckpts = take_ckpts(argc, argv, &rest);
   cli::Args a;
   const cli::Spec spec{kEvalUsage,
-                       {"--data", "--split", "--out", "--md", "--policy", "--limit", "--max-new-tokens", "--batch"},
+                       {"--data", "--split", "--out", "--md", "--policy", "--limit", "--max-new-tokens", "--batch",
+                        "--predictions"},
                        {"--sequential", "--quiet"}};
   if (!cli::parse(static_cast<int>(rest.size()), rest.data(), spec, &a)) return 0;
   PSA_CHECK(a.positional.empty(), "eval: unexpected argument '", a.positional[0], "' (see --help)");
@@ -135,9 +138,16 @@ int cmd_eval(int argc, char** argv) {
   PSA_CHECK(report.is_object(), out, ": existing report is not a JSON object");
 
   const std::vector<Record> records = load_split(a.get("--data"), a.get("--split", "test"));
-  json::Value done = json::Value::object();
+  json::Value done = json::Value::object(), named = json::Value::object();
+  if (a.has("--predictions")) fs::create_directories(a.get("--predictions"));
   for (const std::string& dir : ckpts) {
-    json::Value m = eval_one(dir, records, opt);
+    EvalOptions one = opt;
+    if (a.has("--predictions")) {
+      const std::string name = unique_key(named, fs::path(dir).lexically_normal().filename().string());
+      named.set(name, json::Value(true));
+      one.predictions = (fs::path(a.get("--predictions")) / (name + ".jsonl")).string();
+    }
+    json::Value m = eval_one(dir, records, one);
     const std::string key = unique_key(done, m.string_at("stage"));
     done.set(key, json::Value(true));
     merge_stage(report, key, m);

@@ -28,7 +28,7 @@ records' "meta" (the stand-in for CLIP pretraining; --steps-vision 0 skips it, r
 Each stage writes OUT/<stage>/ (model.safetensors, config.json, tokenizer.json), a JSONL log
 OUT/<stage>/log.jsonl, and an audit against the previous stage; OUT/loss_curves.png plots every loss.
 With --eval (default for --stage all) the benchmark runs on DIR/test.jsonl into OUT/report.json and
-OUT/report.md.
+OUT/report.md, with every record's prediction and answers in OUT/predictions/<stage>.jsonl.
 
 options:
   --preset tiny|small      model and data preset (default tiny)
@@ -269,7 +269,8 @@ int cmd_train(int argc, char** argv) {
     for (const auto& [flag, stage] : stages)
       if (fs::exists(fs::path(p.out) / stage / "model.safetensors")) ckpts.push_back((fs::path(p.out) / stage).string());
     std::vector<std::string> args = {"--data", p.data, "--out", report_path.string(), "--md",
-                                     (fs::path(p.out) / "report.md").string(), "--limit", a.get("--eval-limit", "0")};
+                                     (fs::path(p.out) / "report.md").string(), "--limit", a.get("--eval-limit", "0"),
+                                     "--predictions", (fs::path(p.out) / "predictions").string()};
     if (a.has("--quiet")) args.push_back("--quiet");
     for (const std::string& c : ckpts) {
       args.push_back("--ckpt");
