@@ -1058,13 +1058,16 @@ json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir)
 SceneSample vision_scene(const SynthConfig& cfg, uint64_t i) {
   check_config(cfg);
   Rng rng(stream_seed(cfg.seed, kVision, i));
-  const SplitSizes& n = cfg.train;
-  const int looks = cfg.image_size >= 64 ? 5 : 4;
-  int k = rng.below(n.clean + n.risky + n.hard_negative + n.typographic);
-  SceneSpec spec{kClean, 0};
-  if ((k -= n.clean) >= 0) spec = {kRisky, k % kRiskTypes};
-  if (k >= 0 && (k -= n.risky) >= 0) spec = {kHardNeg, k % looks};
-  if (k >= 0 && (k -= n.hard_negative) >= 0) spec = {kTypo, k % kNumAttacks};
+  // Clean, risky and look-alike scenes in equal shares (and typographic signs when the splits have them),
+  // not in the train split's proportions: there look-alikes are 9% of the scenes, 2% per look, and a ViT that
+  // has rarely seen a plain striped banner learns "stripes = flag" instead of "emblem = flag". A web-scale
+  // CLIP has seen plenty of both.
+  const int looks = cfg.image_size >= 64 ? 5 : 4, kinds = cfg.train.typographic > 0 ? 4 : 3;
+  const int kind = rng.below(kinds);
+  const SceneSpec spec = kind == 0   ? SceneSpec{kClean, 0}
+                         : kind == 1 ? SceneSpec{kRisky, rng.below(kRiskTypes)}
+                         : kind == 2 ? SceneSpec{kHardNeg, rng.below(looks)}
+                                     : SceneSpec{kTypo, rng.below(kNumAttacks)};
   Scene sc = make_scene(cfg, spec, rng);
   SceneSample out{std::move(sc.img), json::Value::object()};
   add_scene_fields(out.meta, sc);
