@@ -12,29 +12,33 @@
 // edge tile runs the exact shape it needs instead of a padded full tile (matters for the model's M = 64
 // attention matrices). Columns past n inside the last vector are computed on zero padding and dropped.
 //
-// Loop nest, with what each level keeps in which cache:
-//   pack all of op(B) into NR-wide slivers, per K block     -> B panels [KC x N], L3
-//   for each band of C (<= MC rows):                         one task
-//     for pc in K step KC:
+// Loop nest, with what each level keeps in which cache (one thread):
+//   for pc in K step KC:
+//     pack op(B)[KC x N] into NR-wide slivers                -> B panel, L2 (small N) or L3
+//     for each band of C (<= MC rows):
 //       pack op(A)[band rows x KC] into MR-tall slivers      -> A block, L2
 //       for jr in band columns step NR:                      B sliver [KC x NR], reused by every A sliver -> L1
 //         for ir in band rows step MR:                       micro-kernel: C[MR x NR] += A sliver * B sliver
 // Block sizes: the B sliver (KC*NR*4 bytes) takes at most ~3/4 of L1 so the streaming A sliver and the C
 // tile do not evict it: AVX2 256*16*4 = 16 KiB of 32 KiB, AVX-512 192*32*4 = 24 KiB of 32-48 KiB. The A
 // block takes a fraction of L2: AVX2 144*256*4 = 144 KiB of 512 KiB, AVX-512 240*192*4 = 180 KiB of
-// 1-2 MiB. B is packed whole rather than in NC-wide panels: the model's matrices are small, a B panel of
-// KC x 2048 (2 MiB) still streams from L3 at a few bytes per 100 FMAs, and packing once up front lets
-// threads share it with a single synchronisation. The AVX2 values are the BLIS Zen choices, confirmed on
-// a Zen 3 (KC 256..384, MC 96..144 all within noise, OpenBLAS 0.3.21 as the yardstick). Later K blocks
-// accumulate onto C (beta = 1), costing one extra read and write of each C tile per K block; the kernel
-// prefetches its C tile before the k loop so that this read does not stall the write-back.
+// 1-2 MiB. The AVX2 values are the BLIS Zen choices, confirmed on a Zen 3 (KC 256..384, MC 96..144 all
+// within noise, OpenBLAS 0.3.21 as the yardstick). Later K blocks accumulate onto C (beta = 1), costing
+// one extra read and write of each C tile per K block; the kernel prefetches its C tile before the k loop
+// so that this read does not stall the write-back.
+// The B panel of one K block is packed just before its bands use it, so it is read back from L2 or L3;
+// packing all of op(B) up front, as an earlier version did, sent a weight gradient's 2-3 MiB of packed B
+// to memory and back. The pack reads op(B) row by row with software prefetch (see pack_b_rows): together
+// these took the weight-gradient shapes [128 x 1600] x [1600 x 352..512] from 1.1-1.4x OpenBLAS's time
+// to below it. With threads, all of op(B) is still packed first (see Threads).
 //
 // Packing always copies both operands (layout in the Packing section): packed slivers make every kernel
 // load sequential and keep power-of-two leading dimensions (1024, 2048) from mapping a block's rows onto
 // the same cache sets. The transposing packs (A row-major, B stored transposed) use 8x8 register
 // transposes, so packing stays a few percent of the work even when N or M is only ~128.
 //
-// Threads: the B packing (K block x 16 slivers) and the bands of C (row bands, plus column bands when M is
+// Threads: all of op(B) is packed up front, so that threads share it with a single synchronisation; the
+// B packing (K block x 16 slivers) and the bands of C (row bands, plus column bands when M is
 // short; at least two per thread) are tasks that threads claim from atomic counters; bands write disjoint
 // parts of C, so the only synchronisation is "all of B packed". Claiming, rather than a fixed split, and
 // waiting with sched_yield, rather than libgomp's spinning barriers, keep a descheduled or core-sharing
@@ -169,16 +173,24 @@ inline void transpose8x8(__m256 r[8]) {
 }
 #endif
 
-// B stored [K,N] (op(B) = B): each k-row of a sliver is a contiguous copy.
+// B stored [K,N] (op(B) = B): each k-row of a sliver is a contiguous copy. The source is read row by row,
+// each row scattered into all the slivers: reading one sliver at a time instead walks down columns with
+// a stride of ldb, which the hardware prefetcher does not follow across pages, and made this pack 29% of
+// a weight gradient [128 x 1600] x [1600 x 512] (it feeds only M = 128 FMAs per value). Even row by row
+// the loads waited on L3 (the pack was still 23%), so each line is prefetched 8 rows ahead (12%).
 void pack_b_rows(int64_t kc, int64_t nc, const float* B, int64_t ldb, float* dst) {
-  for (int64_t j0 = 0; j0 < nc; j0 += NR, dst += kc * NR) {
-    int64_t n = std::min<int64_t>(NR, nc - j0);
-    const float* src = B + j0;
-    if (n == NR)  // constant size: inlined as vector moves, not a libc call per row
-      for (int64_t k = 0; k < kc; ++k) std::memcpy(dst + k * NR, src + k * ldb, NR * sizeof(float));
-    else
-      for (int64_t k = 0; k < kc; ++k)
-        for (int64_t j = 0; j < NR; ++j) dst[k * NR + j] = j < n ? src[k * ldb + j] : 0.0f;
+  const int64_t full = nc / NR, rest = nc - full * NR;
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* src = B + k * ldb;
+    float* d = dst + k * NR;
+    for (int64_t s = 0; s < full; ++s) {  // constant size: inlined as vector moves, not a libc call
+      __builtin_prefetch(src + 8 * ldb + s * NR);
+      std::memcpy(d + s * kc * NR, src + s * NR, NR * sizeof(float));
+    }
+    if (rest > 0) {
+      float* t = d + full * kc * NR;
+      for (int64_t j = 0; j < NR; ++j) t[j] = j < rest ? src[full * NR + j] : 0.0f;
+    }
   }
 }
 
@@ -379,37 +391,39 @@ Plan make_plan(const Problem& p, int threads) {
   return pl;
 }
 
-// Packing task t: K block t / pack_chunks, slivers [c * kPackSlivers, ...) of its panel.
-void pack_b_task(const Problem& p, const Plan& pl, float* b_packed, int64_t t) {
-  int64_t pc = (t / pl.pack_chunks) * pl.kc, kc = std::min(pl.kc, p.K - pc);
-  int64_t j0 = (t % pl.pack_chunks) * kPackSlivers * NR, nc = std::min(kPackSlivers * NR, p.N - j0);
-  float* dst = b_packed + pc * pl.n_pad + j0 * kc;
+// Packs op(B)[pc : pc+kc, j0 : j0+nc] into `panel` (the K block's panel [kc x n_pad]) at sliver j0 / NR.
+void pack_b(const Problem& p, int64_t pc, int64_t kc, int64_t j0, int64_t nc, float* panel) {
+  float* dst = panel + j0 * kc;
   if (p.trans_b)
     pack_b_cols(kc, nc, p.B + j0 * p.ldb + pc, p.ldb, dst);
   else
     pack_b_rows(kc, nc, p.B + pc * p.ldb + j0, p.ldb, dst);
 }
 
-// Band task: C[m0 : m0+m, n0 : n0+n] over all of K, the loop nest of the header comment.
-void band_task(const Problem& p, const Plan& pl, const float* b_packed, int64_t t) {
+// Packing task t (threads): K block t / pack_chunks, slivers [c * kPackSlivers, ...) of its panel.
+void pack_b_task(const Problem& p, const Plan& pl, float* b_packed, int64_t t) {
+  const int64_t pc = (t / pl.pack_chunks) * pl.kc, j0 = (t % pl.pack_chunks) * kPackSlivers * NR;
+  pack_b(p, pc, std::min(pl.kc, p.K - pc), j0, std::min(kPackSlivers * NR, p.N - j0), b_packed + pc * pl.n_pad);
+}
+
+// Band task t, one K block: C[m0 : m0+m, n0 : n0+n] (+)= op(A)[band rows, pc : pc+kc] * panel, the inner
+// loops of the header comment. `panel` is the K block's packed B.
+void band_block(const Problem& p, const Plan& pl, const float* panel, int64_t t, int64_t pc) {
   const int64_t m0 = (t / pl.col_bands) * pl.rows, m = std::min(pl.rows, p.M - m0);
   const int64_t n0 = (t % pl.col_bands) * pl.cols, n_end = std::min(n0 + pl.cols, p.N);
+  const int64_t kc = std::min(pl.kc, p.K - pc);
   float* a_block = thread_buffer(0, MC * KC + kPackSlack);
-  for (int64_t pc = 0; pc < p.K; pc += pl.kc) {
-    const int64_t kc = std::min(pl.kc, p.K - pc);
-    if (p.trans_a)
-      pack_a_cols(m, kc, p.A + pc * p.lda + m0, p.lda, a_block);
-    else
-      pack_a_rows(m, kc, p.A + m0 * p.lda + pc, p.lda, a_block);
-    const float* panel = b_packed + pc * pl.n_pad;
-    const float beta = pc == 0 ? p.beta : 1.0f;  // later K blocks accumulate onto the first
-    for (int64_t jr = n0; jr < n_end; jr += NR) {
-      const int n = int(std::min<int64_t>(NR, n_end - jr)), nv = (n + Vec::W - 1) / Vec::W;
-      for (int64_t ir = 0; ir < m; ir += MR) {
-        const int mr = int(std::min<int64_t>(MR, m - ir));
-        float* c = p.C + (m0 + ir) * p.ldc + jr;
-        kKernels[(mr - 1) * NV + (nv - 1)](kc, a_block + ir * kc, panel + jr * kc, c, p.ldc, p.alpha, beta, n);
-      }
+  if (p.trans_a)
+    pack_a_cols(m, kc, p.A + pc * p.lda + m0, p.lda, a_block);
+  else
+    pack_a_rows(m, kc, p.A + m0 * p.lda + pc, p.lda, a_block);
+  const float beta = pc == 0 ? p.beta : 1.0f;  // later K blocks accumulate onto the first
+  for (int64_t jr = n0; jr < n_end; jr += NR) {
+    const int n = int(std::min<int64_t>(NR, n_end - jr)), nv = (n + Vec::W - 1) / Vec::W;
+    for (int64_t ir = 0; ir < m; ir += MR) {
+      const int mr = int(std::min<int64_t>(MR, m - ir));
+      float* c = p.C + (m0 + ir) * p.ldc + jr;
+      kKernels[(mr - 1) * NV + (nv - 1)](kc, a_block + ir * kc, panel + jr * kc, c, p.ldc, p.alpha, beta, n);
     }
   }
 }
@@ -438,13 +452,18 @@ void wait_for(const std::atomic<int64_t>& count, int64_t target) {
   }
 }
 
+// One thread: K blocks outermost, each B panel packed just before the bands use it, so that it is still in
+// L2 (a K block of a weight gradient, 256 x 384, is 384 KiB) instead of one packed copy of all of op(B)
+// that has gone to L3 or memory by the time it is read (2.4 MiB for [1600 x 384]).
 void gemm_serial(const Problem& p) {
   if (p.M <= 0 || p.N <= 0) return;
   if (p.K <= 0 || p.alpha == 0.0f) return scale_c(p);
   const Plan pl = make_plan(p, 1);
-  float* b_packed = thread_buffer(1, p.K * pl.n_pad);
-  for (int64_t t = 0; t < pl.k_blocks * pl.pack_chunks; ++t) pack_b_task(p, pl, b_packed, t);
-  for (int64_t t = 0; t < pl.row_bands * pl.col_bands; ++t) band_task(p, pl, b_packed, t);
+  float* panel = thread_buffer(1, pl.kc * pl.n_pad);
+  for (int64_t kb = 0; kb < pl.k_blocks; ++kb) {
+    pack_b(p, kb * pl.kc, std::min(pl.kc, p.K - kb * pl.kc), 0, p.N, panel);
+    for (int64_t t = 0; t < pl.row_bands * pl.col_bands; ++t) band_block(p, pl, panel, t, kb * pl.kc);
+  }
 }
 
 void gemm_parallel(const Problem& p, int threads) {
@@ -459,7 +478,9 @@ void gemm_parallel(const Problem& p, int threads) {
       packed.fetch_add(1, std::memory_order_acq_rel);
     });
     wait_for(packed, n_pack);  // every band reads every panel
-    claim_tasks(next_band, n_bands, [&](int64_t t) { band_task(p, pl, b_packed, t); });
+    claim_tasks(next_band, n_bands, [&](int64_t t) {
+      for (int64_t pc = 0; pc < p.K; pc += pl.kc) band_block(p, pl, b_packed + pc * pl.n_pad, t, pc);
+    });
     finished.fetch_add(1, std::memory_order_acq_rel);
     wait_for(finished, omp_get_num_threads());
   }
