@@ -214,16 +214,15 @@ void pack_b_cols(int64_t kc, int64_t nc, const float* B, int64_t ldb, float* dst
   }
 }
 
-// A stored [K,M] (op(A) = A^T): for each k, MR contiguous values.
+// A stored [K,M] (op(A) = A^T): for each k, MR contiguous values. Row by row, like pack_b_rows.
 void pack_a_cols(int64_t mc, int64_t kc, const float* A, int64_t lda, float* dst) {
-  for (int64_t i0 = 0; i0 < mc; i0 += MR, dst += kc * MR) {
-    int64_t m = std::min<int64_t>(MR, mc - i0);
-    const float* src = A + i0;
-    if (m == MR)
-      for (int64_t k = 0; k < kc; ++k) std::memcpy(dst + k * MR, src + k * lda, MR * sizeof(float));
-    else
-      for (int64_t k = 0; k < kc; ++k)
-        for (int64_t i = 0; i < m; ++i) dst[k * MR + i] = src[k * lda + i];
+  const int64_t full = mc / MR, rest = mc - full * MR;
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* src = A + k * lda;
+    float* d = dst + k * MR;
+    for (int64_t i = 0; i < mc; i += 16) __builtin_prefetch(src + 8 * lda + i);
+    for (int64_t s = 0; s < full; ++s) std::memcpy(d + s * kc * MR, src + s * MR, MR * sizeof(float));
+    for (int64_t i = 0; i < rest; ++i) d[full * kc * MR + i] = src[full * MR + i];
   }
 }
 
@@ -240,7 +239,11 @@ void pack_a_rows(int64_t mc, int64_t kc, const float* A, int64_t lda, float* dst
     int64_t k = 0;
 #if defined(__AVX2__)
     constexpr int groups = (MR + 7) / 8;
+    // The rows of one sliver are short streams (kc floats) that the hardware prefetcher barely catches
+    // before they end: fetch the next sliver's rows while this one is transposed.
+    const float* next = i0 + MR < mc ? src + MR * lda : src;
     for (; m == MR && k + 8 <= kc; k += 8) {
+      for (int i = 0; i < MR; ++i) __builtin_prefetch(next + i * lda + k);
       __m256 r[groups][8];
       for (int g = 0; g < groups; ++g) {
         for (int i = 0; i < 8; ++i) {
