@@ -18,12 +18,13 @@
 // inside the loop, prefetching C tiles a few kernels ahead into L2 (all within noise).
 //
 // Loop nest, with what each level keeps in which cache (one thread):
-//   for pc in K step KC:
-//     pack op(B)[KC x N] into NR-wide slivers                -> B panel, L2 (small N) or L3
-//     for each band of C (<= MC rows):
-//       pack op(A)[band rows x KC] into MR-tall slivers      -> A block, L2
-//       for jr in band columns step NR:                      B sliver [KC x NR], reused by every A sliver -> L1
-//         for ir in band rows step MR:                       micro-kernel: C[MR x NR] += A sliver * B sliver
+//   for each column panel of C (<= 1024 columns, see below):
+//     for pc in K step KC:
+//       pack op(B)[KC x panel] into NR-wide slivers          -> B panel, L2 (small N) or L3
+//       for each band of C (<= MC rows):
+//         pack op(A)[band rows x KC] into MR-tall slivers    -> A block, L2
+//         for jr in band columns step NR:                    B sliver [KC x NR], reused by every A sliver -> L1
+//           for ir in band rows step MR:                     micro-kernel: C[MR x NR] += A sliver * B sliver
 // Block sizes: the B sliver (KC*NR*4 bytes) takes at most ~3/4 of L1 so the streaming A sliver and the C
 // tile do not evict it: AVX2 256*16*4 = 16 KiB of 32 KiB, AVX-512 192*32*4 = 24 KiB of 32-48 KiB. The A
 // block takes a fraction of L2: AVX2 144*256*4 = 144 KiB of 512 KiB, AVX-512 240*192*4 = 180 KiB of
@@ -35,8 +36,11 @@
 // packing all of op(B) up front, as an earlier version did, sent a weight gradient's 2-3 MiB of packed B
 // to memory and back. The pack reads op(B) row by row with software prefetch (see pack_b_rows): together
 // these took the weight-gradient shapes [128 x 1600] x [1600 x 352..512] from 1.1-1.4x OpenBLAS's time
-// to below it. With threads, all of op(B) is still packed first (see Threads). Where OpenBLAS still wins
-// (~0.9x at N = 2048 with several K blocks, 16 MiB of C) is the per-K-block re-read of C from memory.
+// to below it. With threads, all of op(B) is still packed first (see Threads).
+// Wide problems (N > 1024) run as column panels of <= 1024 columns, one whole GEMM each: at 2048^3 one
+// thread went from 0.86-0.90x to 0.91-0.95x OpenBLAS (per-K-block C and B panels half as large; panels
+// of 512 or 768 columns, which repack A more often, gained less). 2048^3 is the one shape where OpenBLAS
+// still leads; the kernel itself is as fast as OpenBLAS's (above), so what remains is memory traffic.
 //
 // Packing always copies both operands (layout in the Packing section): packed slivers make every kernel
 // load sequential and keep power-of-two leading dimensions (1024, 2048) from mapping a block's rows onto
@@ -122,6 +126,9 @@ constexpr int64_t KC = 256, MC = 128;
 
 constexpr int NR = NV * Vec::W;
 static_assert(MC % MR == 0, "an A block holds whole slivers");
+
+// Widest column panel (see the header; measured on a Zen 3 only).
+constexpr int64_t kMaxPanelCols = 1024;
 
 // Below this many FMAs per thread a parallel region costs more than it saves.
 constexpr int64_t kMinWorkPerThread = 64 * 64 * 64;
@@ -502,13 +509,21 @@ int threads_for(int64_t work) {
   return int(std::max<int64_t>(t, 1));
 }
 
+// Wide problems run as column panels of at most kMaxPanelCols columns, one after another (see the header).
 void gemm(const Problem& p) {
   if (p.M <= 0 || p.N <= 0) return;
-  int threads = (p.K <= 0 || p.alpha == 0.0f) ? 1 : threads_for(p.M * p.N * p.K);
-  if (threads == 1)
-    gemm_serial(p);
-  else
-    gemm_parallel(p, threads);
+  const int64_t panels = ceil_div(p.N, kMaxPanelCols), width = round_up(ceil_div(p.N, panels), NR);
+  for (int64_t j0 = 0; j0 < p.N; j0 += width) {
+    Problem q = p;
+    q.N = std::min(width, p.N - j0);
+    q.B = p.trans_b ? p.B + j0 * p.ldb : p.B + j0;
+    q.C = p.C + j0;
+    int threads = (q.K <= 0 || q.alpha == 0.0f) ? 1 : threads_for(q.M * q.N * q.K);
+    if (threads == 1)
+      gemm_serial(q);
+    else
+      gemm_parallel(q, threads);
+  }
 }
 
 void check_args(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, int64_t lda,
