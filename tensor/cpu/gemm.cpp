@@ -13,7 +13,8 @@
 // attention matrices). Columns past n inside the last vector are computed on zero padding and dropped.
 // GCC compiles the AVX2 6x16 k loop to exactly that (2 loads, 6 broadcasts, 12 FMAs, 3 loop instructions,
 // no spills; check with objdump -d on gemm.o), and on a Zen 3 it runs as fast per FMA as OpenBLAS 0.3.21's
-// Zen kernel (1024^3, one thread, minimum of 30 interleaved calls: 1.05x OpenBLAS). Tried and dropped:
+// Zen kernel (1024^3, one thread, minimum CPU time of 15-30 interleaved calls: 0.97-1.05x OpenBLAS's
+// speed on a machine shared with other jobs). Tried and dropped:
 // unrolling k by 4 (GCC then interleaves the steps and spills accumulators), prefetching the A sliver
 // inside the loop, prefetching C tiles a few kernels ahead into L2 (all within noise).
 //
@@ -38,9 +39,10 @@
 // these took the weight-gradient shapes [128 x 1600] x [1600 x 352..512] from 1.1-1.4x OpenBLAS's time
 // to below it. With threads, all of op(B) is still packed first (see Threads).
 // Wide problems (N > 1024) run as column panels of <= 1024 columns, one whole GEMM each: at 2048^3 one
-// thread went from 0.86-0.90x to 0.91-0.95x OpenBLAS (per-K-block C and B panels half as large; panels
+// thread went from 0.85-0.93x to 0.88-1.05x OpenBLAS (per-K-block C and B panels half as large; panels
 // of 512 or 768 columns, which repack A more often, gained less). 2048^3 is the one shape where OpenBLAS
-// still leads; the kernel itself is as fast as OpenBLAS's (above), so what remains is memory traffic.
+// still tends to lead; the kernel itself is as fast as OpenBLAS's (above), so what remains is memory
+// traffic (C is re-read once per K block).
 //
 // Packing always copies both operands (layout in the Packing section): packed slivers make every kernel
 // load sequential and keep power-of-two leading dimensions (1024, 2048) from mapping a block's rows onto
