@@ -1,5 +1,5 @@
 // SGEMM throughput, ours against OpenBLAS in the same run (counter GFLOP, shown per second: 2*M*N*K flops).
-// Shapes: squares 256..2048 and the `tiny` model's matmuls over 16 x ~100 tokens (M = 1600) in their three
+// Shapes: squares 256..2048 and the `tiny` model's matmuls over 16 x 103 tokens (M = 1648) in their three
 // forms: forward x[M,K] W[K,N] (NN), input gradient dY W^T (NT), weight gradient x^T dY (TN); plus the
 // attention's batched per-head products. Each at 1 and 2 threads (the name ends in threads=T).
 // OpenBLAS is loaded with dlopen at run time, never linked: without it its rows say "OpenBLAS not installed".
@@ -160,8 +160,9 @@ std::string shape_name(const Shape& s) {
 std::vector<Shape> shapes() {
   std::vector<Shape> out;
   for (int64_t n : {256, 512, 1024, 2048}) out.push_back({false, false, n, n, n});
-  // tiny model, tokens M = 16 x 100: y[M,N] = x[M,K] W[K,N]; dx = dy W^T is [M,K] over N; dW = x^T dy is [K,N] over M.
-  const int64_t M = 1600;
+  // tiny model, tokens M = 16 rows x 103 merged tokens (Stage II): y[M,N] = x[M,K] W[K,N]; dx = dy W^T is
+  // [M,K] over N; dW = x^T dy is [K,N] over M.
+  const int64_t M = 1648;
   const int64_t linear[][2] = {{128, 384}, {128, 352}, {352, 128}, {128, 512}};  // {in K, out N}
   for (const auto& l : linear) {
     int64_t K = l[0], N = l[1];

@@ -134,6 +134,19 @@ TEST(Gemm, Threaded) {
   }
 }
 
+// One thread on problems large enough to be threaded otherwise: the serial path packs B one K block at a
+// time and runs every band over it, so several bands and K blocks, an N that is not a multiple of the
+// sliver width, padded strides and N over one column panel are all needed here.
+TEST(Gemm, SingleThreadBandsAndKBlocks) {
+  ThreadCount tc(1);
+  uint32_t seed = 400;
+  for (int t = 0; t < 4; ++t) {
+    check_sgemm(Case{bool(t & 1), bool(t & 2), 301, 203, 600, 1.0f, 0.5f, 5}, seed++);
+    check_sgemm(Case{bool(t & 1), bool(t & 2), 130, 530, 1100, -0.5f, 0.0f, 0}, seed++);
+    check_sgemm(Case{bool(t & 1), bool(t & 2), 40, 2090, 300, 1.0f, 1.0f, 3}, seed++);  // column panels
+  }
+}
+
 // K == 0 and alpha == 0 scale C by beta without reading A or B (passed as null here).
 TEST(Gemm, DegenerateSizes) {
   std::vector<float> C = {1, 2, 3, 4, 5, 6};

@@ -11,30 +11,46 @@
 // The kernel is one template over (rows, vectors); a table holds every instance m <= MR, nv <= NR/W, so an
 // edge tile runs the exact shape it needs instead of a padded full tile (matters for the model's M = 64
 // attention matrices). Columns past n inside the last vector are computed on zero padding and dropped.
+// GCC compiles the AVX2 6x16 k loop to exactly that (2 loads, 6 broadcasts, 12 FMAs, 3 loop instructions,
+// no spills; check with objdump -d on gemm.o), and on a Zen 3 it runs as fast per FMA as OpenBLAS 0.3.21's
+// Zen kernel (1024^3, one thread, minimum CPU time of 15-30 interleaved calls: 0.97-1.05x OpenBLAS's
+// speed on a machine shared with other jobs). Tried and dropped:
+// unrolling k by 4 (GCC then interleaves the steps and spills accumulators), prefetching the A sliver
+// inside the loop, prefetching C tiles a few kernels ahead into L2 (all within noise).
 //
-// Loop nest, with what each level keeps in which cache:
-//   pack all of op(B) into NR-wide slivers, per K block     -> B panels [KC x N], L3
-//   for each band of C (<= MC rows):                         one task
+// Loop nest, with what each level keeps in which cache (one thread):
+//   for each column panel of C (<= 1024 columns, see below):
 //     for pc in K step KC:
-//       pack op(A)[band rows x KC] into MR-tall slivers      -> A block, L2
-//       for jr in band columns step NR:                      B sliver [KC x NR], reused by every A sliver -> L1
-//         for ir in band rows step MR:                       micro-kernel: C[MR x NR] += A sliver * B sliver
+//       pack op(B)[KC x panel] into NR-wide slivers          -> B panel, L2 (small N) or L3
+//       for each band of C (<= MC rows):
+//         pack op(A)[band rows x KC] into MR-tall slivers    -> A block, L2
+//         for jr in band columns step NR:                    B sliver [KC x NR], reused by every A sliver -> L1
+//           for ir in band rows step MR:                     micro-kernel: C[MR x NR] += A sliver * B sliver
 // Block sizes: the B sliver (KC*NR*4 bytes) takes at most ~3/4 of L1 so the streaming A sliver and the C
 // tile do not evict it: AVX2 256*16*4 = 16 KiB of 32 KiB, AVX-512 192*32*4 = 24 KiB of 32-48 KiB. The A
 // block takes a fraction of L2: AVX2 144*256*4 = 144 KiB of 512 KiB, AVX-512 240*192*4 = 180 KiB of
-// 1-2 MiB. B is packed whole rather than in NC-wide panels: the model's matrices are small, a B panel of
-// KC x 2048 (2 MiB) still streams from L3 at a few bytes per 100 FMAs, and packing once up front lets
-// threads share it with a single synchronisation. The AVX2 values are the BLIS Zen choices, confirmed on
-// a Zen 3 (KC 256..384, MC 96..144 all within noise, OpenBLAS 0.3.21 as the yardstick). Later K blocks
-// accumulate onto C (beta = 1), costing one extra read and write of each C tile per K block; the kernel
-// prefetches its C tile before the k loop so that this read does not stall the write-back.
+// 1-2 MiB. The AVX2 values are the BLIS Zen choices, confirmed on a Zen 3 (KC 256..512, MC 72..144 all
+// within noise, OpenBLAS 0.3.21 as the yardstick). Later K blocks accumulate onto C (beta = 1), costing
+// one extra read and write of each C tile per K block; the kernel prefetches its C tile before the k loop
+// so that this read does not stall the write-back.
+// The B panel of one K block is packed just before its bands use it, so it is read back from L2 or L3;
+// packing all of op(B) up front, as an earlier version did, sent a weight gradient's 2-3 MiB of packed B
+// to memory and back. The pack reads op(B) row by row with software prefetch (see pack_b_rows): together
+// these took the weight-gradient shapes [128 x 1600] x [1600 x 352..512] from 1.1-1.4x OpenBLAS's time
+// to below it. With threads, all of op(B) is still packed first (see Threads).
+// Wide problems (N > 1024) run as column panels of <= 1024 columns, one whole GEMM each: at 2048^3 one
+// thread went from 0.85-0.93x to 0.88-1.05x OpenBLAS (per-K-block C and B panels half as large; panels
+// of 512 or 768 columns, which repack A more often, gained less). 2048^3 is the one shape where OpenBLAS
+// still tends to lead; the kernel itself is as fast as OpenBLAS's (above), so what remains is memory
+// traffic (C is re-read once per K block).
 //
 // Packing always copies both operands (layout in the Packing section): packed slivers make every kernel
 // load sequential and keep power-of-two leading dimensions (1024, 2048) from mapping a block's rows onto
 // the same cache sets. The transposing packs (A row-major, B stored transposed) use 8x8 register
 // transposes, so packing stays a few percent of the work even when N or M is only ~128.
 //
-// Threads: the B packing (K block x 16 slivers) and the bands of C (row bands, plus column bands when M is
+// Threads: all of op(B) is packed up front, so that threads share it with a single synchronisation; the
+// B packing (K block x 16 slivers) and the bands of C (row bands, plus column bands when M is
 // short; at least two per thread) are tasks that threads claim from atomic counters; bands write disjoint
 // parts of C, so the only synchronisation is "all of B packed". Claiming, rather than a fixed split, and
 // waiting with sched_yield, rather than libgomp's spinning barriers, keep a descheduled or core-sharing
@@ -113,6 +129,9 @@ constexpr int64_t KC = 256, MC = 128;
 constexpr int NR = NV * Vec::W;
 static_assert(MC % MR == 0, "an A block holds whole slivers");
 
+// Widest column panel (see the header; measured on a Zen 3 only).
+constexpr int64_t kMaxPanelCols = 1024;
+
 // Below this many FMAs per thread a parallel region costs more than it saves.
 constexpr int64_t kMinWorkPerThread = 64 * 64 * 64;
 
@@ -169,16 +188,24 @@ inline void transpose8x8(__m256 r[8]) {
 }
 #endif
 
-// B stored [K,N] (op(B) = B): each k-row of a sliver is a contiguous copy.
+// B stored [K,N] (op(B) = B): each k-row of a sliver is a contiguous copy. The source is read row by row,
+// each row scattered into all the slivers: reading one sliver at a time instead walks down columns with
+// a stride of ldb, which the hardware prefetcher does not follow across pages, and made this pack 29% of
+// a weight gradient [128 x 1600] x [1600 x 512] (it feeds only M = 128 FMAs per value). Even row by row
+// the loads waited on L3 (the pack was still 23%), so each line is prefetched 8 rows ahead (12%).
 void pack_b_rows(int64_t kc, int64_t nc, const float* B, int64_t ldb, float* dst) {
-  for (int64_t j0 = 0; j0 < nc; j0 += NR, dst += kc * NR) {
-    int64_t n = std::min<int64_t>(NR, nc - j0);
-    const float* src = B + j0;
-    if (n == NR)  // constant size: inlined as vector moves, not a libc call per row
-      for (int64_t k = 0; k < kc; ++k) std::memcpy(dst + k * NR, src + k * ldb, NR * sizeof(float));
-    else
-      for (int64_t k = 0; k < kc; ++k)
-        for (int64_t j = 0; j < NR; ++j) dst[k * NR + j] = j < n ? src[k * ldb + j] : 0.0f;
+  const int64_t full = nc / NR, rest = nc - full * NR;
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* src = B + k * ldb;
+    float* d = dst + k * NR;
+    for (int64_t s = 0; s < full; ++s) {  // constant size: inlined as vector moves, not a libc call
+      __builtin_prefetch(src + 8 * ldb + s * NR);
+      std::memcpy(d + s * kc * NR, src + s * NR, NR * sizeof(float));
+    }
+    if (rest > 0) {
+      float* t = d + full * kc * NR;
+      for (int64_t j = 0; j < NR; ++j) t[j] = j < rest ? src[full * NR + j] : 0.0f;
+    }
   }
 }
 
@@ -202,16 +229,15 @@ void pack_b_cols(int64_t kc, int64_t nc, const float* B, int64_t ldb, float* dst
   }
 }
 
-// A stored [K,M] (op(A) = A^T): for each k, MR contiguous values.
+// A stored [K,M] (op(A) = A^T): for each k, MR contiguous values. Row by row, like pack_b_rows.
 void pack_a_cols(int64_t mc, int64_t kc, const float* A, int64_t lda, float* dst) {
-  for (int64_t i0 = 0; i0 < mc; i0 += MR, dst += kc * MR) {
-    int64_t m = std::min<int64_t>(MR, mc - i0);
-    const float* src = A + i0;
-    if (m == MR)
-      for (int64_t k = 0; k < kc; ++k) std::memcpy(dst + k * MR, src + k * lda, MR * sizeof(float));
-    else
-      for (int64_t k = 0; k < kc; ++k)
-        for (int64_t i = 0; i < m; ++i) dst[k * MR + i] = src[k * lda + i];
+  const int64_t full = mc / MR, rest = mc - full * MR;
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* src = A + k * lda;
+    float* d = dst + k * MR;
+    for (int64_t i = 0; i < mc; i += 16) __builtin_prefetch(src + 8 * lda + i);
+    for (int64_t s = 0; s < full; ++s) std::memcpy(d + s * kc * MR, src + s * MR, MR * sizeof(float));
+    for (int64_t i = 0; i < rest; ++i) d[full * kc * MR + i] = src[full * MR + i];
   }
 }
 
@@ -228,7 +254,11 @@ void pack_a_rows(int64_t mc, int64_t kc, const float* A, int64_t lda, float* dst
     int64_t k = 0;
 #if defined(__AVX2__)
     constexpr int groups = (MR + 7) / 8;
+    // The rows of one sliver are short streams (kc floats) that the hardware prefetcher barely catches
+    // before they end: fetch the next sliver's rows while this one is transposed.
+    const float* next = i0 + MR < mc ? src + MR * lda : src;
     for (; m == MR && k + 8 <= kc; k += 8) {
+      for (int i = 0; i < MR; ++i) __builtin_prefetch(next + i * lda + k);
       __m256 r[groups][8];
       for (int g = 0; g < groups; ++g) {
         for (int i = 0; i < 8; ++i) {
@@ -379,37 +409,39 @@ Plan make_plan(const Problem& p, int threads) {
   return pl;
 }
 
-// Packing task t: K block t / pack_chunks, slivers [c * kPackSlivers, ...) of its panel.
-void pack_b_task(const Problem& p, const Plan& pl, float* b_packed, int64_t t) {
-  int64_t pc = (t / pl.pack_chunks) * pl.kc, kc = std::min(pl.kc, p.K - pc);
-  int64_t j0 = (t % pl.pack_chunks) * kPackSlivers * NR, nc = std::min(kPackSlivers * NR, p.N - j0);
-  float* dst = b_packed + pc * pl.n_pad + j0 * kc;
+// Packs op(B)[pc : pc+kc, j0 : j0+nc] into `panel` (the K block's panel [kc x n_pad]) at sliver j0 / NR.
+void pack_b(const Problem& p, int64_t pc, int64_t kc, int64_t j0, int64_t nc, float* panel) {
+  float* dst = panel + j0 * kc;
   if (p.trans_b)
     pack_b_cols(kc, nc, p.B + j0 * p.ldb + pc, p.ldb, dst);
   else
     pack_b_rows(kc, nc, p.B + pc * p.ldb + j0, p.ldb, dst);
 }
 
-// Band task: C[m0 : m0+m, n0 : n0+n] over all of K, the loop nest of the header comment.
-void band_task(const Problem& p, const Plan& pl, const float* b_packed, int64_t t) {
+// Packing task t (threads): K block t / pack_chunks, slivers [c * kPackSlivers, ...) of its panel.
+void pack_b_task(const Problem& p, const Plan& pl, float* b_packed, int64_t t) {
+  const int64_t pc = (t / pl.pack_chunks) * pl.kc, j0 = (t % pl.pack_chunks) * kPackSlivers * NR;
+  pack_b(p, pc, std::min(pl.kc, p.K - pc), j0, std::min(kPackSlivers * NR, p.N - j0), b_packed + pc * pl.n_pad);
+}
+
+// Band task t, one K block: C[m0 : m0+m, n0 : n0+n] (+)= op(A)[band rows, pc : pc+kc] * panel, the inner
+// loops of the header comment. `panel` is the K block's packed B.
+void band_block(const Problem& p, const Plan& pl, const float* panel, int64_t t, int64_t pc) {
   const int64_t m0 = (t / pl.col_bands) * pl.rows, m = std::min(pl.rows, p.M - m0);
   const int64_t n0 = (t % pl.col_bands) * pl.cols, n_end = std::min(n0 + pl.cols, p.N);
+  const int64_t kc = std::min(pl.kc, p.K - pc);
   float* a_block = thread_buffer(0, MC * KC + kPackSlack);
-  for (int64_t pc = 0; pc < p.K; pc += pl.kc) {
-    const int64_t kc = std::min(pl.kc, p.K - pc);
-    if (p.trans_a)
-      pack_a_cols(m, kc, p.A + pc * p.lda + m0, p.lda, a_block);
-    else
-      pack_a_rows(m, kc, p.A + m0 * p.lda + pc, p.lda, a_block);
-    const float* panel = b_packed + pc * pl.n_pad;
-    const float beta = pc == 0 ? p.beta : 1.0f;  // later K blocks accumulate onto the first
-    for (int64_t jr = n0; jr < n_end; jr += NR) {
-      const int n = int(std::min<int64_t>(NR, n_end - jr)), nv = (n + Vec::W - 1) / Vec::W;
-      for (int64_t ir = 0; ir < m; ir += MR) {
-        const int mr = int(std::min<int64_t>(MR, m - ir));
-        float* c = p.C + (m0 + ir) * p.ldc + jr;
-        kKernels[(mr - 1) * NV + (nv - 1)](kc, a_block + ir * kc, panel + jr * kc, c, p.ldc, p.alpha, beta, n);
-      }
+  if (p.trans_a)
+    pack_a_cols(m, kc, p.A + pc * p.lda + m0, p.lda, a_block);
+  else
+    pack_a_rows(m, kc, p.A + m0 * p.lda + pc, p.lda, a_block);
+  const float beta = pc == 0 ? p.beta : 1.0f;  // later K blocks accumulate onto the first
+  for (int64_t jr = n0; jr < n_end; jr += NR) {
+    const int n = int(std::min<int64_t>(NR, n_end - jr)), nv = (n + Vec::W - 1) / Vec::W;
+    for (int64_t ir = 0; ir < m; ir += MR) {
+      const int mr = int(std::min<int64_t>(MR, m - ir));
+      float* c = p.C + (m0 + ir) * p.ldc + jr;
+      kKernels[(mr - 1) * NV + (nv - 1)](kc, a_block + ir * kc, panel + jr * kc, c, p.ldc, p.alpha, beta, n);
     }
   }
 }
@@ -438,13 +470,18 @@ void wait_for(const std::atomic<int64_t>& count, int64_t target) {
   }
 }
 
+// One thread: K blocks outermost, each B panel packed just before the bands use it, so that it is still in
+// L2 (a K block of a weight gradient, 256 x 384, is 384 KiB) instead of one packed copy of all of op(B)
+// that has gone to L3 or memory by the time it is read (2.4 MiB for [1600 x 384]).
 void gemm_serial(const Problem& p) {
   if (p.M <= 0 || p.N <= 0) return;
   if (p.K <= 0 || p.alpha == 0.0f) return scale_c(p);
   const Plan pl = make_plan(p, 1);
-  float* b_packed = thread_buffer(1, p.K * pl.n_pad);
-  for (int64_t t = 0; t < pl.k_blocks * pl.pack_chunks; ++t) pack_b_task(p, pl, b_packed, t);
-  for (int64_t t = 0; t < pl.row_bands * pl.col_bands; ++t) band_task(p, pl, b_packed, t);
+  float* panel = thread_buffer(1, pl.kc * pl.n_pad);
+  for (int64_t kb = 0; kb < pl.k_blocks; ++kb) {
+    pack_b(p, kb * pl.kc, std::min(pl.kc, p.K - kb * pl.kc), 0, p.N, panel);
+    for (int64_t t = 0; t < pl.row_bands * pl.col_bands; ++t) band_block(p, pl, panel, t, kb * pl.kc);
+  }
 }
 
 void gemm_parallel(const Problem& p, int threads) {
@@ -459,7 +496,9 @@ void gemm_parallel(const Problem& p, int threads) {
       packed.fetch_add(1, std::memory_order_acq_rel);
     });
     wait_for(packed, n_pack);  // every band reads every panel
-    claim_tasks(next_band, n_bands, [&](int64_t t) { band_task(p, pl, b_packed, t); });
+    claim_tasks(next_band, n_bands, [&](int64_t t) {
+      for (int64_t pc = 0; pc < p.K; pc += pl.kc) band_block(p, pl, b_packed + pc * pl.n_pad, t, pc);
+    });
     finished.fetch_add(1, std::memory_order_acq_rel);
     wait_for(finished, omp_get_num_threads());
   }
@@ -472,13 +511,21 @@ int threads_for(int64_t work) {
   return int(std::max<int64_t>(t, 1));
 }
 
+// Wide problems run as column panels of at most kMaxPanelCols columns, one after another (see the header).
 void gemm(const Problem& p) {
   if (p.M <= 0 || p.N <= 0) return;
-  int threads = (p.K <= 0 || p.alpha == 0.0f) ? 1 : threads_for(p.M * p.N * p.K);
-  if (threads == 1)
-    gemm_serial(p);
-  else
-    gemm_parallel(p, threads);
+  const int64_t panels = ceil_div(p.N, kMaxPanelCols), width = round_up(ceil_div(p.N, panels), NR);
+  for (int64_t j0 = 0; j0 < p.N; j0 += width) {
+    Problem q = p;
+    q.N = std::min(width, p.N - j0);
+    q.B = p.trans_b ? p.B + j0 * p.ldb : p.B + j0;
+    q.C = p.C + j0;
+    int threads = (q.K <= 0 || q.alpha == 0.0f) ? 1 : threads_for(q.M * q.N * q.K);
+    if (threads == 1)
+      gemm_serial(q);
+    else
+      gemm_parallel(q, threads);
+  }
 }
 
 void check_args(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, int64_t lda,
