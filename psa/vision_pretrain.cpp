@@ -148,6 +148,7 @@ json::Value score(const PsaVlm& m, const SceneHeads& h, const Dataset& d, const 
   const int64_t first[] = {0, 1, 2, lay.shapes, lay.colours, lay.motif_patches};
   const int64_t width[] = {1, 1, 1, kCells, kCells, lay.patches};
   int64_t right[6] = {}, total[6] = {};
+  std::vector<int64_t> motif_right(v.motifs.size()), motif_total(v.motifs.size());
   for (size_t at = 0; at < rows.size(); at += 128) {
     std::vector<const Example*> chunk(rows.begin() + at, rows.begin() + std::min(rows.size(), at + 128));
     SceneBatch b = scene_batch(chunk, d.image_size, v, lay);
@@ -162,11 +163,19 @@ json::Value score(const PsaVlm& m, const SceneHeads& h, const Dataset& d, const 
           if (want == -100) continue;
           ++total[fam];
           right[fam] += pred[r * width[fam] + k] == want;
+          if (fam == 0) ++motif_total[want], motif_right[want] += pred[r] == want;
         }
     }
   }
   json::Value out = json::Value::object();
-  for (int i = 0; i < 6; ++i) out.set(names[i], total[i] ? std::round(1000.0 * right[i] / total[i]) / 1000 : 0.0);
+  auto share = [](int64_t a, int64_t b) { return b ? std::round(1000.0 * a / b) / 1000 : 0.0; };
+  for (int i = 0; i < 6; ++i) out.set(names[i], share(right[i], total[i]));
+  // Per motif: the look-alikes (stripes vs flag, blank card vs ID card) are where the safety head's
+  // clean-vs-risky errors start.
+  json::Value recall = json::Value::object();
+  for (size_t c = 0; c < v.motifs.size(); ++c)
+    if (motif_total[c]) recall.set(v.motifs[c], share(motif_right[c], motif_total[c]));
+  out.set("motif_recall", std::move(recall));
   return out;
 }
 
@@ -243,6 +252,12 @@ VisionPretrainResult pretrain_vision(PsaVlm& m, const SceneSource& source, const
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   m.eval();
   if (heldout) r.heldout = score(m, heads, *heldout, vocab, lay, pool);
+  // Scenes far past any index training drew: the stream's own held-out set, large enough (2048) to give
+  // each look-alike a per-motif recall worth reading.
+  Dataset fresh;
+  fresh.image_size = m.config.vision.image_size;
+  fresh.examples = source.draw(int64_t(1) << 40, 2048);
+  r.stream_heldout = score(m, heads, fresh, vocab, lay, pool);
   return r;
 }
 

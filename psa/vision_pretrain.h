@@ -32,7 +32,8 @@ struct VisionPretrainResult {
   int64_t steps = 0, examples = 0;  // examples: images seen
   double seconds = 0;
   std::vector<double> loss;  // per step
-  json::Value heldout;       // accuracy per target on the held-out set (null without one)
+  json::Value heldout;        // accuracy per target (and per-motif recall) on the held-out split (null without one)
+  json::Value stream_heldout;  // the same on 2048 scenes of the source that training never drew
 };
 
 // Where the images come from: `draw(first, n)` returns scenes first .. first + n - 1 (pixels preprocessed,

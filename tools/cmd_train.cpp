@@ -20,7 +20,8 @@ static const char* kTrainUsage = R"(usage: psa train [options]
 Trains PSA-VLM in the paper's stages on a dataset folder (generated with `psa data` when missing):
   base    LLaVA-style training of ViT + projector + LLM on DIR/base_train.jsonl (the vulnerable base VLM)
   1       Stage I: safety tokens, C-Abstractor safety projector, cross-attention head and the two classifiers
-          on DIR/train.jsonl (all risky records + clean ones in the reference 3000:11200 ratio);
+          on DIR/train.jsonl (all risky records + clean ones in the reference 3000:11200 ratio, hard
+          negatives first);
           L = L_LLM + lambda (L_level + L_type), lambda = 10; everything else frozen
   2       Stage II: LoRA on every LLM linear (or --full-ft), safety modules frozen, all of DIR/train.jsonl
 Before base, the ViT learns the generator's scene vocabulary (motifs, shapes, colours, places) from the
@@ -37,7 +38,7 @@ options:
   --stage all|base|1|2     which stages (default all); later stages start from OUT/<previous stage>
   --seed N                 initialisation, shuffling and LoRA-dropout seed (default 42)
   --batch N                batch size (default 16)
-  --steps-vision N         vision pretraining steps before base (batch 64; default 800 tiny, 1200 small)
+  --steps-vision N         vision pretraining steps before base (batch 64; default 2000 tiny, 1200 small)
   --steps-base N --steps-1 N --steps-2 N     optimiser steps per stage
   --lr-base X --lr-1 X --lr-2 X              peak learning rates (AdamW, warmup then linear decay)
   --warmup N               warmup steps (default 5% of the stage's steps)
@@ -116,7 +117,7 @@ void record_stage(json::Value& report, const std::string& stage, const StageResu
 void pretrain_vision_tower(PsaVlm& model, const Plan& p, const cli::Args& a, const Tokenizer& tok, const PsaConfig& cfg,
                            json::Value& report, std::vector<Series>& curves) {
   VisionPretrainOptions o;
-  o.steps = a.get_int("--steps-vision", p.preset == "tiny" ? 800 : 1200);
+  o.steps = a.get_int("--steps-vision", p.preset == "tiny" ? 2000 : 1200);
   const fs::path info = fs::path(p.data) / "dataset.json";
   if (o.steps <= 0) return;
   if (!fs::exists(info)) {
@@ -134,12 +135,13 @@ void pretrain_vision_tower(PsaVlm& model, const Plan& p, const cli::Args& a, con
   Dataset heldout;
   if (fs::exists(val)) heldout = load_split(val.string(), tok, cfg);
   VisionPretrainResult r = pretrain_vision(model, synthetic_scenes(sc, cfg.vision.image_size), heldout.size() ? &heldout : nullptr, o);
-  std::printf("[vision] %ld steps in %.1f s on %ld generated scenes; held-out accuracy %s\n", (long)r.steps, r.seconds,
-              (long)r.examples, json::dump(r.heldout).c_str());
+  std::printf("[vision] %ld steps in %.1f s on %ld generated scenes; held-out accuracy %s; on unseen scenes %s\n",
+              (long)r.steps, r.seconds, (long)r.examples, json::dump(r.heldout).c_str(), json::dump(r.stream_heldout).c_str());
   json::Value j = json::Value::object();
   j.set("steps", r.steps);
   j.set("train_seconds", r.seconds);
   j.set("heldout_accuracy", r.heldout);
+  j.set("unseen_scene_accuracy", r.stream_heldout);
   report.set("vision_pretrain", j);
   curves.push_back({"vision pretraining loss", {}, r.loss});
 }
