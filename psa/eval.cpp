@@ -497,10 +497,21 @@ std::string markdown_table(const json::Value& report) {
     if (any) md += line + "\n";
   }
   if (const json::Value* v = report.find("vision_pretrain")) {
-    md += "\nVision pretraining (the CLIP stand-in, before base): " + std::to_string(v->int_or("steps", 0)) +
-          " steps; held-out accuracy";
-    if (const json::Value* acc = v->find("heldout_accuracy"); acc && acc->is_object())
-      for (const auto& [k, a] : acc->as_object()) md += " " + k + " " + cell(&a, Fmt::dec3);
+    md += "\nVision pretraining (the CLIP stand-in, before base): " + std::to_string(v->int_or("steps", 0)) + " steps.";
+    auto accuracies = [&](const char* key, const char* label) {
+      const json::Value* acc = v->find(key);
+      if (!acc || !acc->is_object()) return;
+      md += std::string(" ") + label + ":";
+      for (const auto& [k, a] : acc->as_object())
+        if (a.is_number()) md += " " + k + " " + cell(&a, Fmt::dec3);
+      if (const json::Value* recall = acc->find("motif_recall"); recall && recall->is_object()) {
+        md += "; motif recall";
+        for (const auto& [k, a] : recall->as_object()) md += " " + k + " " + cell(&a, Fmt::dec3);
+      }
+      md += ".";
+    };
+    accuracies("heldout_accuracy", "Held-out split accuracy");
+    accuracies("unseen_scene_accuracy", "On 2048 unseen scenes");
     md += "\n";
   }
   return md;
