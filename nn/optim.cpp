@@ -94,8 +94,9 @@ void AdamW::update() {
     PSA_CHECK(params_[i].param.dtype() == exp_avg_[i].dtype() && params_[i].param.device() == exp_avg_[i].device(),
               "AdamW: parameter '", params_[i].name, "' changed dtype or device after the optimizer was built");
   ++step_;
-  const cpu::AdamWCoeffs c{lr_, options_.beta1, options_.beta2, options_.eps, options_.weight_decay, step_};
   for (size_t i = 0; i < params_.size(); ++i) {
+    const cpu::AdamWCoeffs c{lr_ * params_[i].lr_scale, options_.beta1, options_.beta2, options_.eps,
+                             options_.weight_decay, step_};
     Tensor g = params_[i].param.grad();
     if (g.defined()) PSA_KERNEL(g.device(), adamw_step)(params_[i].param, g, exp_avg_[i], exp_avg_sq_[i], c);
   }
@@ -147,7 +148,7 @@ void SGD::update() {
     Tensor& buf = momentum_buffer_[i];
     const bool first = !buf.defined();
     if (first && options_.momentum != 0) buf = Tensor::empty(g.shape(), g.dtype(), g.device());
-    const cpu::SgdCoeffs c{lr_, options_.momentum, options_.dampening, options_.weight_decay, options_.nesterov,
+    const cpu::SgdCoeffs c{lr_ * params_[i].lr_scale, options_.momentum, options_.dampening, options_.weight_decay, options_.nesterov,
                            first};
     PSA_KERNEL(g.device(), sgd_step)(params_[i].param, g, buf, c);
   }

@@ -20,6 +20,7 @@ namespace psa::nn {
 struct ParamRef {
   std::string name;  // names the parameter in errors and its optimizer state in checkpoints
   Tensor param;
+  double lr_scale = 1.0;  // this parameter's learning rate = lr() * lr_scale (torch: a parameter group's lr)
 };
 
 // The parameters of `m` that require a gradient, in named_parameters() order.

@@ -195,6 +195,8 @@ StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o) {
   m.to(o.device);
   m.train();
   std::vector<nn::ParamRef> params = nn::trainable(m);
+  for (nn::ParamRef& p : params)
+    if (p.name.rfind(kVisionPrefix, 0) == 0) p.lr_scale = o.vision_lr_scale;
   PSA_CHECK(!params.empty(), "train ", o.stage, ": no trainable parameters");
   nn::AdamW opt(params, o.lr, {0.9, 0.999, 1e-8, o.weight_decay});
   nn::Schedule sched{nn::Schedule::linear, o.lr, o.warmup, o.steps};

@@ -11,6 +11,7 @@ struct StageOptions {
   std::string stage;  // base | stage1 | stage2
   int64_t steps = 100, batch = 16, warmup = 20;
   double lr = 1e-3, clip = 1.0, weight_decay = 0;
+  double vision_lr_scale = 1.0;  // the ViT's learning rate relative to lr (base stage; the others freeze it)
   uint64_t seed = 42;
   LoraSettings lora;        // stage2: adapters on every LLM linear (rank 0 = full fine-tune of the LLM)
   std::string log_path;     // JSONL, one line per step ("" = none)

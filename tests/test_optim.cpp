@@ -95,6 +95,20 @@ TEST(Optim, AdamWWeightDecayIsDecoupled) {
   EXPECT_GT(std::abs(adamw_reference(kP0, kC, 0.05, 0.1, 3)[0] - adamw_reference(kP0, kC, 0.05, 0, 3)[0]), 1e-3);
 }
 
+TEST(Optim, AdamWLrScaleActsAsThatParametersLearningRate) {
+  // Two parameters in one optimizer: the scaled one follows the reference at lr * scale, the other at lr.
+  Tensor a = param(kP0, DType::f64), b = param(kP0, DType::f64), c = Tensor::from(kC, {5}, DType::f64);
+  AdamW opt({{"a", a, 0.25}, {"b", b}}, 0.1, {0.9, 0.999, 1e-8, 0.1});
+  for (int s = 0; s < 3; ++s) {
+    quadratic_backward(a, c);
+    quadratic_backward(b, c);
+    opt.update();
+    opt.zero_grad();
+  }
+  expect_near_all(a.to_vector(), adamw_reference(kP0, kC, 0.025, 0.1, 3), 1e-13);
+  expect_near_all(b.to_vector(), adamw_reference(kP0, kC, 0.1, 0.1, 3), 1e-13);
+}
+
 TEST(Optim, AdamWLargeTensorTakesTheParallelPathToTheSameResult) {
   const size_t n = 40000;  // above the kernels' OpenMP threshold (32768)
   std::vector<double> p0 = random_values(n, 1), c = random_values(n, 2);

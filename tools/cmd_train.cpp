@@ -43,6 +43,8 @@ options:
   --steps-base N --steps-1 N --steps-2 N     optimiser steps per stage
   --lr-base X --lr-1 X --lr-2 X              peak learning rates (AdamW, warmup then linear decay)
   --warmup N               warmup steps (default 5% of the stage's steps)
+  --vision-lr-scale X      base stage: the ViT's learning rate as a fraction of --lr-base (default 0.1), so
+                           that the LLM loss tunes the pretrained ViT rather than overwriting what it learnt
   --lora-rank N --lora-alpha X --lora-dropout X   Stage II adapters (defaults 16, 16, 0.05)
   --lora-lm-head           also adapt lm_head (the reference code does, by accident)
   --full-ft                Stage II fine-tunes the whole LLM instead of LoRA
@@ -158,7 +160,7 @@ int cmd_train(int argc, char** argv) {
   if (!cli::parse(argc, argv,
                   {kTrainUsage,
                    {"--preset", "--data", "--out", "--stage", "--seed", "--batch", "--steps-vision", "--batch-vision", "--steps-base", "--steps-1", "--steps-2",
-                    "--lr-base", "--lr-1", "--lr-2", "--warmup", "--lora-rank", "--lora-alpha", "--lora-dropout", "--eval-limit",
+                    "--lr-base", "--lr-1", "--lr-2", "--warmup", "--vision-lr-scale", "--lora-rank", "--lora-alpha", "--lora-dropout", "--eval-limit",
                     "--save-every", "--max-bad-steps", "--device"},
                    {"--lora-lm-head", "--full-ft", "--eval", "--no-eval", "--quiet", "--resume"}},
                   &a))
@@ -226,6 +228,8 @@ int cmd_train(int argc, char** argv) {
     o.steps = a.get_int(stage == "base" ? "--steps-base" : stage == "stage1" ? "--steps-1" : "--steps-2", d.steps);
     o.lr = a.get_double(stage == "base" ? "--lr-base" : stage == "stage1" ? "--lr-1" : "--lr-2", d.lr);
     o.warmup = a.get_int("--warmup", std::max<int64_t>(1, o.steps / 20));
+    o.vision_lr_scale = a.get_double("--vision-lr-scale", 0.1);
+    PSA_CHECK(o.vision_lr_scale >= 0, "--vision-lr-scale: expected >= 0, got ", o.vision_lr_scale);
     o.batch = p.batch;
     o.seed = p.seed;
     o.lora = lora;
