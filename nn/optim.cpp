@@ -148,8 +148,8 @@ void SGD::update() {
     Tensor& buf = momentum_buffer_[i];
     const bool first = !buf.defined();
     if (first && options_.momentum != 0) buf = Tensor::empty(g.shape(), g.dtype(), g.device());
-    const cpu::SgdCoeffs c{lr_ * params_[i].lr_scale, options_.momentum, options_.dampening, options_.weight_decay, options_.nesterov,
-                           first};
+    const cpu::SgdCoeffs c{lr_ * params_[i].lr_scale, options_.momentum,  options_.dampening,
+                           options_.weight_decay,     options_.nesterov, first};
     PSA_KERNEL(g.device(), sgd_step)(params_[i].param, g, buf, c);
   }
 }

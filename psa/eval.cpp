@@ -241,7 +241,6 @@ void add_risky_metrics(json::Value& out, const Dataset& d, const std::vector<Rec
   out.set("safe_response_by_level", std::move(by));
 }
 
-bool is_hard_negative(const Record& r) { return r.meta.is_object() && r.meta.bool_or("hard_negative", false); }
 std::string kind_of(const Record& r) { return r.meta.is_object() ? r.meta.string_or("kind", "") : ""; }
 bool is_exact_kind(const std::string& k) { return k == "count" || k == "color" || k == "position"; }
 

@@ -33,6 +33,9 @@ std::vector<Record> load_records(const std::string& jsonl_path, LoadReport* repo
 // Validates one parsed line; throws psa::Error with the reason (no location) when it is not a usable record.
 Record parse_record(const json::Value& v, const std::string& base_dir, bool check_images);
 
+// A benign look-alike of a risky motif, as the synthetic generator marks it in "meta" (false for real data).
+inline bool is_hard_negative(const Record& r) { return r.meta.is_object() && r.meta.bool_or("hard_negative", false); }
+
 // The reference record for a question without the tag: the user turn becomes "<image>\n" + question.
 // A null meta is left out.
 json::Value record_to_json(int safe_level, int safe_type, const std::string& image, const std::string& question,

@@ -207,13 +207,13 @@ RGB jitter(RGB c, Rng& rng, int amount) {
 
 RGB palette(int i) { return kColours[i].rgb; }
 
-// Two different palette colours.
 int colour_distance2(RGB a, RGB b) {
   int d = 0;
   for (int c = 0; c < 3; ++c) d += (a[c] - b[c]) * (a[c] - b[c]);
   return d;
 }
 
+// Two different palette colours.
 std::pair<RGB, RGB> colour_pair(Rng& rng, const std::vector<int>& choices) {
   int a = rng.below(static_cast<int>(choices.size())), b = rng.below(static_cast<int>(choices.size()) - 1);
   if (b >= a) ++b;

@@ -40,7 +40,8 @@ json::Value synth_config_to_json(const SynthConfig& cfg);
 json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir);
 
 // Scene i of the vision-pretraining stream (psa/vision_pretrain.h): clean, risky and hard-negative scenes in
-// equal shares (typographic too when the train split has them), from a seed stream of its own, disjoint from every split and never written to disk.
+// equal shares (typographic too when the train split has them), from a seed stream of its own, disjoint
+// from every split and never written to disk.
 // meta holds the scene fields of a record's "meta" (motif, prominence, motif_box, objects, ...).
 struct SceneSample {
   Image image;

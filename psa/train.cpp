@@ -181,10 +181,7 @@ std::vector<int64_t> stage_indices(const Dataset& d, const std::string& stage, u
   // Hard negatives (benign look-alikes, marked in the generator's meta) go in first: they are the clean
   // images that teach the head where a risk concept ends (striped banner vs flag); a random draw keeps
   // only a fifth of them.
-  std::stable_partition(clean.begin(), clean.end(), [&](int64_t i) {
-    const json::Value& meta = d.examples[i].record.meta;
-    return meta.is_object() && meta.bool_or("hard_negative", false);
-  });
+  std::stable_partition(clean.begin(), clean.end(), [&](int64_t i) { return is_hard_negative(d.examples[i].record); });
   risky.insert(risky.end(), clean.begin(), clean.begin() + keep);
   return risky;
 }

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "nn/safetensors.h"
+#include "psa/policy.h"
 #include "psa/synth.h"
 #include "psa/train.h"
 #include "tests/test_util.h"
@@ -126,6 +127,25 @@ TEST(PsaStages, StageTwoTrainsOnlyLora) {
   std::set<std::string> g = grads_of(*m, "stage2");
   EXPECT_FALSE(g.empty());
   for (const std::string& n : g) EXPECT_NE(n.find(".lora_"), std::string::npos) << n << " got a gradient in Stage II";
+}
+
+// Stage I keeps every risky record and clean ones in the reference 3000:11200 ratio, hard negatives first.
+TEST(PsaStages, StageOneDataKeepsRiskyAndTakesHardNegativesFirst) {
+  Dataset d;
+  for (int i = 0; i < 400; ++i) {
+    Example e;
+    e.type = i < 112 ? i % 6 : kCleanType;
+    e.record.meta = json::Value::object();
+    e.record.meta.set("hard_negative", e.type == kCleanType && i % 20 == 0);
+    d.examples.push_back(e);
+  }
+  const std::vector<int64_t> idx = stage_indices(d, "stage1", 7);
+  ASSERT_EQ(idx.size(), 112u + 30u);  // 112 * 3000 / 11200 clean records
+  int64_t risky = 0, hard = 0;
+  for (int64_t i : idx) risky += d.examples[i].type != kCleanType, hard += is_hard_negative(d.examples[i].record);
+  EXPECT_EQ(risky, 112);
+  EXPECT_EQ(hard, 14);  // all of them (indices 120, 140, ..., 380), though a random 30 of 288 would hold ~1.5
+  EXPECT_EQ(stage_indices(d, "stage2", 7).size(), 400u);
 }
 
 TEST(PsaModel, MergedSequenceLayout) {
