@@ -128,7 +128,7 @@ std::pair<Tensor, Tensor> LlamaForCausalLM::rope_tables(int64_t start, int64_t T
   return {c.to(dtype), s.to(dtype)};
 }
 
-LlamaForCausalLM::Output LlamaForCausalLM::forward(const Tensor& x0, KVCache* cache, bool keep_hidden) const {
+Tensor LlamaForCausalLM::final_hidden(const Tensor& x0, KVCache* cache, std::vector<Tensor>* hidden_states) const {
   PSA_CHECK(x0.dim() == 3 && x0.size(2) == config.hidden, "llama: inputs_embeds ", shape_str(x0.shape()),
             ", expected [B, T, ", config.hidden, "]");
   int64_t start = cache ? cache->length() : 0, T = x0.size(1);
@@ -137,35 +137,67 @@ LlamaForCausalLM::Output LlamaForCausalLM::forward(const Tensor& x0, KVCache* ca
   auto [cos, sin] = rope_tables(start, T, x0.dtype());
   cos = cos.to(x0.device());
   sin = sin.to(x0.device());
-  Output out;
   Tensor x = x0;
-  if (keep_hidden) out.hidden_states.push_back(x);
+  if (hidden_states) hidden_states->push_back(x);
   for (size_t i = 0; i < layers.size(); ++i) {
     x = layers[i]->forward(x, cos, sin, cache, i);
-    if (keep_hidden) out.hidden_states.push_back(x);
+    if (hidden_states) hidden_states->push_back(x);
   }
   x = norm->forward(x);
-  if (keep_hidden) out.hidden_states.back() = x;
-  out.logits = lm_head ? lm_head->forward(x) : linear(x, embed_tokens->weight);
+  if (hidden_states) hidden_states->back() = x;
+  return x;
+}
+
+Tensor LlamaForCausalLM::head(const Tensor& hidden) const {
+  return lm_head ? lm_head->forward(hidden) : linear(hidden, embed_tokens->weight);
+}
+
+LlamaForCausalLM::Output LlamaForCausalLM::forward(const Tensor& x0, KVCache* cache, bool keep_hidden) const {
+  Output out;
+  out.logits = head(final_hidden(x0, cache, keep_hidden ? &out.hidden_states : nullptr));
   return out;
 }
 
-Tensor LlamaForCausalLM::causal_lm_loss(const Tensor& logits, const Tensor& labels) {
-  PSA_CHECK(logits.dim() == 3 && labels.dim() == 2 && logits.size(0) == labels.size(0) &&
-                logits.size(1) == labels.size(1),
-            "causal_lm_loss: logits ", shape_str(logits.shape()), " and labels ", shape_str(labels.shape()));
-  int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
-  // Position t predicts label t + 1. The labels are shifted left (a row's last position predicts nothing:
-  // -100) instead of slicing off the logits' last position, so the [B, T, V] logits are read in place rather
-  // than copied, and their gradient is written in place rather than scattered into a zero tensor. The extra
-  // rows are ignored and add exactly 0 to the loss.
+namespace {
+
+// Position t predicts label t + 1: the labels shifted left, a row's last position predicting nothing (-100).
+std::vector<int64_t> next_token_targets(const Tensor& labels) {
   Tensor host = labels.to(Device::cpu);
   const int64_t* lab = host.data<int64_t>();
+  int64_t B = labels.size(0), T = labels.size(1);
   std::vector<int64_t> next(B * T, -100);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t + 1 < T; ++t) next[b * T + t] = lab[b * T + t + 1];
-  Tensor target = Tensor::from(next, {B * T}, DType::i64).to(logits.device());
+  return next;
+}
+
+void check_lm_loss_shapes(const char* what, const Tensor& x, const Tensor& labels) {
+  PSA_CHECK(x.dim() == 3 && labels.dim() == 2 && x.size(0) == labels.size(0) && x.size(1) == labels.size(1),
+            "causal_lm_loss: ", what, " ", shape_str(x.shape()), " and labels ", shape_str(labels.shape()));
+}
+
+}  // namespace
+
+Tensor LlamaForCausalLM::causal_lm_loss(const Tensor& logits, const Tensor& labels) {
+  check_lm_loss_shapes("logits", logits, labels);
+  int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+  // The targets are shifted rather than the logits sliced, so the [B, T, V] logits are read in place rather
+  // than copied, and their gradient is written in place rather than scattered into a zero tensor. The extra
+  // rows are ignored and add exactly 0 to the loss.
+  Tensor target = Tensor::from(next_token_targets(labels), {B * T}, DType::i64).to(logits.device());
   return cross_entropy(reshape(logits, {B * T, V}), target, -100);
+}
+
+Tensor LlamaForCausalLM::causal_lm_loss_from_hidden(const Tensor& hidden, const Tensor& labels) const {
+  check_lm_loss_shapes("hidden states", hidden, labels);
+  int64_t B = hidden.size(0), T = hidden.size(1), C = hidden.size(2);
+  std::vector<int64_t> next = next_token_targets(labels), rows, targets;
+  for (int64_t r = 0; r < B * T; ++r)
+    if (next[r] != -100) rows.push_back(r), targets.push_back(next[r]);
+  if (rows.empty()) rows.push_back(0), targets.push_back(-100);  // no label at all: the same 0/0 as the full loss
+  int64_t n = rows.size();
+  Tensor picked = index_select(reshape(hidden, {B * T, C}), 0, Tensor::from(rows, {n}, DType::i64).to(hidden.device()));
+  return cross_entropy(head(picked), Tensor::from(targets, {n}, DType::i64).to(hidden.device()), -100);
 }
 
 std::vector<Linear*> LlamaForCausalLM::linears() {

@@ -53,8 +53,17 @@ class LlamaForCausalLM : public Module {
   // inputs_embeds [B, T, C] at positions cache_length .. cache_length+T-1.
   Output forward(const Tensor& inputs_embeds, KVCache* cache = nullptr, bool keep_hidden = false) const;
   Tensor logits(const Tensor& ids) const { return forward(embed(ids)).logits; }
+  // forward() in two halves: the hidden states after the final norm [B, T, C] (each layer's appended to
+  // `hidden_states` when given), and lm_head on them [..., C] -> [..., V].
+  Tensor final_hidden(const Tensor& inputs_embeds, KVCache* cache = nullptr,
+                      std::vector<Tensor>* hidden_states = nullptr) const;
+  Tensor head(const Tensor& hidden) const;
   // Next-token loss: logits[:, t] predicts labels[:, t+1]; labels -100 are ignored; mean over counted tokens.
   static Tensor causal_lm_loss(const Tensor& logits, const Tensor& labels);
+  // causal_lm_loss(head(hidden), labels) without the [B, T, V] logits: only the rows that predict a label
+  // go through lm_head (in training the answer, about a third of the text and none of the image), so the
+  // lm_head GEMMs and the softmax shrink by that factor. Same loss and gradients.
+  Tensor causal_lm_loss_from_hidden(const Tensor& hidden, const Tensor& labels) const;
   std::vector<Linear*> linears();  // every Linear of the LM (LoRA targets), lm_head last
   LlamaConfig config;
   std::shared_ptr<Embedding> embed_tokens;

@@ -187,8 +187,8 @@ PsaOutput PsaVlm::forward(const PsaBatch& b, bool classify_pass, bool lm_pass, b
     Tensor inserts = image_inserts(features, safety_tokens);
     Tensor merged = nn::splice_embeddings(text, b.ids, config.image_token, inserts, false);
     out.merged_labels = merged_labels(b.ids, b.labels, config.image_token, inserts.size(1)).to(merged.device());
-    out.lm_logits = lm->forward(merged).logits;
-    out.loss_lm = nn::LlamaForCausalLM::causal_lm_loss(out.lm_logits, out.merged_labels);
+    out.lm_hidden = lm->final_hidden(merged);
+    out.loss_lm = lm->causal_lm_loss_from_hidden(out.lm_hidden, out.merged_labels);
     losses.push_back(out.loss_lm);
   }
   if (!losses.empty()) out.loss = losses.size() == 1 ? losses[0] : add(losses[0], losses[1]);

@@ -39,7 +39,9 @@ struct PsaBatch {
 
 struct PsaOutput {
   Tensor level_logits, type_logits;  // [B, 4], [B, 7]
-  Tensor lm_logits;                  // [B, L - 1 + N_s + P, V] (N_s = 0 without safety tokens)
+  Tensor lm_hidden;                  // [B, L - 1 + N_s + P, D] after the final norm (N_s = 0 without safety
+                                     // tokens); the logits are lm->head(lm_hidden), computed by the loss only
+                                     // where a label is
   Tensor merged_labels;              // [B, same]
   Tensor loss_level, loss_type, loss_lm, loss;  // scalars (undefined when not computed)
 };

@@ -208,6 +208,37 @@ TEST(Modules, FreezeAndUnfreezeTouchExactlyTheMatchingNames) {
   EXPECT_EQ(lm.num_parameters(true), lm.num_parameters());
 }
 
+TEST(Modules, LmLossOnLabelledRowsEqualsTheFullLogitsLoss) {
+  LlamaForCausalLM lm(tiny_llama());
+  lm.initialize(5);
+  lm.freeze();
+  // Row 0 has labels on its last three tokens, row 1 on one, and in the second case none at all.
+  std::vector<int64_t> some = {-100, -100, 3, 4, 5, -100, -100, -100, -100, 7}, none(10, -100);
+  for (const auto& lab : {some, none}) {
+    Tensor labels = Tensor::from(lab, {2, 5}, DType::i64);
+    auto loss_and_grads = [&](bool from_hidden) {
+      Tensor h = randn({2, 5, 8}, 21, DType::f32).requires_grad_();
+      Tensor w = lm.lm_head->weight;
+      w.requires_grad_().zero_grad();
+      Tensor loss = from_hidden ? lm.causal_lm_loss_from_hidden(h, labels)
+                                : LlamaForCausalLM::causal_lm_loss(lm.head(h), labels);
+      loss.backward();
+      Tensor gw = w.grad();
+      w.requires_grad_(false).zero_grad();
+      return std::vector<Tensor>{loss, h.grad(), gw};
+    };
+    std::vector<Tensor> full = loss_and_grads(false), picked = loss_and_grads(true);
+    const char* what[] = {"loss", "hidden gradient", "lm_head gradient"};
+    for (int i = 0; i < 3; ++i) {
+      std::vector<float> a = full[i].vec<float>(), b = picked[i].vec<float>();
+      ASSERT_EQ(a.size(), b.size()) << what[i];
+      for (size_t k = 0; k < a.size(); ++k)
+        if (std::isnan(a[k])) EXPECT_TRUE(std::isnan(b[k])) << what[i] << " [" << k << "]";
+        else EXPECT_NEAR(a[k], b[k], 1e-6 * (1 + std::fabs(a[k]))) << what[i] << " [" << k << "]";
+    }
+  }
+}
+
 TEST(Modules, InitializeIsDeterministicAndNameBased) {
   LlamaForCausalLM one(tiny_llama(1)), two(tiny_llama(2));
   one.initialize(42);

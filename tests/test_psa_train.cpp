@@ -154,7 +154,7 @@ TEST(PsaModel, MergedSequenceLayout) {
   PsaBatch b = collate(world().safety, {0, 1}, m->config.pad_id);
   PsaOutput out = m->forward(b, false, true, true);
   int64_t L = b.ids.size(1), Ns = m->config.num_safety_tokens, P = m->config.vision.num_patches();
-  EXPECT_EQ(out.lm_logits.size(1), L - 1 + Ns + P);
+  EXPECT_EQ(out.lm_hidden.size(1), L - 1 + Ns + P);
   // Everything from the image token position to the end of the inserted block is unlabelled.
   std::vector<int64_t> ids = b.ids.vec<int64_t>(), ml = out.merged_labels.vec<int64_t>();
   int64_t at = std::find(ids.begin(), ids.begin() + L, m->config.image_token) - ids.begin();
