@@ -44,9 +44,10 @@
 // still tends to lead; the kernel itself is as fast as OpenBLAS's (above), so what remains is memory
 // traffic (C is re-read once per K block).
 //
-// Packing always copies both operands (layout in the Packing section): packed slivers make every kernel
-// load sequential and keep power-of-two leading dimensions (1024, 2048) from mapping a block's rows onto
-// the same cache sets. The transposing packs (A row-major, B stored transposed) use 8x8 register
+// Packing copies both operands (layout in the Packing section): packed slivers make every kernel load
+// sequential and keep power-of-two leading dimensions (1024, 2048) from mapping a block's rows onto the
+// same cache sets. One exception: bands of C at most 128 columns wide read a row-major A in place (see
+// band_block), where the pack would cost more than it saves. The transposing packs (A row-major, B stored transposed) use 8x8 register
 // transposes, so packing stays a few percent of the work even when N or M is only ~128.
 //
 // Threads: all of op(B) is packed up front, so that threads share it with a single synchronisation; the
@@ -131,6 +132,9 @@ static_assert(MC % MR == 0, "an A block holds whole slivers");
 
 // Widest column panel (see the header; measured on a Zen 3 only).
 constexpr int64_t kMaxPanelCols = 1024;
+
+// Row-major A is read in place, not packed, by bands at most this many columns wide (see band_block).
+constexpr int64_t kInPlaceACols = 128;
 
 // Below this many FMAs per thread a parallel region costs more than it saves.
 constexpr int64_t kMinWorkPerThread = 64 * 64 * 64;
@@ -281,9 +285,11 @@ void pack_a_rows(int64_t mc, int64_t kc, const float* A, int64_t lda, float* dst
 // a is a packed A sliver [kc][MR], b a packed B sliver [kc][NR]. nv_ = ceil(n / W) vectors per row are
 // computed; when n < nv_ * W the tile goes through a buffer and only n columns are written.
 
-template <int m_, int nv_>
-void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
-                  int64_t ldc, float alpha, float beta, int n) {
+template <int m_, int nv_, bool packed_a>
+void micro_kernel(int64_t kc, const float* __restrict a, int64_t lda, const float* __restrict b,
+                  float* __restrict c, int64_t ldc, float alpha, float beta, int n) {
+  // Element (i, k) of the A sliver: packed [kc][MR], or read in place from row-major A (see band_block).
+  const int64_t a_row = packed_a ? 1 : lda, a_step = packed_a ? MR : 1;
   // C is needed only after the k loop: start fetching its lines now so the write-back does not wait.
   for (int i = 0; i < m_; ++i) {
     __builtin_prefetch(c + i * ldc, 1);
@@ -295,13 +301,13 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
 #pragma GCC unroll 4
     for (int j = 0; j < nv_; ++j) acc[i][j] = Vec::zero();
 
-  for (int64_t k = 0; k < kc; ++k, a += MR, b += NR) {
+  for (int64_t k = 0; k < kc; ++k, a += a_step, b += NR) {
     typename Vec::T bv[nv_];
 #pragma GCC unroll 4
     for (int j = 0; j < nv_; ++j) bv[j] = Vec::load(b + j * Vec::W);
 #pragma GCC unroll 16
     for (int i = 0; i < m_; ++i) {
-      typename Vec::T av = Vec::bcast(a + i);
+      typename Vec::T av = Vec::bcast(a + i * a_row);
 #pragma GCC unroll 4
       for (int j = 0; j < nv_; ++j) acc[i][j] = Vec::fma(av, bv[j], acc[i][j]);
     }
@@ -335,14 +341,15 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
   }
 }
 
-using Kernel = void (*)(int64_t, const float*, const float*, float*, int64_t, float, float, int);
+using Kernel = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, float, float, int);
 
-// kKernels[(m-1)*NV + (nv-1)]: the exact instance for every tile shape an edge can need.
-template <size_t... I>
+// kKernels[packed_a][(m-1)*NV + (nv-1)]: the exact instance for every tile shape an edge can need.
+template <bool packed_a, size_t... I>
 constexpr std::array<Kernel, MR * NV> kernel_table(std::index_sequence<I...>) {
-  return {&micro_kernel<int(I) / NV + 1, int(I) % NV + 1>...};
+  return {&micro_kernel<int(I) / NV + 1, int(I) % NV + 1, packed_a>...};
 }
-constexpr std::array<Kernel, MR * NV> kKernels = kernel_table(std::make_index_sequence<MR * NV>{});
+constexpr std::array<Kernel, MR * NV> kKernels[2] = {kernel_table<false>(std::make_index_sequence<MR * NV>{}),
+                                                     kernel_table<true>(std::make_index_sequence<MR * NV>{})};
 
 // ---------------------------------------------------------------------------------------------------
 // Driver: pack all of op(B), then compute C in bands (tasks). With threads, both the packing and the bands
@@ -430,18 +437,30 @@ void band_block(const Problem& p, const Plan& pl, const float* panel, int64_t t,
   const int64_t m0 = (t / pl.col_bands) * pl.rows, m = std::min(pl.rows, p.M - m0);
   const int64_t n0 = (t % pl.col_bands) * pl.cols, n_end = std::min(n0 + pl.cols, p.N);
   const int64_t kc = std::min(pl.kc, p.K - pc);
-  float* a_block = thread_buffer(0, MC * KC + kPackSlack);
-  if (p.trans_a)
-    pack_a_cols(m, kc, p.A + pc * p.lda + m0, p.lda, a_block);
-  else
-    pack_a_rows(m, kc, p.A + m0 * p.lda + pc, p.lda, a_block);
+  // Row-major A (x in x W^T, dY in dY W) is read in place by narrow bands: each A sliver then feeds at most
+  // kInPlaceACols / NR kernels, too few to pay for its transposing pack, and the kernel's six row streams
+  // (kc floats each) stay in L1 meanwhile. Interleaved runs, min of 15, one thread: N = 128 shapes of the
+  // tiny step ([1648 x 128|352] x [.. x 128]) 2-4% faster in place; N >= 352 and 1024^2 3-7% slower,
+  // so wider bands pack. A stored [K,M] is always packed (a plain row-by-row copy; in place, its k-steps
+  // would be lda apart).
+  const bool packed = p.trans_a || n_end - n0 > kInPlaceACols;
+  const float* a = p.trans_a ? p.A + pc * p.lda + m0 : p.A + m0 * p.lda + pc;
+  if (packed) {
+    float* a_block = thread_buffer(0, MC * KC + kPackSlack);
+    if (p.trans_a)
+      pack_a_cols(m, kc, a, p.lda, a_block);
+    else
+      pack_a_rows(m, kc, a, p.lda, a_block);
+    a = a_block;
+  }
   const float beta = pc == 0 ? p.beta : 1.0f;  // later K blocks accumulate onto the first
   for (int64_t jr = n0; jr < n_end; jr += NR) {
     const int n = int(std::min<int64_t>(NR, n_end - jr)), nv = (n + Vec::W - 1) / Vec::W;
     for (int64_t ir = 0; ir < m; ir += MR) {
       const int mr = int(std::min<int64_t>(MR, m - ir));
       float* c = p.C + (m0 + ir) * p.ldc + jr;
-      kKernels[(mr - 1) * NV + (nv - 1)](kc, a_block + ir * kc, panel + jr * kc, c, p.ldc, p.alpha, beta, n);
+      const float* a_sliver = packed ? a + ir * kc : a + ir * p.lda;
+      kKernels[packed][(mr - 1) * NV + (nv - 1)](kc, a_sliver, p.lda, panel + jr * kc, c, p.ldc, p.alpha, beta, n);
     }
   }
 }
