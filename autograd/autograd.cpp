@@ -5,6 +5,7 @@
 #include <unordered_set>
 
 #include "autograd/ops.h"
+#include "tensor/profile.h"
 
 namespace psa {
 
@@ -96,6 +97,7 @@ void Tensor::backward(const Tensor& grad_output) const {
     seed = Tensor::ones(shape(), dtype(), device());
   }
   NoGrad no_grad;  // backward rules are computed with ops, but never recorded
+  profile::BackwardScope in_backward;
   std::unordered_map<TensorImpl*, Tensor> grads;
   grads.emplace(impl(), seed);
   std::vector<std::shared_ptr<TensorImpl>> order = topo_order(impl_ptr());

@@ -103,11 +103,11 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
   if (q.device() == Device::cuda) {
 #ifdef PSA_CUDA
     Tensor lse = Tensor::empty({q.size(0), q.size(1), q.size(2)}, q.dtype(), q.device());
-    cuda::attention(q, k, v, mask, causal, scale, out, lse);
+    profile::timed("attention", &cuda::attention)(q, k, v, mask, causal, scale, out, lse);
     Tensor os = out.detach(), ms = mask.defined() ? mask.detach() : Tensor();
     return record(op, out, {q, k, v}, [=](const Tensor& g) -> Grads {
       Grads gr = grads_like();
-      cuda::attention_backward(g, qs, ks, vs, os, lse, ms, causal, scale, gr[0], gr[1], gr[2]);
+      profile::timed("attention_backward", &cuda::attention_backward)(g, qs, ks, vs, os, lse, ms, causal, scale, gr[0], gr[1], gr[2]);
       return gr;
     });
 #else
@@ -115,10 +115,10 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
 #endif
   }
   Tensor probs = Tensor::empty({q.size(0), q.size(1), q.size(2), k.size(2)}, q.dtype(), q.device());
-  cpu::attention(q, k, v, mask, causal, scale, out, probs);
+  profile::timed("attention", &cpu::attention)(q, k, v, mask, causal, scale, out, probs);
   return record(op, out, {q, k, v}, [=](const Tensor& g) -> Grads {
     Grads gr = grads_like();
-    cpu::attention_backward(g, qs, ks, vs, probs, scale, gr[0], gr[1], gr[2]);
+    profile::timed("attention_backward", &cpu::attention_backward)(g, qs, ks, vs, probs, causal, scale, gr[0], gr[1], gr[2]);
     return gr;
   });
 }

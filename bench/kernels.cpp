@@ -289,7 +289,7 @@ Case attention_case(const Dims& d, bool backward) {
   Case c;
   c.run = [=]() mutable {
     cpu::attention(q, k, v, Tensor(), true, scale, out, probs);
-    if (backward) cpu::attention_backward(g, q, k, v, probs, scale, gq, gk, gv);
+    if (backward) cpu::attention_backward(g, q, k, v, probs, true, scale, gq, gk, gv);
   };
   c.check = [=] {
     Check ck;

@@ -111,6 +111,10 @@ std::vector<OpCase> attention_cases() {
       {{{1, 2, 5, 6}, {1, 2, 7, 6}, {1, 2, 7, 6}, {5, 7}}, false, 0},      // [T,S] mask with -inf, a dead row
       {{{2, 4, 3, 8}, {2, 1, 5, 8}, {2, 1, 5, 8}, {2, 1, 3, 5}}, true, 0.5},  // MQA, [B,1,T,S] mask + causal
       {{{1, 2, 4, 4}, {1, 2, 3, 4}, {1, 2, 3, 4}}, true, 0},               // causal S < T: row 0 sees nothing
+      // Longer than the CPU's causal row chunk (24): several chunks, a partial last one, and (S > T) column
+      // chunks whose first seeing row is not 0; with a mask too.
+      {{{1, 2, 53, 4}, {1, 2, 53, 4}, {1, 2, 53, 4}}, true, 0},
+      {{{1, 2, 30, 4}, {1, 1, 57, 4}, {1, 1, 57, 4}, {30, 57}}, true, 0},
   };
   std::vector<OpCase> v;
   for (const Spec& s : specs) {

@@ -20,6 +20,7 @@
 #include "psa/train.h"
 #include "tensor/cuda/kernels.h"
 #include "tensor/device.h"
+#include "tensor/profile.h"
 #include "tools/cli.h"
 
 namespace psa {
@@ -45,6 +46,9 @@ options:
   --device cpu|cuda       where to run (default cpu)
   --seed N                weights and batch (default 0)
   --json                  one JSON object on stdout instead of text (not with --scaling)
+  --profile               also time every kernel call during the timed steps and print a table: kernel
+                          (forward, or backward when run by the backward pass), calls and ms per step, share
+                          of the step; the remainder is time outside kernels (graph, allocation). CPU only
   --scaling               step time against batch size (1, 2, 4, 8, 16, 32, at --text-tokens) and against text
                           tokens (16, 32, 64, 128, at --batch): Markdown table on stdout and in
                           OUT/scaling_<host>.md, chart OUT/scaling_<host>.png
@@ -63,6 +67,7 @@ struct StepSpec {
 struct StepTiming {
   std::vector<double> ms;  // one per timed step
   double median_ms = 0, tokens_per_step = 0;
+  std::vector<profile::Row> kernels;  // with --profile: summed over the timed steps
   double tokens_per_s() const { return tokens_per_step / (median_ms / 1000); }
 };
 
@@ -129,18 +134,20 @@ double train_step(Trainer& t, const PsaBatch& b) {
   return out.loss.item();
 }
 
-StepTiming time_steps(Trainer& t, const StepSpec& s, int64_t batch, int64_t text) {
+StepTiming time_steps(Trainer& t, const StepSpec& s, int64_t batch, int64_t text, bool profile_kernels = false) {
   PsaBatch b = random_batch(t.model->config, batch, text, s.seed + 1);
   if (s.device != Device::cpu) batch_to(b, s.device);
   StepTiming r;
   r.tokens_per_step = double(batch * t.model->config.merged_length(text));
   for (int64_t i = 0; i < s.warmup + s.steps; ++i) {
+    if (profile_kernels && i == s.warmup) profile::start();
     auto t0 = std::chrono::steady_clock::now();
     double loss = train_step(t, b);
     double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     PSA_CHECK(std::isfinite(loss), "bench-step: non-finite loss at step ", i);
     if (i >= s.warmup) r.ms.push_back(ms);
   }
+  if (profile_kernels) r.kernels = profile::stop();
   r.median_ms = median(r.ms);
   return r;
 }
@@ -189,6 +196,22 @@ void print_timing(const StepSpec& s, const StepTiming& r) {
   if (s.threads) std::printf(", %ld thread%s", (long)s.threads, s.threads == 1 ? "" : "s");
   if (s.device == Device::cuda) std::printf(", peak GPU %.2f GiB (caching allocator)", gpu::peak_bytes() / 1073741824.0);
   std::printf("\n");
+}
+
+// Per step: the kernels' share of the mean step (not the median: the rows are sums over all timed steps).
+void print_profile(const StepTiming& r) {
+  double step_ms = 0, kernels_ms = 0;
+  for (double ms : r.ms) step_ms += ms;
+  step_ms /= r.ms.size();
+  std::printf("\nkernel profile, per step (mean of %zu steps: %.1f ms)\n", r.ms.size(), step_ms);
+  std::printf("  %-36s %8s %9s %7s\n", "kernel", "calls", "ms", "share");
+  for (const profile::Row& k : r.kernels) {
+    double ms = 1000 * k.seconds / r.ms.size();
+    kernels_ms += ms;
+    std::printf("  %-36s %8.0f %9.2f %6.1f%%\n", k.kernel.c_str(), double(k.calls) / r.ms.size(), ms, 100 * ms / step_ms);
+  }
+  std::printf("  %-36s %8s %9.2f %6.1f%%\n", "outside kernels (graph, allocation)", "", step_ms - kernels_ms,
+              100 * (step_ms - kernels_ms) / step_ms);
 }
 
 // ---- --scaling ------------------------------------------------------------------------------------------
@@ -298,7 +321,7 @@ int cmd_bench_step(int argc, char** argv) {
                   {kBenchStepUsage,
                    {"--preset", "--stage", "--batch", "--text-tokens", "--threads", "--steps", "--warmup", "--device",
                     "--seed", "--out-dir"},
-                   {"--json", "--lora", "--scaling"}},
+                   {"--json", "--lora", "--scaling", "--profile"}},
                   &a))
     return 0;
   PSA_CHECK(a.positional.empty(), "bench-step: unexpected argument '", a.positional[0], "' (see --help)");
@@ -308,10 +331,14 @@ int cmd_bench_step(int argc, char** argv) {
             gpu::describe(), ")");
   if (s.threads) omp_set_num_threads(int(s.threads));
   if (a.has("--scaling")) return run_scaling(s, a.get("--out-dir", "bench/results"));
+  const bool profile_kernels = a.has("--profile");
+  PSA_CHECK(!profile_kernels || (s.device == Device::cpu && !a.has("--json") && !a.has("--scaling")),
+            "bench-step --profile: CPU only, and not with --json or --scaling");
   Trainer t = make_trainer(s);
-  StepTiming r = time_steps(t, s, s.batch, s.text);
+  StepTiming r = time_steps(t, s, s.batch, s.text, profile_kernels);
   if (a.has("--json")) std::printf("%s\n", json::dump(timing_json(s, t, r), 2).c_str());
   else print_timing(s, r);
+  if (profile_kernels) print_profile(r);
   return 0;
 }
 

@@ -92,7 +92,7 @@ void rope_backward(const Tensor& gout, const Tensor& cos, const Tensor& sin, Ten
 void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, bool causal, double scale,
                Tensor& out, Tensor& probs);
 void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& probs,
-                        double scale, Tensor& gq, Tensor& gk, Tensor& gv);
+                        bool causal, double scale, Tensor& gq, Tensor& gk, Tensor& gv);
 
 // conv.cpp. patch_conv: x [B, C, H, W], w [O, C, p, p], bias [O] -> out [B, O, H/p, W/p].
 void patch_conv(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out);

@@ -1,0 +1,61 @@
+// Kernel profile: wall time per kernel, split by forward and backward, for `psa bench-step --profile`.
+// Every kernel call goes through PSA_KERNEL (tensor/dispatch.h); while a profile is on, that call is timed and
+// added to its kernel's row. Off (the default), the cost is one branch per kernel call. Kernels that call
+// other kernels directly (attention calls sgemm) count as one. CUDA kernels run asynchronously, so a CUDA
+// profile would time launches only: the profile is for the CPU.
+#pragma once
+#include <chrono>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace psa::profile {
+
+struct Row {
+  std::string kernel;  // "matmul", "rms_norm_backward", ... with " (backward)" when run by Tensor::backward
+  int64_t calls = 0;
+  double seconds = 0;
+};
+
+void start();              // clears the rows and starts timing
+std::vector<Row> stop();   // stops timing; rows sorted by time, largest first
+bool on();                 // a profile is being taken
+void add(const char* kernel, double seconds);
+
+// Tensor::backward sets this while it runs, so a kernel used by both passes (matmul) gets one row for each.
+class BackwardScope {
+ public:
+  BackwardScope();
+  ~BackwardScope();
+  BackwardScope(const BackwardScope&) = delete;
+  BackwardScope& operator=(const BackwardScope&) = delete;
+
+ private:
+  bool previous_;
+};
+
+// What PSA_KERNEL returns: the kernel, timed while a profile is on.
+template <typename Fn>
+struct Timed {
+  const char* kernel;
+  Fn fn;
+  template <typename... Args>
+  decltype(auto) operator()(Args&&... args) const {
+    if (!on()) return fn(std::forward<Args>(args)...);
+    struct Clock {
+      const char* kernel;
+      std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+      ~Clock() { add(kernel, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()); }
+    } clock{kernel};
+    return fn(std::forward<Args>(args)...);
+  }
+};
+
+// For the few kernels called by name rather than through PSA_KERNEL (attention, whose two devices save
+// different tensors).
+template <typename Fn>
+Timed<Fn> timed(const char* kernel, Fn fn) {
+  return {kernel, fn};
+}
+
+}  // namespace psa::profile
