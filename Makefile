@@ -93,17 +93,18 @@ check-deps:
 	@for h in gtest/gtest.h benchmark/benchmark.h stb/stb_image.h xxhash.h; do \
 	  [ -f /usr/include/$$h ] || { echo "missing /usr/include/$$h: run 'make deps' as root"; exit 1; }; done
 
-# `make bench` (~6 minutes on 2 cores, ~9 when other jobs load them): every bench/*.cpp binary (Google Benchmark
-# JSON), the tiny training step (stages base/1/2 x 1/2 threads), the PyTorch baseline when /usr/bin/python3 has
-# torch, the scaling sweep; then tools/bench_report.py merges them into bench/results/<host>.{json,md,csv}.
+# `make bench` (~9 minutes on 2 cores): every bench/*.cpp binary (Google Benchmark JSON), the tiny training step
+# (stages base/1/2 x 1/2 threads), the PyTorch baseline when /usr/bin/python3 has torch, a kernel profile of the
+# step (one thread), the scaling sweep; then tools/bench_report.py merges them into
+# bench/results/<host>.{json,md,csv}.
 # Raw outputs: bench/results/<host>/. On a shared machine the load changes within minutes, so ours and PyTorch
 # alternate in BENCH_ROUNDS short rounds and the report takes the median of the per-round ratios.
 # OMP_WAIT_POLICY=passive as in `psa` itself: spinning idle threads steal the core on a shared 2-core machine.
 BENCH_HOST   := $(shell hostname)
 BENCH_RAW    := bench/results/$(BENCH_HOST)
 BENCH_MIN_TIME ?= 0.05
-BENCH_ROUNDS ?= 3
-BENCH_STEPS  := --steps 2 --warmup 1
+BENCH_ROUNDS ?= 5
+BENCH_STEPS  := --steps 5 --warmup 2
 # The scaling sweep runs on one thread by default: on a shared machine a second thread's stalls at every OpenMP
 # barrier swamp the batch/length effects being measured (set BENCH_SCALING_THREADS=2 on an idle machine).
 BENCH_SCALING_THREADS ?= 1
@@ -124,6 +125,9 @@ bench: $(BENCH_BINS) $(BUILD)/psa
 	  /usr/bin/python3 tools/psa_reference.py --bench --threads $$t $(BENCH_STEPS) --out $(BENCH_RAW)/torch_t$${t}_r$$r.json \
 	    || { echo "== PyTorch baseline FAILED (above): SKIPPED, the report has no PyTorch ratios"; torch=0; rm -f $(BENCH_RAW)/torch_*.json; }; \
 	done; done
+	@for s in 1 2; do echo "== psa bench-step --profile --stage $$s --threads 1"; \
+	  ./$(BUILD)/psa bench-step --profile --preset tiny --stage $$s --threads 1 --steps 10 | tee $(BENCH_RAW)/profile_stage$$s.txt \
+	    || exit 1; done
 	./$(BUILD)/psa bench-step --scaling --preset tiny --stage 1 --threads $(BENCH_SCALING_THREADS) --out-dir bench/results
 	@uptime | tee $(BENCH_RAW)/uptime_end.txt
 	python3 tools/bench_report.py --raw $(BENCH_RAW) --out bench/results --host $(BENCH_HOST)

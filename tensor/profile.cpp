@@ -35,7 +35,13 @@ bool on() { return g_on; }
 
 void add(const char* kernel, double seconds) {
   Row& r = g_rows[{kernel, g_backward}];
-  if (r.calls == 0) r.kernel = std::string(kernel) + (g_backward ? " (backward)" : "");
+  if (r.calls == 0) {
+    r.kernel = kernel;
+    const std::string suffix = "_backward";
+    bool named_backward = r.kernel.size() > suffix.size() &&
+                          r.kernel.compare(r.kernel.size() - suffix.size(), suffix.size(), suffix) == 0;
+    if (g_backward && !named_backward) r.kernel += " (backward)";
+  }
   ++r.calls;
   r.seconds += seconds;
 }

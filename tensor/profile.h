@@ -12,7 +12,8 @@
 namespace psa::profile {
 
 struct Row {
-  std::string kernel;  // "matmul", "rms_norm_backward", ... with " (backward)" when run by Tensor::backward
+  std::string kernel;  // "matmul", "rms_norm_backward", ...; " (backward)" added when Tensor::backward ran a
+                       // kernel whose name does not say so (matmul, binary, ...)
   int64_t calls = 0;
   double seconds = 0;
 };

@@ -1,9 +1,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <map>
 #include <set>
 
 #include "op_harness.h"
+#include "tensor/profile.h"
 
 namespace psa::test {
 
@@ -70,6 +72,23 @@ TEST(Ops, GradientsMatchFiniteDifferences) {
       EXPECT_TRUE(r.ok) << r.report << " (max abs err " << r.max_abs_err << ")";
     }
   }
+}
+
+TEST(Profile, CountsKernelCallsPerPassOnlyWhileOn) {
+  Tensor a = randn({4, 5}, 1).requires_grad_(), b = randn({5, 3}, 2).requires_grad_();
+  sum(matmul(a, b)).backward();  // before start(): not counted
+  profile::start();
+  sum(matmul(a, b)).backward();
+  std::vector<profile::Row> rows = profile::stop();
+  sum(matmul(a, b)).backward();  // after stop(): not counted
+  std::map<std::string, int64_t> calls;
+  for (const profile::Row& r : rows) {
+    calls[r.kernel] = r.calls;
+    EXPECT_GE(r.seconds, 0) << r.kernel;
+  }
+  EXPECT_EQ(calls["matmul"], 1);
+  EXPECT_EQ(calls["matmul (backward)"], 2);  // dA and dB
+  EXPECT_FALSE(profile::on());
 }
 
 }  // namespace

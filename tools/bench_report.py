@@ -196,6 +196,12 @@ def markdown(report):
           "| roof | 1T | 2T |", "|---|---:|---:|"]
     for roof, t in report["ceilings"]:
         L.append(f"| {roof} | {fmt(t.get(1))} | {fmt(t.get(2))} |")
+    if report["profiles"]:
+        L += ["", "## Where a training step's time goes (one thread, `psa bench-step --profile`)", "",
+              "Every kernel call timed during the timed steps; \"(backward)\" marks calls made by the backward pass. "
+              "matmul is the SGEMM above; attention includes its own GEMMs and softmax.", ""]
+        for name, text in report["profiles"]:
+            L += [f"### {name}", "", "```", text.rstrip(), "```", ""]
     return "\n".join(L) + "\n"
 
 
@@ -249,6 +255,8 @@ def main():
         "torch_note": "" if torch_json else "skipped: see the `make bench` log",
         "kernels": kernels,
         "ceilings": ceilings(kernels),
+        "profiles": [(f"Stage {'I' * int(p[-5])}", read_text(p))
+                     for p in sorted(glob.glob(os.path.join(a.raw, "profile_stage*.txt")))],
     }
     os.makedirs(a.out, exist_ok=True)
     base = os.path.join(a.out, a.host)
