@@ -21,7 +21,6 @@ import platform
 import re
 import time
 
-GEMM_SQUARES = (1024, 2048)
 
 
 def load_json(path):
@@ -70,14 +69,16 @@ def fmt(x, digits=1):
 
 
 def gemm_table(gemm):
+    """One row per shape and thread count that bench_gemm ran (squares, then the model's real shapes)."""
     out = []
-    for n in GEMM_SQUARES:
-        for t in (1, 2):
-            shape = f"NN/{n}x{n}x{n}/threads={t}"
-            ours, blas = gemm.get(f"sgemm_ours/{shape}", {}), gemm.get(f"sgemm_openblas/{shape}", {})
-            o, b = ours.get("GFLOP/s"), blas.get("GFLOP/s")
-            out.append({"size": n, "threads": t, "ours_gflops": o, "openblas_gflops": b,
-                        "ratio": o / b if o and b else None, "note": blas.get("error", "")})
+    for name, ours in gemm.items():
+        if not name.startswith("sgemm_ours/"):
+            continue
+        form, dims, threads = name.split("/")[1:4]
+        blas = gemm.get(name.replace("sgemm_ours/", "sgemm_openblas/"), {})
+        o, b = ours.get("GFLOP"), blas.get("GFLOP")  # a rate counter: GFLOP per second
+        out.append({"form": form, "size": dims, "threads": int(threads.split("=")[1]), "ours_gflops": o,
+                    "openblas_gflops": b, "ratio": o / b if o and b else None, "note": blas.get("error", "")})
     return out
 
 
@@ -157,10 +158,12 @@ def markdown(report):
          f"({report['cpu_count']} CPUs; a load above that means other jobs shared the cores and every absolute "
          "number below is pessimistic; ratios are measured in the same run).", ""]
     L += ["## SGEMM, ours vs OpenBLAS (GFLOP/s, median of 3; target ours/OpenBLAS >= 0.8)", "",
-          "| size | threads | ours | OpenBLAS | ours/OpenBLAS |", "|---:|---:|---:|---:|---:|"]
+          "M x N x K; NN = x·W, NT = dY·Wᵀ (input gradient), TN = xᵀ·dY (weight gradient); the non-square shapes "
+          "are the tiny training step's (M = 16 rows x 103 tokens), and B x M x N x K rows its attention's per-head products.", "",
+          "| form | M x N x K | threads | ours | OpenBLAS | ours/OpenBLAS |", "|---|---:|---:|---:|---:|---:|"]
     for r in report["gemm"]:
-        L.append(f"| {r['size']}² | {r['threads']} | {fmt(r['ours_gflops'])} | {fmt(r['openblas_gflops'])} "
-                 f"| {fmt(r['ratio'], 2)} |")
+        L.append(f"| {r['form']} | {r['size']} | {r['threads']} | {fmt(r['ours_gflops'])} "
+                 f"| {fmt(r['openblas_gflops'])} | {fmt(r['ratio'], 2)} |")
     tj = report.get("torch")
     base = (f"PyTorch {tj['torch_version']}" if tj else "PyTorch: not measured (" + report["torch_note"] + ")")
     L += ["", f"## Training step, tiny preset, batch 16, ours vs {base}", "",
@@ -224,7 +227,7 @@ def write_csv(path, report):
         w = csv.writer(f)
         w.writerow(["group", "name", "size", "threads", "value", "unit", "baseline", "ratio"])
         for r in report["gemm"]:
-            w.writerow(["sgemm", "NN square", r["size"], r["threads"], r["ours_gflops"], "GFLOP/s", r["openblas_gflops"], r["ratio"]])
+            w.writerow(["sgemm", r["form"], r["size"], r["threads"], r["ours_gflops"], "GFLOP/s", r["openblas_gflops"], r["ratio"]])
         for r in report["step"]:
             w.writerow(["step", r["stage"], "tiny", r["threads"], r["ours_ms"], "ms", r["torch_ms"], r["ratio"]])
         for r in report["kernels"]:
