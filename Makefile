@@ -67,7 +67,7 @@ test:
 	@$(MAKE) --no-print-directory -j$(JOBS) $(BUILD)/psa_tests $(BUILD)/psa
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/psa_tests --gtest_brief=1 $(if $(GTEST_FILTER),--gtest_filter='$(GTEST_FILTER)')
 
-# The tour (about 14 minutes on 2 cores): dataset, vision pretraining, three training stages, benchmark table (OUT/report.md).
+# The tour (about 11 minutes on 2 cores after the build): dataset, vision pretraining, three training stages, benchmark table (OUT/report.md).
 PRESET ?= tiny
 DATA   ?= data/$(PRESET)
 RUN    ?= runs/$(PRESET)

@@ -183,14 +183,15 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
                         bool causal, double scale, Tensor& gq, Tensor& gk, Tensor& gv) {
   AttnDims a = dims_of(q, k);
   int64_t G = a.group(), kv_block = a.S * a.D;
-  // The transposed products (dV = Pᵀ dO, dK = dSᵀ Q) go by chunks of columns s, each from the first row that
-  // sees it; rows before that have P = dS = 0 there.
-  std::vector<Chunk> col_chunks;
-  for (int64_t s0 = 0; s0 < a.S; s0 += causal ? kCausalRows : a.S) {
-    int64_t t_lo = causal ? std::min(first_row_seeing(s0, a.T, a.S), a.T) : 0;
-    col_chunks.push_back({t_lo, a.T - t_lo, s0});  // rows [t_lo, T), columns from s0
-  }
+  // The transposed products (dV = Pᵀ dO, dK = dSᵀ Q) go by chunks of columns [s0, s0 + width), each from the
+  // first row t_lo that sees s0; rows before that have P = dS = 0 there.
+  struct ColChunk {
+    int64_t s0, width, t_lo;
+  };
+  std::vector<ColChunk> col_chunks;
   const int64_t col_width = causal ? kCausalRows : a.S;
+  for (int64_t s0 = 0; s0 < a.S; s0 += col_width)
+    col_chunks.push_back({s0, std::min(col_width, a.S - s0), causal ? first_row_seeing(s0, a.T, a.S) : 0});
   dispatch_float(q.dtype(), "attention_backward", [&](auto tag_) {
     using X = typename decltype(tag_)::type;
     const X *pg = gout.data<X>(), *pq = q.data<X>(), *pk = k.data<X>(), *pv = v.data<X>(), *pp = probs.data<X>();
@@ -202,17 +203,12 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
     if (G > 1 && dk) { dk_heads.resize(a.B * a.H * kv_block); dk = dk_heads.data(); }
     if (G > 1 && dv) { dv_heads.resize(a.B * a.H * kv_block); dv = dv_heads.data(); }
     const std::vector<Chunk> chunks = row_chunks(a, causal);
-    // Per-column-chunk transposed product: out[s0 : s0 + w] = alpha · M[t_lo:, s0 : s0 + w]ᵀ · R[t_lo:].
+    // out[s0 : s0 + width] = alpha · M[t_lo:, s0 : s0 + width]ᵀ · R[t_lo:], chunk by chunk (t_lo < T always:
+    // the last row sees every column at or before S - 1).
     auto transposed = [&](const X* M, const X* R, X alpha, X* out) {
-      for (const Chunk& c : col_chunks) {
-        int64_t w = std::min(col_width, a.S - c.cols);
-        if (c.rows == 0) {  // no row sees these columns
-          std::fill(out + c.cols * a.D, out + (c.cols + w) * a.D, X(0));
-          continue;
-        }
-        gemm(true, false, w, a.D, c.rows, alpha, M + c.t0 * a.S + c.cols, a.S, R + c.t0 * a.D, a.D, X(0),
-             out + c.cols * a.D, a.D);
-      }
+      for (const ColChunk& c : col_chunks)
+        gemm(true, false, c.width, a.D, a.T - c.t_lo, alpha, M + c.t_lo * a.S + c.s0, a.S, R + c.t_lo * a.D, a.D,
+             X(0), out + c.s0 * a.D, a.D);
     };
 #pragma omp parallel for schedule(dynamic) if (a.B * a.H > 1 && a.B * a.H * a.T * a.S * a.D > kParallelMin)
     for (int64_t bh = 0; bh < a.B * a.H; ++bh) {

@@ -21,8 +21,10 @@
 // Edges: the float4 path is taken only when the leading dims are multiples of 4 and the pointers 16-byte
 // aligned (a template flag chosen per call); vectors that cross the matrix edge fall back to bounds-checked
 // scalar loads with zero fill, so any M, N, K works. beta == 0 never reads C (it may hold NaN garbage).
-// Next steps for speed (not done here): double-buffered shared tiles (load k+1 while computing k), BK = 16,
-// and swizzled stores of the transposed A tile.
+//  6. Double buffering: two shared tiles; the global loads of the next K tile go into registers before the
+//     current tile's FMAs and into the other shared tile after them, so their latency hides behind the math
+//     and each K tile needs one barrier instead of two.
+// Next steps for speed (not done here): BK = 16 and swizzled stores of the transposed A tile.
 #include <vector>
 
 #include "tensor/cuda/common.cuh"
@@ -32,44 +34,73 @@ namespace {
 
 constexpr int BM = 128, BN = 128, BK = 8, kGemmThreads = 256;
 
+// Each thread moves 4 values of op(A) and 4 of op(B) per K tile (BM·BK = BN·BK = 4·256). They are fetched
+// into registers first (fetch_tile) and written to shared memory later (store_tile), so that the global loads
+// of tile k + 1 are in flight while tile k is being multiplied (step 6 in the header).
+struct TileRegs {
+  float a[4], b[4];
+};
+
 template <bool VEC>
-__device__ __forceinline__ void load_tiles(bool ta, bool tb, int M, int N, int K, const float* A, int lda,
-                                           const float* B, int ldb, int m0, int n0, int k0, float (*As)[BM],
-                                           float (*Bs)[BN]) {
+__device__ __forceinline__ TileRegs fetch_tile(bool ta, bool tb, int M, int N, int K, const float* A, int lda,
+                                               const float* B, int ldb, int m0, int n0, int k0) {
   const int t = threadIdx.x;
-  // ---- A tile: BM×BK values of op(A), stored transposed As[k][m].
-  if (!ta) {  // A row-major [M, K]: a float4 runs along k
-    int row = t / 2, kk = (t % 2) * 4, m = m0 + row, k = k0 + kk;
+  TileRegs r;
+  // ---- A: BM×BK values of op(A).
+  if (!ta) {  // A row-major [M, K]: 4 consecutive k of row m
+    int m = m0 + t / 2, k = k0 + (t % 2) * 4;
     if (VEC && m < M && k + 3 < K) {
       float4 v = *reinterpret_cast<const float4*>(A + (int64_t)m * lda + k);
-      As[kk + 0][row] = v.x, As[kk + 1][row] = v.y, As[kk + 2][row] = v.z, As[kk + 3][row] = v.w;
+      r.a[0] = v.x, r.a[1] = v.y, r.a[2] = v.z, r.a[3] = v.w;
     } else {
-      for (int i = 0; i < 4; ++i) As[kk + i][row] = (m < M && k + i < K) ? A[(int64_t)m * lda + k + i] : 0.f;
+      for (int i = 0; i < 4; ++i) r.a[i] = (m < M && k + i < K) ? A[(int64_t)m * lda + k + i] : 0.f;
     }
-  } else {  // A stored [K, M]: a float4 runs along m
-    int kk = t / 32, mm = (t % 32) * 4, k = k0 + kk, m = m0 + mm;
+  } else {  // A stored [K, M]: 4 consecutive m of row k
+    int k = k0 + t / 32, m = m0 + (t % 32) * 4;
     if (VEC && k < K && m + 3 < M) {
-      *reinterpret_cast<float4*>(&As[kk][mm]) = *reinterpret_cast<const float4*>(A + (int64_t)k * lda + m);
+      float4 v = *reinterpret_cast<const float4*>(A + (int64_t)k * lda + m);
+      r.a[0] = v.x, r.a[1] = v.y, r.a[2] = v.z, r.a[3] = v.w;
     } else {
-      for (int i = 0; i < 4; ++i) As[kk][mm + i] = (k < K && m + i < M) ? A[(int64_t)k * lda + m + i] : 0.f;
+      for (int i = 0; i < 4; ++i) r.a[i] = (k < K && m + i < M) ? A[(int64_t)k * lda + m + i] : 0.f;
     }
   }
-  // ---- B tile: BK×BN values of op(B), stored Bs[k][n].
-  if (!tb) {  // B row-major [K, N]: a float4 runs along n
-    int kk = t / 32, nn = (t % 32) * 4, k = k0 + kk, n = n0 + nn;
+  // ---- B: BK×BN values of op(B).
+  if (!tb) {  // B row-major [K, N]: 4 consecutive n of row k
+    int k = k0 + t / 32, n = n0 + (t % 32) * 4;
     if (VEC && k < K && n + 3 < N) {
-      *reinterpret_cast<float4*>(&Bs[kk][nn]) = *reinterpret_cast<const float4*>(B + (int64_t)k * ldb + n);
+      float4 v = *reinterpret_cast<const float4*>(B + (int64_t)k * ldb + n);
+      r.b[0] = v.x, r.b[1] = v.y, r.b[2] = v.z, r.b[3] = v.w;
     } else {
-      for (int j = 0; j < 4; ++j) Bs[kk][nn + j] = (k < K && n + j < N) ? B[(int64_t)k * ldb + n + j] : 0.f;
+      for (int j = 0; j < 4; ++j) r.b[j] = (k < K && n + j < N) ? B[(int64_t)k * ldb + n + j] : 0.f;
     }
-  } else {  // B stored [N, K]: a float4 runs along k
-    int col = t / 2, kk = (t % 2) * 4, n = n0 + col, k = k0 + kk;
+  } else {  // B stored [N, K]: 4 consecutive k of row n
+    int n = n0 + t / 2, k = k0 + (t % 2) * 4;
     if (VEC && n < N && k + 3 < K) {
       float4 v = *reinterpret_cast<const float4*>(B + (int64_t)n * ldb + k);
-      Bs[kk + 0][col] = v.x, Bs[kk + 1][col] = v.y, Bs[kk + 2][col] = v.z, Bs[kk + 3][col] = v.w;
+      r.b[0] = v.x, r.b[1] = v.y, r.b[2] = v.z, r.b[3] = v.w;
     } else {
-      for (int j = 0; j < 4; ++j) Bs[kk + j][col] = (n < N && k + j < K) ? B[(int64_t)n * ldb + k + j] : 0.f;
+      for (int j = 0; j < 4; ++j) r.b[j] = (n < N && k + j < K) ? B[(int64_t)n * ldb + k + j] : 0.f;
     }
+  }
+  return r;
+}
+
+// As[k][m] (A transposed, step 4) and Bs[k][n], at the places fetch_tile took the values from.
+__device__ __forceinline__ void store_tile(bool ta, bool tb, const TileRegs& r, float (*As)[BM], float (*Bs)[BN]) {
+  const int t = threadIdx.x;
+  if (!ta) {
+    int row = t / 2, kk = (t % 2) * 4;
+    for (int i = 0; i < 4; ++i) As[kk + i][row] = r.a[i];
+  } else {
+    int kk = t / 32, mm = (t % 32) * 4;
+    *reinterpret_cast<float4*>(&As[kk][mm]) = make_float4(r.a[0], r.a[1], r.a[2], r.a[3]);
+  }
+  if (!tb) {
+    int kk = t / 32, nn = (t % 32) * 4;
+    *reinterpret_cast<float4*>(&Bs[kk][nn]) = make_float4(r.b[0], r.b[1], r.b[2], r.b[3]);
+  } else {
+    int col = t / 2, kk = (t % 2) * 4;
+    for (int j = 0; j < 4; ++j) Bs[kk + j][col] = r.b[j];
   }
 }
 
@@ -78,8 +109,8 @@ __global__ void __launch_bounds__(kGemmThreads) sgemm_kernel(bool ta, bool tb, i
                                                               const float* __restrict__ A, int lda,
                                                               const float* __restrict__ B, int ldb, float beta,
                                                               float* __restrict__ C, int ldc) {
-  __shared__ __align__(16) float As[BK][BM];
-  __shared__ __align__(16) float Bs[BK][BN];
+  __shared__ __align__(16) float As[2][BK][BM];
+  __shared__ __align__(16) float Bs[2][BK][BN];
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp / 4, wn = warp % 4;            // 2×4 warps, each a 64×32 tile
@@ -92,16 +123,24 @@ __global__ void __launch_bounds__(kGemmThreads) sgemm_kernel(bool ta, bool tb, i
 #pragma unroll
     for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
 
-  for (int k0 = 0; k0 < K; k0 += BK) {
-    load_tiles<VEC>(ta, tb, M, N, K, A, lda, B, ldb, m0, n0, k0, As, Bs);
-    __syncthreads();
+  // Double buffering: tile t is multiplied from buffer t % 2 while tile t + 1 travels from global memory into
+  // registers; it is stored into the other buffer afterwards. That buffer was last read in iteration t - 1,
+  // which every thread finished at the barrier closing it, so one barrier per tile suffices.
+  const int tiles = (K + BK - 1) / BK;
+  if (tiles > 0) store_tile(ta, tb, fetch_tile<VEC>(ta, tb, M, N, K, A, lda, B, ldb, m0, n0, 0), As[0], Bs[0]);
+  __syncthreads();
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int cur = tile & 1;
+    const bool more = tile + 1 < tiles;
+    TileRegs next;
+    if (more) next = fetch_tile<VEC>(ta, tb, M, N, K, A, lda, B, ldb, m0, n0, (tile + 1) * BK);
 #pragma unroll
     for (int k = 0; k < BK; ++k) {
       float a[8], b[8];
-      float4 a0 = *reinterpret_cast<const float4*>(&As[k][row0]);
-      float4 a1 = *reinterpret_cast<const float4*>(&As[k][row0 + 32]);
-      float4 b0 = *reinterpret_cast<const float4*>(&Bs[k][col0]);
-      float4 b1 = *reinterpret_cast<const float4*>(&Bs[k][col0 + 16]);
+      float4 a0 = *reinterpret_cast<const float4*>(&As[cur][k][row0]);
+      float4 a1 = *reinterpret_cast<const float4*>(&As[cur][k][row0 + 32]);
+      float4 b0 = *reinterpret_cast<const float4*>(&Bs[cur][k][col0]);
+      float4 b1 = *reinterpret_cast<const float4*>(&Bs[cur][k][col0 + 16]);
       a[0] = a0.x, a[1] = a0.y, a[2] = a0.z, a[3] = a0.w, a[4] = a1.x, a[5] = a1.y, a[6] = a1.z, a[7] = a1.w;
       b[0] = b0.x, b[1] = b0.y, b[2] = b0.z, b[3] = b0.w, b[4] = b1.x, b[5] = b1.y, b[6] = b1.z, b[7] = b1.w;
 #pragma unroll
@@ -109,6 +148,7 @@ __global__ void __launch_bounds__(kGemmThreads) sgemm_kernel(bool ta, bool tb, i
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
     }
+    if (more) store_tile(ta, tb, next, As[cur ^ 1], Bs[cur ^ 1]);
     __syncthreads();
   }
 
