@@ -28,6 +28,7 @@ Tensor relu(const Tensor& a);
 Tensor gelu(const Tensor& a);        // exact: x * Phi(x) with erf
 Tensor quick_gelu(const Tensor& a);  // x * sigmoid(1.702 x), CLIP's activation
 Tensor silu(const Tensor& a);
+Tensor swiglu(const Tensor& gate, const Tensor& up);  // silu(gate)·up, fused (gate and up of one shape)
 Tensor activation(const Tensor& a, const std::string& name);  // by config name: gelu, quick_gelu, silu, relu, tanh
 
 // ---- reductions (ops_reduce.cpp)

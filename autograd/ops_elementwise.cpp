@@ -1,7 +1,8 @@
 // Elementwise ops with broadcasting. Gradient rules:
 //   add: ga = g, gb = g;  sub: gb = -g;  mul: ga = g·b, gb = g·a;  div: ga = g/b, gb = -g·a/b²
 // each summed back to the input's shape (sum_to) when it was broadcast. Unary ops: gx = g·f'(x), with the
-// derivative computed by the kernel from x and the saved output y.
+// derivative computed by the kernel from x and the saved output y. swiglu(gate, up) = silu(gate)·up:
+//   g_gate = g·up·silu'(gate), g_up = g·silu(gate)  (saves gate and up; the sigmoid is recomputed)
 #include "autograd/op_util.h"
 #include "tensor/dispatch.h"
 
@@ -91,6 +92,28 @@ Tensor relu(const Tensor& a) { return unary_op("relu", UnaryOp::relu, a); }
 Tensor gelu(const Tensor& a) { return unary_op("gelu", UnaryOp::gelu, a); }
 Tensor quick_gelu(const Tensor& a) { return unary_op("quick_gelu", UnaryOp::quick_gelu, a); }
 Tensor silu(const Tensor& a) { return unary_op("silu", UnaryOp::silu, a); }
+
+// swiglu(gate, up) = silu(gate)·up in one kernel each way (Llama's MLP); gate and up have one shape.
+Tensor swiglu(const Tensor& gate, const Tensor& up) {
+  const char* op = "swiglu";
+  check_defined(op, gate, "gate");
+  check_defined(op, up, "up");
+  check_same_device(op, gate, up);
+  check_same_dtype(op, gate, up);
+  check_float(op, gate);
+  PSA_CHECK(gate.shape() == up.shape(), op, ": gate ", shape_str(gate.shape()), " and up ", shape_str(up.shape()),
+            " must have the same shape");
+  Tensor out = Tensor::empty(gate.shape(), gate.dtype(), gate.device());
+  PSA_KERNEL(out.device(), swiglu)(gate, up, out);
+  Tensor gs = gate.detach(), us = up.detach();
+  bool need_gate = gate.requires_grad(), need_up = up.requires_grad();
+  return record(op, out, {gate, up}, [=](const Tensor& g) -> Grads {
+    Tensor g_gate = need_gate ? Tensor::empty(gs.shape(), gs.dtype(), gs.device()) : Tensor();
+    Tensor g_up = need_up ? Tensor::empty(us.shape(), us.dtype(), us.device()) : Tensor();
+    PSA_KERNEL(g.device(), swiglu_backward)(gs, us, g, g_gate, g_up);
+    return {g_gate, g_up};
+  });
+}
 
 Tensor activation(const Tensor& a, const std::string& name) {
   if (name == "gelu") return gelu(a);

@@ -99,7 +99,7 @@ LlamaLayer::LlamaLayer(const LlamaConfig& c) {
 Tensor LlamaLayer::forward(const Tensor& x, const Tensor& cos, const Tensor& sin, KVCache* cache, int64_t layer) const {
   Tensor h = add(x, self_attn->forward(input_layernorm->forward(x), cos, sin, cache, layer));
   Tensor n = post_attention_layernorm->forward(h);
-  return add(h, down_proj->forward(mul(silu(gate_proj->forward(n)), up_proj->forward(n))));
+  return add(h, down_proj->forward(swiglu(gate_proj->forward(n), up_proj->forward(n))));
 }
 
 LlamaForCausalLM::LlamaForCausalLM(const LlamaConfig& c) : config(c) {

@@ -90,6 +90,14 @@ std::vector<OpCase> elementwise_cases() {
   v.push_back(unary_case("gelu", gelu, [](double x) { return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0))); }));
   v.push_back(unary_case("quick_gelu", quick_gelu, [](double x) { return x * sig(1.702 * x); }));
   v.push_back(unary_case("silu", silu, [](double x) { return x * sig(x); }));
+  OpCase sw;
+  sw.op = "swiglu";
+  sw.shapes = {{{7}, {7}}, {{3, 5, 2}, {3, 5, 2}}, {{2, 37}, {2, 37}}};  // 37: vector body and scalar tail
+  sw.run = [](const Inputs& in) { return swiglu(in[0], in[1]); };
+  sw.reference = [](const Inputs& in) {
+    return ref_binary(in[0], in[1], [](double g, double u) { return g * sig(g) * u; });
+  };
+  v.push_back(sw);
   return v;
 }
 

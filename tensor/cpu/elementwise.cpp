@@ -160,6 +160,16 @@ bool unary_backward_lanes(UnaryOp op, const T* x, const T* g, T* gx, int64_t n) 
   }
 }
 
+// swiglu's backward at one position (V = a scalar or 8 float lanes): g_gate = g·u·silu'(x), g_up = g·silu(x),
+// from one sigmoid.
+template <typename V>
+void swiglu_grads(V x, V u, V g, V& g_gate, V& g_up) {
+  using S = scalar_of<V>;
+  V s = sigmoid_of(x);
+  g_up = g * (x * s);
+  g_gate = g * u * (s + x * s * (S(1) - s));
+}
+
 }  // namespace
 
 void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out) {
@@ -205,6 +215,46 @@ void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& 
     if (unary_backward_lanes(op, px, pg, po, n)) return;
 #pragma omp parallel for if (n > kParallelMin)
     for (int64_t i = 0; i < n; ++i) po[i] = pg[i] * unary_derivative(op, px[i], py[i], p);
+  });
+}
+
+// ---- swiglu = silu(gate)·up, fused: the forward reads two arrays and writes one, the backward reads three and
+// writes two, where silu followed by mul (and their backwards: two muls and silu's) passes over 5 + 9 arrays.
+// Nothing is saved beyond the inputs: the backward recomputes the sigmoid.
+void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) {
+  dispatch_float(out.dtype(), "swiglu", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    const T *pg = gate.data<T>(), *pu = up.data<T>();
+    T* po = out.data<T>();
+    for_blocks(out.numel(), [&](int64_t i, int64_t e) {
+      map_lanes(pg + i, pu + i, po + i, e - i, [](auto x, auto u) { return silu_of(x) * u; });
+    });
+  });
+}
+
+void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& gout, Tensor& g_gate, Tensor& g_up) {
+  dispatch_float(gout.dtype(), "swiglu_backward", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    const T *px = gate.data<T>(), *pu = up.data<T>(), *pg = gout.data<T>();
+    T* dgate = g_gate.defined() ? g_gate.data<T>() : nullptr;
+    T* dup = g_up.defined() ? g_up.data<T>() : nullptr;
+    for_blocks(gout.numel(), [&](int64_t i, int64_t e) {
+      T gg, gu;
+#ifdef PSA_VEC_EXP
+      if constexpr (std::is_same_v<T, float>)
+        for (; i + 8 <= e; i += 8) {
+          __m256 vg, vu;
+          swiglu_grads(_mm256_loadu_ps(px + i), _mm256_loadu_ps(pu + i), _mm256_loadu_ps(pg + i), vg, vu);
+          if (dgate) _mm256_storeu_ps(dgate + i, vg);
+          if (dup) _mm256_storeu_ps(dup + i, vu);
+        }
+#endif
+      for (; i < e; ++i) {
+        swiglu_grads(px[i], pu[i], pg[i], gg, gu);
+        if (dgate) dgate[i] = gg;
+        if (dup) dup[i] = gu;
+      }
+    });
   });
 }
 

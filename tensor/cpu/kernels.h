@@ -13,6 +13,10 @@ void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out);  // out
 void unary(UnaryOp op, const Tensor& x, double param, Tensor& out);
 // gx = gout * d op(x) / dx; y = op(x) is passed because some derivatives are cheaper from it
 void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& gout, double param, Tensor& gx);
+// Llama's gated MLP activation, fused: out = silu(gate)·up (same shapes), and its backward
+// g_gate = gout·up·silu'(gate), g_up = gout·silu(gate); an undefined g_gate / g_up is not computed.
+void swiglu(const Tensor& gate, const Tensor& up, Tensor& out);
+void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& gout, Tensor& g_gate, Tensor& g_up);
 
 // reduce.cpp: a viewed as [outer, n, inner], reduced over n
 void sum_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& out);

@@ -115,6 +115,21 @@ __global__ void unary_backward_kernel(UnaryOp op, const T* x, const T* y, const 
   CUDA_LOOP(i, n) o[i] = g[i] * unary_derivative(op, x[i], y[i], p);
 }
 
+// swiglu = silu(gate)·up and its backward (the CPU's formulas, tensor/cpu/elementwise.cpp).
+template <typename T>
+__global__ void swiglu_kernel(const T* gate, const T* up, T* o, int64_t n) {
+  CUDA_LOOP(i, n) o[i] = gate[i] * sigmoid_of(gate[i]) * up[i];
+}
+
+template <typename T>
+__global__ void swiglu_backward_kernel(const T* gate, const T* up, const T* g, T* g_gate, T* g_up, int64_t n) {
+  CUDA_LOOP(i, n) {
+    T x = gate[i], s = sigmoid_of(x);
+    if (g_up) g_up[i] = g[i] * (x * s);
+    if (g_gate) g_gate[i] = g[i] * up[i] * (s + x * s * (T(1) - s));
+  }
+}
+
 }  // namespace
 
 void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out) {
@@ -150,6 +165,28 @@ void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& 
     using T = typename decltype(tag_)::type;
     unary_backward_kernel<T><<<blocks_for(n), kThreads>>>(op, x.data<T>(), y.data<T>(), gout.data<T>(), (T)param,
                                                           gx.data<T>(), n);
+    cudaCheckLaunch();
+  });
+}
+
+void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) {
+  int64_t n = out.numel();
+  if (n == 0) return;
+  dispatch_float(out.dtype(), "cuda swiglu", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    swiglu_kernel<T><<<blocks_for(n), kThreads>>>(gate.data<T>(), up.data<T>(), out.data<T>(), n);
+    cudaCheckLaunch();
+  });
+}
+
+void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& gout, Tensor& g_gate, Tensor& g_up) {
+  int64_t n = gout.numel();
+  if (n == 0) return;
+  dispatch_float(gout.dtype(), "cuda swiglu_backward", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    swiglu_backward_kernel<T><<<blocks_for(n), kThreads>>>(gate.data<T>(), up.data<T>(), gout.data<T>(),
+                                                           g_gate.defined() ? g_gate.data<T>() : nullptr,
+                                                           g_up.defined() ? g_up.data<T>() : nullptr, n);
     cudaCheckLaunch();
   });
 }

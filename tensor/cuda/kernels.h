@@ -18,6 +18,8 @@ using cpu::UnaryOp;
 void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out);
 void unary(UnaryOp op, const Tensor& x, double param, Tensor& out);
 void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& gout, double param, Tensor& gx);
+void swiglu(const Tensor& gate, const Tensor& up, Tensor& out);
+void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& gout, Tensor& g_gate, Tensor& g_up);
 void broadcast_to(const Tensor& a, Tensor& out);
 
 // reduce.cu
