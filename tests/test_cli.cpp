@@ -80,6 +80,14 @@ TEST_F(CliErrors, ConformOnAGoodFixtureExitsZero) {
   EXPECT_EQ(r.err, "");
 }
 
+TEST_F(CliErrors, BenchStepProfileRejectsJsonAndPrintsKernelRows) {
+  expect_one_line_error(run_psa("bench-step --profile --json"), "--profile");
+  Result r = run_psa("bench-step --profile --stage 2 --steps 1 --warmup 0 --threads 1");
+  EXPECT_EQ(r.status, 0) << r.err;
+  for (const char* row : {"kernel profile", "matmul (backward)", "swiglu_backward", "attention", "outside kernels"})
+    EXPECT_NE(r.out.find(row), std::string::npos) << row << " missing from:\n" << r.out;
+}
+
 TEST_F(CliErrors, UnknownCommandExitsTwo) {
   Result r = run_psa("nosuchcommand");
   EXPECT_EQ(r.status, 2);
