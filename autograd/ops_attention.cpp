@@ -107,7 +107,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
     Tensor os = out.detach(), ms = mask.defined() ? mask.detach() : Tensor();
     return record(op, out, {q, k, v}, [=](const Tensor& g) -> Grads {
       Grads gr = grads_like();
-      profile::timed("attention_backward", &cuda::attention_backward)(g, qs, ks, vs, os, lse, ms, causal, scale, gr[0], gr[1], gr[2]);
+      profile::timed("attention_backward", &cuda::attention_backward)(g, qs, ks, vs, os, lse, ms, causal, scale,
+                                                                      gr[0], gr[1], gr[2]);
       return gr;
     });
 #else
@@ -118,7 +119,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
   profile::timed("attention", &cpu::attention)(q, k, v, mask, causal, scale, out, probs);
   return record(op, out, {q, k, v}, [=](const Tensor& g) -> Grads {
     Grads gr = grads_like();
-    profile::timed("attention_backward", &cpu::attention_backward)(g, qs, ks, vs, probs, causal, scale, gr[0], gr[1], gr[2]);
+    profile::timed("attention_backward", &cpu::attention_backward)(g, qs, ks, vs, probs, causal, scale, gr[0], gr[1],
+                                                                   gr[2]);
     return gr;
   });
 }

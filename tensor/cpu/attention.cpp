@@ -222,7 +222,8 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
         gemm(false, true, c.rows, c.cols, a.D, X(1), dO + c.t0 * a.D, a.D, pv + kv, a.D, X(0), d, a.S);
         softmax_grad_rows(P + c.t0 * a.S, d, c.rows, c.cols, a.S);
         if (pgq)
-          gemm(false, false, c.rows, a.D, c.cols, (X)scale, d, a.S, pk + kv, a.D, X(0), pgq + (bh * a.T + c.t0) * a.D, a.D);
+          gemm(false, false, c.rows, a.D, c.cols, (X)scale, d, a.S, pk + kv, a.D, X(0), pgq + (bh * a.T + c.t0) * a.D,
+               a.D);
       }
       if (dk) transposed(dS.data(), Q, (X)scale, dk + bh * kv_block);
     }

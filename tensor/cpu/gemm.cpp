@@ -47,8 +47,9 @@
 // Packing copies both operands (layout in the Packing section): packed slivers make every kernel load
 // sequential and keep power-of-two leading dimensions (1024, 2048) from mapping a block's rows onto the
 // same cache sets. One exception: bands of C at most 128 columns wide read a row-major A in place (see
-// band_block), where the pack would cost more than it saves. The transposing packs (A row-major, B stored transposed) use 8x8 register
-// transposes, so packing stays a few percent of the work even when N or M is only ~128.
+// band_block), where the pack would cost more than it saves. The transposing packs (A row-major, B stored
+// transposed) use 8x8 register transposes, so packing stays a few percent of the work even when N or M is
+// only ~128.
 //
 // Threads: all of op(B) is packed up front, so that threads share it with a single synchronisation; the
 // B packing (K block x 16 slivers) and the bands of C (row bands, plus column bands when M is
@@ -282,8 +283,9 @@ void pack_a_rows(int64_t mc, int64_t kc, const float* A, int64_t lda, float* dst
 
 // ---------------------------------------------------------------------------------------------------
 // Micro-kernel: C[m_ x n] = alpha * sum_k a[k][0..m_) (x) b[k][0..n) + beta * C (beta == 0: C not read).
-// a is a packed A sliver [kc][MR], b a packed B sliver [kc][NR]. nv_ = ceil(n / W) vectors per row are
-// computed; when n < nv_ * W the tile goes through a buffer and only n columns are written.
+// a is a packed A sliver [kc][MR] (packed_a) or the first of m_ rows of a row-major A, lda apart; b is a
+// packed B sliver [kc][NR]. nv_ = ceil(n / W) vectors per row are computed; when n < nv_ * W the tile goes
+// through a buffer and only n columns are written.
 
 template <int m_, int nv_, bool packed_a>
 void micro_kernel(int64_t kc, const float* __restrict a, int64_t lda, const float* __restrict b,
