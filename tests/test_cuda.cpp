@@ -309,10 +309,13 @@ TEST(CudaGemm, OwnSgemmMatchesCublasOnEveryLayoutAndEdge) {
   SKIP_WITHOUT_GPU();
   GuardScope guard;
   struct Size {
-    int64_t M, N, K, pad;  // pad > 0 makes every leading dim longer than needed (and not a multiple of 4)
+    int64_t M, N, K, pad;  // pad > 0 makes every leading dim longer than needed
   };
+  // The float4 path needs every leading dim a multiple of 4: {132, 260, 20} and {4, 4, 4} take it with edge
+  // tiles in M and N, a partial last K tile and K < 8; {100, 136, 44, 4} with padded leading dims.
   for (Size sz : std::vector<Size>{{1, 1, 1, 0}, {17, 33, 9, 0}, {128, 128, 8, 0}, {130, 67, 259, 0},
-                                   {256, 512, 64, 0}, {97, 131, 45, 3}, {300, 200, 100, 1}}) {
+                                   {256, 512, 64, 0}, {97, 131, 45, 3}, {300, 200, 100, 1}, {132, 260, 20, 0},
+                                   {4, 4, 4, 0}, {100, 136, 44, 4}}) {
     for (int layout = 0; layout < 4; ++layout) {
       bool ta = layout & 1, tb = layout & 2;
       for (float beta : {0.0f, 0.5f}) {

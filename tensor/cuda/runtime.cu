@@ -112,9 +112,21 @@ void verify_guards(Cache& c, void* user, size_t n) {
   }
 }
 
+// cudaMalloc of `rounded` bytes (for `requested`); when the device is full, the cached free blocks are released
+// and the call retried once. Other errors (a sticky fault from an earlier kernel) are reported as themselves,
+// not as out of memory.
+void* device_malloc(Cache& c, size_t requested, size_t rounded) {
+  void* p = nullptr;
+  cudaError_t err = cudaMalloc(&p, rounded);
+  if (err == cudaSuccess) return p;
+  if (err != cudaErrorMemoryAllocation) ::psa::fail("cudaMalloc(", rounded, " bytes): ", cudaGetErrorString(err));
+  cudaGetLastError();
+  if (release_cached(c) == 0 || (err = cudaMalloc(&p, rounded)) != cudaSuccess) out_of_memory(requested, rounded, c, err);
+  return p;
+}
+
 void* guarded_alloc(Cache& c, size_t n) {
-  void* base = nullptr;
-  cudaCheck(cudaMalloc(&base, n + 2 * kGuard));
+  void* base = device_malloc(c, n, n + 2 * kGuard);
   cudaCheck(cudaMemset(base, kGuardByte, n + 2 * kGuard));
   void* user = static_cast<char*>(base) + kGuard;
   cudaCheck(cudaMemset(user, 0xFF, n));
@@ -144,18 +156,18 @@ void* alloc(size_t nbytes) {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
   if (c.guard) {
+    void* p = guarded_alloc(c, nbytes);  // counted only once it exists
     c.in_use += nbytes;
     if (c.in_use > c.peak) c.peak = c.in_use;
-    return guarded_alloc(c, nbytes);
+    return p;
   }
   void* p = nullptr;
   auto it = c.free_blocks.find(n);
   if (it != c.free_blocks.end() && !it->second.empty()) {
     p = it->second.back();
     it->second.pop_back();
-  } else if (cudaError_t err = cudaMalloc(&p, n); err != cudaSuccess) {
-    cudaGetLastError();
-    if (release_cached(c) == 0 || (err = cudaMalloc(&p, n)) != cudaSuccess) out_of_memory(nbytes, n, c, err);
+  } else {
+    p = device_malloc(c, nbytes, n);
   }
   c.in_use += n;
   if (c.in_use > c.peak) c.peak = c.in_use;
