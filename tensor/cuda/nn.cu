@@ -178,6 +178,10 @@ __global__ void cross_entropy_rows(const T* x, const int64_t* targets, int64_t i
   __shared__ double scratch[256];
   __shared__ T tscratch[256];
   int64_t i = blockIdx.x;
+  if (targets[i] == ignore_index) {  // as on the CPU: no log-sum-exp for an ignored row (the whole block returns)
+    if (threadIdx.x == 0) lse[i] = T(0), row_loss[i] = 0.0;
+    return;
+  }
   const T* xr = x + i * V;
   T mx = -d_inf<T>();
   for (int64_t v = threadIdx.x; v < V; v += blockDim.x) mx = std_max(mx, xr[v]);
@@ -187,7 +191,7 @@ __global__ void cross_entropy_rows(const T* x, const int64_t* targets, int64_t i
   double row_lse = (double)mx + ::log(block_sum(s, scratch));
   if (threadIdx.x == 0) {
     lse[i] = (T)row_lse;
-    row_loss[i] = targets[i] != ignore_index ? row_lse - (double)xr[targets[i]] : 0.0;
+    row_loss[i] = row_lse - (double)xr[targets[i]];
   }
 }
 
