@@ -341,6 +341,7 @@ void rope_backward(const Tensor& gout, const Tensor& cos, const Tensor& sin, Ten
 
 void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, bool causal, double scale,
                Tensor& out, Tensor& lse) {
+  if (q.size(3) == 0) return;  // head dim 0: the output is empty (the CPU accepts it too)
   AttnShape a = shape_of(q, k, mask);
   if (a.B * a.H * a.T == 0) return;
   dispatch_float(q.dtype(), "cuda attention", [&](auto tag_) {
@@ -360,6 +361,7 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
 void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                         const Tensor& lse, const Tensor& mask, bool causal, double scale, Tensor& gq, Tensor& gk,
                         Tensor& gv) {
+  if (q.size(3) == 0) return;  // every gradient is empty
   AttnShape a = shape_of(q, k, mask);
   dispatch_float(q.dtype(), "cuda attention_backward", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
