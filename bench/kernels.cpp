@@ -536,7 +536,7 @@ Case cross_entropy_case(const Dims& d, bool backward) {
 Case cross_entropy_fwd(const Dims& d) { return cross_entropy_case(d, false); }
 Case cross_entropy_bwd(const Dims& d) { return cross_entropy_case(d, true); }
 
-// ---- elementwise: add (residuals), silu (the LLM's MLP) ------------------------------------------------------
+// ---- elementwise: add (residuals), silu and swiglu (the LLM's MLP) ----------------------------------------------
 
 Case add_case(const Dims& d) {
   int64_t n = d[0] * d[1];
@@ -581,6 +581,37 @@ Case silu_case(const Dims& d, bool backward) {
 
 Case silu_fwd(const Dims& d) { return silu_case(d, false); }
 Case silu_bwd(const Dims& d) { return silu_case(d, true); }
+
+// swiglu = silu(gate)·up, the fused form the LLM's MLP runs (forward reads 2 arrays and writes 1, backward
+// reads 3 and writes 2).
+Case swiglu_case(const Dims& d, bool backward) {
+  int64_t n = d[0] * d[1];
+  Tensor x = uniform({d[0], d[1]}, -6, 6, 1), u = uniform({d[0], d[1]}, -1, 1, 3), y = Tensor::empty({d[0], d[1]});
+  Tensor g = uniform({d[0], d[1]}, -1, 1, 2), gx = Tensor::empty({d[0], d[1]}), gu = Tensor::empty({d[0], d[1]});
+  Case c;
+  c.run = [=]() mutable {
+    if (backward) cpu::swiglu_backward(x, u, g, gx, gu);
+    else cpu::swiglu(x, u, y);
+  };
+  c.check = [=] {
+    Check k;
+    for (int64_t i : sample(n)) {
+      double xi = f(x)[i], ui = f(u)[i], gi = f(g)[i];
+      if (backward) {
+        k.near("swiglu backward (gate)", i, f(gx)[i], gi * ui * silu_grad(xi), 1e-5);
+        k.near("swiglu backward (up)", i, f(gu)[i], gi * silu(xi), 1e-5);
+      } else {
+        k.near("swiglu", i, f(y)[i], silu(xi) * ui, 1e-5);
+      }
+    }
+    return k.error;
+  };
+  c.bytes = (backward ? 5.0 : 3.0) * n * 4;
+  return c;
+}
+
+Case swiglu_fwd(const Dims& d) { return swiglu_case(d, false); }
+Case swiglu_bwd(const Dims& d) { return swiglu_case(d, true); }
 
 // ---- exp over a tensor (the vectorised exp of tensor/cpu/vec_math.h that softmax, cross_entropy, attention
 // and the sigmoid-family activations use), on inputs spread over [-20, 20] ---------------------------------
@@ -714,6 +745,8 @@ std::vector<Family> families() {
       {"add", add_case, mlp_rows},
       {"silu", silu_fwd, mlp_rows},
       {"silu_bwd", silu_bwd, mlp_rows},
+      {"swiglu", swiglu_fwd, mlp_rows},
+      {"swiglu_bwd", swiglu_bwd, mlp_rows},
       {"exp", exp_case, logits},
       {"adamw", adamw_case, {{"1M", {1 << 20}}}},
   };
