@@ -21,6 +21,14 @@ void check_float(const char* op, const Tensor& t) {
             shape_str(t.shape()));
 }
 
+void check_float_operands(const char* op, const Tensor& a, const char* a_name, const Tensor& b, const char* b_name) {
+  check_defined(op, a, a_name);
+  check_defined(op, b, b_name);
+  check_same_device(op, a, b);
+  check_same_dtype(op, a, b);
+  check_float(op, a);
+}
+
 void check_rank(const char* op, const Tensor& t, int64_t rank, const char* what) {
   PSA_CHECK(t.dim() == rank, op, ": ", what, " must have ", rank, " dims, got ", shape_str(t.shape()));
 }
@@ -45,6 +53,12 @@ int64_t normalize_dim(const char* op, int64_t dim, int64_t rank) {
 }
 
 void no_kernel(const char* op, Device d) { fail(op, ": no kernel for device ", device_name(d)); }
+
+bool needs_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
+
+Tensor grad_buffer(bool needed, const Shape& shape, const Tensor& like) {
+  return needed ? Tensor::empty(shape, like.dtype(), like.device()) : Tensor();
+}
 
 DimSplit split_at(const Shape& s, int64_t dim) {
   DimSplit r{1, s[dim], 1};

@@ -95,9 +95,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
   Tensor qs = q.detach(), ks = k.detach(), vs = v.detach();
   bool need_q = q.requires_grad(), need_k = k.requires_grad(), need_v = v.requires_grad();
   auto grads_like = [=]() -> Grads {
-    return {need_q ? Tensor::empty(qs.shape(), qs.dtype(), qs.device()) : Tensor(),
-            need_k ? Tensor::empty(ks.shape(), ks.dtype(), ks.device()) : Tensor(),
-            need_v ? Tensor::empty(vs.shape(), vs.dtype(), vs.device()) : Tensor()};
+    return {grad_buffer(need_q, qs.shape(), qs), grad_buffer(need_k, ks.shape(), ks),
+            grad_buffer(need_v, vs.shape(), vs)};
   };
   Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());
   if (q.device() == Device::cuda) {

@@ -9,12 +9,6 @@
 namespace psa {
 namespace {
 
-Tensor grad_like(bool needed, const Tensor& t) {
-  return needed ? Tensor::empty(t.shape(), t.dtype(), t.device()) : Tensor();
-}
-
-bool needs_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
-
 void check_pair(const char* op, const Tensor& x, const Tensor& w) {
   check_defined(op, x, "x");
   check_defined(op, w, "w");
@@ -52,7 +46,7 @@ Tensor patch_conv(const Tensor& x, const Tensor& w, const Tensor& bias) {
   Tensor xs = x.detach(), ws = w.detach();
   bool need_x = needs_grad(x), need_w = needs_grad(w), need_b = needs_grad(bias);
   return record(op, out, {x, w, bias}, [=](const Tensor& g) -> Grads {
-    Tensor gx = grad_like(need_x, xs), gw = grad_like(need_w, ws);
+    Tensor gx = grad_buffer(need_x, xs.shape(), xs), gw = grad_buffer(need_w, ws.shape(), ws);
     Tensor gb = need_b ? Tensor::empty({ws.size(0)}, ws.dtype(), ws.device()) : Tensor();
     PSA_KERNEL(xs.device(), patch_conv_backward)(g, xs, ws, gx, gw, gb);
     return {gx, gw, gb};
@@ -69,7 +63,7 @@ Tensor depthwise_conv3x3(const Tensor& x, const Tensor& w) {
   Tensor xs = x.detach(), ws = w.detach();
   bool need_x = needs_grad(x), need_w = needs_grad(w);
   return record(op, out, {x, w}, [=](const Tensor& g) -> Grads {
-    Tensor gx = grad_like(need_x, xs), gw = grad_like(need_w, ws);
+    Tensor gx = grad_buffer(need_x, xs.shape(), xs), gw = grad_buffer(need_w, ws.shape(), ws);
     PSA_KERNEL(xs.device(), depthwise_conv3x3_backward)(g, xs, ws, gx, gw);
     return {gx, gw};
   });

@@ -13,11 +13,7 @@ using cpu::BinaryOp;
 using cpu::UnaryOp;
 
 Tensor binary_forward(const char* op, BinaryOp kind, const Tensor& a, const Tensor& b) {
-  check_defined(op, a, "a");
-  check_defined(op, b, "b");
-  check_same_device(op, a, b);
-  check_same_dtype(op, a, b);
-  check_float(op, a);
+  check_float_operands(op, a, "a", b, "b");
   Tensor out = Tensor::empty(broadcast_shape(op, a.shape(), b.shape()), a.dtype(), a.device());
   PSA_KERNEL(out.device(), binary)(kind, a, b, out);
   return out;
@@ -96,20 +92,15 @@ Tensor silu(const Tensor& a) { return unary_op("silu", UnaryOp::silu, a); }
 // swiglu(gate, up) = silu(gate)·up in one kernel each way (Llama's MLP); gate and up have one shape.
 Tensor swiglu(const Tensor& gate, const Tensor& up) {
   const char* op = "swiglu";
-  check_defined(op, gate, "gate");
-  check_defined(op, up, "up");
-  check_same_device(op, gate, up);
-  check_same_dtype(op, gate, up);
-  check_float(op, gate);
+  check_float_operands(op, gate, "gate", up, "up");
   PSA_CHECK(gate.shape() == up.shape(), op, ": gate ", shape_str(gate.shape()), " and up ", shape_str(up.shape()),
             " must have the same shape");
   Tensor out = Tensor::empty(gate.shape(), gate.dtype(), gate.device());
   PSA_KERNEL(out.device(), swiglu)(gate, up, out);
   Tensor gs = gate.detach(), us = up.detach();
-  bool need_gate = gate.requires_grad(), need_up = up.requires_grad();
+  bool need_gate = needs_grad(gate), need_up = needs_grad(up);
   return record(op, out, {gate, up}, [=](const Tensor& g) -> Grads {
-    Tensor g_gate = need_gate ? Tensor::empty(gs.shape(), gs.dtype(), gs.device()) : Tensor();
-    Tensor g_up = need_up ? Tensor::empty(us.shape(), us.dtype(), us.device()) : Tensor();
+    Tensor g_gate = grad_buffer(need_gate, gs.shape(), gs), g_up = grad_buffer(need_up, us.shape(), us);
     PSA_KERNEL(g.device(), swiglu_backward)(gs, us, g, g_gate, g_up);
     return {g_gate, g_up};
   });

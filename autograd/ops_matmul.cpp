@@ -8,11 +8,7 @@ namespace psa {
 
 Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
   const char* op = "matmul";
-  check_defined(op, a, "a");
-  check_defined(op, b, "b");
-  check_same_device(op, a, b);
-  check_same_dtype(op, a, b);
-  check_float(op, a);
+  check_float_operands(op, a, "a", b, "b");
   PSA_CHECK(a.dim() >= 2 && b.dim() >= 2, op, ": ", shape_str(a.shape()), " x ", shape_str(b.shape()),
             ": both operands need at least 2 dims");
   if (b.dim() == 2 && a.dim() > 2 && !ta) {  // fold the batch of a into its rows

@@ -27,13 +27,6 @@ void check_affine(const char* op, const Tensor& x, const Tensor& p, const char* 
             shape_str(x.shape()), ": want [", x.size(-1), "]");
 }
 
-// A gradient is only computed for inputs that need one.
-Tensor grad_buffer(bool needed, const Shape& shape, const Tensor& like) {
-  return needed ? Tensor::empty(shape, like.dtype(), like.device()) : Tensor();
-}
-
-bool needs_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
-
 }  // namespace
 
 Tensor layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps) {

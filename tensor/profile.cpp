@@ -8,7 +8,15 @@ namespace {
 // Kernels run on the calling thread (their OpenMP teams are inside the call), so one table suffices.
 bool g_on = false;
 thread_local bool g_backward = false;
-std::map<std::pair<const char*, bool>, Row> g_rows;  // keyed by the kernel's name literal and the pass
+std::map<std::string, Row> g_rows;  // by label: the kernel's name, with " (backward)" where the name lacks it
+
+std::string label(const char* kernel) {
+  std::string name = kernel;
+  const std::string suffix = "_backward";
+  bool named_backward =
+      name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return g_backward && !named_backward ? name + " (backward)" : name;
+}
 }  // namespace
 
 void start() {
@@ -18,15 +26,8 @@ void start() {
 
 std::vector<Row> stop() {
   g_on = false;
-  std::map<std::string, Row> merged;  // the same name may be spelled by more than one literal
-  for (const auto& [key, r] : g_rows) {
-    Row& m = merged[r.kernel];
-    m.kernel = r.kernel;
-    m.calls += r.calls;
-    m.seconds += r.seconds;
-  }
   std::vector<Row> rows;
-  for (auto& [name, r] : merged) rows.push_back(r);
+  for (const auto& [name, r] : g_rows) rows.push_back(r);
   std::sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) { return a.seconds > b.seconds; });
   return rows;
 }
@@ -34,14 +35,9 @@ std::vector<Row> stop() {
 bool on() { return g_on; }
 
 void add(const char* kernel, double seconds) {
-  Row& r = g_rows[{kernel, g_backward}];
-  if (r.calls == 0) {
-    r.kernel = kernel;
-    const std::string suffix = "_backward";
-    bool named_backward = r.kernel.size() > suffix.size() &&
-                          r.kernel.compare(r.kernel.size() - suffix.size(), suffix.size(), suffix) == 0;
-    if (g_backward && !named_backward) r.kernel += " (backward)";
-  }
+  std::string name = label(kernel);
+  Row& r = g_rows[name];
+  r.kernel = name;
   ++r.calls;
   r.seconds += seconds;
 }

@@ -163,6 +163,7 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
     const X *pq = q.data<X>(), *pk = k.data<X>(), *pv = v.data<X>();
     const X* pm = mask.defined() ? mask.data<X>() : nullptr;
     X *po = out.data<X>(), *pp = probs.data<X>();
+    const std::vector<Chunk> chunks = row_chunks(a, causal);
 #pragma omp parallel for schedule(dynamic) if (a.B * a.H > 1 && a.B * a.H * a.T * a.S * a.D > kParallelMin)
     for (int64_t bh = 0; bh < a.B * a.H; ++bh) {
       int64_t b = bh / a.H, h = bh % a.H, kv = (b * a.Hkv + h / a.group()) * a.S * a.D;
@@ -170,7 +171,7 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
       X* P = pp + bh * a.T * a.S;
       X* O = po + bh * a.T * a.D;
       int64_t mo = mask_offset(mask, a, b, h);
-      for (const Chunk& c : row_chunks(a, causal)) {  // P = 0 past `cols` (mask_softmax_rows writes it)
+      for (const Chunk& c : chunks) {  // P = 0 past `cols` (mask_softmax_rows writes it)
         gemm(false, true, c.rows, c.cols, a.D, (X)scale, Q + c.t0 * a.D, a.D, pk + kv, a.D, X(0), P + c.t0 * a.S, a.S);
         mask_softmax_rows(P + c.t0 * a.S, mo < 0 ? nullptr : pm + mo + c.t0 * a.S, causal, c.t0, c.rows, a.T, a.S);
         gemm(false, false, c.rows, a.D, c.cols, X(1), P + c.t0 * a.S, a.S, pv + kv, a.D, X(0), O + c.t0 * a.D, a.D);

@@ -75,12 +75,16 @@ V quick_gelu_of(V x) {
   using S = scalar_of<V>;
   return x * sigmoid_of(S(1.702) * x);
 }
-// d/dx x·σ(a·x) = σ + a·x·σ·(1 - σ) with σ = σ(a·x): silu is a = 1, quick_gelu a = 1.702.
+// d/dx x·σ(a·x) = σ + a·x·σ·(1 - σ) with σ = σ(a·x): silu is a = 1, quick_gelu a = 1.702. The first form
+// takes σ when the caller has it already.
+template <typename V>
+V x_sigmoid_grad(V x, V s, scalar_of<V> a) {
+  using S = scalar_of<V>;
+  return s + a * x * s * (S(1) - s);
+}
 template <typename V>
 V x_sigmoid_grad(V x, scalar_of<V> a) {
-  using S = scalar_of<V>;
-  V s = sigmoid_of(a * x);
-  return s + a * x * s * (S(1) - s);
+  return x_sigmoid_grad(x, sigmoid_of(a * x), a);
 }
 
 template <typename T>
@@ -164,10 +168,9 @@ bool unary_backward_lanes(UnaryOp op, const T* x, const T* g, T* gx, int64_t n) 
 // from one sigmoid.
 template <typename V>
 void swiglu_grads(V x, V u, V g, V& g_gate, V& g_up) {
-  using S = scalar_of<V>;
   V s = sigmoid_of(x);
   g_up = g * (x * s);
-  g_gate = g * u * (s + x * s * (S(1) - s));
+  g_gate = g * u * x_sigmoid_grad(x, s, scalar_of<V>(1));
 }
 
 }  // namespace
