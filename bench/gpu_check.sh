@@ -7,8 +7,10 @@
 #   3. SGEMM benchmark: own kernel vs cuBLAS at 4096² and 8192² (CUDA events, validated first)
 #   4. psa bench-step --device cuda --preset small --stage 1 / 2 --batch 32
 #   5. PyTorch's same step (tools/psa_reference.py --bench --bench-preset small --device cuda) if torch imports
-#   6. the f32 op parity under compute-sanitizer memcheck (out-of-bounds reads), with whatever time is left
-# and prints a compact table. Raw outputs go to $RESULTS (default: $OUT when set, else bench/results/gpu).
+#   6. CUDA kernel micro-benchmarks (build/bench_kernels_cuda: every kernel family validated against the CPU,
+#      then timed with CUDA events after an L2 flush; at most 90 s)
+#   7. the f32 op parity under compute-sanitizer memcheck (out-of-bounds reads), with whatever time is left
+# and prints compact tables. Raw outputs go to $RESULTS (default: $OUT when set, else bench/results/gpu).
 # Usage: bench/gpu_check.sh            (JOBS, CUDA_ARCH, RESULTS, TOTAL_S may be set in the environment)
 set -u
 cd "$(dirname "$0")/.."
@@ -70,6 +72,20 @@ else
   STATUS[torch]="SKIPPED (no torch with CUDA)"
 fi
 
+# CUDA kernel micro-benchmarks: a short min_time (each iteration also pays an untimed L2 flush and an event
+# sync; at 0.01 the 110 benchmarks x 3 repetitions took 33 s on an H100, 0.05 would take minutes). The binary's own
+# --budget_s stops it 15 s before the part's timeout: the remaining benchmarks skip and the JSON stays complete.
+CUDA_BENCH_MIN_TIME=${CUDA_BENCH_MIN_TIME:-0.01}
+rm -f "$RESULTS/kernels_cuda.json"
+if [ $BUILT -eq 0 ] &&
+  run_part build_bench 60 "$RESULTS/build_bench.log" make -j"$JOBS" CUDA_ARCH="$CUDA_ARCH" build/bench_kernels_cuda; then
+  left=$((TOTAL_S - ($(date +%s) - START)))
+  cap=$((left < 90 ? left : 90))
+  run_part cuda_kernels 90 "$RESULTS/cuda_kernels.log" ./build/bench_kernels_cuda --budget_s=$((cap > 20 ? cap - 15 : 5)) \
+    --benchmark_min_time="$CUDA_BENCH_MIN_TIME" --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
+    --benchmark_out="$RESULTS/kernels_cuda.json" --benchmark_out_format=json
+fi
+
 # Out-of-bounds reads (guard bytes only catch writes): the f32 op parity under compute-sanitizer, if time is left.
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ $BUILT -eq 0 ] && [ -x build/psa_tests ] && [ -n "$SAN" ]; then
@@ -107,10 +123,36 @@ for s in (1, 2):
     tpeak = t["runs"][-1].get(f"stage{s}_peak_gib") if t else None
     print(f"| small step Stage {'I' * s} (ms, peak GiB ours {peak:.2f}" + (f" / torch {tpeak}" if tpeak else "") + ") "
           f"| {ours:.1f} | " + (f"torch eager {ref}" if ref else "-") + " | " + (f"{ours / ref:.2f}x" if ref else "-") + " |")
+k = load("kernels_cuda.json")
+if k is None:
+    if os.path.exists(os.path.join(r, "cuda_kernels.log")):
+        print("\nCUDA kernels: no complete kernels_cuda.json (see cuda_kernels.log)")
+elif k.get("benchmarks"):
+    c = k.get("context", {})
+    print(f"\nCUDA kernels, median of 3 (ceilings: D2D copy {float(c.get('ceiling_copy_gbps', 0)):.0f} GB/s, "
+          f"cuBLAS SGEMM 8192² {float(c.get('ceiling_sgemm_gflops', 0)):.0f} GFLOP/s)\n"
+          "| kernel/size/dims | median µs | GB/s | GFLOP/s | % ceiling |\n|---|---:|---:|---:|---:|")
+    rows, errors = {}, {}  # name -> the median aggregate (or the single run without repetitions) / error
+    for b in k["benchmarks"]:
+        name = b.get("run_name", b["name"]).removesuffix("/manual_time")
+        if b.get("error_occurred"):
+            errors[name] = b.get("error_message", "error")
+        elif b.get("aggregate_name") == "median" or (b.get("run_type") == "iteration" and name not in rows):
+            rows[name] = b
+    for name, b in rows.items():
+        gf = b.get("GFLOP/s")
+        print(f"| {name} | {b['real_time']:.2f} | {b.get('GB/s', 0):.1f} | " + (f"{gf:.0f}" if gf else "") +
+              f" | {b.get('pct_ceiling', 0):.1f} |")
+    budget = sum("time budget" in msg for msg in errors.values())
+    for name, msg in errors.items():
+        if "time budget" not in msg:
+            print(f"| {name} | SKIPPED: {msg} | | | |")
+    if budget:
+        print(f"({budget} benchmarks not run: time budget spent)")
 PY
 
 echo
 echo "== summary ($(( $(date +%s) - START ))s of ${TOTAL_S}s)"
-for k in build build_tests tests sgemm step_stage1 step_stage2 torch memcheck; do printf '  %-12s %s\n' "$k" "${STATUS[$k]:-not run}"; done
+for k in build build_tests tests sgemm step_stage1 step_stage2 torch build_bench cuda_kernels memcheck; do printf '  %-12s %s\n' "$k" "${STATUS[$k]:-not run}"; done
 grep -E '^\[  FAILED  \]' "$RESULTS/tests.log" 2>/dev/null | head -40
 grep -E "op '.*' trial" "$RESULTS/tests.log" 2>/dev/null | head -60

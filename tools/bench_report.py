@@ -2,7 +2,8 @@
 """Merges the raw outputs of `make bench` into one report (standard library only).
 
 Reads RAW/ (written by `make bench`):
-  <bench>.json             Google Benchmark --benchmark_out files (gemm.json, kernels.json, ...)
+  <bench>.json             Google Benchmark --benchmark_out files (gemm.json, kernels.json, kernels_cuda.json:
+                           the "CUDA kernels" table, left out when it has no entries, i.e. no GPU)
   step_<stage>_t<T>_r<R>.json  `psa bench-step --json` (stage base|1|2, T threads, round R)
   torch_t<T>_r<R>.json     tools/psa_reference.py --bench --threads T (absent when PyTorch was skipped)
   uptime_start.txt, uptime_end.txt
@@ -32,7 +33,8 @@ def median_rows(bench_json):
     """name -> the median aggregate of a Google Benchmark run (or its single run, or its error)."""
     rows = {}
     for b in bench_json.get("benchmarks", []):
-        name = b.get("run_name", b["name"]).removesuffix("/real_time")  # UseRealTime() appends it
+        # UseRealTime() / UseManualTime() append these to the name
+        name = b.get("run_name", b["name"]).removesuffix("/real_time").removesuffix("/manual_time")
         if b.get("error_occurred"):
             rows[name] = {"error": b.get("error_message", "error")}
         elif b.get("run_type") == "aggregate" and b.get("aggregate_name") == "median":
@@ -149,6 +151,46 @@ def kernel_table(kernels):
     return out
 
 
+def cuda_kernel_table(kernels):
+    """bench_kernels_cuda rows (kernel/size/dims, no thread count); empty when it was skipped (no GPU)."""
+    out = []
+    for name, b in kernels.items():
+        kernel, size, dims = (name.split("/") + ["", ""])[:3]
+        row = {"kernel": kernel, "size": size, "dims": dims}
+        if "error" in b:
+            row["error"] = b["error"]
+        else:
+            row.update({"us": b.get("real_time"), "gbps": b.get("GB/s"), "gflops": b.get("GFLOP/s"),
+                        "pct_ceiling": b.get("pct_ceiling"), "ceiling": b.get("ceiling"), "vs": b.get("label", "")})
+        out.append(row)
+    return out
+
+
+def cuda_kernels_markdown(rows, context):
+    if not rows:
+        return []
+    L = ["", f"## CUDA kernels (median of 3, CUDA events, L2 flushed before each call): {context.get('gpu', 'GPU')}", "",
+         "GB/s counts the minimal traffic; GEMMs, attention and patch_conv are held against cuBLAS SGEMM 8192² fp32 "
+         f"({fmt(_num(context.get('ceiling_sgemm_gflops')), 0)} GFLOP/s), the rest against a device-to-device copy "
+         f"({fmt(_num(context.get('ceiling_copy_gbps')), 0)} GB/s, read + write), both measured in the same process "
+         "(bench/ceiling_cuda.h). Every kernel was checked against the CPU kernel first.", "",
+         "| kernel | size | dims | µs | GB/s | GFLOP/s | % of ceiling | roof |", "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "error" in r:
+            L.append(f"| {r['kernel']} | {r['size']} | {r['dims']} | SKIPPED: {r['error']} | | | | |")
+            continue
+        L.append(f"| {r['kernel']} | {r['size']} | {r['dims']} | {fmt(r['us'], 2)} | {fmt(r['gbps'])} "
+                 f"| {fmt(r['gflops'])} | {fmt(r['pct_ceiling'])} | {r['vs'][3:]} |")
+    return L
+
+
+def _num(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
 # ---- output -------------------------------------------------------------------------------------------
 
 
@@ -199,6 +241,7 @@ def markdown(report):
           "| roof | 1T | 2T |", "|---|---:|---:|"]
     for roof, t in report["ceilings"]:
         L.append(f"| {roof} | {fmt(t.get(1))} | {fmt(t.get(2))} |")
+    L += cuda_kernels_markdown(report["cuda_kernels"], report["cuda_context"])
     if report["profiles"]:
         L += ["", "## Where a training step's time goes (one thread, `psa bench-step --profile`)", "",
               "Every kernel call timed during the timed steps; \"(backward)\" marks calls made by the backward pass. "
@@ -234,6 +277,11 @@ def write_csv(path, report):
             if "error" not in r:
                 w.writerow(["kernel", r["kernel"], f"{r['size']} {r['dims']}", r["threads"], r["gbps"], "GB/s",
                             r["ceiling"], (r["pct_ceiling"] or 0) / 100])
+        for r in report["cuda_kernels"]:
+            if "error" not in r:
+                flops = r["gflops"] is not None and "SGEMM" in r["vs"]
+                w.writerow(["cuda_kernel", r["kernel"], f"{r['size']} {r['dims']}", "", r["gflops"] if flops else r["gbps"],
+                            "GFLOP/s" if flops else "GB/s", r["ceiling"], (r["pct_ceiling"] or 0) / 100])
 
 
 def main():
@@ -248,6 +296,8 @@ def main():
     torch_files = sorted(glob.glob(os.path.join(a.raw, "torch_t*_r*.json")))
     torch_json = load_json(torch_files[0]) if torch_files else None
     kernels = kernel_table(benches.get("kernels", {}))
+    cuda_path = os.path.join(a.raw, "kernels_cuda.json")  # an empty "benchmarks" list when there was no GPU
+    cuda_context = load_json(cuda_path).get("context", {}) if os.path.exists(cuda_path) else {}
     report = {
         "host": a.host, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "uptime_start": read_text(os.path.join(a.raw, "uptime_start.txt")),
@@ -258,6 +308,8 @@ def main():
         "torch_note": "" if torch_json else "skipped: see the `make bench` log",
         "kernels": kernels,
         "ceilings": ceilings(kernels),
+        "cuda_kernels": cuda_kernel_table(benches.get("kernels_cuda", {})),
+        "cuda_context": cuda_context,
         "profiles": [(f"Stage {'I' * int(p[-5])}", read_text(p))
                      for p in sorted(glob.glob(os.path.join(a.raw, "profile_stage*.txt")))],
     }
