@@ -12,7 +12,7 @@ const std::vector<OpRow>& op_table() {
       {"sqrt", "elementwise"},       {"rsqrt", "elementwise"},        {"pow_scalar", "elementwise"},
       {"tanh", "elementwise"},       {"sigmoid", "elementwise"},      {"relu", "elementwise"},
       {"gelu", "elementwise"},       {"quick_gelu", "elementwise"},   {"silu", "elementwise"},
-      {"swiglu", "elementwise"},
+      {"swiglu", "elementwise"},       {"bias_act", "elementwise"},
       {"sum", "reduce"},             {"max", "reduce"},               {"matmul", "matmul"},
       {"reshape", "shape"},          {"permute", "shape"},            {"concat", "shape"},
       {"slice", "shape"},            {"expand", "shape"},             {"index_select", "shape"},

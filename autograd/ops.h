@@ -29,7 +29,10 @@ Tensor gelu(const Tensor& a);        // exact: x * Phi(x) with erf
 Tensor quick_gelu(const Tensor& a);  // x * sigmoid(1.702 x), CLIP's activation
 Tensor silu(const Tensor& a);
 Tensor swiglu(const Tensor& gate, const Tensor& up);  // silu(gate)·up, fused (gate and up of one shape)
-Tensor activation(const Tensor& a, const std::string& name);  // by config name: gelu, quick_gelu, silu, relu, tanh
+// By config name: gelu, quick_gelu, silu (swish), relu, tanh, sigmoid.
+Tensor activation(const Tensor& a, const std::string& name);
+// activation(x + bias, act), fused (a Linear's bias add and activation): x [..., N], bias [N].
+Tensor bias_act(const Tensor& x, const Tensor& bias, const std::string& act);
 
 // ---- reductions (ops_reduce.cpp)
 Tensor sum(const Tensor& a);                                   // all elements -> shape []
@@ -46,6 +49,8 @@ Tensor argmax(const Tensor& a, int64_t dim);                     // i64, no grad
 Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false);
 // x [..., in], w [out, in], bias [out] or undefined: x·wᵀ + bias
 Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias = Tensor());
+// activation(linear(x, w, bias), act), the bias add and activation fused (bias_act) when there is a bias
+Tensor linear_act(const Tensor& x, const Tensor& w, const Tensor& bias, const std::string& act);
 
 // ---- shape (ops_shape.cpp)
 Tensor reshape(const Tensor& a, const Shape& shape);  // a view; one dim may be -1

@@ -3,6 +3,7 @@
 // each summed back to the input's shape (sum_to) when it was broadcast. Unary ops: gx = g·f'(x), with the
 // derivative computed by the kernel from x and the saved output y. swiglu(gate, up) = silu(gate)·up:
 //   g_gate = g·up·silu'(gate), g_up = g·silu(gate)  (saves gate and up; the sigmoid is recomputed)
+// bias_act(x, bias, act) = act(x + bias):  gx = g·act'(x + bias), gbias = Σ_rows gx
 #include "autograd/op_util.h"
 #include "tensor/dispatch.h"
 
@@ -38,6 +39,25 @@ Tensor unary_op(const char* op, UnaryOp kind, const Tensor& x, double param = 0)
   Tensor y = unary_forward(op, kind, x, param);
   Tensor xs = x.detach(), ys = y.detach();
   return record(op, y, {x}, [=](const Tensor& g) -> Grads { return {unary_grad(kind, xs, ys, g, param)}; });
+}
+
+// The activations a config may name (HF's hidden_act), each with its op and kernel kind.
+struct Activation {
+  const char* name;
+  const char* op;
+  UnaryOp kind;
+};
+
+const Activation& find_activation(const std::string& name) {
+  static const Activation table[] = {
+      {"gelu", "gelu", UnaryOp::gelu},  {"quick_gelu", "quick_gelu", UnaryOp::quick_gelu},
+      {"silu", "silu", UnaryOp::silu},  {"swish", "silu", UnaryOp::silu},
+      {"relu", "relu", UnaryOp::relu},  {"tanh", "tanh", UnaryOp::tanh},
+      {"sigmoid", "sigmoid", UnaryOp::sigmoid},
+  };
+  for (const Activation& a : table)
+    if (name == a.name) return a;
+  fail("activation: unknown activation '", name, "' (known: gelu, quick_gelu, silu, swish, relu, tanh, sigmoid)");
 }
 
 }  // namespace
@@ -107,12 +127,29 @@ Tensor swiglu(const Tensor& gate, const Tensor& up) {
 }
 
 Tensor activation(const Tensor& a, const std::string& name) {
-  if (name == "gelu") return gelu(a);
-  if (name == "quick_gelu") return quick_gelu(a);
-  if (name == "silu" || name == "swish") return silu(a);
-  if (name == "relu") return relu(a);
-  if (name == "tanh") return tanh(a);
-  fail("activation: unknown activation '", name, "' (known: gelu, quick_gelu, silu, relu, tanh)");
+  const Activation& act = find_activation(name);
+  return unary_op(act.op, act.kind, a);
+}
+
+// bias_act(x [..., N], bias [N], act) = act(x + bias): a Linear's bias add and its activation in one kernel each
+// way. Saves x and bias only: the backward recomputes z = x + bias, and act(z) where the derivative is written in
+// terms of it (tanh, sigmoid), where add + activation save z and the output.
+Tensor bias_act(const Tensor& x, const Tensor& bias, const std::string& act) {
+  const char* op = "bias_act";
+  UnaryOp kind = find_activation(act).kind;
+  check_float_operands(op, x, "input", bias, "bias");
+  PSA_CHECK(x.dim() >= 1 && bias.dim() == 1 && x.size(-1) == bias.size(0), op, ": input ", shape_str(x.shape()),
+            " and bias ", shape_str(bias.shape()), ": the bias must be [N] for an input [..., N]");
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+  PSA_KERNEL(out.device(), bias_act)(kind, x, bias, out);
+  Tensor xs = x.detach(), bs = bias.detach();
+  bool need_x = needs_grad(x), need_bias = needs_grad(bias);
+  return record(op, out, {x, bias}, [=](const Tensor& g) -> Grads {
+    Tensor gx = Tensor::empty(xs.shape(), xs.dtype(), xs.device());  // gbias sums it: written even if x needs none
+    Tensor gbias = grad_buffer(need_bias, bs.shape(), bs);
+    PSA_KERNEL(g.device(), bias_act_backward)(kind, xs, bs, g, gx, gbias);
+    return {need_x ? gx : Tensor(), gbias};
+  });
 }
 
 }  // namespace psa

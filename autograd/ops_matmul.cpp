@@ -1,4 +1,4 @@
-// matmul and linear. With C = op(A)·op(B):  d op(A) = dC·op(B)ᵀ,  d op(B) = op(A)ᵀ·dC, written back in the
+// matmul, linear and linear_act. With C = op(A)·op(B):  d op(A) = dC·op(B)ᵀ,  d op(B) = op(A)ᵀ·dC, written back in the
 // stored layout of each operand, so the backward pass is two more matmuls with transpose flags and no copies.
 // A shared 2-D right operand (weights) folds the batch into M: one large GEMM instead of many small ones.
 #include "autograd/op_util.h"
@@ -54,6 +54,11 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
     y = add(y, bias);
   }
   return x.dim() == 1 ? reshape(y, {w.size(0)}) : y;
+}
+
+Tensor linear_act(const Tensor& x, const Tensor& w, const Tensor& bias, const std::string& act) {
+  if (!bias.defined()) return activation(linear(x, w), act);
+  return bias_act(linear(x, w), bias, act);
 }
 
 }  // namespace psa

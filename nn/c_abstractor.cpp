@@ -37,9 +37,11 @@ json::Value CAbstractorConfig::to_json() const {
   return v;
 }
 
-// A 1×1 conv on channels-last tokens is a Linear over the weight [out, in, 1, 1] viewed as [out, in].
-static Tensor conv1x1(const Tensor& x, const Tensor& w, const Tensor& b) {
-  return linear(x, reshape(w, {w.size(0), w.size(1)}), b);
+// A 1×1 conv on channels-last tokens is a Linear over the weight [out, in, 1, 1] viewed as [out, in]; with an
+// activation after it, the bias add and the activation are fused (linear_act).
+static Tensor conv1x1(const Tensor& x, const Tensor& w, const Tensor& b, const std::string& act = "") {
+  Tensor w2 = reshape(w, {w.size(0), w.size(1)});
+  return act.empty() ? linear(x, w2, b) : linear_act(x, w2, b, act);
 }
 
 ConvNorm1x1::ConvNorm1x1(int64_t in, int64_t out, bool a, double eps) : act(a) {
@@ -70,7 +72,7 @@ Tensor RegBottleneck::forward(const Tensor& x) const {
   y = silu(dw_norm->forward(depthwise_conv3x3(y, dw_weight)));
   int64_t B = y.size(0), C = y.size(3);
   Tensor pooled = mean(reshape(y, {B, -1, C}), 1);                         // [B, C]
-  Tensor gate = sigmoid(conv1x1(silu(conv1x1(pooled, se_fc1_w, se_fc1_b)), se_fc2_w, se_fc2_b));  // [B, C]
+  Tensor gate = conv1x1(conv1x1(pooled, se_fc1_w, se_fc1_b, "silu"), se_fc2_w, se_fc2_b, "sigmoid");  // [B, C]
   y = mul(y, reshape(gate, {B, 1, 1, C}));
   y = conv3->forward(y);
   return silu(add(y, downsample ? downsample->forward(x) : x));
@@ -97,8 +99,8 @@ Tensor CAbstractor::forward(const Tensor& x) const {
   h = adaptive_avg_pool2d(h, q, q);
   for (const auto& b : stage2) h = b->forward(h);
   h = reshape(h, {B, q * q, config.hidden});
-  for (size_t i = 0; i < readout.size(); ++i) h = i ? readout[i]->forward(silu(h)) : readout[i]->forward(h);
-  return h;
+  for (size_t i = 0; i + 1 < readout.size(); ++i) h = readout[i]->forward_act(h, "silu");  // Linear, SiLU, ..., Linear
+  return readout.back()->forward(h);  // mlp_depth >= 1 (config check)
 }
 
 MultiheadAttention::MultiheadAttention(int64_t e, int64_t h) : embed_dim(e), heads(h) {

@@ -67,7 +67,7 @@ ClipLayer::ClipLayer(const ClipConfig& c) : act(c.act) {
 
 Tensor ClipLayer::forward(const Tensor& x) const {
   Tensor h = add(x, self_attn->forward(layer_norm1->forward(x)));
-  return add(h, fc2->forward(activation(fc1->forward(layer_norm2->forward(h)), act)));
+  return add(h, fc2->forward(fc1->forward_act(layer_norm2->forward(h), act)));
 }
 
 ClipVision::ClipVision(const ClipConfig& c) : config(c) {

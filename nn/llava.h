@@ -9,7 +9,7 @@ namespace psa::nn {
 class MlpProjector : public Module {
  public:
   MlpProjector(int64_t in, int64_t out, const std::string& act = "gelu");
-  Tensor forward(const Tensor& x) const { return linear_2->forward(activation(linear_1->forward(x), act)); }
+  Tensor forward(const Tensor& x) const { return linear_2->forward(linear_1->forward_act(x, act)); }
   std::shared_ptr<Linear> linear_1, linear_2;
   std::string act;
 };

@@ -181,6 +181,12 @@ Tensor Linear::forward(const Tensor& x) const {
   return add(y, mul_scalar(delta, lora_alpha / lora_rank));
 }
 
+// The bias add and the activation fuse (linear_act) unless an unmerged LoRA delta comes between them.
+Tensor Linear::forward_act(const Tensor& x, const std::string& act) const {
+  if (lora_rank > 0 && !lora_merged) return activation(forward(x), act);
+  return linear_act(x, weight, bias, act);
+}
+
 void Linear::add_lora(int64_t rank, double alpha, double drop) {
   PSA_CHECK(rank > 0 && lora_rank == 0, "add_lora: rank ", rank, " on a Linear that has rank ", lora_rank);
   lora_rank = rank;

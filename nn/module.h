@@ -79,6 +79,7 @@ class Linear : public Module {
  public:
   Linear(int64_t in, int64_t out, bool bias = true);
   Tensor forward(const Tensor& x) const;
+  Tensor forward_act(const Tensor& x, const std::string& act) const;  // activation(forward(x), act), fused
   Tensor weight, bias;  // [out, in], [out]
   int64_t in_features, out_features;
   // LoRA (Hu et al. 2021): y = x·Wᵀ + b + (alpha/r)·dropout(x)·Aᵀ·Bᵀ, A [r, in] kaiming-uniform, B [out, r] zero.

@@ -67,6 +67,41 @@ OpCase unary_case(const char* op, std::function<Tensor(const Tensor&)> fn, std::
 
 double sig(double x) { return 1 / (1 + std::exp(-x)); }
 
+// bias_act(x [..., N], bias [N], act) = act(x + bias), one case per activation it takes. Shapes: one row; an odd
+// N with batch dims; N = 37 (vector body and scalar tail); 130 rows, more than two of the kernels' 64-row chunks
+// of bias sums.
+std::vector<OpCase> bias_act_cases() {
+  struct Act {
+    const char* name;
+    double (*f)(double);
+  };
+  const Act acts[] = {
+      {"gelu", [](double z) { return 0.5 * z * (1 + std::erf(z / std::sqrt(2.0))); }},
+      {"quick_gelu", [](double z) { return z * sig(1.702 * z); }},
+      {"silu", [](double z) { return z * sig(z); }},
+      {"relu", [](double z) { return z > 0 ? z : 0.0; }},
+      {"tanh", [](double z) { return std::tanh(z); }},
+      {"sigmoid", sig},  // the derivative from the recomputed output, as tanh's
+  };
+  std::vector<OpCase> v;
+  for (const Act& a : acts) {
+    OpCase c;
+    c.op = "bias_act";
+    c.shapes = {{{7}, {7}}, {{3, 5, 3}, {3}}, {{2, 37}, {37}}, {{2, 65, 9}, {9}}};
+    std::string name = a.name;
+    c.run = [name](const Inputs& in) { return bias_act(in[0], in[1], name); };
+    double (*f)(double) = a.f;
+    c.reference = [f](const Inputs& in) {
+      Tensor out = empty64(in[0].shape());
+      int64_t N = in[1].numel();
+      for (int64_t i = 0; i < out.numel(); ++i) md(out)[i] = f(cd(in[0])[i] + cd(in[1])[i % N]);
+      return out;
+    };
+    v.push_back(c);
+  }
+  return v;
+}
+
 std::vector<OpCase> elementwise_cases() {
   std::vector<OpCase> v;
   v.push_back(binary_case("add", add, [](double x, double y) { return x + y; }));
@@ -98,6 +133,7 @@ std::vector<OpCase> elementwise_cases() {
     return ref_binary(in[0], in[1], [](double g, double u) { return g * sig(g) * u; });
   };
   v.push_back(sw);
+  for (OpCase& c : bias_act_cases()) v.push_back(c);
   return v;
 }
 

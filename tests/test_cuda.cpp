@@ -251,6 +251,7 @@ TEST(CudaParity, TrainingReductionsAreBitwiseReproducible) {
       {"attention", [](const std::vector<Tensor>& x) { return attention(x[0], x[1], x[2], true); },
        {{3, 4, 131, 32}, {3, 2, 131, 32}, {3, 2, 131, 32}}},
       {"sum", [](const std::vector<Tensor>& x) { return sum(x[0], 0); }, {{20001, 7}}},
+      {"bias_act", [](const std::vector<Tensor>& x) { return bias_act(x[0], x[1], "quick_gelu"); }, {{4133, 96}, {96}}},
       {"patch_conv", [](const std::vector<Tensor>& x) { return patch_conv(x[0], x[1], x[2]); },
        {{5, 3, 32, 32}, {16, 3, 4, 4}, {16}}},
       {"depthwise_conv3x3", [](const std::vector<Tensor>& x) { return depthwise_conv3x3(x[0], x[1]); },

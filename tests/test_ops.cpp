@@ -1,10 +1,12 @@
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <map>
 #include <set>
 
 #include "op_harness.h"
+#include "test_util.h"
 #include "tensor/profile.h"
 
 namespace psa::test {
@@ -72,6 +74,47 @@ TEST(Ops, GradientsMatchFiniteDifferences) {
       EXPECT_TRUE(r.ok) << r.report << " (max abs err " << r.max_abs_err << ")";
     }
   }
+}
+
+// Near: max |a - b| / (1 + |b|) <= tol.
+void expect_near(const std::vector<float>& a, const std::vector<float>& b, double tol, const char* what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs((double)a[i] - b[i]) / (1 + std::fabs(b[i])));
+  EXPECT_LE(worst, tol) << what;
+}
+
+// The fused op against the composition it replaces (add, then the activation), in f32 at a size the kernels
+// thread (3·130·97 elements > their 2^15 threshold) and with more than two 64-row chunks of bias sums; and the
+// same bits for one thread and two, since the bias sums go by fixed row chunks, not by thread.
+TEST(Ops, BiasActEqualsAddThenActivationForAnyThreadCount) {
+  Tensor x = randn({3, 130, 97}, 5), b = randn({97}, 6), g = randn({3, 130, 97}, 7);
+  int threads = omp_get_max_threads();
+  for (const char* act : {"gelu", "quick_gelu", "silu", "relu", "tanh", "sigmoid"}) {
+    SCOPED_TRACE(act);
+    auto run = [&](bool fused, int n_threads) {
+      omp_set_num_threads(n_threads);
+      Tensor xs = x.clone().requires_grad_(), bs = b.clone().requires_grad_();
+      Tensor y = fused ? bias_act(xs, bs, act) : activation(add(xs, bs), act);
+      y.backward(g);
+      return std::vector<std::vector<float>>{y.vec<float>(), xs.grad().vec<float>(), bs.grad().vec<float>()};
+    };
+    auto one = run(true, 1), two = run(true, 2), unfused = run(false, threads);
+    omp_set_num_threads(threads);
+    EXPECT_EQ(one, two) << "output or gradients depend on the thread count";
+    expect_near(one[0], unfused[0], 1e-6, "output");
+    expect_near(one[1], unfused[1], 1e-6, "input gradient");
+    expect_near(one[2], unfused[2], 1e-6, "bias gradient");
+  }
+}
+
+TEST(Ops, BiasActRejectsABiasThatDoesNotFit) {
+  Tensor x = randn({4, 6}, 1);
+  EXPECT_NE(error_of([&] { bias_act(x, randn({5}, 2), "gelu"); }).find("bias_act: input [4,6] and bias [5]"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { bias_act(x, randn({1, 6}, 2), "gelu"); }).find("bias [1,6]"), std::string::npos);
+  EXPECT_NE(error_of([&] { bias_act(x, randn({6}, 2), "no_such_act"); }).find("unknown activation 'no_such_act'"),
+            std::string::npos);
 }
 
 TEST(Profile, CountsKernelCallsPerPassOnlyWhileOn) {

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "tensor/cpu/kernel_util.h"
 #include "tensor/cpu/kernels.h"
 #include "tensor/cpu/vec_math.h"
 
@@ -140,27 +141,68 @@ void for_blocks(int64_t n, F body) {
   for (int64_t b = 0; b < blocks; ++b) body(b * kBlock, std::min(n, (b + 1) * kBlock));
 }
 
-// The activations that cost an exp, as lane loops (vec_math.h); false for the other ops (the scalar table).
-template <typename T>
-bool unary_lanes(UnaryOp op, const T* x, T* y, int64_t n) {
-  auto run = [&](auto f) { for_blocks(n, [&](int64_t i, int64_t e) { map_lanes(x + i, y + i, e - i, f); }); };
-  switch (op) {
-    case UnaryOp::exp: run([](auto v) { return exp_of(v); }); return true;
-    case UnaryOp::sigmoid: run([](auto v) { return sigmoid_of(v); }); return true;
-    case UnaryOp::silu: run([](auto v) { return silu_of(v); }); return true;
-    case UnaryOp::quick_gelu: run([](auto v) { return quick_gelu_of(v); }); return true;
+// The lane forms of the activations that cost an exp, generic over V (double, float or 8 float lanes): value(x)
+// and grad(x, g) = g·f'(x). with_activation_lanes(act, body) calls body with them, or returns false for the
+// activations that take the scalar table.
+struct SiluLanes {
+  template <typename V>
+  static V value(V x) { return silu_of(x); }
+  template <typename V>
+  static V grad(V x, V g) { return g * x_sigmoid_grad(x, scalar_of<V>(1)); }
+};
+struct QuickGeluLanes {
+  template <typename V>
+  static V value(V x) { return quick_gelu_of(x); }
+  template <typename V>
+  static V grad(V x, V g) { return g * x_sigmoid_grad(x, scalar_of<V>(1.702)); }
+};
+
+template <typename Body>
+bool with_activation_lanes(UnaryOp act, Body body) {
+  switch (act) {
+    case UnaryOp::silu: body(SiluLanes{}); return true;
+    case UnaryOp::quick_gelu: body(QuickGeluLanes{}); return true;
     default: return false;
   }
 }
 
-// gx = g·op'(x) for the activations that cost an exp; false for the other ops.
+// y = op(x) over one range: lane loops for the ops that cost an exp, the scalar table otherwise.
 template <typename T>
-bool unary_backward_lanes(UnaryOp op, const T* x, const T* g, T* gx, int64_t n) {
-  auto run = [&](auto f) { for_blocks(n, [&](int64_t i, int64_t e) { map_lanes(x + i, g + i, gx + i, e - i, f); }); };
-  switch (op) {
-    case UnaryOp::silu: run([](auto v, auto gv) { return gv * x_sigmoid_grad(v, scalar_of<T>(1)); }); return true;
-    case UnaryOp::quick_gelu: run([](auto v, auto gv) { return gv * x_sigmoid_grad(v, scalar_of<T>(1.702)); }); return true;
-    default: return false;
+void unary_range(UnaryOp op, const T* x, T p, T* y, int64_t n) {
+  auto activation = [&](auto L) { map_lanes(x, y, n, [](auto v) { return decltype(L)::value(v); }); };
+  if (op == UnaryOp::exp) map_lanes(x, y, n, [](auto v) { return exp_of(v); });
+  else if (op == UnaryOp::sigmoid) map_lanes(x, y, n, [](auto v) { return sigmoid_of(v); });
+  else if (!with_activation_lanes(op, activation))
+    for (int64_t i = 0; i < n; ++i) y[i] = unary_value(op, x[i], p);
+}
+
+// gx = g·op'(x) over one range, the same way.
+template <typename T>
+void unary_backward_range(UnaryOp op, const T* x, const T* y, const T* g, T p, T* gx, int64_t n) {
+  auto activation = [&](auto L) { map_lanes(x, g, gx, n, [](auto v, auto gv) { return decltype(L)::grad(v, gv); }); };
+  if (!with_activation_lanes(op, activation))
+    for (int64_t i = 0; i < n; ++i) gx[i] = g[i] * unary_derivative(op, x[i], y[i], p);
+}
+
+// One row of bias_act, out = act(x + bias), and of its backward, gx = g·act'(x + bias): z = x + bias stays in
+// registers. act(z) is recomputed only for the activations whose derivative is written in terms of it.
+template <typename T>
+void bias_act_row(UnaryOp act, const T* x, const T* bias, T* out, int64_t n) {
+  auto lanes = [&](auto L) { map_lanes(x, bias, out, n, [](auto v, auto b) { return decltype(L)::value(v + b); }); };
+  if (!with_activation_lanes(act, lanes))
+    for (int64_t j = 0; j < n; ++j) out[j] = unary_value(act, x[j] + bias[j], T(0));
+}
+
+template <typename T>
+void bias_act_grad_row(UnaryOp act, const T* x, const T* bias, const T* g, T* gx, int64_t n) {
+  auto lanes = [&](auto L) {
+    map_lanes(x, bias, g, gx, n, [](auto v, auto b, auto gv) { return decltype(L)::grad(v + b, gv); });
+  };
+  if (with_activation_lanes(act, lanes)) return;
+  bool need_y = derivative_reads_output(act);
+  for (int64_t j = 0; j < n; ++j) {
+    T z = x[j] + bias[j];
+    gx[j] = g[j] * unary_derivative(act, z, need_y ? unary_value(act, z, T(0)) : z, T(0));
   }
 }
 
@@ -193,31 +235,21 @@ void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out) {
 
 void unary(UnaryOp op, const Tensor& x, double param, Tensor& out) {
   dispatch_float(out.dtype(), "unary", [&](auto tag_) {
-    using scalar_t = typename decltype(tag_)::type;
-    using T = scalar_t;
+    using T = typename decltype(tag_)::type;
     const T* px = x.data<T>();
     T* po = out.data<T>();
-    T p = (T)param;
-    int64_t n = x.numel();
-    if (unary_lanes(op, px, po, n)) return;
-#pragma omp parallel for if (n > kParallelMin)
-    for (int64_t i = 0; i < n; ++i) po[i] = unary_value(op, px[i], p);
+    for_blocks(x.numel(), [&](int64_t i, int64_t e) { unary_range(op, px + i, (T)param, po + i, e - i); });
   });
 }
 
 void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& gout, double param, Tensor& gx) {
   dispatch_float(gx.dtype(), "unary_backward", [&](auto tag_) {
-    using scalar_t = typename decltype(tag_)::type;
-    using T = scalar_t;
-    const T* px = x.data<T>();
-    const T* py = y.data<T>();
-    const T* pg = gout.data<T>();
+    using T = typename decltype(tag_)::type;
+    const T *px = x.data<T>(), *py = y.data<T>(), *pg = gout.data<T>();
     T* po = gx.data<T>();
-    T p = (T)param;
-    int64_t n = x.numel();
-    if (unary_backward_lanes(op, px, pg, po, n)) return;
-#pragma omp parallel for if (n > kParallelMin)
-    for (int64_t i = 0; i < n; ++i) po[i] = pg[i] * unary_derivative(op, px[i], py[i], p);
+    for_blocks(x.numel(), [&](int64_t i, int64_t e) {
+      unary_backward_range(op, px + i, py + i, pg + i, (T)param, po + i, e - i);
+    });
   });
 }
 
@@ -258,6 +290,42 @@ void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& gout, T
         if (dup) dup[i] = gu;
       }
     });
+  });
+}
+
+// ---- bias_act = act(x + bias), fused, row by row (bias_act_row above). Passes over [rows, N] arrays: forward 2
+// (read x, write out) where add then the activation make 4; backward 3 (read x and gout, write gx, whose rows
+// are added into their chunk's bias sums while in L1) where the activation's backward then sum_to make 4.
+void bias_act(UnaryOp act, const Tensor& x, const Tensor& bias, Tensor& out) {
+  int64_t N = bias.numel(), rows = N ? x.numel() / N : 0;
+  dispatch_float(out.dtype(), "bias_act", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    const T *px = x.data<T>(), *pb = bias.data<T>();
+    T* po = out.data<T>();
+#pragma omp parallel for if (rows * N > kParallelMin)
+    for (int64_t r = 0; r < rows; ++r) bias_act_row(act, px + r * N, pb, po + r * N, N);
+  });
+}
+
+void bias_act_backward(UnaryOp act, const Tensor& x, const Tensor& bias, const Tensor& gout, Tensor& gx,
+                       Tensor& gbias) {
+  int64_t N = bias.numel(), rows = N ? x.numel() / N : 0;
+  dispatch_float(gx.dtype(), "bias_act_backward", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    const T *px = x.data<T>(), *pb = bias.data<T>(), *pg = gout.data<T>();
+    T* pgx = gx.data<T>();
+    bool need_bias = gbias.defined();
+    auto chunk = [&](int64_t r0, int64_t r1, double* bias_sums) {
+      for (int64_t r = r0; r < r1; ++r) {
+        T* gx_row = pgx + r * N;
+        bias_act_grad_row(act, px + r * N, pb, pg + r * N, gx_row, N);
+        if (need_bias)
+          for (int64_t j = 0; j < N; ++j) bias_sums[j] += gx_row[j];
+      }
+    };
+    std::vector<double> sums =
+        row_chunks_with_sums(rows, kBiasSumChunk, need_bias ? N : 0, rows * N > kParallelMin, chunk);
+    if (need_bias) std::copy(sums.begin(), sums.end(), gbias.data<T>());
   });
 }
 

@@ -1,8 +1,9 @@
 // Helpers shared by the CPU kernel files: one GEMM name for both scalar types (templates over the scalar call
-// it), and row loops with per-thread accumulators for weight gradients.
+// it), and row loops with per-thread or per-chunk accumulators for weight gradients.
 #pragma once
 #include <omp.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "tensor/cpu/gemm.h"
@@ -55,6 +56,21 @@ std::vector<double> rows_with_partial_sums(int64_t rows, int64_t width, bool par
   std::vector<double> total(width, 0.0);
   for (int t = 0; t < threads; ++t)
     for (int64_t j = 0; j < width; ++j) total[j] += partial[(size_t)t * width + j];
+  return total;
+}
+
+// Runs body(r0, r1, acc) over fixed chunks of `chunk` rows on the threads, each chunk with its own zeroed
+// accumulator of `width` doubles; returns the accumulators summed in chunk order. The chunks, not the threads, fix
+// the order of the additions, so the result is the same for any thread count.
+template <typename F>
+std::vector<double> row_chunks_with_sums(int64_t rows, int64_t chunk, int64_t width, bool parallel, F body) {
+  int64_t chunks = (rows + chunk - 1) / chunk;
+  std::vector<double> partial((size_t)(chunks * width), 0.0);
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t c = 0; c < chunks; ++c) body(c * chunk, std::min(rows, (c + 1) * chunk), partial.data() + c * width);
+  std::vector<double> total(width, 0.0);
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t j = 0; j < width; ++j) total[j] += partial[c * width + j];
   return total;
 }
 

@@ -13,10 +13,24 @@ void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out);  // out
 void unary(UnaryOp op, const Tensor& x, double param, Tensor& out);
 // gx = gout * d op(x) / dx; y = op(x) is passed because some derivatives are cheaper from it
 void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& gout, double param, Tensor& gx);
+// Whether unary_backward reads y (the derivative is written in terms of op(x)); bias_act_backward, which has no
+// saved output, recomputes y only for these ops.
+inline bool derivative_reads_output(UnaryOp op) {
+  return op == UnaryOp::exp || op == UnaryOp::sqrt || op == UnaryOp::rsqrt || op == UnaryOp::tanh ||
+         op == UnaryOp::sigmoid;
+}
 // Llama's gated MLP activation, fused: out = silu(gate)·up (same shapes), and its backward
 // g_gate = gout·up·silu'(gate), g_up = gout·silu(gate); an undefined g_gate / g_up is not computed.
 void swiglu(const Tensor& gate, const Tensor& up, Tensor& out);
 void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& gout, Tensor& g_gate, Tensor& g_up);
+// A Linear's bias add and activation, fused: x [rows, N] (any leading dims), bias [N], out = act(x + bias), act an
+// activation kind (param-free: gelu, quick_gelu, silu, relu, tanh, sigmoid). The backward recomputes z = x + bias:
+// gx = gout·act'(z) (always written) and gbias = Σ_rows gx (undefined: not computed), summed in double over fixed
+// chunks of kBiasSumChunk rows and then chunk by chunk, so the result does not depend on the thread count (and the
+// CUDA kernel, adding in the same order, gets the same sums from the same gx).
+constexpr int64_t kBiasSumChunk = 64;
+void bias_act(UnaryOp act, const Tensor& x, const Tensor& bias, Tensor& out);
+void bias_act_backward(UnaryOp act, const Tensor& x, const Tensor& bias, const Tensor& gout, Tensor& gx, Tensor& gbias);
 
 // reduce.cpp: a viewed as [outer, n, inner], reduced over n
 void sum_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& out);

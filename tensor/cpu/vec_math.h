@@ -133,6 +133,18 @@ void map_lanes(const T* x, const T* g, T* y, int64_t n, F f) {
   for (; i < n; ++i) y[i] = f(x[i], g[i]);
 }
 
+// y[i] = f(a[i], b[i], c[i]), the same way (bias_act's backward: f = g·f'(x + bias)).
+template <typename T, typename F>
+void map_lanes(const T* a, const T* b, const T* c, T* y, int64_t n, F f) {
+  int64_t i = 0;
+#ifdef PSA_VEC_EXP
+  if constexpr (std::is_same_v<T, float>)
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(y + i, f(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), _mm256_loadu_ps(c + i)));
+#endif
+  for (; i < n; ++i) y[i] = f(a[i], b[i], c[i]);
+}
+
 // y = exp(x), elementwise.
 template <typename T>
 void exp_array(const T* x, T* y, int64_t n) {

@@ -1,6 +1,8 @@
 // Elementwise kernels with broadcasting, forward and backward side by side (mirrors tensor/cpu/elementwise.cpp).
 // Parallelisation: one thread per output element (grid-stride). Same-shape operands take a flat path; otherwise
 // each thread turns its output index into per-operand offsets with strides that are 0 along broadcast dims.
+#include <algorithm>
+
 #include "tensor/cuda/common.cuh"
 
 namespace psa::cuda {
@@ -130,6 +132,44 @@ __global__ void swiglu_backward_kernel(const T* gate, const T* up, const T* g, T
   }
 }
 
+// ---- bias_act = act(x + bias) over [rows, N], as on the CPU (tensor/cpu/elementwise.cpp): forward one thread per
+// element; backward a grid of (column, chunk of kBiasSumChunk rows), each thread walking its chunk's rows in
+// order, writing gx and its double sum, then one thread per column adding its chunks in order (no atomics, the
+// CPU's order of additions). y = act(z) is recomputed only when the derivative is written in terms of it.
+
+template <typename T>
+__global__ void bias_act_kernel(UnaryOp act, const T* x, const T* bias, T* y, int64_t n, int64_t N) {
+  CUDA_LOOP(i, n) y[i] = unary_value(act, x[i] + bias[i % N], T(0));
+}
+
+template <typename T>
+__global__ void bias_act_grad_chunks(UnaryOp act, bool need_y, const T* x, const T* bias, const T* g, int64_t rows,
+                                     int64_t N, T* gx, double* bias_sums) {
+  int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  int64_t chunks = (rows + kBiasSumChunk - 1) / kBiasSumChunk;
+  if (j >= N) return;
+  for (int64_t c = blockIdx.y; c < chunks; c += gridDim.y) {
+    int64_t r1 = min(rows, (c + 1) * kBiasSumChunk);
+    double s = 0;
+    for (int64_t r = c * kBiasSumChunk; r < r1; ++r) {
+      T z = x[r * N + j] + bias[j];
+      T d = g[r * N + j] * unary_derivative(act, z, need_y ? unary_value(act, z, T(0)) : z, T(0));
+      gx[r * N + j] = d;
+      s += d;
+    }
+    if (bias_sums) bias_sums[c * N + j] = s;
+  }
+}
+
+template <typename T>
+__global__ void sum_chunks(const double* part, int64_t chunks, int64_t N, T* out) {
+  CUDA_LOOP(j, N) {
+    double s = 0;
+    for (int64_t c = 0; c < chunks; ++c) s += part[c * N + j];
+    out[j] = (T)s;
+  }
+}
+
 }  // namespace
 
 void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out) {
@@ -188,6 +228,36 @@ void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& gout, T
                                                            g_gate.defined() ? g_gate.data<T>() : nullptr,
                                                            g_up.defined() ? g_up.data<T>() : nullptr, n);
     cudaCheckLaunch();
+  });
+}
+
+void bias_act(UnaryOp act, const Tensor& x, const Tensor& bias, Tensor& out) {
+  int64_t n = out.numel();
+  if (n == 0) return;
+  dispatch_float(out.dtype(), "cuda bias_act", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    bias_act_kernel<T><<<blocks_for(n), kThreads>>>(act, x.data<T>(), bias.data<T>(), out.data<T>(), n, bias.numel());
+    cudaCheckLaunch();
+  });
+}
+
+void bias_act_backward(UnaryOp act, const Tensor& x, const Tensor& bias, const Tensor& gout, Tensor& gx,
+                       Tensor& gbias) {
+  int64_t N = bias.numel(), rows = N ? x.numel() / N : 0, chunks = (rows + kBiasSumChunk - 1) / kBiasSumChunk;
+  if (N == 0) return;
+  Tensor sums = gbias.defined() ? Tensor::empty({std::max<int64_t>(chunks, 1), N}, DType::f64, Device::cuda) : Tensor();
+  dispatch_float(gx.dtype(), "cuda bias_act_backward", [&](auto tag_) {
+    using T = typename decltype(tag_)::type;
+    if (chunks > 0) {
+      dim3 grid((unsigned)((N + 127) / 128), (unsigned)std::min<int64_t>(chunks, 65535));
+      bias_act_grad_chunks<T><<<grid, 128>>>(act, derivative_reads_output(act), x.data<T>(), bias.data<T>(),
+                                             gout.data<T>(), rows, N, gx.data<T>(), mut_or_null<double>(sums));
+      cudaCheckLaunch();
+    }
+    if (gbias.defined()) {
+      sum_chunks<T><<<blocks_for(N), kThreads>>>(sums.data<double>(), chunks, N, gbias.data<T>());
+      cudaCheckLaunch();
+    }
   });
 }
 

@@ -11,6 +11,7 @@ namespace psa::cuda {
 
 using cpu::AdamWCoeffs;
 using cpu::BinaryOp;
+using cpu::kBiasSumChunk;
 using cpu::SgdCoeffs;
 using cpu::UnaryOp;
 
@@ -20,6 +21,8 @@ void unary(UnaryOp op, const Tensor& x, double param, Tensor& out);
 void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& gout, double param, Tensor& gx);
 void swiglu(const Tensor& gate, const Tensor& up, Tensor& out);
 void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& gout, Tensor& g_gate, Tensor& g_up);
+void bias_act(UnaryOp act, const Tensor& x, const Tensor& bias, Tensor& out);
+void bias_act_backward(UnaryOp act, const Tensor& x, const Tensor& bias, const Tensor& gout, Tensor& gx, Tensor& gbias);
 void broadcast_to(const Tensor& a, Tensor& out);
 
 // reduce.cu
