@@ -240,10 +240,16 @@ __global__ void flash_backward_dkv(const T* g, const T* q, const T* k, const T* 
   T dk[DPL], dv[DPL];
 #pragma unroll
   for (int i = 0; i < DPL; ++i) dk[i] = dv[i] = T(0);
+  // Causal: query row t sees key s iff t >= s - (S - T), so the tiles before the first row that sees this
+  // block's first key hold only zeros of P and dS; starting at that row's tile skips about half of the work at
+  // T = S. Block-uniform, so the barriers inside the loop stay matched.
+  const int64_t first_seer = (int64_t)blockIdx.x * kRows - (a.S - a.T);
+  const int64_t first_row = causal && first_seer > 0 ? first_seer : 0;
+  const int64_t t_begin = first_row - first_row % kTile;
   for (int64_t gi = 0; gi < G; ++gi) {
     const int64_t h = j_kv * G + gi, bh = b * a.H + h;
     const T* M = mask_block(mask, a, b, h);
-    for (int64_t t0 = 0; t0 < a.T; t0 += kTile) {
+    for (int64_t t0 = t_begin; t0 < a.T; t0 += kTile) {
       __syncthreads();
       load_tile(q + bh * a.T * D, t0, a.T, D, sQ);
       load_tile(g + bh * a.T * D, t0, a.T, D, sG);
