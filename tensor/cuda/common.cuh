@@ -96,6 +96,17 @@ __device__ __forceinline__ T warp_max(T v) {
   return v;
 }
 
+// Second pass of the deterministic column sums: out[j] = Σ_c part[c, j], the chunks added in order in double
+// (the first pass writes one double per (chunk, column); no atomics, so reruns agree bit for bit).
+template <typename T>
+__global__ void sum_chunks(const double* part, int64_t chunks, int64_t N, T* out) {
+  CUDA_LOOP(j, N) {
+    double s = 0;
+    for (int64_t c = 0; c < chunks; ++c) s += part[c * N + j];
+    out[j] = (T)s;
+  }
+}
+
 // Up to 8 dims of shape/strides passed by value to kernels.
 constexpr int kMaxDims = 8;
 struct Dims {

@@ -161,15 +161,6 @@ __global__ void bias_act_grad_chunks(UnaryOp act, bool need_y, const T* x, const
   }
 }
 
-template <typename T>
-__global__ void sum_chunks(const double* part, int64_t chunks, int64_t N, T* out) {
-  CUDA_LOOP(j, N) {
-    double s = 0;
-    for (int64_t c = 0; c < chunks; ++c) s += part[c * N + j];
-    out[j] = (T)s;
-  }
-}
-
 }  // namespace
 
 void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out) {

@@ -72,15 +72,6 @@ __global__ void norm_param_partials(const T* g, const T* x, const T* mean, const
 }
 
 template <typename T>
-__global__ void sum_partials(const double* part, int64_t chunks, int64_t C, T* out) {
-  CUDA_LOOP(c, C) {
-    double s = 0;
-    for (int64_t k = 0; k < chunks; ++k) s += part[k * C + c];
-    out[c] = (T)s;
-  }
-}
-
-template <typename T>
 void norm_param_grads(const Tensor& g, const Tensor& x, const T* mean, const T* rstd, int64_t rows, int64_t C,
                       Tensor& gw, Tensor& gb) {
   if (!gw.defined() && !gb.defined()) return;
@@ -92,8 +83,8 @@ void norm_param_grads(const Tensor& g, const Tensor& x, const T* mean, const T* 
   norm_param_partials<T><<<grid, 128>>>(g.data<T>(), x.data<T>(), mean, rstd, rows, C, mut_or_null<double>(pw),
                                         mut_or_null<double>(pb));
   cudaCheckLaunch();
-  if (gw.defined()) sum_partials<T><<<blocks_for(C), kThreads>>>(pw.data<double>(), chunks, C, gw.data<T>());
-  if (gb.defined()) sum_partials<T><<<blocks_for(C), kThreads>>>(pb.data<double>(), chunks, C, gb.data<T>());
+  if (gw.defined()) sum_chunks<T><<<blocks_for(C), kThreads>>>(pw.data<double>(), chunks, C, gw.data<T>());
+  if (gb.defined()) sum_chunks<T><<<blocks_for(C), kThreads>>>(pb.data<double>(), chunks, C, gb.data<T>());
   cudaCheckLaunch();
 }
 
