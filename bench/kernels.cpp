@@ -613,6 +613,41 @@ Case swiglu_case(const Dims& d, bool backward) {
 Case swiglu_fwd(const Dims& d) { return swiglu_case(d, false); }
 Case swiglu_bwd(const Dims& d) { return swiglu_case(d, true); }
 
+// bias_act with the exact gelu, the LLaVA projector's first layer: act(x + bias) over [rows, N], backward
+// gx = g·gelu'(x + bias) and gbias = Σ_rows gx. Its cost is the Gaussian CDF (vec_math.h's gauss_f32).
+double gelu(double z) { return 0.5 * z * (1 + std::erf(z / std::sqrt(2.0))); }
+double gelu_grad(double z) { return 0.5 * (1 + std::erf(z / std::sqrt(2.0))) + z * std::exp(-0.5 * z * z) / std::sqrt(2 * M_PI); }
+
+Case bias_gelu_case(const Dims& d, bool backward) {
+  int64_t rows = d[0], N = d[1], n = rows * N;
+  Tensor x = uniform({rows, N}, -6, 6, 1), bias = uniform({N}, -1, 1, 4), y = Tensor::empty({rows, N});
+  Tensor g = uniform({rows, N}, -1, 1, 2), gx = Tensor::empty({rows, N}), gb = Tensor::empty({N});
+  Case c;
+  c.run = [=]() mutable {
+    if (backward) cpu::bias_act_backward(cpu::UnaryOp::gelu, x, bias, g, gx, gb);
+    else cpu::bias_act(cpu::UnaryOp::gelu, x, bias, y);
+  };
+  c.check = [=] {
+    Check k;
+    for (int64_t i : sample(n)) {
+      double z = (double)f(x)[i] + f(bias)[i % N];
+      if (backward) k.near("bias_gelu backward", i, f(gx)[i], f(g)[i] * gelu_grad(z), 1e-5);
+      else k.near("bias_gelu", i, f(y)[i], gelu(z), 1e-5);
+    }
+    if (backward) {
+      double s = 0;
+      for (int64_t r = 0; r < rows; ++r) s += f(gx)[r * N];
+      k.near("bias_gelu backward (bias)", 0, f(gb)[0], s, 1e-5);
+    }
+    return k.error;
+  };
+  c.bytes = (backward ? 3.0 : 2.0) * n * 4;
+  return c;
+}
+
+Case bias_gelu_fwd(const Dims& d) { return bias_gelu_case(d, false); }
+Case bias_gelu_bwd(const Dims& d) { return bias_gelu_case(d, true); }
+
 // ---- exp over a tensor (the vectorised exp of tensor/cpu/vec_math.h that softmax, cross_entropy, attention
 // and the sigmoid-family activations use), on inputs spread over [-20, 20] ---------------------------------
 
@@ -722,6 +757,7 @@ std::vector<Family> families() {
   const std::vector<Size> vocab = {{"tiny", {512, 128, 512}}, {"small", {4096, 512, 1536}}, {"square", {8192, 1024, 8192}}};
   const std::vector<Size> images = {{"tiny", {16, 3, 32, 64, 4}}, {"small", {32, 3, 64, 256, 8}}, {"square", {8, 3, 224, 768, 16}}};
   const std::vector<Size> grids = {{"tiny", {16, 8, 8, 72}}, {"small", {32, 8, 8, 272}}, {"square", {8, 32, 32, 256}}};
+  const std::vector<Size> projector = {{"tiny", {1024, 128}}, {"small", {2048, 512}}, {"square", {2048, 2048}}};
   const std::vector<Size> pools = {{"tiny", {16, 8, 8, 72, 8}}, {"small", {32, 8, 8, 272, 8}}, {"square", {8, 32, 32, 256, 8}}};
   return {
       {"softmax", softmax_fwd, logits},
@@ -747,6 +783,8 @@ std::vector<Family> families() {
       {"silu_bwd", silu_bwd, mlp_rows},
       {"swiglu", swiglu_fwd, mlp_rows},
       {"swiglu_bwd", swiglu_bwd, mlp_rows},
+      {"bias_gelu", bias_gelu_fwd, projector},
+      {"bias_gelu_bwd", bias_gelu_bwd, projector},
       {"exp", exp_case, logits},
       {"adamw", adamw_case, {{"1M", {1 << 20}}}},
   };

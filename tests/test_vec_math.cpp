@@ -1,4 +1,5 @@
-// The vectorised f32 exp (tensor/cpu/vec_math.h) against std::exp in double: a dense sweep of every input
+// The vectorised f32 exp and Gaussian CDF/density (tensor/cpu/vec_math.h) against std::exp and std::erfc in
+// double: a dense sweep of every input
 // range the kernels can see, including results that round into denormals or overflow, and the special values.
 // Error is counted in ulps of the correctly rounded f32 result (so denormal results are held to their own
 // spacing, not to a relative error they cannot have), and reported as a relative error for normal results.
@@ -92,6 +93,90 @@ TEST(VecExp, ScalarMatchesVectorLanesBitForBit) {
   std::vector<float> y(x.size());
   exp_array(x.data(), y.data(), (int64_t)x.size());
   for (size_t i = 0; i < x.size(); ++i) EXPECT_EQ(y[i], exp_f32(x[i])) << "x = " << x[i];
+}
+
+// ---- Φ(x), φ(x) for the exact gelu -------------------------------------------------------------------------
+
+using psa::cpu::gauss_f32;
+
+// Φ(x) and φ(x) of every float input of [lo, hi) at `step`, through the 8-lane path where there is one, against
+// double: Φ = erfc(-x/√2)/2 keeps its relative precision at negative x, where 1 + erf cancels.
+struct GaussError {
+  double cdf_rel = 0, pdf_rel = 0;
+  float worst_cdf_x = 0, worst_pdf_x = 0;
+};
+
+GaussError gauss_sweep(double lo, double hi, double step) {
+  std::vector<float> x, cdf, pdf;
+  for (double v = lo; v < hi; v += step) x.push_back((float)v);
+  cdf.resize(x.size()), pdf.resize(x.size());
+  size_t i = 0;
+#ifdef PSA_VEC_EXP
+  for (; i + 8 <= x.size(); i += 8) {
+    __m256 c, p;
+    gauss_f32(_mm256_loadu_ps(&x[i]), c, p);
+    _mm256_storeu_ps(&cdf[i], c), _mm256_storeu_ps(&pdf[i], p);
+  }
+#endif
+  for (; i < x.size(); ++i) gauss_f32(x[i], cdf[i], pdf[i]);
+  GaussError e;
+  const double min_normal = std::numeric_limits<float>::min();
+  for (size_t k = 0; k < x.size(); ++k) {
+    double xd = x[k], exact_cdf = 0.5 * std::erfc(-xd / std::sqrt(2.0));
+    double exact_pdf = std::exp(-0.5 * xd * xd) / std::sqrt(2 * M_PI);
+    if (exact_cdf >= min_normal) {
+      double r = std::fabs(cdf[k] - exact_cdf) / exact_cdf;
+      if (r > e.cdf_rel) e.cdf_rel = r, e.worst_cdf_x = x[k];
+    }
+    if (exact_pdf >= min_normal) {
+      double r = std::fabs(pdf[k] - exact_pdf) / exact_pdf;
+      if (r > e.pdf_rel) e.pdf_rel = r, e.worst_pdf_x = x[k];
+    }
+  }
+  return e;
+}
+
+TEST(VecGauss, DenseSweepKeepsRelativePrecision) {
+  // Down to x = -13: Φ(-13) ~ 6e-39 is still a normal float, so relative error is meaningful over the range.
+  GaussError e = gauss_sweep(-13.0, 13.0, 1.0 / 8192 + 1e-8);
+  std::printf("gauss f32: Φ max relative error %.3g (at x = %.6g), φ %.3g (at x = %.6g)\n", e.cdf_rel,
+              e.worst_cdf_x, e.pdf_rel, e.worst_pdf_x);
+  EXPECT_LE(e.cdf_rel, 1e-6) << "worst at x = " << e.worst_cdf_x;
+  EXPECT_LE(e.pdf_rel, 1e-6) << "worst at x = " << e.worst_pdf_x;
+}
+
+TEST(VecGauss, SpecialValuesAndLanesMatchScalar) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> x = {0.0f, -0.0f, inf, -inf, nan, 0.7071f, -0.7071f, 0.7072f, 40.0f, -40.0f, 15.0f, -15.0f,
+                          1e-30f, -1e-30f, 3.0f, -3.0f, 0.5f};
+  for (float v = -20.0f; v < 20.0f; v += 0.173f) x.push_back(v);
+  std::vector<float> cdf(x.size()), pdf(x.size());
+  size_t i = 0;
+#ifdef PSA_VEC_EXP
+  for (; i + 8 <= x.size(); i += 8) {
+    __m256 c, p;
+    gauss_f32(_mm256_loadu_ps(&x[i]), c, p);
+    _mm256_storeu_ps(&cdf[i], c), _mm256_storeu_ps(&pdf[i], p);
+  }
+#endif
+  for (; i < x.size(); ++i) gauss_f32(x[i], cdf[i], pdf[i]);
+  for (size_t k = 0; k < x.size(); ++k) {
+    float c, p;
+    gauss_f32(x[k], c, p);
+    if (std::isnan(x[k])) {
+      EXPECT_TRUE(std::isnan(cdf[k]) && std::isnan(c) && std::isnan(pdf[k]));
+      continue;
+    }
+    EXPECT_EQ(cdf[k], c) << "Φ lane vs scalar at x = " << x[k];
+    EXPECT_EQ(pdf[k], p) << "φ lane vs scalar at x = " << x[k];
+  }
+  EXPECT_EQ(cdf[0], 0.5f);
+  EXPECT_EQ(cdf[2], 1.0f);
+  EXPECT_EQ(cdf[3], 0.0f);
+  EXPECT_EQ(pdf[2], 0.0f);
+  EXPECT_EQ(pdf[3], 0.0f);
+  EXPECT_EQ(cdf[8], 1.0f);
+  EXPECT_EQ(cdf[9], 0.0f);
 }
 
 }  // namespace

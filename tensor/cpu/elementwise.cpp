@@ -55,9 +55,6 @@ void binary_loop(const T* a, const T* b, T* o, const Shape& sa, const Shape& sb,
   }
 }
 
-template <typename T>
-T gelu_cdf(T x) { return T(0.5) * (T(1) + std::erf(x * T(0.70710678118654752440))); }
-
 // ---- the activations whose cost is an exp, written once over V = double, float or (AVX2) 8 float lanes, so
 // the f64 reference path, the f32 scalar tails and the f32 vector bodies share one formula (exp_of: the
 // vectorised exp for f32, std::exp for f64, vec_math.h).
@@ -88,6 +85,21 @@ V x_sigmoid_grad(V x, scalar_of<V> a) {
   return x_sigmoid_grad(x, sigmoid_of(a * x), a);
 }
 
+// Exact gelu x·Φ(x) and its derivative Φ + x·φ over V = double (the erf formula), float or 8 float lanes
+// (the f32 Gaussian CDF of vec_math.h).
+template <typename V>
+V gelu_of(V x) {
+  V cdf, pdf;
+  gauss_of(x, cdf, pdf);
+  return x * cdf;
+}
+template <typename V>
+V gelu_grad(V x) {
+  V cdf, pdf;
+  gauss_of(x, cdf, pdf);
+  return cdf + x * pdf;
+}
+
 template <typename T>
 T unary_value(UnaryOp op, T x, T p) {
   switch (op) {
@@ -99,7 +111,7 @@ T unary_value(UnaryOp op, T x, T p) {
     case UnaryOp::tanh: return std::tanh(x);
     case UnaryOp::sigmoid: return sigmoid_of(x);
     case UnaryOp::relu: return x > 0 ? x : T(0);
-    case UnaryOp::gelu: return x * gelu_cdf(x);
+    case UnaryOp::gelu: return gelu_of(x);
     case UnaryOp::quick_gelu: return quick_gelu_of(x);
     case UnaryOp::silu: return silu_of(x);
     case UnaryOp::pow: return std::pow(x, p);
@@ -121,7 +133,7 @@ T unary_derivative(UnaryOp op, T x, T y, T p) {
     case UnaryOp::tanh: return T(1) - y * y;
     case UnaryOp::sigmoid: return y * (T(1) - y);
     case UnaryOp::relu: return x > 0 ? T(1) : T(0);
-    case UnaryOp::gelu: return gelu_cdf(x) + x * T(0.39894228040143267794) * exp_of(T(-0.5) * x * x);
+    case UnaryOp::gelu: return gelu_grad(x);
     case UnaryOp::quick_gelu: return x_sigmoid_grad(x, T(1.702));
     case UnaryOp::silu: return x_sigmoid_grad(x, T(1));
     case UnaryOp::pow: return p * std::pow(x, p - T(1));
@@ -150,6 +162,12 @@ struct SiluLanes {
   template <typename V>
   static V grad(V x, V g) { return g * x_sigmoid_grad(x, scalar_of<V>(1)); }
 };
+struct GeluLanes {
+  template <typename V>
+  static V value(V x) { return gelu_of(x); }
+  template <typename V>
+  static V grad(V x, V g) { return g * gelu_grad(x); }
+};
 struct QuickGeluLanes {
   template <typename V>
   static V value(V x) { return quick_gelu_of(x); }
@@ -161,6 +179,7 @@ template <typename Body>
 bool with_activation_lanes(UnaryOp act, Body body) {
   switch (act) {
     case UnaryOp::silu: body(SiluLanes{}); return true;
+    case UnaryOp::gelu: body(GeluLanes{}); return true;
     case UnaryOp::quick_gelu: body(QuickGeluLanes{}); return true;
     default: return false;
   }

@@ -109,6 +109,85 @@ inline float exp_of(float x) { return exp_f32(x); }
 inline __m256 exp_of(__m256 x) { return exp_f32(x); }
 #endif
 
+// ---- The Gaussian CDF Φ(x) = (1 + erf(x/√2))/2 and density φ(x) for the exact gelu x·Φ(x) and its derivative
+// Φ + x·φ, in f32 (std::erf is a scalar library call: it made the projector's gelu the slowest op of a step).
+// With z = |x|/√2:
+//   z < 0.5:  erf(z)  = z·P(z²),                   so Φ = 1/2 + (x/√2)·P(z²)/2
+//   z >= 0.5: erfc(z) = e^{-z²}·t·H(t), t = 1/(1 + z/2), so Φ = q or 1 - q with q = e^{-z²}·t·H(t)/2
+// erfc is approximated directly, so Φ at negative x keeps its relative precision down to the underflow of
+// e^{-z²} instead of cancelling in 1 + erf. P (degree 4) and H (degree 9) are minimax fits of the relative error,
+// derived by tools/fit_gelu.py (about 1e-7 each in f32). e^{-z²} = e^{-x²/2} is shared by Φ and φ; x² is split
+// into x·x and its rounding error (one FMA) so e^{-x²/2} stays accurate at large |x|. |x| is clamped to 15
+// for the exponential (e^{-112.5} is 0 in f32), so ±inf give Φ = 1 or 0 and φ = 0, as the erf formula does.
+namespace vgauss_const {
+constexpr float kP[] = {1.128379107e+00f, -3.761260808e-01f, 1.128282249e-01f, -2.675718442e-02f,
+                        4.717990290e-03f};
+constexpr float kH[] = {2.820947766e-01f, 2.820955813e-01f,  2.468075007e-01f,  1.765807867e-01f,
+                        8.291614056e-02f, -8.763466030e-03f, -1.444518100e-02f, -1.918067336e-01f,
+                        2.088783383e-01f, -6.443115324e-02f};
+constexpr float kSplit = 0.5f, kClamp = 15.0f;
+constexpr float kRsqrt2 = 0.70710678118654752f, kRsqrt2Pi = 0.39894228040143268f;
+}  // namespace vgauss_const
+
+template <size_t N>
+inline float horner_f32(const float (&c)[N], float x) {
+  float p = c[N - 1];
+  for (size_t k = N - 1; k-- > 0;) p = std::fma(p, x, c[k]);
+  return p;
+}
+
+// Φ(x) and φ(x) of one float; the 8-lane form below runs the same operations.
+inline void gauss_f32(float x, float& cdf, float& pdf) {
+  using namespace vgauss_const;
+  float xc = std::isnan(x) ? x : std::fmax(-kClamp, std::fmin(kClamp, x));
+  float sq = xc * xc, sq_lo = std::fma(xc, xc, -sq);
+  float e = exp_f32(-0.5f * sq);
+  e = std::fma(-e, 0.5f * sq_lo, e);  // e^{-(sq + sq_lo)/2} ≈ e^{-sq/2}·(1 - sq_lo/2)
+  pdf = kRsqrt2Pi * e;
+  float u = xc * kRsqrt2, z = std::fabs(u);
+  float small = std::fma(0.5f * u, horner_f32(kP, u * u), 0.5f);
+  float t = 1.0f / std::fma(0.5f, z, 1.0f);
+  float q = 0.5f * e * (t * horner_f32(kH, t));
+  float large = xc < 0 ? q : 1.0f - q;
+  cdf = z < kSplit ? small : large;
+}
+
+#ifdef PSA_VEC_EXP
+template <size_t N>
+inline __m256 horner_f32(const float (&c)[N], __m256 x) {
+  __m256 p = _mm256_set1_ps(c[N - 1]);
+  for (size_t k = N - 1; k-- > 0;) p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(c[k]));
+  return p;
+}
+
+inline void gauss_f32(__m256 x, __m256& cdf, __m256& pdf) {
+  using namespace vgauss_const;
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  __m256 xc = _mm256_max_ps(_mm256_set1_ps(-kClamp), _mm256_min_ps(_mm256_set1_ps(kClamp), x));  // NaN passes
+  __m256 sq = _mm256_mul_ps(xc, xc), sq_lo = _mm256_fmsub_ps(xc, xc, sq);
+  __m256 e = exp_f32(_mm256_mul_ps(_mm256_set1_ps(-0.5f), sq));
+  e = _mm256_fnmadd_ps(e, _mm256_mul_ps(half, sq_lo), e);
+  pdf = _mm256_mul_ps(_mm256_set1_ps(kRsqrt2Pi), e);
+  __m256 u = _mm256_mul_ps(xc, _mm256_set1_ps(kRsqrt2));
+  __m256 z = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), u);
+  __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(half, u), horner_f32(kP, _mm256_mul_ps(u, u)), half);
+  __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(half, z, one));
+  __m256 q = _mm256_mul_ps(_mm256_mul_ps(half, e), _mm256_mul_ps(t, horner_f32(kH, t)));
+  __m256 large = _mm256_blendv_ps(_mm256_sub_ps(one, q), q, _mm256_cmp_ps(xc, _mm256_setzero_ps(), _CMP_LT_OQ));
+  cdf = _mm256_blendv_ps(large, small, _mm256_cmp_ps(z, _mm256_set1_ps(kSplit), _CMP_LT_OQ));
+}
+#endif
+
+// The f64 form, the reference the f32 forms are tested against: the erf formula itself.
+inline void gauss_of(double x, double& cdf, double& pdf) {
+  cdf = 0.5 * (1.0 + std::erf(x * 0.70710678118654752440));
+  pdf = 0.39894228040143267794 * std::exp(-0.5 * x * x);
+}
+inline void gauss_of(float x, float& cdf, float& pdf) { gauss_f32(x, cdf, pdf); }
+#ifdef PSA_VEC_EXP
+inline void gauss_of(__m256 x, __m256& cdf, __m256& pdf) { gauss_f32(x, cdf, pdf); }
+#endif
+
 // ---- array loops over f32 (8 lanes in the body, one float at a time in the tail) or f64 (scalar). --------
 
 // y[i] = f(x[i]), f generic: called on __m256 lanes and on single floats (or doubles).
