@@ -45,6 +45,7 @@
 #include <random>
 
 #include "bench/ceiling_cuda.h"
+#include "bench/inputs.h"
 #include "tensor/cpu/kernels.h"
 #include "tensor/cuda/kernels.h"
 #include "tensor/device.h"
@@ -87,25 +88,11 @@ namespace cpu = psa::cpu;
 namespace cuda = psa::cuda;
 namespace pg = psa::bench::gpu;
 using Dims = std::vector<int64_t>;
+using psa::bench::ids;
+using psa::bench::targets_one_in_three;
+using psa::bench::uniform;
 
 // ---- inputs: generated on the host (the CPU reference reads them there), copied to the device ------------------
-
-Tensor uniform(const Shape& shape, float lo, float hi, uint32_t seed) {
-  Tensor t = Tensor::empty(shape);
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(lo, hi);
-  float* p = t.data<float>();
-  for (int64_t i = 0; i < t.numel(); ++i) p[i] = u(rng);
-  return t;
-}
-
-// i64 ids in [0, hi), uniformly drawn (repeats happen, as in real batches).
-Tensor ids(int64_t n, int64_t hi, uint32_t seed) {
-  Tensor t = Tensor::empty({n}, DType::i64);
-  std::mt19937 rng(seed);
-  for (int64_t i = 0; i < n; ++i) t.data<int64_t>()[i] = int64_t(rng() % uint32_t(hi));
-  return t;
-}
 
 Tensor dev(const Tensor& host) { return host.to(Device::cuda); }
 Tensor dempty(const Shape& shape) { return Tensor::empty(shape, DType::f32, Device::cuda); }
@@ -469,13 +456,6 @@ Case pool_fwd(const Dims& d) { return pool_case(d, false); }
 Case pool_bwd(const Dims& d) { return pool_case(d, true); }
 
 // ---- cross_entropy over logits [N, V]; like the LM loss, only some rows count (here one in three) -------------
-
-Tensor targets_one_in_three(int64_t N, int64_t V) {
-  Tensor t = ids(N, V, 5);
-  for (int64_t i = 0; i < N; ++i)
-    if (i % 3) t.data<int64_t>()[i] = -100;
-  return t;
-}
 
 Case cross_entropy_case(const Dims& d, bool backward) {
   int64_t N = d[0], V = d[1], count = (N + 2) / 3;

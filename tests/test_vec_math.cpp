@@ -99,16 +99,8 @@ TEST(VecExp, ScalarMatchesVectorLanesBitForBit) {
 
 using psa::cpu::gauss_f32;
 
-// Φ(x) and φ(x) of every float input of [lo, hi) at `step`, through the 8-lane path where there is one, against
-// double: Φ = erfc(-x/√2)/2 keeps its relative precision at negative x, where 1 + erf cancels.
-struct GaussError {
-  double cdf_rel = 0, pdf_rel = 0;
-  float worst_cdf_x = 0, worst_pdf_x = 0;
-};
-
-GaussError gauss_sweep(double lo, double hi, double step) {
-  std::vector<float> x, cdf, pdf;
-  for (double v = lo; v < hi; v += step) x.push_back((float)v);
+// Φ and φ of x through the 8-lane form in the body (where there is one) and the scalar form in the tail.
+void gauss_array(const std::vector<float>& x, std::vector<float>& cdf, std::vector<float>& pdf) {
   cdf.resize(x.size()), pdf.resize(x.size());
   size_t i = 0;
 #ifdef PSA_VEC_EXP
@@ -119,6 +111,19 @@ GaussError gauss_sweep(double lo, double hi, double step) {
   }
 #endif
   for (; i < x.size(); ++i) gauss_f32(x[i], cdf[i], pdf[i]);
+}
+
+// Φ(x) and φ(x) of every float input of [lo, hi) at `step`, through the 8-lane path where there is one, against
+// double: Φ = erfc(-x/√2)/2 keeps its relative precision at negative x, where 1 + erf cancels.
+struct GaussError {
+  double cdf_rel = 0, pdf_rel = 0;
+  float worst_cdf_x = 0, worst_pdf_x = 0;
+};
+
+GaussError gauss_sweep(double lo, double hi, double step) {
+  std::vector<float> x, cdf, pdf;
+  for (double v = lo; v < hi; v += step) x.push_back((float)v);
+  gauss_array(x, cdf, pdf);
   GaussError e;
   const double min_normal = std::numeric_limits<float>::min();
   for (size_t k = 0; k < x.size(); ++k) {
@@ -150,16 +155,8 @@ TEST(VecGauss, SpecialValuesAndLanesMatchScalar) {
   std::vector<float> x = {0.0f, -0.0f, inf, -inf, nan, 0.7071f, -0.7071f, 0.7072f, 40.0f, -40.0f, 15.0f, -15.0f,
                           1e-30f, -1e-30f, 3.0f, -3.0f, 0.5f};
   for (float v = -20.0f; v < 20.0f; v += 0.173f) x.push_back(v);
-  std::vector<float> cdf(x.size()), pdf(x.size());
-  size_t i = 0;
-#ifdef PSA_VEC_EXP
-  for (; i + 8 <= x.size(); i += 8) {
-    __m256 c, p;
-    gauss_f32(_mm256_loadu_ps(&x[i]), c, p);
-    _mm256_storeu_ps(&cdf[i], c), _mm256_storeu_ps(&pdf[i], p);
-  }
-#endif
-  for (; i < x.size(); ++i) gauss_f32(x[i], cdf[i], pdf[i]);
+  std::vector<float> cdf, pdf;
+  gauss_array(x, cdf, pdf);
   for (size_t k = 0; k < x.size(); ++k) {
     float c, p;
     gauss_f32(x[k], c, p);

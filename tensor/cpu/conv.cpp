@@ -18,18 +18,8 @@ namespace {
 
 constexpr int64_t kParallelMin = 1 << 15;
 
-
-
 // ---- patch_conv. cols[b, i·Wp + j, (c·p + ky)·p + kx] = x[b, c, i·p + ky, j·p + kx]: the (c, ky, kx) order of
 // w [O, C, p, p], so out_b [O, L] = w [O, K] · cols_bᵀ.
-struct PatchDims {
-  int64_t B, C, H, W, p, Hp, Wp, L, K;
-};
-
-PatchDims patch_dims(const Tensor& x, const Tensor& w) {
-  int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), p = w.size(2);
-  return {B, C, H, W, p, H / p, W / p, (H / p) * (W / p), C * p * p};
-}
 
 // to_cols: x -> cols (im2col, x only read); otherwise cols -> x (col2im). Each copy is one p-long patch row.
 template <typename X>

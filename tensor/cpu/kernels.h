@@ -115,6 +115,14 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
 // conv.cpp. patch_conv: x [B, C, H, W], w [O, C, p, p], bias [O] -> out [B, O, H/p, W/p].
 void patch_conv(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out);
 void patch_conv_backward(const Tensor& gout, const Tensor& x, const Tensor& w, Tensor& gx, Tensor& gw, Tensor& gbias);
+// patch_conv's sizes, shared by the CPU and CUDA kernels: Hp × Wp = L patches of K = C·p·p values each.
+struct PatchDims {
+  int64_t B, C, H, W, p, Hp, Wp, L, K;
+};
+inline PatchDims patch_dims(const Tensor& x, const Tensor& w) {
+  int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), p = w.size(2);
+  return {B, C, H, W, p, H / p, W / p, (H / p) * (W / p), C * p * p};
+}
 // x [B, H, W, C], w [C, 1, 3, 3], padding 1.
 void depthwise_conv3x3(const Tensor& x, const Tensor& w, Tensor& out);
 void depthwise_conv3x3_backward(const Tensor& gout, const Tensor& x, const Tensor& w, Tensor& gx, Tensor& gw);

@@ -11,15 +11,6 @@
 namespace psa::cuda {
 namespace {
 
-struct PatchDims {
-  int64_t B, C, H, W, p, Hp, Wp, L, K;
-};
-
-PatchDims patch_dims(const Tensor& x, const Tensor& w) {
-  int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), p = w.size(2);
-  return {B, C, H, W, p, H / p, W / p, (H / p) * (W / p), C * p * p};
-}
-
 // cols[b, i·Wp + j, (c·p + ky)·p + kx] = x[b, c, i·p + ky, j·p + kx]; one thread per cols element.
 template <typename X>
 __global__ void rearrange_patches(PatchDims d, X* x, X* cols, bool to_cols) {

@@ -12,6 +12,8 @@ namespace psa::cuda {
 using cpu::AdamWCoeffs;
 using cpu::BinaryOp;
 using cpu::kBiasSumChunk;
+using cpu::patch_dims;
+using cpu::PatchDims;
 using cpu::SgdCoeffs;
 using cpu::UnaryOp;
 
