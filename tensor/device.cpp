@@ -19,5 +19,19 @@ void memset_zero(void*, size_t) { no_cuda(); }
 size_t peak_bytes() { return 0; }
 void set_guard_mode(bool) {}
 std::vector<std::string> check_guards() { return {}; }
+Stream::Stream() { no_cuda(); }
+Stream::~Stream() {}
+void Stream::synchronize() const { no_cuda(); }
+void Stream::wait(const Event&) const { no_cuda(); }
+Event::Event() { no_cuda(); }
+Event::~Event() {}
+void Event::record() { no_cuda(); }
+void Event::record(const Stream&) { no_cuda(); }
+void Event::synchronize() const { no_cuda(); }
+bool Event::done() const { no_cuda(); }
+float Event::ms_since(const Event&) const { no_cuda(); }
+StreamGuard::StreamGuard(const Stream&) : previous_(nullptr) { no_cuda(); }
+StreamGuard::~StreamGuard() {}
+void* current_stream() { return nullptr; }
 }  // namespace psa::gpu
 #endif

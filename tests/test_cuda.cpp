@@ -358,6 +358,90 @@ TEST(CudaGemm, BenchmarkHelperValidates) {
 }
 #endif
 
+// ---- streams and events ------------------------------------------------------------------------------------
+
+// softmax(gelu(a·b) + a): launches, cuBLAS, a memset-free chain whose every step reads the previous one.
+Tensor stream_chain(const Tensor& a, const Tensor& b) { return softmax(add(gelu(matmul(a, b)), a)); }
+
+TEST(CudaStream, WithoutAGpuStreamsFailWithAClearMessage) {
+  if (gpu::available()) GTEST_SKIP() << "a GPU is present: the no-GPU message is not reachable";
+  try {
+    gpu::Stream s;
+    FAIL() << "a Stream was created without a GPU";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("CUDA"), std::string::npos) << e.what();
+  }
+}
+
+TEST(CudaStream, SideStreamsGiveTheDefaultStreamsResults) {
+  SKIP_WITHOUT_GPU();
+  Tensor a_host = randn({256, 256}, 11), b_host = randn({256, 256}, 12);
+  Tensor want = stream_chain(a_host.to(Device::cuda), b_host.to(Device::cuda)).to(Device::cpu);
+  gpu::Stream s1, s2;
+  gpu::Event made;
+  Tensor a, b, mid;
+  {
+    gpu::StreamGuard on(s1);
+    a = a_host.to(Device::cuda), b = b_host.to(Device::cuda);
+    mid = matmul(a, b);
+    made.record();
+  }
+  Tensor got;
+  {
+    gpu::StreamGuard on(s2);
+    s2.wait(made);  // without it s2 could read mid before s1 wrote it
+    got = softmax(add(gelu(mid), a));
+    got = got.to(Device::cpu);  // the copy to the host synchronises s2
+  }
+  s1.synchronize();
+  // cuBLAS may pick another GEMM algorithm while several streams are active: GEMM tolerance, not bitwise.
+  EXPECT_EQ(compare(want, got.to(Device::cuda), tolerance("matmul", DType::f32)), "")
+      << "the same ops on two streams differ from one stream";
+  EXPECT_EQ(gpu::current_stream(), nullptr) << "StreamGuard did not restore the default stream";
+}
+
+TEST(CudaStream, AllocatorReusesABlockOnlyOnItsOwnStream) {
+  SKIP_WITHOUT_GPU();
+  const size_t n = 3 << 20;  // a size no other test leaves in the cache
+  void* p_default = gpu::alloc(n);
+  gpu::free(p_default, n);
+  void* p_side = nullptr;
+  {
+    gpu::Stream s;
+    gpu::StreamGuard on(s);
+    p_side = gpu::alloc(n);
+    EXPECT_NE(p_side, p_default) << "a block freed on the default stream went to another stream";
+    gpu::free(p_side, n);
+    void* again = gpu::alloc(n);
+    EXPECT_EQ(again, p_side) << "a stream does not reuse its own freed block";
+    gpu::free(again, n);
+  }
+  // The side stream is gone: after its work ran, its cached block belongs to the default stream.
+  void* x = gpu::alloc(n);
+  void* y = gpu::alloc(n);
+  std::set<void*> got{x, y};
+  EXPECT_EQ(got, (std::set<void*>{p_default, p_side})) << "blocks of a destroyed stream were not adopted";
+  gpu::free(x, n);
+  gpu::free(y, n);
+}
+
+TEST(CudaStream, EventsTimeWorkOnTheDeviceClock) {
+  SKIP_WITHOUT_GPU();
+  Tensor a = randn({1024, 1024}, 13).to(Device::cuda);
+  gpu::Event start, stop;
+  start.record();
+  Tensor c;
+  for (int i = 0; i < 4; ++i) c = matmul(a, a, false, true);
+  stop.record();
+  stop.synchronize();
+  EXPECT_TRUE(stop.done());
+  float ms = stop.ms_since(start);
+  EXPECT_GT(ms, 0.0f);
+  EXPECT_LT(ms, 10000.0f);
+  gpu::Event never;
+  EXPECT_THROW(never.synchronize(), std::exception) << "waiting on an event never recorded should fail clearly";
+}
+
 // ---- a whole training step ----------------------------------------------------------------------------------
 
 struct StepResult {

@@ -328,8 +328,8 @@ void rope(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& out) {
   if (n == 0) return;
   dispatch_float(x.dtype(), "cuda rope", [&](auto tag_) {
     using S = typename decltype(tag_)::type;
-    rope_kernel<S><<<blocks_for(n), kThreads>>>(x.data<S>(), cos.data<S>(), sin.data<S>(), x.size(2), x.size(3), n,
-                                                S(1), out.data<S>());
+    rope_kernel<S><<<blocks_for(n), kThreads, 0, stream()>>>(x.data<S>(), cos.data<S>(), sin.data<S>(), x.size(2),
+                                                             x.size(3), n, S(1), out.data<S>());
     cudaCheckLaunch();
   });
 }
@@ -339,8 +339,8 @@ void rope_backward(const Tensor& gout, const Tensor& cos, const Tensor& sin, Ten
   if (n == 0) return;
   dispatch_float(gout.dtype(), "cuda rope_backward", [&](auto tag_) {
     using S = typename decltype(tag_)::type;
-    rope_kernel<S><<<blocks_for(n), kThreads>>>(gout.data<S>(), cos.data<S>(), sin.data<S>(), gout.size(2),
-                                                gout.size(3), n, S(-1), gx.data<S>());
+    rope_kernel<S><<<blocks_for(n), kThreads, 0, stream()>>>(gout.data<S>(), cos.data<S>(), sin.data<S>(), gout.size(2),
+                                                             gout.size(3), n, S(-1), gx.data<S>());
     cudaCheckLaunch();
   });
 }
@@ -357,8 +357,8 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
     with_dpl<T>(a.D, [&](auto dpl) {
       auto kernel = flash_forward<T, decltype(dpl)::value>;
       allow_smem(kernel, smem);
-      kernel<<<grid, kRows * 32, smem>>>(q.data<T>(), k.data<T>(), v.data<T>(), ptr_or_null<T>(mask), a, causal,
-                                         (T)scale, out.data<T>(), lse.data<T>());
+      kernel<<<grid, kRows * 32, smem, stream()>>>(q.data<T>(), k.data<T>(), v.data<T>(), ptr_or_null<T>(mask), a,
+                                                   causal, (T)scale, out.data<T>(), lse.data<T>());
       cudaCheckLaunch();
     });
   });
@@ -374,7 +374,8 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
     int64_t rows = a.B * a.H * a.T;
     Tensor Dt = Tensor::empty({std::max<int64_t>(rows, 1)}, q.dtype(), Device::cuda);
     if (rows > 0) {
-      rowsum_dot<T><<<blocks_for(rows * 32), kThreads>>>(gout.data<T>(), out.data<T>(), rows, a.D, Dt.data<T>());
+      rowsum_dot<T>
+          <<<blocks_for(rows * 32), kThreads, 0, stream()>>>(gout.data<T>(), out.data<T>(), rows, a.D, Dt.data<T>());
       cudaCheckLaunch();
     }
     with_dpl<T>(a.D, [&](auto dpl) {
@@ -384,8 +385,9 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
         auto kernel = flash_backward_dq<T, DPL>;
         allow_smem(kernel, smem);
         dim3 grid((unsigned)((a.T + kRows - 1) / kRows), (unsigned)(a.B * a.H));
-        kernel<<<grid, kRows * 32, smem>>>(gout.data<T>(), q.data<T>(), k.data<T>(), v.data<T>(), lse.data<T>(),
-                                           Dt.data<T>(), ptr_or_null<T>(mask), a, causal, (T)scale, gq.data<T>());
+        kernel<<<grid, kRows * 32, smem, stream()>>>(gout.data<T>(), q.data<T>(), k.data<T>(), v.data<T>(),
+                                                     lse.data<T>(), Dt.data<T>(), ptr_or_null<T>(mask), a, causal,
+                                                     (T)scale, gq.data<T>());
         cudaCheckLaunch();
       }
       if ((gk.defined() || gv.defined()) && a.B * a.Hkv * a.S > 0) {
@@ -393,9 +395,9 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
         auto kernel = flash_backward_dkv<T, DPL>;
         allow_smem(kernel, smem);
         dim3 grid((unsigned)((a.S + kRows - 1) / kRows), (unsigned)(a.B * a.Hkv));
-        kernel<<<grid, kRows * 32, smem>>>(gout.data<T>(), q.data<T>(), k.data<T>(), v.data<T>(), lse.data<T>(),
-                                           Dt.data<T>(), ptr_or_null<T>(mask), a, causal, (T)scale,
-                                           mut_or_null<T>(gk), mut_or_null<T>(gv));
+        kernel<<<grid, kRows * 32, smem, stream()>>>(gout.data<T>(), q.data<T>(), k.data<T>(), v.data<T>(),
+                                                     lse.data<T>(), Dt.data<T>(), ptr_or_null<T>(mask), a, causal,
+                                                     (T)scale, mut_or_null<T>(gk), mut_or_null<T>(gv));
         cudaCheckLaunch();
       }
     });

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "tensor/cuda/kernels.h"
+#include "tensor/device.h"
 #include "tensor/error.h"
 
 // Every CUDA runtime call goes through cudaCheck; every launch is followed by cudaCheckLaunch(), which reports
@@ -22,6 +23,10 @@
 namespace psa::cuda {
 
 constexpr int kThreads = 256;
+
+// The stream every launch, copy and memset of this thread goes to (tensor/device.h: the legacy default stream
+// unless a gpu::StreamGuard names another).
+inline cudaStream_t stream() { return static_cast<cudaStream_t>(gpu::current_stream()); }
 
 inline unsigned blocks_for(int64_t n, int threads = kThreads) {
   int64_t b = (n + threads - 1) / threads;

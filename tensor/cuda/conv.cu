@@ -145,12 +145,14 @@ void patch_conv(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& ou
   dispatch_float(x.dtype(), "cuda patch_conv", [&](auto tag_) {
     using X = typename decltype(tag_)::type;
     Tensor cols = Tensor::empty({std::max<int64_t>(n_cols, 1)}, x.dtype(), Device::cuda);
-    rearrange_patches<X><<<blocks_for(n_cols), kThreads>>>(d, const_cast<X*>(x.data<X>()), cols.data<X>(), true);
+    rearrange_patches<X>
+        <<<blocks_for(n_cols), kThreads, 0, stream()>>>(d, const_cast<X*>(x.data<X>()), cols.data<X>(), true);
     cudaCheckLaunch();
     gemm_any<X>(false, true, O, d.L, d.K, X(1), w.data<X>(), std::max<int64_t>(d.K, 1), 0, cols.data<X>(),
                 std::max<int64_t>(d.K, 1), d.L * d.K, X(0), out.data<X>(), d.L, O * d.L, d.B);
     if (!bias.defined()) return;
-    add_channel_bias<X><<<blocks_for(out.numel()), kThreads>>>(out.data<X>(), bias.data<X>(), O, d.L, out.numel());
+    add_channel_bias<X>
+        <<<blocks_for(out.numel()), kThreads, 0, stream()>>>(out.data<X>(), bias.data<X>(), O, d.L, out.numel());
     cudaCheckLaunch();
   });
 }
@@ -162,15 +164,16 @@ void patch_conv_backward(const Tensor& gout, const Tensor& x, const Tensor& w, T
     using X = typename decltype(tag_)::type;
     const X* pg = gout.data<X>();
     if (gbias.defined() && O > 0) {
-      channel_sums<X><<<(unsigned)O, kThreads>>>(pg, d.B, O, d.L, gbias.data<X>());
+      channel_sums<X><<<(unsigned)O, kThreads, 0, stream()>>>(pg, d.B, O, d.L, gbias.data<X>());
       cudaCheckLaunch();
     }
     Tensor cols = Tensor::empty({std::max<int64_t>(n_cols, 1)}, x.dtype(), Device::cuda);
     if (gw.defined()) {
       if (d.B == 0 || d.L == 0) {
-        cudaCheck(cudaMemset(gw.raw(), 0, gw.nbytes()));
+        cudaCheck(cudaMemsetAsync(gw.raw(), 0, gw.nbytes(), stream()));
       } else {
-        rearrange_patches<X><<<blocks_for(n_cols), kThreads>>>(d, const_cast<X*>(x.data<X>()), cols.data<X>(), true);
+        rearrange_patches<X>
+            <<<blocks_for(n_cols), kThreads, 0, stream()>>>(d, const_cast<X*>(x.data<X>()), cols.data<X>(), true);
         cudaCheckLaunch();
         for (int64_t b = 0; b < d.B; ++b)
           gemm_any<X>(false, false, O, d.K, d.L, X(1), pg + b * O * d.L, d.L, 0, cols.data<X>() + b * d.L * d.K, d.K,
@@ -180,7 +183,7 @@ void patch_conv_backward(const Tensor& gout, const Tensor& x, const Tensor& w, T
     if (gx.defined() && gx.numel() > 0) {
       gemm_any<X>(true, false, d.L, d.K, O, X(1), pg, std::max<int64_t>(d.L, 1), O * d.L, w.data<X>(),
                   std::max<int64_t>(d.K, 1), 0, X(0), cols.data<X>(), d.K, d.L * d.K, d.B);
-      rearrange_patches<X><<<blocks_for(n_cols), kThreads>>>(d, gx.data<X>(), cols.data<X>(), false);
+      rearrange_patches<X><<<blocks_for(n_cols), kThreads, 0, stream()>>>(d, gx.data<X>(), cols.data<X>(), false);
       cudaCheckLaunch();
     }
   });
@@ -191,7 +194,8 @@ void depthwise_conv3x3(const Tensor& x, const Tensor& w, Tensor& out) {
   if (out.numel() == 0) return;
   dispatch_float(x.dtype(), "cuda depthwise_conv3x3", [&](auto tag_) {
     using X = typename decltype(tag_)::type;
-    conv3x3_kernel<X><<<blocks_for(out.numel()), kThreads>>>(x.data<X>(), w.data<X>(), B, H, W, C, +1, out.data<X>());
+    conv3x3_kernel<X>
+        <<<blocks_for(out.numel()), kThreads, 0, stream()>>>(x.data<X>(), w.data<X>(), B, H, W, C, +1, out.data<X>());
     cudaCheckLaunch();
   });
 }
@@ -201,8 +205,8 @@ void depthwise_conv3x3_backward(const Tensor& gout, const Tensor& x, const Tenso
   dispatch_float(x.dtype(), "cuda depthwise_conv3x3_backward", [&](auto tag_) {
     using X = typename decltype(tag_)::type;
     if (gx.defined() && gx.numel() > 0) {
-      conv3x3_kernel<X><<<blocks_for(gx.numel()), kThreads>>>(gout.data<X>(), w.data<X>(), B, H, W, C, -1,
-                                                              gx.data<X>());
+      conv3x3_kernel<X><<<blocks_for(gx.numel()), kThreads, 0, stream()>>>(gout.data<X>(), w.data<X>(), B, H, W, C, -1,
+                                                                           gx.data<X>());
       cudaCheckLaunch();
     }
     if (!gw.defined() || C == 0) return;
@@ -210,9 +214,10 @@ void depthwise_conv3x3_backward(const Tensor& gout, const Tensor& x, const Tenso
     PSA_CHECK(chunks <= 65535, "depthwise_conv3x3_backward (cuda): ", B * H, " rows exceed the chunk grid");
     Tensor part = Tensor::empty({chunks, 9 * C}, DType::f64, Device::cuda);
     dim3 grid(blocks_for(9 * C), (unsigned)chunks);
-    depthwise_gw_partials<X><<<grid, kThreads>>>(gout.data<X>(), x.data<X>(), B, H, W, C, part.data<double>());
+    depthwise_gw_partials<X>
+        <<<grid, kThreads, 0, stream()>>>(gout.data<X>(), x.data<X>(), B, H, W, C, part.data<double>());
     cudaCheckLaunch();
-    depthwise_gw_finish<X><<<blocks_for(9 * C), kThreads>>>(part.data<double>(), chunks, C, gw.data<X>());
+    depthwise_gw_finish<X><<<blocks_for(9 * C), kThreads, 0, stream()>>>(part.data<double>(), chunks, C, gw.data<X>());
     cudaCheckLaunch();
   });
 }
@@ -221,8 +226,8 @@ void adaptive_avg_pool2d(const Tensor& x, Tensor& out) {
   if (out.numel() == 0) return;
   dispatch_float(x.dtype(), "cuda adaptive_avg_pool2d", [&](auto tag_) {
     using X = typename decltype(tag_)::type;
-    pool_kernel<X><<<blocks_for(out.numel()), kThreads>>>(x.data<X>(), x.size(0), x.size(1), x.size(2), x.size(3),
-                                                          out.size(1), out.size(2), out.data<X>());
+    pool_kernel<X><<<blocks_for(out.numel()), kThreads, 0, stream()>>>(
+        x.data<X>(), x.size(0), x.size(1), x.size(2), x.size(3), out.size(1), out.size(2), out.data<X>());
     cudaCheckLaunch();
   });
 }
@@ -231,8 +236,8 @@ void adaptive_avg_pool2d_backward(const Tensor& gout, Tensor& gx) {
   if (gx.numel() == 0) return;
   dispatch_float(gx.dtype(), "cuda adaptive_avg_pool2d_backward", [&](auto tag_) {
     using X = typename decltype(tag_)::type;
-    pool_backward_kernel<X><<<blocks_for(gx.numel()), kThreads>>>(gout.data<X>(), gx.size(0), gx.size(1), gx.size(2),
-                                                                  gx.size(3), gout.size(1), gout.size(2), gx.data<X>());
+    pool_backward_kernel<X><<<blocks_for(gx.numel()), kThreads, 0, stream()>>>(
+        gout.data<X>(), gx.size(0), gx.size(1), gx.size(2), gx.size(3), gout.size(1), gout.size(2), gx.data<X>());
     cudaCheckLaunch();
   });
 }

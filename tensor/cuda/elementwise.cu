@@ -169,11 +169,11 @@ void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out) {
   dispatch_float(out.dtype(), "cuda binary", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
     if (a.shape() == out.shape() && b.shape() == out.shape()) {
-      binary_flat<T><<<blocks_for(n), kThreads>>>(op, a.data<T>(), b.data<T>(), out.data<T>(), n);
+      binary_flat<T><<<blocks_for(n), kThreads, 0, stream()>>>(op, a.data<T>(), b.data<T>(), out.data<T>(), n);
     } else {
-      binary_broadcast<T><<<blocks_for(n), kThreads>>>(op, a.data<T>(), broadcast_dims(a.shape(), out.shape()),
-                                                       b.data<T>(), broadcast_dims(b.shape(), out.shape()),
-                                                       out.data<T>(), n);
+      binary_broadcast<T><<<blocks_for(n), kThreads, 0, stream()>>>(
+          op, a.data<T>(), broadcast_dims(a.shape(), out.shape()), b.data<T>(), broadcast_dims(b.shape(), out.shape()),
+          out.data<T>(), n);
     }
     cudaCheckLaunch();
   });
@@ -184,7 +184,7 @@ void unary(UnaryOp op, const Tensor& x, double param, Tensor& out) {
   if (n == 0) return;
   dispatch_float(out.dtype(), "cuda unary", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    unary_kernel<T><<<blocks_for(n), kThreads>>>(op, x.data<T>(), (T)param, out.data<T>(), n);
+    unary_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(op, x.data<T>(), (T)param, out.data<T>(), n);
     cudaCheckLaunch();
   });
 }
@@ -194,8 +194,8 @@ void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& 
   if (n == 0) return;
   dispatch_float(gx.dtype(), "cuda unary_backward", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    unary_backward_kernel<T><<<blocks_for(n), kThreads>>>(op, x.data<T>(), y.data<T>(), gout.data<T>(), (T)param,
-                                                          gx.data<T>(), n);
+    unary_backward_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(op, x.data<T>(), y.data<T>(), gout.data<T>(),
+                                                                       (T)param, gx.data<T>(), n);
     cudaCheckLaunch();
   });
 }
@@ -205,7 +205,7 @@ void swiglu(const Tensor& gate, const Tensor& up, Tensor& out) {
   if (n == 0) return;
   dispatch_float(out.dtype(), "cuda swiglu", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    swiglu_kernel<T><<<blocks_for(n), kThreads>>>(gate.data<T>(), up.data<T>(), out.data<T>(), n);
+    swiglu_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(gate.data<T>(), up.data<T>(), out.data<T>(), n);
     cudaCheckLaunch();
   });
 }
@@ -215,9 +215,9 @@ void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& gout, T
   if (n == 0) return;
   dispatch_float(gout.dtype(), "cuda swiglu_backward", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    swiglu_backward_kernel<T><<<blocks_for(n), kThreads>>>(gate.data<T>(), up.data<T>(), gout.data<T>(),
-                                                           g_gate.defined() ? g_gate.data<T>() : nullptr,
-                                                           g_up.defined() ? g_up.data<T>() : nullptr, n);
+    swiglu_backward_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(gate.data<T>(), up.data<T>(), gout.data<T>(),
+                                                                        g_gate.defined() ? g_gate.data<T>() : nullptr,
+                                                                        g_up.defined() ? g_up.data<T>() : nullptr, n);
     cudaCheckLaunch();
   });
 }
@@ -227,7 +227,8 @@ void bias_act(UnaryOp act, const Tensor& x, const Tensor& bias, Tensor& out) {
   if (n == 0) return;
   dispatch_float(out.dtype(), "cuda bias_act", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    bias_act_kernel<T><<<blocks_for(n), kThreads>>>(act, x.data<T>(), bias.data<T>(), out.data<T>(), n, bias.numel());
+    bias_act_kernel<T>
+        <<<blocks_for(n), kThreads, 0, stream()>>>(act, x.data<T>(), bias.data<T>(), out.data<T>(), n, bias.numel());
     cudaCheckLaunch();
   });
 }
@@ -241,12 +242,13 @@ void bias_act_backward(UnaryOp act, const Tensor& x, const Tensor& bias, const T
     using T = typename decltype(tag_)::type;
     if (chunks > 0) {
       dim3 grid((unsigned)((N + 127) / 128), (unsigned)std::min<int64_t>(chunks, 65535));
-      bias_act_grad_chunks<T><<<grid, 128>>>(act, derivative_reads_output(act), x.data<T>(), bias.data<T>(),
-                                             gout.data<T>(), rows, N, gx.data<T>(), mut_or_null<double>(sums));
+      bias_act_grad_chunks<T><<<grid, 128, 0, stream()>>>(act, derivative_reads_output(act), x.data<T>(),
+                                                          bias.data<T>(), gout.data<T>(), rows, N, gx.data<T>(),
+                                                          mut_or_null<double>(sums));
       cudaCheckLaunch();
     }
     if (gbias.defined()) {
-      sum_chunks<T><<<blocks_for(N), kThreads>>>(sums.data<double>(), chunks, N, gbias.data<T>());
+      sum_chunks<T><<<blocks_for(N), kThreads, 0, stream()>>>(sums.data<double>(), chunks, N, gbias.data<T>());
       cudaCheckLaunch();
     }
   });
@@ -257,8 +259,8 @@ void broadcast_to(const Tensor& a, Tensor& out) {
   if (n == 0) return;
   dispatch_all(out.dtype(), "cuda broadcast_to", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    gather_broadcast<T><<<blocks_for(n), kThreads>>>(a.data<T>(), broadcast_dims(a.shape(), out.shape()),
-                                                     out.data<T>(), n);
+    gather_broadcast<T><<<blocks_for(n), kThreads, 0, stream()>>>(a.data<T>(), broadcast_dims(a.shape(), out.shape()),
+                                                                  out.data<T>(), n);
     cudaCheckLaunch();
   });
 }

@@ -44,6 +44,7 @@ cublasHandle_t handle() {
     return x;
   }();
   cublasCheck(cublasSetMathMode(h, settings().tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+  cublasCheck(cublasSetStream(h, stream()));
   return h;
 }
 

@@ -80,11 +80,11 @@ void norm_param_grads(const Tensor& g, const Tensor& x, const T* mean, const T* 
   Tensor pb = gb.defined() ? Tensor::empty({chunks, C}, DType::f64, Device::cuda) : Tensor();
   PSA_CHECK(chunks <= 65535, "cuda norm backward: ", rows, " rows exceed the chunk grid");
   dim3 grid((unsigned)((C + 127) / 128), (unsigned)chunks);
-  norm_param_partials<T><<<grid, 128>>>(g.data<T>(), x.data<T>(), mean, rstd, rows, C, mut_or_null<double>(pw),
-                                        mut_or_null<double>(pb));
+  norm_param_partials<T><<<grid, 128, 0, stream()>>>(g.data<T>(), x.data<T>(), mean, rstd, rows, C,
+                                                     mut_or_null<double>(pw), mut_or_null<double>(pb));
   cudaCheckLaunch();
-  if (gw.defined()) sum_chunks<T><<<blocks_for(C), kThreads>>>(pw.data<double>(), chunks, C, gw.data<T>());
-  if (gb.defined()) sum_chunks<T><<<blocks_for(C), kThreads>>>(pb.data<double>(), chunks, C, gb.data<T>());
+  if (gw.defined()) sum_chunks<T><<<blocks_for(C), kThreads, 0, stream()>>>(pw.data<double>(), chunks, C, gw.data<T>());
+  if (gb.defined()) sum_chunks<T><<<blocks_for(C), kThreads, 0, stream()>>>(pb.data<double>(), chunks, C, gb.data<T>());
   cudaCheckLaunch();
 }
 
@@ -230,8 +230,8 @@ void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps, T
   check_grid(rows, "layer_norm");
   dispatch_float(x.dtype(), "cuda layer_norm", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    layer_norm_kernel<T><<<(unsigned)rows, row_threads(C)>>>(x.data<T>(), ptr_or_null<T>(w), ptr_or_null<T>(b), eps, C,
-                                                             out.data<T>(), mean.data<T>(), rstd.data<T>());
+    layer_norm_kernel<T><<<(unsigned)rows, row_threads(C), 0, stream()>>>(
+        x.data<T>(), ptr_or_null<T>(w), ptr_or_null<T>(b), eps, C, out.data<T>(), mean.data<T>(), rstd.data<T>());
     cudaCheckLaunch();
   });
 }
@@ -243,8 +243,8 @@ void layer_norm_backward(const Tensor& gout, const Tensor& x, const Tensor& w, c
   dispatch_float(x.dtype(), "cuda layer_norm_backward", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
     if (gx.defined() && rows > 0) {
-      layer_norm_gx<T><<<(unsigned)rows, row_threads(C)>>>(gout.data<T>(), x.data<T>(), ptr_or_null<T>(w),
-                                                           mean.data<T>(), rstd.data<T>(), C, gx.data<T>());
+      layer_norm_gx<T><<<(unsigned)rows, row_threads(C), 0, stream()>>>(
+          gout.data<T>(), x.data<T>(), ptr_or_null<T>(w), mean.data<T>(), rstd.data<T>(), C, gx.data<T>());
       cudaCheckLaunch();
     }
     norm_param_grads<T>(gout, x, mean.data<T>(), rstd.data<T>(), rows, C, gw, gb);
@@ -257,8 +257,8 @@ void rms_norm(const Tensor& x, const Tensor& w, double eps, Tensor& out, Tensor&
   check_grid(rows, "rms_norm");
   dispatch_float(x.dtype(), "cuda rms_norm", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    rms_norm_kernel<T><<<(unsigned)rows, row_threads(C)>>>(x.data<T>(), ptr_or_null<T>(w), eps, C, out.data<T>(),
-                                                           rstd.data<T>());
+    rms_norm_kernel<T><<<(unsigned)rows, row_threads(C), 0, stream()>>>(x.data<T>(), ptr_or_null<T>(w), eps, C,
+                                                                        out.data<T>(), rstd.data<T>());
     cudaCheckLaunch();
   });
 }
@@ -269,8 +269,8 @@ void rms_norm_backward(const Tensor& gout, const Tensor& x, const Tensor& w, con
   dispatch_float(x.dtype(), "cuda rms_norm_backward", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
     if (gx.defined() && rows > 0) {
-      rms_norm_gx<T><<<(unsigned)rows, row_threads(C)>>>(gout.data<T>(), x.data<T>(), ptr_or_null<T>(w),
-                                                         rstd.data<T>(), C, gx.data<T>());
+      rms_norm_gx<T><<<(unsigned)rows, row_threads(C), 0, stream()>>>(gout.data<T>(), x.data<T>(), ptr_or_null<T>(w),
+                                                                      rstd.data<T>(), C, gx.data<T>());
       cudaCheckLaunch();
     }
     Tensor none;
@@ -284,7 +284,7 @@ void softmax(const Tensor& x, int64_t outer, int64_t n, int64_t inner, bool log,
   check_grid(rows, "softmax");
   dispatch_float(x.dtype(), "cuda softmax", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    softmax_kernel<T><<<(unsigned)rows, row_threads(n)>>>(x.data<T>(), out.data<T>(), n, inner, log);
+    softmax_kernel<T><<<(unsigned)rows, row_threads(n), 0, stream()>>>(x.data<T>(), out.data<T>(), n, inner, log);
     cudaCheckLaunch();
   });
 }
@@ -295,8 +295,8 @@ void softmax_backward(const Tensor& gout, const Tensor& y, int64_t outer, int64_
   check_grid(rows, "softmax_backward");
   dispatch_float(y.dtype(), "cuda softmax_backward", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    softmax_backward_kernel<T><<<(unsigned)rows, row_threads(n)>>>(gout.data<T>(), y.data<T>(), gx.data<T>(), n, inner,
-                                                                   log);
+    softmax_backward_kernel<T>
+        <<<(unsigned)rows, row_threads(n), 0, stream()>>>(gout.data<T>(), y.data<T>(), gx.data<T>(), n, inner, log);
     cudaCheckLaunch();
   });
 }
@@ -309,11 +309,11 @@ void cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_i
   dispatch_float(logits.dtype(), "cuda cross_entropy", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
     if (N > 0) {
-      cross_entropy_rows<T><<<(unsigned)N, row_threads(V)>>>(logits.data<T>(), targets.data<int64_t>(), ignore_index, V,
-                                                             lse.data<T>(), row_loss.data<double>());
+      cross_entropy_rows<T><<<(unsigned)N, row_threads(V), 0, stream()>>>(
+          logits.data<T>(), targets.data<int64_t>(), ignore_index, V, lse.data<T>(), row_loss.data<double>());
       cudaCheckLaunch();
     }
-    cross_entropy_total<T><<<1, 256>>>(row_loss.data<double>(), N, count, loss.data<T>());
+    cross_entropy_total<T><<<1, 256, 0, stream()>>>(row_loss.data<double>(), N, count, loss.data<T>());
     cudaCheckLaunch();
   });
 }
@@ -324,9 +324,9 @@ void cross_entropy_backward(const Tensor& gout, const Tensor& logits, const Tens
   if (N * V == 0) return;
   dispatch_float(logits.dtype(), "cuda cross_entropy_backward", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    cross_entropy_backward_kernel<T><<<blocks_for(N * V), kThreads>>>(gout.data<T>(), logits.data<T>(),
-                                                                      targets.data<int64_t>(), lse.data<T>(),
-                                                                      ignore_index, count, N, V, glogits.data<T>());
+    cross_entropy_backward_kernel<T>
+        <<<blocks_for(N * V), kThreads, 0, stream()>>>(gout.data<T>(), logits.data<T>(), targets.data<int64_t>(),
+                                                       lse.data<T>(), ignore_index, count, N, V, glogits.data<T>());
     cudaCheckLaunch();
   });
 }
@@ -337,13 +337,13 @@ void dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset, Tensor& 
   int64_t n = x.numel();
   if (n == 0) return;
   if (p >= 1) {  // every element dropped, as on the CPU
-    cudaCheck(cudaMemset(out.raw(), 0, out.nbytes()));
+    cudaCheck(cudaMemsetAsync(out.raw(), 0, out.nbytes(), stream()));
     return;
   }
   dispatch_float(x.dtype(), "cuda dropout", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    dropout_kernel<T><<<blocks_for(n), kThreads>>>(x.data<T>(), out.data<T>(), n, seed, offset, dropout_threshold(p),
-                                                   (T)(1.0 / (1.0 - p)));
+    dropout_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(x.data<T>(), out.data<T>(), n, seed, offset,
+                                                                dropout_threshold(p), (T)(1.0 / (1.0 - p)));
     cudaCheckLaunch();
   });
 }

@@ -67,10 +67,10 @@ void adamw_step(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWCoe
   if (n == 0) return;
   dispatch_float(p.dtype(), "cuda adamw", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    adamw_kernel<T><<<blocks_for(n), kThreads>>>(p.data<T>(), g.data<T>(), m.data<T>(), v.data<T>(), n,
-                                                 T(1 - c.lr * c.weight_decay), T(c.beta1), T(c.beta2), T(1 - c.beta1),
-                                                 T(1 - c.beta2), T(c.lr / (1 - std::pow(c.beta1, (double)c.step))),
-                                                 T(std::sqrt(1 - std::pow(c.beta2, (double)c.step))), T(c.eps));
+    adamw_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(
+        p.data<T>(), g.data<T>(), m.data<T>(), v.data<T>(), n, T(1 - c.lr * c.weight_decay), T(c.beta1), T(c.beta2),
+        T(1 - c.beta1), T(1 - c.beta2), T(c.lr / (1 - std::pow(c.beta1, (double)c.step))),
+        T(std::sqrt(1 - std::pow(c.beta2, (double)c.step))), T(c.eps));
     cudaCheckLaunch();
   });
 }
@@ -81,9 +81,9 @@ void sgd_step(Tensor& p, const Tensor& g, Tensor& buf, const SgdCoeffs& c) {
   dispatch_float(p.dtype(), "cuda sgd", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
     T* pb = c.momentum != 0 ? buf.data<T>() : nullptr;
-    sgd_kernel<T><<<blocks_for(n), kThreads>>>(p.data<T>(), g.data<T>(), pb, n, T(c.lr), T(c.weight_decay),
-                                               T(c.momentum), T(1 - c.dampening), c.weight_decay != 0, c.nesterov,
-                                               c.first_step);
+    sgd_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(p.data<T>(), g.data<T>(), pb, n, T(c.lr), T(c.weight_decay),
+                                                            T(c.momentum), T(1 - c.dampening), c.weight_decay != 0,
+                                                            c.nesterov, c.first_step);
     cudaCheckLaunch();
   });
 }
@@ -94,7 +94,7 @@ double sum_squares(const Tensor& x) {
   Tensor partial = Tensor::empty({kNormBlocks}, DType::f64, Device::cuda);
   dispatch_float(x.dtype(), "cuda sum_squares", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    sum_squares_kernel<T><<<kNormBlocks, kThreads>>>(x.data<T>(), n, partial.data<double>());
+    sum_squares_kernel<T><<<kNormBlocks, kThreads, 0, stream()>>>(x.data<T>(), n, partial.data<double>());
     cudaCheckLaunch();
   });
   double total = 0;
@@ -107,7 +107,7 @@ void scale_in_place(Tensor& x, double s) {
   if (n == 0) return;
   dispatch_float(x.dtype(), "cuda scale_in_place", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    scale_kernel<T><<<blocks_for(n), kThreads>>>(x.data<T>(), n, T(s));
+    scale_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(x.data<T>(), n, T(s));
     cudaCheckLaunch();
   });
 }
@@ -118,7 +118,7 @@ bool all_finite(const Tensor& x) {
   Tensor flag = Tensor::zeros({1}, DType::i32, Device::cuda);
   dispatch_float(x.dtype(), "cuda all_finite", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    finite_kernel<T><<<blocks_for(n), kThreads>>>(x.data<T>(), n, flag.data<int32_t>());
+    finite_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(x.data<T>(), n, flag.data<int32_t>());
     cudaCheckLaunch();
   });
   return flag.vec<int32_t>()[0] == 0;

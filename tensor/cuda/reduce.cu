@@ -83,18 +83,18 @@ void sum_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& o
   dispatch_float(a.dtype(), "cuda sum", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
     if (inner == 1 && outer <= 0x7fffffff)
-      sum_rows<T><<<(unsigned)outer, kThreads>>>(a.data<T>(), n, out.data<T>());
+      sum_rows<T><<<(unsigned)outer, kThreads, 0, stream()>>>(a.data<T>(), n, out.data<T>());
     else if (int64_t chunks = column_sum_chunks(outer * inner, n); chunks > 1) {
       int64_t chunk_rows = (n + chunks - 1) / chunks;
       chunks = (n + chunk_rows - 1) / chunk_rows;
       Tensor part = Tensor::empty({chunks, outer * inner}, DType::f64, Device::cuda);
-      sum_column_chunks<T><<<dim3(blocks_for(outer * inner), (unsigned)chunks), kThreads>>>(
+      sum_column_chunks<T><<<dim3(blocks_for(outer * inner), (unsigned)chunks), kThreads, 0, stream()>>>(
           a.data<T>(), outer, n, inner, chunk_rows, part.data<double>());
       cudaCheckLaunch();
-      sum_chunks<T><<<blocks_for(outer * inner), kThreads>>>(part.data<double>(), chunks, outer * inner,
-                                                             out.data<T>());
+      sum_chunks<T><<<blocks_for(outer * inner), kThreads, 0, stream()>>>(part.data<double>(), chunks, outer * inner,
+                                                                          out.data<T>());
     } else {
-      sum_columns<T><<<blocks_for(outer * inner), kThreads>>>(a.data<T>(), outer, n, inner, out.data<T>());
+      sum_columns<T><<<blocks_for(outer * inner), kThreads, 0, stream()>>>(a.data<T>(), outer, n, inner, out.data<T>());
     }
     cudaCheckLaunch();
   });
@@ -104,8 +104,8 @@ void max_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& o
   if (outer * inner == 0) return;
   dispatch_all(a.dtype(), "cuda max", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    max_columns<T><<<blocks_for(outer * inner), kThreads>>>(a.data<T>(), outer, n, inner, mut_or_null<T>(out),
-                                                             argmax.data<int64_t>());
+    max_columns<T><<<blocks_for(outer * inner), kThreads, 0, stream()>>>(a.data<T>(), outer, n, inner,
+                                                                         mut_or_null<T>(out), argmax.data<int64_t>());
     cudaCheckLaunch();
   });
 }
@@ -115,8 +115,8 @@ void max_backward(const Tensor& gout, const Tensor& argmax, int64_t outer, int64
   if (total == 0) return;
   dispatch_float(ga.dtype(), "cuda max_backward", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    max_backward_kernel<T><<<blocks_for(total), kThreads>>>(gout.data<T>(), argmax.data<int64_t>(), n, inner,
-                                                            ga.data<T>(), total);
+    max_backward_kernel<T><<<blocks_for(total), kThreads, 0, stream()>>>(gout.data<T>(), argmax.data<int64_t>(), n,
+                                                                         inner, ga.data<T>(), total);
     cudaCheckLaunch();
   });
 }

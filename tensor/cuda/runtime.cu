@@ -1,6 +1,8 @@
-// CUDA runtime glue: device query, a caching allocator and copies.
-// The allocator keeps freed blocks in per-size free lists (sizes rounded up to 512 bytes, or to 2 MiB above
-// 1 MiB) so that training steps after the first never call cudaMalloc/cudaFree; peak bytes are tracked.
+// CUDA runtime glue: device query, a caching allocator, copies, streams and events.
+// The allocator keeps freed blocks in free lists per (stream, size) (sizes rounded up to 512 bytes, or to 2 MiB
+// above 1 MiB) so that training steps after the first never call cudaMalloc/cudaFree; peak bytes are tracked.
+// A block goes back to the list of the stream it was allocated on: work on that stream runs in order, so the
+// next user of the block starts after the last kernel that used it, without a synchronisation.
 // Guard mode (tests): every allocation gets its own cudaMalloc with kGuard bytes of a known pattern on each
 // side and a body filled with 0xFF bytes (NaN as f32/f64, so an output a kernel forgets to write shows up);
 // the guards are verified when the block is freed and by check_guards(), catching out-of-bounds writes.
@@ -10,6 +12,8 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "tensor/cuda/common.cuh"
@@ -21,9 +25,12 @@ namespace {
 constexpr size_t kGuard = 256;  // keeps the returned pointer 256-byte aligned like cudaMalloc's
 constexpr unsigned char kGuardByte = 0xA5;
 
+thread_local cudaStream_t t_current_stream = nullptr;  // nullptr: the legacy default stream
+
 struct Cache {
   std::mutex mu;
-  std::map<size_t, std::vector<void*>> free_blocks;
+  std::map<std::pair<cudaStream_t, size_t>, std::vector<void*>> free_blocks;  // (stream, rounded size) -> blocks
+  std::unordered_map<void*, cudaStream_t> owner;  // live block -> the stream it was allocated on
   size_t in_use = 0, peak = 0;
   bool guard = false;
   std::map<void*, size_t> guarded;  // user pointer -> user bytes
@@ -63,9 +70,9 @@ double mib(size_t n) { return n / 1048576.0; }
 // sizes sit idle in the cache should get that memory before the run is declared out of memory.
 size_t release_cached(Cache& c) {
   size_t released = 0;
-  for (auto& [size, blocks] : c.free_blocks) {
+  for (auto& [key, blocks] : c.free_blocks) {
     for (void* p : blocks) cudaFree(p);
-    released += size * blocks.size();
+    released += key.second * blocks.size();
     blocks.clear();
   }
   return released;
@@ -162,13 +169,14 @@ void* alloc(size_t nbytes) {
     return p;
   }
   void* p = nullptr;
-  auto it = c.free_blocks.find(n);
+  auto it = c.free_blocks.find({t_current_stream, n});
   if (it != c.free_blocks.end() && !it->second.empty()) {
     p = it->second.back();
     it->second.pop_back();
   } else {
     p = device_malloc(c, nbytes, n);
   }
+  c.owner[p] = t_current_stream;
   c.in_use += n;
   if (c.in_use > c.peak) c.peak = c.in_use;
   return p;
@@ -187,13 +195,116 @@ void free(void* p, size_t nbytes) {
     cudaFree(static_cast<char*>(p) - kGuard);  // unchecked: a destructor must not throw
     return;
   }
-  c.free_blocks[n].push_back(p);
+  auto o = c.owner.find(p);
+  cudaStream_t stream = o != c.owner.end() ? o->second : nullptr;
+  if (o != c.owner.end()) c.owner.erase(o);
+  c.free_blocks[{stream, n}].push_back(p);
   c.in_use -= n;
 }
 
-void copy_to_device(void* dst, const void* src, size_t n) { cudaCheck(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice)); }
-void copy_to_host(void* dst, const void* src, size_t n) { cudaCheck(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToHost)); }
-void copy_on_device(void* dst, const void* src, size_t n) { cudaCheck(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToDevice)); }
-void memset_zero(void* p, size_t n) { cudaCheck(cudaMemset(p, 0, n)); }
+// Copies and memsets on the current stream. From pageable host memory (every host tensor) cudaMemcpyAsync
+// returns once the source has been staged, so the caller may free it; to the host it must finish first.
+void copy_to_device(void* dst, const void* src, size_t n) {
+  cudaCheck(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, t_current_stream));
+}
+void copy_to_host(void* dst, const void* src, size_t n) {
+  cudaCheck(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, t_current_stream));
+  cudaCheck(cudaStreamSynchronize(t_current_stream));
+}
+void copy_on_device(void* dst, const void* src, size_t n) {
+  cudaCheck(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, t_current_stream));
+}
+void memset_zero(void* p, size_t n) { cudaCheck(cudaMemsetAsync(p, 0, n, t_current_stream)); }
 size_t peak_bytes() { return cache().peak; }
+
+// ---- streams and events
+
+void* current_stream() { return t_current_stream; }
+
+namespace {
+cudaStream_t as_stream(void* h) { return static_cast<cudaStream_t>(h); }
+cudaEvent_t as_event(void* h) { return static_cast<cudaEvent_t>(h); }
+
+// A stream about to be destroyed: once its work has run, its cached blocks and the live blocks it allocated
+// belong to the legacy default stream (a later stream may get the same handle and must not inherit them).
+void adopt_blocks_of(cudaStream_t s) {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  for (auto it = c.free_blocks.begin(); it != c.free_blocks.end();) {
+    if (it->first.first != s) {
+      ++it;
+      continue;
+    }
+    auto& dst = c.free_blocks[{nullptr, it->first.second}];
+    dst.insert(dst.end(), it->second.begin(), it->second.end());
+    it = c.free_blocks.erase(it);
+  }
+  for (auto& [p, owner] : c.owner)
+    if (owner == s) owner = nullptr;
+}
+}  // namespace
+
+Stream::Stream() {
+  PSA_CHECK(available(), "gpu::Stream: ", describe());
+  cudaStream_t s;
+  cudaCheck(cudaStreamCreate(&s));  // blocking: ordered against the legacy default stream too
+  handle_ = s;
+}
+
+Stream::~Stream() {
+  if (!handle_) return;
+  cudaStreamSynchronize(as_stream(handle_));  // unchecked: a destructor must not throw
+  adopt_blocks_of(as_stream(handle_));
+  cudaStreamDestroy(as_stream(handle_));
+}
+
+void Stream::synchronize() const { cudaCheck(cudaStreamSynchronize(as_stream(handle_))); }
+
+void Stream::wait(const Event& e) const {
+  PSA_CHECK(e.handle(), "gpu::Stream::wait: the event was never created");
+  cudaCheck(cudaStreamWaitEvent(as_stream(handle_), as_event(e.handle()), 0));
+}
+
+Event::Event() {
+  PSA_CHECK(available(), "gpu::Event: ", describe());
+  cudaEvent_t e;
+  cudaCheck(cudaEventCreate(&e));  // with timing: ms_since works on any pair
+  handle_ = e;
+}
+
+Event::~Event() {
+  if (handle_) cudaEventDestroy(as_event(handle_));
+}
+
+void Event::record() {
+  cudaCheck(cudaEventRecord(as_event(handle_), t_current_stream));
+  recorded_ = true;
+}
+
+void Event::record(const Stream& s) {
+  cudaCheck(cudaEventRecord(as_event(handle_), as_stream(s.handle())));
+  recorded_ = true;
+}
+
+void Event::synchronize() const {
+  PSA_CHECK(recorded_, "gpu::Event::synchronize: the event was never recorded");
+  cudaCheck(cudaEventSynchronize(as_event(handle_)));
+}
+
+bool Event::done() const {
+  cudaError_t err = cudaEventQuery(as_event(handle_));
+  if (err == cudaErrorNotReady) return false;
+  cudaCheck(err);
+  return true;
+}
+
+float Event::ms_since(const Event& start) const {
+  PSA_CHECK(recorded_ && start.recorded_, "gpu::Event::ms_since: both events must be recorded first");
+  float ms = 0;
+  cudaCheck(cudaEventElapsedTime(&ms, as_event(start.handle_), as_event(handle_)));
+  return ms;
+}
+
+StreamGuard::StreamGuard(const Stream& s) : previous_(t_current_stream) { t_current_stream = as_stream(s.handle()); }
+StreamGuard::~StreamGuard() { t_current_stream = as_stream(previous_); }
 }  // namespace psa::gpu

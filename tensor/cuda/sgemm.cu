@@ -203,11 +203,11 @@ void own_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, c
   dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)((M + BM - 1) / BM));
   bool vec = lda % 4 == 0 && ldb % 4 == 0 && ldc % 4 == 0 && aligned16(A) && aligned16(B) && aligned16(C);
   if (vec)
-    sgemm_kernel<true><<<grid, kGemmThreads>>>(ta, tb, (int)M, (int)N, (int)K, alpha, A, (int)lda, B, (int)ldb, beta,
-                                               C, (int)ldc);
+    sgemm_kernel<true><<<grid, kGemmThreads, 0, stream()>>>(ta, tb, (int)M, (int)N, (int)K, alpha, A, (int)lda, B,
+                                                            (int)ldb, beta, C, (int)ldc);
   else
-    sgemm_kernel<false><<<grid, kGemmThreads>>>(ta, tb, (int)M, (int)N, (int)K, alpha, A, (int)lda, B, (int)ldb,
-                                                beta, C, (int)ldc);
+    sgemm_kernel<false><<<grid, kGemmThreads, 0, stream()>>>(ta, tb, (int)M, (int)N, (int)K, alpha, A, (int)lda, B,
+                                                             (int)ldb, beta, C, (int)ldc);
   cudaCheckLaunch();
 }
 
@@ -215,8 +215,8 @@ GemmTiming time_sgemm(GemmImpl impl, int64_t n, int reps) {
   int64_t count = n * n;
   Tensor a = Tensor::empty({n, n}, DType::f32, Device::cuda), b = Tensor::empty({n, n}, DType::f32, Device::cuda);
   Tensor c = Tensor::empty({n, n}, DType::f32, Device::cuda), ref = Tensor::empty({n, n}, DType::f32, Device::cuda);
-  fill_pattern<<<blocks_for(count), kThreads>>>(a.data<float>(), count, 1u);
-  fill_pattern<<<blocks_for(count), kThreads>>>(b.data<float>(), count, 2u);
+  fill_pattern<<<blocks_for(count), kThreads, 0, stream()>>>(a.data<float>(), count, 1u);
+  fill_pattern<<<blocks_for(count), kThreads, 0, stream()>>>(b.data<float>(), count, 2u);
   cudaCheckLaunch();
   auto run = [&](GemmImpl which, Tensor& out) {
     sgemm(which, false, false, n, n, n, 1.0f, a.data<float>(), n, 0, b.data<float>(), n, 0, 0.0f, out.data<float>(),
@@ -237,9 +237,9 @@ GemmTiming time_sgemm(GemmImpl impl, int64_t n, int reps) {
   cudaEvent_t start, stop;
   cudaCheck(cudaEventCreate(&start));
   cudaCheck(cudaEventCreate(&stop));
-  cudaCheck(cudaEventRecord(start));
+  cudaCheck(cudaEventRecord(start, stream()));
   for (int i = 0; i < reps; ++i) run(impl, c);
-  cudaCheck(cudaEventRecord(stop));
+  cudaCheck(cudaEventRecord(stop, stream()));
   cudaCheck(cudaEventSynchronize(stop));
   float ms = 0;
   cudaCheck(cudaEventElapsedTime(&ms, start, stop));

@@ -64,7 +64,8 @@ void launch_permute(const Tensor& a, const std::vector<int64_t>& perm, Tensor& o
     st.stride[d] = in_stride[perm[d]];
   }
   int64_t n = out.numel();
-  permute_kernel<W><<<blocks_for(n), kThreads>>>(static_cast<const W*>(a.raw()), static_cast<W*>(out.raw()), od, st, n);
+  permute_kernel<W>
+      <<<blocks_for(n), kThreads, 0, stream()>>>(static_cast<const W*>(a.raw()), static_cast<W*>(out.raw()), od, st, n);
   cudaCheckLaunch();
 }
 
@@ -79,16 +80,16 @@ void permute(const Tensor& a, const std::vector<int64_t>& perm, Tensor& out) {
 void copy_block(const Tensor& a, int64_t outer, int64_t n_a, int64_t inner, Tensor& out, int64_t n_out, int64_t at) {
   size_t es = dtype_size(a.dtype()), row = n_a * inner * es;
   if (outer == 0 || row == 0) return;
-  cudaCheck(cudaMemcpy2D(static_cast<char*>(out.raw()) + at * inner * es, n_out * inner * es, a.raw(), row, row,
-                         outer, cudaMemcpyDeviceToDevice));
+  cudaCheck(cudaMemcpy2DAsync(static_cast<char*>(out.raw()) + at * inner * es, n_out * inner * es, a.raw(), row, row,
+                              outer, cudaMemcpyDeviceToDevice, stream()));
 }
 
 void extract_block(const Tensor& a, int64_t outer, int64_t n_a, int64_t inner, int64_t at, int64_t n_out,
                    Tensor& out) {
   size_t es = dtype_size(a.dtype()), row = n_out * inner * es;
   if (outer == 0 || row == 0) return;
-  cudaCheck(cudaMemcpy2D(out.raw(), row, static_cast<const char*>(a.raw()) + at * inner * es, n_a * inner * es, row,
-                         outer, cudaMemcpyDeviceToDevice));
+  cudaCheck(cudaMemcpy2DAsync(out.raw(), row, static_cast<const char*>(a.raw()) + at * inner * es, n_a * inner * es,
+                              row, outer, cudaMemcpyDeviceToDevice, stream()));
 }
 
 void index_select(const Tensor& a, int64_t outer, int64_t n, int64_t inner, const Tensor& index, Tensor& out) {
@@ -102,9 +103,11 @@ void index_select(const Tensor& a, int64_t outer, int64_t n, int64_t inner, cons
     const W* src = static_cast<const W*>(a.raw());
     W* dst = static_cast<W*>(out.raw());
     if (index.dtype() == DType::i64)
-      gather_rows<W, int64_t><<<blocks_for(total), kThreads>>>(src, dst, outer, n, inner, index.data<int64_t>(), m);
+      gather_rows<W, int64_t>
+          <<<blocks_for(total), kThreads, 0, stream()>>>(src, dst, outer, n, inner, index.data<int64_t>(), m);
     else
-      gather_rows<W, int32_t><<<blocks_for(total), kThreads>>>(src, dst, outer, n, inner, index.data<int32_t>(), m);
+      gather_rows<W, int32_t>
+          <<<blocks_for(total), kThreads, 0, stream()>>>(src, dst, outer, n, inner, index.data<int32_t>(), m);
     cudaCheckLaunch();
   };
   if (dtype_size(a.dtype()) == 4) launch(uint32_t{});
@@ -129,8 +132,8 @@ void index_add(const Tensor& g, int64_t outer, int64_t n, int64_t inner, const T
                              {std::max<int64_t>(m, 1)}, DType::i64).to(Device::cuda);
   dispatch_float(g.dtype(), "cuda index_add", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    scatter_add_rows<T><<<blocks_for(total), kThreads>>>(g.data<T>(), ga.data<T>(), outer, n, inner, m,
-                                                         starts.data<int64_t>(), srcs.data<int64_t>());
+    scatter_add_rows<T><<<blocks_for(total), kThreads, 0, stream()>>>(g.data<T>(), ga.data<T>(), outer, n, inner, m,
+                                                                      starts.data<int64_t>(), srcs.data<int64_t>());
     cudaCheckLaunch();
   });
 }
