@@ -554,6 +554,36 @@ Case swiglu_case(const Dims& d, bool backward) {
 Case swiglu_fwd(const Dims& d) { return swiglu_case(d, false); }
 Case swiglu_bwd(const Dims& d) { return swiglu_case(d, true); }
 
+// bias_act with the exact gelu over [rows, N] (the LLaVA projector's first layer); the backward also writes
+// gbias = Σ_rows gx through the chunked column sums.
+Case bias_gelu_case(const Dims& d, bool backward) {
+  int64_t rows = d[0], N = d[1];
+  Shape s{rows, N};
+  Tensor x = uniform(s, -6, 6, 1), bias = uniform({N}, -1, 1, 4), g = uniform(s, -1, 1, 2);
+  Tensor dx = dev(x), dbias = dev(bias), dg = dev(g), y = dempty(s), gx = dempty(s), gb = dempty({N});
+  Case c;
+  c.run = [=]() mutable {
+    if (backward) cuda::bias_act_backward(cuda::UnaryOp::gelu, dx, dbias, dg, gx, gb);
+    else cuda::bias_act(cuda::UnaryOp::gelu, dx, dbias, y);
+  };
+  c.expected = [=] {
+    Tensor hy = Tensor::empty(s), hgx = Tensor::empty(s), hgb = Tensor::empty({N});
+    if (!backward) {
+      cpu::bias_act(cpu::UnaryOp::gelu, x, bias, hy);
+      return std::vector<Tensor>{hy};
+    }
+    cpu::bias_act_backward(cpu::UnaryOp::gelu, x, bias, g, hgx, hgb);
+    return std::vector<Tensor>{hgx, hgb};
+  };
+  if (backward) c.got = {{"bias_gelu backward (x)", gx}, {"bias_gelu backward (bias)", gb}};
+  else c.got = {{"bias_gelu", y}};
+  c.bytes = (backward ? 3.0 : 2.0) * rows * N * 4;
+  return c;
+}
+
+Case bias_gelu_fwd(const Dims& d) { return bias_gelu_case(d, false); }
+Case bias_gelu_bwd(const Dims& d) { return bias_gelu_case(d, true); }
+
 // ---- sum over rows [R, C] -> [C] (bias gradients; reduce.cu) ------------------------------------------------------
 
 Case sum_rows_case(const Dims& d) {
@@ -643,6 +673,7 @@ std::vector<Family> families() {
   const std::vector<Size> vit_rows = {{"tiny", {1040, 64}}, {"small", {2080, 256}}, {"square", {2048, 2048}}};
   const std::vector<Size> llm_rows = {{"tiny", {1648, 128}}, {"small", {4064, 512}}, {"square", {2048, 2048}}};
   const std::vector<Size> mlp_rows = {{"tiny", {1648, 352}}, {"small", {4064, 1408}}, {"square", {2048, 2048}}};
+  const std::vector<Size> projector = {{"tiny", {1024, 128}}, {"small", {2048, 512}}, {"square", {2048, 2048}}};
   const std::vector<Size> heads = {{"tiny", {16, 4, 103, 32}}, {"small", {32, 8, 127, 64}}, {"square", {1, 8, 512, 64}}};
   const std::vector<Size> vocab = {{"tiny", {512, 128, 512}}, {"small", {4096, 512, 1536}}, {"square", {8192, 1024, 8192}}};
   const std::vector<Size> images = {{"tiny", {16, 3, 32, 64, 4}}, {"small", {32, 3, 64, 256, 8}}, {"square", {8, 3, 224, 768, 16}}};
@@ -677,6 +708,8 @@ std::vector<Family> families() {
       {"silu_bwd", silu_bwd, mlp_rows},
       {"swiglu", swiglu_fwd, mlp_rows},
       {"swiglu_bwd", swiglu_bwd, mlp_rows},
+      {"bias_gelu", bias_gelu_fwd, projector},
+      {"bias_gelu_bwd", bias_gelu_bwd, projector},
       {"sum_rows", sum_rows_case, llm_rows},
       {"adamw", adamw_case, params},
   };
