@@ -99,6 +99,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
             grad_buffer(need_v, vs.shape(), vs)};
   };
   Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());
+  const double products = 2.0 * q.size(0) * q.size(1) * q.size(2) * k.size(2) * q.size(3);  // one T x S x D GEMM
+  profile::add_flops(2 * products);  // QKᵀ and PV
   if (q.device() == Device::cuda) {
 #ifdef PSA_CUDA
     Tensor lse = Tensor::empty({q.size(0), q.size(1), q.size(2)}, q.dtype(), q.device());
@@ -106,6 +108,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
     Tensor os = out.detach(), ms = mask.defined() ? mask.detach() : Tensor();
     return record(op, out, {q, k, v}, [=](const Tensor& g) -> Grads {
       Grads gr = grads_like();
+      profile::add_flops(4 * products);  // dV, dP, dQ, dK
       profile::timed("attention_backward", &cuda::attention_backward)(g, qs, ks, vs, os, lse, ms, causal, scale,
                                                                       gr[0], gr[1], gr[2]);
       return gr;
@@ -118,6 +121,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
   profile::timed("attention", &cpu::attention)(q, k, v, mask, causal, scale, out, probs);
   return record(op, out, {q, k, v}, [=](const Tensor& g) -> Grads {
     Grads gr = grads_like();
+    profile::add_flops(4 * products);  // dV, dP, dQ, dK
     profile::timed("attention_backward", &cpu::attention_backward)(g, qs, ks, vs, probs, causal, scale, gr[0], gr[1],
                                                                    gr[2]);
     return gr;

@@ -43,11 +43,14 @@ Tensor patch_conv(const Tensor& x, const Tensor& w, const Tensor& bias) {
   int64_t p = w.size(2);
   Tensor out = Tensor::empty({x.size(0), w.size(0), x.size(2) / p, x.size(3) / p}, x.dtype(), x.device());
   PSA_KERNEL(out.device(), patch_conv)(x, w, bias, out);
+  const double gemm = 2.0 * out.numel() * w.size(1) * p * p;  // out [B, O, L] = w [O, K] · cols [B, L, K]ᵀ
+  profile::add_flops(gemm);
   Tensor xs = x.detach(), ws = w.detach();
   bool need_x = needs_grad(x), need_w = needs_grad(w), need_b = needs_grad(bias);
   return record(op, out, {x, w, bias}, [=](const Tensor& g) -> Grads {
     Tensor gx = grad_buffer(need_x, xs.shape(), xs), gw = grad_buffer(need_w, ws.shape(), ws);
     Tensor gb = need_b ? Tensor::empty({ws.size(0)}, ws.dtype(), ws.device()) : Tensor();
+    profile::add_flops(gemm * (need_x + need_w));
     PSA_KERNEL(xs.device(), patch_conv_backward)(g, xs, ws, gx, gw, gb);
     return {gx, gw, gb};
   });

@@ -31,6 +31,7 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
   Tensor out = Tensor::empty(out_shape, a.dtype(), a.device());
   int64_t stride_a = batch_a.empty() ? 0 : M * Ka, stride_b = batch_b.empty() ? 0 : Ka * N;
   PSA_KERNEL(out.device(), matmul)(a, b, ta, tb, batch, M, N, Ka, stride_a, stride_b, out, 0.0f);
+  profile::add_flops(2.0 * batch * M * N * Ka);  // the backward's GEMMs are matmul calls: counted there
   Tensor as = a.detach(), bs = b.detach();
   bool need_a = a.requires_grad(), need_b = b.requires_grad();
   return record(op, out, {a, b}, [=](const Tensor& g) -> Grads {

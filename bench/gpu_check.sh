@@ -121,7 +121,9 @@ for s in (1, 2):
     ref = t[f"stage{s}_ms"] if t else None
     peak = j.get("peak_gpu_gib") or 0.0
     tpeak = t["runs"][-1].get(f"stage{s}_peak_gib") if t else None
-    print(f"| small step Stage {'I' * s} (ms, peak GiB ours {peak:.2f}" + (f" / torch {tpeak}" if tpeak else "") + ") "
+    mfu = j.get("mfu")
+    print(f"| small step Stage {'I' * s} (ms, peak GiB ours {peak:.2f}" + (f" / torch {tpeak}" if tpeak else "") +
+          (f", MFU {100 * mfu:.1f}% of cuBLAS 8192²" if mfu else "") + ") "
           f"| {ours:.1f} | " + (f"torch eager {ref}" if ref else "-") + " | " + (f"{ours / ref:.2f}x" if ref else "-") + " |")
 k = load("kernels_cuda.json")
 if k is None:

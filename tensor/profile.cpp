@@ -1,6 +1,8 @@
 #include "tensor/profile.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <map>
 
 namespace psa::profile {
@@ -41,6 +43,12 @@ void add(const char* kernel, double seconds) {
   ++r.calls;
   r.seconds += seconds;
 }
+
+namespace {
+std::atomic<uint64_t> g_flops{0};  // atomic: cheap, and a second host thread running ops stays counted
+}  // namespace
+void add_flops(double flops) { g_flops.fetch_add((uint64_t)flops, std::memory_order_relaxed); }
+double flops() { return (double)g_flops.load(std::memory_order_relaxed); }
 
 BackwardScope::BackwardScope() : previous_(g_backward) { g_backward = true; }
 BackwardScope::~BackwardScope() { g_backward = previous_; }

@@ -23,6 +23,14 @@ std::vector<Row> stop();   // stops timing; rows sorted by time, largest first
 bool on();                 // a profile is being taken
 void add(const char* kernel, double seconds);
 
+// GEMM-class floating-point operations (2 per multiply-add) run so far by matmul, attention and patch_conv,
+// forward and backward, counted always (one addition per op call, profile on or off): `psa bench-step` divides
+// a step's count by its time for the model FLOP utilisation. Attention counts its two products forward and four
+// backward (dV, dP, dQ, dK) over the whole T x S rectangle: causal masking is not subtracted and the flash
+// backward's recomputation of P not added, the usual convention for model FLOPs.
+void add_flops(double flops);
+double flops();
+
 // Tensor::backward sets this while it runs, so a kernel used by both passes (matmul) gets one row for each.
 class BackwardScope {
  public:

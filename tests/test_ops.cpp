@@ -134,5 +134,32 @@ TEST(Profile, CountsKernelCallsPerPassOnlyWhileOn) {
   EXPECT_FALSE(profile::on());
 }
 
+TEST(Profile, CountsGemmClassFlopsOfEachPass) {
+  // matmul [2, 3, 4] x [4, 5]: forward 2·(2·3)·5·4 = 240; backward dA = g·Bᵀ and dB = Aᵀ·g, 240 each.
+  Tensor a = randn({2, 3, 4}, 1).requires_grad_(), b = randn({4, 5}, 2).requires_grad_();
+  double before = profile::flops();
+  Tensor y = matmul(a, b);
+  EXPECT_EQ(profile::flops() - before, 240);
+  sum(y).backward();
+  EXPECT_EQ(profile::flops() - before, 720);
+  // attention B 1, H 2, T 3, S 5, D 4: one T x S x D product per head is 2·3·5·4 = 120 flops, 240 for both
+  // heads; forward QKᵀ and PV, backward dV, dP, dQ, dK.
+  Tensor q = randn({1, 2, 3, 4}, 3).requires_grad_(), k = randn({1, 2, 5, 4}, 4).requires_grad_();
+  Tensor v = randn({1, 2, 5, 4}, 5).requires_grad_();
+  before = profile::flops();
+  Tensor o = attention(q, k, v, false);
+  EXPECT_EQ(profile::flops() - before, 2 * 240);
+  sum(o).backward();
+  EXPECT_EQ(profile::flops() - before, 6 * 240);
+  // patch_conv x [2, 3, 8, 8], w [6, 3, 4, 4]: out [2, 6, 2, 2] (48 values), K = 48: 2·48·48 = 4608 forward, the same for
+  // each of gx and gw.
+  Tensor x = randn({2, 3, 8, 8}, 6).requires_grad_(), w = randn({6, 3, 4, 4}, 7).requires_grad_();
+  before = profile::flops();
+  Tensor c = patch_conv(x, w, Tensor());
+  EXPECT_EQ(profile::flops() - before, 4608);
+  sum(c).backward();
+  EXPECT_EQ(profile::flops() - before, 3 * 4608);
+}
+
 }  // namespace
 }  // namespace psa::test

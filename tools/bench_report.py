@@ -130,6 +130,8 @@ def step_table(ours, theirs):
                     # each side's least disturbed round: contention only ever adds time
                     "best_ratio": min(j["median_ms"] for j in rounds.values()) / min(base.values()) if base else None,
                     "tokens_per_s": median([j["tokens_per_s"] for j in rounds.values()]),
+                    # model FLOP utilisation (psa bench-step: GEMM-class work / median time / measured peak)
+                    "mfu": median([j["mfu"] for j in rounds.values() if j.get("mfu") is not None]),
                     "peak_rss_mib": max(j["peak_rss_mib"] for j in rounds.values())})
     return out
 
@@ -212,14 +214,15 @@ def markdown(report):
           "ms/step: median over rounds of each run's median step; ours/PyTorch: median of the per-round ratios "
           "(range in brackets); best/best: each side's fastest round (other jobs only ever add time). Target "
           "ours/PyTorch <= 0.5. Stage II is the full-LLM fine-tune on both sides (design.md's baseline); base has "
-          "no PyTorch baseline.", "",
-          "| stage | threads | rounds | ours ms | PyTorch ms | ours/PyTorch | best/best | tokens/s | peak RSS MiB |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "no PyTorch baseline. MFU: our step's GEMM-class FLOPs (matmul, attention, patch_conv) per second over the "
+          "FMA peak measured on the same threads.", "",
+          "| stage | threads | rounds | ours ms | PyTorch ms | ours/PyTorch | best/best | tokens/s | MFU | peak RSS MiB |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["step"]:
         spread = f" [{r['ratio_min']:.2f}–{r['ratio_max']:.2f}]" if r["ratio"] is not None else ""
         L.append(f"| {r['stage']} | {r['threads']} | {r['rounds']} | {fmt(r['ours_ms'])} | {fmt(r['torch_ms'])} "
                  f"| {fmt(r['ratio'], 2)}{spread} | {fmt(r['best_ratio'], 2)} | {fmt(r['tokens_per_s'], 0)} "
-                 f"| {fmt(r['peak_rss_mib'], 0)} |")
+                 f"| {fmt(r['mfu'] and 100 * r['mfu'], 0)}{'%' if r['mfu'] else ''} | {fmt(r['peak_rss_mib'], 0)} |")
     L += ["", "## Kernels (median of 3): achieved vs the machine's ceiling", "",
           "GB/s counts the minimal traffic (inputs read once, outputs written once); attention and patch_conv are "
           "held against the FMA peak (their GFLOP/s), the rest against a copy of the same footprint (bench/ceiling.h).",

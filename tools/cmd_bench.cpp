@@ -15,6 +15,9 @@
 #include <fstream>
 #include <random>
 
+#if defined(__FMA__)
+#include "bench/ceiling.h"
+#endif
 #include "nn/json.h"
 #include "psa/plot.h"
 #include "psa/train.h"
@@ -30,7 +33,9 @@ static const char* kBenchStepUsage = R"(usage: psa bench-step [options]
 Times training steps of PSA-VLM on a synthetic batch: forward, backward, global-norm clipping at 1.0 and
 AdamW, the same step as `psa train` and as tools/psa_reference.py --bench (the PyTorch baseline).
 Prints the median ms/step, merged tokens/s (text - 1 + safety tokens + patches per row), the peak RSS
-and the thread count.
+and the thread count, and the model FLOP utilisation: the GEMM-class work of a step (matmul, attention,
+patch_conv; tensor/profile.h) over its median time, against a peak measured in the same run (CPU: an FMA
+loop on the same threads; CUDA: cuBLAS SGEMM at 8192²).
 
 options:
   --preset tiny|small     model preset (default tiny)
@@ -67,6 +72,7 @@ struct StepSpec {
 struct StepTiming {
   std::vector<double> ms;  // one per timed step
   double median_ms = 0, tokens_per_step = 0;
+  double flops_per_step = 0;          // GEMM-class, counted over the timed steps (tensor/profile.h)
   std::vector<profile::Row> kernels;  // with --profile: summed over the timed steps
   double tokens_per_s() const { return tokens_per_step / (median_ms / 1000); }
 };
@@ -139,7 +145,9 @@ StepTiming time_steps(Trainer& t, const StepSpec& s, int64_t batch, int64_t text
   if (s.device != Device::cpu) batch_to(b, s.device);
   StepTiming r;
   r.tokens_per_step = double(batch * t.model->config.merged_length(text));
+  double flops_at_warmup_end = profile::flops();
   for (int64_t i = 0; i < s.warmup + s.steps; ++i) {
+    if (i == s.warmup) flops_at_warmup_end = profile::flops();
     if (profile_kernels && i == s.warmup) profile::start();
     auto t0 = std::chrono::steady_clock::now();
     double loss = train_step(t, b);
@@ -149,12 +157,32 @@ StepTiming time_steps(Trainer& t, const StepSpec& s, int64_t batch, int64_t text
   }
   if (profile_kernels) r.kernels = profile::stop();
   r.median_ms = median(r.ms);
+  r.flops_per_step = (profile::flops() - flops_at_warmup_end) / s.steps;
   return r;
+}
+
+// The peak the step's GEMM-class work is held against, measured now: {GFLOP/s, what was measured}; 0 when this
+// build cannot measure it.
+std::pair<double, std::string> measured_peak(Device device) {
+  if (device == Device::cuda) {
+#ifdef PSA_CUDA
+    const int64_t n = 8192;
+    cuda::GemmTiming t = cuda::time_sgemm(cuda::GemmImpl::cublas, n, 3);
+    return {2.0 * n * n * n / (t.ms * 1e-3) * 1e-9, cuda::tf32() ? "cuBLAS SGEMM 8192², TF32" : "cuBLAS SGEMM 8192², fp32"};
+#endif
+    return {0, "no CUDA in this build"};
+  }
+#if defined(__FMA__)
+  int threads = omp_get_max_threads();
+  return {bench::peak_fma_gflops(threads), str_cat("FMA loop, ", threads, threads == 1 ? " thread" : " threads")};
+#else
+  return {0, "no FMA peak for this CPU"};
+#endif
 }
 
 // ---- single measurement -----------------------------------------------------------------------------------
 
-json::Value timing_json(const StepSpec& s, const Trainer& t, const StepTiming& r) {
+json::Value timing_json(const StepSpec& s, const Trainer& t, const StepTiming& r, const std::pair<double, std::string>& peak) {
   json::Value j = json::Value::object();
   j.set("preset", s.preset);
   j.set("stage", s.stage);
@@ -174,6 +202,12 @@ json::Value timing_json(const StepSpec& s, const Trainer& t, const StepTiming& r
   for (double ms : r.ms) all.push(ms);
   j.set("all_ms", all);
   j.set("tokens_per_s", r.tokens_per_s());
+  const double achieved = r.flops_per_step / (r.median_ms * 1e-3) * 1e-9;
+  j.set("gflop_per_step", r.flops_per_step * 1e-9);
+  j.set("achieved_gflops", achieved);
+  j.set("peak_gflops", peak.first ? json::Value(peak.first) : json::Value());
+  j.set("peak_measured", peak.second);
+  j.set("mfu", peak.first ? json::Value(achieved / peak.first) : json::Value());
   j.set("peak_rss_mib", peak_rss_mib());
   if (s.device == Device::cuda) j.set("peak_gpu_gib", gpu::peak_bytes() / 1073741824.0);
   int64_t trainable = 0;
@@ -186,7 +220,7 @@ json::Value timing_json(const StepSpec& s, const Trainer& t, const StepTiming& r
   return j;
 }
 
-void print_timing(const StepSpec& s, const StepTiming& r) {
+void print_timing(const StepSpec& s, const StepTiming& r, const std::pair<double, std::string>& peak) {
   std::printf("bench-step %s %s%s on %s: batch %ld, %ld text tokens (%ld merged per row), median of %ld steps after %ld warm-up\n",
               s.preset.c_str(), s.stage.c_str(), s.lora ? " (LoRA)" : "", device_name(s.device), (long)s.batch,
               (long)s.text, (long)(r.tokens_per_step / s.batch), (long)s.steps, (long)s.warmup);
@@ -195,6 +229,9 @@ void print_timing(const StepSpec& s, const StepTiming& r) {
               r.tokens_per_s(), peak_rss_mib());
   if (s.threads) std::printf(", %ld thread%s", (long)s.threads, s.threads == 1 ? "" : "s");
   if (s.device == Device::cuda) std::printf(", peak GPU %.2f GiB (caching allocator)", gpu::peak_bytes() / 1073741824.0);
+  const double achieved = r.flops_per_step / (r.median_ms * 1e-3) * 1e-9;
+  std::printf("\n  %.2f GFLOP/step (matmul, attention, patch_conv), %.1f GFLOP/s", r.flops_per_step * 1e-9, achieved);
+  if (peak.first) std::printf(" = %.1f%% of %.0f GFLOP/s (%s)", 100 * achieved / peak.first, peak.first, peak.second.c_str());
   std::printf("\n");
 }
 
@@ -336,8 +373,9 @@ int cmd_bench_step(int argc, char** argv) {
             "bench-step --profile: CPU only, and not with --json or --scaling");
   Trainer t = make_trainer(s);
   StepTiming r = time_steps(t, s, s.batch, s.text, profile_kernels);
-  if (a.has("--json")) std::printf("%s\n", json::dump(timing_json(s, t, r), 2).c_str());
-  else print_timing(s, r);
+  const std::pair<double, std::string> peak = measured_peak(s.device);
+  if (a.has("--json")) std::printf("%s\n", json::dump(timing_json(s, t, r, peak), 2).c_str());
+  else print_timing(s, r, peak);
   if (profile_kernels) print_profile(r);
   return 0;
 }
