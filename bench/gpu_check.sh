@@ -5,7 +5,7 @@
 #   2. the CUDA test suites (op parity CPU vs CUDA, NaN/Inf parity, guard bytes, determinism, own SGEMM,
 #      one training step of each stage, HF fixtures on CUDA)
 #   3. SGEMM benchmark: own kernel vs cuBLAS at 4096² and 8192² (CUDA events, validated first)
-#   4. psa bench-step --device cuda --preset small --stage 1 / 2 --batch 32
+#   4. psa bench-step --device cuda --preset small --stage 1 / 2 --batch 32, and a kernel profile of Stage II
 #   5. PyTorch's same step (tools/psa_reference.py --bench --bench-preset small --device cuda) if torch imports
 #   6. CUDA kernel micro-benchmarks (build/bench_kernels_cuda: every kernel family validated against the CPU,
 #      then timed with CUDA events after an L2 flush; at most 90 s)
@@ -63,6 +63,9 @@ if [ $BUILT -eq 0 ]; then
     run_part "step_stage$s" 60 "$RESULTS/step_stage$s.json" ./build/psa bench-step --device cuda --preset small \
       --stage $s --batch 32 --steps 10 --warmup 3 --json
   done
+  # Where the Stage II step's time goes on the GPU (device synchronised around every kernel).
+  run_part profile 45 "$RESULTS/profile_stage2.txt" ./build/psa bench-step --device cuda --preset small --stage 2 \
+    --batch 32 --steps 3 --warmup 2 --profile && head -n 28 "$RESULTS/profile_stage2.txt"
 fi
 
 if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then

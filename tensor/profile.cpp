@@ -9,6 +9,7 @@ namespace psa::profile {
 namespace {
 // Kernels run on the calling thread (their OpenMP teams are inside the call), so one table suffices.
 bool g_on = false;
+void (*g_wait)() = nullptr;
 thread_local bool g_backward = false;
 std::map<std::string, Row> g_rows;  // by label: the kernel's name, with " (backward)" where the name lacks it
 
@@ -21,13 +22,19 @@ std::string label(const char* kernel) {
 }
 }  // namespace
 
-void start() {
+void start(void (*wait)()) {
   g_rows.clear();
+  g_wait = wait;
   g_on = true;
+}
+
+void wait_for_device() {
+  if (g_wait) g_wait();
 }
 
 std::vector<Row> stop() {
   g_on = false;
+  g_wait = nullptr;
   std::vector<Row> rows;
   for (const auto& [name, r] : g_rows) rows.push_back(r);
   std::sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) { return a.seconds > b.seconds; });

@@ -1,8 +1,9 @@
 // Kernel profile: wall time per kernel, split by forward and backward, for `psa bench-step --profile`.
 // Every kernel call goes through PSA_KERNEL (tensor/dispatch.h); while a profile is on, that call is timed and
 // added to its kernel's row. Off (the default), the cost is one branch per kernel call. Kernels that call
-// other kernels directly (attention calls sgemm) count as one. CUDA kernels run asynchronously, so a CUDA
-// profile would time launches only: the profile is for the CPU.
+// other kernels directly (attention calls sgemm) count as one. CUDA kernels run asynchronously: a CUDA profile
+// passes start() a function that waits for the device (cuda::synchronize), called before and after every
+// kernel, so each row holds its kernel's device time (and the steps run without overlap of host and device).
 #pragma once
 #include <chrono>
 #include <string>
@@ -18,10 +19,11 @@ struct Row {
   double seconds = 0;
 };
 
-void start();              // clears the rows and starts timing
+void start(void (*wait_for_device)() = nullptr);  // clears the rows and starts timing
 std::vector<Row> stop();   // stops timing; rows sorted by time, largest first
 bool on();                 // a profile is being taken
 void add(const char* kernel, double seconds);
+void wait_for_device();  // the function given to start(), if any
 
 // GEMM-class floating-point operations (2 per multiply-add) run so far by matmul, attention and patch_conv,
 // forward and backward, counted always (one addition per op call, profile on or off): `psa bench-step` divides
@@ -51,10 +53,14 @@ struct Timed {
   template <typename... Args>
   decltype(auto) operator()(Args&&... args) const {
     if (!on()) return fn(std::forward<Args>(args)...);
+    wait_for_device();
     struct Clock {
       const char* kernel;
       std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
-      ~Clock() { add(kernel, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()); }
+      ~Clock() {
+        wait_for_device();
+        add(kernel, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      }
     } clock{kernel};
     return fn(std::forward<Args>(args)...);
   }

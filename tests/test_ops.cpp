@@ -161,5 +161,22 @@ TEST(Profile, CountsGemmClassFlopsOfEachPass) {
   EXPECT_EQ(profile::flops() - before, 3 * 4608);
 }
 
+int g_device_waits = 0;
+void count_device_wait() { ++g_device_waits; }
+
+TEST(Profile, WaitsForTheDeviceAroundEveryTimedKernel) {
+  Tensor a = randn({4, 5}, 1).requires_grad_(), b = randn({5, 3}, 2).requires_grad_();
+  g_device_waits = 0;
+  profile::start(count_device_wait);
+  sum(matmul(a, b)).backward();
+  std::vector<profile::Row> rows = profile::stop();
+  int64_t calls = 0;
+  for (const profile::Row& r : rows) calls += r.calls;
+  EXPECT_GT(calls, 3);
+  EXPECT_EQ(g_device_waits, 2 * calls);  // before and after each
+  sum(matmul(a, b)).backward();          // stopped: the hook is gone too
+  EXPECT_EQ(g_device_waits, 2 * calls);
+}
+
 }  // namespace
 }  // namespace psa::test
