@@ -28,6 +28,7 @@
 
 #include "bench/ceiling.h"
 #include "bench/inputs.h"
+#include "bench/shapes.h"
 #include "tensor/cpu/kernels.h"
 
 namespace {
@@ -40,6 +41,8 @@ using Dims = std::vector<int64_t>;
 using psa::bench::ids;
 using psa::bench::targets_one_in_three;
 using psa::bench::uniform;
+using psa::bench::Size;
+using namespace psa::bench::shapes;
 
 // ---- inputs --------------------------------------------------------------------------------------------
 
@@ -715,30 +718,14 @@ void run_case(benchmark::State& state, Factory make, Dims dims, int threads, std
 
 // ---- registration --------------------------------------------------------------------------------------
 
-struct Size {
-  const char* name;
-  Dims dims;
-};
-
 struct Family {
   const char* name;
   Factory make;
   std::vector<Size> sizes;
 };
 
-// Token rows: tiny 16 x 103 = 1648 merged tokens (32 text - 1 + 8 safety + 64 patches), small 32 x 127 = 4064;
-// ViT rows: 65 tokens (CLS + 64 patches) per image. Grids are the C-Abstractor's 8 x 8 over ViT width + N_s.
+// Each family at the shapes of bench/shapes.h.
 std::vector<Family> families() {
-  const std::vector<Size> logits = {{"tiny", {1648, 512}}, {"small", {4064, 4096}}, {"square", {2048, 2048}}};
-  const std::vector<Size> vit_rows = {{"tiny", {1040, 64}}, {"small", {2080, 256}}, {"square", {2048, 2048}}};
-  const std::vector<Size> llm_rows = {{"tiny", {1648, 128}}, {"small", {4064, 512}}, {"square", {2048, 2048}}};
-  const std::vector<Size> mlp_rows = {{"tiny", {1648, 352}}, {"small", {4064, 1408}}, {"square", {2048, 2048}}};
-  const std::vector<Size> heads = {{"tiny", {16, 4, 103, 32}}, {"small", {32, 8, 127, 64}}, {"square", {1, 8, 512, 64}}};
-  const std::vector<Size> vocab = {{"tiny", {512, 128, 512}}, {"small", {4096, 512, 1536}}, {"square", {8192, 1024, 8192}}};
-  const std::vector<Size> images = {{"tiny", {16, 3, 32, 64, 4}}, {"small", {32, 3, 64, 256, 8}}, {"square", {8, 3, 224, 768, 16}}};
-  const std::vector<Size> grids = {{"tiny", {16, 8, 8, 72}}, {"small", {32, 8, 8, 272}}, {"square", {8, 32, 32, 256}}};
-  const std::vector<Size> projector = {{"tiny", {1024, 128}}, {"small", {2048, 512}}, {"square", {2048, 2048}}};
-  const std::vector<Size> pools = {{"tiny", {16, 8, 8, 72, 8}}, {"small", {32, 8, 8, 272, 8}}, {"square", {8, 32, 32, 256, 8}}};
   return {
       {"softmax", softmax_fwd, logits},
       {"softmax_bwd", softmax_bwd, logits},

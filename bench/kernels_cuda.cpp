@@ -46,6 +46,7 @@
 
 #include "bench/ceiling_cuda.h"
 #include "bench/inputs.h"
+#include "bench/shapes.h"
 #include "tensor/cpu/kernels.h"
 #include "tensor/cuda/kernels.h"
 #include "tensor/device.h"
@@ -91,6 +92,8 @@ using Dims = std::vector<int64_t>;
 using psa::bench::ids;
 using psa::bench::targets_one_in_three;
 using psa::bench::uniform;
+using psa::bench::Size;
+using namespace psa::bench::shapes;
 
 // ---- inputs: generated on the host (the CPU reference reads them there), copied to the device ------------------
 
@@ -624,12 +627,6 @@ Case adamw_case(const Dims& d) {
 
 // ---- the catalogue ------------------------------------------------------------------------------------------
 
-struct Size {
-  std::string name;
-  Dims dims;
-  std::string dims_label = "";  // "": the dims joined by 'x'
-};
-
 struct Family {
   std::string name;
   Factory make;
@@ -667,18 +664,8 @@ std::vector<Size> gemm_sizes() {
   return out;
 }
 
-// The shapes of bench/kernels.cpp (its comment explains them), so that CPU and GPU tables line up.
+// Each family at the shapes of bench/shapes.h, as bench/kernels.cpp, so that CPU and GPU tables line up.
 std::vector<Family> families() {
-  const std::vector<Size> logits = {{"tiny", {1648, 512}}, {"small", {4064, 4096}}, {"square", {2048, 2048}}};
-  const std::vector<Size> vit_rows = {{"tiny", {1040, 64}}, {"small", {2080, 256}}, {"square", {2048, 2048}}};
-  const std::vector<Size> llm_rows = {{"tiny", {1648, 128}}, {"small", {4064, 512}}, {"square", {2048, 2048}}};
-  const std::vector<Size> mlp_rows = {{"tiny", {1648, 352}}, {"small", {4064, 1408}}, {"square", {2048, 2048}}};
-  const std::vector<Size> projector = {{"tiny", {1024, 128}}, {"small", {2048, 512}}, {"square", {2048, 2048}}};
-  const std::vector<Size> heads = {{"tiny", {16, 4, 103, 32}}, {"small", {32, 8, 127, 64}}, {"square", {1, 8, 512, 64}}};
-  const std::vector<Size> vocab = {{"tiny", {512, 128, 512}}, {"small", {4096, 512, 1536}}, {"square", {8192, 1024, 8192}}};
-  const std::vector<Size> images = {{"tiny", {16, 3, 32, 64, 4}}, {"small", {32, 3, 64, 256, 8}}, {"square", {8, 3, 224, 768, 16}}};
-  const std::vector<Size> grids = {{"tiny", {16, 8, 8, 72}}, {"small", {32, 8, 8, 272}}, {"square", {8, 32, 32, 256}}};
-  const std::vector<Size> pools = {{"tiny", {16, 8, 8, 72, 8}}, {"small", {32, 8, 8, 272, 8}}, {"square", {8, 32, 32, 256, 8}}};
   // AdamW per parameter tensor: the largest of tiny (MLP 128 x 352) and small (embedding 4096 x 512), and 4096².
   const std::vector<Size> params = {{"tiny", {128 * 352}}, {"small", {4096 * 512}}, {"square", {4096 * 4096}}};
   return {
