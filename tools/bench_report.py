@@ -139,17 +139,22 @@ def step_table(ours, theirs):
 # ---- kernels ------------------------------------------------------------------------------------------
 
 
+def measured(row, b):
+    """The row of one Google Benchmark aggregate: its error, or its time, rates and ceiling."""
+    if "error" in b:
+        row["error"] = b["error"]
+    else:
+        row.update({"us": b.get("real_time"), "gbps": b.get("GB/s"), "gflops": b.get("GFLOP/s"),
+                    "pct_ceiling": b.get("pct_ceiling"), "ceiling": b.get("ceiling"), "vs": b.get("label", "")})
+    return row
+
+
 def kernel_table(kernels):
     out = []
     for name, b in kernels.items():
         parts = name.split("/")
-        row = {"kernel": parts[0], "size": parts[1], "dims": parts[2], "threads": int(parts[3].split("=")[1])}
-        if "error" in b:
-            row["error"] = b["error"]
-        else:
-            row.update({"us": b.get("real_time"), "gbps": b.get("GB/s"), "gflops": b.get("GFLOP/s"),
-                        "pct_ceiling": b.get("pct_ceiling"), "ceiling": b.get("ceiling"), "vs": b.get("label", "")})
-        out.append(row)
+        out.append(measured({"kernel": parts[0], "size": parts[1], "dims": parts[2],
+                             "threads": int(parts[3].split("=")[1])}, b))
     return out
 
 
@@ -158,13 +163,7 @@ def cuda_kernel_table(kernels):
     out = []
     for name, b in kernels.items():
         kernel, size, dims = (name.split("/") + ["", ""])[:3]
-        row = {"kernel": kernel, "size": size, "dims": dims}
-        if "error" in b:
-            row["error"] = b["error"]
-        else:
-            row.update({"us": b.get("real_time"), "gbps": b.get("GB/s"), "gflops": b.get("GFLOP/s"),
-                        "pct_ceiling": b.get("pct_ceiling"), "ceiling": b.get("ceiling"), "vs": b.get("label", "")})
-        out.append(row)
+        out.append(measured({"kernel": kernel, "size": size, "dims": dims}, b))
     return out
 
 
