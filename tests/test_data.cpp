@@ -25,11 +25,7 @@ using namespace psa;
 
 namespace {
 
-// Committed inputs live beside this file; __FILE__ is relative to the repo root where make compiles.
-std::string repo_path(const std::string& rel) {
-  fs::path here = fs::path(__FILE__).parent_path().parent_path();
-  return (here.empty() ? fs::path(rel) : here / rel).string();
-}
+using psa::test::repo_path;
 std::string records_dir() { return repo_path("tests/data/records"); }
 
 std::string read_bytes(const std::string& path) {

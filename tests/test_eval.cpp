@@ -14,17 +14,14 @@
 #include "psa/infer.h"
 #include "psa/synth.h"
 #include "tensor/error.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using namespace psa;
 
 namespace {
 
-std::string repo_path(const std::string& rel) {
-  fs::path here = fs::path(__FILE__).parent_path().parent_path();
-  return (here.empty() ? fs::path(rel) : here / rel).string();
-}
-
+using psa::test::repo_path;
 std::string read_text(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   std::stringstream ss;

@@ -21,13 +21,7 @@ using psa::test::error_of;
 
 bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
 
-double max_abs_diff(const Tensor& a, const Tensor& b) {
-  std::vector<double> x = a.to_vector(), y = b.to_vector();
-  EXPECT_EQ(x.size(), y.size());
-  double d = 0;
-  for (size_t i = 0; i < x.size() && i < y.size(); ++i) d = std::max(d, std::fabs(x[i] - y[i]));
-  return d;
-}
+using psa::test::max_abs_diff;
 
 // Overwrites every parameter with N(0, std²): initialize() leaves norms at 1 / 0 and biases at 0, which would hide
 // wrong gradients of those parameters behind trivial values.

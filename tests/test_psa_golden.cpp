@@ -13,6 +13,7 @@
 
 #include "nn/checkpoint.h"
 #include "psa/model.h"
+#include "test_util.h"
 
 namespace psa {
 namespace {
@@ -77,13 +78,7 @@ bool all_zero(const Tensor& t) {
   return true;
 }
 
-double max_abs_diff(const Tensor& a, const Tensor& b) {
-  std::vector<double> x = a.to_vector(), y = b.to_vector();
-  EXPECT_EQ(x.size(), y.size());
-  double d = 0;
-  for (size_t i = 0; i < x.size() && i < y.size(); ++i) d = std::max(d, std::fabs(x[i] - y[i]));
-  return d;
-}
+using psa::test::max_abs_diff;
 
 // Worst error per group, printed at the end so a passing run still shows the margins.
 struct Worst {

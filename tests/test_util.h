@@ -1,8 +1,15 @@
 // Small helpers shared by the test suites.
 #pragma once
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
 #include <string>
+#include <vector>
 
 #include "tensor/error.h"
+#include "tensor/tensor.h"
 
 namespace psa::test {
 
@@ -15,6 +22,22 @@ std::string error_of(F&& f) {
     return e.what();
   }
   return "";
+}
+
+// A path under the repository root: committed test inputs sit beside the tests, and __FILE__ is relative to the
+// root where make compiles (absolute when built elsewhere).
+inline std::string repo_path(const std::string& rel) {
+  std::filesystem::path here = std::filesystem::path(__FILE__).parent_path().parent_path();
+  return (here.empty() ? std::filesystem::path(rel) : here / rel).string();
+}
+
+// Largest |a - b| over the elements (any dtype, any device); a size mismatch fails the calling test.
+inline double max_abs_diff(const Tensor& a, const Tensor& b) {
+  std::vector<double> x = a.to_vector(), y = b.to_vector();
+  EXPECT_EQ(x.size(), y.size());
+  double d = 0;
+  for (size_t i = 0; i < x.size() && i < y.size(); ++i) d = std::max(d, std::fabs(x[i] - y[i]));
+  return d;
 }
 
 }  // namespace psa::test
