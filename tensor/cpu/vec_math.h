@@ -1,6 +1,7 @@
-// Vectorised f32 exp and the row loops built on it (a lane-wise map, a row max, exp-and-sum for softmax rows),
-// for the CPU kernels' f32 paths; f64 paths keep std::exp (they are the references the f32 paths are tested
-// against). The exp-based activations (sigmoid, silu, quick_gelu) are written over these in elementwise.cpp.
+// Vectorised f32 exp, the Gaussian CDF and density built on it (the exact gelu), and the row loops (a lane-wise
+// map, a row max, exp-and-sum for softmax rows), for the CPU kernels' f32 paths; f64 paths keep std::exp and
+// std::erf (they are the references the f32 paths are tested against). The activations (sigmoid, silu,
+// quick_gelu, gelu) are written over these in elementwise.cpp.
 //
 // exp(x) = 2^k · e^r with k = round(x·log2 e) and r = x - k·ln2 (ln2 split in a hi part exact in f32 and a lo
 // part, so r is exact to ~1 ulp), |r| <= ln2/2; e^r = 1 + r + r²·P(r) with Cephes' degree-5 minimax P
