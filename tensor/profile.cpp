@@ -12,6 +12,7 @@ bool g_on = false;
 void (*g_wait)() = nullptr;
 thread_local bool g_backward = false;
 std::map<std::string, Row> g_rows;  // by label: the kernel's name, with " (backward)" where the name lacks it
+std::atomic<uint64_t> g_flops{0};   // atomic: cheap, and a second host thread running ops stays counted
 
 std::string label(const char* kernel) {
   std::string name = kernel;
@@ -51,9 +52,6 @@ void add(const char* kernel, double seconds) {
   r.seconds += seconds;
 }
 
-namespace {
-std::atomic<uint64_t> g_flops{0};  // atomic: cheap, and a second host thread running ops stays counted
-}  // namespace
 void add_flops(double flops) { g_flops.fetch_add((uint64_t)flops, std::memory_order_relaxed); }
 double flops() { return (double)g_flops.load(std::memory_order_relaxed); }
 

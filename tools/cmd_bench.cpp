@@ -77,6 +77,7 @@ struct StepTiming {
   double flops_per_step = 0;          // GEMM-class, counted over the timed steps (tensor/profile.h)
   std::vector<profile::Row> kernels;  // with --profile: summed over the timed steps
   double tokens_per_s() const { return tokens_per_step / (median_ms / 1000); }
+  double achieved_gflops() const { return flops_per_step / (median_ms * 1e-3) * 1e-9; }
 };
 
 double median(std::vector<double> v) {
@@ -154,7 +155,7 @@ StepTiming time_steps(Trainer& t, const StepSpec& s, int64_t batch, int64_t text
   if (s.device != Device::cpu) batch_to(b, s.device);
   StepTiming r;
   r.tokens_per_step = double(batch * t.model->config.merged_length(text));
-  double flops_at_warmup_end = profile::flops();
+  double flops_at_warmup_end = 0;  // set when the first timed step starts
   for (int64_t i = 0; i < s.warmup + s.steps; ++i) {
     if (i == s.warmup) flops_at_warmup_end = profile::flops();
     if (profile_kernels && i == s.warmup) profile::start(s.device == Device::cuda ? wait_for_gpu : nullptr);
@@ -211,12 +212,11 @@ json::Value timing_json(const StepSpec& s, const Trainer& t, const StepTiming& r
   for (double ms : r.ms) all.push(ms);
   j.set("all_ms", all);
   j.set("tokens_per_s", r.tokens_per_s());
-  const double achieved = r.flops_per_step / (r.median_ms * 1e-3) * 1e-9;
   j.set("gflop_per_step", r.flops_per_step * 1e-9);
-  j.set("achieved_gflops", achieved);
+  j.set("achieved_gflops", r.achieved_gflops());
   j.set("peak_gflops", peak.first ? json::Value(peak.first) : json::Value());
   j.set("peak_measured", peak.second);
-  j.set("mfu", peak.first ? json::Value(achieved / peak.first) : json::Value());
+  j.set("mfu", peak.first ? json::Value(r.achieved_gflops() / peak.first) : json::Value());
   j.set("peak_rss_mib", peak_rss_mib());
   if (s.device == Device::cuda) j.set("peak_gpu_gib", gpu::peak_bytes() / 1073741824.0);
   int64_t trainable = 0;
@@ -238,9 +238,10 @@ void print_timing(const StepSpec& s, const StepTiming& r, const std::pair<double
               r.tokens_per_s(), peak_rss_mib());
   if (s.threads) std::printf(", %ld thread%s", (long)s.threads, s.threads == 1 ? "" : "s");
   if (s.device == Device::cuda) std::printf(", peak GPU %.2f GiB (caching allocator)", gpu::peak_bytes() / 1073741824.0);
-  const double achieved = r.flops_per_step / (r.median_ms * 1e-3) * 1e-9;
-  std::printf("\n  %.2f GFLOP/step (matmul, attention, patch_conv), %.1f GFLOP/s", r.flops_per_step * 1e-9, achieved);
-  if (peak.first) std::printf(" = %.1f%% of %.0f GFLOP/s (%s)", 100 * achieved / peak.first, peak.first, peak.second.c_str());
+  std::printf("\n  %.2f GFLOP/step (matmul, attention, patch_conv), %.1f GFLOP/s", r.flops_per_step * 1e-9,
+              r.achieved_gflops());
+  if (peak.first)
+    std::printf(" = %.1f%% of %.0f GFLOP/s (%s)", 100 * r.achieved_gflops() / peak.first, peak.first, peak.second.c_str());
   std::printf("\n");
 }
 
