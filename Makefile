@@ -9,10 +9,17 @@ OPT      ?= -O3 -march=native
 CXXFLAGS += -std=c++17 $(OPT) -fopenmp -Wall -Wextra -Wno-unused-parameter -I. -MMD -MP
 LDLIBS   += -fopenmp -lxxhash -lpthread -ldl
 
-ifeq ($(CUDA),0)
+ifneq ($(filter 0 emu,$(CUDA)),)
   NVCC :=
 endif
 CU_SRCS  := $(if $(NVCC),$(wildcard tensor/cuda/*.cu))
+# CUDA=emu: the CUDA backend compiled as C++ against the CPU emulator of tests/cuda_emu (no GPU, no nvcc); each
+# launch k<<<cfg>>>(args) is rewritten to the emulator's k * Config(cfg) * args(args). `make test-cuda-emu`.
+ifeq ($(CUDA),emu)
+  CU_SRCS   := $(wildcard tensor/cuda/*.cu)
+  CXXFLAGS  += -DPSA_CUDA=1 -DPSA_CUDA_EMU=1 -Itests/cuda_emu -Wno-unknown-pragmas
+  EMU_SRCS  := tests/cuda_emu/cuda_emu.cpp
+endif
 ifneq ($(CU_SRCS),)
   CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
   CXXFLAGS  += -DPSA_CUDA=1 -I$(CUDA_HOME)/include
@@ -20,7 +27,7 @@ ifneq ($(CU_SRCS),)
   LDLIBS    += -L$(CUDA_HOME)/lib64 -lcudart -lcublas -Wl,-rpath,$(CUDA_HOME)/lib64
 endif
 
-LIB_SRCS   := $(wildcard tensor/*.cpp tensor/cpu/*.cpp autograd/*.cpp nn/*.cpp psa/*.cpp)
+LIB_SRCS   := $(wildcard tensor/*.cpp tensor/cpu/*.cpp autograd/*.cpp nn/*.cpp psa/*.cpp) $(EMU_SRCS)
 TOOL_SRCS  := $(wildcard tools/*.cpp)
 TEST_SRCS  := $(wildcard tests/*.cpp)
 BENCH_SRCS := $(wildcard bench/*.cpp)
@@ -34,7 +41,7 @@ LIB        := $(BUILD)/libpsa.a
 # CUDA_ARCH) in one build folder recompiles instead of linking objects made for the other configuration.
 FLAGS_STAMP := $(OBJ)/.flags-$(shell echo '$(CXX) $(CXXFLAGS) $(NVCC) $(NVFLAGS) $(LDLIBS)' | md5sum | cut -c1-12)
 
-.PHONY: all test deps clean bench train infer check-deps fuzz check-asan check-valgrind
+.PHONY: all test test-cuda-emu deps clean bench train infer check-deps fuzz check-asan check-valgrind
 all: $(BUILD)/psa $(BUILD)/psa_tests $(BENCH_BINS)
 
 $(FLAGS_STAMP):
@@ -44,9 +51,16 @@ $(OBJ)/%.o: %.cpp $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) -c $< -o $@
 
+ifeq ($(CUDA),emu)
+$(OBJ)/%.cu.o: %.cu $(FLAGS_STAMP)
+	@mkdir -p $(dir $@)
+	{ echo '#line 1 "$<"'; sed -e 's/<<</ * ::cuda_emu::Config(/' -e 's/>>>/) * ::cuda_emu::args/' $<; } > $(OBJ)/$*.emu.cpp
+	$(CXX) $(CXXFLAGS) -c $(OBJ)/$*.emu.cpp -o $@
+else
 $(OBJ)/%.cu.o: %.cu $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) -c $< -o $@
+endif
 
 $(LIB): $(LIB_OBJS)
 	@rm -f $@
@@ -62,10 +76,21 @@ $(BUILD)/bench_%: bench/%.cpp $(LIB) $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) $< $(LIB) -o $@ -lbenchmark -lbenchmark_main $(LDLIBS)
 
-# GTEST_FILTER narrows a run, e.g. `make test GTEST_FILTER='Ops.*'`.
+# GTEST_FILTER narrows a run, e.g. `make test GTEST_FILTER='Ops.*'`. Without a filter the CUDA suite then runs
+# once more on the CPU emulator (test-cuda-emu), so the kernels are checked on machines without a GPU too.
 test:
 	@$(MAKE) --no-print-directory -j$(JOBS) $(BUILD)/psa_tests $(BUILD)/psa
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/psa_tests --gtest_brief=1 $(if $(GTEST_FILTER),--gtest_filter='$(GTEST_FILTER)')
+	$(if $(GTEST_FILTER)$(filter emu,$(CUDA)),,@$(MAKE) --no-print-directory test-cuda-emu)
+
+# `make test-cuda-emu`: every tensor/cuda/*.cu compiled as C++ against the CPU emulator of tests/cuda_emu (in
+# build-emu/, CUDA=emu), then the CUDA suite (parity of every op, a training step of each stage, streams, the
+# own SGEMM) and the emulator's own tests. It checks the kernels' logic, barriers and launch limits; not speed.
+EMU_BUILD ?= build-emu
+test-cuda-emu:
+	@$(MAKE) --no-print-directory -j$(JOBS) BUILD=$(EMU_BUILD) CUDA=emu $(EMU_BUILD)/psa_tests
+	@echo "== the CUDA suite on the CPU emulator (tests/cuda_emu)"
+	./$(EMU_BUILD)/psa_tests --gtest_brief=1 --gtest_filter='Cuda*'
 
 # The tour (about 11 minutes on 2 cores after the build): dataset, vision pretraining, three training stages, benchmark table (OUT/report.md).
 PRESET ?= tiny
@@ -188,6 +213,6 @@ deps:
 	else echo "run as root: apt-get install -y $(DEB_PKGS)"; fi
 
 clean:
-	rm -rf $(BUILD) $(FUZZ_BUILD) $(ASAN_BUILD)
+	rm -rf $(BUILD) $(FUZZ_BUILD) $(ASAN_BUILD) $(EMU_BUILD)
 
 -include $(FUZZ_LIB:.o=.d) $(LIB_OBJS:.o=.d) $(TOOL_OBJS:.o=.d) $(TEST_OBJS:.o=.d) $(BENCH_BINS:=.d)

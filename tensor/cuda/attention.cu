@@ -82,9 +82,8 @@ __device__ __forceinline__ T dot_row(const T* a, const T* b, int64_t D) {
 template <typename T, int DPL>
 __global__ void flash_forward(const T* q, const T* k, const T* v, const T* mask, AttnShape a, bool causal, T scale,
                               T* out, T* lse) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t D = a.D, G = a.H / a.Hkv;
-  T* sK = reinterpret_cast<T*>(smem_raw);  // [32][D+1]
+  T* sK = dynamic_smem<T>();  // [32][D+1]
   T* sV = sK + kTile * (D + 1);             // [32][D+1]
   T* sQ = sV + kTile * (D + 1);             // [8][D]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -156,9 +155,8 @@ __global__ void rowsum_dot(const T* g, const T* o, int64_t rows, int64_t D, T* o
 template <typename T, int DPL>
 __global__ void flash_backward_dq(const T* g, const T* q, const T* k, const T* v, const T* lse, const T* Dt,
                                   const T* mask, AttnShape a, bool causal, T scale, T* gq) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t D = a.D, G = a.H / a.Hkv;
-  T* sK = reinterpret_cast<T*>(smem_raw);  // [32][D+1]
+  T* sK = dynamic_smem<T>();  // [32][D+1]
   T* sV = sK + kTile * (D + 1);             // [32][D+1]
   T* sQ = sV + kTile * (D + 1);             // [8][D]
   T* sG = sQ + kRows * D;                   // [8][D]
@@ -220,9 +218,8 @@ __global__ void flash_backward_dq(const T* g, const T* q, const T* k, const T* v
 template <typename T, int DPL>
 __global__ void flash_backward_dkv(const T* g, const T* q, const T* k, const T* v, const T* lse, const T* Dt,
                                    const T* mask, AttnShape a, bool causal, T scale, T* gk, T* gv) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t D = a.D, G = a.H / a.Hkv;
-  T* sQ = reinterpret_cast<T*>(smem_raw);  // [32][D+1] query rows of the tile
+  T* sQ = dynamic_smem<T>();  // [32][D+1] query rows of the tile
   T* sG = sQ + kTile * (D + 1);             // [32][D+1] their dO
   T* sK = sG + kTile * (D + 1);             // [8][D] this block's key rows
   T* sV = sK + kRows * D;                   // [8][D]

@@ -112,6 +112,17 @@ __global__ void sum_chunks(const double* part, int64_t chunks, int64_t N, T* out
   }
 }
 
+// The launch's dynamic shared memory, 16-byte aligned (the CPU emulator of tests/cuda_emu keeps its own).
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+#ifdef PSA_CUDA_EMU
+  return reinterpret_cast<T*>(cuda_emu::dynamic_smem());
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  return reinterpret_cast<T*>(smem_raw);
+#endif
+}
+
 // Up to 8 dims of shape/strides passed by value to kernels.
 constexpr int kMaxDims = 8;
 struct Dims {
