@@ -90,7 +90,7 @@ EMU_BUILD ?= build-emu
 test-cuda-emu:
 	@$(MAKE) --no-print-directory -j$(JOBS) BUILD=$(EMU_BUILD) CUDA=emu $(EMU_BUILD)/psa_tests
 	@echo "== the CUDA suite on the CPU emulator (tests/cuda_emu)"
-	./$(EMU_BUILD)/psa_tests --gtest_brief=1 --gtest_filter='Cuda*'
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(EMU_BUILD)/psa_tests --gtest_brief=1 --gtest_filter='Cuda*'
 
 # The tour (about 11 minutes on 2 cores after the build): dataset, vision pretraining, three training stages, benchmark table (OUT/report.md).
 PRESET ?= tiny

@@ -81,12 +81,15 @@ inline void make_context(Context& c, char* stack, size_t bytes, void (*entry)(),
 struct Fiber {
   Context ctx;
   Wait wait = Wait::none;
+  unsigned shuffles = 0;  // picks the slot bank of its next shuffle
 };
 
 // The block being run (one at a time).
 struct Block {
   std::vector<Fiber> fibers;
-  std::vector<uint64_t> slots;  // shuffle exchange, one per thread
+  // Shuffle exchange: two banks of one slot per thread, used by alternate shuffles. A lane reuses a bank only
+  // after the next shuffle's barrier, which opens once every lane has read this one: one barrier per shuffle.
+  std::vector<uint64_t> slots;
   Context scheduler;
   int current = 0;
   dim3 dim;
@@ -111,6 +114,7 @@ cudaError_t record_error(cudaError_t e, std::string message) {
 }
 
 uint3 thread_index(int linear, const dim3& d) {
+  if (d.y == 1 && d.z == 1) return {unsigned(linear), 0, 0};  // the common case, without divisions
   return {unsigned(linear % d.x), unsigned(linear / d.x % d.y), unsigned(linear / (d.x * d.y))};
 }
 
@@ -133,15 +137,29 @@ uint64_t next_random() {
   return g_rng;
 }
 
-// Opens the barriers every live thread of a warp (or of the block) waits at. Returns "" when the block can go
-// on, else why it cannot (a real GPU would hang there).
-std::string open_barriers(Block& b) {
-  const int n = (int)b.fibers.size();
-  bool opened = false, any_live = false, all_at_block = true;
-  for (int w0 = 0; w0 < n; w0 += 32) {
-    int at_warp = 0, done = 0, lanes = std::min(32, n - w0);
+template <typename T>
+void shuffle_order(std::vector<T>& v) {
+  for (size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[(unsigned __int128)next_random() * i >> 64]);
+}
+
+// Runs the lanes of the warp starting at thread w0 until each has exited or waits at __syncthreads, opening the
+// warp's barrier (shuffle, __syncwarp) whenever all its lanes wait there. Returns "" or why the warp cannot go on
+// (a real GPU would hang there).
+std::string run_warp(Block& b, int w0, const dim3& block) {
+  const int lanes = std::min(32, (int)b.fibers.size() - w0);
+  std::vector<int> order(lanes);
+  for (int i = 0; i < lanes; ++i) order[i] = w0 + i;
+  for (;;) {
+    shuffle_order(order);  // a new order at every phase, so that a missing barrier meets an unwritten value
+    for (int i : order) {
+      if (b.fibers[i].wait != Wait::none) continue;
+      b.current = i;
+      threadIdx = thread_index(i, block);
+      switch_context(b.scheduler, b.fibers[i].ctx);
+    }
+    int at_warp = 0, done = 0;
     for (int i = w0; i < w0 + lanes; ++i) at_warp += b.fibers[i].wait == Wait::warp, done += b.fibers[i].wait == Wait::done;
-    if (at_warp == 0) continue;
+    if (at_warp == 0) return "";
     if (at_warp + done < lanes)
       return "warp " + std::to_string(w0 / 32) + ": " + std::to_string(at_warp) + " lanes wait at a shuffle/__syncwarp, " +
              std::to_string(lanes - at_warp - done) + " at __syncthreads";
@@ -149,53 +167,29 @@ std::string open_barriers(Block& b) {
       return "warp " + std::to_string(w0 / 32) + ": " + std::to_string(done) +
              " lanes exited while the others wait at a full-mask shuffle";
     for (int i = w0; i < w0 + lanes; ++i) b.fibers[i].wait = Wait::none;
-    opened = true;
   }
-  if (opened) return "";
-  for (const Fiber& f : b.fibers) {
-    if (f.wait == Wait::done) continue;
-    any_live = true;
-    all_at_block &= f.wait == Wait::block;
-  }
-  if (any_live && all_at_block)
-    for (Fiber& f : b.fibers)
-      if (f.wait == Wait::block) f.wait = Wait::none;
-  return "";
 }
 
-// Runs one block to the end; "" or the deadlock.
+// Runs one block to the end, one __syncthreads phase at a time (the warps in a new order each phase); "" or the
+// deadlock.
 std::string run_block(const dim3& block, size_t smem) {
   Block& b = g_block;
   const int n = int(block.x * block.y * block.z);
   b.fibers.assign(n, Fiber{});
-  b.slots.assign(n, 0);
+  b.slots.assign(2 * n, 0);
   std::memset(g_smem, 0xFF, smem);  // NaN: reads of shared data nobody wrote show up in the results
-  for (int i = 0; i < n; ++i) {
-    Fiber& f = b.fibers[i];
-    make_context(f.ctx, g_stacks.get() + i * kStackBytes, kStackBytes, fiber_main, b.scheduler);
-  }
-  std::vector<int> order(n);
-  for (int i = 0; i < n; ++i) order[i] = i;
+  for (int i = 0; i < n; ++i)
+    make_context(b.fibers[i].ctx, g_stacks.get() + i * kStackBytes, kStackBytes, fiber_main, b.scheduler);
+  std::vector<int> warps;
+  for (int w0 = 0; w0 < n; w0 += 32) warps.push_back(w0);
   for (;;) {
-    // A new order at every phase, so that a missing barrier meets a writer that has not run yet.
-    for (int i = n - 1; i > 0; --i) std::swap(order[i], order[next_random() % (i + 1)]);
-    for (int i : order) {
-      if (b.fibers[i].wait != Wait::none) continue;
-      b.current = i;
-      threadIdx = thread_index(i, block);
-      switch_context(b.scheduler, b.fibers[i].ctx);
-    }
-    bool all_done = true;
-    for (const Fiber& f : b.fibers) all_done &= f.wait == Wait::done;
-    if (all_done) return "";
-    std::string why = open_barriers(b);
-    if (!why.empty()) return why;
-    int runnable = 0, at_block = 0, at_warp = 0;
-    for (const Fiber& f : b.fibers)
-      runnable += f.wait == Wait::none, at_block += f.wait == Wait::block, at_warp += f.wait == Wait::warp;
-    if (runnable == 0)
-      return std::to_string(at_block) + " threads wait at __syncthreads, " + std::to_string(at_warp) +
-             " at warp barriers, and none can open";
+    shuffle_order(warps);
+    for (int w0 : warps)
+      if (std::string why = run_warp(b, w0, block); !why.empty()) return why;
+    bool live = false;
+    for (Fiber& f : b.fibers)
+      if (f.wait == Wait::block) f.wait = Wait::none, live = true;
+    if (!live) return "";
   }
 }
 
@@ -232,7 +226,11 @@ int lane_id() {
   const uint3& t = threadIdx;
   return int((t.x + t.y * blockDim.x + t.z * blockDim.x * blockDim.y) % 32);
 }
-uint64_t* warp_slots() { return g_block.slots.data() + (g_block.current & ~31); }
+uint64_t* next_shuffle_slots() {
+  Fiber& f = g_block.fibers[g_block.current];
+  size_t bank = f.shuffles++ & 1;
+  return g_block.slots.data() + bank * g_block.fibers.size() + (g_block.current & ~31);
+}
 void warp_barrier(unsigned mask) {
   if (mask != 0xffffffffu) {
     std::fprintf(stderr, "cuda_emu: partial warp masks (0x%08x) are not emulated\n", mask);

@@ -131,7 +131,7 @@ unsigned char* dynamic_smem();
 void block_barrier();
 void warp_barrier(unsigned mask);
 int lane_id();
-uint64_t* warp_slots();  // 32 exchange slots of the calling thread's warp
+uint64_t* next_shuffle_slots();  // the 32 exchange slots of the calling thread's warp for its next shuffle
 
 struct Config {
   dim3 grid, block;
@@ -166,16 +166,15 @@ void operator*(const Bound<P...>& b, const Args<A...>& a) {
   run_grid(reinterpret_cast<const void*>(b.kernel), b.cfg, [&] { std::apply(b.kernel, params); });
 }
 
-// One value per lane through the warp's slots; the second barrier keeps a slot until every lane has read it.
+// One value per lane through the warp's slots: every lane writes, waits for the others, reads.
 template <typename T>
 T exchange(unsigned mask, T v, int src_lane) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "cuda_emu: shuffles of at most 8 bytes");
-  uint64_t* slots = warp_slots();
+  uint64_t* slots = next_shuffle_slots();
   std::memcpy(&slots[lane_id()], &v, sizeof(T));
   warp_barrier(mask);
   T r;
   std::memcpy(&r, &slots[src_lane], sizeof(T));
-  warp_barrier(mask);
   return r;
 }
 
