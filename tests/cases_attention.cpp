@@ -115,6 +115,10 @@ std::vector<OpCase> attention_cases() {
       // chunks whose first seeing row is not 0; with a mask too.
       {{{1, 2, 53, 4}, {1, 2, 53, 4}, {1, 2, 53, 4}}, true, 0},
       {{{1, 2, 30, 4}, {1, 1, 57, 4}, {1, 1, 57, 4}, {30, 57}}, true, 0},
+      // Head dims past one value per lane (the CUDA kernels' 32-lane layout), over several 32-row blocks and
+      // 32-key tiles: D = 40 with GQA, causal, S > T; D = 99 (not a multiple of 4) with a mask.
+      {{{1, 2, 37, 40}, {1, 1, 45, 40}, {1, 1, 45, 40}}, true, 0},
+      {{{1, 1, 35, 99}, {1, 1, 35, 99}, {1, 1, 35, 99}, {35, 35}}, false, 0},
   };
   std::vector<OpCase> v;
   for (const Spec& s : specs) {

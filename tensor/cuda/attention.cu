@@ -4,15 +4,14 @@
 //
 // attention, q [B, H, T, D], k/v [B, Hkv, S, D], G = H / Hkv query heads per kv head, optional additive mask
 // [T, S] or [B|1, H|1, T, S], causal hides s > t + S - T. No [T, S] matrix is ever stored:
-//  forward   block = 8 warps = 8 consecutive query rows of one (b, h); K and V stream through shared memory in
-//            tiles of 32 keys. Lane j scores key j of the tile (dot over D from shared memory), the warp keeps
-//            the online-softmax state (running max m, running sum l, output row o spread over lanes as
-//            d = lane + 32·i) and rescales it by exp(m_old - m_new) per tile. Saves lse = m + log l per row.
+//  forward   blocks of 32 query rows of one (b, h), 4 per warp; K and V stream through shared memory in tiles of
+//            32 keys with an online softmax (running max and sum, rescaled per tile). Saves lse = m + log l.
 //  backward  D_t = rowsum(dO∘O) first. Then two kernels, so that nothing needs atomics:
-//            dQ:     per query row (as the forward, K/V tiles): p = exp(s - lse), dS = p·(dO·v - D_t),
+//            dQ:     per query row (blocks as the forward, K/V tiles): p = exp(s - lse), dS = p·(dO·v - D_t),
 //                    dQ = scale·Σ dS·k.
-//            dK, dV: block = 8 key rows of one (b, kv head); Q, dO, lse, D stream through shared memory in tiles
-//                    of 32 query rows, for each of the G query heads in order; dV = Σ p·dO, dK = scale·Σ dS·q.
+//            dK, dV: blocks of 32 key rows of one (b, kv head), 4 per warp; Q, dO, lse, D stream through shared
+//                    memory in tiles of 32 query rows, for each of the G query heads in order; dV = Σ p·dO,
+//                    dK = scale·Σ dS·q.
 //            Every sum runs in a fixed order (lanes by shuffles in a fixed pattern, tiles in order), so results
 //            are bitwise reproducible.
 // Rows whose every key is hidden give zeros (lse = -inf), as on the CPU. Head dim D <= 128 (4 values a lane).
@@ -38,8 +37,13 @@ __global__ void rope_kernel(const S* x, const S* cos, const S* sin, int64_t T, i
 }
 
 // ---- attention
-constexpr int kRows = 8;   // query (or key) rows per block, one per warp
-constexpr int kTile = 32;  // keys (or queries) per shared-memory tile, one per lane
+// Every kernel below: block = kWarps warps, a warp owns R = kRowsPerWarp consecutive rows (query rows in the
+// forward and dQ, key rows in dK/dV), and the other side streams through shared memory in tiles of kTile = 32
+// rows, lane j taking row j of the tile. Each dot product a lane forms reads its tile row once per 4 dims for
+// all R of the warp's rows (register blocking over rows: 5 shared loads per 16 FMAs, where one row per warp
+// needed 2 per FMA). Products summed over the tile go through a [kTile][R] shared array per warp, so that one
+// broadcast load gives the coefficient of every row of the warp.
+constexpr int kTile = 32, kWarps = 8, kRowsPerWarp = 4, kBlockRows = kWarps * kRowsPerWarp;
 
 struct AttnShape {
   int64_t B, H, Hkv, T, S, D;
@@ -63,81 +67,159 @@ __device__ __forceinline__ int64_t visible_keys(const AttnShape& a, bool causal,
   return v < 0 ? 0 : v > a.S ? a.S : v;
 }
 
-// Stages rows [r0, r0 + 32) of a [rows, D] matrix into a padded [32][D + 1] shared tile (zeros past `rows`).
+// The head dim rounded up to 4 (dot products run over it in steps of 4, on zero padding) and the row stride of
+// the shared tiles: D4 + 4 is 4 mod 32 floats when D4 is a multiple of 32, so 16-byte reads of 8 lanes' rows
+// fall on distinct banks.
+struct TileDims {
+  int D, D4, ld;
+};
+__host__ __device__ __forceinline__ TileDims tile_dims(int64_t D) {
+  int d4 = (int)(D + 3) / 4 * 4;
+  return {(int)D, d4, d4 + 4};
+}
+
+// Loads 4 consecutive values from shared memory (float: one 16-byte access; the address is 16-byte aligned).
+__device__ __forceinline__ void load4(const float* p, float (&x)[4]) {
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+}
+__device__ __forceinline__ void load4(const double* p, double (&x)[4]) {
+  for (int i = 0; i < 4; ++i) x[i] = p[i];
+}
+
+// The block stages rows [r0, r0 + kTile) of a [rows, D] matrix as a [kTile][ld] tile (zeros past `rows` and in
+// the columns [D, D4)).
 template <typename T>
-__device__ __forceinline__ void load_tile(const T* src, int64_t r0, int64_t rows, int64_t D, T* tile) {
-  for (int64_t e = threadIdx.x; e < kTile * D; e += blockDim.x) {
-    int64_t j = e / D, d = e % D;
-    tile[j * (D + 1) + d] = r0 + j < rows ? src[(r0 + j) * D + d] : T(0);
+__device__ __forceinline__ void load_tile(const T* src, int64_t r0, int64_t rows, TileDims t, T* tile) {
+  for (int e = threadIdx.x; e < kTile * t.D4; e += blockDim.x) {
+    const int j = e / t.D4, d = e - j * t.D4;
+    tile[j * t.ld + d] = r0 + j < rows && d < t.D ? src[(r0 + j) * t.D + d] : T(0);
   }
 }
 
+// The warp stages its R rows [r0, r0 + R) of a [rows, D] matrix as [R][D4] (zeros past `rows` and D).
 template <typename T>
-__device__ __forceinline__ T dot_row(const T* a, const T* b, int64_t D) {
-  T acc = T(0);
-  for (int64_t d = 0; d < D; ++d) acc += a[d] * b[d];
-  return acc;
+__device__ __forceinline__ void load_warp_rows(const T* src, int64_t r0, int64_t rows, TileDims t, T* dst) {
+  for (int e = threadIdx.x % 32; e < kRowsPerWarp * t.D4; e += 32) {
+    const int r = e / t.D4, d = e - r * t.D4;
+    dst[e] = r0 + r < rows && d < t.D ? src[(r0 + r) * t.D + d] : T(0);
+  }
 }
 
+// dot[r] = tile_row · rows[r] for the warp's R rows ([R][D4], read by every lane: broadcasts).
+template <typename T>
+__device__ __forceinline__ void dot_rows(const T* tile_row, const T* rows, int D4, T (&dot)[kRowsPerWarp]) {
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) dot[r] = T(0);
+  for (int d = 0; d < D4; d += 4) {
+    T x[4];
+    load4(tile_row + d, x);
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      T y[4];
+      load4(rows + r * D4 + d, y);
+      dot[r] += x[0] * y[0] + x[1] * y[1] + x[2] * y[2] + x[3] * y[3];
+    }
+  }
+}
+
+// acc[r][i] += Σ_j coef[j][r]·tile[j][d] with d = lane + 32·i: the tile's rows weighted by the coefficients
+// ([kTile][R], written by the lanes of the warp) summed in order of j.
 template <typename T, int DPL>
-__global__ void flash_forward(const T* q, const T* k, const T* v, const T* mask, AttnShape a, bool causal, T scale,
-                              T* out, T* lse) {
+__device__ __forceinline__ void accumulate_rows(const T* coef, const T* tile, TileDims t, T (&acc)[kRowsPerWarp][DPL]) {
+  const int lane = threadIdx.x % 32;
+  for (int j = 0; j < kTile; ++j) {
+    T c[kRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) c[r] = coef[j * kRowsPerWarp + r];
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+      const int d = lane + 32 * i;
+      if (d >= t.D) continue;
+      const T x = tile[j * t.ld + d];
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) acc[r][i] += c[r] * x;
+    }
+  }
+}
+
+// Forward: the warp keeps the online-softmax state of each of its query rows (running max m, this lane's part
+// of the sum l, the output row spread over lanes) and rescales it by exp(m_old - m_new) per key tile; p is the
+// coefficient of the P·V product. Saves lse = m + log l per row.
+template <typename T, int DPL>
+__global__ void __launch_bounds__(kWarps * 32) flash_forward(const T* q, const T* k, const T* v, const T* mask,
+                                                              AttnShape a, bool causal, T scale, T* out, T* lse) {
+  constexpr int R = kRowsPerWarp;
+  const TileDims td = tile_dims(a.D);
   const int64_t D = a.D, G = a.H / a.Hkv;
-  T* sK = dynamic_smem<T>();  // [32][D+1]
-  T* sV = sK + kTile * (D + 1);             // [32][D+1]
-  T* sQ = sV + kTile * (D + 1);             // [8][D]
+  T* sK = dynamic_smem<T>();     // [kTile][ld]
+  T* sV = sK + kTile * td.ld;    // [kTile][ld]
+  T* sQ = sV + kTile * td.ld;    // [kWarps][R][D4]
+  T* sP = sQ + kBlockRows * td.D4;  // [kWarps][kTile][R]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t bh = blockIdx.y, b = bh / a.H, h = bh % a.H;
-  const int64_t t = (int64_t)blockIdx.x * kRows + warp;
-  const bool active = t < a.T;
+  const int64_t t0 = (int64_t)blockIdx.x * kBlockRows + warp * R;  // this warp's first row
   const T* K = k + (b * a.Hkv + h / G) * a.S * D;
   const T* V = v + (b * a.Hkv + h / G) * a.S * D;
   const T* M = mask_block(mask, a, b, h);
-  if (active)
-    for (int64_t d = lane; d < D; d += 32) sQ[warp * D + d] = q[(bh * a.T + t) * D + d];
-  const int64_t vis = active ? visible_keys(a, causal, t) : 0;
-  const int64_t t_last = min(a.T - 1, (int64_t)blockIdx.x * kRows + kRows - 1);
+  T* wQ = sQ + warp * R * td.D4;
+  T* wP = sP + warp * kTile * R;
+  load_warp_rows(q + bh * a.T * D, t0, a.T, td, wQ);
+  int64_t vis[R], warp_vis = 0;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    vis[r] = t0 + r < a.T ? visible_keys(a, causal, t0 + r) : 0;
+    warp_vis = max(warp_vis, vis[r]);
+  }
+  const int64_t t_last = min(a.T - 1, (int64_t)(blockIdx.x + 1) * kBlockRows - 1);
   const int64_t block_vis = visible_keys(a, causal, t_last);  // the last row sees the most keys
-  T m = -d_inf<T>(), l = T(0), o[DPL];
+  T m[R], l[R], o[R][DPL];
 #pragma unroll
-  for (int i = 0; i < DPL; ++i) o[i] = T(0);
+  for (int r = 0; r < R; ++r) {
+    m[r] = -d_inf<T>(), l[r] = T(0);
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) o[r][i] = T(0);
+  }
   for (int64_t s0 = 0; s0 < block_vis; s0 += kTile) {
-    __syncthreads();  // the previous tile is consumed (and sQ is written before its first use)
-    load_tile(K, s0, a.S, D, sK);
-    load_tile(V, s0, a.S, D, sV);
+    __syncthreads();  // the previous tile is consumed (and wQ is written before its first use)
+    load_tile(K, s0, a.S, td, sK);
+    load_tile(V, s0, a.S, td, sV);
     __syncthreads();
-    if (!active) continue;
+    if (s0 >= warp_vis) continue;  // none of this warp's rows sees a key of the tile (warp-uniform)
     const int64_t s = s0 + lane;
-    T score = -d_inf<T>();
-    if (s < vis) {
-      score = scale * dot_row(sQ + warp * D, sK + lane * (D + 1), D);
-      if (M) score += M[t * a.S + s];
+    T dot[R];
+    dot_rows(sK + lane * td.ld, wQ, td.D4, dot);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      T score = -d_inf<T>();
+      if (s < vis[r]) score = scale * dot[r] + (M ? M[(t0 + r) * a.S + s] : T(0));
+      const T m_new = std_max(m[r], warp_max(score));
+      T p = T(0), corr = T(1);
+      if (m_new != -d_inf<T>()) p = d_exp(score - m_new), corr = d_exp(m[r] - m_new);
+      l[r] = l[r] * corr + p;
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) o[r][i] *= corr;
+      m[r] = m_new;
+      wP[lane * R + r] = p;
     }
-    const T m_new = std_max(m, warp_max(score));
-    if (m_new == -d_inf<T>()) continue;  // everything so far hidden (warp-uniform)
-    const T p = d_exp(score - m_new), corr = d_exp(m - m_new);
-    l = l * corr + warp_sum(p);
+    __syncwarp();
+    accumulate_rows(wP, sV, td, o);
+    __syncwarp();  // every lane has read wP before the next tile rewrites it
+  }
 #pragma unroll
-    for (int i = 0; i < DPL; ++i) o[i] *= corr;
-    for (int j = 0; j < kTile; ++j) {
-      const T pj = __shfl_sync(0xffffffffu, p, j);
+  for (int r = 0; r < R; ++r) {
+    const T l_row = warp_sum(l[r]);
+    const int64_t t = t0 + r;
+    if (t >= a.T) continue;
+    const bool empty = l_row == T(0) || m[r] == -d_inf<T>();
+    const T inv = empty ? T(0) : T(1) / l_row;
 #pragma unroll
-      for (int i = 0; i < DPL; ++i) {
-        int64_t d = lane + 32 * i;
-        if (d < D) o[i] += pj * sV[j * (D + 1) + d];
-      }
+    for (int i = 0; i < DPL; ++i) {
+      const int64_t d = lane + 32 * i;
+      if (d < D) out[(bh * a.T + t) * D + d] = o[r][i] * inv;
     }
-    m = m_new;
+    if (lane == 0) lse[bh * a.T + t] = empty ? -d_inf<T>() : m[r] + d_log(l_row);
   }
-  if (!active) return;
-  const bool empty = l == T(0) || m == -d_inf<T>();
-  T inv = empty ? T(0) : T(1) / l;
-#pragma unroll
-  for (int i = 0; i < DPL; ++i) {
-    int64_t d = lane + 32 * i;
-    if (d < D) out[(bh * a.T + t) * D + d] = o[i] * inv;
-  }
-  if (lane == 0) lse[bh * a.T + t] = empty ? -d_inf<T>() : m + d_log(l);
 }
 
 // D_t = Σ_d dO[t, d]·O[t, d], one warp per row.
@@ -152,95 +234,120 @@ __global__ void rowsum_dot(const T* g, const T* o, int64_t rows, int64_t D, T* o
   if (lane == 0) out[r] = acc;
 }
 
+// dQ: the warp's query rows against K and V tiles (as the forward): p = exp(score - lse), dS = p·(dO·v - D_t),
+// dQ = scale·Σ dS·k.
 template <typename T, int DPL>
-__global__ void flash_backward_dq(const T* g, const T* q, const T* k, const T* v, const T* lse, const T* Dt,
-                                  const T* mask, AttnShape a, bool causal, T scale, T* gq) {
+__global__ void __launch_bounds__(kWarps * 32) flash_backward_dq(const T* g, const T* q, const T* k, const T* v,
+                                                                  const T* lse, const T* Dt, const T* mask,
+                                                                  AttnShape a, bool causal, T scale, T* gq) {
+  constexpr int R = kRowsPerWarp;
+  const TileDims td = tile_dims(a.D);
   const int64_t D = a.D, G = a.H / a.Hkv;
-  T* sK = dynamic_smem<T>();  // [32][D+1]
-  T* sV = sK + kTile * (D + 1);             // [32][D+1]
-  T* sQ = sV + kTile * (D + 1);             // [8][D]
-  T* sG = sQ + kRows * D;                   // [8][D]
+  T* sK = dynamic_smem<T>();        // [kTile][ld]
+  T* sV = sK + kTile * td.ld;       // [kTile][ld]
+  T* sQ = sV + kTile * td.ld;       // [kWarps][R][D4]
+  T* sG = sQ + kBlockRows * td.D4;  // [kWarps][R][D4] dO of the rows
+  T* sS = sG + kBlockRows * td.D4;  // [kWarps][kTile][R] dS
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t bh = blockIdx.y, b = bh / a.H, h = bh % a.H;
-  const int64_t t = (int64_t)blockIdx.x * kRows + warp;
-  const bool active = t < a.T;
+  const int64_t t0 = (int64_t)blockIdx.x * kBlockRows + warp * R;
   const T* K = k + (b * a.Hkv + h / G) * a.S * D;
   const T* V = v + (b * a.Hkv + h / G) * a.S * D;
   const T* M = mask_block(mask, a, b, h);
-  T row_lse = -d_inf<T>(), row_D = T(0);
-  if (active) {
-    for (int64_t d = lane; d < D; d += 32) {
-      sQ[warp * D + d] = q[(bh * a.T + t) * D + d];
-      sG[warp * D + d] = g[(bh * a.T + t) * D + d];
-    }
-    row_lse = lse[bh * a.T + t];
-    row_D = Dt[bh * a.T + t];
-  }
-  const bool live = active && row_lse != -d_inf<T>();  // a fully hidden row has P = 0 and so dQ = 0
-  const int64_t vis = active ? visible_keys(a, causal, t) : 0;
-  const int64_t t_last = min(a.T - 1, (int64_t)blockIdx.x * kRows + kRows - 1);
-  const int64_t block_vis = visible_keys(a, causal, t_last);
-  T dq[DPL];
+  T* wQ = sQ + warp * R * td.D4;
+  T* wG = sG + warp * R * td.D4;
+  T* wS = sS + warp * kTile * R;
+  load_warp_rows(q + bh * a.T * D, t0, a.T, td, wQ);
+  load_warp_rows(g + bh * a.T * D, t0, a.T, td, wG);
+  T row_lse[R], row_D[R];
+  int64_t vis[R], warp_vis = 0;
 #pragma unroll
-  for (int i = 0; i < DPL; ++i) dq[i] = T(0);
+  for (int r = 0; r < R; ++r) {
+    const int64_t t = t0 + r;
+    row_lse[r] = t < a.T ? lse[bh * a.T + t] : -d_inf<T>();
+    row_D[r] = t < a.T ? Dt[bh * a.T + t] : T(0);
+    // A fully hidden row (lse = -inf) has P = 0 and so dQ = 0.
+    vis[r] = t < a.T && row_lse[r] != -d_inf<T>() ? visible_keys(a, causal, t) : 0;
+    warp_vis = max(warp_vis, vis[r]);
+  }
+  const int64_t t_last = min(a.T - 1, (int64_t)(blockIdx.x + 1) * kBlockRows - 1);
+  const int64_t block_vis = visible_keys(a, causal, t_last);
+  T dq[R][DPL];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) dq[r][i] = T(0);
   for (int64_t s0 = 0; s0 < block_vis; s0 += kTile) {
     __syncthreads();
-    load_tile(K, s0, a.S, D, sK);
-    load_tile(V, s0, a.S, D, sV);
+    load_tile(K, s0, a.S, td, sK);
+    load_tile(V, s0, a.S, td, sV);
     __syncthreads();
-    if (!live) continue;
+    if (s0 >= warp_vis) continue;
     const int64_t s = s0 + lane;
-    T ds = T(0);
-    if (s < vis) {
-      T score = scale * dot_row(sQ + warp * D, sK + lane * (D + 1), D);
-      if (M) score += M[t * a.S + s];
-      const T p = d_exp(score - row_lse);
-      const T dp = dot_row(sG + warp * D, sV + lane * (D + 1), D);
-      ds = p * (dp - row_D);
-    }
-    for (int j = 0; j < kTile; ++j) {
-      const T dsj = __shfl_sync(0xffffffffu, ds, j);
+    T qk[R], gv[R];
+    dot_rows(sK + lane * td.ld, wQ, td.D4, qk);
+    dot_rows(sV + lane * td.ld, wG, td.D4, gv);
 #pragma unroll
-      for (int i = 0; i < DPL; ++i) {
-        int64_t d = lane + 32 * i;
-        if (d < D) dq[i] += dsj * sK[j * (D + 1) + d];
+    for (int r = 0; r < R; ++r) {
+      T ds = T(0);
+      if (s < vis[r]) {
+        const T score = scale * qk[r] + (M ? M[(t0 + r) * a.S + s] : T(0));
+        ds = d_exp(score - row_lse[r]) * (gv[r] - row_D[r]);
       }
+      wS[lane * R + r] = ds;
     }
+    __syncwarp();
+    accumulate_rows(wS, sK, td, dq);
+    __syncwarp();
   }
-  if (!active || !gq) return;
+  if (!gq) return;
 #pragma unroll
-  for (int i = 0; i < DPL; ++i) {
-    int64_t d = lane + 32 * i;
-    if (d < D) gq[(bh * a.T + t) * D + d] = scale * dq[i];
+  for (int r = 0; r < R; ++r) {
+    const int64_t t = t0 + r;
+    if (t >= a.T) continue;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+      const int64_t d = lane + 32 * i;
+      if (d < D) gq[(bh * a.T + t) * D + d] = scale * dq[r][i];
+    }
   }
 }
 
+// dK, dV: the warp's key rows of one (b, kv head) against tiles of query rows (with their dO, lse and D_t), for
+// each of the G query heads in order: dV = Σ p·dO, dK = scale·Σ dS·q.
 template <typename T, int DPL>
-__global__ void flash_backward_dkv(const T* g, const T* q, const T* k, const T* v, const T* lse, const T* Dt,
-                                   const T* mask, AttnShape a, bool causal, T scale, T* gk, T* gv) {
+__global__ void __launch_bounds__(kWarps * 32) flash_backward_dkv(const T* g, const T* q, const T* k, const T* v,
+                                                                   const T* lse, const T* Dt, const T* mask,
+                                                                   AttnShape a, bool causal, T scale, T* gk, T* gv) {
+  constexpr int R = kRowsPerWarp;
+  const TileDims td = tile_dims(a.D);
   const int64_t D = a.D, G = a.H / a.Hkv;
-  T* sQ = dynamic_smem<T>();  // [32][D+1] query rows of the tile
-  T* sG = sQ + kTile * (D + 1);             // [32][D+1] their dO
-  T* sK = sG + kTile * (D + 1);             // [8][D] this block's key rows
-  T* sV = sK + kRows * D;                   // [8][D]
-  T* sL = sV + kRows * D;                   // [32] lse of the tile's rows
-  T* sD = sL + kTile;                       // [32] D_t of the tile's rows
+  T* sQ = dynamic_smem<T>();        // [kTile][ld] query rows of the tile
+  T* sG = sQ + kTile * td.ld;       // [kTile][ld] their dO
+  T* sK = sG + kTile * td.ld;       // [kWarps][R][D4] the block's key rows
+  T* sV = sK + kBlockRows * td.D4;  // [kWarps][R][D4]
+  T* sP = sV + kBlockRows * td.D4;  // [kWarps][kTile][R] p
+  T* sS = sP + kBlockRows * kTile;  // [kWarps][kTile][R] dS
+  T* sL = sS + kBlockRows * kTile;  // [kTile] lse of the tile's rows
+  T* sD = sL + kTile;               // [kTile] D_t of the tile's rows
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t bj = blockIdx.y, b = bj / a.Hkv, j_kv = bj % a.Hkv;
-  const int64_t s = (int64_t)blockIdx.x * kRows + warp;
-  const bool active = s < a.S;
-  if (active)
-    for (int64_t d = lane; d < D; d += 32) {
-      sK[warp * D + d] = k[(bj * a.S + s) * D + d];
-      sV[warp * D + d] = v[(bj * a.S + s) * D + d];
-    }
-  T dk[DPL], dv[DPL];
+  const int64_t k0 = (int64_t)blockIdx.x * kBlockRows + warp * R;  // this warp's first key row
+  T* wK = sK + warp * R * td.D4;
+  T* wV = sV + warp * R * td.D4;
+  T* wP = sP + warp * kTile * R;
+  T* wS = sS + warp * kTile * R;
+  load_warp_rows(k + bj * a.S * D, k0, a.S, td, wK);
+  load_warp_rows(v + bj * a.S * D, k0, a.S, td, wV);
+  T dk[R][DPL], dv[R][DPL];
 #pragma unroll
-  for (int i = 0; i < DPL; ++i) dk[i] = dv[i] = T(0);
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) dk[r][i] = dv[r][i] = T(0);
   // Causal: query row t sees key s iff t >= s - (S - T), so the tiles before the first row that sees this
   // block's first key hold only zeros of P and dS; starting at that row's tile skips about half of the work at
   // T = S. Block-uniform, so the barriers inside the loop stay matched.
-  const int64_t first_seer = (int64_t)blockIdx.x * kRows - (a.S - a.T);
+  const int64_t first_seer = (int64_t)blockIdx.x * kBlockRows - (a.S - a.T);
   const int64_t first_row = causal && first_seer > 0 ? first_seer : 0;
   const int64_t t_begin = first_row - first_row % kTile;
   for (int64_t gi = 0; gi < G; ++gi) {
@@ -248,44 +355,51 @@ __global__ void flash_backward_dkv(const T* g, const T* q, const T* k, const T* 
     const T* M = mask_block(mask, a, b, h);
     for (int64_t t0 = t_begin; t0 < a.T; t0 += kTile) {
       __syncthreads();
-      load_tile(q + bh * a.T * D, t0, a.T, D, sQ);
-      load_tile(g + bh * a.T * D, t0, a.T, D, sG);
+      load_tile(q + bh * a.T * D, t0, a.T, td, sQ);
+      load_tile(g + bh * a.T * D, t0, a.T, td, sG);
       if (threadIdx.x < kTile) {
-        int64_t t = t0 + threadIdx.x;
+        const int64_t t = t0 + threadIdx.x;
         sL[threadIdx.x] = t < a.T ? lse[bh * a.T + t] : -d_inf<T>();
         sD[threadIdx.x] = t < a.T ? Dt[bh * a.T + t] : T(0);
       }
       __syncthreads();
-      if (!active) continue;
+      // None of this warp's keys is seen by a row of the tile (warp-uniform): the last row sees the most.
+      if (k0 >= visible_keys(a, causal, min(a.T - 1, t0 + kTile - 1))) continue;
       const int64_t t = t0 + lane;
-      T p = T(0), ds = T(0);
-      if (t < a.T && s < visible_keys(a, causal, t) && sL[lane] != -d_inf<T>()) {
-        T score = scale * dot_row(sQ + lane * (D + 1), sK + warp * D, D);
-        if (M) score += M[t * a.S + s];
-        p = d_exp(score - sL[lane]);
-        const T dp = dot_row(sG + lane * (D + 1), sV + warp * D, D);
-        ds = p * (dp - sD[lane]);
-      }
-      for (int jj = 0; jj < kTile; ++jj) {
-        const T pj = __shfl_sync(0xffffffffu, p, jj), dsj = __shfl_sync(0xffffffffu, ds, jj);
+      const bool row_live = t < a.T && sL[lane] != -d_inf<T>();
+      const int64_t row_vis = row_live ? visible_keys(a, causal, t) : 0;
+      T qk[R], gv_dot[R];
+      dot_rows(sQ + lane * td.ld, wK, td.D4, qk);
+      dot_rows(sG + lane * td.ld, wV, td.D4, gv_dot);
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) {
-          int64_t d = lane + 32 * i;
-          if (d < D) {
-            dv[i] += pj * sG[jj * (D + 1) + d];
-            dk[i] += dsj * sQ[jj * (D + 1) + d];
-          }
+      for (int r = 0; r < R; ++r) {
+        const int64_t s = k0 + r;
+        T p = T(0), ds = T(0);
+        if (s < row_vis) {
+          const T score = scale * qk[r] + (M ? M[t * a.S + s] : T(0));
+          p = d_exp(score - sL[lane]);
+          ds = p * (gv_dot[r] - sD[lane]);
         }
+        wP[lane * R + r] = p;
+        wS[lane * R + r] = ds;
       }
+      __syncwarp();
+      accumulate_rows(wP, sG, td, dv);
+      accumulate_rows(wS, sQ, td, dk);
+      __syncwarp();
     }
   }
-  if (!active) return;
 #pragma unroll
-  for (int i = 0; i < DPL; ++i) {
-    int64_t d = lane + 32 * i;
-    if (d >= D) continue;
-    if (gk) gk[(bj * a.S + s) * D + d] = scale * dk[i];
-    if (gv) gv[(bj * a.S + s) * D + d] = dv[i];
+  for (int r = 0; r < R; ++r) {
+    const int64_t s = k0 + r;
+    if (s >= a.S) continue;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+      const int64_t d = lane + 32 * i;
+      if (d >= D) continue;
+      if (gk) gk[(bj * a.S + s) * D + d] = scale * dk[r][i];
+      if (gv) gv[(bj * a.S + s) * D + d] = dv[r][i];
+    }
   }
 }
 
@@ -349,12 +463,13 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   if (a.B * a.H * a.T == 0) return;
   dispatch_float(q.dtype(), "cuda attention", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
-    size_t smem = (2 * kTile * (a.D + 1) + kRows * a.D) * sizeof(T);
-    dim3 grid((unsigned)((a.T + kRows - 1) / kRows), (unsigned)(a.B * a.H));
+    const TileDims td = tile_dims(a.D);  // the kernel's shared arrays: K, V tiles; Q rows; P
+    size_t smem = (2 * kTile * td.ld + kBlockRows * td.D4 + kBlockRows * kTile) * sizeof(T);
+    dim3 grid((unsigned)((a.T + kBlockRows - 1) / kBlockRows), (unsigned)(a.B * a.H));
     with_dpl<T>(a.D, [&](auto dpl) {
       auto kernel = flash_forward<T, decltype(dpl)::value>;
       allow_smem(kernel, smem);
-      kernel<<<grid, kRows * 32, smem, stream()>>>(q.data<T>(), k.data<T>(), v.data<T>(), ptr_or_null<T>(mask), a,
+      kernel<<<grid, kWarps * 32, smem, stream()>>>(q.data<T>(), k.data<T>(), v.data<T>(), ptr_or_null<T>(mask), a,
                                                    causal, (T)scale, out.data<T>(), lse.data<T>());
       cudaCheckLaunch();
     });
@@ -375,24 +490,26 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
           <<<blocks_for(rows * 32), kThreads, 0, stream()>>>(gout.data<T>(), out.data<T>(), rows, a.D, Dt.data<T>());
       cudaCheckLaunch();
     }
+    const TileDims td = tile_dims(a.D);
     with_dpl<T>(a.D, [&](auto dpl) {
       constexpr int DPL = decltype(dpl)::value;
       if (gq.defined() && rows > 0) {
-        size_t smem = (2 * kTile * (a.D + 1) + 2 * kRows * a.D) * sizeof(T);
+        size_t smem = (2 * kTile * td.ld + 2 * kBlockRows * td.D4 + kBlockRows * kTile) * sizeof(T);  // K, V; Q, dO; dS
         auto kernel = flash_backward_dq<T, DPL>;
         allow_smem(kernel, smem);
-        dim3 grid((unsigned)((a.T + kRows - 1) / kRows), (unsigned)(a.B * a.H));
-        kernel<<<grid, kRows * 32, smem, stream()>>>(gout.data<T>(), q.data<T>(), k.data<T>(), v.data<T>(),
+        dim3 grid((unsigned)((a.T + kBlockRows - 1) / kBlockRows), (unsigned)(a.B * a.H));
+        kernel<<<grid, kWarps * 32, smem, stream()>>>(gout.data<T>(), q.data<T>(), k.data<T>(), v.data<T>(),
                                                      lse.data<T>(), Dt.data<T>(), ptr_or_null<T>(mask), a, causal,
                                                      (T)scale, gq.data<T>());
         cudaCheckLaunch();
       }
       if ((gk.defined() || gv.defined()) && a.B * a.Hkv * a.S > 0) {
-        size_t smem = (2 * kTile * (a.D + 1) + 2 * kRows * a.D + 2 * kTile) * sizeof(T);
+        // Q, dO tiles; K, V rows; P, dS; lse, D_t
+        size_t smem = (2 * kTile * td.ld + 2 * kBlockRows * td.D4 + 2 * kBlockRows * kTile + 2 * kTile) * sizeof(T);
         auto kernel = flash_backward_dkv<T, DPL>;
         allow_smem(kernel, smem);
-        dim3 grid((unsigned)((a.S + kRows - 1) / kRows), (unsigned)(a.B * a.Hkv));
-        kernel<<<grid, kRows * 32, smem, stream()>>>(gout.data<T>(), q.data<T>(), k.data<T>(), v.data<T>(),
+        dim3 grid((unsigned)((a.S + kBlockRows - 1) / kBlockRows), (unsigned)(a.B * a.Hkv));
+        kernel<<<grid, kWarps * 32, smem, stream()>>>(gout.data<T>(), q.data<T>(), k.data<T>(), v.data<T>(),
                                                      lse.data<T>(), Dt.data<T>(), ptr_or_null<T>(mask), a, causal,
                                                      (T)scale, mut_or_null<T>(gk), mut_or_null<T>(gv));
         cudaCheckLaunch();
