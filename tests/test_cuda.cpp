@@ -313,10 +313,11 @@ TEST(CudaGemm, OwnSgemmMatchesCublasOnEveryLayoutAndEdge) {
     int64_t M, N, K, pad;  // pad > 0 makes every leading dim longer than needed
   };
   // The float4 path needs every leading dim a multiple of 4: {132, 260, 20} and {4, 4, 4} take it with edge
-  // tiles in M and N, a partial last K tile and K < 8; {100, 136, 44, 4} with padded leading dims.
+  // tiles in M and N, a partial last K tile and K < 8; {100, 136, 44, 4} with padded leading dims. Long K over
+  // few output tiles takes split-K: {40, 72, 3001} (slices with a partial last one), {64, 132, 2048, 4} (float4).
   for (Size sz : std::vector<Size>{{1, 1, 1, 0}, {17, 33, 9, 0}, {128, 128, 8, 0}, {130, 67, 259, 0},
                                    {256, 512, 64, 0}, {97, 131, 45, 3}, {300, 200, 100, 1}, {132, 260, 20, 0},
-                                   {4, 4, 4, 0}, {100, 136, 44, 4}}) {
+                                   {4, 4, 4, 0}, {100, 136, 44, 4}, {40, 72, 3001, 0}, {64, 132, 2048, 4}}) {
     for (int layout = 0; layout < 4; ++layout) {
       bool ta = layout & 1, tb = layout & 2;
       for (float beta : {0.0f, 0.5f}) {
@@ -329,7 +330,9 @@ TEST(CudaGemm, OwnSgemmMatchesCublasOnEveryLayoutAndEdge) {
                     ldb, 0, beta, want.data<float>(), ldc, 0, 1);
         cuda::sgemm(cuda::GemmImpl::own, ta, tb, sz.M, sz.N, sz.K, 1.5f, a.data<float>(), lda, 0, b.data<float>(), ldb,
                     0, beta, got.data<float>(), ldc, 0, 1);
-        EXPECT_EQ(compare(want.to(Device::cpu), got, 5e-5), "")
+        // fp32 rounding grows like sqrt(K), and the normalised error is per element (large near zero crossings).
+        double tol = 5e-5 * std::max(1.0, std::sqrt(sz.K / 256.0));
+        EXPECT_EQ(compare(want.to(Device::cpu), got, tol), "")
             << "own sgemm M=" << sz.M << " N=" << sz.N << " K=" << sz.K << " pad=" << sz.pad << " ta=" << ta
             << " tb=" << tb << " beta=" << beta;
       }

@@ -24,6 +24,10 @@
 //  6. Double buffering: two shared tiles; the global loads of the next K tile go into registers before the
 //     current tile's FMAs and into the other shared tile after them, so their latency hides behind the math
 //     and each K tile needs one barrier instead of two.
+//  7. Split-K: when M and N give fewer output tiles than twice the SM count but K is long (the weight gradient
+//     dW = Xᵀ·dY, K = tokens), blockIdx.z takes a slice of K and the block writes its partial tile to a
+//     workspace [splits][M][N]; a second kernel adds the slices in order (deterministic, no atomics) and applies
+//     alpha and beta. Without it such a product runs on a handful of SMs.
 // Next steps for speed (not done here): BK = 16 and swizzled stores of the transposed A tile.
 #include <vector>
 
@@ -104,14 +108,19 @@ __device__ __forceinline__ void store_tile(bool ta, bool tb, const TileRegs& r, 
   }
 }
 
+// Block (x, y, z) computes the BM×BN tile (y, x) of C over the K slice [z·k_slice, (z + 1)·k_slice); slice z
+// writes at C + z·c_slice_stride (0 without split-K, where gridDim.z = 1).
 template <bool VEC>
-__global__ void __launch_bounds__(kGemmThreads) sgemm_kernel(bool ta, bool tb, int M, int N, int K, float alpha,
-                                                              const float* __restrict__ A, int lda,
+__global__ void __launch_bounds__(kGemmThreads) sgemm_kernel(bool ta, bool tb, int M, int N, int K, int k_slice,
+                                                              float alpha, const float* __restrict__ A, int lda,
                                                               const float* __restrict__ B, int ldb, float beta,
-                                                              float* __restrict__ C, int ldc) {
+                                                              float* __restrict__ C, int ldc,
+                                                              int64_t c_slice_stride) {
   __shared__ __align__(16) float As[2][BK][BM];
   __shared__ __align__(16) float Bs[2][BK][BN];
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int k_begin = blockIdx.z * k_slice, k_end = min(K, k_begin + k_slice);
+  C += blockIdx.z * c_slice_stride;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp / 4, wn = warp % 4;            // 2×4 warps, each a 64×32 tile
   const int lane_m = lane / 4, lane_n = lane % 4;    // 8×4 lanes, each 8×8 outputs
@@ -126,14 +135,16 @@ __global__ void __launch_bounds__(kGemmThreads) sgemm_kernel(bool ta, bool tb, i
   // Double buffering: tile t is multiplied from buffer t % 2 while tile t + 1 travels from global memory into
   // registers; it is stored into the other buffer afterwards. That buffer was last read in iteration t - 1,
   // which every thread finished at the barrier closing it, so one barrier per tile suffices.
-  const int tiles = (K + BK - 1) / BK;
-  if (tiles > 0) store_tile(ta, tb, fetch_tile<VEC>(ta, tb, M, N, K, A, lda, B, ldb, m0, n0, 0), As[0], Bs[0]);
+  // fetch_tile zero-fills past its K argument, so passing k_end keeps each slice to its own part of K.
+  const int tiles = (k_end - k_begin + BK - 1) / BK;
+  if (tiles > 0)
+    store_tile(ta, tb, fetch_tile<VEC>(ta, tb, M, N, k_end, A, lda, B, ldb, m0, n0, k_begin), As[0], Bs[0]);
   __syncthreads();
   for (int tile = 0; tile < tiles; ++tile) {
     const int cur = tile & 1;
     const bool more = tile + 1 < tiles;
     TileRegs next;
-    if (more) next = fetch_tile<VEC>(ta, tb, M, N, K, A, lda, B, ldb, m0, n0, (tile + 1) * BK);
+    if (more) next = fetch_tile<VEC>(ta, tb, M, N, k_end, A, lda, B, ldb, m0, n0, k_begin + (tile + 1) * BK);
 #pragma unroll
     for (int k = 0; k < BK; ++k) {
       float a[8], b[8];
@@ -180,7 +191,35 @@ __global__ void __launch_bounds__(kGemmThreads) sgemm_kernel(bool ta, bool tb, i
   }
 }
 
+// C = alpha·Σ_z part[z] + beta·C, the slices added in order.
+__global__ void sum_k_slices(const float* part, int slices, int M, int N, float alpha, float beta, float* C, int ldc) {
+  const int64_t MN = (int64_t)M * N;
+  CUDA_LOOP(e, MN) {
+    float s = 0.f;
+    for (int z = 0; z < slices; ++z) s += part[z * MN + e];
+    float* out = C + e / N * ldc + e % N;
+    *out = beta != 0.f ? alpha * s + beta * *out : alpha * s;
+  }
+}
+
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+int sm_count() {
+  static int n = [] {
+    cudaDeviceProp p;
+    cudaCheck(cudaGetDeviceProperties(&p, 0));
+    return p.multiProcessorCount;
+  }();
+  return n;
+}
+
+// How many K slices: enough blocks for two waves over the SMs, each slice at least kMinSlice long.
+constexpr int64_t kMinSlice = 256;
+int64_t k_slices(int64_t M, int64_t N, int64_t K) {
+  int64_t tiles = ((M + BM - 1) / BM) * ((N + BN - 1) / BN);
+  int64_t want = (2 * sm_count() + tiles - 1) / tiles;
+  return std::max<int64_t>(1, std::min(want, K / kMinSlice));
+}
 
 // Fills p[0..n) with a fixed pseudo-random pattern in [-1, 1) (benchmark inputs).
 __global__ void fill_pattern(float* p, int64_t n, uint32_t seed) {
@@ -200,15 +239,34 @@ void own_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, c
                 ldc < (1LL << 31),
             "own_sgemm: sizes [", M, ",", N, ",", K, "] exceed int");
   PSA_CHECK((N + BN - 1) / BN <= 0x7fffffff && (M + BM - 1) / BM <= 65535, "own_sgemm: M = ", M, " too large");
-  dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)((M + BM - 1) / BM));
-  bool vec = lda % 4 == 0 && ldb % 4 == 0 && ldc % 4 == 0 && aligned16(A) && aligned16(B) && aligned16(C);
+  int64_t slices = k_slices(M, N, K);
+  // A slice length that is a multiple of BK keeps every slice's K offset 16-byte aligned for the float4 loads.
+  int64_t k_slice = slices == 1 ? std::max<int64_t>(K, 1) : ((K + slices - 1) / slices + BK - 1) / BK * BK;
+  slices = slices == 1 ? 1 : (K + k_slice - 1) / k_slice;
+  Tensor part;  // split-K: the slices' partial products [slices][M][N]
+  float* out = C;
+  int64_t out_ld = ldc, slice_stride = 0;
+  float out_alpha = alpha, out_beta = beta;
+  if (slices > 1) {
+    part = Tensor::empty({slices * M * N}, DType::f32, Device::cuda);
+    out = part.data<float>(), out_ld = N, slice_stride = M * N, out_alpha = 1.f, out_beta = 0.f;
+  }
+  dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)((M + BM - 1) / BM), (unsigned)slices);
+  bool vec = lda % 4 == 0 && ldb % 4 == 0 && out_ld % 4 == 0 && aligned16(A) && aligned16(B) && aligned16(out);
   if (vec)
-    sgemm_kernel<true><<<grid, kGemmThreads, 0, stream()>>>(ta, tb, (int)M, (int)N, (int)K, alpha, A, (int)lda, B,
-                                                            (int)ldb, beta, C, (int)ldc);
+    sgemm_kernel<true><<<grid, kGemmThreads, 0, stream()>>>(ta, tb, (int)M, (int)N, (int)K, (int)k_slice, out_alpha,
+                                                            A, (int)lda, B, (int)ldb, out_beta, out, (int)out_ld,
+                                                            slice_stride);
   else
-    sgemm_kernel<false><<<grid, kGemmThreads, 0, stream()>>>(ta, tb, (int)M, (int)N, (int)K, alpha, A, (int)lda, B,
-                                                             (int)ldb, beta, C, (int)ldc);
+    sgemm_kernel<false><<<grid, kGemmThreads, 0, stream()>>>(ta, tb, (int)M, (int)N, (int)K, (int)k_slice, out_alpha,
+                                                             A, (int)lda, B, (int)ldb, out_beta, out, (int)out_ld,
+                                                             slice_stride);
   cudaCheckLaunch();
+  if (slices > 1) {
+    sum_k_slices<<<blocks_for(M * N), kThreads, 0, stream()>>>(part.data<float>(), (int)slices, (int)M, (int)N, alpha,
+                                                              beta, C, (int)ldc);
+    cudaCheckLaunch();
+  }
 }
 
 GemmTiming time_sgemm(GemmImpl impl, int64_t n, int reps) {

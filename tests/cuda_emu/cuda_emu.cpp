@@ -299,7 +299,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
   p->sharedMemPerBlock = kDefaultSmemLimit;
   p->sharedMemPerBlockOptin = kOptinSmemLimit;
   p->l2CacheSize = 50 << 20;
-  p->major = 9, p->minor = 0, p->multiProcessorCount = 1, p->maxThreadsPerBlock = 1024, p->warpSize = 32;
+  p->major = 9, p->minor = 0, p->multiProcessorCount = 132, p->maxThreadsPerBlock = 1024, p->warpSize = 32;
   return cudaSuccess;
 }
 const char* cudaGetErrorString(cudaError_t e) {
