@@ -92,7 +92,6 @@ struct Block {
   std::vector<uint64_t> slots;
   Context scheduler;
   int current = 0;
-  dim3 dim;
   const std::function<void()>* body = nullptr;
 };
 
