@@ -51,14 +51,13 @@ TEST(CudaEmu, AMissingBarrierShowsInTheResult) {
 }
 
 void shuffles(const int* in, int* out) {
-  const int lane = threadIdx.x % 32, w = threadIdx.x / 32, v = in[threadIdx.x];
+  const int w = threadIdx.x / 32, v = in[threadIdx.x];
   int sum = v;
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   out[4 * threadIdx.x + 0] = sum;
   out[4 * threadIdx.x + 1] = __shfl_sync(0xffffffffu, v, 5);            // broadcast of lane 5
   out[4 * threadIdx.x + 2] = __shfl_down_sync(0xffffffffu, v, 3);       // lanes 29..31 keep their own
   out[4 * threadIdx.x + 3] = __shfl_xor_sync(0xffffffffu, v, 1, 8) + w;  // width 8: pairs inside groups of 8
-  (void)lane;
 }
 
 TEST(CudaEmu, ShufflesMoveValuesAsCudaDoes) {

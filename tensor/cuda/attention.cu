@@ -143,6 +143,22 @@ __device__ __forceinline__ void accumulate_rows(const T* coef, const T* tile, Ti
   }
 }
 
+// The warp writes scale·acc as its R rows [r0, r0 + R) of a [rows, D] matrix (rows past `rows` are dropped).
+template <typename T, int DPL>
+__device__ __forceinline__ void store_warp_rows(const T (&acc)[kRowsPerWarp][DPL], T scale, int64_t r0, int64_t rows,
+                                                int64_t D, T* dst) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    if (r0 + r >= rows) continue;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+      const int64_t d = lane + 32 * i;
+      if (d < D) dst[(r0 + r) * D + d] = scale * acc[r][i];
+    }
+  }
+}
+
 // Forward: the warp keeps the online-softmax state of each of its query rows (running max m, this lane's part
 // of the sum l, the output row spread over lanes) and rescales it by exp(m_old - m_new) per key tile; p is the
 // coefficient of the P·V product. Saves lse = m + log l per row.
@@ -209,17 +225,13 @@ __global__ void __launch_bounds__(kWarps * 32) flash_forward(const T* q, const T
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const T l_row = warp_sum(l[r]);
-    const int64_t t = t0 + r;
-    if (t >= a.T) continue;
     const bool empty = l_row == T(0) || m[r] == -d_inf<T>();
     const T inv = empty ? T(0) : T(1) / l_row;
 #pragma unroll
-    for (int i = 0; i < DPL; ++i) {
-      const int64_t d = lane + 32 * i;
-      if (d < D) out[(bh * a.T + t) * D + d] = o[r][i] * inv;
-    }
-    if (lane == 0) lse[bh * a.T + t] = empty ? -d_inf<T>() : m[r] + d_log(l_row);
+    for (int i = 0; i < DPL; ++i) o[r][i] *= inv;
+    if (lane == 0 && t0 + r < a.T) lse[bh * a.T + t0 + r] = empty ? -d_inf<T>() : m[r] + d_log(l_row);
   }
+  store_warp_rows(o, T(1), t0, a.T, D, out + bh * a.T * D);
 }
 
 // D_t = Σ_d dO[t, d]·O[t, d], one warp per row.
@@ -300,17 +312,7 @@ __global__ void __launch_bounds__(kWarps * 32) flash_backward_dq(const T* g, con
     accumulate_rows(wS, sK, td, dq);
     __syncwarp();
   }
-  if (!gq) return;
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int64_t t = t0 + r;
-    if (t >= a.T) continue;
-#pragma unroll
-    for (int i = 0; i < DPL; ++i) {
-      const int64_t d = lane + 32 * i;
-      if (d < D) gq[(bh * a.T + t) * D + d] = scale * dq[r][i];
-    }
-  }
+  if (gq) store_warp_rows(dq, scale, t0, a.T, D, gq + bh * a.T * D);
 }
 
 // dK, dV: the warp's key rows of one (b, kv head) against tiles of query rows (with their dO, lse and D_t), for
@@ -389,18 +391,8 @@ __global__ void __launch_bounds__(kWarps * 32) flash_backward_dkv(const T* g, co
       __syncwarp();
     }
   }
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int64_t s = k0 + r;
-    if (s >= a.S) continue;
-#pragma unroll
-    for (int i = 0; i < DPL; ++i) {
-      const int64_t d = lane + 32 * i;
-      if (d >= D) continue;
-      if (gk) gk[(bj * a.S + s) * D + d] = scale * dk[r][i];
-      if (gv) gv[(bj * a.S + s) * D + d] = dv[r][i];
-    }
-  }
+  if (gk) store_warp_rows(dk, scale, k0, a.S, D, gk + bj * a.S * D);
+  if (gv) store_warp_rows(dv, T(1), k0, a.S, D, gv + bj * a.S * D);
 }
 
 AttnShape shape_of(const Tensor& q, const Tensor& k, const Tensor& mask) {

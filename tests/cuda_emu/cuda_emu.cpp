@@ -221,10 +221,7 @@ Problem launch_problem(const void* kernel, const Config& c) {
 void set_max_dynamic_smem(const void* kernel, int bytes) { g_smem_optin[kernel] = bytes; }
 unsigned char* dynamic_smem() { return g_smem; }
 void block_barrier() { wait_at(Wait::block); }
-int lane_id() {
-  const uint3& t = threadIdx;
-  return int((t.x + t.y * blockDim.x + t.z * blockDim.x * blockDim.y) % 32);
-}
+int lane_id() { return g_block.current % 32; }  // current: the running thread's linear index in the block
 uint64_t* next_shuffle_slots() {
   Fiber& f = g_block.fibers[g_block.current];
   size_t bank = f.shuffles++ & 1;
