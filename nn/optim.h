@@ -99,10 +99,9 @@ class SGD : public Optimizer {
 // torch.nn.utils.clip_grad_norm_: the L2 norm of all gradients together (accumulated in double, in the order of
 // `params`, so the same on any thread count); when max_norm / (norm + 1e-6) < 1 every gradient is multiplied by
 // it. Returns the norm before clipping. A non-finite norm leaves the gradients alone (torch would fill them with
-// NaN or zeros): the caller sees it in the result and skips the update.
+// NaN or zeros): the caller sees it in the result and skips the update. The norm is non-finite exactly when some
+// gradient holds a NaN or an infinity (a float squared cannot overflow a double), so it doubles as that check.
 double clip_grad_norm(const std::vector<ParamRef>& params, double max_norm);
-// False when any gradient holds a NaN or an infinity.
-bool grads_finite(const std::vector<ParamRef>& params);
 
 // Learning-rate schedules of transformers.get_{constant,linear,cosine}_schedule_with_warmup: linear warmup
 // lr = peak·step/warmup for step < warmup_steps, then

@@ -223,7 +223,9 @@ StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o) {
     opt.zero_grad();
     out.loss.backward();
     double loss = out.loss.item();
-    if (!std::isfinite(loss) || !nn::grads_finite(params)) {
+    // Clipping leaves non-finite gradients alone and returns a non-finite norm for them: one check for both.
+    double norm = nn::clip_grad_norm(params, o.clip);
+    if (!std::isfinite(loss) || !std::isfinite(norm)) {
       // The batch is consumed and the schedule moves on, so a resumed run skips the same step.
       std::fprintf(stderr, "%s[%s] step %ld: non-finite %s (loss %g), step skipped\n", o.progress ? "\n" : "",
                    o.stage.c_str(), (long)step + 1,
@@ -236,7 +238,6 @@ StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o) {
       continue;
     }
     bad = 0;
-    double norm = nn::clip_grad_norm(params, o.clip);
     opt.update();
     tokens += out.merged_labels.numel();
     r.loss.push_back(loss);

@@ -229,8 +229,8 @@ VisionPretrainResult pretrain_vision(PsaVlm& m, const SceneSource& source, const
     Tensor loss = scene_loss(scene_logits(m, heads, b.pixels, pool), b.targets, lay);
     loss.backward();
     const double value = loss.item();
-    PSA_CHECK(std::isfinite(value) && nn::grads_finite(params), "vision pretraining: non-finite loss at step ", step + 1);
-    nn::clip_grad_norm(params, o.clip);
+    const double norm = nn::clip_grad_norm(params, o.clip);  // non-finite when a gradient is
+    PSA_CHECK(std::isfinite(value) && std::isfinite(norm), "vision pretraining: non-finite loss at step ", step + 1);
     opt.update();
     r.loss.push_back(value);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

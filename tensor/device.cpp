@@ -15,6 +15,7 @@ void free(void*, size_t) {}
 void copy_to_device(void*, const void*, size_t) { no_cuda(); }
 void copy_to_host(void*, const void*, size_t) { no_cuda(); }
 void copy_on_device(void*, const void*, size_t) { no_cuda(); }
+int64_t host_copies() { return 0; }
 void memset_zero(void*, size_t) { no_cuda(); }
 size_t peak_bytes() { return 0; }
 void set_guard_mode(bool) {}

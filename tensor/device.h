@@ -2,6 +2,7 @@
 // CUDA; otherwise tensor/device.cpp provides versions that fail with a clear message.
 #pragma once
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,9 @@ void free(void* p, size_t nbytes);
 void copy_to_device(void* dst, const void* src, size_t nbytes);
 void copy_to_host(void* dst, const void* src, size_t nbytes);
 void copy_on_device(void* dst, const void* src, size_t nbytes);
+// Device-to-host copies so far. Each one waits for the stream to drain, which leaves the GPU idle until the host
+// queues more work: `psa bench-step` reports them per step.
+int64_t host_copies();
 void memset_zero(void* p, size_t nbytes);
 size_t peak_bytes();
 // Tests: guard mode gives every new allocation guard bytes on both sides and a 0xFF-filled (NaN) body;

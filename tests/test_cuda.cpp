@@ -271,7 +271,8 @@ TEST(CudaParity, TrainingReductionsAreBitwiseReproducible) {
   double l1 = cross_entropy(logits, targets).item(), l2 = cross_entropy(logits, targets).item();
   EXPECT_EQ(l1, l2) << "cross_entropy loss differs run to run";
   Tensor g = randn({1 << 20}, 6).to(Device::cuda);
-  EXPECT_EQ(PSA_KERNEL(Device::cuda, sum_squares)(g), PSA_KERNEL(Device::cuda, sum_squares)(g));
+  const std::vector<Tensor> gs{g};
+  EXPECT_EQ(PSA_KERNEL(Device::cuda, sum_squares)(gs), PSA_KERNEL(Device::cuda, sum_squares)(gs));
 }
 
 TEST(CudaParity, OptimizerKernelsMatchCpu) {
@@ -292,14 +293,18 @@ TEST(CudaParity, OptimizerKernelsMatchCpu) {
   PSA_KERNEL(Device::cuda, sgd_step)(dev[0], dev[1], b_dev, sc);
   EXPECT_EQ(compare(host[0], dev[0], 1e-6), "") << "sgd p";
   EXPECT_EQ(compare(b_host, b_dev, 1e-6), "") << "sgd momentum buffer";
-  EXPECT_NEAR(PSA_KERNEL(Device::cuda, sum_squares)(dev[1]), cpu::sum_squares(host[1]), 1e-9 * cpu::sum_squares(host[1]));
+  // Several tensors in one call, an empty one among them; the sum in the CPU kernel's order.
+  Tensor empty_host = Tensor::zeros({0}), empty_dev = empty_host.to(Device::cuda);
+  const double want = cpu::sum_squares({host[1], empty_host, host[2]});
+  EXPECT_NEAR(PSA_KERNEL(Device::cuda, sum_squares)(std::vector<Tensor>{dev[1], empty_dev, dev[2]}), want, 1e-9 * want);
+  EXPECT_EQ(PSA_KERNEL(Device::cuda, sum_squares)(std::vector<Tensor>{}), 0.0);
   PSA_KERNEL(Device::cuda, scale_in_place)(dev[1], 0.25);
   cpu::scale_in_place(host[1], 0.25);
   EXPECT_EQ(compare(host[1], dev[1], 0), "") << "scale_in_place";
-  EXPECT_TRUE(PSA_KERNEL(Device::cuda, all_finite)(dev[1]));
   std::vector<float> bad = g.vec<float>();
   bad[777] = INFINITY;
-  EXPECT_FALSE(PSA_KERNEL(Device::cuda, all_finite)(Tensor::from(bad, s).to(Device::cuda)));
+  const std::vector<Tensor> with_inf{dev[2], Tensor::from(bad, s).to(Device::cuda)};
+  EXPECT_TRUE(std::isinf(PSA_KERNEL(Device::cuda, sum_squares)(with_inf)));
   for (const std::string& e : gpu::check_guards()) ADD_FAILURE() << "optimizer kernels: guard bytes: " << e;
 }
 

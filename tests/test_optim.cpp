@@ -5,6 +5,7 @@
 #include "test_util.h"
 #include <omp.h>
 
+#include <cfloat>
 #include <cmath>
 #include <random>
 
@@ -208,12 +209,12 @@ TEST(Optim, GradNormIsExactAndIndependentOfThreadCount) {
 TEST(Optim, NonFiniteGradientsAreReportedAndLeftAlone) {
   Tensor a = param({0, 0, 0}, DType::f32);
   std::vector<ParamRef> ps = {{"a", a}};
-  a.set_grad(Tensor::from(std::vector<double>{1, 2, 3}, {3}));
-  EXPECT_TRUE(grads_finite(ps));
+  // The largest finite gradients still give a finite norm: the check cannot mistake overflow for a bad value.
+  a.set_grad(Tensor::from(std::vector<double>{FLT_MAX, -FLT_MAX, FLT_MAX}, {3}));
+  EXPECT_TRUE(std::isfinite(clip_grad_norm(ps, 1.0)));
   for (double bad : {NAN, INFINITY, -INFINITY}) {
     a.set_grad(Tensor::from(std::vector<double>{1, bad, 3}, {3}));
-    EXPECT_FALSE(grads_finite(ps)) << bad;
-    EXPECT_FALSE(std::isfinite(clip_grad_norm(ps, 1.0)));
+    EXPECT_FALSE(std::isfinite(clip_grad_norm(ps, 1.0))) << bad;
     EXPECT_EQ(a.grad().to_vector()[0], 1.0);  // not scaled to NaN or 0
   }
 }

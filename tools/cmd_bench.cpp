@@ -75,6 +75,7 @@ struct StepTiming {
   std::vector<double> ms;  // one per timed step
   double median_ms = 0, tokens_per_step = 0;
   double flops_per_step = 0;          // GEMM-class, counted over the timed steps (tensor/profile.h)
+  double host_copies_per_step = 0;    // GPU: device-to-host copies, each a wait for the device (gpu::host_copies)
   std::vector<profile::Row> kernels;  // with --profile: summed over the timed steps
   double tokens_per_s() const { return tokens_per_step / (median_ms / 1000); }
   double achieved_gflops() const { return flops_per_step / (median_ms * 1e-3) * 1e-9; }
@@ -156,8 +157,9 @@ StepTiming time_steps(Trainer& t, const StepSpec& s, int64_t batch, int64_t text
   StepTiming r;
   r.tokens_per_step = double(batch * t.model->config.merged_length(text));
   double flops_at_warmup_end = 0;  // set when the first timed step starts
+  int64_t copies_at_warmup_end = 0;
   for (int64_t i = 0; i < s.warmup + s.steps; ++i) {
-    if (i == s.warmup) flops_at_warmup_end = profile::flops();
+    if (i == s.warmup) flops_at_warmup_end = profile::flops(), copies_at_warmup_end = gpu::host_copies();
     if (profile_kernels && i == s.warmup) profile::start(s.device == Device::cuda ? wait_for_gpu : nullptr);
     auto t0 = std::chrono::steady_clock::now();
     double loss = train_step(t, b);
@@ -168,6 +170,7 @@ StepTiming time_steps(Trainer& t, const StepSpec& s, int64_t batch, int64_t text
   if (profile_kernels) r.kernels = profile::stop();
   r.median_ms = median(r.ms);
   r.flops_per_step = (profile::flops() - flops_at_warmup_end) / s.steps;
+  r.host_copies_per_step = double(gpu::host_copies() - copies_at_warmup_end) / s.steps;
   return r;
 }
 
@@ -175,7 +178,9 @@ StepTiming time_steps(Trainer& t, const StepSpec& s, int64_t batch, int64_t text
 // build cannot measure it.
 std::pair<double, std::string> measured_peak(Device device) {
   if (device == Device::cuda) {
-#ifdef PSA_CUDA
+#if defined(PSA_CUDA_EMU)
+    return {0, "no peak on the CPU emulator of CUDA"};  // its cuBLAS is a double loop: 8192³ would take hours
+#elif defined(PSA_CUDA)
     const int64_t n = 8192;
     cuda::GemmTiming t = cuda::time_sgemm(cuda::GemmImpl::cublas, n, 3);
     return {2.0 * n * n * n / (t.ms * 1e-3) * 1e-9, cuda::tf32() ? "cuBLAS SGEMM 8192², TF32" : "cuBLAS SGEMM 8192², fp32"};
@@ -219,6 +224,7 @@ json::Value timing_json(const StepSpec& s, const Trainer& t, const StepTiming& r
   j.set("mfu", peak.first ? json::Value(r.achieved_gflops() / peak.first) : json::Value());
   j.set("peak_rss_mib", peak_rss_mib());
   if (s.device == Device::cuda) j.set("peak_gpu_gib", gpu::peak_bytes() / 1073741824.0);
+  if (s.device == Device::cuda) j.set("host_copies_per_step", r.host_copies_per_step);
   int64_t trainable = 0;
   for (const auto& p : t.params) trainable += p.param.numel();
   j.set("trainable_parameters", trainable);
@@ -237,7 +243,9 @@ void print_timing(const StepSpec& s, const StepTiming& r, const std::pair<double
               *std::min_element(r.ms.begin(), r.ms.end()), *std::max_element(r.ms.begin(), r.ms.end()),
               r.tokens_per_s(), peak_rss_mib());
   if (s.threads) std::printf(", %ld thread%s", (long)s.threads, s.threads == 1 ? "" : "s");
-  if (s.device == Device::cuda) std::printf(", peak GPU %.2f GiB (caching allocator)", gpu::peak_bytes() / 1073741824.0);
+  if (s.device == Device::cuda)
+    std::printf(", peak GPU %.2f GiB (caching allocator), %.0f device-to-host copies/step",
+                gpu::peak_bytes() / 1073741824.0, r.host_copies_per_step);
   std::printf("\n  %.2f GFLOP/step (matmul, attention, patch_conv), %.1f GFLOP/s", r.flops_per_step * 1e-9,
               r.achieved_gflops());
   if (peak.first)

@@ -72,9 +72,8 @@ struct SgdCoeffs {
 // buf is only read and written when momentum != 0.
 void sgd_step(Tensor& p, const Tensor& g, Tensor& buf, const SgdCoeffs& c);
 
-double sum_squares(const Tensor& x);        // accumulated in double, in a fixed block order
+double sum_squares(const std::vector<Tensor>& xs);  // Σ over xs of Σ x², in double, in a fixed order
 void scale_in_place(Tensor& x, double s);  // x *= s
-bool all_finite(const Tensor& x);           // no NaN and no ±Inf
 
 }  // namespace psa::cpu
 

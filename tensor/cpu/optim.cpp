@@ -78,7 +78,9 @@ void sgd_step(Tensor& p, const Tensor& g, Tensor& buf, const SgdCoeffs& c) {
   });
 }
 
-double sum_squares(const Tensor& x) {
+namespace {
+
+double tensor_sum_squares(const Tensor& x) {
   return dispatch_float(x.dtype(), "sum_squares", [&](auto tag_) {
     using scalar_t = typename decltype(tag_)::type;
     const scalar_t* px = x.data<scalar_t>();
@@ -93,6 +95,14 @@ double sum_squares(const Tensor& x) {
   });
 }
 
+}  // namespace
+
+double sum_squares(const std::vector<Tensor>& xs) {
+  double total = 0;
+  for (const Tensor& x : xs) total += tensor_sum_squares(x);
+  return total;
+}
+
 void scale_in_place(Tensor& x, double s) {
   dispatch_float(x.dtype(), "scale_in_place", [&](auto tag_) {
     using scalar_t = typename decltype(tag_)::type;
@@ -101,18 +111,6 @@ void scale_in_place(Tensor& x, double s) {
     const int64_t n = x.numel();
 #pragma omp parallel for simd if (n > kParallelMin)
     for (int64_t i = 0; i < n; ++i) px[i] *= k;
-  });
-}
-
-bool all_finite(const Tensor& x) {
-  return dispatch_float(x.dtype(), "all_finite", [&](auto tag_) {
-    using scalar_t = typename decltype(tag_)::type;
-    const scalar_t* px = x.data<scalar_t>();
-    const int64_t n = x.numel();
-    int bad = 0;  // no early exit: a branch-free scan vectorises, and a bad gradient is the rare case
-#pragma omp parallel for reduction(| : bad) if (n > kParallelMin)
-    for (int64_t i = 0; i < n; ++i) bad |= !std::isfinite(px[i]);
-    return bad == 0;
   });
 }
 

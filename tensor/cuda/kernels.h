@@ -46,9 +46,10 @@ void matmul(const Tensor& a, const Tensor& b, bool ta, bool tb, int64_t batch, i
 // optim.cu
 void adamw_step(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWCoeffs& c);
 void sgd_step(Tensor& p, const Tensor& g, Tensor& buf, const SgdCoeffs& c);
-double sum_squares(const Tensor& x);  // fixed-order block partials in double, summed in order on the host
+// Fixed-order block partials in double for every tensor, copied to the host in one transfer (one wait for the
+// device per call, not one per tensor) and summed there in order.
+double sum_squares(const std::vector<Tensor>& xs);
 void scale_in_place(Tensor& x, double s);
-bool all_finite(const Tensor& x);
 
 // nn.cu
 void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& out, Tensor& mean, Tensor& rstd);

@@ -1,7 +1,8 @@
 // Fused optimizer kernels (mirrors tensor/cpu/optim.cpp): AdamW and SGD read each parameter, gradient and state
 // once and write them once, one thread per element, arithmetic in the tensor's own type with the scalars folded
-// in double on the host. Global-norm helpers: sum_squares is deterministic, with a fixed grid of blocks that each
-// reduce a fixed slice by a tree into a double partial, and the partials added in order on the host.
+// in double on the host. The global norm: sum_squares is deterministic, with a fixed grid of blocks per tensor that
+// each reduce a fixed slice by a tree into a double partial, all tensors' partials copied back at once and added in
+// order on the host.
 #include <vector>
 
 #include "tensor/cuda/common.cuh"
@@ -54,12 +55,6 @@ __global__ void scale_kernel(T* x, int64_t n, T k) {
   CUDA_LOOP(i, n) x[i] *= k;
 }
 
-// Every thread that sees a non-finite value stores 1: all writers store the same value, so the result is exact.
-template <typename T>
-__global__ void finite_kernel(const T* x, int64_t n, int* bad) {
-  CUDA_LOOP(i, n) if (!d_isfinite(x[i])) *bad = 1;
-}
-
 }  // namespace
 
 void adamw_step(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWCoeffs& c) {
@@ -88,17 +83,27 @@ void sgd_step(Tensor& p, const Tensor& g, Tensor& buf, const SgdCoeffs& c) {
   });
 }
 
-double sum_squares(const Tensor& x) {
-  int64_t n = x.numel();
-  if (n == 0) return 0;
-  Tensor partial = Tensor::empty({kNormBlocks}, DType::f64, Device::cuda);
-  dispatch_float(x.dtype(), "cuda sum_squares", [&](auto tag_) {
-    using T = typename decltype(tag_)::type;
-    sum_squares_kernel<T><<<kNormBlocks, kThreads, 0, stream()>>>(x.data<T>(), n, partial.data<double>());
-    cudaCheckLaunch();
-  });
+double sum_squares(const std::vector<Tensor>& xs) {
+  if (xs.empty()) return 0;
+  // Tensor i's blocks write partial[i][0, kNormBlocks); an empty tensor leaves its zeros.
+  Tensor partial = Tensor::zeros({(int64_t)xs.size() * kNormBlocks}, DType::f64, Device::cuda);
+  for (size_t i = 0; i < xs.size(); ++i) {
+    int64_t n = xs[i].numel();
+    if (n == 0) continue;
+    dispatch_float(xs[i].dtype(), "cuda sum_squares", [&](auto tag_) {
+      using T = typename decltype(tag_)::type;
+      sum_squares_kernel<T><<<kNormBlocks, kThreads, 0, stream()>>>(xs[i].data<T>(), n,
+                                                                    partial.data<double>() + i * kNormBlocks);
+      cudaCheckLaunch();
+    });
+  }
+  const std::vector<double> host = partial.vec<double>();
   double total = 0;
-  for (double s : partial.vec<double>()) total += s;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    double tensor_total = 0;  // per tensor first, as the CPU kernel adds them
+    for (int b = 0; b < kNormBlocks; ++b) tensor_total += host[i * kNormBlocks + b];
+    total += tensor_total;
+  }
   return total;
 }
 
@@ -110,18 +115,6 @@ void scale_in_place(Tensor& x, double s) {
     scale_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(x.data<T>(), n, T(s));
     cudaCheckLaunch();
   });
-}
-
-bool all_finite(const Tensor& x) {
-  int64_t n = x.numel();
-  if (n == 0) return true;
-  Tensor flag = Tensor::zeros({1}, DType::i32, Device::cuda);
-  dispatch_float(x.dtype(), "cuda all_finite", [&](auto tag_) {
-    using T = typename decltype(tag_)::type;
-    finite_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(x.data<T>(), n, flag.data<int32_t>());
-    cudaCheckLaunch();
-  });
-  return flag.vec<int32_t>()[0] == 0;
 }
 
 }  // namespace psa::cuda

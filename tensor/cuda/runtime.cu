@@ -8,6 +8,7 @@
 // the guards are verified when the block is freed and by check_guards(), catching out-of-bounds writes.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdio>
 #include <map>
 #include <mutex>
@@ -207,10 +208,15 @@ void free(void* p, size_t nbytes) {
 void copy_to_device(void* dst, const void* src, size_t n) {
   cudaCheck(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, t_current_stream));
 }
+namespace {
+std::atomic<int64_t> g_host_copies{0};
+}  // namespace
 void copy_to_host(void* dst, const void* src, size_t n) {
   cudaCheck(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, t_current_stream));
   cudaCheck(cudaStreamSynchronize(t_current_stream));
+  ++g_host_copies;
 }
+int64_t host_copies() { return g_host_copies; }
 void copy_on_device(void* dst, const void* src, size_t n) {
   cudaCheck(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, t_current_stream));
 }
