@@ -32,12 +32,28 @@ bool is_registered_op(const char* name) {
   return names.count(name) > 0;
 }
 
-Tensor record(const char* op, Tensor out, std::vector<Tensor> inputs, BackwardFn backward) {
+namespace {
+
+std::vector<Edge> edges_to(const std::vector<Tensor>& inputs) {
+  std::vector<Edge> edges(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const Tensor& t = inputs[i];
+    if (!t.defined() || !t.requires_grad()) continue;
+    edges[i].shape = t.shape();
+    if (t.impl()->grad_fn) edges[i].producer = t.impl()->grad_fn;
+    else edges[i].leaf = t.impl_ptr();
+  }
+  return edges;
+}
+
+}  // namespace
+
+Tensor record(const char* op, Tensor out, const std::vector<Tensor>& inputs, BackwardFn backward) {
   if (!g_grad_enabled || !any_requires_grad(inputs)) return out;
   PSA_CHECK(is_registered_op(op), "internal: op '", op, "' is not in the op table");
   auto node = std::make_shared<Node>();
   node->op = op;
-  node->inputs = std::move(inputs);
+  node->inputs = edges_to(inputs);
   node->backward = std::move(backward);
   out.impl()->grad_fn = std::move(node);
   out.impl()->requires_grad = true;
@@ -48,7 +64,7 @@ Tensor record_nondifferentiable(const char* op, Tensor out, const std::vector<Te
   if (!g_grad_enabled || !any_requires_grad(inputs)) return out;
   auto node = std::make_shared<Node>();
   node->op = op;
-  node->inputs = inputs;
+  node->inputs = edges_to(inputs);
   std::string name = op;
   node->backward = [name](const Tensor&) -> Grads {
     fail(name, ": has no backward, but a gradient reached it (detach its input or wrap the call in NoGrad)");
@@ -60,31 +76,34 @@ Tensor record_nondifferentiable(const char* op, Tensor out, const std::vector<Te
 
 namespace {
 
-// Reverse topological order of the tensors that need a gradient, by iterative DFS (deep graphs must not
-// overflow the stack).
-// Holds a reference to each tensor so that freeing a node's inputs cannot free a tensor still to be visited.
-std::vector<std::shared_ptr<TensorImpl>> topo_order(const std::shared_ptr<TensorImpl>& root) {
-  std::vector<std::shared_ptr<TensorImpl>> order;
-  std::unordered_set<TensorImpl*> seen{root.get()};
-  std::vector<std::pair<std::shared_ptr<TensorImpl>, size_t>> stack{{root, 0}};
+// Reverse topological order of the nodes that lead to `root`, by iterative DFS (deep graphs must not overflow
+// the stack). The list holds the nodes, so that a node dropped by its consumer stays until it has run.
+std::vector<std::shared_ptr<Node>> topo_order(const std::shared_ptr<Node>& root) {
+  std::vector<std::shared_ptr<Node>> order;
+  std::unordered_set<Node*> seen{root.get()};
+  std::vector<std::pair<std::shared_ptr<Node>, size_t>> stack{{root, 0}};
   while (!stack.empty()) {
-    auto& [t, next] = stack.back();
-    Node* node = t->grad_fn.get();
-    if (node && next < node->inputs.size()) {
-      const Tensor& in = node->inputs[next++];
-      if (in.defined() && in.requires_grad() && seen.insert(in.impl()).second) stack.push_back({in.impl_ptr(), 0});
+    auto& [node, next] = stack.back();
+    if (next < node->inputs.size()) {
+      const std::shared_ptr<Node>& in = node->inputs[next++].producer;
+      if (in && seen.insert(in.get()).second) stack.push_back({in, 0});
       continue;
     }
-    order.push_back(t);
+    order.push_back(node);
     stack.pop_back();
   }
   return {order.rbegin(), order.rend()};
 }
 
-void accumulate(std::unordered_map<TensorImpl*, Tensor>& grads, TensorImpl* t, const Tensor& g) {
-  auto it = grads.find(t);
-  if (it == grads.end()) grads.emplace(t, g);
+template <typename Key>
+void accumulate(std::unordered_map<Key*, Tensor>& grads, Key* k, const Tensor& g) {
+  auto it = grads.find(k);
+  if (it == grads.end()) grads.emplace(k, g);
   else it->second = add(it->second, g);
+}
+
+void add_to_leaf(TensorImpl* leaf, const Tensor& g) {
+  leaf->grad = leaf->grad ? add(Tensor(leaf->grad), g).impl_ptr() : g.impl_ptr();
 }
 
 }  // namespace
@@ -98,35 +117,41 @@ void Tensor::backward(const Tensor& grad_output) const {
   }
   NoGrad no_grad;  // backward rules are computed with ops, but never recorded
   profile::BackwardScope in_backward;
-  std::unordered_map<TensorImpl*, Tensor> grads;
-  grads.emplace(impl(), seed);
-  std::vector<std::shared_ptr<TensorImpl>> order = topo_order(impl_ptr());
-  for (std::shared_ptr<TensorImpl>& held : order) {
-    std::shared_ptr<TensorImpl> t = std::move(held);  // dropped at the end of this iteration: consumers are done
-    auto it = grads.find(t.get());
+  if (!impl()->grad_fn) {  // backward() on a leaf
+    add_to_leaf(impl(), seed);
+    return;
+  }
+  std::unordered_map<Node*, Tensor> grads{{impl()->grad_fn.get(), seed}};
+  std::unordered_map<TensorImpl*, Tensor> leaf_grads;
+  std::vector<std::shared_ptr<TensorImpl>> leaves;  // in the order they were first reached
+  for (std::shared_ptr<Node>& held : topo_order(impl()->grad_fn)) {
+    std::shared_ptr<Node> node = std::move(held);  // dropped at the end of this iteration: consumers are done
+    auto it = grads.find(node.get());
     if (it == grads.end()) continue;
     Tensor g = it->second;
     grads.erase(it);
-    if (!t->grad_fn) {  // a leaf: accumulate into .grad
-      t->grad = t->grad ? add(Tensor(t->grad), g).impl_ptr() : g.impl_ptr();
-      continue;
-    }
-    std::shared_ptr<Node> node = t->grad_fn;
+    PSA_CHECK(node->backward, "backward(): the graph through ", node->op, " was already used by an earlier "
+              "backward() (a graph is used once; run the forward pass again)");
     Grads in_grads = node->backward(g);
     PSA_CHECK(in_grads.size() == node->inputs.size(), "internal: ", node->op, " backward returned ",
               in_grads.size(), " gradients for ", node->inputs.size(), " inputs");
     for (size_t i = 0; i < in_grads.size(); ++i) {
-      const Tensor& in = node->inputs[i];
-      if (!in.defined() || !in.requires_grad() || !in_grads[i].defined()) continue;
-      PSA_CHECK(in_grads[i].shape() == in.shape(), "internal: ", node->op, " backward gave ",
-                shape_str(in_grads[i].shape()), " for input ", i, " of shape ", shape_str(in.shape()));
-      accumulate(grads, in.impl(), in_grads[i]);
+      const Edge& in = node->inputs[i];
+      if (!in.defined() || !in_grads[i].defined()) continue;
+      PSA_CHECK(in_grads[i].shape() == in.shape, "internal: ", node->op, " backward gave ",
+                shape_str(in_grads[i].shape()), " for input ", i, " of shape ", shape_str(in.shape));
+      if (in.producer) {
+        accumulate(grads, in.producer.get(), in_grads[i]);
+      } else {
+        if (!leaf_grads.count(in.leaf.get())) leaves.push_back(in.leaf);
+        accumulate(leaf_grads, in.leaf.get(), in_grads[i]);
+      }
     }
     // Free what the node saved as soon as it has run: the graph is used once.
     node->backward = nullptr;
     node->inputs.clear();
-    t->grad_fn.reset();
   }
+  for (const std::shared_ptr<TensorImpl>& leaf : leaves) add_to_leaf(leaf.get(), leaf_grads.at(leaf.get()));
 }
 
 }  // namespace psa

@@ -76,10 +76,11 @@ Tensor sub(const Tensor& a, const Tensor& b) {
 
 Tensor mul(const Tensor& a, const Tensor& b) {
   Tensor out = binary_forward("mul", BinaryOp::mul, a, b);
-  Tensor as = a.detach(), bs = b.detach();
   bool need_a = a.requires_grad(), need_b = b.requires_grad();
+  Tensor as = need_b ? a.detach() : Tensor(), bs = need_a ? b.detach() : Tensor();  // each only for the other's grad
+  Shape sa = a.shape(), sb = b.shape();
   return record("mul", out, {a, b}, [=](const Tensor& g) -> Grads {
-    return {need_a ? sum_to(mul(g, bs), as.shape()) : Tensor(), need_b ? sum_to(mul(g, as), bs.shape()) : Tensor()};
+    return {need_a ? sum_to(mul(g, bs), sa) : Tensor(), need_b ? sum_to(mul(g, as), sb) : Tensor()};
   });
 }
 

@@ -32,12 +32,14 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
   int64_t stride_a = batch_a.empty() ? 0 : M * Ka, stride_b = batch_b.empty() ? 0 : Ka * N;
   PSA_KERNEL(out.device(), matmul)(a, b, ta, tb, batch, M, N, Ka, stride_a, stride_b, out, 0.0f);
   profile::add_flops(2.0 * batch * M * N * Ka);  // the backward's GEMMs are matmul calls: counted there
-  Tensor as = a.detach(), bs = b.detach();
+  // Saved: b for a's gradient, a for b's, only when that gradient is needed (a frozen layer keeps no input).
   bool need_a = a.requires_grad(), need_b = b.requires_grad();
+  Tensor as = need_b ? a.detach() : Tensor(), bs = need_a ? b.detach() : Tensor();
+  Shape sa = a.shape(), sb = b.shape();
   return record(op, out, {a, b}, [=](const Tensor& g) -> Grads {
     Tensor ga, gb;
-    if (need_a) ga = sum_to(ta ? matmul(bs, g, tb, true) : matmul(g, bs, false, !tb), as.shape());
-    if (need_b) gb = sum_to(tb ? matmul(g, as, true, ta) : matmul(as, g, !ta, false), bs.shape());
+    if (need_a) ga = sum_to(ta ? matmul(bs, g, tb, true) : matmul(g, bs, false, !tb), sa);
+    if (need_b) gb = sum_to(tb ? matmul(g, as, true, ta) : matmul(as, g, !ta, false), sb);
     return {ga, gb};
   });
 }

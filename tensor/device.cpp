@@ -16,6 +16,7 @@ void copy_to_device(void*, const void*, size_t) { no_cuda(); }
 void copy_to_host(void*, const void*, size_t) { no_cuda(); }
 void copy_on_device(void*, const void*, size_t) { no_cuda(); }
 int64_t host_copies() { return 0; }
+int64_t launches() { return 0; }
 void memset_zero(void*, size_t) { no_cuda(); }
 size_t peak_bytes() { return 0; }
 void set_guard_mode(bool) {}

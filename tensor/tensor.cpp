@@ -2,6 +2,7 @@
 
 #include <malloc.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -54,6 +55,14 @@ static void keep_freed_host_memory() {
 #endif
 }
 
+namespace {
+std::atomic<size_t> g_host_live{0}, g_host_peak{0};
+
+size_t host_block_size(size_t nbytes) { return nbytes ? (nbytes + 63) / 64 * 64 : 64; }  // aligned_alloc's rule
+}  // namespace
+
+size_t host_tensor_peak_bytes() { return g_host_peak; }
+
 std::shared_ptr<Storage> Storage::allocate(size_t nbytes, Device device) {
   static const bool tuned = (keep_freed_host_memory(), true);
   (void)tuned;
@@ -63,16 +72,23 @@ std::shared_ptr<Storage> Storage::allocate(size_t nbytes, Device device) {
   if (device == Device::cuda) {
     s->data = gpu::alloc(nbytes);
   } else {
-    size_t rounded = (nbytes + 63) / 64 * 64;  // aligned_alloc wants a multiple of the alignment
-    s->data = std::aligned_alloc(64, rounded ? rounded : 64);
+    const size_t block = host_block_size(nbytes);  // aligned_alloc wants a multiple of the alignment
+    s->data = std::aligned_alloc(64, block);
     PSA_CHECK(s->data, "out of host memory allocating ", nbytes, " bytes");
+    const size_t live = g_host_live += block;
+    for (size_t peak = g_host_peak; live > peak && !g_host_peak.compare_exchange_weak(peak, live);) {
+    }
   }
   return s;
 }
 
 Storage::~Storage() {
-  if (device == Device::cuda) gpu::free(data, nbytes);
-  else std::free(data);
+  if (device == Device::cuda) {
+    gpu::free(data, nbytes);
+  } else {
+    std::free(data);
+    g_host_live -= host_block_size(nbytes);
+  }
 }
 
 Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {

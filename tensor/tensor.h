@@ -30,6 +30,10 @@ struct Storage {
   ~Storage();
 };
 
+// The most host memory held by tensors at once since the process started (the host side of gpu::peak_bytes:
+// `psa bench-step` reports both; the resident set size also counts freed memory malloc keeps).
+size_t host_tensor_peak_bytes();
+
 struct Node;
 
 struct TensorImpl {

@@ -76,6 +76,7 @@ struct StepTiming {
   double median_ms = 0, tokens_per_step = 0;
   double flops_per_step = 0;          // GEMM-class, counted over the timed steps (tensor/profile.h)
   double host_copies_per_step = 0;    // GPU: device-to-host copies, each a wait for the device (gpu::host_copies)
+  double launches_per_step = 0;       // GPU: kernel launches and cuBLAS calls (gpu::launches)
   std::vector<profile::Row> kernels;  // with --profile: summed over the timed steps
   double tokens_per_s() const { return tokens_per_step / (median_ms / 1000); }
   double achieved_gflops() const { return flops_per_step / (median_ms * 1e-3) * 1e-9; }
@@ -157,9 +158,10 @@ StepTiming time_steps(Trainer& t, const StepSpec& s, int64_t batch, int64_t text
   StepTiming r;
   r.tokens_per_step = double(batch * t.model->config.merged_length(text));
   double flops_at_warmup_end = 0;  // set when the first timed step starts
-  int64_t copies_at_warmup_end = 0;
+  int64_t copies_at_warmup_end = 0, launches_at_warmup_end = 0;
   for (int64_t i = 0; i < s.warmup + s.steps; ++i) {
-    if (i == s.warmup) flops_at_warmup_end = profile::flops(), copies_at_warmup_end = gpu::host_copies();
+    if (i == s.warmup) flops_at_warmup_end = profile::flops(), copies_at_warmup_end = gpu::host_copies(),
+      launches_at_warmup_end = gpu::launches();
     if (profile_kernels && i == s.warmup) profile::start(s.device == Device::cuda ? wait_for_gpu : nullptr);
     auto t0 = std::chrono::steady_clock::now();
     double loss = train_step(t, b);
@@ -171,6 +173,7 @@ StepTiming time_steps(Trainer& t, const StepSpec& s, int64_t batch, int64_t text
   r.median_ms = median(r.ms);
   r.flops_per_step = (profile::flops() - flops_at_warmup_end) / s.steps;
   r.host_copies_per_step = double(gpu::host_copies() - copies_at_warmup_end) / s.steps;
+  r.launches_per_step = double(gpu::launches() - launches_at_warmup_end) / s.steps;
   return r;
 }
 
@@ -223,8 +226,12 @@ json::Value timing_json(const StepSpec& s, const Trainer& t, const StepTiming& r
   j.set("peak_measured", peak.second);
   j.set("mfu", peak.first ? json::Value(r.achieved_gflops() / peak.first) : json::Value());
   j.set("peak_rss_mib", peak_rss_mib());
+  j.set("peak_host_tensors_mib", host_tensor_peak_bytes() / 1048576.0);
   if (s.device == Device::cuda) j.set("peak_gpu_gib", gpu::peak_bytes() / 1073741824.0);
-  if (s.device == Device::cuda) j.set("host_copies_per_step", r.host_copies_per_step);
+  if (s.device == Device::cuda) {
+    j.set("host_copies_per_step", r.host_copies_per_step);
+    j.set("launches_per_step", r.launches_per_step);
+  }
   int64_t trainable = 0;
   for (const auto& p : t.params) trainable += p.param.numel();
   j.set("trainable_parameters", trainable);
@@ -239,13 +246,13 @@ void print_timing(const StepSpec& s, const StepTiming& r, const std::pair<double
   std::printf("bench-step %s %s%s on %s: batch %ld, %ld text tokens (%ld merged per row), median of %ld steps after %ld warm-up\n",
               s.preset.c_str(), s.stage.c_str(), s.lora ? " (LoRA)" : "", device_name(s.device), (long)s.batch,
               (long)s.text, (long)(r.tokens_per_step / s.batch), (long)s.steps, (long)s.warmup);
-  std::printf("  %.1f ms/step (min %.1f, max %.1f), %.0f tokens/s, peak RSS %.0f MiB", r.median_ms,
+  std::printf("  %.1f ms/step (min %.1f, max %.1f), %.0f tokens/s, peak RSS %.0f MiB (tensors %.0f MiB)", r.median_ms,
               *std::min_element(r.ms.begin(), r.ms.end()), *std::max_element(r.ms.begin(), r.ms.end()),
-              r.tokens_per_s(), peak_rss_mib());
+              r.tokens_per_s(), peak_rss_mib(), host_tensor_peak_bytes() / 1048576.0);
   if (s.threads) std::printf(", %ld thread%s", (long)s.threads, s.threads == 1 ? "" : "s");
   if (s.device == Device::cuda)
-    std::printf(", peak GPU %.2f GiB (caching allocator), %.0f device-to-host copies/step",
-                gpu::peak_bytes() / 1073741824.0, r.host_copies_per_step);
+    std::printf(", peak GPU %.2f GiB (caching allocator)\n  per step: %.0f kernel launches and cuBLAS calls, %.0f "
+                "device-to-host copies", gpu::peak_bytes() / 1073741824.0, r.launches_per_step, r.host_copies_per_step);
   std::printf("\n  %.2f GFLOP/step (matmul, attention, patch_conv), %.1f GFLOP/s", r.flops_per_step * 1e-9,
               r.achieved_gflops());
   if (peak.first)

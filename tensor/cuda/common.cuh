@@ -18,11 +18,17 @@
     if (err_ != cudaSuccess)                                                             \
       ::psa::fail(__FILE__, ":", __LINE__, ": ", #call, ": ", cudaGetErrorString(err_)); \
   } while (0)
-#define cudaCheckLaunch() cudaCheck(cudaGetLastError())
+#define cudaCheckLaunch()        \
+  do {                           \
+    ::psa::cuda::count_launch(); \
+    cudaCheck(cudaGetLastError()); \
+  } while (0)
 
 namespace psa::cuda {
 
 constexpr int kThreads = 256;
+
+void count_launch();  // one more kernel launch or cuBLAS call (gpu::launches)
 
 // The stream every launch, copy and memset of this thread goes to (tensor/device.h: the legacy default stream
 // unless a gpu::StreamGuard names another).

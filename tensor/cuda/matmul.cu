@@ -70,6 +70,7 @@ void sgemm(GemmImpl impl, bool ta, bool tb, int64_t M, int64_t N, int64_t K, flo
     return;
   }
   cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+  count_launch();
   cublasCheck(cublasSgemmStridedBatched(handle(), opb, opa, as_int(N, "N"), as_int(M, "M"), as_int(K, "K"), &alpha,
                                         B, as_int(ldb, "ldb"), sb, A, as_int(lda, "lda"), sa, &beta, C,
                                         as_int(ldc, "ldc"), sc, as_int(batch, "batch")));
@@ -80,6 +81,7 @@ void dgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, cons
            int64_t batch) {
   if (M == 0 || N == 0 || batch == 0) return;
   cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+  count_launch();
   cublasCheck(cublasDgemmStridedBatched(handle(), opb, opa, as_int(N, "N"), as_int(M, "M"), as_int(K, "K"), &alpha,
                                         B, as_int(ldb, "ldb"), sb, A, as_int(lda, "lda"), sa, &beta, C,
                                         as_int(ldc, "ldc"), sc, as_int(batch, "batch")));

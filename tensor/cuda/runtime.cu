@@ -209,7 +209,7 @@ void copy_to_device(void* dst, const void* src, size_t n) {
   cudaCheck(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, t_current_stream));
 }
 namespace {
-std::atomic<int64_t> g_host_copies{0};
+std::atomic<int64_t> g_host_copies{0}, g_launches{0};
 }  // namespace
 void copy_to_host(void* dst, const void* src, size_t n) {
   cudaCheck(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, t_current_stream));
@@ -217,6 +217,7 @@ void copy_to_host(void* dst, const void* src, size_t n) {
   ++g_host_copies;
 }
 int64_t host_copies() { return g_host_copies; }
+int64_t launches() { return g_launches; }
 void copy_on_device(void* dst, const void* src, size_t n) {
   cudaCheck(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, t_current_stream));
 }
@@ -314,3 +315,5 @@ float Event::ms_since(const Event& start) const {
 StreamGuard::StreamGuard(const Stream& s) : previous_(t_current_stream) { t_current_stream = as_stream(s.handle()); }
 StreamGuard::~StreamGuard() { t_current_stream = as_stream(previous_); }
 }  // namespace psa::gpu
+
+void psa::cuda::count_launch() { ++gpu::g_launches; }
