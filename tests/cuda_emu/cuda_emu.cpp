@@ -20,6 +20,7 @@ namespace cuda_emu {
 namespace {
 
 constexpr size_t kStackBytes = 128 << 10;
+constexpr int kEmulatedSms = 132;  // an H100 SXM's
 constexpr size_t kDefaultSmemLimit = 48 << 10, kOptinSmemLimit = 227 << 10;  // an H100's
 constexpr cudaError_t kLaunchFailure = cudaError_t(719);                     // cudaErrorLaunchFailure
 
@@ -235,8 +236,59 @@ void warp_barrier(unsigned mask) {
   wait_at(Wait::warp);
 }
 
+namespace {
+
+// CUDA_EMU_LAUNCH_LOG=FILE: at exit, one line per launch site (file:line) with its launches, the blocks of
+// its smallest and largest grid, threads per block, the seconds the emulator spent in it and the part of
+// them spent in grids of fewer blocks than the emulated device's SMs. The seconds are the work the threads did,
+// roughly (barriers cost extra here): much work in small grids is work that would leave most of a GPU idle.
+struct SiteStats {
+  int64_t launches = 0, min_blocks = INT64_MAX, max_blocks = 0, threads = 0;
+  double seconds = 0, seconds_below_sms = 0;
+};
+
+struct LaunchLog {
+  const char* path = std::getenv("CUDA_EMU_LAUNCH_LOG");
+  std::map<std::string, SiteStats> sites;
+  ~LaunchLog() {
+    if (!path) return;
+    FILE* f = std::fopen(path, "w");
+    if (!f) return;
+    std::fprintf(f, "site\tlaunches\tmin_blocks\tmax_blocks\tthreads_per_block\temulated_s\temulated_s_below_%d_blocks\n",
+                 kEmulatedSms);
+    for (const auto& [site, s] : sites)
+      std::fprintf(f, "%s\t%ld\t%ld\t%ld\t%ld\t%.4f\t%.4f\n", site.c_str(), (long)s.launches, (long)s.min_blocks,
+                   (long)s.max_blocks, (long)s.threads, s.seconds, s.seconds_below_sms);
+    std::fclose(f);
+  }
+};
+
+LaunchLog g_launch_log;
+
+void log_launch(const Config& c, double seconds) {
+  SiteStats& s = g_launch_log.sites[std::string(c.file) + ":" + std::to_string(c.line)];
+  const int64_t blocks = int64_t(c.grid.x) * c.grid.y * c.grid.z;
+  ++s.launches;
+  s.min_blocks = std::min(s.min_blocks, blocks);
+  s.max_blocks = std::max(s.max_blocks, blocks);
+  s.threads = int64_t(c.block.x) * c.block.y * c.block.z;
+  s.seconds += seconds;
+  if (blocks < kEmulatedSms) s.seconds_below_sms += seconds;
+}
+
+}  // namespace
+
 void run_grid(const void* kernel, const Config& c, const std::function<void()>& body) {
   std::lock_guard<std::mutex> lock(g_grid_mutex);
+  const auto t0 = std::chrono::steady_clock::now();
+  struct Logged {  // on every way out of the launch
+    const Config& c;
+    std::chrono::steady_clock::time_point t0;
+    ~Logged() {
+      if (g_launch_log.path)
+        log_launch(c, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+  } logged{c, t0};
   Problem problem = launch_problem(kernel, c);
   if (problem.code != cudaSuccess) {
     record_error(problem.code, "cuda_emu: " + problem.message);
@@ -295,7 +347,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
   p->sharedMemPerBlock = kDefaultSmemLimit;
   p->sharedMemPerBlockOptin = kOptinSmemLimit;
   p->l2CacheSize = 50 << 20;
-  p->major = 9, p->minor = 0, p->multiProcessorCount = 132, p->maxThreadsPerBlock = 1024, p->warpSize = 32;
+  p->major = 9, p->minor = 0, p->multiProcessorCount = kEmulatedSms, p->maxThreadsPerBlock = 1024, p->warpSize = 32;
   return cudaSuccess;
 }
 const char* cudaGetErrorString(cudaError_t e) {

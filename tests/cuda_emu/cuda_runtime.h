@@ -133,10 +133,16 @@ void warp_barrier(unsigned mask);
 int lane_id();
 uint64_t* next_shuffle_slots();  // the 32 exchange slots of the calling thread's warp for its next shuffle
 
+// The launch site comes from the defaults, evaluated where the rewritten launch stands (the Makefile keeps the
+// .cu file's name and lines with #line): the launch log (CUDA_EMU_LAUNCH_LOG) groups launches by it.
 struct Config {
   dim3 grid, block;
   size_t smem;
-  Config(dim3 g, dim3 b, size_t s = 0, cudaStream_t = nullptr) : grid(g), block(b), smem(s) {}
+  const char* file;
+  int line;
+  Config(dim3 g, dim3 b, size_t s = 0, cudaStream_t = nullptr, const char* f = __builtin_FILE(),
+         int l = __builtin_LINE())
+      : grid(g), block(b), smem(s), file(f), line(l) {}
 };
 
 // Runs body once per thread of the grid (and records a configuration error instead when the driver would).
