@@ -213,7 +213,10 @@ def markdown(report):
           "ms/step: median over rounds of each run's median step; ours/PyTorch: median of the per-round ratios "
           "(range in brackets); best/best: each side's fastest round (other jobs only ever add time). Target "
           "ours/PyTorch <= 0.5. Stage II is the full-LLM fine-tune on both sides (design.md's baseline); base has "
-          "no PyTorch baseline. Threads cap the whole process on both sides: PyTorch's pool and its BLAS's (Debian's torch runs GEMMs in OpenBLAS's own threads, capped with openblas_set_num_threads; OMP_WAIT_POLICY=PASSIVE); at 2 threads the faster of torch 2 / BLAS 2 and torch 1 / BLAS 2 is the baseline. MFU: our step's GEMM-class FLOPs (matmul, attention, patch_conv) per second over the "
+          "no PyTorch baseline. Threads cap the whole process on both sides: PyTorch's pool and its BLAS's "
+          "(Debian's torch runs GEMMs in OpenBLAS's own threads, capped with openblas_set_num_threads; "
+          "OMP_WAIT_POLICY=PASSIVE); at 2 threads the faster of torch 2 / BLAS 2 and torch 1 / BLAS 2 is the "
+          "baseline. MFU: our step's GEMM-class FLOPs (matmul, attention, patch_conv) per second over the "
           "FMA peak measured on the same threads.", "",
           "| stage | threads | rounds | ours ms | PyTorch ms | ours/PyTorch | best/best | tokens/s | MFU | peak RSS MiB |",
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -160,8 +160,11 @@ StepTiming time_steps(Trainer& t, const StepSpec& s, int64_t batch, int64_t text
   double flops_at_warmup_end = 0;  // set when the first timed step starts
   int64_t copies_at_warmup_end = 0, launches_at_warmup_end = 0;
   for (int64_t i = 0; i < s.warmup + s.steps; ++i) {
-    if (i == s.warmup) flops_at_warmup_end = profile::flops(), copies_at_warmup_end = gpu::host_copies(),
+    if (i == s.warmup) {
+      flops_at_warmup_end = profile::flops();
+      copies_at_warmup_end = gpu::host_copies();
       launches_at_warmup_end = gpu::launches();
+    }
     if (profile_kernels && i == s.warmup) profile::start(s.device == Device::cuda ? wait_for_gpu : nullptr);
     auto t0 = std::chrono::steady_clock::now();
     double loss = train_step(t, b);
@@ -227,8 +230,8 @@ json::Value timing_json(const StepSpec& s, const Trainer& t, const StepTiming& r
   j.set("mfu", peak.first ? json::Value(r.achieved_gflops() / peak.first) : json::Value());
   j.set("peak_rss_mib", peak_rss_mib());
   j.set("peak_host_tensors_mib", host_tensor_peak_bytes() / 1048576.0);
-  if (s.device == Device::cuda) j.set("peak_gpu_gib", gpu::peak_bytes() / 1073741824.0);
   if (s.device == Device::cuda) {
+    j.set("peak_gpu_gib", gpu::peak_bytes() / 1073741824.0);
     j.set("host_copies_per_step", r.host_copies_per_step);
     j.set("launches_per_step", r.launches_per_step);
   }

@@ -23,6 +23,7 @@ Modes
 Shapes: B batch, L text tokens, P patches, N_s safety tokens, D LLM width, Dv ViT width, C abstractor width.
 """
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -35,8 +36,6 @@ import time
 # then compete with OpenBLAS's threads for the same cores (measured: the 2-thread step 3x slower than 1 thread);
 # idle workers that sleep avoid it. Set before torch loads libgomp.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import ctypes
 
 import torch
 import torch.nn as nn

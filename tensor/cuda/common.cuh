@@ -18,9 +18,9 @@
     if (err_ != cudaSuccess)                                                             \
       ::psa::fail(__FILE__, ":", __LINE__, ": ", #call, ": ", cudaGetErrorString(err_)); \
   } while (0)
-#define cudaCheckLaunch()        \
-  do {                           \
-    ::psa::cuda::count_launch(); \
+#define cudaCheckLaunch()          \
+  do {                             \
+    ::psa::cuda::count_launch();   \
     cudaCheck(cudaGetLastError()); \
   } while (0)
 

@@ -209,7 +209,7 @@ void copy_to_device(void* dst, const void* src, size_t n) {
   cudaCheck(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, t_current_stream));
 }
 namespace {
-std::atomic<int64_t> g_host_copies{0}, g_launches{0};
+std::atomic<int64_t> g_host_copies{0}, g_launches{0};  // gpu::host_copies, gpu::launches
 }  // namespace
 void copy_to_host(void* dst, const void* src, size_t n) {
   cudaCheck(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, t_current_stream));
@@ -316,4 +316,6 @@ StreamGuard::StreamGuard(const Stream& s) : previous_(t_current_stream) { t_curr
 StreamGuard::~StreamGuard() { t_current_stream = as_stream(previous_); }
 }  // namespace psa::gpu
 
-void psa::cuda::count_launch() { ++gpu::g_launches; }
+namespace psa::cuda {
+void count_launch() { ++gpu::g_launches; }
+}  // namespace psa::cuda
