@@ -41,7 +41,7 @@ LIB        := $(BUILD)/libpsa.a
 # CUDA_ARCH) in one build folder recompiles instead of linking objects made for the other configuration.
 FLAGS_STAMP := $(OBJ)/.flags-$(shell echo '$(CXX) $(CXXFLAGS) $(NVCC) $(NVFLAGS) $(LDLIBS)' | md5sum | cut -c1-12)
 
-.PHONY: all test test-cuda-emu deps clean bench train infer check-deps fuzz check-asan check-valgrind
+.PHONY: all test test-cuda-emu deps deps-bench clean bench train infer check-deps fuzz check-asan check-valgrind
 all: $(BUILD)/psa $(BUILD)/psa_tests $(BENCH_BINS)
 
 $(FLAGS_STAMP):
@@ -211,6 +211,14 @@ DEB_PKGS := build-essential libgtest-dev libbenchmark-dev libstb-dev libxxhash-d
 deps:
 	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(DEB_PKGS); \
 	else echo "run as root: apt-get install -y $(DEB_PKGS)"; fi
+
+# `make bench`'s baselines, never needed to build or run the engine: PyTorch (CPU) and OpenBLAS. Without
+# libopenblas0-pthread, Debian's python3-torch runs on netlib's reference BLAS, ~15x slower (the baseline then
+# refuses to run); bench/gemm.cpp's OpenBLAS rows need it too.
+DEB_BENCH_PKGS := python3-torch libopenblas0-pthread
+deps-bench:
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(DEB_BENCH_PKGS); \
+	else echo "run as root: apt-get install -y $(DEB_BENCH_PKGS)"; fi
 
 clean:
 	rm -rf $(BUILD) $(FUZZ_BUILD) $(ASAN_BUILD) $(EMU_BUILD)

@@ -35,12 +35,17 @@ struct OpenBlas {
   SetThreads set_threads = nullptr;
 };
 
-// Loaded once. OpenBLAS picks its kernel from cpuid; on AVX-512 machines the reference figures used the
-// SkylakeX kernels, so ask for them there (an OPENBLAS_CORETYPE already set by the user wins).
+// Loaded once. OpenBLAS picks its kernel from cpuid or OPENBLAS_CORETYPE; on AVX-512 machines the reference
+// figures used the SkylakeX kernels, so ask for them there, over a machine-wide OPENBLAS_CORETYPE (one
+// environment here sets Haswell, which makes OpenBLAS 0.3.21 ~1.8x slower on a Zen 5).
+// PSA_BENCH_OPENBLAS_CORETYPE picks another; tools/psa_reference.py does the same for PyTorch's OpenBLAS.
 const OpenBlas& openblas() {
   static const OpenBlas lib = [] {
     OpenBlas l;
-    if (__builtin_cpu_supports("avx512f")) setenv("OPENBLAS_CORETYPE", "SkylakeX", 0);
+    if (const char* pick = std::getenv("PSA_BENCH_OPENBLAS_CORETYPE"); pick && *pick)
+      setenv("OPENBLAS_CORETYPE", pick, 1);
+    else if (__builtin_cpu_supports("avx512f"))
+      setenv("OPENBLAS_CORETYPE", "SkylakeX", 1);
     void* h = dlopen("libopenblas.so.0", RTLD_NOW | RTLD_LOCAL);
     if (!h) return l;
     l.sgemm = reinterpret_cast<CblasSgemm>(dlsym(h, "cblas_sgemm"));
@@ -139,6 +144,8 @@ void bench_openblas(benchmark::State& state, Shape s, int threads) {
     return;
   }
   openblas().set_threads(threads);
+  const char* coretype = std::getenv("OPENBLAS_CORETYPE");
+  state.SetLabel(std::string("OPENBLAS_CORETYPE=") + (coretype ? coretype : "(cpuid)"));
   Operands o(s);
   run_openblas(s, o);
   for (auto _ : state) {

@@ -209,6 +209,9 @@ def markdown(report):
                  f"| {fmt(r['openblas_gflops'])} | {fmt(r['ratio'], 2)} |")
     tj = report.get("torch")
     base = (f"PyTorch {tj['torch_version']}" if tj else "PyTorch: not measured (" + report["torch_note"] + ")")
+    if tj and tj.get("blas_libraries"):
+        base += (" on " + ", ".join("/".join(b.split("/")[-2:]) for b in tj["blas_libraries"])
+                 + (f" (OPENBLAS_CORETYPE={tj['openblas_coretype']})" if tj.get("openblas_coretype") else ""))
     L += ["", f"## Training step, tiny preset, batch 16, ours vs {base}", "",
           "ms/step: median over rounds of each run's median step; ours/PyTorch: median of the per-round ratios "
           "(range in brackets); best/best: each side's fastest round (other jobs only ever add time). Target "

@@ -30,12 +30,30 @@ import os
 import platform
 import statistics
 import struct
+import sys
 import time
 
 # Debian's torch runs its GEMMs in OpenBLAS's own pthreads, not in torch's OpenMP pool. Spinning OpenMP workers
 # then compete with OpenBLAS's threads for the same cores (measured: the 2-thread step 3x slower than 1 thread);
 # idle workers that sleep avoid it. Set before torch loads libgomp.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenBLAS picks its kernels from cpuid or from OPENBLAS_CORETYPE. design.md's reference figures, and
+# bench/gemm.cpp's OpenBLAS rows, use the SkylakeX kernels on AVX-512 machines; so does this baseline, the
+# faster one for PyTorch (Zen 5, tiny Stage II step on one thread: 125 ms with SkylakeX, 178 ms with the
+# Haswell kernels that a machine-wide OPENBLAS_CORETYPE=Haswell, as some environments set, would give).
+# PSA_BENCH_OPENBLAS_CORETYPE picks another. Read by OpenBLAS when torch loads it, so set before the import.
+def cpu_has_avx512():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+if os.environ.get("PSA_BENCH_OPENBLAS_CORETYPE"):
+    os.environ["OPENBLAS_CORETYPE"] = os.environ["PSA_BENCH_OPENBLAS_CORETYPE"]
+elif cpu_has_avx512():
+    os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
 
 import torch
 import torch.nn as nn
@@ -639,14 +657,35 @@ def time_steps(model, batch, params, steps, warmup, device):
 
 def blas_thread_setters():
     """openblas_set_num_threads of every OpenBLAS the process has loaded (none: torch uses MKL or its own)."""
-    libs = sorted({line.split()[-1] for line in open("/proc/self/maps") if "blas" in line and ".so" in line})
     setters = []
-    for path in libs:
+    for path in loaded_blas_libraries():
         try:
             setters.append(ctypes.CDLL(path).openblas_set_num_threads)
         except (OSError, AttributeError):
             pass
     return setters
+
+
+def loaded_blas_libraries():
+    return sorted({line.split()[-1] for line in open("/proc/self/maps") if "blas" in line and ".so" in line})
+
+
+def check_fast_blas():
+    """Refuses a baseline on netlib's reference BLAS: Debian's python3-torch takes whatever libblas.so.3 the
+    alternatives system points at, and with only libblas3 installed its GEMMs run ~15x slower (tiny Stage II
+    step 2.8 s instead of 0.13 s), which would make every ratio against it meaningless. The libblas.so.3 that
+    torch loaded must be OpenBLAS's (it exports openblas_set_num_threads) or MKL."""
+    libs = loaded_blas_libraries()
+    blas = [path for path in libs if os.path.basename(path).startswith("libblas.so")]
+    def is_fast(path):
+        try:
+            return "mkl" in path or hasattr(ctypes.CDLL(path), "openblas_set_num_threads")
+        except OSError:
+            return False
+    if all(is_fast(path) for path in blas):
+        return
+    sys.exit("psa_reference.py --bench: torch's BLAS is " + ", ".join(blas) + ", not OpenBLAS or MKL (netlib's "
+             "reference BLAS is ~15x slower): no baseline. Install libopenblas0-pthread (`make deps-bench`).")
 
 
 def set_threads(torch_threads, blas_threads, setters):
@@ -668,6 +707,8 @@ def bench(preset, out_path, steps, warmup, thread_counts, device_name=None):
     batch = bench_batch(cfg, BENCH[preset]["batch"], BENCH[preset]["text"], gen, device)
     runs, load_start = [], list(os.getloadavg())
     setters = blas_thread_setters() if device.type == "cpu" else []
+    if device.type == "cpu":
+        check_fast_blas()
     for n in thread_counts if device.type == "cpu" else [torch.get_num_threads()]:
         run = {"threads": n, "blas_threads_controlled": bool(setters), "configs": []}
         splits = [(n, n)] + ([(1, n)] if n > 1 and setters else [])
@@ -699,6 +740,8 @@ def bench(preset, out_path, steps, warmup, thread_counts, device_name=None):
     last = runs[-1]
     result = {
         "torch_version": torch.__version__,
+        "blas_libraries": loaded_blas_libraries(),
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", ""),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
         "preset": preset,
         "batch": BENCH[preset]["batch"],
