@@ -134,6 +134,37 @@ TEST(Gemm, Threaded) {
   }
 }
 
+// Threads take slices of C, each computed as one thread would, so C has the same bits for any thread count
+// (column slices: N wide; row slices: M tall or N narrow; K over several blocks; beta != 0; padded strides).
+TEST(Gemm, SameBitsForAnyThreadCount) {
+  const Case cases[] = {{true, false, 128, 384, 1648, 1.0f, 0.0f, 0},
+                        {false, true, 352, 128, 900, 0.5f, 1.0f, 3},
+                        {false, false, 1000, 130, 400, 1.0f, 0.0f, 0},
+                        {true, true, 90, 700, 250, -1.0f, 0.25f, 1}};
+  uint32_t seed = 350;
+  for (const Case& c : cases) {
+    std::mt19937 rng(seed++);
+    Mat A = c.ta ? Mat(c.K, c.M, c.pad, rng) : Mat(c.M, c.K, c.pad, rng);
+    Mat B = c.tb ? Mat(c.N, c.K, c.pad, rng) : Mat(c.K, c.N, c.pad, rng);
+    const Mat C0(c.M, c.N, c.pad, rng);
+    std::vector<float> one_thread;
+    for (int threads : {1, 2, 3}) {
+      ThreadCount tc(threads);
+      Mat C = C0;
+      sgemm(c.ta, c.tb, c.M, c.N, c.K, c.alpha, A.v.data(), A.ld, B.v.data(), B.ld, c.beta, C.v.data(), C.ld);
+      if (threads == 1) {
+        one_thread = C.v;
+        continue;
+      }
+      for (size_t i = 0; i < C.v.size(); ++i) {
+        if (std::isnan(C.v[i]) && std::isnan(one_thread[i])) continue;  // the NaN padding
+        ASSERT_EQ(C.v[i], one_thread[i]) << "element " << i << " with " << threads << " threads, M=" << c.M
+                                           << " N=" << c.N << " K=" << c.K;
+      }
+    }
+  }
+}
+
 // One thread on problems large enough to be threaded otherwise: the serial path packs B one K block at a
 // time and runs every band over it, so several bands and K blocks, an N that is not a multiple of the
 // sliver width, padded strides and N over one column panel are all needed here.

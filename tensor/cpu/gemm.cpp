@@ -37,7 +37,7 @@
 // packing all of op(B) up front, as an earlier version did, sent a weight gradient's 2-3 MiB of packed B
 // to memory and back. The pack reads op(B) row by row with software prefetch (see pack_b_rows): together
 // these took the weight-gradient shapes [128 x 1600] x [1600 x 352..512] from 1.1-1.4x OpenBLAS's time
-// to below it. With threads, all of op(B) is still packed first (see Threads).
+// to below it.
 // Wide problems (N > 1024) run as column panels of <= 1024 columns, one whole GEMM each: at 2048^3 one
 // thread went from 0.85-0.93x to 0.88-1.05x OpenBLAS (per-K-block C and B panels half as large; panels
 // of 512 or 768 columns, which repack A more often, gained less). 2048^3 is the one shape where OpenBLAS
@@ -51,14 +51,12 @@
 // transposed) use 8x8 register transposes, so packing stays a few percent of the work even when N or M is
 // only ~128.
 //
-// Threads: all of op(B) is packed up front, so that threads share it with a single synchronisation; the
-// B packing (K block x 16 slivers) and the bands of C (row bands, plus column bands when M is
-// short; at least two per thread) are tasks that threads claim from atomic counters; bands write disjoint
-// parts of C, so the only synchronisation is "all of B packed". Claiming, rather than a fixed split, and
-// waiting with sched_yield, rather than libgomp's spinning barriers, keep a descheduled or core-sharing
-// thread from stalling the call on a busy machine. Below ~64^3 FMAs per thread fewer threads are used,
-// since starting a parallel region costs microseconds. sgemm_batched gives whole small problems to threads
-// instead (attention: many [T x 32] x [32 x T] products).
+// Threads: C is cut into column (or row) slices, two per thread, each a whole one-thread GEMM claimed from
+// an atomic counter (see gemm_sliced); claiming, rather than a fixed split, and waiting with sched_yield,
+// rather than libgomp's spinning barriers, keep a descheduled or core-sharing thread from stalling the call
+// on a busy machine. Results do not depend on the thread count. Below ~64^3 FMAs per thread fewer threads
+// are used, since starting a parallel region costs microseconds. sgemm_batched gives whole small problems to
+// threads instead (attention: many [T x 32] x [32 x T] products).
 #include "tensor/cpu/gemm.h"
 
 #include <omp.h>
@@ -363,8 +361,8 @@ constexpr std::array<Kernel, MR * NV> kKernels[2] = {kernel_table<false>(std::ma
                                                      kernel_table<true>(std::make_index_sequence<MR * NV>{})};
 
 // ---------------------------------------------------------------------------------------------------
-// Driver: pack all of op(B), then compute C in bands (tasks). With threads, both the packing and the bands
-// are tasks claimed from shared counters.
+// Driver: per K block, pack the B panel, then compute C in row bands; with threads, slices of C, each one
+// such driver.
 
 struct Problem {
   bool trans_a, trans_b;
@@ -393,60 +391,39 @@ void scale_c(const Problem& p) {
   }
 }
 
-// How the work is cut. Packed B: for each K block starting at pc, a panel of ceil(N/NR) slivers [kc][NR]
-// at b_packed + pc * n_pad. Bands of C: `rows` x `cols` (multiples of MR, NR); rows <= MC so that a band's
-// A block stays in L2. With threads there are at least two bands per thread, so that a thread that is
-// descheduled mid-call leaves work for the others (columns are split too when M is short; each column band
-// then re-packs its A block, cheap next to the band's FMAs).
+// How the work is cut (one thread). K in k_blocks blocks of kc <= KC; for each, one B panel of
+// ceil(N/NR) slivers [kc][NR] (n_pad columns), and C in bands of `rows` (a multiple of MR, <= MC, so that a
+// band's A block stays in L2) x all N columns.
 struct Plan {
   int64_t n_pad;
-  int64_t kc, k_blocks;  // K in k_blocks blocks of kc <= KC (the last may be shorter)
-  int64_t pack_chunks;   // B packing tasks: k_blocks x pack_chunks, kPackSlivers slivers each
-  int64_t rows, cols, row_bands, col_bands;
+  int64_t kc, k_blocks;  // the last block may be shorter
+  int64_t rows, bands;
 };
 
-constexpr int64_t kPackSlivers = 16;
-
-Plan make_plan(const Problem& p, int threads) {
+Plan make_plan(const Problem& p) {
   Plan pl;
   pl.n_pad = round_up(p.N, NR);
   // Equal K blocks: K = 1600 as 7 x 229 rather than 6 x 256 + 64, whose short block would pay a full C
   // tile read and write for a quarter of the FMAs.
   pl.k_blocks = ceil_div(p.K, KC);
   pl.kc = ceil_div(p.K, pl.k_blocks);
-  pl.pack_chunks = ceil_div(pl.n_pad / NR, kPackSlivers);
-  int64_t bands = ceil_div(p.M, MC);
-  if (threads > 1) bands = std::min(round_up(bands, threads), ceil_div(p.M, MR));  // even split when possible
-  pl.rows = round_up(ceil_div(p.M, bands), MR);
-  pl.row_bands = ceil_div(p.M, pl.rows);
-  int64_t col_bands = 1;
-  if (threads > 1 && pl.row_bands < 2 * threads)
-    col_bands = std::min(ceil_div(2 * threads, pl.row_bands), pl.n_pad / NR);
-  pl.cols = round_up(ceil_div(p.N, col_bands), NR);
-  pl.col_bands = ceil_div(p.N, pl.cols);
+  pl.rows = round_up(ceil_div(p.M, ceil_div(p.M, MC)), MR);
+  pl.bands = ceil_div(p.M, pl.rows);
   return pl;
 }
 
-// Packs op(B)[pc : pc+kc, j0 : j0+nc] into `panel` (the K block's panel [kc x n_pad]) at sliver j0 / NR.
-void pack_b(const Problem& p, int64_t pc, int64_t kc, int64_t j0, int64_t nc, float* panel) {
-  float* dst = panel + j0 * kc;
+// Packs op(B)[pc : pc+kc, all N columns] into `panel`.
+void pack_b(const Problem& p, int64_t pc, int64_t kc, float* panel) {
   if (p.trans_b)
-    pack_b_cols(kc, nc, p.B + j0 * p.ldb + pc, p.ldb, dst);
+    pack_b_cols(kc, p.N, p.B + pc, p.ldb, panel);
   else
-    pack_b_rows(kc, nc, p.B + pc * p.ldb + j0, p.ldb, dst);
+    pack_b_rows(kc, p.N, p.B + pc * p.ldb, p.ldb, panel);
 }
 
-// Packing task t (threads): K block t / pack_chunks, slivers [c * kPackSlivers, ...) of its panel.
-void pack_b_task(const Problem& p, const Plan& pl, float* b_packed, int64_t t) {
-  const int64_t pc = (t / pl.pack_chunks) * pl.kc, j0 = (t % pl.pack_chunks) * kPackSlivers * NR;
-  pack_b(p, pc, std::min(pl.kc, p.K - pc), j0, std::min(kPackSlivers * NR, p.N - j0), b_packed + pc * pl.n_pad);
-}
-
-// Band task t, one K block: C[m0 : m0+m, n0 : n0+n] (+)= op(A)[band rows, pc : pc+kc] * panel, the inner
-// loops of the header comment. `panel` is the K block's packed B.
+// Band t, one K block: C[m0 : m0+m, :] (+)= op(A)[band rows, pc : pc+kc] * panel, the inner loops of the
+// header comment. `panel` is the K block's packed B.
 void band_block(const Problem& p, const Plan& pl, const float* panel, int64_t t, int64_t pc) {
-  const int64_t m0 = (t / pl.col_bands) * pl.rows, m = std::min(pl.rows, p.M - m0);
-  const int64_t n0 = (t % pl.col_bands) * pl.cols, n_end = std::min(n0 + pl.cols, p.N);
+  const int64_t m0 = t * pl.rows, m = std::min(pl.rows, p.M - m0);
   const int64_t kc = std::min(pl.kc, p.K - pc);
   // Row-major A (x in x W^T, dY in dY W) is read in place by narrow bands: each A sliver then feeds at most
   // kInPlaceACols / NR kernels, too few to pay for its transposing pack, and the kernel's six row streams
@@ -454,7 +431,7 @@ void band_block(const Problem& p, const Plan& pl, const float* panel, int64_t t,
   // tiny step ([1648 x 128|352] x [.. x 128]) 2-4% faster in place; N >= 352 and 1024^2 3-7% slower,
   // so wider bands pack. A stored [K,M] is always packed (a plain row-by-row copy; in place, its k-steps
   // would be lda apart).
-  const bool packed = p.trans_a || n_end - n0 > kInPlaceACols;
+  const bool packed = p.trans_a || p.N > kInPlaceACols;
   const float* a = p.trans_a ? p.A + pc * p.lda + m0 : p.A + m0 * p.lda + pc;
   if (packed) {
     float* a_block = thread_buffer(0, MC * KC + kPackSlack);
@@ -465,8 +442,8 @@ void band_block(const Problem& p, const Plan& pl, const float* panel, int64_t t,
     a = a_block;
   }
   const Scale scale{p.alpha, pc == 0 ? p.beta : 1.0f};  // later K blocks accumulate onto the first
-  for (int64_t jr = n0; jr < n_end; jr += NR) {
-    const int n = int(std::min<int64_t>(NR, n_end - jr)), nv = (n + Vec::W - 1) / Vec::W;
+  for (int64_t jr = 0; jr < p.N; jr += NR) {
+    const int n = int(std::min<int64_t>(NR, p.N - jr)), nv = (n + Vec::W - 1) / Vec::W;
     for (int64_t ir = 0; ir < m; ir += MR) {
       const int mr = int(std::min<int64_t>(MR, m - ir));
       float* c = p.C + (m0 + ir) * p.ldc + jr;
@@ -506,28 +483,45 @@ void wait_for(const std::atomic<int64_t>& count, int64_t target) {
 void gemm_serial(const Problem& p) {
   if (p.M <= 0 || p.N <= 0) return;
   if (p.K <= 0 || p.alpha == 0.0f) return scale_c(p);
-  const Plan pl = make_plan(p, 1);
+  const Plan pl = make_plan(p);
   float* panel = thread_buffer(1, pl.kc * pl.n_pad);
   for (int64_t kb = 0; kb < pl.k_blocks; ++kb) {
-    pack_b(p, kb * pl.kc, std::min(pl.kc, p.K - kb * pl.kc), 0, p.N, panel);
-    for (int64_t t = 0; t < pl.row_bands * pl.col_bands; ++t) band_block(p, pl, panel, t, kb * pl.kc);
+    pack_b(p, kb * pl.kc, std::min(pl.kc, p.K - kb * pl.kc), panel);
+    for (int64_t t = 0; t < pl.bands; ++t) band_block(p, pl, panel, t, kb * pl.kc);
   }
 }
 
-void gemm_parallel(const Problem& p, int threads) {
-  const Plan pl = make_plan(p, threads);
-  float* b_packed = thread_buffer(1, p.K * pl.n_pad);  // the calling thread's, shared for this call
-  const int64_t n_pack = pl.k_blocks * pl.pack_chunks, n_bands = pl.row_bands * pl.col_bands;
-  std::atomic<int64_t> next_pack{0}, packed{0}, next_band{0}, finished{0};
+// Sub-problem: the rows [i0, i0 + m) and columns [j0, j0 + n) of C.
+Problem sub_problem(const Problem& p, int64_t i0, int64_t m, int64_t j0, int64_t n) {
+  Problem q = p;
+  q.M = m;
+  q.N = n;
+  q.A = p.trans_a ? p.A + i0 : p.A + i0 * p.lda;
+  q.B = p.trans_b ? p.B + j0 * p.ldb : p.B + j0;
+  q.C = p.C + i0 * p.ldc + j0;
+  return q;
+}
+
+// Threads: C is cut into slices of columns (rows when N is narrower than M or too narrow to cut), two per
+// thread, claimed from a counter so that a descheduled thread leaves work for the others; each slice is a
+// whole gemm_serial, packing its own B panels and A blocks. A column slice re-packs all of A's rows and a row
+// slice all of B's columns, cheap next to its FMAs (each packed value feeds N or M / slices of them).
+// The K blocks are those of one thread, so every element of C is the same sum in the same order whatever the
+// thread count. An earlier version packed all of op(B) once into a buffer shared by the threads: a weight
+// gradient's [1648 x 384] packed B (2.5 MiB) then no longer fit in L2 and every band re-read it from L3.
+// Interleaved runs on a 2-core Zen 5, 2 threads, median: weight gradients [128 x 1648] x [1648 x 352..512]
+// 1.29-1.34x faster, 256^2..1024^2 1.13-1.21x, the single-K-block shapes of the tiny step unchanged.
+void gemm_sliced(const Problem& p, int threads) {
+  const int64_t slices = 2 * threads;
+  const bool by_cols = p.N >= slices * NR && (p.N >= p.M || p.M < slices * MR);
+  const int64_t extent = by_cols ? p.N : p.M;
+  const int64_t width = round_up(ceil_div(extent, slices), by_cols ? NR : MR), n_slices = ceil_div(extent, width);
+  std::atomic<int64_t> next{0}, finished{0};
 #pragma omp parallel num_threads(threads)
   {
-    claim_tasks(next_pack, n_pack, [&](int64_t t) {
-      pack_b_task(p, pl, b_packed, t);
-      packed.fetch_add(1, std::memory_order_acq_rel);
-    });
-    wait_for(packed, n_pack);  // every band reads every panel
-    claim_tasks(next_band, n_bands, [&](int64_t t) {
-      for (int64_t pc = 0; pc < p.K; pc += pl.kc) band_block(p, pl, b_packed + pc * pl.n_pad, t, pc);
+    claim_tasks(next, n_slices, [&](int64_t t) {
+      const int64_t lo = t * width, len = std::min(width, extent - lo);
+      gemm_serial(by_cols ? sub_problem(p, 0, p.M, lo, len) : sub_problem(p, lo, len, 0, p.N));
     });
     finished.fetch_add(1, std::memory_order_acq_rel);
     wait_for(finished, omp_get_num_threads());
@@ -546,15 +540,12 @@ void gemm(const Problem& p) {
   if (p.M <= 0 || p.N <= 0) return;
   const int64_t panels = ceil_div(p.N, kMaxPanelCols), width = round_up(ceil_div(p.N, panels), NR);
   for (int64_t j0 = 0; j0 < p.N; j0 += width) {
-    Problem q = p;
-    q.N = std::min(width, p.N - j0);
-    q.B = p.trans_b ? p.B + j0 * p.ldb : p.B + j0;
-    q.C = p.C + j0;
+    const Problem q = sub_problem(p, 0, p.M, j0, std::min(width, p.N - j0));
     int threads = (q.K <= 0 || q.alpha == 0.0f) ? 1 : threads_for(q.M * q.N * q.K);
     if (threads == 1)
       gemm_serial(q);
     else
-      gemm_parallel(q, threads);
+      gemm_sliced(q, threads);
   }
 }
 
