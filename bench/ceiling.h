@@ -34,7 +34,13 @@ inline double now_seconds() {
 using Vec = __m512;
 inline Vec vset(float x) { return _mm512_set1_ps(x); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
+inline float vsum(Vec a) {  // not _mm512_reduce_add_ps: GCC 12's header warns "'__Y' is used uninitialized"
+  alignas(64) float lane[16];
+  _mm512_store_ps(lane, a);
+  float s = 0.0f;
+  for (float x : lane) s += x;
+  return s;
+}
 inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a); }
 constexpr int kLanes = 16;

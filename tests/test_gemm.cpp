@@ -254,6 +254,66 @@ TEST(Gemm, BatchedInterleavedHeads) {
       }
 }
 
+// PackedB: parts of one packed op(B) — a prefix or suffix of its rows (K over several blocks, ranges starting
+// inside a block), a prefix of its columns — against the double reference, every transpose, f32 and f64;
+// the whole range gives sgemm's bits; padding of C untouched; bad ranges refused.
+template <typename X>
+void check_packed(bool ta, bool tb, int64_t M, int64_t N, int64_t K, int64_t k0, int64_t k1, int64_t n, X beta,
+                  uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  const int64_t lda = (ta ? M : K) + 1, ldb = (tb ? K : N) + 2, ldc = n + 3;
+  std::vector<X> A(size_t((ta ? K : M) * lda)), B(size_t((tb ? N : K) * ldb)), C(size_t(M * ldc));
+  for (auto* v : {&A, &B, &C})
+    for (X& x : *v) x = X(u(rng));
+  const std::vector<X> C0 = C;
+  psa::cpu::PackedB<X> packed(tb, K, N, B.data(), ldb);
+  packed.multiply(ta, M, n, k0, k1, X(0.5), A.data(), lda, beta, C.data(), ldc);
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      double ref = 0, mag = 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        double p = double(ta ? A[size_t(k * lda + i)] : A[size_t(i * lda + k)]) *
+                   double(tb ? B[size_t(j * ldb + k)] : B[size_t(k * ldb + j)]);
+        ref += p;
+        mag += std::fabs(p);
+      }
+      ref = 0.5 * ref + double(beta) * C0[size_t(i * ldc + j)];
+      ASSERT_NEAR(C[size_t(i * ldc + j)], ref, (sizeof(X) == 4 ? 1e-5 : 1e-12) * (mag + 1))
+          << "C(" << i << "," << j << ") ta=" << ta << " tb=" << tb << " K=" << K << " rows [" << k0 << ", " << k1
+          << ") n=" << n;
+    }
+    for (int64_t j = n; j < ldc; ++j) ASSERT_EQ(C[size_t(i * ldc + j)], C0[size_t(i * ldc + j)]) << "padding written";
+  }
+}
+
+TEST(Gemm, PackedBParts) {
+  uint32_t seed = 500;
+  for (int t = 0; t < 4; ++t) {
+    const bool ta = t & 1, tb = t & 2;
+    const int64_t parts[][3] = {{0, 500, 70}, {0, 37, 70}, {211, 500, 33}, {199, 401, 1}, {300, 300, 70}};
+    for (const auto& r : parts) {  // K = 500 is three blocks
+      check_packed<float>(ta, tb, 29, 70, 500, r[0], r[1], r[2], 0.0f, seed++);
+      check_packed<float>(ta, tb, 29, 70, 500, r[0], r[1], r[2], -1.0f, seed++);
+      check_packed<double>(ta, tb, 29, 70, 500, r[0], r[1], r[2], 0.5, seed++);
+    }
+    check_packed<float>(ta, tb, 300, 40, 32, 0, 32, 40, 0.0f, seed++);  // attention-like: M over one band
+  }
+  // The whole range: the same bits as sgemm.
+  std::mt19937 rng(9);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> A(100 * 400), B(400 * 90), C1(100 * 90), C2(100 * 90);
+  for (auto* v : {&A, &B})
+    for (float& x : *v) x = u(rng);
+  sgemm(false, false, 100, 90, 400, 1.0f, A.data(), 400, B.data(), 90, 0.0f, C1.data(), 90);
+  psa::cpu::PackedB<float>(false, 400, 90, B.data(), 90).multiply(false, 100, 90, 0, 400, 1.0f, A.data(), 400, 0.0f,
+                                                                  C2.data(), 90);
+  EXPECT_EQ(C1, C2);
+  psa::cpu::PackedB<float> small(false, 4, 4, B.data(), 4);
+  EXPECT_THROW(small.multiply(false, 2, 4, 1, 5, 1.0f, A.data(), 4, 0.0f, C1.data(), 4), psa::Error);
+  EXPECT_THROW(small.multiply(false, 2, 5, 0, 4, 1.0f, A.data(), 4, 0.0f, C1.data(), 5), psa::Error);
+}
+
 // dgemm: exact enough to compare with a long-double loop at 1e-12.
 TEST(Gemm, Double) {
   std::mt19937 rng(9);

@@ -1,7 +1,9 @@
 // Rotary embeddings and scaled dot-product attention.
 // rope: rows of D along [B, H, T] are independent; spread over threads when large.
 // attention: one (b, h) block at a time, blocks spread over OpenMP threads; inside a block the GEMMs run
-// single-threaded (gemm.h's contract inside a parallel region). The forward keeps the probabilities P
+// single-threaded (gemm.h's contract inside a parallel region), each operand that several row or column chunks
+// multiply packed once per block (gemm.h's PackedB; repacking K and V for every chunk had been a quarter of
+// the time at the tiny LLM's [103 x 32] heads). The forward keeps the probabilities P
 // [B, H, T, S] for the backward (T, S are at most a few hundred in this project), so no score is recomputed.
 // Causal attention skips the masked triangle: rows go in chunks of kCausalRows, each chunk's GEMMs stop at
 // the last column its last row sees (and in the backward, the transposed products start at the first row
@@ -171,10 +173,11 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
       X* P = pp + bh * a.T * a.S;
       X* O = po + bh * a.T * a.D;
       int64_t mo = mask_offset(mask, a, b, h);
+      const PackedB<X> keys_t(true, a.D, a.S, pk + kv, a.D), values(false, a.S, a.D, pv + kv, a.D);
       for (const Chunk& c : chunks) {  // P = 0 past `cols` (mask_softmax_rows writes it)
-        gemm(false, true, c.rows, c.cols, a.D, (X)scale, Q + c.t0 * a.D, a.D, pk + kv, a.D, X(0), P + c.t0 * a.S, a.S);
+        keys_t.multiply(false, c.rows, c.cols, 0, a.D, (X)scale, Q + c.t0 * a.D, a.D, X(0), P + c.t0 * a.S, a.S);
         mask_softmax_rows(P + c.t0 * a.S, mo < 0 ? nullptr : pm + mo + c.t0 * a.S, causal, c.t0, c.rows, a.T, a.S);
-        gemm(false, false, c.rows, a.D, c.cols, X(1), P + c.t0 * a.S, a.S, pv + kv, a.D, X(0), O + c.t0 * a.D, a.D);
+        values.multiply(false, c.rows, a.D, 0, c.cols, X(1), P + c.t0 * a.S, a.S, X(0), O + c.t0 * a.D, a.D);
       }
     }
   });
@@ -205,11 +208,11 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
     if (G > 1 && dv) { dv_heads.resize(a.B * a.H * kv_block); dv = dv_heads.data(); }
     const std::vector<Chunk> chunks = row_chunks(a, causal);
     // out[s0 : s0 + width] = alpha · M[t_lo:, s0 : s0 + width]ᵀ · R[t_lo:], chunk by chunk (t_lo < T always:
-    // the last row sees every column at or before S - 1).
+    // the last row sees every column at or before S - 1); R [T, D] packed once for all chunks.
     auto transposed = [&](const X* M, const X* R, X alpha, X* out) {
+      const PackedB<X> rows(false, a.T, a.D, R, a.D);
       for (const ColChunk& c : col_chunks)
-        gemm(true, false, c.width, a.D, a.T - c.t_lo, alpha, M + c.t_lo * a.S + c.s0, a.S, R + c.t_lo * a.D, a.D,
-             X(0), out + c.s0 * a.D, a.D);
+        rows.multiply(true, c.width, a.D, c.t_lo, a.T, alpha, M + c.s0, a.S, X(0), out + c.s0 * a.D, a.D);
     };
 #pragma omp parallel for schedule(dynamic) if (a.B * a.H > 1 && a.B * a.H * a.T * a.S * a.D > kParallelMin)
     for (int64_t bh = 0; bh < a.B * a.H; ++bh) {
@@ -218,13 +221,14 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
       if (dv) transposed(P, dO, X(1), dv + bh * kv_block);
       if (!pgq && !dk) continue;
       std::vector<X> dS(a.T * a.S);  // zeros: the entries no chunk writes are read as dS = 0 by dK
+      const PackedB<X> values_t(true, a.D, a.S, pv + kv, a.D);
+      const PackedB<X> keys = pgq ? PackedB<X>(false, a.S, a.D, pk + kv, a.D) : PackedB<X>(false, 0, 0, pk, 1);
       for (const Chunk& c : chunks) {
         X* d = dS.data() + c.t0 * a.S;
-        gemm(false, true, c.rows, c.cols, a.D, X(1), dO + c.t0 * a.D, a.D, pv + kv, a.D, X(0), d, a.S);
+        values_t.multiply(false, c.rows, c.cols, 0, a.D, X(1), dO + c.t0 * a.D, a.D, X(0), d, a.S);
         softmax_grad_rows(P + c.t0 * a.S, d, c.rows, c.cols, a.S);
         if (pgq)
-          gemm(false, false, c.rows, a.D, c.cols, (X)scale, d, a.S, pk + kv, a.D, X(0), pgq + (bh * a.T + c.t0) * a.D,
-               a.D);
+          keys.multiply(false, c.rows, a.D, 0, c.cols, (X)scale, d, a.S, X(0), pgq + (bh * a.T + c.t0) * a.D, a.D);
       }
       if (dk) transposed(dS.data(), Q, (X)scale, dk + bh * kv_block);
     }

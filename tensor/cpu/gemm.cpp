@@ -420,11 +420,10 @@ void pack_b(const Problem& p, int64_t pc, int64_t kc, float* panel) {
     pack_b_rows(kc, p.N, p.B + pc * p.ldb, p.ldb, panel);
 }
 
-// Band t, one K block: C[m0 : m0+m, :] (+)= op(A)[band rows, pc : pc+kc] * panel, the inner loops of the
-// header comment. `panel` is the K block's packed B.
-void band_block(const Problem& p, const Plan& pl, const float* panel, int64_t t, int64_t pc) {
-  const int64_t m0 = t * pl.rows, m = std::min(pl.rows, p.M - m0);
-  const int64_t kc = std::min(pl.kc, p.K - pc);
+// C[m0 : m0+m, 0 : N] (+)= op(A)[m0 : m0+m, ka : ka+kc] * B, the inner loops of the header comment, for one
+// K block; B is kc rows of packed slivers, sliver j at `slivers + j * stride`.
+void band_kernels(const Problem& p, int64_t m0, int64_t m, int64_t ka, int64_t kc, const float* slivers,
+                  int64_t stride, float beta) {
   // Row-major A (x in x W^T, dY in dY W) is read in place by narrow bands: each A sliver then feeds at most
   // kInPlaceACols / NR kernels, too few to pay for its transposing pack, and the kernel's six row streams
   // (kc floats each) stay in L1 meanwhile. Interleaved runs, min of 15, one thread: N = 128 shapes of the
@@ -432,7 +431,7 @@ void band_block(const Problem& p, const Plan& pl, const float* panel, int64_t t,
   // so wider bands pack. A stored [K,M] is always packed (a plain row-by-row copy; in place, its k-steps
   // would be lda apart).
   const bool packed = p.trans_a || p.N > kInPlaceACols;
-  const float* a = p.trans_a ? p.A + pc * p.lda + m0 : p.A + m0 * p.lda + pc;
+  const float* a = p.trans_a ? p.A + ka * p.lda + m0 : p.A + m0 * p.lda + ka;
   if (packed) {
     float* a_block = thread_buffer(0, MC * KC + kPackSlack);
     if (p.trans_a)
@@ -441,16 +440,23 @@ void band_block(const Problem& p, const Plan& pl, const float* panel, int64_t t,
       pack_a_rows(m, kc, a, p.lda, a_block);
     a = a_block;
   }
-  const Scale scale{p.alpha, pc == 0 ? p.beta : 1.0f};  // later K blocks accumulate onto the first
+  const Scale scale{p.alpha, beta};
   for (int64_t jr = 0; jr < p.N; jr += NR) {
     const int n = int(std::min<int64_t>(NR, p.N - jr)), nv = (n + Vec::W - 1) / Vec::W;
     for (int64_t ir = 0; ir < m; ir += MR) {
       const int mr = int(std::min<int64_t>(MR, m - ir));
       float* c = p.C + (m0 + ir) * p.ldc + jr;
       const float* a_sliver = packed ? a + ir * kc : a + ir * p.lda;
-      kKernels[packed][(mr - 1) * NV + (nv - 1)](kc, a_sliver, p.lda, panel + jr * kc, c, p.ldc, scale, n);
+      kKernels[packed][(mr - 1) * NV + (nv - 1)](kc, a_sliver, p.lda, slivers + (jr / NR) * stride, c, p.ldc, scale,
+                                                 n);
     }
   }
+}
+
+// Band t over the K block at pc; `panel` is that block's packed B. Later K blocks accumulate onto the first.
+void band_block(const Problem& p, const Plan& pl, const float* panel, int64_t t, int64_t pc) {
+  const int64_t m0 = t * pl.rows, kc = std::min(pl.kc, p.K - pc);
+  band_kernels(p, m0, std::min(pl.rows, p.M - m0), pc, kc, panel, kc * NR, pc == 0 ? p.beta : 1.0f);
 }
 
 // Claims tasks [0, n) from `next` until none are left.
@@ -592,6 +598,62 @@ void dgemm_serial(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, d
 }
 
 }  // namespace
+
+// ---- PackedB: op(B) packed once (float) -------------------------------------------------------------
+// The K blocks and panels of gemm_serial, all kept: panel kb at kb * kc_ * n_pad_, its slivers kc_b * NR
+// apart (kc_b = the block's own height). A product with rows [k0, k1) of op(B) runs each block's overlap
+// with them, starting inside its slivers, so every element of C is the same sum as in sgemm when
+// [k0, k1) = [0, K).
+
+template <>
+PackedB<float>::PackedB(bool trans_b, int64_t K, int64_t N, const float* B, int64_t ldb)
+    : trans_b_(trans_b), K_(K), N_(N), B_(nullptr), ldb_(ldb) {
+  PSA_CHECK(K >= 0 && N >= 0 && ldb >= std::max<int64_t>(1, trans_b ? K : N), "PackedB: K=", K, " N=", N,
+            " ldb=", ldb);
+  if (K == 0 || N == 0) return;
+  n_pad_ = round_up(N, NR);
+  kc_ = ceil_div(K, ceil_div(K, KC));
+  panels_.resize(size_t(ceil_div(K, kc_) * kc_ * n_pad_));
+  const Problem p{false, trans_b, 0, N, K, 1.0f, nullptr, 0, B, ldb, 0.0f, nullptr, 0};
+  for (int64_t pc = 0; pc < K; pc += kc_) pack_b(p, pc, std::min(kc_, K - pc), panels_.data() + pc * n_pad_);
+}
+
+template <>
+void PackedB<float>::multiply(bool trans_a, int64_t M, int64_t n, int64_t k0, int64_t k1, float alpha,
+                              const float* A, int64_t lda, float beta, float* C, int64_t ldc) const {
+  PSA_CHECK(0 <= k0 && k0 <= k1 && k1 <= K_ && 0 <= n && n <= N_ && M >= 0, "PackedB::multiply: rows [", k0, ", ",
+            k1, ") and ", n, " columns of a packed [", K_, " x ", N_, "], M=", M);
+  const Problem p{trans_a, false, M, n, k1 - k0, alpha, A, lda, nullptr, 0, beta, C, ldc};
+  if (M == 0 || n == 0) return;
+  if (k1 == k0 || alpha == 0.0f) return scale_c(p);
+  const int64_t rows = round_up(ceil_div(M, ceil_div(M, MC)), MR);
+  bool first = true;
+  for (int64_t pc = 0; pc < k1; pc += kc_) {
+    const int64_t kc = std::min(kc_, K_ - pc), lo = std::max(k0, pc), hi = std::min(k1, pc + kc);
+    if (lo >= hi) continue;
+    const float* slivers = panels_.data() + pc * n_pad_ + (lo - pc) * NR;
+    for (int64_t m0 = 0; m0 < M; m0 += rows)
+      band_kernels(p, m0, std::min(rows, M - m0), lo, hi - lo, slivers, kc * NR, first ? beta : 1.0f);
+    first = false;
+  }
+}
+
+// Double: no packing, dgemm's loops on the sub-range.
+template <>
+PackedB<double>::PackedB(bool trans_b, int64_t K, int64_t N, const double* B, int64_t ldb)
+    : trans_b_(trans_b), K_(K), N_(N), B_(B), ldb_(ldb) {
+  PSA_CHECK(K >= 0 && N >= 0 && ldb >= std::max<int64_t>(1, trans_b ? K : N), "PackedB: K=", K, " N=", N,
+            " ldb=", ldb);
+}
+
+template <>
+void PackedB<double>::multiply(bool trans_a, int64_t M, int64_t n, int64_t k0, int64_t k1, double alpha,
+                               const double* A, int64_t lda, double beta, double* C, int64_t ldc) const {
+  PSA_CHECK(0 <= k0 && k0 <= k1 && k1 <= K_ && 0 <= n && n <= N_ && M >= 0, "PackedB::multiply: rows [", k0, ", ",
+            k1, ") and ", n, " columns of a [", K_, " x ", N_, "], M=", M);
+  dgemm_serial(trans_a, trans_b_, M, n, k1 - k0, alpha, trans_a ? A + k0 * lda : A + k0, lda,
+               trans_b_ ? B_ + k0 : B_ + k0 * ldb_, ldb_, beta, C, ldc);
+}
 
 void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
            int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {

@@ -3,6 +3,7 @@
 // of the backward pass need no copies.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace psa::cpu {
 
@@ -29,5 +30,38 @@ void dgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double a
 void dgemm_batched(int64_t batch, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha,
                    const double* A, int64_t lda, int64_t stride_a, const double* B, int64_t ldb, int64_t stride_b,
                    double beta, double* C, int64_t ldc, int64_t stride_c);
+
+// One op(B) [K,N], packed once, in many products with parts of it (causal attention: every row chunk of the
+// queries meets a prefix of the keys, and in the backward every column chunk a suffix of the rows):
+//   multiply: C[M,n] = alpha * op(A)[M, k0:k1] * op(B)[k0:k1, 0:n] + beta * C,   0 <= k0 <= k1 <= K, n <= N,
+// where A points at op(A)'s column 0 (A stored [K,M] when trans_a, as in sgemm). One thread: meant for calls
+// inside a parallel region. For float, op(B) is packed in the constructor (B is not read afterwards); for
+// double, multiply reads B in place with dgemm's loops. Same contract as sgemm otherwise.
+template <typename X>
+class PackedB {
+ public:
+  PackedB(bool trans_b, int64_t K, int64_t N, const X* B, int64_t ldb);
+  void multiply(bool trans_a, int64_t M, int64_t n, int64_t k0, int64_t k1, X alpha, const X* A, int64_t lda, X beta,
+                X* C, int64_t ldc) const;
+
+ private:
+  bool trans_b_;
+  int64_t K_, N_;
+  const X* B_;
+  int64_t ldb_;
+  int64_t kc_ = 0, n_pad_ = 0;  // float: K blocks of kc_ rows, each a panel of n_pad_ / NR slivers
+  std::vector<float> panels_;
+};
+
+template <>
+PackedB<float>::PackedB(bool trans_b, int64_t K, int64_t N, const float* B, int64_t ldb);
+template <>
+void PackedB<float>::multiply(bool trans_a, int64_t M, int64_t n, int64_t k0, int64_t k1, float alpha, const float* A,
+                              int64_t lda, float beta, float* C, int64_t ldc) const;
+template <>
+PackedB<double>::PackedB(bool trans_b, int64_t K, int64_t N, const double* B, int64_t ldb);
+template <>
+void PackedB<double>::multiply(bool trans_a, int64_t M, int64_t n, int64_t k0, int64_t k1, double alpha,
+                               const double* A, int64_t lda, double beta, double* C, int64_t ldc) const;
 
 }  // namespace psa::cpu
