@@ -6,7 +6,9 @@ CUDA_ARCH ?= sm_90
 BUILD    ?= build
 OBJ      := $(BUILD)/obj
 OPT      ?= -O3 -march=native
-CXXFLAGS += -std=c++17 $(OPT) -fopenmp -Wall -Wextra -Wno-unused-parameter -I. -MMD -MP
+# -fno-math-errno: sqrt need not call libm just to set errno (never read here), so loops with a sqrt, such as
+# AdamW's, vectorise; IEEE sqrt and division round the same either way.
+CXXFLAGS += -std=c++17 $(OPT) -fno-math-errno -fopenmp -Wall -Wextra -Wno-unused-parameter -I. -MMD -MP
 LDLIBS   += -fopenmp -lxxhash -lpthread -ldl
 
 ifneq ($(filter 0 emu,$(CUDA)),)
