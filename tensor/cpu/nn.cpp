@@ -64,27 +64,26 @@ void layer_norm_backward(const Tensor& gout, const Tensor& x, const Tensor& w, c
   dispatch_float(x.dtype(), "layer_norm_backward", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
     const T *pg = gout.data<T>(), *px = x.data<T>(), *pm = mean.data<T>(), *pr = rstd.data<T>();
-    const T* pw = data_or_null<T>(w);
+    const std::vector<T> ones(w.defined() ? 0 : C, T(1));  // no weight: a branch-free w = 1 (the lane sums vectorise)
+    const T* pw = w.defined() ? w.data<T>() : ones.data();
     T* pgx = mutable_or_null<T>(gx);
     bool need_w = gw.defined(), need_b = gb.defined();
     auto row = [&](int64_t r, double* acc) {  // acc: [0, C) for gw, [C, 2C) for gb
       const T *gr = pg + r * C, *xr = px + r * C;
       T m = pm[r], rs = pr[r];
-      double sum_gxhat = 0, sum_gxhat_xhat = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        T xhat = (xr[c] - m) * rs, gxhat = gr[c] * (pw ? pw[c] : T(1));
-        sum_gxhat += gxhat;
-        sum_gxhat_xhat += gxhat * xhat;
-        if (need_w) acc[c] += gr[c] * xhat;
-        if (need_b) acc[C + c] += gr[c];
-      }
+      auto xhat = [&](int64_t c) { return (xr[c] - m) * rs; };
+      auto gxhat = [&](int64_t c) { return gr[c] * pw[c]; };
+      if (need_w)
+        for (int64_t c = 0; c < C; ++c) acc[c] += gr[c] * xhat(c);
+      if (need_b)
+        for (int64_t c = 0; c < C; ++c) acc[C + c] += gr[c];
       if (!pgx) return;
+      // Lane sums (sum_f64), not one running double: a chain of dependent adds was most of this kernel's time.
+      const double sum_gxhat = sum_f64(C, [&](int64_t c) { return (double)gxhat(c); });
+      const double sum_gxhat_xhat = sum_f64(C, [&](int64_t c) { return (double)(gxhat(c) * xhat(c)); });
       T mean_g = (T)(sum_gxhat / C), mean_gx = (T)(sum_gxhat_xhat / C);
       T* out = pgx + r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        T xhat = (xr[c] - m) * rs, gxhat = gr[c] * (pw ? pw[c] : T(1));
-        out[c] = rs * (gxhat - mean_g - xhat * mean_gx);
-      }
+      for (int64_t c = 0; c < C; ++c) out[c] = rs * (gxhat(c) - mean_g - xhat(c) * mean_gx);
     };
     std::vector<double> sums = rows_with_partial_sums(rows, 2 * C, rows * C > kParallelMin, row);
     if (need_w) store(sums, 0, C, gw.data<T>());
@@ -118,22 +117,22 @@ void rms_norm_backward(const Tensor& gout, const Tensor& x, const Tensor& w, con
   dispatch_float(x.dtype(), "rms_norm_backward", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
     const T *pg = gout.data<T>(), *px = x.data<T>(), *pr = rstd.data<T>();
-    const T* pw = data_or_null<T>(w);
+    const std::vector<T> ones(w.defined() ? 0 : C, T(1));  // as in layer_norm_backward
+    const T* pw = w.defined() ? w.data<T>() : ones.data();
     T* pgx = mutable_or_null<T>(gx);
     bool need_w = gw.defined();
     auto row = [&](int64_t r, double* acc) {
       const T *gr = pg + r * C, *xr = px + r * C;
       T rs = pr[r];
-      double sum_gxhat_xhat = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        T xhat = xr[c] * rs;
-        sum_gxhat_xhat += gr[c] * (pw ? pw[c] : T(1)) * xhat;
-        if (need_w) acc[c] += gr[c] * xhat;
-      }
+      if (need_w)
+        for (int64_t c = 0; c < C; ++c) acc[c] += gr[c] * (xr[c] * rs);
       if (!pgx) return;
+      // Lane sums, as in layer_norm_backward.
+      const double sum_gxhat_xhat =
+          sum_f64(C, [&](int64_t c) { return (double)(gr[c] * pw[c] * (xr[c] * rs)); });
       T mean_gx = (T)(sum_gxhat_xhat / C);
       T* out = pgx + r * C;
-      for (int64_t c = 0; c < C; ++c) out[c] = rs * (gr[c] * (pw ? pw[c] : T(1)) - xr[c] * rs * mean_gx);
+      for (int64_t c = 0; c < C; ++c) out[c] = rs * (gr[c] * pw[c] - xr[c] * rs * mean_gx);
     };
     std::vector<double> sums = rows_with_partial_sums(rows, C, rows * C > kParallelMin, row);
     if (need_w) store(sums, 0, C, gw.data<T>());
