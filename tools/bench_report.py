@@ -210,7 +210,8 @@ def markdown(report):
     tj = report.get("torch")
     base = (f"PyTorch {tj['torch_version']}" if tj else "PyTorch: not measured (" + report["torch_note"] + ")")
     if tj and tj.get("blas_libraries"):
-        base += (" on " + ", ".join("/".join(b.split("/")[-2:]) for b in tj["blas_libraries"])
+        blas = [b for b in tj["blas_libraries"] if "lapack" not in b]
+        base += (" on " + ", ".join("/".join(b.split("/")[-2:]) for b in blas)
                  + (f" (OPENBLAS_CORETYPE={tj['openblas_coretype']})" if tj.get("openblas_coretype") else ""))
     L += ["", f"## Training step, tiny preset, batch 16, ours vs {base}", "",
           "ms/step: median over rounds of each run's median step; ours/PyTorch: median of the per-round ratios "
