@@ -600,6 +600,20 @@ void dgemm_serial(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, d
 }  // namespace
 
 // ---- PackedB: op(B) packed once (float) -------------------------------------------------------------
+
+namespace {
+
+void check_packed(bool trans_b, int64_t K, int64_t N, int64_t ldb) {
+  PSA_CHECK(K >= 0 && N >= 0 && ldb >= std::max<int64_t>(1, trans_b ? K : N), "PackedB: K=", K, " N=", N, " ldb=", ldb);
+}
+
+void check_part(int64_t K, int64_t N, int64_t M, int64_t n, int64_t k0, int64_t k1) {
+  PSA_CHECK(0 <= k0 && k0 <= k1 && k1 <= K && 0 <= n && n <= N && M >= 0, "PackedB::multiply: rows [", k0, ", ", k1,
+            ") and ", n, " columns of a [", K, " x ", N, "] op(B), M=", M);
+}
+
+}  // namespace
+
 // The K blocks and panels of gemm_serial, all kept: panel kb at kb * kc_ * n_pad_, its slivers kc_b * NR
 // apart (kc_b = the block's own height). A product with rows [k0, k1) of op(B) runs each block's overlap
 // with them, starting inside its slivers, so every element of C is the same sum as in sgemm when
@@ -608,8 +622,7 @@ void dgemm_serial(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, d
 template <>
 PackedB<float>::PackedB(bool trans_b, int64_t K, int64_t N, const float* B, int64_t ldb)
     : trans_b_(trans_b), K_(K), N_(N), B_(nullptr), ldb_(ldb) {
-  PSA_CHECK(K >= 0 && N >= 0 && ldb >= std::max<int64_t>(1, trans_b ? K : N), "PackedB: K=", K, " N=", N,
-            " ldb=", ldb);
+  check_packed(trans_b, K, N, ldb);
   if (K == 0 || N == 0) return;
   n_pad_ = round_up(N, NR);
   kc_ = ceil_div(K, ceil_div(K, KC));
@@ -621,8 +634,7 @@ PackedB<float>::PackedB(bool trans_b, int64_t K, int64_t N, const float* B, int6
 template <>
 void PackedB<float>::multiply(bool trans_a, int64_t M, int64_t n, int64_t k0, int64_t k1, float alpha,
                               const float* A, int64_t lda, float beta, float* C, int64_t ldc) const {
-  PSA_CHECK(0 <= k0 && k0 <= k1 && k1 <= K_ && 0 <= n && n <= N_ && M >= 0, "PackedB::multiply: rows [", k0, ", ",
-            k1, ") and ", n, " columns of a packed [", K_, " x ", N_, "], M=", M);
+  check_part(K_, N_, M, n, k0, k1);
   const Problem p{trans_a, false, M, n, k1 - k0, alpha, A, lda, nullptr, 0, beta, C, ldc};
   if (M == 0 || n == 0) return;
   if (k1 == k0 || alpha == 0.0f) return scale_c(p);
@@ -642,15 +654,13 @@ void PackedB<float>::multiply(bool trans_a, int64_t M, int64_t n, int64_t k0, in
 template <>
 PackedB<double>::PackedB(bool trans_b, int64_t K, int64_t N, const double* B, int64_t ldb)
     : trans_b_(trans_b), K_(K), N_(N), B_(B), ldb_(ldb) {
-  PSA_CHECK(K >= 0 && N >= 0 && ldb >= std::max<int64_t>(1, trans_b ? K : N), "PackedB: K=", K, " N=", N,
-            " ldb=", ldb);
+  check_packed(trans_b, K, N, ldb);
 }
 
 template <>
 void PackedB<double>::multiply(bool trans_a, int64_t M, int64_t n, int64_t k0, int64_t k1, double alpha,
                                const double* A, int64_t lda, double beta, double* C, int64_t ldc) const {
-  PSA_CHECK(0 <= k0 && k0 <= k1 && k1 <= K_ && 0 <= n && n <= N_ && M >= 0, "PackedB::multiply: rows [", k0, ", ",
-            k1, ") and ", n, " columns of a [", K_, " x ", N_, "], M=", M);
+  check_part(K_, N_, M, n, k0, k1);
   dgemm_serial(trans_a, trans_b_, M, n, k1 - k0, alpha, trans_a ? A + k0 * lda : A + k0, lda,
                trans_b_ ? B_ + k0 : B_ + k0 * ldb_, ldb_, beta, C, ldc);
 }
