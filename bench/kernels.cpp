@@ -535,6 +535,24 @@ Case add_case(const Dims& d) {
   return c;
 }
 
+// Head split of attention: [B, T, H, D] -> [B, H, T, D] (the LLM's q, k, v; the inverse merges the output).
+Case head_permute_case(const Dims& d) {
+  const int64_t B = d[0], H = d[1], T = d[2], D = d[3], n = B * H * T * D;
+  Tensor x = uniform({B, T, H, D}, -1, 1, 1), out = Tensor::empty({B, H, T, D});
+  Case c;
+  c.run = [=]() mutable { cpu::permute(x, {0, 2, 1, 3}, out); };
+  c.check = [=] {
+    Check k;
+    for (int64_t i : sample(n)) {
+      const int64_t dd = i % D, t = i / D % T, h = i / (D * T) % H, b = i / (D * T * H);
+      k.near("head permute", i, f(out)[i], f(x)[((b * T + t) * H + h) * D + dd], 0);
+    }
+    return k.error;
+  };
+  c.bytes = 2.0 * n * 4;
+  return c;
+}
+
 double silu(double x) { return x / (1 + std::exp(-x)); }
 double silu_grad(double x) {
   double s = 1 / (1 + std::exp(-x));
@@ -746,6 +764,7 @@ std::vector<Family> families() {
       {"cross_entropy", cross_entropy_fwd, logits},
       {"cross_entropy_bwd", cross_entropy_bwd, logits},
       {"add", add_case, mlp_rows},
+      {"head_permute", head_permute_case, heads},
       {"silu", silu_fwd, mlp_rows},
       {"silu_bwd", silu_bwd, mlp_rows},
       {"swiglu", swiglu_fwd, mlp_rows},
