@@ -169,13 +169,16 @@ std::vector<Shape> shapes() {
   for (int64_t n : {256, 512, 1024, 2048}) out.push_back({false, false, n, n, n});
   // tiny model, tokens M = 16 rows x 103 merged tokens (Stage II): y[M,N] = x[M,K] W[K,N]; dx = dy W^T is
   // [M,K] over N; dW = x^T dy is [K,N] over M.
-  const int64_t M = 1648;
-  const int64_t linear[][2] = {{128, 384}, {128, 352}, {352, 128}, {128, 512}};  // {in K, out N}
-  for (const auto& l : linear) {
-    int64_t K = l[0], N = l[1];
-    out.push_back({false, false, M, N, K});  // forward
-    out.push_back({false, true, M, K, N});   // input gradient
-    out.push_back({true, false, K, N, M});   // weight gradient
+  // small model (the GPU preset): M = 32 rows x 127 merged tokens; q/k/v/o, gate/up and down projections.
+  struct Linear {
+    int64_t M, K, N;  // tokens, in, out
+  };
+  const Linear linear[] = {{1648, 128, 384}, {1648, 128, 352}, {1648, 352, 128}, {1648, 128, 512},
+                           {4064, 512, 512}, {4064, 512, 1408}, {4064, 1408, 512}};
+  for (const Linear& l : linear) {
+    out.push_back({false, false, l.M, l.N, l.K});  // forward
+    out.push_back({false, true, l.M, l.K, l.N});   // input gradient
+    out.push_back({true, false, l.K, l.N, l.M});   // weight gradient
   }
   // attention, 16 sequences x 4 heads of 100 positions, head size 32: scores Q K^T, then P V
   out.push_back({false, true, 100, 100, 32, 64});

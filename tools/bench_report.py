@@ -202,7 +202,8 @@ def markdown(report):
          "number below is pessimistic; ratios are measured in the same run).", ""]
     L += ["## SGEMM, ours vs OpenBLAS (GFLOP/s, median of 3; target ours/OpenBLAS >= 0.8)", "",
           "M x N x K; NN = x·W, NT = dY·Wᵀ (input gradient), TN = xᵀ·dY (weight gradient); the non-square shapes "
-          "are the tiny training step's (M = 16 rows x 103 tokens), and B x M x N x K rows its attention's per-head products.", "",
+          "are the tiny training step's (M = 16 rows x 103 tokens = 1648) and the small one's (M = 32 x 127 = 4064), "
+          "and B x M x N x K rows the tiny step's attention's per-head products.", "",
           "| form | M x N x K | threads | ours | OpenBLAS | ours/OpenBLAS |", "|---|---:|---:|---:|---:|---:|"]
     for r in report["gemm"]:
         L.append(f"| {r['form']} | {r['size']} | {r['threads']} | {fmt(r['ours_gflops'])} "
