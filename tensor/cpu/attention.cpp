@@ -9,7 +9,8 @@
 // the last column its last row sees (and in the backward, the transposed products start at the first row
 // that sees the chunk's columns). At the tiny LLM's T = 103 that is 61% of the full [T, S] work; bench_kernels
 // attention_fwd_bwd [16, 4, 103, 32], one thread, min of 10 interleaved runs: 4.5 ms against 5.8 unchunked
-// (12 or 18 rows: no better, as each chunk re-packs K and V; 36 or 60: less skipped).
+// (12 or 18 rows: no better, then as each chunk re-packed K and V, and still none better on a Zen 5 once
+// they were packed once: min of 10 interleaved runs within 1.5%; 36 or 60: less skipped).
 #include <cmath>
 #include <limits>
 #include <vector>
