@@ -13,6 +13,7 @@
 // they were packed once: min of 10 interleaved runs within 1.5%; 36 or 60: less skipped).
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "tensor/cpu/kernel_util.h"
@@ -223,13 +224,14 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
       if (!pgq && !dk) continue;
       std::vector<X> dS(a.T * a.S);  // zeros: the entries no chunk writes are read as dS = 0 by dK
       const PackedB<X> values_t(true, a.D, a.S, pv + kv, a.D);
-      const PackedB<X> keys = pgq ? PackedB<X>(false, a.S, a.D, pk + kv, a.D) : PackedB<X>(false, 0, 0, pk, 1);
+      std::optional<PackedB<X>> keys;  // only for dQ
+      if (pgq) keys.emplace(false, a.S, a.D, pk + kv, a.D);
       for (const Chunk& c : chunks) {
         X* d = dS.data() + c.t0 * a.S;
         values_t.multiply(false, c.rows, c.cols, 0, a.D, X(1), dO + c.t0 * a.D, a.D, X(0), d, a.S);
         softmax_grad_rows(P + c.t0 * a.S, d, c.rows, c.cols, a.S);
         if (pgq)
-          keys.multiply(false, c.rows, a.D, 0, c.cols, (X)scale, d, a.S, X(0), pgq + (bh * a.T + c.t0) * a.D, a.D);
+          keys->multiply(false, c.rows, a.D, 0, c.cols, (X)scale, d, a.S, X(0), pgq + (bh * a.T + c.t0) * a.D, a.D);
       }
       if (dk) transposed(dS.data(), Q, (X)scale, dk + bh * kv_block);
     }

@@ -624,10 +624,11 @@ PackedB<float>::PackedB(bool trans_b, int64_t K, int64_t N, const float* B, int6
     : trans_b_(trans_b), K_(K), N_(N), B_(nullptr), ldb_(ldb) {
   check_packed(trans_b, K, N, ldb);
   if (K == 0 || N == 0) return;
-  n_pad_ = round_up(N, NR);
-  kc_ = ceil_div(K, ceil_div(K, KC));
-  panels_.resize(size_t(ceil_div(K, kc_) * kc_ * n_pad_));
-  const Problem p{false, trans_b, 0, N, K, 1.0f, nullptr, 0, B, ldb, 0.0f, nullptr, 0};
+  const Problem p{false, trans_b, 1, N, K, 1.0f, nullptr, 0, B, ldb, 0.0f, nullptr, 0};  // M: any, unused
+  const Plan pl = make_plan(p);  // gemm_serial's K blocks
+  n_pad_ = pl.n_pad;
+  kc_ = pl.kc;
+  panels_.resize(size_t(pl.k_blocks * kc_ * n_pad_));
   for (int64_t pc = 0; pc < K; pc += kc_) pack_b(p, pc, std::min(kc_, K - pc), panels_.data() + pc * n_pad_);
 }
 
@@ -638,7 +639,7 @@ void PackedB<float>::multiply(bool trans_a, int64_t M, int64_t n, int64_t k0, in
   const Problem p{trans_a, false, M, n, k1 - k0, alpha, A, lda, nullptr, 0, beta, C, ldc};
   if (M == 0 || n == 0) return;
   if (k1 == k0 || alpha == 0.0f) return scale_c(p);
-  const int64_t rows = round_up(ceil_div(M, ceil_div(M, MC)), MR);
+  const int64_t rows = make_plan(p).rows;  // gemm_serial's bands
   bool first = true;
   for (int64_t pc = 0; pc < k1; pc += kc_) {
     const int64_t kc = std::min(kc_, K_ - pc), lo = std::max(k0, pc), hi = std::min(k1, pc + kc);
