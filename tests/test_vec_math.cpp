@@ -31,7 +31,7 @@ struct SweepError {
   float worst_x = 0;
 };
 
-// Every input of [lo, hi) at step `step`, through the array path (vector body and scalar tail).
+// Every input of [lo, hi) at step `step`, through the array path (full vectors and a masked last one).
 SweepError sweep(double lo, double hi, double step) {
   std::vector<float> x;
   for (double v = lo; v < hi; v += step) x.push_back((float)v);
@@ -69,7 +69,7 @@ TEST(VecExp, SmallArgumentsAndSoftmaxRange) {
 
 TEST(VecExp, SpecialValues) {
   const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
-  // 17 values: two full vectors and a tail, so both paths see every special value.
+  // 17 values: full vectors and a masked last one.
   std::vector<float> x = {0.0f, -0.0f, 1.0f, -inf, inf, nan, 88.72f, 88.73f, 100.0f, -87.0f, -100.0f, -104.0f,
                           -1e30f, 1e30f, -nan, std::numeric_limits<float>::denorm_min(), -150.0f};
   std::vector<float> y(x.size());
@@ -95,25 +95,53 @@ TEST(VecExp, ScalarMatchesVectorLanesBitForBit) {
   for (size_t i = 0; i < x.size(); ++i) EXPECT_EQ(y[i], exp_f32(x[i])) << "x = " << x[i];
 }
 
+// The row loops at every length around the lane width: the last partial vector must be read and written only
+// where the row is (the rest of the buffer keeps its sentinel), give the scalar exp's bits, and leave the
+// masked lanes out of the max and the sum.
+TEST(VecRows, PartialVectorsAtEveryLength) {
+  using psa::cpu::exp_shifted_sum;
+  using psa::cpu::row_max;
+  const float sentinel = -12345.0f;
+  for (int64_t n = 0; n <= 50; ++n) {
+    SCOPED_TRACE("n = " + std::to_string(n));
+    std::vector<float> x(n + 20, 7.0f), y(n + 20, sentinel);  // 7 past the row: larger than any value in it
+    for (int64_t i = 0; i < n; ++i) x[i] = std::sin(0.7 * i) * 3.0f - (i == n / 2 ? 0.0f : 1.0f);
+    float mx = row_max(x.data(), n), expect_mx = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) expect_mx = std::max(expect_mx, x[i]);
+    EXPECT_EQ(mx, expect_mx);
+    if (n == 0) continue;
+    double sum = exp_shifted_sum(x.data(), mx, y.data(), n), expect_sum = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      EXPECT_EQ(y[i], exp_f32(x[i] - mx)) << "i = " << i;
+      expect_sum += std::exp((double)x[i] - mx);
+    }
+    for (size_t i = n; i < y.size(); ++i) ASSERT_EQ(y[i], sentinel) << "written past the row at " << i;
+    EXPECT_NEAR(sum, expect_sum, 1e-6 * expect_sum);
+    std::vector<float> z(n + 20, sentinel);
+    exp_array(x.data(), z.data(), n);
+    for (size_t i = n; i < z.size(); ++i) ASSERT_EQ(z[i], sentinel) << "exp_array wrote past the row at " << i;
+  }
+}
+
 // ---- Φ(x), φ(x) for the exact gelu -------------------------------------------------------------------------
 
 using psa::cpu::gauss_f32;
 
-// Φ and φ of x through the 8-lane form in the body (where there is one) and the scalar form in the tail.
+// Φ and φ of x through the lanes (VecF, the last vector masked) where there are lanes, else the scalar form.
 void gauss_array(const std::vector<float>& x, std::vector<float>& cdf, std::vector<float>& pdf) {
   cdf.resize(x.size()), pdf.resize(x.size());
-  size_t i = 0;
 #ifdef PSA_VEC_EXP
-  for (; i + 8 <= x.size(); i += 8) {
-    __m256 c, p;
-    gauss_f32(_mm256_loadu_ps(&x[i]), c, p);
-    _mm256_storeu_ps(&cdf[i], c), _mm256_storeu_ps(&pdf[i], p);
-  }
+  psa::cpu::lane_loop((int64_t)x.size(), [&](int64_t i, auto m) {
+    psa::cpu::VecF c, p;
+    gauss_f32(psa::cpu::load_lanes(&x[i], m), c, p);
+    psa::cpu::store_lanes(&cdf[i], c, m), psa::cpu::store_lanes(&pdf[i], p, m);
+  });
+#else
+  for (size_t i = 0; i < x.size(); ++i) gauss_f32(x[i], cdf[i], pdf[i]);
 #endif
-  for (; i < x.size(); ++i) gauss_f32(x[i], cdf[i], pdf[i]);
 }
 
-// Φ(x) and φ(x) of every float input of [lo, hi) at `step`, through the 8-lane path where there is one, against
+// Φ(x) and φ(x) of every float input of [lo, hi) at `step`, through the lanes where there are lanes, against
 // double: Φ = erfc(-x/√2)/2 keeps its relative precision at negative x, where 1 + erf cancels.
 struct GaussError {
   double cdf_rel = 0, pdf_rel = 0;

@@ -55,8 +55,8 @@ void binary_loop(const T* a, const T* b, T* o, const Shape& sa, const Shape& sb,
   }
 }
 
-// ---- the activations whose cost is an exp, written once over V = double, float or (AVX2) 8 float lanes, so
-// the f64 reference path, the f32 scalar tails and the f32 vector bodies share one formula (exp_of: the
+// ---- the activations whose cost is an exp, written once over V = double, float or VecF lanes, so the f64
+// reference path, the f32 scalar uses and the f32 lanes share one formula (exp_of: the
 // vectorised exp for f32, std::exp for f64, vec_math.h).
 template <typename V>
 using scalar_of = std::conditional_t<std::is_same_v<V, double>, double, float>;  // float for float and lanes
@@ -143,8 +143,7 @@ T unary_derivative(UnaryOp op, T x, T y, T p) {
   return T(0);
 }
 
-// Runs body(begin, end) over [0, n) in blocks spread over the threads when n is large. Blocks are multiples of
-// 8, so which elements take the vector body does not depend on the thread count.
+// Runs body(begin, end) over [0, n) in blocks spread over the threads when n is large.
 template <typename F>
 void for_blocks(int64_t n, F body) {
   constexpr int64_t kBlock = 1 << 12;
@@ -225,7 +224,7 @@ void bias_act_grad_row(UnaryOp act, const T* x, const T* bias, const T* g, T* gx
   }
 }
 
-// swiglu's backward at one position (V = a scalar or 8 float lanes): g_gate = g·u·silu'(x), g_up = g·silu(x),
+// swiglu's backward at one position (V = a scalar or VecF lanes): g_gate = g·u·silu'(x), g_up = g·silu(x),
 // from one sigmoid.
 template <typename V>
 void swiglu_grads(V x, V u, V g, V& g_gate, V& g_up) {
@@ -293,17 +292,19 @@ void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& gout, T
     T* dgate = g_gate.defined() ? g_gate.data<T>() : nullptr;
     T* dup = g_up.defined() ? g_up.data<T>() : nullptr;
     for_blocks(gout.numel(), [&](int64_t i, int64_t e) {
-      T gg, gu;
 #ifdef PSA_VEC_EXP
-      if constexpr (std::is_same_v<T, float>)
-        for (; i + 8 <= e; i += 8) {
-          __m256 vg, vu;
-          swiglu_grads(_mm256_loadu_ps(px + i), _mm256_loadu_ps(pu + i), _mm256_loadu_ps(pg + i), vg, vu);
-          if (dgate) _mm256_storeu_ps(dgate + i, vg);
-          if (dup) _mm256_storeu_ps(dup + i, vu);
-        }
+      if constexpr (std::is_same_v<T, float>) {
+        lane_loop(e - i, [&](int64_t j, auto m) {
+          VecF vg, vu;
+          swiglu_grads(load_lanes(px + i + j, m), load_lanes(pu + i + j, m), load_lanes(pg + i + j, m), vg, vu);
+          if (dgate) store_lanes(dgate + i + j, vg, m);
+          if (dup) store_lanes(dup + i + j, vu, m);
+        });
+        return;
+      }
 #endif
       for (; i < e; ++i) {
+        T gg, gu;
         swiglu_grads(px[i], pu[i], pg[i], gg, gu);
         if (dgate) dgate[i] = gg;
         if (dup) dup[i] = gu;
