@@ -76,8 +76,8 @@ struct FullLanes {};
 #if defined(__AVX512F__)
 using VecF = __m512;
 constexpr int kLanes = 16;
-// The zero-masked forms with every lane on are the plain instructions; GCC 12's plain intrinsics start from an
-// "undefined" register that -Wall reports as uninitialised wherever they are inlined.
+// The zero-masked forms with every lane on are the plain instructions; GCC 12's plain intrinsics (and its 512 -> 256
+// cast) start from an "undefined" register that -Wall reports as uninitialised wherever they are inlined.
 constexpr __mmask16 kAll = 0xffff;
 struct TailLanes {
   __mmask16 m;
@@ -112,12 +112,9 @@ inline __m512 mul_pow2(__m512 p, __m512 kf) {
   __m512 s2 = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, _mm512_add_epi32(k2, bias), 23));
   return _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
 }
-// The halves by memcpy: the compiler emits one vextractf (or nothing for the low half), and GCC 12's cast and
-// extract intrinsics would warn as above.
-inline __m256 half_of(__m512 v, int which) {
-  __m256 h;
-  std::memcpy(&h, reinterpret_cast<const char*>(&v) + which * sizeof h, sizeof h);
-  return h;
+inline __m256 half_of(__m512 v, int which) {  // which = 0: lanes 0-7, 1: lanes 8-15
+  __m512d d = _mm512_castps_pd(v);
+  return _mm256_castpd_ps(which ? _mm512_maskz_extractf64x4_pd(0xf, d, 1) : _mm512_maskz_extractf64x4_pd(0xf, d, 0));
 }
 inline __m256 low_half(__m512 v) { return half_of(v, 0); }
 inline __m256 high_half(__m512 v) { return half_of(v, 1); }
@@ -323,9 +320,11 @@ T row_max(const T* x, int64_t n) {
   const T lowest = -std::numeric_limits<T>::infinity();
 #ifdef PSA_VEC_EXP
   if constexpr (std::is_same_v<T, float>) {
+    // Not lane_loop: GCC keeps an accumulator that a lambda captures by reference in memory.
     VecF m = splat<VecF>(lowest);
-    // m second: a NaN x is skipped; masked lanes read as -inf
-    lane_loop(n, [&](int64_t i, auto lanes) { m = vmax(load_lanes(x + i, lanes, lowest), m); });
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) m = vmax(load_lanes(x + i, FullLanes{}), m);  // m second: NaN x skipped
+    if (i < n) m = vmax(load_lanes(x + i, tail_lanes(n - i), lowest), m);              // masked lanes: -inf
     return hmax(m);
   }
 #endif
@@ -340,12 +339,16 @@ template <typename T>
 double exp_shifted_sum(const T* x, T shift, T* y, int64_t n) {
 #ifdef PSA_VEC_EXP
   if constexpr (std::is_same_v<T, float>) {
-    VecF acc = splat<VecF>(0.0f), s = splat<VecF>(shift);
-    lane_loop(n, [&](int64_t i, auto lanes) {
+    const VecF s = splat<VecF>(shift);
+    auto lanes_exp = [&](int64_t i, auto lanes) {  // returns the exps, 0 in masked lanes
       VecF e = exp_f32(load_lanes(x + i, lanes) - s);
       if (y) store_lanes(y + i, e, lanes);
-      acc = acc + keep_lanes(e, lanes);
-    });
+      return keep_lanes(e, lanes);
+    };
+    VecF acc = splat<VecF>(0.0f);  // in a register: see row_max
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) acc = acc + lanes_exp(i, FullLanes{});
+    if (i < n) acc = acc + lanes_exp(i, tail_lanes(n - i));
     return hsum(acc);
   }
 #endif
