@@ -224,30 +224,32 @@ Case layer_norm_bwd(const Dims& d) { return norm_bwd(d, false); }
 Case rms_norm_fwd(const Dims& d) { return norm_fwd(d, true); }
 Case rms_norm_bwd(const Dims& d) { return norm_bwd(d, true); }
 
-// ---- causal attention, q/k/v [B, H, T, D] (the LLM's self-attention) ---------------------------------------
+// ---- attention, q/k/v [B, H, T, D]: causal (the LLM's self-attention) or not (the ViT's) -------------------
 
 struct NaiveAttention {
   std::vector<double> out, gq, gk, gv;  // [T, D] each
 };
 
-// One (b, h) block in double, causal with S = T:  P = softmax(scale·QKᵀ), O = PV, and the backward rules of
-// tensor/cpu/attention.cpp written out as loops.
-NaiveAttention naive_attention(const float* Q, const float* K, const float* V, const float* G, int64_t T, int64_t D) {
+// One (b, h) block in double with S = T:  P = softmax(scale·QKᵀ) (causal: s <= t only), O = PV, and the backward
+// rules of tensor/cpu/attention.cpp written out as loops.
+NaiveAttention naive_attention(const float* Q, const float* K, const float* V, const float* G, int64_t T, int64_t D,
+                               bool causal) {
   const double scale = 1 / std::sqrt(double(D));
   std::vector<double> P(T * T, 0.0), dS(T * T, 0.0);
   NaiveAttention a{std::vector<double>(T * D, 0.0), std::vector<double>(T * D, 0.0), std::vector<double>(T * D, 0.0),
                    std::vector<double>(T * D, 0.0)};
   for (int64_t t = 0; t < T; ++t) {
     double mx = -1e300, sum = 0;
-    for (int64_t s = 0; s <= t; ++s) {
+    const int64_t last = causal ? t : T - 1;
+    for (int64_t s = 0; s <= last; ++s) {
       double dot = 0;
       for (int64_t e = 0; e < D; ++e) dot += double(Q[t * D + e]) * K[s * D + e];
       P[t * T + s] = dot * scale;
       mx = std::max(mx, P[t * T + s]);
     }
-    for (int64_t s = 0; s <= t; ++s) sum += P[t * T + s] = std::exp(P[t * T + s] - mx);
+    for (int64_t s = 0; s <= last; ++s) sum += P[t * T + s] = std::exp(P[t * T + s] - mx);
     double dot_dp_p = 0;
-    for (int64_t s = 0; s <= t; ++s) {
+    for (int64_t s = 0; s <= last; ++s) {
       P[t * T + s] /= sum;
       double dp = 0;
       for (int64_t e = 0; e < D; ++e) {
@@ -257,10 +259,10 @@ NaiveAttention naive_attention(const float* Q, const float* K, const float* V, c
       dS[t * T + s] = dp;
       dot_dp_p += dp * P[t * T + s];
     }
-    for (int64_t s = 0; s <= t; ++s) dS[t * T + s] = P[t * T + s] * (dS[t * T + s] - dot_dp_p);
+    for (int64_t s = 0; s <= last; ++s) dS[t * T + s] = P[t * T + s] * (dS[t * T + s] - dot_dp_p);
   }
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t s = 0; s <= t; ++s)
+    for (int64_t s = 0; s <= (causal ? t : T - 1); ++s)
       for (int64_t e = 0; e < D; ++e) {
         a.gq[t * D + e] += scale * dS[t * T + s] * K[s * D + e];
         a.gk[s * D + e] += scale * dS[t * T + s] * Q[t * D + e];
@@ -269,7 +271,7 @@ NaiveAttention naive_attention(const float* Q, const float* K, const float* V, c
   return a;
 }
 
-Case attention_case(const Dims& d, bool backward) {
+Case attention_case(const Dims& d, bool backward, bool causal) {
   int64_t B = d[0], H = d[1], T = d[2], D = d[3];
   Shape s{B, H, T, D};
   Tensor q = uniform(s, -1, 1, 1), k = uniform(s, -1, 1, 2), v = uniform(s, -1, 1, 3), g = uniform(s, -1, 1, 4);
@@ -278,14 +280,14 @@ Case attention_case(const Dims& d, bool backward) {
   const double scale = 1 / std::sqrt(double(D));
   Case c;
   c.run = [=]() mutable {
-    cpu::attention(q, k, v, Tensor(), true, scale, out, probs);
-    if (backward) cpu::attention_backward(g, q, k, v, probs, true, scale, gq, gk, gv);
+    cpu::attention(q, k, v, Tensor(), causal, scale, out, probs);
+    if (backward) cpu::attention_backward(g, q, k, v, probs, causal, scale, gq, gk, gv);
   };
   c.check = [=] {
     Check ck;
     for (int64_t bh : {int64_t(0), B * H - 1}) {
       int64_t o = bh * T * D;
-      NaiveAttention a = naive_attention(f(q) + o, f(k) + o, f(v) + o, f(g) + o, T, D);
+      NaiveAttention a = naive_attention(f(q) + o, f(k) + o, f(v) + o, f(g) + o, T, D, causal);
       for (int64_t i = 0; i < T * D; ++i) {
         ck.near("attention out", o + i, f(out)[o + i], a.out[i], 1e-4);
         if (!backward) continue;
@@ -296,16 +298,18 @@ Case attention_case(const Dims& d, bool backward) {
     }
     return ck.error;
   };
-  // The kernel multiplies full [T, T] blocks (the causal half is masked, not skipped): 2 GEMMs forward,
-  // 4 backward, each 2·T·T·D flops per (b, h).
+  // Counted as full [T, T] blocks: 2 GEMMs forward, 4 backward, each 2·T·T·D flops per (b, h). The causal
+  // kernel skips most of the masked half, so its GFLOP/s is a dense-equivalent rate.
   c.flops = (backward ? 6.0 : 2.0) * 2.0 * B * H * T * T * D;
   c.bytes = (backward ? 9.0 * B * H * T * D + 2.0 * B * H * T * T : 4.0 * B * H * T * D + B * H * T * T) * 4;
   c.compute_bound = true;
   return c;
 }
 
-Case attention_fwd(const Dims& d) { return attention_case(d, false); }
-Case attention_fwd_bwd(const Dims& d) { return attention_case(d, true); }
+Case attention_fwd(const Dims& d) { return attention_case(d, false, true); }
+Case attention_fwd_bwd(const Dims& d) { return attention_case(d, true, true); }
+Case vit_attention_fwd(const Dims& d) { return attention_case(d, false, false); }
+Case vit_attention_fwd_bwd(const Dims& d) { return attention_case(d, true, false); }
 
 // ---- embedding gather: weight [V, C], ids [N] -> [N, C], and its backward (scatter-add into [V, C]) ------
 
@@ -753,6 +757,8 @@ std::vector<Family> families() {
       {"rms_norm_bwd", rms_norm_bwd, llm_rows},
       {"attention", attention_fwd, heads},
       {"attention_fwd_bwd", attention_fwd_bwd, heads},
+      {"vit_attention", vit_attention_fwd, vit_heads},
+      {"vit_attention_fwd_bwd", vit_attention_fwd_bwd, vit_heads},
       {"embedding", embedding_fwd, vocab},
       {"embedding_bwd", embedding_bwd, vocab},
       {"patch_conv", patch_conv_fwd, images},

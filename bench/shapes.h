@@ -24,6 +24,8 @@ inline const Sizes llm_rows = {{"tiny", {1648, 128}}, {"small", {4064, 512}}, {"
 inline const Sizes mlp_rows = {{"tiny", {1648, 352}}, {"small", {4064, 1408}}, {"square", {2048, 2048}}};
 inline const Sizes projector = {{"tiny", {1024, 128}}, {"small", {2048, 512}}, {"square", {2048, 2048}}};
 inline const Sizes heads = {{"tiny", {16, 4, 103, 32}}, {"small", {32, 8, 127, 64}}, {"square", {1, 8, 512, 64}}};
+// The ViT's self-attention (not causal): CLS + 64 patches, heads of width / heads.
+inline const Sizes vit_heads = {{"tiny", {16, 4, 65, 16}}, {"small", {32, 8, 65, 32}}, {"square", {8, 12, 197, 64}}};
 inline const Sizes vocab = {{"tiny", {512, 128, 512}}, {"small", {4096, 512, 1536}}, {"square", {8192, 1024, 8192}}};
 inline const Sizes images = {
     {"tiny", {16, 3, 32, 64, 4}}, {"small", {32, 3, 64, 256, 8}}, {"square", {8, 3, 224, 768, 16}}};
