@@ -88,6 +88,21 @@ TEST_F(CliErrors, BenchStepProfileRejectsJsonAndPrintsKernelRows) {
     EXPECT_NE(r.out.find(row), std::string::npos) << row << " missing from:\n" << r.out;
 }
 
+// The three sweeps, one step per point: every series in the table (patches at the preset's patch size, the image
+// side changed), and the chart written next to it.
+TEST_F(CliErrors, BenchStepScalingWritesThreeSeriesAndAChart) {
+  std::string dir = ::testing::TempDir() + "psa_scaling_" + std::to_string(::getpid());
+  Result r = run_psa("bench-step --scaling --steps 1 --warmup 0 --threads 1 --batch 2 --out-dir " + dir);
+  EXPECT_EQ(r.status, 0) << r.err;
+  for (const char* row : {"| batch | 32 | 32 | 64 |", "| text | 2 | 128 | 64 |", "| patches | 2 | 32 | 16 |",
+                          "| patches | 2 | 32 | 144 |"})
+    EXPECT_NE(r.out.find(row), std::string::npos) << row << " missing from:\n" << r.out;
+  bool chart = false;
+  for (const auto& f : std::filesystem::directory_iterator(dir)) chart |= f.path().extension() == ".png";
+  EXPECT_TRUE(chart) << "no chart in " << dir;
+  std::filesystem::remove_all(dir);
+}
+
 TEST_F(CliErrors, UnknownCommandExitsTwo) {
   Result r = run_psa("nosuchcommand");
   EXPECT_EQ(r.status, 2);

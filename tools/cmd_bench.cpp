@@ -1,7 +1,7 @@
 // psa bench-step: the end-to-end training-step benchmark of design.md's Performance table. One PsaVlm of a
 // preset with random weights, one synthetic batch built like tools/psa_reference.py's --bench batch (so both
 // sides time the same work), warm-up steps, then timed steps of forward + backward + clip + AdamW.
-// --scaling sweeps batch size and text length and writes a Markdown table and a PNG chart.
+// --scaling sweeps batch size, text length and image patches and writes a Markdown table and a PNG chart.
 #include <omp.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -56,8 +56,10 @@ options:
                           of the step; the remainder is time outside kernels (graph, allocation). On CUDA the
                           device is synchronised around every kernel, so the rows are device times and the
                           profiled steps are slower than the plain ones
-  --scaling               step time against batch size (1, 2, 4, 8, 16, 32, at --text-tokens) and against text
-                          tokens (16, 32, 64, 128, at --batch): Markdown table on stdout and in
+  --scaling               step time against batch size (1, 2, 4, 8, 16, 32, at --text-tokens), against text
+                          tokens (16, 32, 64, 128, at --batch) and against image patches (16, 36, 64, 100, 144:
+                          the image side changed at the preset's patch size, at --batch and --text-tokens):
+                          Markdown table on stdout and in
                           OUT/scaling_<host>.md, chart OUT/scaling_<host>.png
   --out-dir OUT           where --scaling writes (default bench/results))";
 
@@ -66,6 +68,7 @@ namespace {
 struct StepSpec {
   std::string preset = "tiny", stage = "stage1";
   int64_t batch = 16, text = 32, steps = 10, warmup = 3, threads = 0;  // threads 0 = not set
+  int64_t image_size = 0;                                                // 0: the preset's
   uint64_t seed = 0;
   bool lora = false;
   Device device = Device::cpu;
@@ -121,7 +124,9 @@ struct Trainer {
 
 Trainer make_trainer(const StepSpec& s) {
   Trainer t;
-  t.model = std::make_shared<PsaVlm>(PsaConfig::from_preset(s.preset));
+  PsaConfig config = PsaConfig::from_preset(s.preset);
+  if (s.image_size) config.vision.image_size = s.image_size;
+  t.model = std::make_shared<PsaVlm>(config);
   t.model->initialize(s.seed);
   LoraSettings lora;
   if (s.lora) lora = {16, 16, 0.05, false};
@@ -283,37 +288,38 @@ void print_profile(const StepTiming& r) {
 
 struct Point {
   std::string series;
-  int64_t batch, text;
+  int64_t batch, text, patches;
   StepTiming t;
 };
 
 std::string scaling_table(const StepSpec& s, const std::vector<Point>& pts) {
-  std::string md = "| series | batch | text tokens | merged tokens/step | ms/step | us/token | tokens/s |\n"
-                   "|---|---:|---:|---:|---:|---:|---:|\n";
+  std::string md = "| series | batch | text tokens | image patches | merged tokens/step | ms/step | us/token | tokens/s |\n"
+                   "|---|---:|---:|---:|---:|---:|---:|---:|\n";
   char line[256];
   for (const Point& p : pts) {
-    std::snprintf(line, sizeof line, "| %s | %ld | %ld | %.0f | %.1f | %.1f | %.0f |\n", p.series.c_str(),
-                  (long)p.batch, (long)p.text, p.t.tokens_per_step, p.t.median_ms,
+    std::snprintf(line, sizeof line, "| %s | %ld | %ld | %ld | %.0f | %.1f | %.1f | %.0f |\n", p.series.c_str(),
+                  (long)p.batch, (long)p.text, (long)p.patches, p.t.tokens_per_step, p.t.median_ms,
                   1000 * p.t.median_ms / p.t.tokens_per_step, p.t.tokens_per_s());
     md += line;
   }
   return md;
 }
 
-// One chart over merged tokens per step, so both sweeps share the x axis. The third series is the straight line
-// through the origin and the default point (batch 16, 32 text tokens): where a sweep bends away from it, the
-// step's cost stops being proportional to its tokens.
+// One chart over merged tokens per step, so the three sweeps share the x axis. The last series is the straight
+// line through the origin and the default point (batch 16, 32 text tokens, 64 patches): where a sweep bends away
+// from it, the step's cost stops being proportional to its tokens.
 void scaling_chart(const std::string& path, const StepSpec& s, const std::vector<Point>& pts) {
   Series by_batch{"batch 1-32, L=" + std::to_string(s.text), {}, {}};
   Series by_text{"text 16-128, B=" + std::to_string(s.batch), {}, {}};
+  Series by_patches{"patches 16-144, B=" + std::to_string(s.batch), {}, {}};
   const Point* ref = nullptr;
   for (const Point& p : pts) {
-    Series& dst = p.series == "batch" ? by_batch : by_text;
+    Series& dst = p.series == "batch" ? by_batch : p.series == "text" ? by_text : by_patches;
     dst.x.push_back(p.t.tokens_per_step);
     dst.y.push_back(p.t.median_ms);
     if (p.series == "batch" && p.batch == s.batch) ref = &p;
   }
-  std::vector<Series> series{by_batch, by_text};
+  std::vector<Series> series{by_batch, by_text, by_patches};
   if (ref) {
     double max_x = 0;
     for (const Point& p : pts) max_x = std::max(max_x, p.t.tokens_per_step);
@@ -329,9 +335,18 @@ void scaling_chart(const std::string& path, const StepSpec& s, const std::vector
 
 int run_scaling(const StepSpec& s, const std::string& out_dir) {
   Trainer t = make_trainer(s);
+  const nn::ClipConfig& vision = t.model->config.vision;
+  const int64_t patches = vision.num_patches();
   std::vector<Point> pts;
-  for (int64_t b : {1, 2, 4, 8, 16, 32}) pts.push_back({"batch", b, s.text, time_steps(t, s, b, s.text)});
-  for (int64_t l : {16, 32, 64, 128}) pts.push_back({"text", s.batch, l, time_steps(t, s, s.batch, l)});
+  for (int64_t b : {1, 2, 4, 8, 16, 32}) pts.push_back({"batch", b, s.text, patches, time_steps(t, s, b, s.text)});
+  for (int64_t l : {16, 32, 64, 128}) pts.push_back({"text", s.batch, l, patches, time_steps(t, s, s.batch, l)});
+  // Patches: a model per image side (the position embeddings and the C-Abstractor's grid follow it).
+  for (int64_t side : {4, 6, 8, 10, 12}) {
+    StepSpec at = s;
+    at.image_size = side * vision.patch;
+    Trainer ti = make_trainer(at);
+    pts.push_back({"patches", s.batch, s.text, side * side, time_steps(ti, at, s.batch, s.text)});
+  }
   std::vector<double> load = load_average();
   char head[512];
   std::snprintf(head, sizeof head,
