@@ -200,6 +200,19 @@ TEST(Autograd, FreesActivationsNoRuleSaved) {
   EXPECT_LT(max_abs_diff(x.grad(), want), 1e-5);
 }
 
+// Gradients meeting at a tensor are summed in place when nothing else holds the first one. What else may hold
+// it: another entry (add's backward hands the same g to both inputs) and the caller's grad_output. Here
+// y = (p + q) + p with p = 3x, q = 5x: the caller's g reaches p twice and q once, all as one tensor.
+TEST(Autograd, AccumulatesInPlaceOnlyWhatNothingElseHolds) {
+  Tensor x = randn({5}, 1).requires_grad_();
+  Tensor p = mul_scalar(x, 3), q = mul_scalar(x, 5), y = add(add(p, q), p);  // dy/dx = 11
+  Tensor g = randn({5}, 2), g_before = g.clone();
+  y.backward(g);
+  EXPECT_EQ(max_abs_diff(g, g_before), 0.0) << "the caller's grad_output was written to";
+  std::vector<float> gx = x.grad().vec<float>(), gv = g_before.vec<float>();
+  for (int i = 0; i < 5; ++i) EXPECT_NEAR(gx[i], 11 * gv[i], 1e-5 * (1 + std::fabs(gx[i]))) << i;
+}
+
 TEST(Autograd, SecondBackwardThroughAUsedGraphFails) {
   Tensor x = randn({3}, 1).requires_grad_();
   Tensor y = mul(x, x);
