@@ -9,7 +9,8 @@ enum class BinaryOp { add, sub, mul, div };
 enum class UnaryOp { neg, exp, log, sqrt, rsqrt, tanh, sigmoid, relu, gelu, quick_gelu, silu, pow, add_scalar, mul_scalar };
 
 // elementwise.cpp
-void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out);  // out has the broadcast shape
+// out has the broadcast shape; it may be a itself when a, b and out have one shape (autograd sums gradients so)
+void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out);
 void unary(UnaryOp op, const Tensor& x, double param, Tensor& out);
 // gx = gout * d op(x) / dx; y = op(x) is passed because some derivatives are cheaper from it
 void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& gout, double param, Tensor& gx);
