@@ -1,6 +1,7 @@
 // Rotary position embedding and scaled dot-product attention (kernels: tensor/cpu/attention.cpp).
 // Gradient rules:
 //   rope: out = x·cos + R x·sin with R = rotate_half (Rᵀ = -R)  ->  gx = g·cos + Rᵀ(g·sin); cos/sin are constants.
+//         x [B,T,H,D] (a projection split into heads), out [B,H,T,D] (attention's layout): the permute is fused.
 //   attention: P = softmax(scale·QKᵀ + mask), O = PV  ->  dV = PᵀdO, dS = P∘(dP - rowsum(dP∘P)) with dP = dO Vᵀ,
 //              dQ = scale·dS K, dK = scale·dSᵀQ, summed over the query heads sharing a kv head (saves P).
 //              The mask is a constant.
@@ -31,25 +32,26 @@ Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
   const char* op = "rope";
   check_defined(op, x, "x");
   check_float(op, x);
-  check_rank(op, x, 4, "x [B,H,T,D]");
+  check_rank(op, x, 4, "x [B,T,H,D]");
   check_defined(op, cos, "cos");
   check_defined(op, sin, "sin");
   for (const Tensor* table : {&cos, &sin}) {
     check_same_device(op, x, *table);
     check_same_dtype(op, x, *table);
   }
-  int64_t T = x.size(2), D = x.size(3);
+  int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3);
   PSA_CHECK(D % 2 == 0, op, ": x ", shape_str(x.shape()), ": head dim ", D, " must be even to rotate halves");
   PSA_CHECK(cos.shape() == Shape({T, D}) && sin.shape() == Shape({T, D}), op, ": x ", shape_str(x.shape()),
             " with cos ", shape_str(cos.shape()), " and sin ", shape_str(sin.shape()), ": want tables [", T, ",", D,
             "]");
   check_constant(op, cos, "cos");
   check_constant(op, sin, "sin");
-  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+  Tensor out = Tensor::empty({B, H, T, D}, x.dtype(), x.device());
   PSA_KERNEL(out.device(), rope)(x, cos, sin, out);
   Tensor cs = cos.detach(), sn = sin.detach();
+  Shape x_shape = x.shape();
   return record(op, out, {x}, [=](const Tensor& g) -> Grads {
-    Tensor gx = Tensor::empty(g.shape(), g.dtype(), g.device());
+    Tensor gx = Tensor::empty(x_shape, g.dtype(), g.device());
     PSA_KERNEL(gx.device(), rope_backward)(g, cs, sn, gx);
     return {gx};
   });

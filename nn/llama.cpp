@@ -67,10 +67,10 @@ LlamaAttention::LlamaAttention(const LlamaConfig& c) : heads(c.heads), kv_heads(
 Tensor LlamaAttention::forward(const Tensor& x, const Tensor& cos, const Tensor& sin, KVCache* cache,
                                int64_t layer) const {
   int64_t B = x.size(0), T = x.size(1);
-  auto heads_of = [&](const Tensor& t, int64_t h) { return permute(reshape(t, {B, T, h, head_dim}), {0, 2, 1, 3}); };
-  Tensor q = rope(heads_of(q_proj->forward(x), heads), cos, sin);
-  Tensor k = rope(heads_of(k_proj->forward(x), kv_heads), cos, sin);
-  Tensor v = heads_of(v_proj->forward(x), kv_heads);
+  auto split = [&](const Tensor& t, int64_t h) { return reshape(t, {B, T, h, head_dim}); };  // [B, T, h, D]
+  Tensor q = rope(split(q_proj->forward(x), heads), cos, sin);  // rope also moves the heads: [B, H, T, D]
+  Tensor k = rope(split(k_proj->forward(x), kv_heads), cos, sin);
+  Tensor v = permute(split(v_proj->forward(x), kv_heads), {0, 2, 1, 3});
   if (cache) {
     if ((int64_t)cache->k.size() <= layer) {
       cache->k.resize(layer + 1);

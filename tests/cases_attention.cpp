@@ -9,9 +9,10 @@
 namespace psa::test {
 namespace {
 
-// ---- rope: inputs x [B,H,T,D], cos, sin [T,D] built like HF Llama's tables (inv_freq = 10000^(-2i/D)).
+// ---- rope: inputs x [B,T,H,D], cos, sin [T,D] built like HF Llama's tables (inv_freq = 10000^(-2i/D)); the
+// output is [B,H,T,D].
 Inputs rope_inputs(const std::vector<Shape>& s, uint64_t seed, DType dt) {
-  int64_t T = s[0][2], D = s[0][3];
+  int64_t T = s[0][1], D = s[0][3];
   Tensor c = empty64({T, D}), sn = empty64({T, D});
   for (int64_t t = 0; t < T; ++t)
     for (int64_t d = 0; d < D; ++d) {
@@ -23,21 +24,23 @@ Inputs rope_inputs(const std::vector<Shape>& s, uint64_t seed, DType dt) {
 }
 
 Tensor ref_rope(const Tensor& x, const Tensor& c, const Tensor& s) {
-  int64_t T = x.size(2), D = x.size(3), half = D / 2;
-  Tensor out = empty64(x.shape());
-  for (int64_t r = 0; r < x.numel() / D; ++r)
-    for (int64_t d = 0; d < D; ++d) {
-      int64_t t = r % T;
-      double rotated = d < half ? -cd(x)[r * D + d + half] : cd(x)[r * D + d - half];
-      md(out)[r * D + d] = cd(x)[r * D + d] * cd(c)[t * D + d] + rotated * cd(s)[t * D + d];
-    }
+  int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3), half = D / 2;
+  Tensor out = empty64({B, H, T, D});
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t d = 0; d < D; ++d) {
+          const double* xr = cd(x) + ((b * T + t) * H + h) * D;
+          double rotated = d < half ? -xr[d + half] : xr[d - half];
+          md(out)[((b * H + h) * T + t) * D + d] = xr[d] * cd(c)[t * D + d] + rotated * cd(s)[t * D + d];
+        }
   return out;
 }
 
 std::vector<OpCase> rope_cases() {
   OpCase c;
   c.op = "rope";
-  c.shapes = {{{2, 3, 5, 6}, {5, 6}, {5, 6}}, {{1, 2, 7, 4}, {7, 4}, {7, 4}}, {{1, 1, 1, 2}, {1, 2}, {1, 2}}};
+  c.shapes = {{{2, 5, 3, 6}, {5, 6}, {5, 6}}, {{1, 7, 2, 4}, {7, 4}, {7, 4}}, {{1, 1, 1, 2}, {1, 2}, {1, 2}}};
   c.make_inputs = rope_inputs;
   c.differentiable = {true, false, false};
   c.run = [](const Inputs& in) { return rope(in[0], in[1], in[2]); };

@@ -227,7 +227,7 @@ TEST(ThreadedKernels, MatchOneThread) {
       {"log_softmax", {{128, 300}}, [](const Inputs& in) { return log_softmax(in[0], -1); }, 1, {}},
       {"cross_entropy", {{200, 200}}, [](const Inputs& in) { return cross_entropy(in[0], in[1]); }, 1, targets},
       {"dropout", {{40000}}, [](const Inputs& in) { return dropout(in[0], 0.4, 3, 9); }, 1, {}},
-      {"rope", {{2, 4, 80, 64}}, [](const Inputs& in) { return rope(in[0], in[1], in[2]); }, 1,
+      {"rope", {{2, 80, 4, 64}}, [](const Inputs& in) { return rope(in[0], in[1], in[2]); }, 1,
        [] { return Inputs{randn({80, 64}, 8, DType::f64), randn({80, 64}, 9, DType::f64)}; }},
       {"attention", {{2, 4, 40, 30}, {2, 2, 50, 30}, {2, 2, 50, 30}},
        [](const Inputs& in) { return attention(in[0], in[1], in[2], true); }, 3, {}},
@@ -303,8 +303,8 @@ TEST(OpErrors, NormsAndConvsNameTheirShapes) {
   EXPECT_NE(e.find("layer_norm: weight [5] for input [2,6]"), std::string::npos) << e;
   e = error_of([] { depthwise_conv3x3(Tensor::zeros({1, 4, 4, 3}), Tensor::zeros({4, 1, 3, 3})); });
   EXPECT_NE(e.find("depthwise_conv3x3: x [1,4,4,3] and w [4,1,3,3]"), std::string::npos) << e;
-  e = error_of([] { rope(Tensor::zeros({1, 2, 5, 6}), Tensor::zeros({4, 6}), Tensor::zeros({4, 6})); });
-  EXPECT_NE(e.find("rope: x [1,2,5,6] with cos [4,6]"), std::string::npos) << e;
+  e = error_of([] { rope(Tensor::zeros({1, 5, 2, 6}), Tensor::zeros({4, 6}), Tensor::zeros({4, 6})); });
+  EXPECT_NE(e.find("rope: x [1,5,2,6] with cos [4,6]"), std::string::npos) << e;
   e = error_of([] { dropout(Tensor::zeros({3}), 1.5, 0, 0); });
   EXPECT_NE(e.find("dropout: p = 1.5"), std::string::npos) << e;
 }

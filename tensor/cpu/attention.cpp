@@ -1,5 +1,6 @@
 // Rotary embeddings and scaled dot-product attention.
-// rope: rows of D along [B, H, T] are independent; spread over threads when large.
+// rope: rows of D are independent; spread over threads when large. It reads the projection's [B, T, H, D] and
+// writes attention's [B, H, T, D], so the heads need no permute of their own (the backward the other way round).
 // attention: one (b, h) block at a time, blocks spread over OpenMP threads; inside a block the GEMMs run
 // single-threaded (gemm.h's contract inside a parallel region), each operand that several row or column chunks
 // multiply packed once per block (gemm.h's PackedB; repacking K and V for every chunk had been a quarter of
@@ -33,15 +34,26 @@ constexpr int64_t kCausalRows = 24;
 
 // ---- rope (rotate-half, HF Llama): out = x·cos + rotate_half(x)·sin, rotate_half(x) = [-x2, x1] for
 // x = [x1, x2] halves of D. rotate_half is R with Rᵀ = -R, so gx = g·cos + Rᵀ(g·sin) = g·cos - rotate_half(g·sin).
+// x and gx [B, T, H, D], out and gout [B, H, T, D]: row (b, h, t) of the one is row (b, t, h) of the other.
+namespace {
+
+// Offset of row r = (b, h, t) of a [B, H, T, D] tensor in a [B, T, H, D] one.
+int64_t row_in_bthd(int64_t r, int64_t H, int64_t T, int64_t D) {
+  int64_t t = r % T, h = (r / T) % H, b = r / (T * H);
+  return ((b * T + t) * H + h) * D;
+}
+
+}  // namespace
+
 void rope(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& out) {
-  int64_t T = x.size(2), D = x.size(3), half = D / 2, rows = x.numel() / D;
+  int64_t T = x.size(1), H = x.size(2), D = x.size(3), half = D / 2, rows = x.numel() / D;
   dispatch_float(x.dtype(), "rope", [&](auto tag_) {
     using S = typename decltype(tag_)::type;
     const S *px = x.data<S>(), *pc = cos.data<S>(), *ps = sin.data<S>();
     S* po = out.data<S>();
 #pragma omp parallel for if (rows * D > kParallelMin)
-    for (int64_t r = 0; r < rows; ++r) {
-      const S *xr = px + r * D, *c = pc + (r % T) * D, *s = ps + (r % T) * D;
+    for (int64_t r = 0; r < rows; ++r) {  // rows of out
+      const S *xr = px + row_in_bthd(r, H, T, D), *c = pc + (r % T) * D, *s = ps + (r % T) * D;
       S* y = po + r * D;
       for (int64_t d = 0; d < half; ++d) y[d] = xr[d] * c[d] - xr[d + half] * s[d];
       for (int64_t d = half; d < D; ++d) y[d] = xr[d] * c[d] + xr[d - half] * s[d];
@@ -50,15 +62,15 @@ void rope(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& out) {
 }
 
 void rope_backward(const Tensor& gout, const Tensor& cos, const Tensor& sin, Tensor& gx) {
-  int64_t T = gout.size(2), D = gout.size(3), half = D / 2, rows = gout.numel() / D;
+  int64_t H = gout.size(1), T = gout.size(2), D = gout.size(3), half = D / 2, rows = gout.numel() / D;
   dispatch_float(gout.dtype(), "rope_backward", [&](auto tag_) {
     using S = typename decltype(tag_)::type;
     const S *pg = gout.data<S>(), *pc = cos.data<S>(), *ps = sin.data<S>();
     S* po = gx.data<S>();
 #pragma omp parallel for if (rows * D > kParallelMin)
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < rows; ++r) {  // rows of gout (contiguous reads measured faster than contiguous writes)
       const S *g = pg + r * D, *c = pc + (r % T) * D, *s = ps + (r % T) * D;
-      S* y = po + r * D;
+      S* y = po + row_in_bthd(r, H, T, D);
       for (int64_t d = 0; d < half; ++d) y[d] = g[d] * c[d] + g[d + half] * s[d + half];
       for (int64_t d = half; d < D; ++d) y[d] = g[d] * c[d] - g[d - half] * s[d - half];
     }

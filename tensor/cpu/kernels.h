@@ -102,7 +102,7 @@ void cross_entropy_backward(const Tensor& gout, const Tensor& logits, const Tens
 uint32_t dropout_threshold(double p);
 void dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset, Tensor& out);
 
-// attention.cpp. x [B, H, T, D], cos/sin [T, D].
+// attention.cpp. x and gx [B, T, H, D], out and gout [B, H, T, D] (rope moves the heads), cos/sin [T, D].
 void rope(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& out);
 void rope_backward(const Tensor& gout, const Tensor& cos, const Tensor& sin, Tensor& gx);
 // q [B, H, T, D], k/v [B, Hkv, S, D], mask [T, S] or [Bm, Hm, T, S] (Bm in {1, B}, Hm in {1, H}) or undefined;

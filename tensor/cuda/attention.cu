@@ -1,6 +1,7 @@
 // Rotary embeddings and flash-style scaled dot-product attention (the CPU versions: tensor/cpu/attention.cpp).
 //
-// rope: one thread per element, out = x·cos + rotate_half(x)·sin; backward gx = g·cos - rotate_half(g·sin).
+// rope: one thread per element, out = x·cos + rotate_half(x)·sin; backward gx = g·cos - rotate_half(g·sin). x and gx
+//       are [B, T, H, D], out and gout [B, H, T, D] (the permute into heads is part of the op, as on the CPU).
 //
 // attention, q [B, H, T, D], k/v [B, Hkv, S, D], G = H / Hkv query heads per kv head, optional additive mask
 // [T, S] or [B|1, H|1, T, S], causal hides s > t + S - T. No [T, S] matrix is ever stored:
@@ -21,18 +22,21 @@ namespace psa::cuda {
 namespace {
 
 // ---- rope
+// e runs over the [B, H, T, D] side (out, or gout); j is the same element on the [B, T, H, D] side (x, or gx).
 template <typename S>
-__global__ void rope_kernel(const S* x, const S* cos, const S* sin, int64_t T, int64_t D, int64_t n, S sign, S* out) {
+__global__ void rope_kernel(const S* in, const S* cos, const S* sin, int64_t H, int64_t T, int64_t D, int64_t n,
+                            S sign, S* out) {
   CUDA_LOOP(e, n) {
-    int64_t d = e % D, t = (e / D) % T, half = D / 2;
+    int64_t d = e % D, t = (e / D) % T, h = (e / (D * T)) % H, b = e / (D * T * H), half = D / 2;
+    int64_t j = ((b * T + t) * H + h) * D + d;
     const S* c = cos + t * D;
     const S* s = sin + t * D;
-    // forward (sign +1): y[d] = x[d]c[d] - x[d+h]s[d] (d < h), x[d]c[d] + x[d-h]s[d] (d >= h)
-    // backward (sign -1): g[d]c[d] + g[d+h]s[d+h] (d < h), g[d]c[d] - g[d-h]s[d-h] (d >= h)
+    // forward (sign +1): y[d] = x[d]c[d] - x[d+h]s[d] (d < h), x[d]c[d] + x[d-h]s[d] (d >= h), x read at j
+    // backward (sign -1): g[d]c[d] + g[d+h]s[d+h] (d < h), g[d]c[d] - g[d-h]s[d-h] (d >= h), gx written at j
     if (sign > 0)
-      out[e] = d < half ? x[e] * c[d] - x[e + half] * s[d] : x[e] * c[d] + x[e - half] * s[d];
+      out[e] = d < half ? in[j] * c[d] - in[j + half] * s[d] : in[j] * c[d] + in[j - half] * s[d];
     else
-      out[e] = d < half ? x[e] * c[d] + x[e + half] * s[d + half] : x[e] * c[d] - x[e - half] * s[d - half];
+      out[j] = d < half ? in[e] * c[d] + in[e + half] * s[d + half] : in[e] * c[d] - in[e - half] * s[d - half];
   }
 }
 
@@ -432,7 +436,7 @@ void rope(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& out) {
   dispatch_float(x.dtype(), "cuda rope", [&](auto tag_) {
     using S = typename decltype(tag_)::type;
     rope_kernel<S><<<blocks_for(n), kThreads, 0, stream()>>>(x.data<S>(), cos.data<S>(), sin.data<S>(), x.size(2),
-                                                             x.size(3), n, S(1), out.data<S>());
+                                                             x.size(1), x.size(3), n, S(1), out.data<S>());
     cudaCheckLaunch();
   });
 }
@@ -442,8 +446,8 @@ void rope_backward(const Tensor& gout, const Tensor& cos, const Tensor& sin, Ten
   if (n == 0) return;
   dispatch_float(gout.dtype(), "cuda rope_backward", [&](auto tag_) {
     using S = typename decltype(tag_)::type;
-    rope_kernel<S><<<blocks_for(n), kThreads, 0, stream()>>>(gout.data<S>(), cos.data<S>(), sin.data<S>(), gout.size(2),
-                                                             gout.size(3), n, S(-1), gx.data<S>());
+    rope_kernel<S><<<blocks_for(n), kThreads, 0, stream()>>>(gout.data<S>(), cos.data<S>(), sin.data<S>(), gout.size(1),
+                                                             gout.size(2), gout.size(3), n, S(-1), gx.data<S>());
     cudaCheckLaunch();
   });
 }
