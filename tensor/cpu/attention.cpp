@@ -25,7 +25,6 @@
 namespace psa::cpu {
 namespace {
 
-constexpr int64_t kParallelMin = 1 << 15;
 
 // Row chunk of causal attention: smaller chunks skip more of the triangle, larger ones keep the GEMMs
 // efficient; 24 rows = 4 micro-kernel rows (AVX2).
@@ -76,10 +75,9 @@ void rope(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& out) {
     using S = typename decltype(tag_)::type;
     const S *px = x.data<S>(), *pc = cos.data<S>(), *ps = sin.data<S>();
     S* po = out.data<S>();
-#pragma omp parallel for if (rows * D > kParallelMin)
-    for (int64_t r = 0; r < rows; ++r) {  // rows of out
+    parallel_for(rows, use_threads(rows * D), [&](int64_t r) {  // rows of out
       rope_row(px + row_in_bthd(r, H, T, D), pc + (r % T) * D, ps + (r % T) * D, po + r * D, half, false);
-    }
+    });
   });
 }
 
@@ -89,10 +87,9 @@ void rope_backward(const Tensor& gout, const Tensor& cos, const Tensor& sin, Ten
     using S = typename decltype(tag_)::type;
     const S *pg = gout.data<S>(), *pc = cos.data<S>(), *ps = sin.data<S>();
     S* po = gx.data<S>();
-#pragma omp parallel for if (rows * D > kParallelMin)
-    for (int64_t r = 0; r < rows; ++r) {  // rows of gout (contiguous reads measured faster than contiguous writes)
+    parallel_for(rows, use_threads(rows * D), [&](int64_t r) {  // rows of gout (contiguous reads measured faster than contiguous writes)
       rope_row(pg + r * D, pc + (r % T) * D, ps + (r % T) * D, po + row_in_bthd(r, H, T, D), half, true);
-    }
+    });
   });
 }
 
@@ -178,14 +175,13 @@ void softmax_grad_rows(const X* P, X* dP, int64_t rows, int64_t cols, int64_t S)
 template <typename X>
 void sum_kv_groups(const X* per_head, const AttnDims& a, X* out) {
   int64_t block = a.S * a.D, G = a.group();
-#pragma omp parallel for if (a.B * a.H * block > kParallelMin)
-  for (int64_t bj = 0; bj < a.B * a.Hkv; ++bj) {
+  parallel_for(a.B * a.Hkv, use_threads(a.B * a.H * block), [&](int64_t bj) {
     X* o = out + bj * block;
     const X* src = per_head + bj * G * block;
     for (int64_t i = 0; i < block; ++i) o[i] = src[i];
     for (int64_t g = 1; g < G; ++g)
       for (int64_t i = 0; i < block; ++i) o[i] += src[g * block + i];
-  }
+  });
 }
 
 }  // namespace
@@ -199,8 +195,7 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
     const X* pm = mask.defined() ? mask.data<X>() : nullptr;
     X *po = out.data<X>(), *pp = probs.data<X>();
     const std::vector<Chunk> chunks = row_chunks(a, causal);
-#pragma omp parallel for schedule(dynamic) if (a.B * a.H > 1 && a.B * a.H * a.T * a.S * a.D > kParallelMin)
-    for (int64_t bh = 0; bh < a.B * a.H; ++bh) {
+    parallel_for_dynamic(a.B * a.H, a.B * a.H > 1 && use_threads(a.B * a.H * a.T * a.S * a.D), [&](int64_t bh) {
       int64_t b = bh / a.H, h = bh % a.H, kv = (b * a.Hkv + h / a.group()) * a.S * a.D;
       const X* Q = pq + bh * a.T * a.D;
       X* P = pp + bh * a.T * a.S;
@@ -212,7 +207,7 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
         mask_softmax_rows(P + c.t0 * a.S, mo < 0 ? nullptr : pm + mo + c.t0 * a.S, causal, c.t0, c.rows, a.T, a.S);
         values.multiply(false, c.rows, a.D, 0, c.cols, X(1), P + c.t0 * a.S, a.S, X(0), O + c.t0 * a.D, a.D);
       }
-    }
+    });
   });
 }
 
@@ -247,12 +242,11 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
       for (const ColChunk& c : col_chunks)
         rows.multiply(true, c.width, a.D, c.t_lo, a.T, alpha, M + c.s0, a.S, X(0), out + c.s0 * a.D, a.D);
     };
-#pragma omp parallel for schedule(dynamic) if (a.B * a.H > 1 && a.B * a.H * a.T * a.S * a.D > kParallelMin)
-    for (int64_t bh = 0; bh < a.B * a.H; ++bh) {
+    parallel_for_dynamic(a.B * a.H, a.B * a.H > 1 && use_threads(a.B * a.H * a.T * a.S * a.D), [&](int64_t bh) {
       int64_t b = bh / a.H, h = bh % a.H, kv = (b * a.Hkv + h / G) * kv_block;
       const X *dO = pg + bh * a.T * a.D, *Q = pq + bh * a.T * a.D, *P = pp + bh * a.T * a.S;
       if (dv) transposed(P, dO, X(1), dv + bh * kv_block);
-      if (!pgq && !dk) continue;
+      if (!pgq && !dk) return;
       std::vector<X> dS(a.T * a.S);  // zeros: the entries no chunk writes are read as dS = 0 by dK
       const PackedB<X> values_t(true, a.D, a.S, pv + kv, a.D);
       std::optional<PackedB<X>> keys;  // only for dQ
@@ -265,7 +259,7 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
           keys->multiply(false, c.rows, a.D, 0, c.cols, (X)scale, d, a.S, X(0), pgq + (bh * a.T + c.t0) * a.D, a.D);
       }
       if (dk) transposed(dS.data(), Q, (X)scale, dk + bh * kv_block);
-    }
+    });
     if (G > 1 && gk.defined()) sum_kv_groups(dk_heads.data(), a, gk.data<X>());
     if (G > 1 && gv.defined()) sum_kv_groups(dv_heads.data(), a, gv.data<X>());
   });

@@ -16,7 +16,6 @@
 namespace psa::cpu {
 namespace {
 
-constexpr int64_t kParallelMin = 1 << 15;
 
 // ---- patch_conv. cols[b, i·Wp + j, (c·p + ky)·p + kx] = x[b, c, i·p + ky, j·p + kx]: the (c, ky, kx) order of
 // w [O, C, p, p], so out_b [O, L] = w [O, K] · cols_bᵀ.
@@ -24,8 +23,7 @@ constexpr int64_t kParallelMin = 1 << 15;
 // to_cols: x -> cols (im2col, x only read); otherwise cols -> x (col2im). Each copy is one p-long patch row.
 template <typename X>
 void rearrange_patches(const PatchDims& d, X* x, X* cols, bool to_cols) {
-#pragma omp parallel for if (d.B * d.C * d.H * d.W > kParallelMin)
-  for (int64_t bi = 0; bi < d.B * d.Hp; ++bi) {
+  parallel_for(d.B * d.Hp, use_threads(d.B * d.C * d.H * d.W), [&](int64_t bi) {
     int64_t b = bi / d.Hp, i = bi % d.Hp;
     for (int64_t j = 0; j < d.Wp; ++j) {
       X* patch = cols + (b * d.L + i * d.Wp + j) * d.K;
@@ -37,7 +35,7 @@ void rearrange_patches(const PatchDims& d, X* x, X* cols, bool to_cols) {
           else std::copy(col, col + d.p, img);
         }
     }
-  }
+  });
 }
 
 }  // namespace
@@ -104,8 +102,7 @@ std::vector<X> taps_of(const X* w, int64_t C) {
 // correlation; sign -1 is its transpose, the gradient with respect to the input.
 template <typename X>
 void conv3x3_channels_last(const X* src, const X* taps, int64_t B, int64_t H, int64_t W, int64_t C, int sign, X* dst) {
-#pragma omp parallel for if (B * H * W * C > kParallelMin)
-  for (int64_t by = 0; by < B * H; ++by) {
+  parallel_for(B * H, use_threads(B * H * W * C), [&](int64_t by) {
     int64_t b = by / H, y = by % H;
     for (int64_t x = 0; x < W; ++x) {
       X* o = dst + (by * W + x) * C;
@@ -122,7 +119,7 @@ void conv3x3_channels_last(const X* src, const X* taps, int64_t B, int64_t H, in
         }
       }
     }
-  }
+  });
 }
 
 }  // namespace
@@ -160,7 +157,7 @@ void depthwise_conv3x3_backward(const Tensor& gout, const Tensor& x, const Tenso
         }
       }
     };
-    std::vector<double> taps = rows_with_partial_sums(B * H, 9 * C, B * H * W * C > kParallelMin, row);
+    std::vector<double> taps = rows_with_partial_sums(B * H, 9 * C, use_threads(B * H * W * C), row);
     X* pw = gw.data<X>();
     for (int64_t c = 0; c < C; ++c)
       for (int64_t k = 0; k < 9; ++k) pw[c * 9 + k] = (X)taps[k * C + c];
@@ -199,8 +196,7 @@ void adaptive_avg_pool2d(const Tensor& x, Tensor& out) {
     using X = typename decltype(tag_)::type;
     const X* px = x.data<X>();
     X* po = out.data<X>();
-#pragma omp parallel for if (B * H * W * C > kParallelMin)
-    for (int64_t bi = 0; bi < B * OH; ++bi) {
+    parallel_for(B * OH, use_threads(B * H * W * C), [&](int64_t bi) {
       int64_t b = bi / OH, i = bi % OH;
       std::vector<double> acc(C);
       for (int64_t j = 0; j < OW; ++j) {
@@ -214,7 +210,7 @@ void adaptive_avg_pool2d(const Tensor& x, Tensor& out) {
         X* o = po + (bi * OW + j) * C;
         for (int64_t c = 0; c < C; ++c) o[c] = (X)(acc[c] * inv);
       }
-    }
+    });
   });
 }
 
@@ -226,8 +222,7 @@ void adaptive_avg_pool2d_backward(const Tensor& gout, Tensor& gx) {
     using X = typename decltype(tag_)::type;
     const X* pg = gout.data<X>();
     X* po = gx.data<X>();
-#pragma omp parallel for if (B * H * W * C > kParallelMin)
-    for (int64_t by = 0; by < B * H; ++by) {
+    parallel_for(B * H, use_threads(B * H * W * C), [&](int64_t by) {
       int64_t b = by / H, y = by % H;
       for (int64_t x = 0; x < W; ++x) {
         X* o = po + (by * W + x) * C;
@@ -239,7 +234,7 @@ void adaptive_avg_pool2d_backward(const Tensor& gout, Tensor& gx) {
             for (int64_t c = 0; c < C; ++c) o[c] += g[c] * inv;
           }
       }
-    }
+    });
   });
 }
 

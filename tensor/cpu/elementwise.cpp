@@ -12,7 +12,6 @@
 namespace psa::cpu {
 namespace {
 
-constexpr int64_t kParallelMin = 1 << 15;  // below this, threading costs more than it saves
 
 // Strides (in elements) of `shape` aligned to the right of an `rank`-dim output, 0 where broadcast.
 std::vector<int64_t> broadcast_strides(const Shape& shape, const Shape& out) {
@@ -31,16 +30,14 @@ template <typename T, typename F>
 void binary_loop(const T* a, const T* b, T* o, const Shape& sa, const Shape& sb, const Shape& so, F f) {
   int64_t n = shape_numel(so);
   if (sa == so && sb == so) {
-#pragma omp parallel for if (n > kParallelMin)
-    for (int64_t i = 0; i < n; ++i) o[i] = f(a[i], b[i]);
+    parallel_for(n, use_threads(n), [&](int64_t i) { o[i] = f(a[i], b[i]); });
     return;
   }
   if (so.empty()) { o[0] = f(a[0], b[0]); return; }
   auto st_a = broadcast_strides(sa, so), st_b = broadcast_strides(sb, so);
   int64_t rank = so.size(), inner = so.back(), outer = n / std::max<int64_t>(inner, 1);
   int64_t ia = st_a.back(), ib = st_b.back();
-#pragma omp parallel for if (n > kParallelMin)
-  for (int64_t r = 0; r < outer; ++r) {
+  parallel_for(outer, use_threads(n), [&](int64_t r) {
     int64_t rem = r, off_a = 0, off_b = 0;
     for (int64_t d = rank - 2; d >= 0; --d) {
       int64_t idx = rem % so[d];
@@ -52,7 +49,7 @@ void binary_loop(const T* a, const T* b, T* o, const Shape& sa, const Shape& sb,
     const T* pb = b + off_b;
     T* po = o + r * inner;
     for (int64_t i = 0; i < inner; ++i) po[i] = f(pa[i * ia], pb[i * ib]);
-  }
+  });
 }
 
 // ---- the activations whose cost is an exp, written once over V = double, float or VecF lanes, so the f64
@@ -141,15 +138,6 @@ T unary_derivative(UnaryOp op, T x, T y, T p) {
     case UnaryOp::mul_scalar: return p;
   }
   return T(0);
-}
-
-// Runs body(begin, end) over [0, n) in blocks spread over the threads when n is large.
-template <typename F>
-void for_blocks(int64_t n, F body) {
-  constexpr int64_t kBlock = 1 << 12;
-  int64_t blocks = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for if (n > kParallelMin)
-  for (int64_t b = 0; b < blocks; ++b) body(b * kBlock, std::min(n, (b + 1) * kBlock));
 }
 
 // The lane forms of the activations that cost an exp, generic over V (double, float or 8 float lanes): value(x)
@@ -322,8 +310,7 @@ void bias_act(UnaryOp act, const Tensor& x, const Tensor& bias, Tensor& out) {
     using T = typename decltype(tag_)::type;
     const T *px = x.data<T>(), *pb = bias.data<T>();
     T* po = out.data<T>();
-#pragma omp parallel for if (rows * N > kParallelMin)
-    for (int64_t r = 0; r < rows; ++r) bias_act_row(act, px + r * N, pb, po + r * N, N);
+    parallel_for(rows, use_threads(rows * N), [&](int64_t r) { bias_act_row(act, px + r * N, pb, po + r * N, N); });
   });
 }
 
@@ -344,7 +331,7 @@ void bias_act_backward(UnaryOp act, const Tensor& x, const Tensor& bias, const T
       }
     };
     std::vector<double> sums =
-        row_chunks_with_sums(rows, kBiasSumChunk, need_bias ? N : 0, rows * N > kParallelMin, chunk);
+        row_chunks_with_sums(rows, kBiasSumChunk, need_bias ? N : 0, use_threads(rows * N), chunk);
     if (need_bias) std::copy(sums.begin(), sums.end(), gbias.data<T>());
   });
 }

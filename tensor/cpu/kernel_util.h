@@ -10,6 +10,49 @@
 
 namespace psa::cpu {
 
+// Elements below which a loop stays on one thread: a parallel region would cost more than it saves.
+constexpr int64_t kParallelMin = 1 << 15;
+
+// Whether a loop over `work` elements runs as a parallel region: enough work, and more than one thread to take
+// it. A region on a one-thread team still costs libgomp a futex system call at its end: some 570 a step of the
+// tiny model on one thread, before this check.
+inline bool use_threads(int64_t work, int64_t min_work = kParallelMin) {
+  return work > min_work && omp_get_max_threads() > 1;
+}
+
+// body(i) for i in [0, n): on the threads (static schedule) when `threaded`, else a plain loop. Not an OpenMP
+// `if` clause: with it false, libgomp still opens and closes a one-thread region (1.3 us each here, with a
+// futex call), some 570 times a step of the tiny model.
+template <typename F>
+void parallel_for(int64_t n, bool threaded, F body) {
+  if (!threaded) {
+    for (int64_t i = 0; i < n; ++i) body(i);
+    return;
+  }
+#pragma omp parallel for
+  for (int64_t i = 0; i < n; ++i) body(i);
+}
+
+// The same with a dynamic schedule (blocks of uneven cost).
+template <typename F>
+void parallel_for_dynamic(int64_t n, bool threaded, F body) {
+  if (!threaded) {
+    for (int64_t i = 0; i < n; ++i) body(i);
+    return;
+  }
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t i = 0; i < n; ++i) body(i);
+}
+
+// body(begin, end) over [0, n) in blocks of 4096, spread over the threads when n is large; f32 loops inside
+// vectorise as usual. Blocks are multiples of 16, so which elements share a vector does not depend on the
+// thread count.
+template <typename F>
+void for_blocks(int64_t n, F body) {
+  constexpr int64_t kBlock = 1 << 12;
+  parallel_for((n + kBlock - 1) / kBlock, use_threads(n), [&](int64_t b) { body(b * kBlock, std::min(n, (b + 1) * kBlock)); });
+}
+
 inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                  const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);

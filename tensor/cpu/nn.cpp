@@ -17,7 +17,6 @@
 namespace psa::cpu {
 namespace {
 
-constexpr int64_t kParallelMin = 1 << 15;  // elements below which threads cost more than they save
 
 template <typename T>
 const T* data_or_null(const Tensor& t) { return t.defined() ? t.data<T>() : nullptr; }
@@ -41,8 +40,7 @@ void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps, T
     const T* pw = data_or_null<T>(w);
     const T* pb = data_or_null<T>(b);
     T *po = out.data<T>(), *pm = mean.data<T>(), *pr = rstd.data<T>();
-#pragma omp parallel for if (rows * C > kParallelMin)
-    for (int64_t r = 0; r < rows; ++r) {
+    parallel_for(rows, use_threads(rows * C), [&](int64_t r) {
       const T* xr = px + r * C;
       double mu = sum_f64(C, [&](int64_t c) { return (double)xr[c]; }) / C;
       // two passes: no cancellation
@@ -52,7 +50,7 @@ void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps, T
       pr[r] = rs;
       T* yr = po + r * C;
       for (int64_t c = 0; c < C; ++c) yr[c] = (xr[c] - m) * rs * (pw ? pw[c] : T(1)) + (pb ? pb[c] : T(0));
-    }
+    });
   });
 }
 
@@ -85,7 +83,7 @@ void layer_norm_backward(const Tensor& gout, const Tensor& x, const Tensor& w, c
       T* out = pgx + r * C;
       for (int64_t c = 0; c < C; ++c) out[c] = rs * (gxhat(c) - mean_g - xhat(c) * mean_gx);
     };
-    std::vector<double> sums = rows_with_partial_sums(rows, 2 * C, rows * C > kParallelMin, row);
+    std::vector<double> sums = rows_with_partial_sums(rows, 2 * C, use_threads(rows * C), row);
     if (need_w) store(sums, 0, C, gw.data<T>());
     if (need_b) store(sums, C, C, gb.data<T>());
   });
@@ -99,15 +97,14 @@ void rms_norm(const Tensor& x, const Tensor& w, double eps, Tensor& out, Tensor&
     const T* px = x.data<T>();
     const T* pw = data_or_null<T>(w);
     T *po = out.data<T>(), *pr = rstd.data<T>();
-#pragma omp parallel for if (rows * C > kParallelMin)
-    for (int64_t r = 0; r < rows; ++r) {
+    parallel_for(rows, use_threads(rows * C), [&](int64_t r) {
       const T* xr = px + r * C;
       double sq = sum_f64(C, [&](int64_t c) { return (double)xr[c] * xr[c]; });
       T rs = (T)(1.0 / std::sqrt(sq / C + eps));
       pr[r] = rs;
       T* yr = po + r * C;
       for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * rs * (pw ? pw[c] : T(1));
-    }
+    });
   });
 }
 
@@ -134,7 +131,7 @@ void rms_norm_backward(const Tensor& gout, const Tensor& x, const Tensor& w, con
       T* out = pgx + r * C;
       for (int64_t c = 0; c < C; ++c) out[c] = rs * (gr[c] * pw[c] - xr[c] * rs * mean_gx);
     };
-    std::vector<double> sums = rows_with_partial_sums(rows, C, rows * C > kParallelMin, row);
+    std::vector<double> sums = rows_with_partial_sums(rows, C, use_threads(rows * C), row);
     if (need_w) store(sums, 0, C, gw.data<T>());
   });
 }
@@ -192,11 +189,10 @@ void softmax(const Tensor& x, int64_t outer, int64_t n, int64_t inner, bool log,
     const T* px = x.data<T>();
     T* po = out.data<T>();
     int64_t rows = outer * inner;
-#pragma omp parallel for if (rows * n > kParallelMin)
-    for (int64_t r = 0; r < rows; ++r) {
+    parallel_for(rows, use_threads(rows * n), [&](int64_t r) {
       int64_t base = (r / inner) * n * inner + r % inner;
       softmax_row(px + base, po + base, n, inner, log);
-    }
+    });
   });
 }
 
@@ -206,11 +202,10 @@ void softmax_backward(const Tensor& gout, const Tensor& y, int64_t outer, int64_
     const T *pg = gout.data<T>(), *py = y.data<T>();
     T* po = gx.data<T>();
     int64_t rows = outer * inner;
-#pragma omp parallel for if (rows * n > kParallelMin)
-    for (int64_t r = 0; r < rows; ++r) {
+    parallel_for(rows, use_threads(rows * n), [&](int64_t r) {
       int64_t base = (r / inner) * n * inner + r % inner;
       softmax_backward_row(pg + base, py + base, po + base, n, inner, log);
-    }
+    });
   });
 }
 
@@ -226,18 +221,17 @@ void cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_i
     const int64_t* pt = targets.data<int64_t>();
     T* pl = lse.data<T>();
     std::vector<double> row_loss(N, 0.0);  // summed in order afterwards: the loss is bit-reproducible
-#pragma omp parallel for if (N * V > kParallelMin)
-    for (int64_t i = 0; i < N; ++i) {
+    parallel_for(N, use_threads(N * V), [&](int64_t i) {
       if (pt[i] == ignore_index) {  // backward never reads an ignored row's lse (LM prompts: most rows)
         pl[i] = T(0);
-        continue;
+        return;
       }
       const T* xr = px + i * V;
       T mx = row_max(xr, V);
       double row_lse = mx + std::log(exp_shifted_sum(xr, mx, (T*)nullptr, V));
       pl[i] = (T)row_lse;
       row_loss[i] = row_lse - xr[pt[i]];
-    }
+    });
     double total = 0;
     for (double l : row_loss) total += l;
     loss.data<T>()[0] = count ? (T)(total / count) : T(0);
@@ -254,17 +248,16 @@ void cross_entropy_backward(const Tensor& gout, const Tensor& logits, const Tens
     const int64_t* pt = targets.data<int64_t>();
     T* po = glogits.data<T>();
     T g = count ? (T)(gout.data<T>()[0] / count) : T(0);
-#pragma omp parallel for if (N * V > kParallelMin)
-    for (int64_t i = 0; i < N; ++i) {
+    parallel_for(N, use_threads(N * V), [&](int64_t i) {
       T* out = po + i * V;
       if (pt[i] == ignore_index || !count) {
         std::fill(out, out + V, T(0));
-        continue;
+        return;
       }
       const T lse_i = pl[i];
       map_lanes(px + i * V, out, V, [=](auto x) { return g * exp_of(x - lse_i); });
       out[pt[i]] -= g;
-    }
+    });
   });
 }
 
@@ -286,8 +279,7 @@ void dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset, Tensor& 
       return;
     }
     T scale = (T)(1.0 / (1.0 - p));
-#pragma omp parallel for if (n > kParallelMin / 8)
-    for (int64_t i = 0; i < n; ++i) po[i] = philox_keep(seed, offset, i, threshold) ? px[i] * scale : T(0);
+    parallel_for(n, use_threads(n, kParallelMin / 8), [&](int64_t i) { po[i] = philox_keep(seed, offset, i, threshold) ? px[i] * scale : T(0); });
   });
 }
 

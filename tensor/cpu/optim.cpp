@@ -14,7 +14,6 @@ namespace psa::cpu {
 namespace {
 
 // Below this many elements a parallel region costs more than the loop.
-constexpr int64_t kParallelMin = 1 << 15;
 // The norm's partial sums are per block of this size, added in block order: fixed whatever the thread count.
 constexpr int64_t kNormBlock = 1 << 14;
 
@@ -41,15 +40,17 @@ void adamw_step(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWCoe
     T* pm = m.data<T>();
     T* pv = v.data<T>();
     const int64_t n = p.numel();
-#pragma omp parallel for simd if (n > kParallelMin)
-    for (int64_t i = 0; i < n; ++i) {
-      const T gi = pg[i];
-      const T mi = b1 * pm[i] + a1 * gi;
-      const T vi = b2 * pv[i] + a2 * gi * gi;
-      pm[i] = mi;
-      pv[i] = vi;
-      pp[i] = pp[i] * decay - step_size * mi / (std::sqrt(vi) / sqrt_bc2 + eps);
-    }
+    for_blocks(n, [&](int64_t i0, int64_t i1) {
+#pragma omp simd
+      for (int64_t i = i0; i < i1; ++i) {
+        const T gi = pg[i];
+        const T mi = b1 * pm[i] + a1 * gi;
+        const T vi = b2 * pv[i] + a2 * gi * gi;
+        pm[i] = mi;
+        pv[i] = vi;
+        pp[i] = pp[i] * decay - step_size * mi / (std::sqrt(vi) / sqrt_bc2 + eps);
+      }
+    });
   });
 }
 
@@ -65,8 +66,7 @@ void sgd_step(Tensor& p, const Tensor& g, Tensor& buf, const SgdCoeffs& c) {
     const T* pg = g.data<T>();
     T* pb = use_momentum ? buf.data<T>() : nullptr;
     const int64_t n = p.numel();
-#pragma omp parallel for if (n > kParallelMin)
-    for (int64_t i = 0; i < n; ++i) {
+    parallel_for(n, use_threads(n), [&](int64_t i) {
       T d = use_wd ? pg[i] + wd * pp[i] : pg[i];
       if (use_momentum) {
         const T b = c.first_step ? d : mu * pb[i] + keep * d;
@@ -74,7 +74,7 @@ void sgd_step(Tensor& p, const Tensor& g, Tensor& buf, const SgdCoeffs& c) {
         d = c.nesterov ? d + mu * b : b;
       }
       pp[i] -= lr * d;
-    }
+    });
   });
 }
 
@@ -86,9 +86,9 @@ double tensor_sum_squares(const Tensor& x) {
     const scalar_t* px = x.data<scalar_t>();
     const int64_t n = x.numel(), blocks = (n + kNormBlock - 1) / kNormBlock;
     std::vector<double> partial(blocks);
-#pragma omp parallel for if (n > kParallelMin)
-    for (int64_t b = 0; b < blocks; ++b)
+    parallel_for(blocks, use_threads(n), [&](int64_t b) {
       partial[b] = block_sum_squares(px + b * kNormBlock, std::min(kNormBlock, n - b * kNormBlock));
+    });
     double total = 0;
     for (double s : partial) total += s;
     return total;
@@ -109,8 +109,10 @@ void scale_in_place(Tensor& x, double s) {
     scalar_t* px = x.data<scalar_t>();
     const scalar_t k = scalar_t(s);
     const int64_t n = x.numel();
-#pragma omp parallel for simd if (n > kParallelMin)
-    for (int64_t i = 0; i < n; ++i) px[i] *= k;
+    for_blocks(n, [&](int64_t i0, int64_t i1) {
+#pragma omp simd
+      for (int64_t i = i0; i < i1; ++i) px[i] *= k;
+    });
   });
 }
 

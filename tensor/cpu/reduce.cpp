@@ -1,5 +1,6 @@
 // Reductions over the middle dim of an [outer, n, inner] view. f32 sums accumulate in double: the model's
 // reductions are short, and exactness against the f64 reference is worth more than the few cycles.
+#include "tensor/cpu/kernel_util.h"
 #include "tensor/cpu/kernels.h"
 
 namespace psa::cpu {
@@ -11,23 +12,21 @@ void sum_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& o
     const T* pa = a.data<T>();
     T* po = out.data<T>();
     if (inner == 1) {
-#pragma omp parallel for if (outer * n > (1 << 16))
-      for (int64_t o = 0; o < outer; ++o) {
+      parallel_for(outer, use_threads(outer * n, 1 << 16), [&](int64_t o) {
         double acc = 0;
         for (int64_t i = 0; i < n; ++i) acc += pa[o * n + i];
         po[o] = (T)acc;
-      }
+      });
       return;
     }
-#pragma omp parallel for if (outer * n * inner > (1 << 16))
-    for (int64_t o = 0; o < outer; ++o) {
+    parallel_for(outer, use_threads(outer * n * inner, 1 << 16), [&](int64_t o) {
       std::vector<double> acc(inner, 0.0);
       for (int64_t i = 0; i < n; ++i) {
         const T* row = pa + (o * n + i) * inner;
         for (int64_t j = 0; j < inner; ++j) acc[j] += row[j];
       }
       for (int64_t j = 0; j < inner; ++j) po[o * inner + j] = (T)acc[j];
-    }
+    });
   });
 }
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "tensor/cpu/kernel_util.h"
 #include "tensor/cpu/kernels.h"
 
 namespace psa::cpu {
@@ -54,7 +55,8 @@ void permute(const Tensor& a, const std::vector<int64_t>& perm, Tensor& out) {
       }
     }
   };
-#pragma omp parallel if (n > (1 << 16))
+  if (!use_threads(n, 1 << 16)) return copy_rows(0, outer);  // see parallel_for (kernel_util.h)
+#pragma omp parallel
   {
     int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
     copy_rows(outer * t / nt, outer * (t + 1) / nt);
