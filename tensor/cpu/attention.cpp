@@ -25,7 +25,6 @@
 namespace psa::cpu {
 namespace {
 
-
 // Row chunk of causal attention: smaller chunks skip more of the triangle, larger ones keep the GEMMs
 // efficient; 24 rows = 4 micro-kernel rows (AVX2).
 constexpr int64_t kCausalRows = 24;

@@ -16,7 +16,6 @@
 namespace psa::cpu {
 namespace {
 
-
 // ---- patch_conv. cols[b, i·Wp + j, (c·p + ky)·p + kx] = x[b, c, i·p + ky, j·p + kx]: the (c, ky, kx) order of
 // w [O, C, p, p], so out_b [O, L] = w [O, K] · cols_bᵀ.
 

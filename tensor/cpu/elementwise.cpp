@@ -12,7 +12,6 @@
 namespace psa::cpu {
 namespace {
 
-
 // Strides (in elements) of `shape` aligned to the right of an `rank`-dim output, 0 where broadcast.
 std::vector<int64_t> broadcast_strides(const Shape& shape, const Shape& out) {
   size_t rank = out.size();

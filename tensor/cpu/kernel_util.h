@@ -90,11 +90,15 @@ template <typename F>
 std::vector<double> rows_with_partial_sums(int64_t rows, int64_t width, bool parallel, F body) {
   int threads = parallel ? omp_get_max_threads() : 1;
   std::vector<double> partial((size_t)threads * width, 0.0);
-#pragma omp parallel num_threads(threads) if (parallel)
-  {
-    double* acc = partial.data() + (size_t)omp_get_thread_num() * width;
+  if (threads == 1) {  // no one-thread region (see parallel_for)
+    for (int64_t r = 0; r < rows; ++r) body(r, partial.data());
+  } else {
+#pragma omp parallel num_threads(threads)
+    {
+      double* acc = partial.data() + (size_t)omp_get_thread_num() * width;
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) body(r, acc);
+      for (int64_t r = 0; r < rows; ++r) body(r, acc);
+    }
   }
   std::vector<double> total(width, 0.0);
   for (int t = 0; t < threads; ++t)
@@ -109,8 +113,7 @@ template <typename F>
 std::vector<double> row_chunks_with_sums(int64_t rows, int64_t chunk, int64_t width, bool parallel, F body) {
   int64_t chunks = (rows + chunk - 1) / chunk;
   std::vector<double> partial((size_t)(chunks * width), 0.0);
-#pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t c = 0; c < chunks; ++c) body(c * chunk, std::min(rows, (c + 1) * chunk), partial.data() + c * width);
+  parallel_for(chunks, parallel, [&](int64_t c) { body(c * chunk, std::min(rows, (c + 1) * chunk), partial.data() + c * width); });
   std::vector<double> total(width, 0.0);
   for (int64_t c = 0; c < chunks; ++c)
     for (int64_t j = 0; j < width; ++j) total[j] += partial[c * width + j];

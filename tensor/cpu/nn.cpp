@@ -17,12 +17,10 @@
 namespace psa::cpu {
 namespace {
 
-
 template <typename T>
 const T* data_or_null(const Tensor& t) { return t.defined() ? t.data<T>() : nullptr; }
 template <typename T>
 T* mutable_or_null(Tensor& t) { return t.defined() ? t.data<T>() : nullptr; }
-
 
 template <typename T>
 void store(const std::vector<double>& src, int64_t from, int64_t n, T* dst) {
