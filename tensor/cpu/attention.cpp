@@ -46,7 +46,8 @@ int64_t row_in_bthd(int64_t r, int64_t H, int64_t T, int64_t D) {
 //   forward   y = [x1·c1 - x2·s1, x2·c2 + x1·s2]
 //   backward  y = [x1·c1 + x2·s2, x2·c2 - x1·s1]   (x = the gradient)
 // f32 on VecF lanes, half a row per vector pass (the compiler's own loops, with a runtime trip count and a scalar
-// epilogue per half, took ~100 us per tiny-model call); the same products and differences as the f64 loops.
+// epilogue per half, took ~100 us per tiny-model call); the formulas of the f64 loops (the compiler may fuse a
+// product and a difference into one multiply-add in either, so f32 and f64 round differently).
 template <typename S>
 void rope_row(const S* x, const S* c, const S* s, S* y, int64_t half, bool backward) {
 #ifdef PSA_VEC_EXP
