@@ -302,7 +302,8 @@ Case attention_bwd(const Dims& d) { return attention_case(d, true); }
 Case rope_case(const Dims& d, bool backward) {
   int64_t B = d[0], H = d[1], T = d[2], D = d[3];
   Shape heads{B, H, T, D}, tokens{B, T, H, D}, s = backward ? tokens : heads;  // s: the output's
-  Tensor x = uniform(backward ? heads : tokens, -1, 1, 1), cs = uniform({T, D}, -1, 1, 2), sn = uniform({T, D}, -1, 1, 3);
+  Tensor x = uniform(backward ? heads : tokens, -1, 1, 1);
+  Tensor cs = uniform({T, D}, -1, 1, 2), sn = uniform({T, D}, -1, 1, 3);
   Tensor dx = dev(x), dcs = dev(cs), dsn = dev(sn), out = dempty(s);
   Case c;
   c.run = [=]() mutable {

@@ -13,9 +13,8 @@ namespace psa::cpu {
 // Elements below which a loop stays on one thread: a parallel region would cost more than it saves.
 constexpr int64_t kParallelMin = 1 << 15;
 
-// Whether a loop over `work` elements runs as a parallel region: enough work, and more than one thread to take
-// it. A region on a one-thread team still costs libgomp a futex system call at its end: some 570 a step of the
-// tiny model on one thread, before this check.
+// Whether a loop over `work` elements should run on the threads: enough work, and more than one thread to take
+// it (with one, the loops below skip the parallel region altogether).
 inline bool use_threads(int64_t work, int64_t min_work = kParallelMin) {
   return work > min_work && omp_get_max_threads() > 1;
 }
@@ -50,7 +49,8 @@ void parallel_for_dynamic(int64_t n, bool threaded, F body) {
 template <typename F>
 void for_blocks(int64_t n, F body) {
   constexpr int64_t kBlock = 1 << 12;
-  parallel_for((n + kBlock - 1) / kBlock, use_threads(n), [&](int64_t b) { body(b * kBlock, std::min(n, (b + 1) * kBlock)); });
+  parallel_for((n + kBlock - 1) / kBlock, use_threads(n),
+               [&](int64_t b) { body(b * kBlock, std::min(n, (b + 1) * kBlock)); });
 }
 
 inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
@@ -113,7 +113,8 @@ template <typename F>
 std::vector<double> row_chunks_with_sums(int64_t rows, int64_t chunk, int64_t width, bool parallel, F body) {
   int64_t chunks = (rows + chunk - 1) / chunk;
   std::vector<double> partial((size_t)(chunks * width), 0.0);
-  parallel_for(chunks, parallel, [&](int64_t c) { body(c * chunk, std::min(rows, (c + 1) * chunk), partial.data() + c * width); });
+  parallel_for(chunks, parallel,
+               [&](int64_t c) { body(c * chunk, std::min(rows, (c + 1) * chunk), partial.data() + c * width); });
   std::vector<double> total(width, 0.0);
   for (int64_t c = 0; c < chunks; ++c)
     for (int64_t j = 0; j < width; ++j) total[j] += partial[c * width + j];

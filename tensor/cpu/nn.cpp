@@ -277,7 +277,8 @@ void dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset, Tensor& 
       return;
     }
     T scale = (T)(1.0 / (1.0 - p));
-    parallel_for(n, use_threads(n, kParallelMin / 8), [&](int64_t i) { po[i] = philox_keep(seed, offset, i, threshold) ? px[i] * scale : T(0); });
+    parallel_for(n, use_threads(n, kParallelMin / 8),
+                 [&](int64_t i) { po[i] = philox_keep(seed, offset, i, threshold) ? px[i] * scale : T(0); });
   });
 }
 

@@ -13,7 +13,6 @@ namespace psa::cpu {
 
 namespace {
 
-// Below this many elements a parallel region costs more than the loop.
 // The norm's partial sums are per block of this size, added in block order: fixed whatever the thread count.
 constexpr int64_t kNormBlock = 1 << 14;
 
