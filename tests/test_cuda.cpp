@@ -318,31 +318,36 @@ TEST(CudaGemm, OwnSgemmMatchesCublasOnEveryLayoutAndEdge) {
     int64_t M, N, K, pad;  // pad > 0 makes every leading dim longer than needed
   };
   // The float4 path needs every leading dim a multiple of 4: {132, 260, 20} and {4, 4, 4} take it with edge
-  // tiles in M and N, a partial last K tile and K < 8; {100, 136, 44, 4} with padded leading dims. Long K over
+  // tiles in M and N, a partial last K tile and K < BK; {100, 136, 44, 4} with padded leading dims. Long K over
   // few output tiles takes split-K: {40, 72, 3001} (slices with a partial last one), {64, 132, 2048, 4} (float4).
-  for (Size sz : std::vector<Size>{{1, 1, 1, 0}, {17, 33, 9, 0}, {128, 128, 8, 0}, {130, 67, 259, 0},
-                                   {256, 512, 64, 0}, {97, 131, 45, 3}, {300, 200, 100, 1}, {132, 260, 20, 0},
-                                   {4, 4, 4, 0}, {100, 136, 44, 4}, {40, 72, 3001, 0}, {64, 132, 2048, 4}}) {
-    for (int layout = 0; layout < 4; ++layout) {
-      bool ta = layout & 1, tb = layout & 2;
-      for (float beta : {0.0f, 0.5f}) {
-        int64_t lda = (ta ? sz.M : sz.K) + sz.pad, ldb = (tb ? sz.K : sz.N) + sz.pad, ldc = sz.N + sz.pad;
-        int64_t rows_a = ta ? sz.K : sz.M, rows_b = tb ? sz.N : sz.K;
-        Tensor a = randn({rows_a * lda}, 11).to(Device::cuda), b = randn({rows_b * ldb}, 12).to(Device::cuda);
-        Tensor c0 = randn({sz.M * ldc}, 13);
-        Tensor want = c0.to(Device::cuda), got = c0.to(Device::cuda);
-        cuda::sgemm(cuda::GemmImpl::cublas, ta, tb, sz.M, sz.N, sz.K, 1.5f, a.data<float>(), lda, 0, b.data<float>(),
-                    ldb, 0, beta, want.data<float>(), ldc, 0, 1);
-        cuda::sgemm(cuda::GemmImpl::own, ta, tb, sz.M, sz.N, sz.K, 1.5f, a.data<float>(), lda, 0, b.data<float>(), ldb,
-                    0, beta, got.data<float>(), ldc, 0, 1);
-        // fp32 rounding grows like sqrt(K), and the normalised error is per element (large near zero crossings).
-        double tol = 5e-5 * std::max(1.0, std::sqrt(sz.K / 512.0));  // 5e-5 up to K = 512
-        EXPECT_EQ(compare(want.to(Device::cpu), got, tol), "")
-            << "own sgemm M=" << sz.M << " N=" << sz.N << " K=" << sz.K << " pad=" << sz.pad << " ta=" << ta
-            << " tb=" << tb << " beta=" << beta;
+  const cuda::OwnTile tile_before = cuda::own_tile();
+  for (cuda::OwnTile tile : cuda::kOwnTiles) {
+    cuda::set_own_tile(tile);
+    for (Size sz : std::vector<Size>{{1, 1, 1, 0}, {17, 33, 9, 0}, {128, 128, 8, 0}, {130, 67, 259, 0},
+                                     {256, 512, 64, 0}, {97, 131, 45, 3}, {300, 200, 100, 1}, {132, 260, 20, 0},
+                                     {4, 4, 4, 0}, {100, 136, 44, 4}, {40, 72, 3001, 0}, {64, 132, 2048, 4}}) {
+      for (int layout = 0; layout < 4; ++layout) {
+        bool ta = layout & 1, tb = layout & 2;
+        for (float beta : {0.0f, 0.5f}) {
+          int64_t lda = (ta ? sz.M : sz.K) + sz.pad, ldb = (tb ? sz.K : sz.N) + sz.pad, ldc = sz.N + sz.pad;
+          int64_t rows_a = ta ? sz.K : sz.M, rows_b = tb ? sz.N : sz.K;
+          Tensor a = randn({rows_a * lda}, 11).to(Device::cuda), b = randn({rows_b * ldb}, 12).to(Device::cuda);
+          Tensor c0 = randn({sz.M * ldc}, 13);
+          Tensor want = c0.to(Device::cuda), got = c0.to(Device::cuda);
+          cuda::sgemm(cuda::GemmImpl::cublas, ta, tb, sz.M, sz.N, sz.K, 1.5f, a.data<float>(), lda, 0,
+                      b.data<float>(), ldb, 0, beta, want.data<float>(), ldc, 0, 1);
+          cuda::sgemm(cuda::GemmImpl::own, ta, tb, sz.M, sz.N, sz.K, 1.5f, a.data<float>(), lda, 0, b.data<float>(),
+                      ldb, 0, beta, got.data<float>(), ldc, 0, 1);
+          // fp32 rounding grows like sqrt(K), and the normalised error is per element (large near zero crossings).
+          double tol = 5e-5 * std::max(1.0, std::sqrt(sz.K / 512.0));  // 5e-5 up to K = 512
+          EXPECT_EQ(compare(want.to(Device::cpu), got, tol), "")
+              << "own sgemm " << cuda::own_tile_name(tile) << " M=" << sz.M << " N=" << sz.N << " K=" << sz.K
+              << " pad=" << sz.pad << " ta=" << ta << " tb=" << tb << " beta=" << beta;
+        }
       }
     }
   }
+  cuda::set_own_tile(tile_before);
   for (const std::string& e : gpu::check_guards()) ADD_FAILURE() << "own sgemm: guard bytes: " << e;
 }
 
@@ -358,11 +363,17 @@ TEST(CudaGemm, MatmulOpsMatchCpuWithTheOwnKernel) {
 
 TEST(CudaGemm, BenchmarkHelperValidates) {
   SKIP_WITHOUT_GPU();
-  for (cuda::GemmImpl impl : {cuda::GemmImpl::cublas, cuda::GemmImpl::own}) {
-    cuda::GemmTiming t = cuda::time_sgemm(impl, 256, 2);
+  const cuda::OwnTile tile_before = cuda::own_tile();
+  for (cuda::OwnTile tile : cuda::kOwnTiles) {
+    cuda::set_own_tile(tile);
+    cuda::GemmTiming t = cuda::time_sgemm(cuda::GemmImpl::own, 256, 2);
     EXPECT_GT(t.ms, 0);
-    EXPECT_LT(t.max_err, 1e-5);
+    EXPECT_LT(t.max_err, 1e-5) << cuda::own_tile_name(tile);
   }
+  cuda::set_own_tile(tile_before);
+  cuda::GemmTiming t = cuda::time_sgemm(cuda::GemmImpl::cublas, 256, 2);
+  EXPECT_GT(t.ms, 0);
+  EXPECT_LT(t.max_err, 1e-5);
 }
 #endif
 

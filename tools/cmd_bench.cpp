@@ -427,10 +427,11 @@ int cmd_bench_step(int argc, char** argv) {
 
 static const char* kBenchGemmUsage = R"(usage: psa bench-gemm [--sizes 4096,8192] [--reps N] [--tf32] [--json]
 
-Times square fp32 GEMMs C = A·B on the GPU with CUDA events: the hand-written tiled SGEMM
-(tensor/cuda/sgemm.cu, PSA_GEMM=own) against cuBLAS. Each implementation is validated against cuBLAS fp32
-first (max |C - C_cublas| / max |C_cublas|). --tf32 lets the cuBLAS row use TF32 tensor cores (the own kernel
-is always fp32). Prints ms and TFLOP/s per size and the own/cuBLAS ratio.)";
+Times square fp32 GEMMs C = A·B on the GPU with CUDA events: each variant of the hand-written tiled SGEMM
+(tensor/cuda/sgemm.cu; own-k8 and own-k16: K tiles of 8 or 16; PSA_GEMM=own-k16 selects one for training)
+against cuBLAS. Each implementation is validated against cuBLAS fp32 first (max |C - C_cublas| / max
+|C_cublas|). --tf32 lets the cuBLAS row use TF32 tensor cores (the own kernel is always fp32). Prints ms and
+TFLOP/s per size and each variant's own/cuBLAS ratio.)";
 
 int cmd_bench_gemm(int argc, char** argv) {
   cli::Args a;
@@ -447,14 +448,19 @@ int cmd_bench_gemm(int argc, char** argv) {
   int reps = (int)a.get_int("--reps", 10);
   cuda::set_tf32(a.has("--tf32"));
   json::Value rows = json::Value::array();
-  if (!a.has("--json")) std::printf("%-7s %-8s %10s %10s %12s\n", "n", "impl", "ms", "TFLOP/s", "max err");
+  if (!a.has("--json")) std::printf("%-7s %-13s %10s %10s %12s\n", "n", "impl", "ms", "TFLOP/s", "max err");
+  const cuda::OwnTile tile_before = cuda::own_tile();
   for (int64_t n : sizes) {
     double flops = 2.0 * n * n * n;
     double cublas_ms = 0;
-    for (cuda::GemmImpl impl : {cuda::GemmImpl::cublas, cuda::GemmImpl::own}) {
-      cuda::GemmTiming t = cuda::time_sgemm(impl, n, reps);
-      const char* name = impl == cuda::GemmImpl::own ? "own" : (cuda::tf32() ? "cublas-tf32" : "cublas");
-      if (impl == cuda::GemmImpl::cublas) cublas_ms = t.ms;
+    // cuBLAS first (the ratio's reference), then every variant of the own kernel.
+    std::vector<std::pair<std::string, cuda::OwnTile>> impls = {{cuda::tf32() ? "cublas-tf32" : "cublas", {}}};
+    for (cuda::OwnTile tile : cuda::kOwnTiles) impls.push_back({str_cat("own-", cuda::own_tile_name(tile)), tile});
+    for (const auto& [name, tile] : impls) {
+      bool own = name != impls[0].first;
+      if (own) cuda::set_own_tile(tile);
+      cuda::GemmTiming t = cuda::time_sgemm(own ? cuda::GemmImpl::own : cuda::GemmImpl::cublas, n, reps);
+      if (!own) cublas_ms = t.ms;
       double tflops = flops / (t.ms * 1e-3) / 1e12;
       json::Value r = json::Value::object();
       r.set("n", n);
@@ -462,12 +468,13 @@ int cmd_bench_gemm(int argc, char** argv) {
       r.set("ms", t.ms);
       r.set("tflops", tflops);
       r.set("max_err", t.max_err);
-      if (impl == cuda::GemmImpl::own) r.set("vs_cublas", cublas_ms / t.ms);
+      if (own) r.set("vs_cublas", cublas_ms / t.ms);
       rows.push(r);
       if (!a.has("--json"))
-        std::printf("%-7ld %-8s %10.3f %10.2f %12.2e%s\n", (long)n, name, t.ms, tflops, t.max_err,
-                    impl == cuda::GemmImpl::own ? str_cat("   (", cublas_ms / t.ms, "x cuBLAS)").c_str() : "");
+        std::printf("%-7ld %-13s %10.3f %10.2f %12.2e%s\n", (long)n, name.c_str(), t.ms, tflops, t.max_err,
+                    own ? str_cat("   (", cublas_ms / t.ms, "x cuBLAS)").c_str() : "");
     }
+    cuda::set_own_tile(tile_before);
   }
   if (a.has("--json")) {
     json::Value j = json::Value::object();

@@ -101,7 +101,14 @@ void sgemm(GemmImpl impl, bool ta, bool tb, int64_t M, int64_t N, int64_t K, flo
 void dgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
            int64_t sa, const double* B, int64_t ldb, int64_t sb, double beta, double* C, int64_t ldc, int64_t sc,
            int64_t batch = 1);
-// The hand-written kernel alone (sgemm.cu), one problem.
+// The hand-written kernel's variants (sgemm.cu): K tiles of 8 or 16. Chosen with set_own_tile or PSA_GEMM=own-k16
+// (own-k8; plain own is k8); `psa bench-gemm` times each against cuBLAS.
+enum class OwnTile { k8, k16 };
+inline constexpr OwnTile kOwnTiles[] = {OwnTile::k8, OwnTile::k16};
+void set_own_tile(OwnTile t);
+OwnTile own_tile();
+const char* own_tile_name(OwnTile t);  // "k8", "k16"
+// The hand-written kernel alone (sgemm.cu), one problem, with the chosen variant.
 void own_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 

@@ -2,13 +2,14 @@
 // cuBLAS is column-major; a row-major C [M, N] is a column-major Cᵀ [N, M], and Cᵀ = op(B)ᵀ·op(A)ᵀ, so the row-
 // major product is one cuBLAS call with the operands swapped (B first) and the same transpose flags: no copies.
 // Strided-batched calls cover the batch (stride 0 shares a 2-D operand across it). One handle on the default
-// stream. f32 stays true fp32 unless TF32 is switched on (set_tf32 or PSA_TF32=1); PSA_GEMM=own routes f32 to
-// the hand-written kernel of sgemm.cu.
+// stream. f32 stays true fp32 unless TF32 is switched on (set_tf32 or PSA_TF32=1); PSA_GEMM=own (or own-k16, ...: the
+// variants of kernels.h) routes f32 to the hand-written kernel of sgemm.cu.
 #include <cublas_v2.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <string>
 
 #include "tensor/cuda/common.cuh"
 
@@ -24,10 +25,13 @@ namespace {
 
 struct GemmSettings {
   GemmImpl impl = GemmImpl::cublas;
+  OwnTile own_tile = OwnTile::k8;
   bool tf32 = false;
   GemmSettings() {
     const char* g = std::getenv("PSA_GEMM");
     if (g && std::strcmp(g, "own") == 0) impl = GemmImpl::own;
+    for (OwnTile t : kOwnTiles)
+      if (g && std::string("own-") + own_tile_name(t) == g) impl = GemmImpl::own, own_tile = t;
     const char* t = std::getenv("PSA_TF32");
     tf32 = t && std::strcmp(t, "1") == 0;
   }
@@ -57,6 +61,8 @@ int as_int(int64_t v, const char* what) {
 
 void set_gemm(GemmImpl impl) { settings().impl = impl; }
 GemmImpl gemm_impl() { return settings().impl; }
+void set_own_tile(OwnTile t) { settings().own_tile = t; }
+OwnTile own_tile() { return settings().own_tile; }
 void set_tf32(bool on) { settings().tf32 = on; }
 bool tf32() { return settings().tf32; }
 

@@ -1,5 +1,5 @@
 // A hand-written SGEMM: row-major C = alpha·op(A)·op(B) + beta·C in fp32, selectable at run time with
-// PSA_GEMM=own (or cuda::set_gemm(GemmImpl::own)); cuBLAS stays the default (matmul.cu).
+// PSA_GEMM=own or own-<variant> (or cuda::set_gemm(GemmImpl::own)); cuBLAS stays the default (matmul.cu).
 //
 // The design, one step at a time (each step fixes the bottleneck the previous one leaves):
 //  1. Naive: one thread per C element reads a row of A and a column of B from global memory. Every operand is
@@ -28,7 +28,11 @@
 //     dW = Xᵀ·dY, K = tokens), blockIdx.z takes a slice of K and the block writes its partial tile to a
 //     workspace [splits][M][N]; a second kernel adds the slices in order (deterministic, no atomics) and applies
 //     alpha and beta. Without it such a product runs on a handful of SMs.
-// Next steps for speed (not done here): BK = 16 and swizzled stores of the transposed A tile.
+//  8. Two depths of K tile, compiled side by side and chosen at run time (kernels.h OwnTile) so that one GPU run
+//     of `psa bench-gemm` ranks them: BK = 8 or 16 (16 halves the barriers per FMA and doubles the loads in
+//     flight, for 32 KiB of shared memory a block). ptxas (sm_90) gives both 127 registers and no spills, so
+//     two blocks (16 warps) share an SM either way.
+// Not done: swizzled stores of the transposed A tile, cp.async pipelines of more than two stages.
 #include <vector>
 
 #include "tensor/cuda/common.cuh"
@@ -36,86 +40,84 @@
 namespace psa::cuda {
 namespace {
 
-constexpr int BM = 128, BN = 128, BK = 8, kGemmThreads = 256;
+constexpr int BM = 128, BN = 128, kGemmThreads = 256;
 
-// Each thread moves 4 values of op(A) and 4 of op(B) per K tile (BM·BK = BN·BK = 4·256). They are fetched
-// into registers first (fetch_tile) and written to shared memory later (store_tile), so that the global loads
-// of tile k + 1 are in flight while tile k is being multiplied (step 6 in the header).
+// Each thread moves kLoads float4s of op(A) and as many of op(B) per K tile (BM·BK = BN·BK = 4·256·kLoads).
+// They are fetched into registers first (fetch_tile) and written to shared memory later (store_tile), so that
+// the global loads of tile k + 1 are in flight while tile k is being multiplied (step 6 in the header).
+template <int BK>
 struct TileRegs {
-  float a[4], b[4];
+  static constexpr int kLoads = BM * BK / (4 * kGemmThreads);
+  float a[kLoads][4], b[kLoads][4];
 };
 
+// One float4 slot of a tile: rows `outer` of the stored matrix, 4 consecutive elements from `inner`. A tile of
+// op(A) read from A [M, K] (not transposed) is BM rows of BK / 4 slots; read from A [K, M], BK rows of BM / 4.
+// Slot f of the tile is taken by thread f % 256 as its load f / 256.
+struct Slot {
+  int outer, inner;
+};
+template <int BK>
+__device__ __forceinline__ Slot slot(bool along_k, int f) {
+  return along_k ? Slot{f / (BK / 4), (f % (BK / 4)) * 4} : Slot{f / (BM / 4), (f % (BM / 4)) * 4};
+}
+
+// Loads 4 values of the row-major matrix X [rows, cols] (leading dim ld) at (r, c..c+3), zero past the edges.
 template <bool VEC>
-__device__ __forceinline__ TileRegs fetch_tile(bool ta, bool tb, int M, int N, int K, const float* A, int lda,
-                                               const float* B, int ldb, int m0, int n0, int k0) {
-  const int t = threadIdx.x;
-  TileRegs r;
-  // ---- A: BM×BK values of op(A).
-  if (!ta) {  // A row-major [M, K]: 4 consecutive k of row m
-    int m = m0 + t / 2, k = k0 + (t % 2) * 4;
-    if (VEC && m < M && k + 3 < K) {
-      float4 v = *reinterpret_cast<const float4*>(A + (int64_t)m * lda + k);
-      r.a[0] = v.x, r.a[1] = v.y, r.a[2] = v.z, r.a[3] = v.w;
-    } else {
-      for (int i = 0; i < 4; ++i) r.a[i] = (m < M && k + i < K) ? A[(int64_t)m * lda + k + i] : 0.f;
-    }
-  } else {  // A stored [K, M]: 4 consecutive m of row k
-    int k = k0 + t / 32, m = m0 + (t % 32) * 4;
-    if (VEC && k < K && m + 3 < M) {
-      float4 v = *reinterpret_cast<const float4*>(A + (int64_t)k * lda + m);
-      r.a[0] = v.x, r.a[1] = v.y, r.a[2] = v.z, r.a[3] = v.w;
-    } else {
-      for (int i = 0; i < 4; ++i) r.a[i] = (k < K && m + i < M) ? A[(int64_t)k * lda + m + i] : 0.f;
-    }
+__device__ __forceinline__ void load4(const float* X, int ld, int rows, int cols, int r, int c, float* v) {
+  if (VEC && r < rows && c + 3 < cols) {
+    float4 q = *reinterpret_cast<const float4*>(X + (int64_t)r * ld + c);
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else {
+    for (int i = 0; i < 4; ++i) v[i] = (r < rows && c + i < cols) ? X[(int64_t)r * ld + c + i] : 0.f;
   }
-  // ---- B: BK×BN values of op(B).
-  if (!tb) {  // B row-major [K, N]: 4 consecutive n of row k
-    int k = k0 + t / 32, n = n0 + (t % 32) * 4;
-    if (VEC && k < K && n + 3 < N) {
-      float4 v = *reinterpret_cast<const float4*>(B + (int64_t)k * ldb + n);
-      r.b[0] = v.x, r.b[1] = v.y, r.b[2] = v.z, r.b[3] = v.w;
-    } else {
-      for (int j = 0; j < 4; ++j) r.b[j] = (k < K && n + j < N) ? B[(int64_t)k * ldb + n + j] : 0.f;
-    }
-  } else {  // B stored [N, K]: 4 consecutive k of row n
-    int n = n0 + t / 2, k = k0 + (t % 2) * 4;
-    if (VEC && n < N && k + 3 < K) {
-      float4 v = *reinterpret_cast<const float4*>(B + (int64_t)n * ldb + k);
-      r.b[0] = v.x, r.b[1] = v.y, r.b[2] = v.z, r.b[3] = v.w;
-    } else {
-      for (int j = 0; j < 4; ++j) r.b[j] = (n < N && k + j < K) ? B[(int64_t)n * ldb + k + j] : 0.f;
-    }
+}
+
+// A not transposed is [M, K]: a slot is 4 consecutive k of row m (m0 + outer); transposed, [K, M]: 4
+// consecutive m of row k. B not transposed is [K, N]: 4 consecutive n of row k; transposed, [N, K]: 4
+// consecutive k of row n.
+template <int BK, bool VEC>
+__device__ __forceinline__ TileRegs<BK> fetch_tile(bool ta, bool tb, int M, int N, int K, const float* A, int lda,
+                                                   const float* B, int ldb, int m0, int n0, int k0) {
+  TileRegs<BK> r;
+#pragma unroll
+  for (int g = 0; g < TileRegs<BK>::kLoads; ++g) {
+    const int f = threadIdx.x + g * kGemmThreads;
+    Slot sa = slot<BK>(!ta, f), sb = slot<BK>(tb, f);
+    if (!ta) load4<VEC>(A, lda, M, K, m0 + sa.outer, k0 + sa.inner, r.a[g]);
+    else load4<VEC>(A, lda, K, M, k0 + sa.outer, m0 + sa.inner, r.a[g]);
+    if (!tb) load4<VEC>(B, ldb, K, N, k0 + sb.outer, n0 + sb.inner, r.b[g]);
+    else load4<VEC>(B, ldb, N, K, n0 + sb.outer, k0 + sb.inner, r.b[g]);
   }
   return r;
 }
 
 // As[k][m] (A transposed, step 4) and Bs[k][n], at the places fetch_tile took the values from.
-__device__ __forceinline__ void store_tile(bool ta, bool tb, const TileRegs& r, float (*As)[BM], float (*Bs)[BN]) {
-  const int t = threadIdx.x;
-  if (!ta) {
-    int row = t / 2, kk = (t % 2) * 4;
-    for (int i = 0; i < 4; ++i) As[kk + i][row] = r.a[i];
-  } else {
-    int kk = t / 32, mm = (t % 32) * 4;
-    *reinterpret_cast<float4*>(&As[kk][mm]) = make_float4(r.a[0], r.a[1], r.a[2], r.a[3]);
-  }
-  if (!tb) {
-    int kk = t / 32, nn = (t % 32) * 4;
-    *reinterpret_cast<float4*>(&Bs[kk][nn]) = make_float4(r.b[0], r.b[1], r.b[2], r.b[3]);
-  } else {
-    int col = t / 2, kk = (t % 2) * 4;
-    for (int j = 0; j < 4; ++j) Bs[kk + j][col] = r.b[j];
+template <int BK>
+__device__ __forceinline__ void store_tile(bool ta, bool tb, const TileRegs<BK>& r, float (*As)[BM],
+                                           float (*Bs)[BN]) {
+#pragma unroll
+  for (int g = 0; g < TileRegs<BK>::kLoads; ++g) {
+    const int f = threadIdx.x + g * kGemmThreads;
+    Slot sa = slot<BK>(!ta, f), sb = slot<BK>(tb, f);
+    if (!ta)
+      for (int i = 0; i < 4; ++i) As[sa.inner + i][sa.outer] = r.a[g][i];
+    else
+      *reinterpret_cast<float4*>(&As[sa.outer][sa.inner]) = make_float4(r.a[g][0], r.a[g][1], r.a[g][2], r.a[g][3]);
+    if (!tb)
+      *reinterpret_cast<float4*>(&Bs[sb.outer][sb.inner]) = make_float4(r.b[g][0], r.b[g][1], r.b[g][2], r.b[g][3]);
+    else
+      for (int j = 0; j < 4; ++j) Bs[sb.inner + j][sb.outer] = r.b[g][j];
   }
 }
 
 // Block (x, y, z) computes the BM×BN tile (y, x) of C over the K slice [z·k_slice, (z + 1)·k_slice); slice z
 // writes at C + z·c_slice_stride (0 without split-K, where gridDim.z = 1).
-template <bool VEC>
-__global__ void __launch_bounds__(kGemmThreads) sgemm_kernel(bool ta, bool tb, int M, int N, int K, int k_slice,
-                                                              float alpha, const float* __restrict__ A, int lda,
-                                                              const float* __restrict__ B, int ldb, float beta,
-                                                              float* __restrict__ C, int ldc,
-                                                              int64_t c_slice_stride) {
+template <int BK, bool VEC>
+__global__ void __launch_bounds__(kGemmThreads)
+    sgemm_kernel(bool ta, bool tb, int M, int N, int K, int k_slice, float alpha, const float* __restrict__ A,
+                 int lda, const float* __restrict__ B, int ldb, float beta, float* __restrict__ C, int ldc,
+                 int64_t c_slice_stride) {
   __shared__ __align__(16) float As[2][BK][BM];
   __shared__ __align__(16) float Bs[2][BK][BN];
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
@@ -138,13 +140,13 @@ __global__ void __launch_bounds__(kGemmThreads) sgemm_kernel(bool ta, bool tb, i
   // fetch_tile zero-fills past its K argument, so passing k_end keeps each slice to its own part of K.
   const int tiles = (k_end - k_begin + BK - 1) / BK;
   if (tiles > 0)
-    store_tile(ta, tb, fetch_tile<VEC>(ta, tb, M, N, k_end, A, lda, B, ldb, m0, n0, k_begin), As[0], Bs[0]);
+    store_tile<BK>(ta, tb, fetch_tile<BK, VEC>(ta, tb, M, N, k_end, A, lda, B, ldb, m0, n0, k_begin), As[0], Bs[0]);
   __syncthreads();
   for (int tile = 0; tile < tiles; ++tile) {
     const int cur = tile & 1;
     const bool more = tile + 1 < tiles;
-    TileRegs next;
-    if (more) next = fetch_tile<VEC>(ta, tb, M, N, k_end, A, lda, B, ldb, m0, n0, k_begin + (tile + 1) * BK);
+    TileRegs<BK> next;
+    if (more) next = fetch_tile<BK, VEC>(ta, tb, M, N, k_end, A, lda, B, ldb, m0, n0, k_begin + (tile + 1) * BK);
 #pragma unroll
     for (int k = 0; k < BK; ++k) {
       float a[8], b[8];
@@ -159,7 +161,7 @@ __global__ void __launch_bounds__(kGemmThreads) sgemm_kernel(bool ta, bool tb, i
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
     }
-    if (more) store_tile(ta, tb, next, As[cur ^ 1], Bs[cur ^ 1]);
+    if (more) store_tile<BK>(ta, tb, next, As[cur ^ 1], Bs[cur ^ 1]);
     __syncthreads();
   }
 
@@ -230,15 +232,9 @@ __global__ void fill_pattern(float* p, int64_t n, uint32_t seed) {
   }
 }
 
-}  // namespace
-
-void own_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-               const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  PSA_CHECK(M < (1LL << 31) && N < (1LL << 31) && K < (1LL << 31) && lda < (1LL << 31) && ldb < (1LL << 31) &&
-                ldc < (1LL << 31),
-            "own_sgemm: sizes [", M, ",", N, ",", K, "] exceed int");
-  PSA_CHECK((N + BN - 1) / BN <= 0x7fffffff && (M + BM - 1) / BM <= 65535, "own_sgemm: M = ", M, " too large");
+template <int BK>
+void run_own(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+             const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   int64_t slices = k_slices(M, N, K);
   // A slice length that is a multiple of BK keeps every slice's K offset 16-byte aligned for the float4 loads.
   int64_t k_slice = slices == 1 ? std::max<int64_t>(K, 1) : ((K + slices - 1) / slices + BK - 1) / BK * BK;
@@ -254,18 +250,41 @@ void own_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, c
   dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)((M + BM - 1) / BM), (unsigned)slices);
   bool vec = lda % 4 == 0 && ldb % 4 == 0 && out_ld % 4 == 0 && aligned16(A) && aligned16(B) && aligned16(out);
   if (vec)
-    sgemm_kernel<true><<<grid, kGemmThreads, 0, stream()>>>(ta, tb, (int)M, (int)N, (int)K, (int)k_slice, out_alpha,
-                                                            A, (int)lda, B, (int)ldb, out_beta, out, (int)out_ld,
-                                                            slice_stride);
+    sgemm_kernel<BK, true><<<grid, kGemmThreads, 0, stream()>>>(
+        ta, tb, (int)M, (int)N, (int)K, (int)k_slice, out_alpha, A, (int)lda, B, (int)ldb, out_beta, out,
+        (int)out_ld, slice_stride);
   else
-    sgemm_kernel<false><<<grid, kGemmThreads, 0, stream()>>>(ta, tb, (int)M, (int)N, (int)K, (int)k_slice, out_alpha,
-                                                             A, (int)lda, B, (int)ldb, out_beta, out, (int)out_ld,
-                                                             slice_stride);
+    sgemm_kernel<BK, false><<<grid, kGemmThreads, 0, stream()>>>(
+        ta, tb, (int)M, (int)N, (int)K, (int)k_slice, out_alpha, A, (int)lda, B, (int)ldb, out_beta, out,
+        (int)out_ld, slice_stride);
   cudaCheckLaunch();
   if (slices > 1) {
     sum_k_slices<<<blocks_for(M * N), kThreads, 0, stream()>>>(part.data<float>(), (int)slices, (int)M, (int)N, alpha,
                                                               beta, C, (int)ldc);
     cudaCheckLaunch();
+  }
+}
+
+}  // namespace
+
+const char* own_tile_name(OwnTile t) {
+  switch (t) {
+    case OwnTile::k8: return "k8";
+    case OwnTile::k16: return "k16";
+  }
+  return "?";
+}
+
+void own_sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+               const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  PSA_CHECK(M < (1LL << 31) && N < (1LL << 31) && K < (1LL << 31) && lda < (1LL << 31) && ldb < (1LL << 31) &&
+                ldc < (1LL << 31),
+            "own_sgemm: sizes [", M, ",", N, ",", K, "] exceed int");
+  PSA_CHECK((N + BN - 1) / BN <= 0x7fffffff && (M + BM - 1) / BM <= 65535, "own_sgemm: M = ", M, " too large");
+  switch (own_tile()) {
+    case OwnTile::k8: return run_own<8>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    case OwnTile::k16: return run_own<16>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   }
 }
 
@@ -290,7 +309,8 @@ GemmTiming time_sgemm(GemmImpl impl, int64_t n, int reps) {
   GemmTiming t;
   double scale = 0;
   for (float v : hr) scale = std::max(scale, (double)std::fabs(v));
-  for (size_t i = 0; i < hr.size(); ++i) t.max_err = std::max(t.max_err, std::fabs((double)hc[i] - hr[i]) / (scale + 1e-30));
+  for (size_t i = 0; i < hr.size(); ++i)
+    t.max_err = std::max(t.max_err, std::fabs((double)hc[i] - hr[i]) / (scale + 1e-30));
   for (int i = 0; i < 2; ++i) run(impl, c);  // warm-up
   cudaEvent_t start, stop;
   cudaCheck(cudaEventCreate(&start));
