@@ -4,6 +4,7 @@
 #include <omp.h>
 
 #include <cmath>
+#include <tuple>
 
 #include "autograd/op_util.h"
 #include "op_harness.h"
@@ -146,12 +147,15 @@ Tensor ref_dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset) {
 
 std::vector<OpCase> dropout_cases() {
   std::vector<OpCase> v;
-  for (double p : {0.3, 0.0, 1.0, 0.9}) {
+  // 37 elements are all tail of the CPU kernel's blocks of draws (32 or 64), 105 one block and a tail, 256 whole
+  // blocks; the large seed and offset give every word of the Philox key and counter high bits.
+  for (auto [p, seed, offset] : std::vector<std::tuple<double, uint64_t, uint64_t>>{
+           {0.3, 7, 11}, {0.0, 7, 11}, {1.0, 7, 11}, {0.9, 7, 11}, {0.5, 0x9E3779B97F4A7C15ull, 0xF00DFACE12345678ull}}) {
     OpCase c;
     c.op = "dropout";
-    c.shapes = {{{37}}, {{3, 7, 5}}};
-    c.run = [p](const Inputs& in) { return dropout(in[0], p, 7, 11); };
-    c.reference = [p](const Inputs& in) { return ref_dropout(in[0], p, 7, 11); };
+    c.shapes = {{{37}}, {{3, 7, 5}}, {{4, 64}}};
+    c.run = [=](const Inputs& in) { return dropout(in[0], p, seed, offset); };
+    c.reference = [=](const Inputs& in) { return ref_dropout(in[0], p, seed, offset); };
     v.push_back(c);
   }
   return v;
