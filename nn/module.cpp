@@ -178,7 +178,9 @@ Tensor Linear::forward(const Tensor& x) const {
   Tensor h = x;
   if (training() && lora_dropout > 0) h = dropout(h, lora_dropout, dropout_seed, dropout_offset);
   Tensor delta = linear(linear(h, lora_A), lora_B);
-  return add(y, mul_scalar(delta, lora_alpha / lora_rank));
+  double scale = lora_alpha / lora_rank;
+  // x·1 is x exactly, forward and backward: at alpha = r (this project's default) the multiply is skipped
+  return add(y, scale == 1 ? delta : mul_scalar(delta, scale));
 }
 
 // The bias add and the activation fuse (linear_act) unless an unmerged LoRA delta comes between them.

@@ -294,9 +294,9 @@ TEST(Modules, LoadStateDictErrorsNameTheSourceAndTheTensor) {
 // ---------------------------------------------------------------- LoRA
 
 // Linear 6 -> 4 with a rank-2 adapter (alpha 8: scale 4, so a wrong scale shows).
-std::unique_ptr<Linear> lora_linear(double dropout = 0.0) {
+std::unique_ptr<Linear> lora_linear(double dropout = 0.0, double alpha = 8.0) {
   auto m = std::make_unique<Linear>(6, 4);
-  m->add_lora(2, 8.0, dropout);
+  m->add_lora(2, alpha, dropout);
   m->initialize(1);
   return m;
 }
@@ -317,25 +317,29 @@ TEST(Lora, FreshAdapterLeavesTheBaseOutput) {
   EXPECT_EQ(names, (std::set<std::string>{"weight", "bias", "lora_A.weight", "lora_B.weight"}));
 }
 
+// alpha 8 (scale 4) and alpha 2 (scale 1, where the forward skips the multiply).
 TEST(Lora, MergeEqualsUnmergedAndUnmergeRestoresTheWeight) {
-  auto m = lora_linear();
-  Tensor(m->lora_B).contiguous_copy_from(randn({4, 2}, 3, DType::f32, 0.5));
-  Tensor x = randn({3, 6}, 4), w0 = m->weight.clone();
-  NoGrad ng;
-  Tensor base = linear(x, w0, m->bias), unmerged = m->forward(x);
-  EXPECT_GT(max_abs_diff(unmerged, base), 1e-2);  // the adapter matters now
+  for (double alpha : {8.0, 2.0}) {
+    SCOPED_TRACE("alpha " + std::to_string(alpha));
+    auto m = lora_linear(0.0, alpha);
+    Tensor(m->lora_B).contiguous_copy_from(randn({4, 2}, 3, DType::f32, 0.5));
+    Tensor x = randn({3, 6}, 4), w0 = m->weight.clone();
+    NoGrad ng;
+    Tensor base = linear(x, w0, m->bias), unmerged = m->forward(x);
+    EXPECT_GT(max_abs_diff(unmerged, base), 1e-2);  // the adapter matters now
 
-  m->merge_lora();
-  EXPECT_TRUE(m->lora_merged);
-  EXPECT_LT(max_abs_diff(m->forward(x), unmerged), 1e-5);
-  Tensor delta = mul_scalar(matmul(m->lora_B, m->lora_A), 8.0 / 2);
-  EXPECT_LT(max_abs_diff(sub(m->weight, w0), delta), 1e-6);  // W += (alpha/r)·B·A
+    m->merge_lora();
+    EXPECT_TRUE(m->lora_merged);
+    EXPECT_LT(max_abs_diff(m->forward(x), unmerged), 1e-5);
+    Tensor delta = mul_scalar(matmul(m->lora_B, m->lora_A), alpha / 2);
+    EXPECT_LT(max_abs_diff(sub(m->weight, w0), delta), 1e-6);  // W += (alpha/r)·B·A
 
-  m->unmerge_lora();
-  EXPECT_FALSE(m->lora_merged);
-  EXPECT_LT(max_abs_diff(m->weight, w0), 1e-6);
-  EXPECT_LT(max_abs_diff(m->forward(x), unmerged), 1e-5);
-  EXPECT_NE(error_of([&] { m->unmerge_lora(); }), "");  // nothing merged any more
+    m->unmerge_lora();
+    EXPECT_FALSE(m->lora_merged);
+    EXPECT_LT(max_abs_diff(m->weight, w0), 1e-6);
+    EXPECT_LT(max_abs_diff(m->forward(x), unmerged), 1e-5);
+    EXPECT_NE(error_of([&] { m->unmerge_lora(); }), "");  // nothing merged any more
+  }
 }
 
 TEST(Lora, GradientsReachOnlyTheAdapterWhenTheBaseIsFrozen) {
