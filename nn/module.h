@@ -91,7 +91,7 @@ class Linear : public Module {
   int64_t lora_rank = 0;
   double lora_alpha = 0, lora_dropout = 0;
   bool lora_merged = false;
-  uint64_t dropout_seed = 0, dropout_offset = 0;  // advanced by the trainer each step
+  uint64_t dropout_seed = 0, dropout_offset = 0;  // set by the trainer: a seed per adapter, the step
 };
 
 class LayerNorm : public Module {

@@ -236,6 +236,9 @@ TEST(PsaTrain, ResumeEqualsUninterruptedRunBitForBit) {
   ASSERT_EQ(a.loss.size(), b.loss.size());
   for (size_t i = 0; i < a.loss.size(); ++i) EXPECT_EQ(a.loss[i], b.loss[i]) << "step " << i;
   EXPECT_EQ(params_of(*straight), params_of(*c.model));
+  std::set<uint64_t> seeds;  // each adapter its own dropout masks, as PEFT's one nn.Dropout per module
+  for (nn::Linear* l : straight->lm->linears()) seeds.insert(l->dropout_seed);
+  EXPECT_EQ(seeds.size(), straight->lm->linears().size()) << "adapters share their dropout masks";
 }
 
 // Four base examples; the ones listed get NaN pixels, which makes the loss of any batch holding them NaN.
