@@ -149,8 +149,9 @@ std::vector<OpCase> dropout_cases() {
   std::vector<OpCase> v;
   // 37 elements are all tail of the CPU kernel's blocks of draws (32 or 64), 105 one block and a tail, 256 whole
   // blocks; the large seed and offset give every word of the Philox key and counter high bits.
-  for (auto [p, seed, offset] : std::vector<std::tuple<double, uint64_t, uint64_t>>{
-           {0.3, 7, 11}, {0.0, 7, 11}, {1.0, 7, 11}, {0.9, 7, 11}, {0.5, 0x9E3779B97F4A7C15ull, 0xF00DFACE12345678ull}}) {
+  using Draw = std::tuple<double, uint64_t, uint64_t>;  // p, seed, offset
+  for (auto [p, seed, offset] : std::vector<Draw>{{0.3, 7, 11}, {0.0, 7, 11}, {1.0, 7, 11}, {0.9, 7, 11},
+                                                  {0.5, 0x9E3779B97F4A7C15ull, 0xF00DFACE12345678ull}}) {
     OpCase c;
     c.op = "dropout";
     c.shapes = {{{37}}, {{3, 7, 5}}, {{4, 64}}};
