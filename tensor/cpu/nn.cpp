@@ -352,7 +352,12 @@ void dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset, Tensor& 
       uint32_t draw[kDrawBlock];
       int64_t i0 = b * kDrawBlock;
       philox_draws(i0, offset, seed, draw);
-      for (int l = 0; l < kDrawBlock; ++l) po[i0 + l] = draw[l] >= threshold ? px[i0 + l] * scale : T(0);
+      const T* xb = px + i0;
+      T* ob = po + i0;
+      for (int l = 0; l < kDrawBlock; ++l) {  // the product first: the select becomes a blend, not a branch
+        T kept = xb[l] * scale;
+        ob[l] = draw[l] >= threshold ? kept : T(0);
+      }
     });
     for (int64_t i = blocks * kDrawBlock; i < n; ++i)
       po[i] = philox_keep(seed, offset, i, threshold) ? px[i] * scale : T(0);
