@@ -212,15 +212,13 @@ StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o) {
   double tokens = 0;
   int64_t bad = 0, done_here = 0;
   int64_t step = first_step;
+  // LoRA dropout: each adapter its own masks (PEFT gives every module its own nn.Dropout), new every step,
+  // the same in every run of a seed (and after a resume).
+  std::vector<nn::Linear*> linears = m.lm->linears();
+  for (size_t i = 0; i < linears.size(); ++i) linears[i]->dropout_seed = mix(o.seed ^ mix(i + 1));
   for (; step < o.steps; ++step) {
     opt.set_lr(nn::lr_at(sched, step));
-    // LoRA dropout: each adapter its own masks (PEFT gives every module its own nn.Dropout), new every step,
-    // the same in every run of a seed (and after a resume).
-    std::vector<nn::Linear*> linears = m.lm->linears();
-    for (size_t i = 0; i < linears.size(); ++i) {
-      linears[i]->dropout_seed = mix(o.seed ^ mix(i + 1));
-      linears[i]->dropout_offset = step;
-    }
+    for (nn::Linear* l : linears) l->dropout_offset = step;
     PsaBatch b = collate(data, sampler.next(o.batch), m.config.pad_id);
     if (o.device != Device::cpu)
       for (Tensor* t : {&b.pixels, &b.ids, &b.labels, &b.level, &b.type})

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <random>
 
 #if defined(__FMA__)
@@ -453,12 +454,13 @@ int cmd_bench_gemm(int argc, char** argv) {
   for (int64_t n : sizes) {
     double flops = 2.0 * n * n * n;
     double cublas_ms = 0;
-    // cuBLAS first (the ratio's reference), then every variant of the own kernel.
-    std::vector<std::pair<std::string, cuda::OwnTile>> impls = {{cuda::tf32() ? "cublas-tf32" : "cublas", {}}};
-    for (cuda::OwnTile tile : cuda::kOwnTiles) impls.push_back({str_cat("own-", cuda::own_tile_name(tile)), tile});
-    for (const auto& [name, tile] : impls) {
-      bool own = name != impls[0].first;
-      if (own) cuda::set_own_tile(tile);
+    // cuBLAS first (the ratio's reference, no tile), then every variant of the own kernel.
+    std::vector<std::optional<cuda::OwnTile>> impls = {std::nullopt};
+    for (cuda::OwnTile tile : cuda::kOwnTiles) impls.push_back(tile);
+    for (const std::optional<cuda::OwnTile>& tile : impls) {
+      bool own = tile.has_value();
+      std::string name = own ? str_cat("own-", cuda::own_tile_name(*tile)) : cuda::tf32() ? "cublas-tf32" : "cublas";
+      if (own) cuda::set_own_tile(*tile);
       cuda::GemmTiming t = cuda::time_sgemm(own ? cuda::GemmImpl::own : cuda::GemmImpl::cublas, n, reps);
       if (!own) cublas_ms = t.ms;
       double tflops = flops / (t.ms * 1e-3) / 1e12;
@@ -474,8 +476,8 @@ int cmd_bench_gemm(int argc, char** argv) {
         std::printf("%-7ld %-13s %10.3f %10.2f %12.2e%s\n", (long)n, name.c_str(), t.ms, tflops, t.max_err,
                     own ? str_cat("   (", cublas_ms / t.ms, "x cuBLAS)").c_str() : "");
     }
-    cuda::set_own_tile(tile_before);
   }
+  cuda::set_own_tile(tile_before);
   if (a.has("--json")) {
     json::Value j = json::Value::object();
     j.set("device", gpu::describe());
