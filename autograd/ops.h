@@ -73,11 +73,12 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
 Tensor dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset);
 
 // ---- attention (ops_attention.cpp)
-// x [B, T, H, D] (a projection split into heads) -> [B, H, T, D] (attention's layout); cos/sin [T, D] tables for the
-// positions; rotate-half convention (HF Llama).
+// Heads stay where the projections put them, [B, T, H, D] (a [B, T, H·D] output reshaped; flash-attn's layout), so
+// neither op needs a permute before or after it.
+// x [B, T, H, D] -> the same shape; cos/sin [T, D] tables for the positions; rotate-half convention (HF Llama).
 Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin);
-// q [B, H, T, D], k/v [B, Hkv, S, D] with H % Hkv == 0; mask additive [T, S] or [B, 1, T, S] or undefined.
-// scale defaults to 1/sqrt(D). Causal masks position s > t + (S - T) (queries are the last T of S).
+// q [B, T, H, D], k/v [B, S, Hkv, D] with H % Hkv == 0 -> [B, T, H, D]; mask additive [T, S] or [B|1, H|1, T, S] or
+// undefined. scale defaults to 1/sqrt(D). Causal masks position s > t + (S - T) (queries are the last T of S).
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, const Tensor& mask = Tensor(),
                  double scale = 0);
 

@@ -1,7 +1,7 @@
 // Rotary position embedding and scaled dot-product attention (kernels: tensor/cpu/attention.cpp).
 // Gradient rules:
 //   rope: out = x·cos + R x·sin with R = rotate_half (Rᵀ = -R)  ->  gx = g·cos + Rᵀ(g·sin); cos/sin are constants.
-//         x [B,T,H,D] (a projection split into heads), out [B,H,T,D] (attention's layout): the permute is fused.
+//         x and out [B,T,H,D] (a projection split into heads).
 //   attention: P = softmax(scale·QKᵀ + mask), O = PV  ->  dV = PᵀdO, dS = P∘(dP - rowsum(dP∘P)) with dP = dO Vᵀ,
 //              dQ = scale·dS K, dK = scale·dSᵀQ, summed over the query heads sharing a kv head (saves P).
 //              The mask is a constant.
@@ -39,14 +39,14 @@ Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
     check_same_device(op, x, *table);
     check_same_dtype(op, x, *table);
   }
-  int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3);
+  int64_t T = x.size(1), D = x.size(3);
   PSA_CHECK(D % 2 == 0, op, ": x ", shape_str(x.shape()), ": head dim ", D, " must be even to rotate halves");
   PSA_CHECK(cos.shape() == Shape({T, D}) && sin.shape() == Shape({T, D}), op, ": x ", shape_str(x.shape()),
             " with cos ", shape_str(cos.shape()), " and sin ", shape_str(sin.shape()), ": want tables [", T, ",", D,
             "]");
   check_constant(op, cos, "cos");
   check_constant(op, sin, "sin");
-  Tensor out = Tensor::empty({B, H, T, D}, x.dtype(), x.device());
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
   PSA_KERNEL(out.device(), rope)(x, cos, sin, out);
   Tensor cs = cos.detach(), sn = sin.detach();
   Shape x_shape = x.shape();
@@ -59,24 +59,24 @@ Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
 
 namespace {
 
-// q [B,H,T,D], k = v [B,Hkv,S,D], H % Hkv == 0; mask [T,S] or [B|1, H|1, T, S].
+// q [B,T,H,D], k = v [B,S,Hkv,D], H % Hkv == 0; mask [T,S] or [B|1, H|1, T, S].
 void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
   const char* op = "attention";
   check_defined(op, q, "q");
   check_float(op, q);
-  check_rank(op, q, 4, "q [B,H,T,D]");
-  check_operand(op, q, k, "k [B,Hkv,S,D]");
-  check_operand(op, q, v, "v [B,Hkv,S,D]");
+  check_rank(op, q, 4, "q [B,T,H,D]");
+  check_operand(op, q, k, "k [B,S,Hkv,D]");
+  check_operand(op, q, v, "v [B,S,Hkv,D]");
   std::string qk = str_cat("q ", shape_str(q.shape()), " and k ", shape_str(k.shape()));
   PSA_CHECK(k.shape() == v.shape(), op, ": k ", shape_str(k.shape()), " and v ", shape_str(v.shape()), " differ");
   PSA_CHECK(q.size(0) == k.size(0), op, ": ", qk, ": batch ", q.size(0), " != ", k.size(0));
   PSA_CHECK(q.size(3) == k.size(3), op, ": ", qk, ": head dims ", q.size(3), " != ", k.size(3));
-  PSA_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": ", qk, ": ", q.size(1),
-            " query heads not divisible by ", k.size(1), " kv heads");
+  PSA_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, op, ": ", qk, ": ", q.size(2),
+            " query heads not divisible by ", k.size(2), " kv heads");
   if (!mask.defined()) return;
   check_same_device(op, q, mask);
   check_same_dtype(op, q, mask);
-  int64_t B = q.size(0), H = q.size(1), T = q.size(2), S = k.size(2);
+  int64_t B = q.size(0), T = q.size(1), H = q.size(2), S = k.size(1);
   const Shape& m = mask.shape();
   bool fits = (m == Shape{T, S}) || (m.size() == 4 && (m[0] == 1 || m[0] == B) && (m[1] == 1 || m[1] == H) &&
                                      m[2] == T && m[3] == S);
@@ -101,11 +101,12 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
             grad_buffer(need_v, vs.shape(), vs)};
   };
   Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());
-  const double products = 2.0 * q.size(0) * q.size(1) * q.size(2) * k.size(2) * q.size(3);  // one T x S x D GEMM
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), S = k.size(1);
+  const double products = 2.0 * B * H * T * S * q.size(3);  // one T x S x D GEMM
   profile::add_flops(2 * products);  // QKᵀ and PV
   if (q.device() == Device::cuda) {
 #ifdef PSA_CUDA
-    Tensor lse = Tensor::empty({q.size(0), q.size(1), q.size(2)}, q.dtype(), q.device());
+    Tensor lse = Tensor::empty({B, H, T}, q.dtype(), q.device());
     profile::timed("attention", &cuda::attention)(q, k, v, mask, causal, scale, out, lse);
     Tensor os = out.detach(), ms = mask.defined() ? mask.detach() : Tensor();
     return record(op, out, {q, k, v}, [=](const Tensor& g) -> Grads {
@@ -119,7 +120,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
     no_cuda_kernel(op);
 #endif
   }
-  Tensor probs = Tensor::empty({q.size(0), q.size(1), q.size(2), k.size(2)}, q.dtype(), q.device());
+  Tensor probs = Tensor::empty({B, H, T, S}, q.dtype(), q.device());
   profile::timed("attention", &cpu::attention)(q, k, v, mask, causal, scale, out, probs);
   return record(op, out, {q, k, v}, [=](const Tensor& g) -> Grads {
     Grads gr = grads_like();

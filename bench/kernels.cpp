@@ -224,16 +224,16 @@ Case layer_norm_bwd(const Dims& d) { return norm_bwd(d, false); }
 Case rms_norm_fwd(const Dims& d) { return norm_fwd(d, true); }
 Case rms_norm_bwd(const Dims& d) { return norm_bwd(d, true); }
 
-// ---- attention, q/k/v [B, H, T, D]: causal (the LLM's self-attention) or not (the ViT's) -------------------
+// ---- attention, q/k/v [B, T, H, D] (dims given as B, H, T, D): causal (the LLM's self-attention) or not (the ViT's)
 
 struct NaiveAttention {
   std::vector<double> out, gq, gk, gv;  // [T, D] each
 };
 
 // One (b, h) block in double with S = T:  P = softmax(scale·QKᵀ) (causal: s <= t only), O = PV, and the backward
-// rules of tensor/cpu/attention.cpp written out as loops.
+// rules of tensor/cpu/attention.cpp written out as loops. The inputs' rows are ld apart, the results [T, D].
 NaiveAttention naive_attention(const float* Q, const float* K, const float* V, const float* G, int64_t T, int64_t D,
-                               bool causal) {
+                               int64_t ld, bool causal) {
   const double scale = 1 / std::sqrt(double(D));
   std::vector<double> P(T * T, 0.0), dS(T * T, 0.0);
   NaiveAttention a{std::vector<double>(T * D, 0.0), std::vector<double>(T * D, 0.0), std::vector<double>(T * D, 0.0),
@@ -243,7 +243,7 @@ NaiveAttention naive_attention(const float* Q, const float* K, const float* V, c
     const int64_t last = causal ? t : T - 1;
     for (int64_t s = 0; s <= last; ++s) {
       double dot = 0;
-      for (int64_t e = 0; e < D; ++e) dot += double(Q[t * D + e]) * K[s * D + e];
+      for (int64_t e = 0; e < D; ++e) dot += double(Q[t * ld + e]) * K[s * ld + e];
       P[t * T + s] = dot * scale;
       mx = std::max(mx, P[t * T + s]);
     }
@@ -253,8 +253,8 @@ NaiveAttention naive_attention(const float* Q, const float* K, const float* V, c
       P[t * T + s] /= sum;
       double dp = 0;
       for (int64_t e = 0; e < D; ++e) {
-        a.out[t * D + e] += P[t * T + s] * V[s * D + e];
-        dp += double(G[t * D + e]) * V[s * D + e];
+        a.out[t * D + e] += P[t * T + s] * V[s * ld + e];
+        dp += double(G[t * ld + e]) * V[s * ld + e];
       }
       dS[t * T + s] = dp;
       dot_dp_p += dp * P[t * T + s];
@@ -264,16 +264,16 @@ NaiveAttention naive_attention(const float* Q, const float* K, const float* V, c
   for (int64_t t = 0; t < T; ++t)
     for (int64_t s = 0; s <= (causal ? t : T - 1); ++s)
       for (int64_t e = 0; e < D; ++e) {
-        a.gq[t * D + e] += scale * dS[t * T + s] * K[s * D + e];
-        a.gk[s * D + e] += scale * dS[t * T + s] * Q[t * D + e];
-        a.gv[s * D + e] += P[t * T + s] * G[t * D + e];
+        a.gq[t * D + e] += scale * dS[t * T + s] * K[s * ld + e];
+        a.gk[s * D + e] += scale * dS[t * T + s] * Q[t * ld + e];
+        a.gv[s * D + e] += P[t * T + s] * G[t * ld + e];
       }
   return a;
 }
 
 Case attention_case(const Dims& d, bool backward, bool causal) {
   int64_t B = d[0], H = d[1], T = d[2], D = d[3];
-  Shape s{B, H, T, D};
+  Shape s{B, T, H, D};
   Tensor q = uniform(s, -1, 1, 1), k = uniform(s, -1, 1, 2), v = uniform(s, -1, 1, 3), g = uniform(s, -1, 1, 4);
   Tensor out = Tensor::empty(s), probs = Tensor::empty({B, H, T, T});
   Tensor gq = Tensor::empty(s), gk = Tensor::empty(s), gv = Tensor::empty(s);
@@ -286,14 +286,15 @@ Case attention_case(const Dims& d, bool backward, bool causal) {
   c.check = [=] {
     Check ck;
     for (int64_t bh : {int64_t(0), B * H - 1}) {
-      int64_t o = bh * T * D;
-      NaiveAttention a = naive_attention(f(q) + o, f(k) + o, f(v) + o, f(g) + o, T, D, causal);
+      const int64_t o = ((bh / H) * T * H + bh % H) * D, ld = H * D;  // head (b, h) of [B, T, H, D]
+      NaiveAttention a = naive_attention(f(q) + o, f(k) + o, f(v) + o, f(g) + o, T, D, ld, causal);
       for (int64_t i = 0; i < T * D; ++i) {
-        ck.near("attention out", o + i, f(out)[o + i], a.out[i], 1e-4);
+        const int64_t at = o + (i / D) * ld + i % D;
+        ck.near("attention out", at, f(out)[at], a.out[i], 1e-4);
         if (!backward) continue;
-        ck.near("attention gq", o + i, f(gq)[o + i], a.gq[i], 1e-4);
-        ck.near("attention gk", o + i, f(gk)[o + i], a.gk[i], 1e-4);
-        ck.near("attention gv", o + i, f(gv)[o + i], a.gv[i], 1e-4);
+        ck.near("attention gq", at, f(gq)[at], a.gq[i], 1e-4);
+        ck.near("attention gk", at, f(gk)[at], a.gk[i], 1e-4);
+        ck.near("attention gv", at, f(gv)[at], a.gv[i], 1e-4);
       }
     }
     return ck.error;
@@ -539,7 +540,7 @@ Case add_case(const Dims& d) {
   return c;
 }
 
-// Head split of attention: [B, T, H, D] -> [B, H, T, D] (the LLM's q, k, v; the inverse merges the output).
+// A 4-D permute at the attention shapes, [B, T, H, D] -> [B, H, T, D] (attention itself reads the heads in place).
 Case head_permute_case(const Dims& d) {
   const int64_t B = d[0], H = d[1], T = d[2], D = d[3], n = B * H * T * D;
   Tensor x = uniform({B, T, H, D}, -1, 1, 1), out = Tensor::empty({B, H, T, D});

@@ -253,7 +253,8 @@ Case layer_norm_bwd(const Dims& d) { return norm_bwd(d, false); }
 Case rms_norm_fwd(const Dims& d) { return norm_fwd(d, true); }
 Case rms_norm_bwd(const Dims& d) { return norm_bwd(d, true); }
 
-// ---- causal attention, q/k/v [B, H, T, D]: flash forward (saves lse [B, H, T]) and its backward ----------------
+// ---- causal attention, q/k/v [B, T, H, D] (dims given as B, H, T, D): flash forward (saves lse [B, H, T]) and its
+// backward
 
 // Products a kernel needs at least over the T(T+1)/2 visible (query, key) pairs of each (b, h), 2·D flops each:
 // forward QKᵀ and PV; backward QKᵀ again (from lse), dO·Vᵀ, dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q.
@@ -263,7 +264,7 @@ double attention_flops(int64_t B, int64_t H, int64_t T, int64_t D, bool backward
 
 Case attention_case(const Dims& d, bool backward) {
   int64_t B = d[0], H = d[1], T = d[2], D = d[3];
-  Shape s{B, H, T, D};
+  Shape s{B, T, H, D};
   Tensor q = uniform(s, -1, 1, 1), k = uniform(s, -1, 1, 2), v = uniform(s, -1, 1, 3), g = uniform(s, -1, 1, 4);
   Tensor dq = dev(q), dk = dev(k), dv = dev(v), dg = dev(g);
   Tensor out = dempty(s), lse = dempty({B, H, T}), gq = dempty(s), gk = dempty(s), gv = dempty(s);
@@ -297,12 +298,12 @@ Case attention_case(const Dims& d, bool backward) {
 Case attention_fwd(const Dims& d) { return attention_case(d, false); }
 Case attention_bwd(const Dims& d) { return attention_case(d, true); }
 
-// ---- rope: x [B, T, H, D] -> [B, H, T, D] with cos/sin [T, D]; backward the other way round --------------------
+// ---- rope: x [B, T, H, D] (dims given as B, H, T, D) with cos/sin [T, D] ------------------------------------------
 
 Case rope_case(const Dims& d, bool backward) {
   int64_t B = d[0], H = d[1], T = d[2], D = d[3];
-  Shape heads{B, H, T, D}, tokens{B, T, H, D}, s = backward ? tokens : heads;  // s: the output's
-  Tensor x = uniform(backward ? heads : tokens, -1, 1, 1);
+  Shape s{B, T, H, D};
+  Tensor x = uniform(s, -1, 1, 1);
   Tensor cs = uniform({T, D}, -1, 1, 2), sn = uniform({T, D}, -1, 1, 3);
   Tensor dx = dev(x), dcs = dev(cs), dsn = dev(sn), out = dempty(s);
   Case c;
@@ -324,7 +325,7 @@ Case rope_case(const Dims& d, bool backward) {
 Case rope_fwd(const Dims& d) { return rope_case(d, false); }
 Case rope_bwd(const Dims& d) { return rope_case(d, true); }
 
-// ---- head permute [B, T, H, D] -> [B, H, T, D] (around attention in the model) --------------------------------
+// ---- a 4-D permute at the attention shapes, [B, T, H, D] -> [B, H, T, D] (attention reads the heads in place) ------
 
 Case permute_case(const Dims& d) {
   int64_t B = d[0], H = d[1], T = d[2], D = d[3];

@@ -113,7 +113,7 @@ MultiheadAttention::MultiheadAttention(int64_t e, int64_t h) : embed_dim(e), hea
 Tensor MultiheadAttention::project(const Tensor& x, int64_t which) const {
   int64_t E = embed_dim, B = x.size(0), T = x.size(1);
   Tensor w = slice(in_proj_weight, 0, which * E, (which + 1) * E), b = slice(in_proj_bias, 0, which * E, (which + 1) * E);
-  return permute(reshape(linear(x, w, b), {B, T, heads, E / heads}), {0, 2, 1, 3});
+  return reshape(linear(x, w, b), {B, T, heads, E / heads});
 }
 
 Tensor MultiheadAttention::forward(const Tensor& query, const Tensor& kv) const {
@@ -121,12 +121,12 @@ Tensor MultiheadAttention::forward(const Tensor& query, const Tensor& kv) const 
                 query.size(0) == kv.size(0),
             "multihead attention: query ", shape_str(query.shape()), " and key/value ", shape_str(kv.shape()),
             " for embed_dim ", embed_dim);
-  Tensor o = permute(attention(project(query, 0), project(kv, 1), project(kv, 2), false), {0, 2, 1, 3});
+  Tensor o = attention(project(query, 0), project(kv, 1), project(kv, 2), false);
   return out_proj->forward(reshape(o, {query.size(0), query.size(1), embed_dim}));
 }
 
 Tensor MultiheadAttention::attention_weights(const Tensor& query, const Tensor& kv) const {
-  Tensor q = project(query, 0), k = project(kv, 1);
+  Tensor q = permute(project(query, 0), {0, 2, 1, 3}), k = permute(project(kv, 1), {0, 2, 1, 3});  // [B, H, T, E/H]
   return softmax(mul_scalar(matmul(q, k, false, true), 1.0 / std::sqrt((double)(embed_dim / heads))), -1);
 }
 

@@ -57,7 +57,7 @@ class MultiheadAttention : public Module {
   int64_t embed_dim, heads;
 
  private:
-  Tensor project(const Tensor& x, int64_t which) const;  // 0 q, 1 k, 2 v -> [B, H, T, E/H]
+  Tensor project(const Tensor& x, int64_t which) const;  // 0 q, 1 k, 2 v -> [B, T, H, E/H]
 };
 
 }  // namespace psa::nn

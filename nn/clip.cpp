@@ -42,14 +42,11 @@ ClipAttention::ClipAttention(int64_t hidden, int64_t h) : heads(h) {
   out_proj = register_module("out_proj", std::make_shared<Linear>(hidden, hidden));
 }
 
-// [B, T, H*D] <-> [B, H, T, D]
+// [B, T, H*D] <-> [B, T, H, D] (views: attention reads the heads in place)
 static Tensor split_heads(const Tensor& x, int64_t heads) {
-  return permute(reshape(x, {x.size(0), x.size(1), heads, x.size(2) / heads}), {0, 2, 1, 3});
+  return reshape(x, {x.size(0), x.size(1), heads, x.size(2) / heads});
 }
-static Tensor merge_heads(const Tensor& x) {
-  Tensor t = permute(x, {0, 2, 1, 3});
-  return reshape(t, {t.size(0), t.size(1), t.size(2) * t.size(3)});
-}
+static Tensor merge_heads(const Tensor& x) { return reshape(x, {x.size(0), x.size(1), x.size(2) * x.size(3)}); }
 
 Tensor ClipAttention::forward(const Tensor& x) const {
   Tensor q = split_heads(q_proj->forward(x), heads), k = split_heads(k_proj->forward(x), heads),

@@ -68,23 +68,22 @@ Tensor LlamaAttention::forward(const Tensor& x, const Tensor& cos, const Tensor&
                                int64_t layer) const {
   int64_t B = x.size(0), T = x.size(1);
   auto split = [&](const Tensor& t, int64_t h) { return reshape(t, {B, T, h, head_dim}); };  // [B, T, h, D]
-  Tensor q = rope(split(q_proj->forward(x), heads), cos, sin);  // rope also moves the heads: [B, H, T, D]
+  Tensor q = rope(split(q_proj->forward(x), heads), cos, sin);
   Tensor k = rope(split(k_proj->forward(x), kv_heads), cos, sin);
-  Tensor v = permute(split(v_proj->forward(x), kv_heads), {0, 2, 1, 3});
+  Tensor v = split(v_proj->forward(x), kv_heads);
   if (cache) {
     if ((int64_t)cache->k.size() <= layer) {
       cache->k.resize(layer + 1);
       cache->v.resize(layer + 1);
     }
     if (cache->k[layer].defined()) {
-      k = concat({cache->k[layer], k}, 2);
-      v = concat({cache->v[layer], v}, 2);
+      k = concat({cache->k[layer], k}, 1);
+      v = concat({cache->v[layer], v}, 1);
     }
     cache->k[layer] = k;
     cache->v[layer] = v;
   }
-  Tensor o = permute(attention(q, k, v, true), {0, 2, 1, 3});
-  return o_proj->forward(reshape(o, {B, T, heads * head_dim}));
+  return o_proj->forward(reshape(attention(q, k, v, true), {B, T, heads * head_dim}));
 }
 
 LlamaLayer::LlamaLayer(const LlamaConfig& c) {

@@ -21,7 +21,7 @@ struct LlamaConfig {
 // Keys and values of every layer so far: [B, Hkv, S, D] each.
 struct KVCache {
   std::vector<Tensor> k, v;
-  int64_t length() const { return k.empty() || !k[0].defined() ? 0 : k[0].size(2); }
+  int64_t length() const { return k.empty() || !k[0].defined() ? 0 : k[0].size(1); }  // k[layer] [B, S, Hkv, D]
 };
 
 class LlamaAttention : public Module {

@@ -10,7 +10,7 @@ namespace psa::test {
 namespace {
 
 // ---- rope: inputs x [B,T,H,D], cos, sin [T,D] built like HF Llama's tables (inv_freq = 10000^(-2i/D)); the
-// output is [B,H,T,D].
+// output is [B,T,H,D].
 Inputs rope_inputs(const std::vector<Shape>& s, uint64_t seed, DType dt) {
   int64_t T = s[0][1], D = s[0][3];
   Tensor c = empty64({T, D}), sn = empty64({T, D});
@@ -25,14 +25,14 @@ Inputs rope_inputs(const std::vector<Shape>& s, uint64_t seed, DType dt) {
 
 Tensor ref_rope(const Tensor& x, const Tensor& c, const Tensor& s) {
   int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3), half = D / 2;
-  Tensor out = empty64({B, H, T, D});
+  Tensor out = empty64({B, T, H, D});
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t h = 0; h < H; ++h)
         for (int64_t d = 0; d < D; ++d) {
           const double* xr = cd(x) + ((b * T + t) * H + h) * D;
           double rotated = d < half ? -xr[d + half] : xr[d - half];
-          md(out)[((b * H + h) * T + t) * D + d] = xr[d] * cd(c)[t * D + d] + rotated * cd(s)[t * D + d];
+          md(out)[((b * T + t) * H + h) * D + d] = xr[d] * cd(c)[t * D + d] + rotated * cd(s)[t * D + d];
         }
   return out;
 }
@@ -64,7 +64,7 @@ Inputs attention_inputs(const std::vector<Shape>& s, uint64_t seed, DType dt) {
 
 Tensor ref_attention(const Inputs& in, bool causal, double scale) {
   const Tensor &q = in[0], &k = in[1], &v = in[2];
-  int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), S = k.size(1), Hkv = k.size(2);
   if (scale == 0) scale = 1 / std::sqrt((double)D);
   Tensor out = empty64(q.shape());
   std::vector<double> score(S);
@@ -72,10 +72,10 @@ Tensor ref_attention(const Inputs& in, bool causal, double scale) {
     for (int64_t h = 0; h < H; ++h)
       for (int64_t t = 0; t < T; ++t) {
         int64_t kh = h / (H / Hkv);
-        const double* qr = cd(q) + ((b * H + h) * T + t) * D;
+        const double* qr = cd(q) + ((b * T + t) * H + h) * D;
         double mx = -INFINITY;
         for (int64_t s = 0; s < S; ++s) {
-          const double* kr = cd(k) + ((b * Hkv + kh) * S + s) * D;
+          const double* kr = cd(k) + ((b * S + s) * Hkv + kh) * D;
           double dot = 0;
           for (int64_t d = 0; d < D; ++d) dot += qr[d] * kr[d];
           score[s] = scale * dot;
@@ -90,11 +90,11 @@ Tensor ref_attention(const Inputs& in, bool causal, double scale) {
         }
         double sum = 0;
         for (int64_t s = 0; s < S; ++s) sum += mx == -INFINITY ? 0 : std::exp(score[s] - mx);
-        double* o = md(out) + ((b * H + h) * T + t) * D;
+        double* o = md(out) + ((b * T + t) * H + h) * D;
         for (int64_t d = 0; d < D; ++d) {
           double acc = 0;
           for (int64_t s = 0; s < S && sum > 0; ++s)
-            acc += std::exp(score[s] - mx) / sum * cd(v)[((b * Hkv + kh) * S + s) * D + d];
+            acc += std::exp(score[s] - mx) / sum * cd(v)[((b * S + s) * Hkv + kh) * D + d];
           o[d] = acc;
         }
       }
@@ -108,20 +108,20 @@ std::vector<OpCase> attention_cases() {
     double scale;
   };
   std::vector<Spec> specs = {
-      {{{2, 2, 5, 6}, {2, 2, 7, 6}, {2, 2, 7, 6}}, false, 0},              // plain, T != S
-      {{{1, 4, 5, 6}, {1, 2, 7, 6}, {1, 2, 7, 6}}, true, 0},               // GQA 4 -> 2, causal, S > T
-      {{{2, 2, 6, 4}, {2, 2, 6, 4}, {2, 2, 6, 4}}, true, 0},               // causal, T == S
-      {{{1, 2, 5, 6}, {1, 2, 7, 6}, {1, 2, 7, 6}, {5, 7}}, false, 0},      // [T,S] mask with -inf, a dead row
-      {{{2, 4, 3, 8}, {2, 1, 5, 8}, {2, 1, 5, 8}, {2, 1, 3, 5}}, true, 0.5},  // MQA, [B,1,T,S] mask + causal
-      {{{1, 2, 4, 4}, {1, 2, 3, 4}, {1, 2, 3, 4}}, true, 0},               // causal S < T: row 0 sees nothing
+      {{{2, 5, 2, 6}, {2, 7, 2, 6}, {2, 7, 2, 6}}, false, 0},              // plain, T != S
+      {{{1, 5, 4, 6}, {1, 7, 2, 6}, {1, 7, 2, 6}}, true, 0},               // GQA 4 -> 2, causal, S > T
+      {{{2, 6, 2, 4}, {2, 6, 2, 4}, {2, 6, 2, 4}}, true, 0},               // causal, T == S
+      {{{1, 5, 2, 6}, {1, 7, 2, 6}, {1, 7, 2, 6}, {5, 7}}, false, 0},      // [T,S] mask with -inf, a dead row
+      {{{2, 3, 4, 8}, {2, 5, 1, 8}, {2, 5, 1, 8}, {2, 1, 3, 5}}, true, 0.5},  // MQA, [B,1,T,S] mask + causal
+      {{{1, 4, 2, 4}, {1, 3, 2, 4}, {1, 3, 2, 4}}, true, 0},               // causal S < T: row 0 sees nothing
       // Longer than the CPU's causal row chunk (24): several chunks, a partial last one, and (S > T) column
       // chunks whose first seeing row is not 0; with a mask too.
-      {{{1, 2, 53, 4}, {1, 2, 53, 4}, {1, 2, 53, 4}}, true, 0},
-      {{{1, 2, 30, 4}, {1, 1, 57, 4}, {1, 1, 57, 4}, {30, 57}}, true, 0},
+      {{{1, 53, 2, 4}, {1, 53, 2, 4}, {1, 53, 2, 4}}, true, 0},
+      {{{1, 30, 2, 4}, {1, 57, 1, 4}, {1, 57, 1, 4}, {30, 57}}, true, 0},
       // Head dims past one value per lane (the CUDA kernels' 32-lane layout), over several 32-row blocks and
       // 32-key tiles: D = 40 with GQA, causal, S > T; D = 99 (not a multiple of 4) with a mask.
-      {{{1, 2, 37, 40}, {1, 1, 45, 40}, {1, 1, 45, 40}}, true, 0},
-      {{{1, 1, 35, 99}, {1, 1, 35, 99}, {1, 1, 35, 99}, {35, 35}}, false, 0},
+      {{{1, 37, 2, 40}, {1, 45, 1, 40}, {1, 45, 1, 40}}, true, 0},
+      {{{1, 35, 1, 99}, {1, 35, 1, 99}, {1, 35, 1, 99}, {35, 35}}, false, 0},
   };
   std::vector<OpCase> v;
   for (const Spec& s : specs) {
@@ -140,17 +140,17 @@ std::vector<OpCase> attention_cases() {
 const bool registered = register_cases(rope_cases()) && register_cases(attention_cases());
 
 TEST(AttentionOps, FullyMaskedRowsGiveZerosAndFiniteGradients) {
-  Tensor q = randn({1, 2, 4, 4}, 1).requires_grad_(), k = randn({1, 2, 3, 4}, 2).requires_grad_();
-  Tensor v = randn({1, 2, 3, 4}, 3).requires_grad_();
+  Tensor q = randn({1, 4, 2, 4}, 1).requires_grad_(), k = randn({1, 3, 2, 4}, 2).requires_grad_();
+  Tensor v = randn({1, 3, 2, 4}, 3).requires_grad_();
   Tensor mask = Tensor::zeros({4, 3});
   for (int64_t s = 0; s < 3; ++s) mask.data<float>()[3 * 3 + s] = -INFINITY;  // row 3 masked by hand, row 0 by causality
   Tensor out = attention(q, k, v, true, mask);
   std::vector<double> o = out.to_vector();
   for (int64_t h = 0; h < 2; ++h)
     for (int64_t d = 0; d < 4; ++d) {
-      EXPECT_EQ(o[(h * 4 + 0) * 4 + d], 0.0);
-      EXPECT_EQ(o[(h * 4 + 3) * 4 + d], 0.0);
-      EXPECT_NE(o[(h * 4 + 1) * 4 + d], 0.0);
+      EXPECT_EQ(o[(0 * 2 + h) * 4 + d], 0.0);
+      EXPECT_EQ(o[(3 * 2 + h) * 4 + d], 0.0);
+      EXPECT_NE(o[(1 * 2 + h) * 4 + d], 0.0);
     }
   sum(out).backward();
   for (const Tensor& t : {q, k, v})

@@ -234,7 +234,7 @@ TEST(ThreadedKernels, MatchOneThread) {
       {"dropout", {{40000}}, [](const Inputs& in) { return dropout(in[0], 0.4, 3, 9); }, 1, {}},
       {"rope", {{2, 80, 4, 64}}, [](const Inputs& in) { return rope(in[0], in[1], in[2]); }, 1,
        [] { return Inputs{randn({80, 64}, 8, DType::f64), randn({80, 64}, 9, DType::f64)}; }},
-      {"attention", {{2, 4, 40, 30}, {2, 2, 50, 30}, {2, 2, 50, 30}},
+      {"attention", {{2, 40, 4, 30}, {2, 50, 2, 30}, {2, 50, 2, 30}},
        [](const Inputs& in) { return attention(in[0], in[1], in[2], true); }, 3, {}},
       {"patch_conv", {{3, 3, 64, 64}, {16, 3, 8, 8}, {16}}, [](const Inputs& in) { return patch_conv(in[0], in[1], in[2]); }, 3, {}},
       {"depthwise_conv3x3", {{2, 16, 16, 80}, {80, 1, 3, 3}}, [](const Inputs& in) { return depthwise_conv3x3(in[0], in[1]); }, 2, {}},
@@ -274,13 +274,13 @@ TEST(OpErrors, AddBroadcastFailure) {
 }
 
 TEST(OpErrors, AttentionHeadsNotDivisible) {
-  Tensor q = Tensor::zeros({2, 4, 5, 8}), k = Tensor::zeros({2, 3, 5, 8});
+  Tensor q = Tensor::zeros({2, 5, 4, 8}), k = Tensor::zeros({2, 5, 3, 8});
   EXPECT_EQ(error_of([&] { attention(q, k, k, false); }),
-            "attention: q [2,4,5,8] and k [2,3,5,8]: 4 query heads not divisible by 3 kv heads");
+            "attention: q [2,5,4,8] and k [2,5,3,8]: 4 query heads not divisible by 3 kv heads");
 }
 
 TEST(OpErrors, AttentionMaskShapeAndGradient) {
-  Tensor q = Tensor::zeros({1, 2, 5, 8}), k = Tensor::zeros({1, 2, 7, 8});
+  Tensor q = Tensor::zeros({1, 5, 2, 8}), k = Tensor::zeros({1, 7, 2, 8});
   std::string e = error_of([&] { attention(q, k, k, false, Tensor::zeros({5, 5})); });
   EXPECT_NE(e.find("attention: mask [5,5] does not fit scores [1,2,5,7]"), std::string::npos) << e;
   Tensor mask = Tensor::zeros({5, 7}).requires_grad_();

@@ -249,7 +249,7 @@ TEST(CudaParity, TrainingReductionsAreBitwiseReproducible) {
        {{4133, 96}, {96}, {96}}},
       {"rms_norm", [](const std::vector<Tensor>& x) { return rms_norm(x[0], x[1], 1e-6); }, {{4133, 96}, {96}}},
       {"attention", [](const std::vector<Tensor>& x) { return attention(x[0], x[1], x[2], true); },
-       {{3, 4, 131, 32}, {3, 2, 131, 32}, {3, 2, 131, 32}}},
+       {{3, 131, 4, 32}, {3, 131, 2, 32}, {3, 131, 2, 32}}},
       {"sum", [](const std::vector<Tensor>& x) { return sum(x[0], 0); }, {{20001, 7}}},
       {"bias_act", [](const std::vector<Tensor>& x) { return bias_act(x[0], x[1], "quick_gelu"); }, {{4133, 96}, {96}}},
       {"patch_conv", [](const std::vector<Tensor>& x) { return patch_conv(x[0], x[1], x[2]); },

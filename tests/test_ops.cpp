@@ -144,8 +144,8 @@ TEST(Profile, CountsGemmClassFlopsOfEachPass) {
   EXPECT_EQ(profile::flops() - before, 720);
   // attention B 1, H 2, T 3, S 5, D 4: one T x S x D product per head is 2·3·5·4 = 120 flops, 240 for both
   // heads; forward QKᵀ and PV, backward dV, dP, dQ, dK.
-  Tensor q = randn({1, 2, 3, 4}, 3).requires_grad_(), k = randn({1, 2, 5, 4}, 4).requires_grad_();
-  Tensor v = randn({1, 2, 5, 4}, 5).requires_grad_();
+  Tensor q = randn({1, 3, 2, 4}, 3).requires_grad_(), k = randn({1, 5, 2, 4}, 4).requires_grad_();
+  Tensor v = randn({1, 5, 2, 4}, 5).requires_grad_();
   before = profile::flops();
   Tensor o = attention(q, k, v, false);
   EXPECT_EQ(profile::flops() - before, 2 * 240);

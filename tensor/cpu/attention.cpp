@@ -1,6 +1,7 @@
 // Rotary embeddings and scaled dot-product attention.
-// rope: rows of D are independent; spread over threads when large. It reads the projection's [B, T, H, D] and
-// writes attention's [B, H, T, D], so the heads need no permute of their own (the backward the other way round).
+// Both keep the heads where the projections put them, [B, T, H, D]: a head is T rows of D values, H·D apart, and
+// every GEMM below takes that row stride as its leading dimension, so no permute copies the heads in or out.
+// rope: rows of D are independent; spread over threads when large.
 // attention: one (b, h) block at a time, blocks spread over OpenMP threads; inside a block the GEMMs run
 // single-threaded (gemm.h's contract inside a parallel region), each operand that several row or column chunks
 // multiply packed once per block (gemm.h's PackedB; repacking K and V for every chunk had been a quarter of
@@ -33,14 +34,8 @@ constexpr int64_t kCausalRows = 24;
 
 // ---- rope (rotate-half, HF Llama): out = x·cos + rotate_half(x)·sin, rotate_half(x) = [-x2, x1] for
 // x = [x1, x2] halves of D. rotate_half is R with Rᵀ = -R, so gx = g·cos + Rᵀ(g·sin) = g·cos - rotate_half(g·sin).
-// x and gx [B, T, H, D], out and gout [B, H, T, D]: row (b, h, t) of the one is row (b, t, h) of the other.
+// x, out, gout and gx [B, T, H, D]: row r = (b, t, h) is at position t = (r / H) % T.
 namespace {
-
-// Offset of row r = (b, h, t) of a [B, H, T, D] tensor in a [B, T, H, D] one.
-int64_t row_in_bthd(int64_t r, int64_t H, int64_t T, int64_t D) {
-  int64_t t = r % T, h = (r / T) % H, b = r / (T * H);
-  return ((b * T + t) * H + h) * D;
-}
 
 // One row of D = 2·half values, x = [x1, x2], c = [c1, c2], s = [s1, s2]:
 //   forward   y = [x1·c1 - x2·s1, x2·c2 + x1·s2]
@@ -67,31 +62,27 @@ void rope_row(const S* x, const S* c, const S* s, S* y, int64_t half, bool backw
   }
 }
 
-}  // namespace
-
-void rope(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& out) {
-  int64_t T = x.size(1), H = x.size(2), D = x.size(3), half = D / 2, rows = x.numel() / D;
-  dispatch_float(x.dtype(), "rope", [&](auto tag_) {
+// Every row of `in` rotated into `out` (the forward on x, or the backward on gout); rows of D, the positions
+// t = (r / H) % T.
+void rope_rows(const Tensor& in, const Tensor& cos, const Tensor& sin, Tensor& out, bool backward) {
+  int64_t T = in.size(1), H = in.size(2), D = in.size(3), half = D / 2, rows = in.numel() / D;
+  dispatch_float(in.dtype(), backward ? "rope_backward" : "rope", [&](auto tag_) {
     using S = typename decltype(tag_)::type;
-    const S *px = x.data<S>(), *pc = cos.data<S>(), *ps = sin.data<S>();
+    const S *px = in.data<S>(), *pc = cos.data<S>(), *ps = sin.data<S>();
     S* po = out.data<S>();
-    parallel_for(rows, use_threads(rows * D), [&](int64_t r) {  // rows of out
-      rope_row(px + row_in_bthd(r, H, T, D), pc + (r % T) * D, ps + (r % T) * D, po + r * D, half, false);
+    parallel_for(rows, use_threads(rows * D), [&](int64_t r) {
+      const int64_t t = (r / H) % T;
+      rope_row(px + r * D, pc + t * D, ps + t * D, po + r * D, half, backward);
     });
   });
 }
 
+}  // namespace
+
+void rope(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& out) { rope_rows(x, cos, sin, out, false); }
+
 void rope_backward(const Tensor& gout, const Tensor& cos, const Tensor& sin, Tensor& gx) {
-  int64_t H = gout.size(1), T = gout.size(2), D = gout.size(3), half = D / 2, rows = gout.numel() / D;
-  dispatch_float(gout.dtype(), "rope_backward", [&](auto tag_) {
-    using S = typename decltype(tag_)::type;
-    const S *pg = gout.data<S>(), *pc = cos.data<S>(), *ps = sin.data<S>();
-    S* po = gx.data<S>();
-    // Rows of gout in order: contiguous reads measured faster than contiguous writes here.
-    parallel_for(rows, use_threads(rows * D), [&](int64_t r) {
-      rope_row(pg + r * D, pc + (r % T) * D, ps + (r % T) * D, po + row_in_bthd(r, H, T, D), half, true);
-    });
-  });
+  rope_rows(gout, cos, sin, gx, true);
 }
 
 // ---- attention. Per (b, h), with G = H / Hkv query heads per kv head and kv head h / G:
@@ -103,10 +94,16 @@ namespace {
 struct AttnDims {
   int64_t B, H, Hkv, T, S, D;
   int64_t group() const { return H / Hkv; }
+  // Where head h of row b starts in q, out and their gradients [B, T, H, D], and its row stride; the same for kv
+  // head j in k, v [B, S, Hkv, D].
+  int64_t q_head(int64_t b, int64_t h) const { return (b * T * H + h) * D; }
+  int64_t q_ld() const { return H * D; }
+  int64_t kv_head(int64_t b, int64_t j) const { return (b * S * Hkv + j) * D; }
+  int64_t kv_ld() const { return Hkv * D; }
 };
 
 AttnDims dims_of(const Tensor& q, const Tensor& k) {
-  return {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+  return {q.size(0), q.size(2), k.size(2), q.size(1), k.size(1), q.size(3)};
 }
 
 // Columns row t of T sees under the causal mask (query t sits at key position t + S - T: a KV cache
@@ -172,16 +169,18 @@ void softmax_grad_rows(const X* P, X* dP, int64_t rows, int64_t cols, int64_t S)
   }
 }
 
-// gk[b, j] = Σ_{g < G} per_head[b, j·G + g] over [S, D] blocks.
+// gk[b, :, j] = Σ_{g < G} per_head[b, j·G + g] over the query heads' [S, D] blocks, into gk [B, S, Hkv, D].
 template <typename X>
 void sum_kv_groups(const X* per_head, const AttnDims& a, X* out) {
   int64_t block = a.S * a.D, G = a.group();
   parallel_for(a.B * a.Hkv, use_threads(a.B * a.H * block), [&](int64_t bj) {
-    X* o = out + bj * block;
     const X* src = per_head + bj * G * block;
-    for (int64_t i = 0; i < block; ++i) o[i] = src[i];
-    for (int64_t g = 1; g < G; ++g)
-      for (int64_t i = 0; i < block; ++i) o[i] += src[g * block + i];
+    for (int64_t s = 0; s < a.S; ++s) {
+      X* o = out + a.kv_head(bj / a.Hkv, bj % a.Hkv) + s * a.kv_ld();
+      for (int64_t d = 0; d < a.D; ++d) o[d] = src[s * a.D + d];
+      for (int64_t g = 1; g < G; ++g)
+        for (int64_t d = 0; d < a.D; ++d) o[d] += src[g * block + s * a.D + d];
+    }
   });
 }
 
@@ -197,16 +196,16 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
     X *po = out.data<X>(), *pp = probs.data<X>();
     const std::vector<Chunk> chunks = row_chunks(a, causal);
     parallel_for_dynamic(a.B * a.H, a.B * a.H > 1 && use_threads(a.B * a.H * a.T * a.S * a.D), [&](int64_t bh) {
-      int64_t b = bh / a.H, h = bh % a.H, kv = (b * a.Hkv + h / a.group()) * a.S * a.D;
-      const X* Q = pq + bh * a.T * a.D;
+      int64_t b = bh / a.H, h = bh % a.H, kv = a.kv_head(b, h / a.group()), ld = a.q_ld();
+      const X* Q = pq + a.q_head(b, h);
       X* P = pp + bh * a.T * a.S;
-      X* O = po + bh * a.T * a.D;
+      X* O = po + a.q_head(b, h);
       int64_t mo = mask_offset(mask, a, b, h);
-      const PackedB<X> keys_t(true, a.D, a.S, pk + kv, a.D), values(false, a.S, a.D, pv + kv, a.D);
+      const PackedB<X> keys_t(true, a.D, a.S, pk + kv, a.kv_ld()), values(false, a.S, a.D, pv + kv, a.kv_ld());
       for (const Chunk& c : chunks) {  // P = 0 past `cols` (mask_softmax_rows writes it)
-        keys_t.multiply(false, c.rows, c.cols, 0, a.D, (X)scale, Q + c.t0 * a.D, a.D, X(0), P + c.t0 * a.S, a.S);
+        keys_t.multiply(false, c.rows, c.cols, 0, a.D, (X)scale, Q + c.t0 * ld, ld, X(0), P + c.t0 * a.S, a.S);
         mask_softmax_rows(P + c.t0 * a.S, mo < 0 ? nullptr : pm + mo + c.t0 * a.S, causal, c.t0, c.rows, a.T, a.S);
-        values.multiply(false, c.rows, a.D, 0, c.cols, X(1), P + c.t0 * a.S, a.S, X(0), O + c.t0 * a.D, a.D);
+        values.multiply(false, c.rows, a.D, 0, c.cols, X(1), P + c.t0 * a.S, a.S, X(0), O + c.t0 * ld, ld);
       }
     });
   });
@@ -229,37 +228,42 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
     using X = typename decltype(tag_)::type;
     const X *pg = gout.data<X>(), *pq = q.data<X>(), *pk = k.data<X>(), *pv = v.data<X>(), *pp = probs.data<X>();
     X* pgq = gq.defined() ? gq.data<X>() : nullptr;
-    // With shared kv heads each query head writes its own dK/dV block, summed by sum_kv_groups below.
+    // With shared kv heads each query head writes its own dK/dV block [S, D], summed by sum_kv_groups below;
+    // with one query head per kv head, its block of gk/gv [B, S, Hkv, D] directly.
     std::vector<X> dk_heads, dv_heads;
     X* dk = gk.defined() ? gk.data<X>() : nullptr;
     X* dv = gv.defined() ? gv.data<X>() : nullptr;
     if (G > 1 && dk) { dk_heads.resize(a.B * a.H * kv_block); dk = dk_heads.data(); }
     if (G > 1 && dv) { dv_heads.resize(a.B * a.H * kv_block); dv = dv_heads.data(); }
+    const int64_t ld = a.q_ld(), kv_out_ld = G > 1 ? a.D : a.kv_ld();
+    auto kv_out = [&](X* base, int64_t b, int64_t h) {
+      return base + (G > 1 ? (b * a.H + h) * kv_block : a.kv_head(b, h));
+    };
     const std::vector<Chunk> chunks = row_chunks(a, causal);
     // out[s0 : s0 + width] = alpha · M[t_lo:, s0 : s0 + width]ᵀ · R[t_lo:], chunk by chunk (t_lo < T always:
-    // the last row sees every column at or before S - 1); R [T, D] packed once for all chunks.
+    // the last row sees every column at or before S - 1); R [T, D] (row stride ld) packed once for all chunks.
     auto transposed = [&](const X* M, const X* R, X alpha, X* out) {
-      const PackedB<X> rows(false, a.T, a.D, R, a.D);
+      const PackedB<X> rows(false, a.T, a.D, R, ld);
       for (const ColChunk& c : col_chunks)
-        rows.multiply(true, c.width, a.D, c.t_lo, a.T, alpha, M + c.s0, a.S, X(0), out + c.s0 * a.D, a.D);
+        rows.multiply(true, c.width, a.D, c.t_lo, a.T, alpha, M + c.s0, a.S, X(0), out + c.s0 * kv_out_ld, kv_out_ld);
     };
     parallel_for_dynamic(a.B * a.H, a.B * a.H > 1 && use_threads(a.B * a.H * a.T * a.S * a.D), [&](int64_t bh) {
-      int64_t b = bh / a.H, h = bh % a.H, kv = (b * a.Hkv + h / G) * kv_block;
-      const X *dO = pg + bh * a.T * a.D, *Q = pq + bh * a.T * a.D, *P = pp + bh * a.T * a.S;
-      if (dv) transposed(P, dO, X(1), dv + bh * kv_block);
+      int64_t b = bh / a.H, h = bh % a.H, kv = a.kv_head(b, h / G);
+      const X *dO = pg + a.q_head(b, h), *Q = pq + a.q_head(b, h), *P = pp + bh * a.T * a.S;
+      if (dv) transposed(P, dO, X(1), kv_out(dv, b, h));
       if (!pgq && !dk) return;
       std::vector<X> dS(a.T * a.S);  // zeros: the entries no chunk writes are read as dS = 0 by dK
-      const PackedB<X> values_t(true, a.D, a.S, pv + kv, a.D);
+      const PackedB<X> values_t(true, a.D, a.S, pv + kv, a.kv_ld());
       std::optional<PackedB<X>> keys;  // only for dQ
-      if (pgq) keys.emplace(false, a.S, a.D, pk + kv, a.D);
+      if (pgq) keys.emplace(false, a.S, a.D, pk + kv, a.kv_ld());
       for (const Chunk& c : chunks) {
         X* d = dS.data() + c.t0 * a.S;
-        values_t.multiply(false, c.rows, c.cols, 0, a.D, X(1), dO + c.t0 * a.D, a.D, X(0), d, a.S);
+        values_t.multiply(false, c.rows, c.cols, 0, a.D, X(1), dO + c.t0 * ld, ld, X(0), d, a.S);
         softmax_grad_rows(P + c.t0 * a.S, d, c.rows, c.cols, a.S);
         if (pgq)
-          keys->multiply(false, c.rows, a.D, 0, c.cols, (X)scale, d, a.S, X(0), pgq + (bh * a.T + c.t0) * a.D, a.D);
+          keys->multiply(false, c.rows, a.D, 0, c.cols, (X)scale, d, a.S, X(0), pgq + a.q_head(b, h) + c.t0 * ld, ld);
       }
-      if (dk) transposed(dS.data(), Q, (X)scale, dk + bh * kv_block);
+      if (dk) transposed(dS.data(), Q, (X)scale, kv_out(dk, b, h));
     });
     if (G > 1 && gk.defined()) sum_kv_groups(dk_heads.data(), a, gk.data<X>());
     if (G > 1 && gv.defined()) sum_kv_groups(dv_heads.data(), a, gv.data<X>());

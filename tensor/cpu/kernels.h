@@ -102,11 +102,11 @@ void cross_entropy_backward(const Tensor& gout, const Tensor& logits, const Tens
 uint32_t dropout_threshold(double p);
 void dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset, Tensor& out);
 
-// attention.cpp. x and gx [B, T, H, D], out and gout [B, H, T, D] (rope moves the heads), cos/sin [T, D].
+// attention.cpp. x, out, gout, gx [B, T, H, D], cos/sin [T, D].
 void rope(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& out);
 void rope_backward(const Tensor& gout, const Tensor& cos, const Tensor& sin, Tensor& gx);
-// q [B, H, T, D], k/v [B, Hkv, S, D], mask [T, S] or [Bm, Hm, T, S] (Bm in {1, B}, Hm in {1, H}) or undefined;
-// out [B, H, T, D] and probs [B, H, T, S] (saved for backward).
+// q [B, T, H, D], k/v [B, S, Hkv, D], mask [T, S] or [Bm, Hm, T, S] (Bm in {1, B}, Hm in {1, H}) or undefined;
+// out [B, T, H, D] and probs [B, H, T, S] (saved for backward).
 void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, bool causal, double scale,
                Tensor& out, Tensor& probs);
 void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& probs,

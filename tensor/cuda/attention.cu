@@ -1,9 +1,9 @@
 // Rotary embeddings and flash-style scaled dot-product attention (the CPU versions: tensor/cpu/attention.cpp).
 //
-// rope: one thread per element, out = x·cos + rotate_half(x)·sin; backward gx = g·cos - rotate_half(g·sin). x and gx
-//       are [B, T, H, D], out and gout [B, H, T, D] (the permute into heads is part of the op, as on the CPU).
+// Heads stay in the projections' layout [B, T, H, D], as on the CPU: a head is T rows of D values, H·D apart.
+// rope: one thread per element, out = x·cos + rotate_half(x)·sin; backward gx = g·cos - rotate_half(g·sin).
 //
-// attention, q [B, H, T, D], k/v [B, Hkv, S, D], G = H / Hkv query heads per kv head, optional additive mask
+// attention, q [B, T, H, D], k/v [B, S, Hkv, D], G = H / Hkv query heads per kv head, optional additive mask
 // [T, S] or [B|1, H|1, T, S], causal hides s > t + S - T. No [T, S] matrix is ever stored:
 //  forward   blocks of 32 query rows of one (b, h), 4 per warp; K and V stream through shared memory in tiles of
 //            32 keys with an online softmax (running max and sum, rescaled per tile). Saves lse = m + log l.
@@ -22,21 +22,20 @@ namespace psa::cuda {
 namespace {
 
 // ---- rope
-// e runs over the [B, H, T, D] side (out, or gout); j is the same element on the [B, T, H, D] side (x, or gx).
+// e runs over [B, T, H, D] (x and out, or gout and gx); its position is t = (e / (H·D)) % T.
 template <typename S>
 __global__ void rope_kernel(const S* in, const S* cos, const S* sin, int64_t H, int64_t T, int64_t D, int64_t n,
                             S sign, S* out) {
   CUDA_LOOP(e, n) {
-    int64_t d = e % D, t = (e / D) % T, h = (e / (D * T)) % H, b = e / (D * T * H), half = D / 2;
-    int64_t j = ((b * T + t) * H + h) * D + d;
+    int64_t d = e % D, t = (e / (D * H)) % T, half = D / 2;
     const S* c = cos + t * D;
     const S* s = sin + t * D;
-    // forward (sign +1): y[d] = x[d]c[d] - x[d+h]s[d] (d < h), x[d]c[d] + x[d-h]s[d] (d >= h), x read at j
-    // backward (sign -1): g[d]c[d] + g[d+h]s[d+h] (d < h), g[d]c[d] - g[d-h]s[d-h] (d >= h), gx written at j
+    // forward (sign +1): y[d] = x[d]c[d] - x[d+h]s[d] (d < h), x[d]c[d] + x[d-h]s[d] (d >= h)
+    // backward (sign -1): g[d]c[d] + g[d+h]s[d+h] (d < h), g[d]c[d] - g[d-h]s[d-h] (d >= h)
     if (sign > 0)
-      out[e] = d < half ? in[j] * c[d] - in[j + half] * s[d] : in[j] * c[d] + in[j - half] * s[d];
+      out[e] = d < half ? in[e] * c[d] - in[e + half] * s[d] : in[e] * c[d] + in[e - half] * s[d];
     else
-      out[j] = d < half ? in[e] * c[d] + in[e + half] * s[d + half] : in[e] * c[d] - in[e - half] * s[d - half];
+      out[e] = d < half ? in[e] * c[d] + in[e + half] * s[d + half] : in[e] * c[d] - in[e - half] * s[d - half];
   }
 }
 
@@ -54,6 +53,12 @@ struct AttnShape {
   // mask: rank 0 (none), 2 ([T, S]) or 4 ([mB, mH, T, S])
   int mask_rank;
   int64_t mB, mH;
+  // Where head h of row b starts in q, out and their gradients [B, T, H, D], and its row stride; the same for kv
+  // head j in k, v [B, S, Hkv, D].
+  __host__ __device__ int64_t q_head(int64_t b, int64_t h) const { return (b * T * H + h) * D; }
+  __host__ __device__ int64_t q_ld() const { return H * D; }
+  __host__ __device__ int64_t kv_head(int64_t b, int64_t j) const { return (b * S * Hkv + j) * D; }
+  __host__ __device__ int64_t kv_ld() const { return Hkv * D; }
 };
 
 template <typename T>
@@ -91,22 +96,24 @@ __device__ __forceinline__ void load4(const double* p, double (&x)[4]) {
   for (int i = 0; i < 4; ++i) x[i] = p[i];
 }
 
-// The block stages rows [r0, r0 + kTile) of a [rows, D] matrix as a [kTile][ld] tile (zeros past `rows` and in
-// the columns [D, D4)).
+// The block stages rows [r0, r0 + kTile) of a [rows, D] matrix with row stride src_ld as a [kTile][ld] tile
+// (zeros past `rows` and in the columns [D, D4)).
 template <typename T>
-__device__ __forceinline__ void load_tile(const T* src, int64_t r0, int64_t rows, TileDims t, T* tile) {
+__device__ __forceinline__ void load_tile(const T* src, int64_t src_ld, int64_t r0, int64_t rows, TileDims t, T* tile) {
   for (int e = threadIdx.x; e < kTile * t.D4; e += blockDim.x) {
     const int j = e / t.D4, d = e - j * t.D4;
-    tile[j * t.ld + d] = r0 + j < rows && d < t.D ? src[(r0 + j) * t.D + d] : T(0);
+    tile[j * t.ld + d] = r0 + j < rows && d < t.D ? src[(r0 + j) * src_ld + d] : T(0);
   }
 }
 
-// The warp stages its R rows [r0, r0 + R) of a [rows, D] matrix as [R][D4] (zeros past `rows` and D).
+// The warp stages its R rows [r0, r0 + R) of a [rows, D] matrix (row stride src_ld) as [R][D4] (zeros past `rows`
+// and D).
 template <typename T>
-__device__ __forceinline__ void load_warp_rows(const T* src, int64_t r0, int64_t rows, TileDims t, T* dst) {
+__device__ __forceinline__ void load_warp_rows(const T* src, int64_t src_ld, int64_t r0, int64_t rows, TileDims t,
+                                               T* dst) {
   for (int e = threadIdx.x % 32; e < kRowsPerWarp * t.D4; e += 32) {
     const int r = e / t.D4, d = e - r * t.D4;
-    dst[e] = r0 + r < rows && d < t.D ? src[(r0 + r) * t.D + d] : T(0);
+    dst[e] = r0 + r < rows && d < t.D ? src[(r0 + r) * src_ld + d] : T(0);
   }
 }
 
@@ -147,10 +154,11 @@ __device__ __forceinline__ void accumulate_rows(const T* coef, const T* tile, Ti
   }
 }
 
-// The warp writes scale·acc as its R rows [r0, r0 + R) of a [rows, D] matrix (rows past `rows` are dropped).
+// The warp writes scale·acc as its R rows [r0, r0 + R) of a [rows, D] matrix with row stride dst_ld (rows past
+// `rows` are dropped).
 template <typename T, int DPL>
 __device__ __forceinline__ void store_warp_rows(const T (&acc)[kRowsPerWarp][DPL], T scale, int64_t r0, int64_t rows,
-                                                int64_t D, T* dst) {
+                                                int64_t D, T* dst, int64_t dst_ld) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -158,7 +166,7 @@ __device__ __forceinline__ void store_warp_rows(const T (&acc)[kRowsPerWarp][DPL
 #pragma unroll
     for (int i = 0; i < DPL; ++i) {
       const int64_t d = lane + 32 * i;
-      if (d < D) dst[(r0 + r) * D + d] = scale * acc[r][i];
+      if (d < D) dst[(r0 + r) * dst_ld + d] = scale * acc[r][i];
     }
   }
 }
@@ -179,12 +187,12 @@ __global__ void __launch_bounds__(kWarps * 32) flash_forward(const T* q, const T
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t bh = blockIdx.y, b = bh / a.H, h = bh % a.H;
   const int64_t t0 = (int64_t)blockIdx.x * kBlockRows + warp * R;  // this warp's first row
-  const T* K = k + (b * a.Hkv + h / G) * a.S * D;
-  const T* V = v + (b * a.Hkv + h / G) * a.S * D;
+  const T* K = k + a.kv_head(b, h / G);
+  const T* V = v + a.kv_head(b, h / G);
   const T* M = mask_block(mask, a, b, h);
   T* wQ = sQ + warp * R * td.D4;
   T* wP = sP + warp * kTile * R;
-  load_warp_rows(q + bh * a.T * D, t0, a.T, td, wQ);
+  load_warp_rows(q + a.q_head(b, h), a.q_ld(), t0, a.T, td, wQ);
   int64_t vis[R], warp_vis = 0;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -202,8 +210,8 @@ __global__ void __launch_bounds__(kWarps * 32) flash_forward(const T* q, const T
   }
   for (int64_t s0 = 0; s0 < block_vis; s0 += kTile) {
     __syncthreads();  // the previous tile is consumed (and wQ is written before its first use)
-    load_tile(K, s0, a.S, td, sK);
-    load_tile(V, s0, a.S, td, sV);
+    load_tile(K, a.kv_ld(), s0, a.S, td, sK);
+    load_tile(V, a.kv_ld(), s0, a.S, td, sV);
     __syncthreads();
     if (s0 >= warp_vis) continue;  // none of this warp's rows sees a key of the tile (warp-uniform)
     const int64_t s = s0 + lane;
@@ -235,17 +243,18 @@ __global__ void __launch_bounds__(kWarps * 32) flash_forward(const T* q, const T
     for (int i = 0; i < DPL; ++i) o[r][i] *= inv;
     if (lane == 0 && t0 + r < a.T) lse[bh * a.T + t0 + r] = empty ? -d_inf<T>() : m[r] + d_log(l_row);
   }
-  store_warp_rows(o, T(1), t0, a.T, D, out + bh * a.T * D);
+  store_warp_rows(o, T(1), t0, a.T, D, out + a.q_head(b, h), a.q_ld());
 }
 
-// D_t = Σ_d dO[t, d]·O[t, d], one warp per row.
+// D_t = Σ_d dO[t, d]·O[t, d], one warp per row; out [B, H, T] as lse (row r = (b, h, t)), dO and O [B, T, H, D].
 template <typename T>
-__global__ void rowsum_dot(const T* g, const T* o, int64_t rows, int64_t D, T* out) {
+__global__ void rowsum_dot(const T* g, const T* o, AttnShape a, T* out) {
   int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   int lane = threadIdx.x % 32;
-  if (r >= rows) return;
+  if (r >= a.B * a.H * a.T) return;
+  const int64_t t = r % a.T, bh = r / a.T, at = a.q_head(bh / a.H, bh % a.H) + t * a.q_ld();
   T acc = T(0);
-  for (int64_t d = lane; d < D; d += 32) acc += g[r * D + d] * o[r * D + d];
+  for (int64_t d = lane; d < a.D; d += 32) acc += g[at + d] * o[at + d];
   acc = warp_sum(acc);
   if (lane == 0) out[r] = acc;
 }
@@ -267,14 +276,14 @@ __global__ void __launch_bounds__(kWarps * 32) flash_backward_dq(const T* g, con
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t bh = blockIdx.y, b = bh / a.H, h = bh % a.H;
   const int64_t t0 = (int64_t)blockIdx.x * kBlockRows + warp * R;
-  const T* K = k + (b * a.Hkv + h / G) * a.S * D;
-  const T* V = v + (b * a.Hkv + h / G) * a.S * D;
+  const T* K = k + a.kv_head(b, h / G);
+  const T* V = v + a.kv_head(b, h / G);
   const T* M = mask_block(mask, a, b, h);
   T* wQ = sQ + warp * R * td.D4;
   T* wG = sG + warp * R * td.D4;
   T* wS = sS + warp * kTile * R;
-  load_warp_rows(q + bh * a.T * D, t0, a.T, td, wQ);
-  load_warp_rows(g + bh * a.T * D, t0, a.T, td, wG);
+  load_warp_rows(q + a.q_head(b, h), a.q_ld(), t0, a.T, td, wQ);
+  load_warp_rows(g + a.q_head(b, h), a.q_ld(), t0, a.T, td, wG);
   T row_lse[R], row_D[R];
   int64_t vis[R], warp_vis = 0;
 #pragma unroll
@@ -295,8 +304,8 @@ __global__ void __launch_bounds__(kWarps * 32) flash_backward_dq(const T* g, con
     for (int i = 0; i < DPL; ++i) dq[r][i] = T(0);
   for (int64_t s0 = 0; s0 < block_vis; s0 += kTile) {
     __syncthreads();
-    load_tile(K, s0, a.S, td, sK);
-    load_tile(V, s0, a.S, td, sV);
+    load_tile(K, a.kv_ld(), s0, a.S, td, sK);
+    load_tile(V, a.kv_ld(), s0, a.S, td, sV);
     __syncthreads();
     if (s0 >= warp_vis) continue;
     const int64_t s = s0 + lane;
@@ -316,7 +325,7 @@ __global__ void __launch_bounds__(kWarps * 32) flash_backward_dq(const T* g, con
     accumulate_rows(wS, sK, td, dq);
     __syncwarp();
   }
-  if (gq) store_warp_rows(dq, scale, t0, a.T, D, gq + bh * a.T * D);
+  if (gq) store_warp_rows(dq, scale, t0, a.T, D, gq + a.q_head(b, h), a.q_ld());
 }
 
 // dK, dV: the warp's key rows of one (b, kv head) against tiles of query rows (with their dO, lse and D_t), for
@@ -343,8 +352,8 @@ __global__ void __launch_bounds__(kWarps * 32) flash_backward_dkv(const T* g, co
   T* wV = sV + warp * R * td.D4;
   T* wP = sP + warp * kTile * R;
   T* wS = sS + warp * kTile * R;
-  load_warp_rows(k + bj * a.S * D, k0, a.S, td, wK);
-  load_warp_rows(v + bj * a.S * D, k0, a.S, td, wV);
+  load_warp_rows(k + a.kv_head(b, j_kv), a.kv_ld(), k0, a.S, td, wK);
+  load_warp_rows(v + a.kv_head(b, j_kv), a.kv_ld(), k0, a.S, td, wV);
   T dk[R][DPL], dv[R][DPL];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -361,8 +370,8 @@ __global__ void __launch_bounds__(kWarps * 32) flash_backward_dkv(const T* g, co
     const T* M = mask_block(mask, a, b, h);
     for (int64_t t0 = t_begin; t0 < a.T; t0 += kTile) {
       __syncthreads();
-      load_tile(q + bh * a.T * D, t0, a.T, td, sQ);
-      load_tile(g + bh * a.T * D, t0, a.T, td, sG);
+      load_tile(q + a.q_head(b, h), a.q_ld(), t0, a.T, td, sQ);
+      load_tile(g + a.q_head(b, h), a.q_ld(), t0, a.T, td, sG);
       if (threadIdx.x < kTile) {
         const int64_t t = t0 + threadIdx.x;
         sL[threadIdx.x] = t < a.T ? lse[bh * a.T + t] : -d_inf<T>();
@@ -395,12 +404,12 @@ __global__ void __launch_bounds__(kWarps * 32) flash_backward_dkv(const T* g, co
       __syncwarp();
     }
   }
-  if (gk) store_warp_rows(dk, scale, k0, a.S, D, gk + bj * a.S * D);
-  if (gv) store_warp_rows(dv, T(1), k0, a.S, D, gv + bj * a.S * D);
+  if (gk) store_warp_rows(dk, scale, k0, a.S, D, gk + a.kv_head(b, j_kv), a.kv_ld());
+  if (gv) store_warp_rows(dv, T(1), k0, a.S, D, gv + a.kv_head(b, j_kv), a.kv_ld());
 }
 
 AttnShape shape_of(const Tensor& q, const Tensor& k, const Tensor& mask) {
-  AttnShape a{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), 0, 1, 1};
+  AttnShape a{q.size(0), q.size(2), k.size(2), q.size(1), k.size(1), q.size(3), 0, 1, 1};
   if (mask.defined()) {
     a.mask_rank = (int)mask.dim();
     if (mask.dim() == 4) a.mB = mask.size(0), a.mH = mask.size(1);
@@ -446,8 +455,8 @@ void rope_backward(const Tensor& gout, const Tensor& cos, const Tensor& sin, Ten
   if (n == 0) return;
   dispatch_float(gout.dtype(), "cuda rope_backward", [&](auto tag_) {
     using S = typename decltype(tag_)::type;
-    rope_kernel<S><<<blocks_for(n), kThreads, 0, stream()>>>(gout.data<S>(), cos.data<S>(), sin.data<S>(), gout.size(1),
-                                                             gout.size(2), gout.size(3), n, S(-1), gx.data<S>());
+    rope_kernel<S><<<blocks_for(n), kThreads, 0, stream()>>>(gout.data<S>(), cos.data<S>(), sin.data<S>(), gout.size(2),
+                                                             gout.size(1), gout.size(3), n, S(-1), gx.data<S>());
     cudaCheckLaunch();
   });
 }
@@ -482,8 +491,7 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
     int64_t rows = a.B * a.H * a.T;
     Tensor Dt = Tensor::empty({std::max<int64_t>(rows, 1)}, q.dtype(), Device::cuda);
     if (rows > 0) {
-      rowsum_dot<T>
-          <<<blocks_for(rows * 32), kThreads, 0, stream()>>>(gout.data<T>(), out.data<T>(), rows, a.D, Dt.data<T>());
+      rowsum_dot<T><<<blocks_for(rows * 32), kThreads, 0, stream()>>>(gout.data<T>(), out.data<T>(), a, Dt.data<T>());
       cudaCheckLaunch();
     }
     const TileDims td = tile_dims(a.D);
