@@ -377,17 +377,16 @@ StepSpec parse_spec(const cli::Args& a) {
   s.lora = a.has("--lora");
   PSA_CHECK(!s.lora || s.stage == "stage2", "--lora applies to --stage 2 only");
   bool tiny = s.preset == "tiny";
-  s.batch = a.get_int("--batch", tiny ? 16 : 32);
-  s.text = a.get_int("--text-tokens", tiny ? 32 : 48);
-  PSA_CHECK(s.batch >= 1, "--batch: must be at least 1");
-  PSA_CHECK(s.text >= 3, "--text-tokens: must be at least 3 (BOS, the image token and an answer token)");
+  s.batch = a.get_int("--batch", tiny ? 16 : 32, 1, 4096);
+  // At least BOS, the image token and an answer token; at most what fits max_position_embeddings (512) beside
+  // the patches and safety tokens.
+  s.text = a.get_int("--text-tokens", tiny ? 32 : 48, 3, 256);
   bool scaling = a.has("--scaling");
-  s.steps = a.get_int("--steps", scaling ? 5 : 10);
-  s.warmup = a.get_int("--warmup", scaling ? 2 : 3);
-  PSA_CHECK(s.steps >= 1 && s.warmup >= 0, "--steps must be >= 1 and --warmup >= 0");
-  s.threads = a.get_int("--threads", 0);
-  PSA_CHECK(s.threads >= 0, "--threads: must be positive");
-  s.seed = a.get_int("--seed", 0);
+  PSA_CHECK(!scaling || !a.has("--json"), "bench-step --scaling: not with --json (it writes its own table)");
+  s.steps = a.get_int("--steps", scaling ? 5 : 10, 1, 100000);
+  s.warmup = a.get_int("--warmup", scaling ? 2 : 3, 0, 100000);
+  s.threads = a.get_int("--threads", 0, 1, cli::kMaxThreads);
+  s.seed = a.get_int("--seed", 0, 0);
   std::string dev = a.get("--device", "cpu");
   PSA_CHECK(dev == "cpu" || dev == "cuda", "--device: expected cpu or cuda, got '", dev, "'");
   s.device = dev == "cuda" ? Device::cuda : Device::cpu;
@@ -441,12 +440,14 @@ int cmd_bench_gemm(int argc, char** argv) {
 #ifdef PSA_CUDA
   std::vector<int64_t> sizes;
   std::string list = a.get("--sizes", "4096,8192");
-  for (size_t at = 0; at < list.size();) {
-    size_t comma = list.find(',', at);
-    sizes.push_back(std::stoll(list.substr(at, comma == std::string::npos ? std::string::npos : comma - at)));
-    at = comma == std::string::npos ? list.size() : comma + 1;
+  for (size_t at = 0; at <= list.size();) {
+    size_t comma = std::min(list.find(',', at), list.size());
+    cli::Args one;
+    one.flags["--sizes"] = list.substr(at, comma - at);
+    sizes.push_back(one.get_int("--sizes", 0, 1, 32768));  // three n x n f32 matrices: 12 GiB at the top
+    at = comma + 1;
   }
-  int reps = (int)a.get_int("--reps", 10);
+  int reps = (int)a.get_int("--reps", 10, 1, 1000);
   cuda::set_tf32(a.has("--tf32"));
   json::Value rows = json::Value::array();
   if (!a.has("--json")) std::printf("%-7s %-13s %10s %10s %12s\n", "n", "impl", "ms", "TFLOP/s", "max err");

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "tensor/error.h"
+#include "tools/cli.h"
 
 namespace psa {
 int cmd_conform(int argc, char** argv);
@@ -38,6 +39,16 @@ const Subcommand kCommands[] = {
     {"bench-gemm", psa::cmd_bench_gemm, "CUDA SGEMM: the hand-written kernel vs cuBLAS (validated, CUDA events)"},
 };
 
+// OMP_NUM_THREADS is read by libgomp at the first parallel region, where a huge value crashes it.
+void check_thread_env() {
+  const char* env = std::getenv("OMP_NUM_THREADS");
+  if (!env || !*env) return;
+  char* end = nullptr;
+  long long n = std::strtoll(env, &end, 10);  // a list ("4,2") is libgomp's nested form: its first entry counts
+  PSA_CHECK(end != env && n >= 1 && n <= psa::cli::kMaxThreads, "OMP_NUM_THREADS=", env, ": expected 1 to ",
+            psa::cli::kMaxThreads);
+}
+
 void usage() {
   std::printf("usage: psa <command> [options]   (psa <command> --help for details)\n\ncommands:\n");
   for (const Subcommand& c : kCommands) std::printf("  %-10s %s\n", c.name, c.help);
@@ -56,7 +67,11 @@ int main(int argc, char** argv) {
   for (const Subcommand& c : kCommands) {
     if (std::strcmp(argv[1], c.name)) continue;
     try {
-      return c.run(argc - 2, argv + 2);
+      check_thread_env();
+      int rc = c.run(argc - 2, argv + 2);
+      // A report written to a full disk or a closed pipe is lost: say so rather than exit 0.
+      PSA_CHECK(std::fflush(stdout) == 0 && !std::ferror(stdout), "cannot write to standard output");
+      return rc;
     } catch (const psa::Error& e) {
       std::fprintf(stderr, "psa %s: error: %s\n", c.name, e.what());
       return 2;
