@@ -100,9 +100,10 @@ DATA   ?= data/$(PRESET)
 RUN    ?= runs/$(PRESET)
 DEVICE ?= cpu
 JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
+# --overwrite: a second `make train` trains again with this build (--resume would keep an older build's weights).
 train: check-deps
 	@$(MAKE) --no-print-directory -j$(JOBS) $(BUILD)/psa
-	./$(BUILD)/psa train --preset $(PRESET) --data $(DATA) --out $(RUN) --device $(DEVICE)
+	./$(BUILD)/psa train --preset $(PRESET) --data $(DATA) --out $(RUN) --device $(DEVICE) --overwrite
 
 # Asks the trained model about a clean image, three risky ones and a hard negative from the test split.
 INFER_PICKS := safe_type.:6,.*hard_negative.:false safe_type.:0, safe_type.:1, safe_type.:4, hard_negative.:true

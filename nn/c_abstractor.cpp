@@ -1,24 +1,54 @@
 #include "nn/c_abstractor.h"
 
+#include <algorithm>
 #include <cmath>
+
+#include "nn/clip.h"  // kMinEps, kMaxEps
 
 namespace psa::nn {
 
+// Ranges far above any real projector; they only stop absurd values before anything is allocated.
+constexpr int64_t kMaxWidth = 1 << 16, kMaxDepth = 64, kMaxTokens = 1 << 16;
+
 CAbstractorConfig CAbstractorConfig::from_json(const json::Value& v) {
   CAbstractorConfig c;
-  c.encoder_hidden = v.at("encoder_hidden_size").as_int();
-  c.hidden = v.at("hidden_size").as_int();
-  c.output_hidden = v.at("output_hidden_size").as_int();
-  c.depth = v.at("depth").as_int();
-  if (const json::Value* m = v.find("mlp_depth")) c.mlp_depth = m->as_int();
-  c.num_queries = v.at("num_queries").as_int();
-  c.num_input_tokens = v.find("num_input_tokens") ? v.at("num_input_tokens").as_int() : c.num_queries;
-  if (const json::Value* s = v.find("se_ratio")) c.se_ratio = s->as_number();
-  if (const json::Value* e = v.find("eps")) c.eps = e->as_number();
+  c.encoder_hidden = v.int_in("encoder_hidden_size", 1, kMaxWidth);
+  c.hidden = v.int_in("hidden_size", 1, kMaxWidth);
+  c.output_hidden = v.int_in("output_hidden_size", 1, kMaxWidth);
+  c.depth = v.int_in("depth", 1, kMaxDepth);
+  c.mlp_depth = v.int_in_or("mlp_depth", c.mlp_depth, 1, kMaxDepth);
+  c.num_queries = v.int_in("num_queries", 1, kMaxTokens);
+  c.num_input_tokens = v.int_in_or("num_input_tokens", c.num_queries, 1, kMaxTokens);
+  c.se_ratio = v.number_in_or("se_ratio", c.se_ratio, 0, 1);
+  c.eps = v.number_in_or("eps", c.eps, kMinEps, kMaxEps);
+  // The blocks are built with SiLU; "act" is informational in the fixtures but must not say otherwise.
+  const std::string act = v.string_or("act", "silu");
+  PSA_CHECK(act == "silu" || act == "swish", "json: key 'act': '", act, "' is not supported (the blocks use silu)");
   auto square = [](int64_t n) { int64_t r = std::llround(std::sqrt((double)n)); return r * r == n; };
   PSA_CHECK(square(c.num_queries) && square(c.num_input_tokens), "c_abstractor config: num_queries ", c.num_queries,
             " and num_input_tokens ", c.num_input_tokens, " must be perfect squares");
-  PSA_CHECK(c.depth >= 1 && c.mlp_depth >= 1, "c_abstractor config: depth and mlp_depth must be >= 1");
+  // Squeeze-excite width: llround(se_ratio * block input width) must leave at least one channel.
+  const int64_t narrowest = std::min(c.encoder_hidden, c.hidden);
+  PSA_CHECK(std::llround(c.se_ratio * narrowest) >= 1, "c_abstractor config: se_ratio ", c.se_ratio,
+            " leaves no squeeze-excite channel for width ", narrowest);
+  return c;
+}
+
+MhaConfig MhaConfig::from_json(const json::Value& v) {
+  MhaConfig c;
+  c.embed_dim = v.int_in("embed_dim", 1, kMaxWidth);
+  c.heads = v.int_in("num_heads", 1, c.embed_dim);
+  PSA_CHECK(c.embed_dim % c.heads == 0, "json: key 'num_heads': embed_dim ", c.embed_dim, " not divisible by ",
+            c.heads, " heads");
+  // The module is batch-first, with biases and keys/values as wide as the query; torch's other layouts would
+  // load and then compare the wrong axes or miss parameters.
+  PSA_CHECK(v.bool_or("batch_first", true), "json: key 'batch_first': false is not supported (inputs are [B, L, E])");
+  PSA_CHECK(v.bool_or("bias", true), "json: key 'bias': false is not supported (in_proj_bias and out_proj.bias)");
+  for (const char* k : {"add_bias_kv", "add_zero_attn"})
+    PSA_CHECK(!v.bool_or(k, false), "json: key '", k, "': true is not supported");
+  for (const char* k : {"kdim", "vdim"})
+    PSA_CHECK(v.int_or(k, c.embed_dim) == c.embed_dim, "json: key '", k, "': ", v.int_or(k, c.embed_dim),
+              " is not supported (key and value width must equal embed_dim ", c.embed_dim, ")");
   return c;
 }
 
@@ -79,6 +109,10 @@ Tensor RegBottleneck::forward(const Tensor& x) const {
 }
 
 CAbstractor::CAbstractor(const CAbstractorConfig& c) : config(c) {
+  // Configs built in code skip from_json: forward needs a readout layer and a pooled grid of at least 1x1.
+  PSA_CHECK(c.depth >= 1 && c.mlp_depth >= 1 && c.num_queries >= 1 && c.num_input_tokens >= 1,
+            "c_abstractor: depth ", c.depth, ", mlp_depth ", c.mlp_depth, ", num_queries ", c.num_queries,
+            " and num_input_tokens ", c.num_input_tokens, " must be >= 1");
   for (int64_t i = 0; i < c.depth; ++i)
     stage1.push_back(register_module("net.0.b" + std::to_string(i + 1),
                                      std::make_shared<RegBottleneck>(i ? c.hidden : c.encoder_hidden, c.hidden, c)));
@@ -104,6 +138,7 @@ Tensor CAbstractor::forward(const Tensor& x) const {
 }
 
 MultiheadAttention::MultiheadAttention(int64_t e, int64_t h) : embed_dim(e), heads(h) {
+  PSA_CHECK(e >= 1 && h >= 1, "multihead attention: embed_dim ", e, " and heads ", h, " must be >= 1");
   PSA_CHECK(e % h == 0, "multihead attention: embed_dim ", e, " not divisible by ", h, " heads");
   in_proj_weight = register_parameter("in_proj_weight", {3 * e, e}, {Init::xavier_uniform});
   in_proj_bias = register_parameter("in_proj_bias", {3 * e}, {Init::zeros});

@@ -45,6 +45,12 @@ class CAbstractor : public Module {
   std::vector<std::shared_ptr<Linear>> readout;
 };
 
+// torch.nn.MultiheadAttention's constructor arguments as the conformance fixtures write them.
+struct MhaConfig {
+  int64_t embed_dim = 64, heads = 8;
+  static MhaConfig from_json(const json::Value& v);
+};
+
 // torch.nn.MultiheadAttention as cross-attention (the PSA-VLM safety head): packed in_proj_weight [3E, E]
 // with rows [W_q; W_k; W_v], in_proj_bias [3E], out_proj. No mask, no dropout.
 class MultiheadAttention : public Module {

@@ -1,7 +1,8 @@
 // Tensors <-> safetensors files, and import of Hugging Face model folders.
 #pragma once
-#include <map>
+#include <filesystem>
 #include <functional>
+#include <map>
 #include <string>
 
 #include "nn/json.h"
@@ -36,5 +37,17 @@ void load_renamed(Module& model, const StateDict& weights, const std::function<s
 std::string llava_key(const std::string& key);
 // CLIP: strips "vision_model." / "vision_tower.vision_model." prefixes.
 std::string clip_key(const std::string& key);
+
+// Runs f(); a std::filesystem error (a symlink loop, a directory without permission) becomes one psa::Error line
+// naming the path, "a/b: cannot access: Too many levels of symbolic links", instead of the library's
+// "filesystem error: status: ... [a/b]".
+template <typename F>
+auto naming_fs_errors(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const std::filesystem::filesystem_error& e) {
+    fail(e.path1().empty() ? std::string("filesystem") : e.path1().string(), ": cannot access: ", e.code().message());
+  }
+}
 
 }  // namespace psa::nn

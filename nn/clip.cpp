@@ -2,6 +2,14 @@
 
 namespace psa::nn {
 
+std::string activation_or(const json::Value& v, const std::string& key, const std::string& def) {
+  const std::string name = v.string_or(key, def);
+  // The engine's activation table decides which names run: asking it on one element keeps a second list of
+  // names from drifting out of step with it, and an unknown name fails here rather than mid-forward.
+  json::with_key(key, [&] { return activation(Tensor::zeros({1}), name); });
+  return name;
+}
+
 ClipConfig ClipConfig::from_json(const json::Value& v) {
   ClipConfig c;
   // Ranges far above any real CLIP; they only stop absurd values before anything is allocated.
@@ -12,8 +20,8 @@ ClipConfig ClipConfig::from_json(const json::Value& v) {
   c.image_size = v.int_in("image_size", 1, 16384);
   c.patch = v.int_in("patch_size", 1, c.image_size);
   c.channels = v.int_in_or("num_channels", c.channels, 1, 16);
-  if (const json::Value* e = v.find("layer_norm_eps")) c.eps = e->as_number();
-  if (const json::Value* a = v.find("hidden_act")) c.act = a->as_string();
+  c.eps = v.number_in_or("layer_norm_eps", c.eps, kMinEps, kMaxEps);
+  c.act = activation_or(v, "hidden_act", c.act);
   PSA_CHECK(c.hidden % c.heads == 0, "clip config: hidden_size ", c.hidden, " not divisible by ", c.heads, " heads");
   PSA_CHECK(c.image_size % c.patch == 0, "clip config: image_size ", c.image_size,
             " not divisible by patch_size ", c.patch);

@@ -6,6 +6,14 @@
 
 namespace psa::nn {
 
+// Bounds of a config's norm epsilon: a zero or negative one divides by zero or takes the root of a negative
+// variance; anything above 1 is no longer a small stabiliser.
+constexpr double kMinEps = 1e-30, kMaxEps = 1;
+
+// v[key] (or `def` when missing or null), refused unless the engine implements that activation:
+// "json: key 'hidden_act': activation: unknown activation 'gelu_new' (known: ...)".
+std::string activation_or(const json::Value& v, const std::string& key, const std::string& def);
+
 struct ClipConfig {
   int64_t hidden = 64, layers = 4, heads = 4, intermediate = 256, image_size = 32, patch = 4, channels = 3;
   double eps = 1e-5;

@@ -16,26 +16,31 @@ bool ConformReport::ok() const {
 }
 
 double ConformReport::worst() const {
+  // std::max drops a NaN (every comparison with it is false), which printed a NaN run as "worst 0": keep it.
   double w = 0;
-  for (const ConformEntry& e : entries) w = std::max(w, e.rel_err);
+  for (const ConformEntry& e : entries) {
+    if (std::isnan(e.rel_err)) return e.rel_err;
+    w = std::max(w, e.rel_err);
+  }
   return w;
 }
 
+static std::string kind_of(const json::Value& c) {
+  const std::string kind = c.string_or("kind", ""), model_type = c.string_or("model_type", "");
+  if (kind == "c_abstractor") return kind;
+  if (kind == "torch.nn.MultiheadAttention" || kind == "mha") return "mha";
+  if (model_type == "clip_vision_model" || model_type == "clip") return "clip_vision";
+  if (model_type == "llama" || model_type == "llava") return model_type;
+  fail("cannot tell the model kind (expected model_type clip_vision_model, llama or llava, or kind c_abstractor or "
+       "torch.nn.MultiheadAttention)");
+}
+
+static std::string config_path(const std::string& dir) { return (std::filesystem::path(dir) / "config.json").string(); }
+
 std::string detect_kind(const std::string& dir) {
-  json::Value c = json::parse_file((std::filesystem::path(dir) / "config.json").string());
-  if (const json::Value* k = c.find("kind")) {
-    std::string s = k->as_string();
-    if (s == "c_abstractor") return s;
-    if (s == "torch.nn.MultiheadAttention" || s == "mha") return "mha";
-  }
-  if (const json::Value* m = c.find("model_type")) {
-    std::string s = m->as_string();
-    if (s == "clip_vision_model" || s == "clip") return "clip_vision";
-    if (s == "llama") return "llama";
-    if (s == "llava") return "llava";
-  }
-  fail(dir, "/config.json: cannot tell the model kind (expected model_type clip_vision_model, llama or llava, or kind "
-       "c_abstractor or torch.nn.MultiheadAttention)");
+  const std::string path = config_path(dir);
+  const json::Value c = json::parse_file(path);
+  return json::in_file(path, [&] { return kind_of(c); });
 }
 
 namespace {
@@ -95,19 +100,90 @@ Tensor input(const StateDict& io, const std::string& name, Device d, bool grad) 
 
 Tensor weighted_loss(const Tensor& out, const StateDict& io, Device d) { return sum(mul(out, input(io, "loss_weight", d, false))); }
 
+// Every config a fixture kind can hold, read and range-checked before a weight is read or a module built.
+struct FixtureConfig {
+  std::string kind;
+  ClipConfig clip;
+  LlamaConfig llama;
+  LlavaConfig llava;
+  CAbstractorConfig cabs;
+  MhaConfig mha;
+};
+
+FixtureConfig read_config(const json::Value& c) {
+  FixtureConfig f;
+  f.kind = kind_of(c);
+  if (f.kind == "clip_vision") {
+    if (c.find("vision_config"))
+      f.clip = json::with_key("vision_config", [&] { return ClipConfig::from_json(c.at("vision_config")); });
+    else
+      f.clip = ClipConfig::from_json(c);
+  } else if (f.kind == "llama") {
+    f.llama = LlamaConfig::from_json(c);
+  } else if (f.kind == "llava") {
+    f.llava = LlavaConfig::from_json(c);
+  } else if (f.kind == "c_abstractor") {
+    f.cabs = CAbstractorConfig::from_json(c);
+  } else {
+    f.mha = MhaConfig::from_json(c);
+  }
+  return f;
+}
+
+// Lower bounds on the parameters each config builds (the large matrices only), in double: the per-key ranges
+// still let a product of them reach terabytes.
+double clip_params(const ClipConfig& c) {
+  const double h = c.hidden;
+  return c.layers * (4 * h * h + 2 * h * c.intermediate) + double(c.channels) * c.patch * c.patch * h +
+         (c.num_patches() + 1) * h;
+}
+double llama_params(const LlamaConfig& c) {
+  const double H = c.hidden, D = c.dim_head();
+  return double(c.vocab) * H * (c.tie_embeddings ? 1 : 2) +
+         c.layers * (2 * H * c.heads * D + 2 * H * c.kv_heads * D + 3 * H * c.intermediate);
+}
+double min_params(const FixtureConfig& f) {
+  if (f.kind == "clip_vision") return clip_params(f.clip);
+  if (f.kind == "llama") return llama_params(f.llama);
+  if (f.kind == "llava") {
+    const double v = f.llava.vision.hidden, t = f.llava.text.hidden;
+    return clip_params(f.llava.vision) + llama_params(f.llava.text) + v * t + t * t;
+  }
+  if (f.kind == "c_abstractor") {
+    const CAbstractorConfig& c = f.cabs;
+    const double h = c.hidden, o = c.output_hidden;
+    return double(c.encoder_hidden) * h + (4 * c.depth - 1) * h * h + h * o + (c.mlp_depth - 1) * o * o;
+  }
+  return 4.0 * f.mha.embed_dim * f.mha.embed_dim;
+}
+
+// The weights come from the same folder as the config, so a config that asks for far more than they hold is
+// corrupt or hostile: refused here instead of allocating gigabytes before the strict load refuses it anyway.
+void check_size(const FixtureConfig& f, const StateDict& weights, const std::string& path) {
+  double held = 0;
+  for (const auto& [name, t] : weights) held += t.numel();
+  const double want = min_params(f);
+  PSA_CHECK(want <= 2 * held + (1 << 20), path, ": describes a model of at least ", std::llround(want),
+            " parameters but the weights hold ", std::llround(held), " values");
+}
+
 }  // namespace
 
 ConformReport conform(const std::string& dir, Device device, double tolerance) {
   ConformReport r;
-  r.kind = detect_kind(dir);
   r.tolerance = tolerance;
+  const std::string cfg_path = config_path(dir);
+  const json::Value raw = json::parse_file(cfg_path);  // its errors name the file already
+  const FixtureConfig cfg = json::in_file(cfg_path, [&] { return read_config(raw); });
+  r.kind = cfg.kind;
   HfFolder f = read_hf_folder(dir);
+  check_size(cfg, f.weights, cfg_path);
   StateDict io = read_tensors((std::filesystem::path(dir) / "io.safetensors").string());
   std::string src = dir + "/model.safetensors";
   Checker ck{r, io};
   auto same = [](const std::string& n) { return "grad." + n; };
   if (r.kind == "clip_vision") {
-    ClipVision m(ClipConfig::from_json(f.config.find("vision_config") ? f.config.at("vision_config") : f.config));
+    ClipVision m(cfg.clip);
     load_renamed(m, f.weights, clip_key, src);
     m.to(device);
     Tensor px = input(io, "pixel_values", device, true);
@@ -122,7 +198,7 @@ ConformReport conform(const std::string& dir, Device device, double tolerance) {
     ck.compare_grads(m, same);
     ck.compare("grad_input.pixel_values", px.grad());
   } else if (r.kind == "llama") {
-    LlamaForCausalLM m(LlamaConfig::from_json(f.config));
+    LlamaForCausalLM m(cfg.llama);
     load_renamed(m, f.weights, [](const std::string& k) { return k; }, src);
     m.to(device);
     auto out = m.forward(m.embed(input(io, "input_ids", device, false)), nullptr, true);
@@ -134,7 +210,7 @@ ConformReport conform(const std::string& dir, Device device, double tolerance) {
     loss.backward();
     ck.compare_grads(m, same);
   } else if (r.kind == "llava") {
-    auto m = Llava::from_config(f.config);
+    auto m = Llava::from_config(cfg.llava);
     load_renamed(*m, f.weights, llava_key, src);
     m->to(device);
     Tensor logits = m->forward(input(io, "pixel_values", device, false), input(io, "input_ids", device, false));
@@ -150,7 +226,7 @@ ConformReport conform(const std::string& dir, Device device, double tolerance) {
       return "grad." + n;
     });
   } else if (r.kind == "c_abstractor") {
-    CAbstractor m(CAbstractorConfig::from_json(f.config));
+    CAbstractor m(cfg.cabs);
     load_renamed(m, f.weights, [](const std::string& k) { return k; }, src);
     m.to(device);
     Tensor x = input(io, "x", device, true);
@@ -162,7 +238,7 @@ ConformReport conform(const std::string& dir, Device device, double tolerance) {
     ck.compare_grads(m, same);
     ck.compare("grad_input.x", x.grad());
   } else {  // mha
-    MultiheadAttention m(f.config.at("embed_dim").as_int(), f.config.at("num_heads").as_int());
+    MultiheadAttention m(cfg.mha.embed_dim, cfg.mha.heads);
     load_renamed(m, f.weights, [](const std::string& k) { return k; }, src);
     m.to(device);
     Tensor q = input(io, "query", device, true), kv = input(io, "key_value", device, true);

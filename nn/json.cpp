@@ -107,16 +107,8 @@ const Value& Value::at(size_t i) const {
   return arr[i];
 }
 
-// Rethrows a kind error with the key in front so config errors say which field is wrong.
-template <typename F>
-static auto with_key(const std::string& key, F&& f) -> decltype(f()) {
-  try {
-    return f();
-  } catch (const Error& e) {
-    std::string msg = e.what();
-    if (msg.rfind("json: ", 0) == 0) msg = msg.substr(6);
-    fail("json: key '", key, "': ", msg);
-  }
+std::string strip_json_prefix(const std::string& msg) {
+  return msg.rfind("json: ", 0) == 0 ? msg.substr(6) : msg;
 }
 
 double Value::number_at(const std::string& key) const {
@@ -148,6 +140,17 @@ int64_t Value::int_in(const std::string& key, int64_t lo, int64_t hi) const {
 int64_t Value::int_in_or(const std::string& key, int64_t def, int64_t lo, int64_t hi) const {
   const Value* v = find(key);
   return v && !v->is_null() ? int_in(key, lo, hi) : def;
+}
+
+double Value::number_in(const std::string& key, double lo, double hi) const {
+  const double x = number_at(key);
+  PSA_CHECK(std::isfinite(x) && x >= lo && x <= hi, "json: key '", key, "': ", x, " out of range [", lo, ", ", hi,
+            "]");
+  return x;
+}
+double Value::number_in_or(const std::string& key, double def, double lo, double hi) const {
+  const Value* v = find(key);
+  return v && !v->is_null() ? number_in(key, lo, hi) : def;
 }
 
 double Value::number_or(const std::string& key, double def) const {

@@ -6,6 +6,8 @@
 #include <utility>
 #include <vector>
 
+#include "tensor/error.h"
+
 namespace psa::json {
 
 struct Value {
@@ -65,6 +67,10 @@ struct Value {
   // allocated from it (and a zero never reaches a division). "key 'x': 0 out of range [1, 65536]".
   int64_t int_in(const std::string& key, int64_t lo, int64_t hi) const;
   int64_t int_in_or(const std::string& key, int64_t def, int64_t lo, int64_t hi) const;
+  // A finite number in [lo, hi]: a negative epsilon or a zero RoPE base would otherwise run and give NaN far
+  // from the config. "key 'rms_norm_eps': -1 out of range [1e-30, 1]".
+  double number_in(const std::string& key, double lo, double hi) const;
+  double number_in_or(const std::string& key, double def, double lo, double hi) const;
   // Same, with a default when the key is missing or null (HF configs often write null for "unset").
   double number_or(const std::string& key, double def) const;
   int64_t int_or(const std::string& key, int64_t def) const;
@@ -80,6 +86,16 @@ struct Value {
 
 const char* kind_name(Value::Kind k);
 
+// Runs read(); a psa::Error from it is rethrown as "json: key '<key>': <reason>" (the reason's own "json: "
+// dropped), so a reader of a nested object names the whole path: "key 'vision_config': key 'patch_size': ...".
+template <typename F>
+auto with_key(const std::string& key, F&& read) -> decltype(read());
+// Runs read() on a parsed file; a psa::Error from it is rethrown with the file in front (the "json: " dropped):
+// "dir/config.json: key 'num_heads': expected number, got string". One call per file instead of a prefix at
+// every accessor.
+template <typename F>
+auto in_file(const std::string& path, F&& read) -> decltype(read());
+
 // Errors read "source:line:col: reason". Rejects duplicate keys, trailing garbage, invalid UTF-8,
 // lone surrogates, control characters in strings, and nesting deeper than 512.
 Value parse(const std::string& text, const std::string& source = "<json>");
@@ -93,5 +109,28 @@ std::string read_file(const std::string& path);
 // Writes `text` atomically: a temp file beside `path`, flushed and fsynced, then renamed over it, so a crash
 // leaves either the old file or the new one. Errors name the path.
 void write_file(const std::string& path, const std::string& text);
+
+// ---- implementation of the templates above
+
+// "json: reason" -> "reason": the prefix says nothing once a key or a file is in front.
+std::string strip_json_prefix(const std::string& msg);
+
+template <typename F>
+auto with_key(const std::string& key, F&& read) -> decltype(read()) {
+  try {
+    return read();
+  } catch (const Error& e) {
+    fail("json: key '", key, "': ", strip_json_prefix(e.what()));
+  }
+}
+
+template <typename F>
+auto in_file(const std::string& path, F&& read) -> decltype(read()) {
+  try {
+    return read();
+  } catch (const Error& e) {
+    fail(path, ": ", strip_json_prefix(e.what()));
+  }
+}
 
 }  // namespace psa::json

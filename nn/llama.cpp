@@ -4,9 +4,30 @@
 #include <cmath>
 #include <numeric>
 
+#include "nn/clip.h"  // kMinEps, kMaxEps: the norm epsilon bounds every config shares
 #include "tensor/rng.h"
 
 namespace psa::nn {
+
+// The RoPE base, from the old (rope_theta) or the new (rope_parameters.rope_theta) layout. Only the default
+// rotary embedding is implemented: a scaled one (linear, dynamic, yarn, llama3) would run and give other numbers.
+static void read_rope(const json::Value& v, LlamaConfig* c) {
+  constexpr double kMaxTheta = 1e12;  // far above any real model (Llama 3: 5e5)
+  const json::Value* rp = v.find("rope_parameters");
+  const json::Value* scaling = v.find("rope_scaling");
+  if (rp && !rp->is_null()) {
+    json::with_key("rope_parameters", [&] {
+      c->rope_theta = rp->number_in_or("rope_theta", c->rope_theta, 1, kMaxTheta);
+      const std::string type = rp->string_or("rope_type", "default");
+      PSA_CHECK(type == "default", "json: key 'rope_type': '", type, "' is not supported (only 'default')");
+      return 0;
+    });
+  } else {
+    c->rope_theta = v.number_in_or("rope_theta", c->rope_theta, 1, kMaxTheta);
+  }
+  PSA_CHECK(!scaling || scaling->is_null(), "json: key 'rope_scaling': ", json::dump(*scaling),
+            " is not supported (only the default rotary embedding)");
+}
 
 LlamaConfig LlamaConfig::from_json(const json::Value& v) {
   LlamaConfig c;
@@ -17,21 +38,27 @@ LlamaConfig LlamaConfig::from_json(const json::Value& v) {
   c.layers = v.int_in("num_hidden_layers", 1, 1024);
   c.heads = v.int_in("num_attention_heads", 1, c.hidden);
   c.kv_heads = v.int_in_or("num_key_value_heads", c.heads, 1, c.heads);
-  c.head_dim = v.int_in_or("head_dim", 0, 0, 1 << 12);
-  if (const json::Value* e = v.find("rms_norm_eps")) c.eps = e->as_number();
+  // head_dim may differ from hidden / heads (HF allows it); 0 is not "unset" (null or a missing key is).
+  c.head_dim = v.int_in_or("head_dim", 0, 1, 1 << 12);
+  c.eps = v.number_in_or("rms_norm_eps", c.eps, kMinEps, kMaxEps);
   c.max_positions = v.int_in_or("max_position_embeddings", c.max_positions, 1, int64_t(1) << 24);
-  const json::Value* rp = v.find("rope_parameters");
-  if (rp && !rp->is_null() && rp->find("rope_theta")) c.rope_theta = rp->at("rope_theta").as_number();
-  else if (const json::Value* t = v.find("rope_theta")) c.rope_theta = t->as_number();
-  if (const json::Value* t = v.find("tie_word_embeddings")) c.tie_embeddings = t->as_bool();
-  if (const json::Value* b = v.find("attention_bias")) c.attention_bias = b->as_bool();
-  if (const json::Value* b = v.find("mlp_bias")) c.mlp_bias = b->as_bool();
-  if (const json::Value* b = v.find("bos_token_id"); b && !b->is_null()) c.bos_id = b->as_int();
-  if (const json::Value* e = v.find("eos_token_id"); e && !e->is_null() && !e->is_array()) c.eos_id = e->as_int();
+  read_rope(v, &c);
+  c.tie_embeddings = v.bool_or("tie_word_embeddings", c.tie_embeddings);
+  c.attention_bias = v.bool_or("attention_bias", c.attention_bias);
+  c.mlp_bias = v.bool_or("mlp_bias", c.mlp_bias);
+  c.bos_id = v.int_in_or("bos_token_id", c.bos_id, 0, c.vocab - 1);
+  if (const json::Value* e = v.find("eos_token_id"); e && !e->is_null() && !e->is_array())
+    c.eos_id = v.int_in("eos_token_id", 0, c.vocab - 1);
+  // The MLP is SwiGLU with SiLU, whatever the config says: another activation would run and give other numbers.
+  const std::string act = v.string_or("hidden_act", "silu");
+  PSA_CHECK(act == "silu" || act == "swish", "json: key 'hidden_act': '", act,
+            "' is not supported (the Llama MLP here is SwiGLU with silu)");
   PSA_CHECK(c.heads % c.kv_heads == 0, "llama config: ", c.heads, " heads not divisible by ", c.kv_heads,
             " key/value heads");
   PSA_CHECK(c.head_dim || c.hidden % c.heads == 0, "llama config: hidden_size ", c.hidden, " not divisible by ",
             c.heads, " heads");
+  // Rotate-half RoPE pairs dimension i with i + D/2.
+  PSA_CHECK(c.dim_head() % 2 == 0, "llama config: head dimension ", c.dim_head(), " is odd (RoPE needs it even)");
   return c;
 }
 

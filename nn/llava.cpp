@@ -42,14 +42,26 @@ Llava::Llava(const ClipConfig& vc, const LlamaConfig& tc, int64_t image_tok, int
   lm = register_module("language_model", std::make_shared<LlamaForCausalLM>(tc));
 }
 
-std::shared_ptr<Llava> Llava::from_config(const json::Value& c) {
-  int64_t layer = c.find("vision_feature_layer") ? c.at("vision_feature_layer").as_int() : -2;
-  if (const json::Value* s = c.find("vision_feature_select_strategy"))
-    PSA_CHECK(s->as_string() == "default", "llava config: vision_feature_select_strategy '", s->as_string(),
-              "' is not supported (only 'default': drop CLS)");
-  auto m = std::make_shared<Llava>(ClipConfig::from_json(c.at("vision_config")), LlamaConfig::from_json(c.at("text_config")),
-                                   c.at("image_token_index").as_int(), layer);
-  if (const json::Value* a = c.find("projector_hidden_act")) m->projector->act = a->as_string();
+LlavaConfig LlavaConfig::from_json(const json::Value& c) {
+  LlavaConfig l;
+  l.vision = json::with_key("vision_config", [&] { return ClipConfig::from_json(c.at("vision_config")); });
+  l.text = json::with_key("text_config", [&] { return LlamaConfig::from_json(c.at("text_config")); });
+  // hidden_states has layers + 1 entries (the embeddings first); negative indices count from the end.
+  const int64_t n = l.vision.layers;
+  l.feature_layer = c.int_in_or("vision_feature_layer", l.feature_layer, -(n + 1), n);
+  const std::string strategy = c.string_or("vision_feature_select_strategy", "default");
+  PSA_CHECK(strategy == "default", "llava config: vision_feature_select_strategy '", strategy,
+            "' is not supported (only 'default': drop CLS)");
+  l.image_token = c.int_in("image_token_index", 0, l.text.vocab - 1);
+  l.projector_act = activation_or(c, "projector_hidden_act", l.projector_act);
+  return l;
+}
+
+std::shared_ptr<Llava> Llava::from_config(const json::Value& c) { return from_config(LlavaConfig::from_json(c)); }
+
+std::shared_ptr<Llava> Llava::from_config(const LlavaConfig& l) {
+  auto m = std::make_shared<Llava>(l.vision, l.text, l.image_token, l.feature_layer);
+  m->projector->act = l.projector_act;
   return m;
 }
 

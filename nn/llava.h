@@ -19,10 +19,20 @@ class MlpProjector : public Module {
 // one occurrence consumes all N rows (per_token = false, as PSA-VLM's single <image> placeholder).
 Tensor splice_embeddings(const Tensor& text, const Tensor& ids, int64_t token, const Tensor& inserts, bool per_token);
 
+// HF LlavaConfig: the two towers' configs and the glue between them, validated before anything is built.
+struct LlavaConfig {
+  ClipConfig vision;
+  LlamaConfig text;
+  int64_t image_token = 0, feature_layer = -2;
+  std::string projector_act = "gelu";
+  static LlavaConfig from_json(const json::Value& config);
+};
+
 class Llava : public Module {
  public:
   Llava(const ClipConfig& vision, const LlamaConfig& text, int64_t image_token, int64_t feature_layer = -2);
   static std::shared_ptr<Llava> from_config(const json::Value& config);
+  static std::shared_ptr<Llava> from_config(const LlavaConfig& config);
   Tensor image_features(const Tensor& pixel_values) const;  // [B, P, C_text]
   Tensor forward(const Tensor& pixel_values, const Tensor& ids) const;  // logits [B, L, V]
   std::shared_ptr<ClipVision> vision;

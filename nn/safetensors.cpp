@@ -178,9 +178,13 @@ File File::open(const std::string& path, bool verify_hashes) {
   const size_t fsize = f.buf_->size;
 
   PSA_CHECK(fsize >= 8, path, ": file too short (", fsize, " bytes) to hold the 8-byte header length");
+  // Another kind of file (a tokenizer.json, a PNG) read as safetensors gives a huge "header length" from its
+  // first 8 bytes: say what it is not rather than only that the number is odd.
   const uint64_t hlen = read_u64_le(bytes);
-  PSA_CHECK(hlen <= kMaxHeader, path, ": header length ", hlen, " is absurd (limit ", kMaxHeader, " bytes)");
-  PSA_CHECK(hlen <= fsize - 8, path, ": header length ", hlen, " past end of file (", fsize, " bytes)");
+  PSA_CHECK(hlen <= kMaxHeader, path, ": not a safetensors file: header length ", hlen, " is absurd (limit ",
+            kMaxHeader, " bytes; the file has ", fsize, ")");
+  PSA_CHECK(hlen <= fsize - 8, path, ": not a safetensors file: header length ", hlen, " past end of file (", fsize,
+            " bytes)");
   const uint8_t* data = bytes + 8 + hlen;
   const size_t data_size = fsize - 8 - static_cast<size_t>(hlen);
 
@@ -188,6 +192,11 @@ File File::open(const std::string& path, bool verify_hashes) {
   try {
     header = json::parse(std::string(reinterpret_cast<const char*>(bytes + 8), hlen), "header");
   } catch (const Error& e) {
+    // A header that does not even open an object is another file whose first bytes happen to fit.
+    const std::string lead(reinterpret_cast<const char*>(bytes + 8), std::min<uint64_t>(hlen, 64));
+    const size_t first = lead.find_first_not_of(" \t\r\n");
+    PSA_CHECK(first == std::string::npos || lead[first] == '{' || lead[first] == '[', path,
+              ": not a safetensors file (the header after the 8-byte length does not start with '{')");
     fail(path, ": header is not valid JSON: ", e.what());
   }
   PSA_CHECK(header.is_object(), path, ": header is not a JSON object (got ", json::kind_name(header.kind), ")");
@@ -312,16 +321,6 @@ void check_tensor(const std::string& path, const TensorData& t, std::set<std::st
   PSA_CHECK(t.data || t.nbytes == 0, where, "null data");
 }
 
-void fsync_dir(const std::string& dir, const std::string& path) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) fail(path, ": cannot open directory ", dir, " to sync: ", std::strerror(errno));
-  int rc = ::fsync(fd);
-  int err = errno;
-  ::close(fd);
-  // Some filesystems refuse fsync on directories; the rename itself has still happened.
-  if (rc != 0 && err != EINVAL && err != ENOTSUP) fail(path, ": fsync of directory ", dir, ": ", std::strerror(err));
-}
-
 // Fault injection for the crash-safety tests: PSA_TEST_KILL_DURING_SAVE=N makes the N-th save() of this
 // process SIGKILL itself half-way through writing the data, exactly the moment an atomic write must survive.
 bool kill_this_save() {
@@ -338,6 +337,16 @@ bool kill_this_save() {
 }
 
 }  // namespace
+
+void fsync_dir(const std::string& dir, const std::string& path) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) fail(path, ": cannot open directory ", dir, " to sync: ", std::strerror(errno));
+  int rc = ::fsync(fd);
+  int err = errno;
+  ::close(fd);
+  // Some filesystems refuse fsync on directories; the rename itself has still happened.
+  if (rc != 0 && err != EINVAL && err != ENOTSUP) fail(path, ": fsync of directory ", dir, ": ", std::strerror(err));
+}
 
 void save(const std::string& path, const std::vector<TensorData>& tensors,
           const std::map<std::string, std::string>& metadata) {

@@ -1,10 +1,17 @@
 #include "psa/checkpoint.h"
 
+#include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
 #include "nn/checkpoint.h"
+#include "nn/safetensors.h"
 
 namespace psa {
 namespace fs = std::filesystem;
@@ -18,14 +25,58 @@ static json::Value lora_json(const LoraSettings& l) {
   return v;
 }
 
+int64_t lora_max_rank(const PsaConfig& c) { return c.text.hidden; }
+
+// Bytes of a file, or "" when there is none (an unreadable one reads as different, so it is replaced).
+static std::string bytes_or_empty(const fs::path& p) {
+  std::error_code ec;
+  if (!fs::is_regular_file(p, ec)) return "";
+  try {
+    return json::read_file(p.string());
+  } catch (const Error&) {
+    return "";
+  }
+}
+
+static void rename_into(const fs::path& from, const fs::path& to) {
+  PSA_CHECK(::rename(from.c_str(), to.c_str()) == 0, to.string(), ": cannot rename ", from.string(), " over it: ",
+            std::strerror(errno));
+}
+
+// Three files cannot be replaced at once, so the order decides what a crash between the renames leaves.
+// model.safetensors goes last: it is what makes a folder a checkpoint (the loader, --resume and eval look for
+// it), and it carries the config and the xxHash64 of its tokenizer.json in its own metadata. So a crash before
+// its rename leaves the old model with its config (the loader never reads config.json, which is there for
+// people and Hugging Face style tools) and either its own tokenizer.json (when the new one is byte-identical,
+// the usual case: every stage of a run has the run's tokenizer, and an identical file is not replaced) or a
+// new one that the loader refuses by the hash, naming the folder: never a silently mixed model. Writing every
+// file into the staging folder first means that a failed write (a full disk, a non-finite LoRA number) leaves
+// the folder exactly as it was.
 void save_checkpoint(const std::string& dir, const PsaVlm& model, const Tokenizer& tok, const std::string& stage,
                      const LoraSettings& lora) {
+  const std::string config = json::dump(model.config.to_json(), 2), lora_text = json::dump(lora_json(lora));
   fs::create_directories(dir);
-  std::string config = json::dump(model.config.to_json(), 2);
-  tok.save((fs::path(dir) / "tokenizer.json").string());
-  json::write_file((fs::path(dir) / "config.json").string(), config + "\n");
-  nn::write_tensors((fs::path(dir) / "model.safetensors").string(), model.state_dict(),
-                    {{"format", "pt"}, {"config", config}, {"stage", stage}, {"lora", json::dump(lora_json(lora))}});
+  const fs::path staging = fs::path(dir) / str_cat(".checkpoint.tmp.", ::getpid(), ".0");
+  std::error_code ec;
+  fs::remove_all(staging, ec);
+  fs::create_directories(staging);
+  try {
+    const fs::path d(dir);
+    tok.save((staging / "tokenizer.json").string());
+    const std::string tok_text = json::read_file((staging / "tokenizer.json").string());
+    json::write_file((staging / "config.json").string(), config + "\n");
+    nn::write_tensors((staging / "model.safetensors").string(), model.state_dict(),
+                      {{"format", "pt"}, {"config", config}, {"stage", stage}, {"lora", lora_text},
+                       {"tokenizer_xxh64", st::xxh64_hex(tok_text.data(), tok_text.size())}});
+    rename_into(staging / "config.json", d / "config.json");
+    if (bytes_or_empty(d / "tokenizer.json") != tok_text) rename_into(staging / "tokenizer.json", d / "tokenizer.json");
+    rename_into(staging / "model.safetensors", d / "model.safetensors");
+    st::fsync_dir(dir, (d / "model.safetensors").string());  // the renames reach the disk
+  } catch (...) {
+    fs::remove_all(staging, ec);
+    throw;
+  }
+  fs::remove_all(staging, ec);
 }
 
 // A lower bound on the parameters `c` builds (the large matrices only). A config is read from the same file as
@@ -69,20 +120,65 @@ Checkpoint load_checkpoint(const std::string& dir) {
   if (meta.count("lora"))
     c.lora = from_metadata(file, "lora", meta["lora"], [&](const json::Value& l) {
       LoraSettings s;
-      s.rank = l.int_in("rank", 0, cfg.text.hidden);
+      s.rank = l.int_in("rank", 0, lora_max_rank(cfg));
       s.alpha = l.number_at("alpha");
       s.dropout = l.number_at("dropout");
       PSA_CHECK(s.dropout >= 0 && s.dropout < 1, "json: key 'dropout': ", s.dropout, " out of range [0, 1)");
+      PSA_CHECK(s.rank == 0 || (s.alpha > 0 && s.alpha <= kMaxLoraAlpha), "json: key 'alpha': ", s.alpha,
+                " out of range (0, ", kMaxLoraAlpha, "]");
       s.include_lm_head = l.bool_at("include_lm_head");
       return s;
     });
   c.model = std::make_shared<PsaVlm>(cfg);
   if (c.lora.rank > 0) c.model->add_lora(c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.include_lm_head);
   c.model->load_state_dict(sd, true, model_path.string());
-  c.tokenizer = std::make_shared<Tokenizer>(Tokenizer::load((fs::path(dir) / "tokenizer.json").string()));
-  PSA_CHECK(c.tokenizer->vocab_size() <= cfg.text.vocab, dir, ": tokenizer has ", c.tokenizer->vocab_size(),
-            " tokens but the model's vocabulary is ", cfg.text.vocab);
+  const std::string tok_path = (fs::path(dir) / "tokenizer.json").string();
+  c.tokenizer = std::make_shared<Tokenizer>(Tokenizer::load(tok_path));
+  PSA_CHECK(c.tokenizer->vocab_size() <= cfg.text.vocab, dir, ": tokenizer.json has ", c.tokenizer->vocab_size(),
+            " tokens but the model's vocabulary (embedding rows) is ", cfg.text.vocab);
+  // A smaller vocabulary is legitimate (BPE training stops when no pair is left), so only the hash recorded by
+  // save_checkpoint can tell a swapped or half-replaced tokenizer.json (older checkpoints have none).
+  if (meta.count("tokenizer_xxh64")) {
+    const std::string text = json::read_file(tok_path), hash = st::xxh64_hex(text.data(), text.size());
+    PSA_CHECK(hash == meta["tokenizer_xxh64"], dir, ": tokenizer.json (xxh64 ", hash,
+              ") is not the tokenizer the model was saved with (", meta["tokenizer_xxh64"],
+              "): a mixed or edited checkpoint folder");
+  }
   return c;
+}
+
+// ".<name>.tmp.<pid>.<n>" with <name> one of `names`: the pid, else 0.
+static long temp_owner(const std::string& file, const std::vector<std::string>& names) {
+  for (const std::string& n : names) {
+    const std::string prefix = "." + n + ".tmp.";
+    if (file.rfind(prefix, 0) != 0) continue;
+    const char* p = file.c_str() + prefix.size();
+    char* end = nullptr;
+    errno = 0;
+    const long pid = std::strtol(p, &end, 10);
+    if (end == p || *end != '.' || errno != 0 || pid <= 0) return 0;
+    const char* q = end + 1;
+    std::strtoul(q, &end, 10);
+    return end != q && *end == 0 ? pid : 0;
+  }
+  return 0;
+}
+
+int remove_stale_temps(const std::string& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return 0;
+  std::vector<fs::path> stale;  // collected first: no removal while the directory is being read
+  for (const fs::directory_entry& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    const bool folder = e.is_directory(ec) && !e.is_symlink(ec);
+    const long pid = folder ? temp_owner(name, {"checkpoint"})
+                            : temp_owner(name, {"model.safetensors", "train_state.safetensors"});
+    // kill(pid, 0) fails with ESRCH only when no such process exists: a live writer's file stays.
+    if (pid && (pid == ::getpid() || (::kill(pid, 0) != 0 && errno == ESRCH))) stale.push_back(e.path());
+  }
+  int removed = 0;
+  for (const fs::path& p : stale) removed += fs::remove_all(p, ec) > 0 && !ec;
+  return removed;
 }
 
 }  // namespace psa

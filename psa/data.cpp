@@ -1,6 +1,7 @@
 #include "psa/data.h"
 
 #include <algorithm>
+#include <exception>
 #include <random>
 
 #include "psa/image.h"
@@ -15,34 +16,41 @@ std::vector<int32_t> prompt_tokens(const Tokenizer& tok, const std::string& ques
   return ids;
 }
 
+// One record -> one example; returns why the record is skipped ("" when it is kept). Only an unreadable image
+// or a prompt without room for the answer skips a record; anything else (out of memory) propagates.
+static std::string load_example(const Record& r, const Tokenizer& tok, int64_t image_size, int64_t max_text_tokens,
+                                Example& e) {
+  try {
+    e.pixels = load_record_image(r.image, "", image_size);
+  } catch (const std::exception& ex) {
+    return r.source + ": " + ex.what();
+  }
+  e.record = r;
+  e.level = r.safe_level;
+  e.type = r.safe_type;
+  e.prompt_ids = prompt_tokens(tok, r.question, "");
+  e.answer_ids = tok.encode(" " + r.answer);
+  e.answer_ids.push_back(tok.eos_id());
+  int64_t room = max_text_tokens - (int64_t)e.prompt_ids.size();
+  if (room < 1)
+    return r.source + ": prompt of " + std::to_string(e.prompt_ids.size()) +
+           " tokens leaves no room for the answer (max_text_tokens " + std::to_string(max_text_tokens) + ")";
+  if ((int64_t)e.answer_ids.size() > room) e.answer_ids.resize(room);
+  return "";
+}
+
 Dataset build_dataset(const std::vector<Record>& records, const Tokenizer& tok, int64_t image_size,
                       int64_t max_text_tokens, LoadReport* report) {
   Dataset d;
   d.image_size = image_size;
   d.examples.resize(records.size());
   std::vector<std::string> errors(records.size());
+  FirstError err;
   // Decoding images dominates; records are independent, so they are loaded in parallel and kept in order.
 #pragma omp parallel for schedule(dynamic, 16)
-  for (int64_t i = 0; i < (int64_t)records.size(); ++i) {
-    const Record& r = records[i];
-    Example& e = d.examples[i];
-    try {
-      e.pixels = load_record_image(r.image, "", image_size);
-    } catch (const std::exception& ex) {
-      errors[i] = r.source + ": " + ex.what();
-      continue;
-    }
-    e.record = r;
-    e.level = r.safe_level;
-    e.type = r.safe_type;
-    e.prompt_ids = prompt_tokens(tok, r.question, "");
-    e.answer_ids = tok.encode(" " + r.answer);
-    e.answer_ids.push_back(tok.eos_id());
-    int64_t room = max_text_tokens - (int64_t)e.prompt_ids.size();
-    if (room < 1) errors[i] = r.source + ": prompt of " + std::to_string(e.prompt_ids.size()) +
-                              " tokens leaves no room for the answer (max_text_tokens " + std::to_string(max_text_tokens) + ")";
-    else if ((int64_t)e.answer_ids.size() > room) e.answer_ids.resize(room);
-  }
+  for (int64_t i = 0; i < (int64_t)records.size(); ++i)
+    err.run([&] { errors[i] = load_example(records[i], tok, image_size, max_text_tokens, d.examples[i]); });
+  err.rethrow();
   std::vector<Example> kept;
   for (size_t i = 0; i < records.size(); ++i) {
     if (errors[i].empty()) kept.push_back(std::move(d.examples[i]));

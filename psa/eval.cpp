@@ -1,12 +1,15 @@
 #include "psa/eval.h"
 
+#include <fcntl.h>
 #include <omp.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
-#include <exception>
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <mutex>
@@ -110,20 +113,14 @@ void answer_all(const Checkpoint& c, const Dataset& d, int64_t n, const Policy& 
   const bool par = opt.parallel && c.model->lm->embed_tokens->weight.device() == Device::cpu;
   ProgressBar bar(c.stage, n, opt.progress);
   std::atomic<int64_t> done{0};
-  std::exception_ptr err;
-  std::mutex err_mu;
+  FirstError err;
 #pragma omp parallel for schedule(dynamic, 1) if (par)
   for (int64_t i = 0; i < n; ++i) {
-    try {
-      answer_record(c, d.examples[i], policy, so, res[i]);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(err_mu);
-      if (!err) err = std::current_exception();
-    }
+    err.run([&] { answer_record(c, d.examples[i], policy, so, res[i]); });
     bar.update(++done);
   }
   bar.finish(done);
-  if (err) std::rethrow_exception(err);
+  err.rethrow();
 }
 
 // ---- metrics ----
@@ -360,6 +357,41 @@ void write_predictions(const std::string& path, const Dataset& d, const std::vec
   json::write_file(path, text);
 }
 
+// A record whose prompt (with the hint the policy picks for its prediction) exceeds the LLM's positions cannot
+// be answered: it is skipped and counted, as the dataset builder does with other unusable records, instead of
+// stopping the whole benchmark. Returns `all` when nothing is dropped, else `kept` filled with the rest
+// (`res` shrinks alongside, so that index i still means the same record in both).
+const Dataset& drop_too_long(const Checkpoint& c, const Policy& policy, const Dataset& all,
+                             std::vector<RecordResult>& res, Dataset& kept, LoadReport* skipped) {
+  std::vector<std::string> why(res.size());
+  bool any = false;
+  for (size_t i = 0; i < res.size(); ++i) {
+    const Example& e = all.examples[i];
+    const Decision d =
+        has_safety_tokens(c) ? decide(policy, res[i].head.level, res[i].head.type) : Decision{"none", ""};
+    const std::string source = e.record.source + ": question" +
+        (d.action == "hint" ? std::string(" with the ") + policy_label(policy) + "'s level " +
+                                  std::to_string(res[i].head.level) + " " + type_name(res[i].head.type) + " hint"
+                            : "");
+    why[i] = prompt_too_long(c, plain_question(e), d.action == "hint" ? d.hint : "", source);
+    any = any || !why[i].empty();
+  }
+  if (!any) return all;
+  kept.image_size = all.image_size;
+  std::vector<RecordResult> rest;
+  for (size_t i = 0; i < res.size(); ++i) {
+    if (why[i].empty()) {
+      kept.examples.push_back(all.examples[i]);
+      rest.push_back(std::move(res[i]));
+    } else if (skipped) {
+      skipped->messages.push_back(why[i]);
+      ++skipped->skipped;
+    }
+  }
+  res = std::move(rest);
+  return kept;
+}
+
 std::string notes_for(const Checkpoint& c, const std::string& policy) {
   if (!has_safety_tokens(c))
     return "base checkpoint: the safety head is untrained, so the head metrics are null (the confusion matrices "
@@ -371,16 +403,22 @@ std::string notes_for(const Checkpoint& c, const std::string& policy) {
 
 }  // namespace
 
-json::Value evaluate(const Checkpoint& c, const Dataset& test, const EvalOptions& opt) {
+json::Value evaluate(const Checkpoint& c, const Dataset& all, const EvalOptions& opt, LoadReport* skipped) {
   const auto t0 = Clock::now();
-  PSA_CHECK(test.image_size == c.model->config.vision.image_size, "evaluate: dataset built at ", test.image_size,
+  PSA_CHECK(all.image_size == c.model->config.vision.image_size, "evaluate: dataset built at ", all.image_size,
             " px but the model expects ", c.model->config.vision.image_size, " px");
-  PSA_CHECK(opt.batch > 0 && opt.max_new_tokens > 0, "evaluate: batch and max_new_tokens must be positive");
+  PSA_CHECK(opt.batch > 0, "evaluate: batch must be positive, got ", opt.batch);
+  PSA_CHECK(opt.max_new_tokens > 0, "evaluate: max_new_tokens must be positive, got ", opt.max_new_tokens);
   if (c.model->training()) c.model->eval();  // LoRA dropout off
   const Policy policy = resolve_policy(opt.policy);
-  const int64_t n = opt.limit > 0 ? std::min(opt.limit, test.size()) : test.size();
-  std::vector<RecordResult> res(n);
-  classify_all(c, test, n, opt.batch, res);
+  check_policy_fits(c, policy);  // a hint that can never fit is the policy's fault, not one record's
+  const int64_t n_all = opt.limit > 0 ? std::min(opt.limit, all.size()) : all.size();
+  std::vector<RecordResult> res(n_all);
+  classify_all(c, all, n_all, opt.batch, res);
+  Dataset kept;
+  const Dataset& test = drop_too_long(c, policy, all, res, kept, skipped);
+  const int64_t n = res.size();
+  PSA_CHECK(n > 0, c.dir, ": every record's prompt is too long for the model (see the skipped lines)");
   answer_all(c, test, n, policy, opt, res);
 
   json::Value out = json::Value::object();
@@ -623,6 +661,61 @@ json::Value audit_checkpoints(const std::string& a, const std::string& b) {
   out.set("added_tensors", names_json(added));
   out.set("removed_tensors", names_json(removed));
   return out;
+}
+
+// ---- output paths ----
+
+namespace {
+
+// Absolute, symlinks resolved as far as the path exists, no trailing separator: comparable with ==.
+std::filesystem::path canonical_form(const std::string& p) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::path c = fs::weakly_canonical(fs::absolute(p), ec);
+  if (ec) c = fs::absolute(p).lexically_normal();
+  if (!c.has_filename() && c.has_parent_path()) c = c.parent_path();
+  return c;
+}
+
+}  // namespace
+
+bool same_path(const std::string& a, const std::string& b) {
+  std::error_code ec;
+  if (std::filesystem::equivalent(a, b, ec)) return true;  // hard links too
+  return canonical_form(a) == canonical_form(b);
+}
+
+bool path_inside(const std::string& path, const std::string& dir) {
+  const std::filesystem::path p = canonical_form(path), d = canonical_form(dir);
+  auto pi = p.begin();
+  for (auto di = d.begin(); di != d.end(); ++di, ++pi)
+    if (pi == p.end() || *pi != *di) return false;
+  return true;
+}
+
+void check_output_dir(const std::string& what, const std::string& dir) {
+  namespace fs = std::filesystem;
+  PSA_CHECK(!dir.empty(), what, ": expected a folder, got an empty path");
+  std::error_code ec;
+  PSA_CHECK(!fs::exists(dir, ec) || fs::is_directory(dir, ec), what, ": ", dir, " is not a folder");
+  fs::create_directories(dir, ec);
+  PSA_CHECK(!ec, what, ": cannot create the folder ", dir, ": ", ec.message());
+  // Permissions, read-only mounts and quotas are only known by trying: a probe file, removed at once.
+  const std::string probe = (fs::path(dir) / (".psa-write-probe-" + std::to_string(::getpid()))).string();
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600);
+  PSA_CHECK(fd >= 0, what, ": cannot write in the folder ", dir, ": ", std::strerror(errno));
+  ::close(fd);
+  ::unlink(probe.c_str());
+}
+
+void check_output_file(const std::string& what, const std::string& path) {
+  namespace fs = std::filesystem;
+  PSA_CHECK(!path.empty(), what, ": expected a file path, got an empty string");
+  std::error_code ec;
+  PSA_CHECK(!fs::is_directory(path, ec), what, ": ", path, " is a folder, expected a file path");
+  PSA_CHECK(!fs::exists(path, ec) || fs::is_regular_file(path, ec), what, ": ", path, " is not a regular file");
+  const fs::path parent = fs::path(path).parent_path();
+  check_output_dir(what + " " + path, parent.empty() ? "." : parent.string());
 }
 
 }  // namespace psa

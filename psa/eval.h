@@ -28,7 +28,12 @@ struct EvalOptions {
 // safe_response_rate(_no_control), safe_response_by_level, clean_acc, caption_f1, caption_f1_hard_negative,
 // over_refusal(_no_control), over_refusal_hard_negative(_no_control), actions, counts, notes,
 // eval_seconds, records_per_second.
-json::Value evaluate(const Checkpoint& ckpt, const Dataset& test, const EvalOptions& opt);
+// The policy is refused up front when one of its hints can never fit the LLM's positions (check_policy_fits);
+// a record whose prompt with its hint does not fit is skipped, counted in `skipped` (when given: skipped is
+// incremented and the reason, naming the record, the policy, level and type, appended to messages) and left out
+// of every metric. Non-finite head outputs are an error (classify_images).
+json::Value evaluate(const Checkpoint& ckpt, const Dataset& test, const EvalOptions& opt,
+                     LoadReport* skipped = nullptr);
 
 // One column per stage present in `report` ({"base": metrics, "stage1": ..., "stage2": ...}, other stage keys
 // after those), one row per metric; rates as percentages, accuracies and F1 with 3 decimals.
@@ -43,5 +48,18 @@ json::Value audit_checkpoints(const std::string& a, const std::string& b);
 // The group of a parameter name: vision_tower, multi_modal_projector, language_model, lora,
 // safety_query_tokens, safety_query_tokens_2, safe_mm_projector, safe_part, or other.
 std::string audit_group(const std::string& name);
+
+// ---- output paths, checked before any long work ----
+
+// a and b name the same file, also when either does not exist yet (symlinks and ".." resolved as far as
+// the path exists, then compared lexically; existing hard links by inode).
+bool same_path(const std::string& a, const std::string& b);
+// `path` is `dir` or lies below it (same resolution as same_path).
+bool path_inside(const std::string& path, const std::string& dir);
+// `dir` exists or is created, and a probe file can be created in it (then removed); else an error
+// "<what>: <reason>" with errno's text. `what` names the option, e.g. "--predictions".
+void check_output_dir(const std::string& what, const std::string& dir);
+// `path` is not empty, not a folder or another non-regular file, and its folder passes check_output_dir.
+void check_output_file(const std::string& what, const std::string& path);
 
 }  // namespace psa

@@ -1,7 +1,10 @@
 #include "psa/image.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 
 #include "nn/json.h"
 #include "tensor/error.h"
@@ -110,9 +113,14 @@ void check_header(const std::string& path, const std::string& bytes, int* w, int
   int comp = 0;
   if (!stbi_info_from_memory(bytes_of(bytes), int(bytes.size()), w, h, &comp))
     fail(path, ": cannot decode image: ", stb_reason());
+  // A negative BMP height means rows stored top-down (valid); stb's info reports it raw, its decoder uses abs().
+  if (starts_with(bytes, "BM", 2) && *h < 0 && *h != INT32_MIN) *h = -*h;
   PSA_CHECK(*w > 0 && *h > 0, path, ": cannot decode image: empty image");
   PSA_CHECK(*w <= kMaxImageSide && *h <= kMaxImageSide, path, ": image too large: ", *w, "x", *h, " (limit ",
             kMaxImageSide, " per side)");
+  PSA_CHECK(int64_t(*w) * *h <= kMaxImagePixels, path, ": image too large: ", *w, "x", *h, " = ",
+            int64_t(*w) * *h, " pixels (limit ", kMaxImagePixels, " = ", kMaxImagePixelsSide, "x",
+            kMaxImagePixelsSide, ")");
 }
 
 }  // namespace
@@ -143,10 +151,26 @@ Image load_image(const std::string& path) {
   return img;
 }
 
+std::string encode_png(const Image& img) {
+  PSA_CHECK(img.w > 0 && img.h > 0 && img.rgb.size() == static_cast<size_t>(img.w) * img.h * 3,
+            "encode_png: bad image ", img.w, "x", img.h, " with ", img.rgb.size(), " bytes");
+  std::string out;
+  auto append = [](void* ctx, void* data, int n) {
+    static_cast<std::string*>(ctx)->append(static_cast<char*>(data), n);
+  };
+  PSA_CHECK(stbi_write_png_to_func(append, &out, img.w, img.h, 3, img.rgb.data(), img.w * 3), "encode_png: ",
+            img.w, "x", img.h, ": the PNG encoder failed");
+  return out;
+}
+
 void save_png(const std::string& path, const Image& img) {
-  PSA_CHECK(img.w > 0 && img.h > 0 && img.rgb.size() == static_cast<size_t>(img.w) * img.h * 3, path,
-            ": save_png: bad image ", img.w, "x", img.h, " with ", img.rgb.size(), " bytes");
-  if (!stbi_write_png(path.c_str(), img.w, img.h, 3, img.rgb.data(), img.w * 3)) fail(path, ": cannot write png");
+  const std::string bytes = encode_png(img);
+  FILE* f = std::fopen(path.c_str(), "wb");
+  PSA_CHECK(f, path, ": cannot write png: ", std::strerror(errno));
+  bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
+  const int err = errno;
+  ok = std::fclose(f) == 0 && ok;
+  PSA_CHECK(ok, path, ": cannot write png: ", std::strerror(ok ? errno : err));
 }
 
 Image paste_side_by_side(const Image& a, const Image& b) {
@@ -279,8 +303,19 @@ Image load_record_pixels(const std::string& field, const std::string& base_dir) 
   return out;
 }
 
+std::vector<float> preprocess_named(const Image& img, int size, const std::string& name) {
+  // preprocess() resizes the short side to `size`, so the long side grows by the same factor; past the side
+  // limit the resize would fail without naming the file.
+  const int64_t short_side = std::min(img.w, img.h), long_side = std::max(img.w, img.h);
+  PSA_CHECK(size > 0 && short_side > 0, name, ": preprocess: bad size ", size, " or empty image");
+  PSA_CHECK(int64_t(size) * long_side / short_side <= kMaxImageSide, name, ": aspect ratio of ", img.w, "x",
+            img.h, " too extreme: at ", size, " px on the short side the long side would exceed ", kMaxImageSide,
+            " px (at most ", kMaxImageSide / size, ":1 for this model)");
+  return preprocess(img, size);
+}
+
 std::vector<float> load_record_image(const std::string& field, const std::string& base_dir, int size) {
-  return preprocess(load_record_pixels(field, base_dir), size);
+  return preprocess_named(load_record_pixels(field, base_dir), size, field);
 }
 
 }  // namespace psa

@@ -20,6 +20,11 @@ struct Image {
 
 // Larger sides are refused before any pixel buffer is allocated (a hostile header could ask for GBs).
 constexpr int kMaxImageSide = 16384;
+// And more pixels in all: 64 Mi pixels (8192 x 8192) hold every camera and phone photo (<= 50 MP) and 8K
+// frames (33 MP) while capping one decode at ~200 MB of RGB plus stb's working copy (~0.6 GB peak). At the
+// side limit alone a 4 MB PNG of 16384 x 16384 decoded into 2.3 GB for 18 s, and datasets decode in parallel.
+constexpr int kMaxImagePixelsSide = 8192;
+constexpr int64_t kMaxImagePixels = int64_t(kMaxImagePixelsSide) * kMaxImagePixelsSide;
 
 // Same constants as CLIPImageProcessor (openai/clip-vit-*).
 constexpr float kClipMean[3] = {0.48145466f, 0.4578275f, 0.40821073f};
@@ -27,12 +32,16 @@ constexpr float kClipStd[3] = {0.26862954f, 0.26130258f, 0.27577711f};
 
 // PNG, JPEG or BMP (recognised by their magic bytes; stb_image's other decoders are left out as attack
 // surface), forced to 3 channels. The file is read once; JPEG Huffman tables are checked before stb_image sees
-// them (2.27 overflows on some). Errors: "path: cannot decode image: <reason>",
-// "path: image too large: WxH (limit 16384 per side)".
+// them (2.27 overflows on some); a top-down BMP (negative height) is fine. Errors: "path: cannot decode image:
+// <reason>", "path: image too large: WxH (limit 16384 per side)", "path: image too large: WxH = N pixels
+// (limit 67108864 = 8192x8192)".
 Image load_image(const std::string& path);
 // Header-only check with the same errors as load_image (used to validate datasets without decoding).
 void check_image(const std::string& path);
 
+// PNG bytes in memory (for an atomic write with json::write_file).
+std::string encode_png(const Image& img);
+// Direct (not atomic) write, for the many images of a generated dataset; errors name the path and errno.
 void save_png(const std::string& path, const Image& img);
 
 // The reference's horizontal concatenation for "a<split>b" pairs: black canvas, a at x=0, b at x=wa, both top-aligned.
@@ -51,6 +60,9 @@ std::vector<std::string> split_image_field(const std::string& field);
 std::string resolve_image_path(const std::string& path, const std::string& base_dir);
 // Decodes every part of the field and pastes pairs side by side (left to right).
 Image load_record_pixels(const std::string& field, const std::string& base_dir);
+// preprocess() that first refuses an image whose long side would pass kMaxImageSide at `size` px on its short
+// side (an extreme aspect ratio), with an error naming `name` (the file or record field).
+std::vector<float> preprocess_named(const Image& img, int size, const std::string& name);
 std::vector<float> load_record_image(const std::string& field, const std::string& base_dir, int size);
 
 }  // namespace psa

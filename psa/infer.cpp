@@ -24,6 +24,37 @@ std::string clean_question(const std::string& question) {
   return trim(q);
 }
 
+// Length of the valid UTF-8 sequence at s[i], or 0 (overlong forms, surrogates and > U+10FFFF are invalid).
+static size_t utf8_length(const std::string& s, size_t i) {
+  const unsigned char c = s[i];
+  if (c < 0x80) return 1;
+  const size_t n = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 ? 2 : 0;
+  if (n == 0 || c > 0xF4 || i + n > s.size()) return 0;
+  for (size_t k = 1; k < n; ++k)
+    if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return 0;
+  const unsigned char d = s[i + 1];
+  if ((c == 0xE0 && d < 0xA0) || (c == 0xED && d > 0x9F) || (c == 0xF0 && d < 0x90) || (c == 0xF4 && d > 0x8F)) return 0;
+  return n;
+}
+
+// Byte-level BPE can stop inside a character, and an untrained model emits arbitrary bytes; answers go into
+// JSON reports (whose parser rejects invalid UTF-8), so each invalid byte becomes U+FFFD.
+static std::string valid_utf8(const std::string& s) {
+  std::string out;
+  for (size_t i = 0; i < s.size();) {
+    const size_t n = utf8_length(s, i);
+    out += n ? s.substr(i, n) : "\xEF\xBF\xBD";
+    i += n ? n : 1;
+  }
+  return out;
+}
+
+bool is_valid_utf8(const std::string& s) {
+  for (size_t i = 0, n; i < s.size(); i += n)
+    if ((n = utf8_length(s, i)) == 0) return false;
+  return true;
+}
+
 static Device model_device(const Checkpoint& c) { return c.model->lm->embed_tokens->weight.device(); }
 
 static void check_pixels(const Checkpoint& c, const std::vector<float>& px) {
@@ -77,43 +108,27 @@ static std::vector<double> softmax_row(const std::vector<double>& logits, size_t
 
 static int argmax_of(const std::vector<double>& p) { return std::max_element(p.begin(), p.end()) - p.begin(); }
 
+// NaN logits would otherwise surface as "p=nan", an argmax of 0 and a JSON writer error far from the cause.
+static void check_finite(const Checkpoint& c, const std::vector<double>& v) {
+  for (double x : v)
+    PSA_CHECK(std::isfinite(x), c.dir, ": the model's outputs are not finite (NaN/Inf weights in the checkpoint? "
+              "a run trained with too high a learning rate ends like this)");
+}
+
 std::vector<HeadPrediction> classify_images(const Checkpoint& c, const std::vector<const std::vector<float>*>& pixels,
                                             const std::vector<std::string>& questions) {
   if (pixels.empty()) return {};
   NoGrad ng;
   PsaOutput o = c.model->forward(prompt_batch(c, pixels, questions), true, false, false);
   const std::vector<double> lv = o.level_logits.to_vector(), ty = o.type_logits.to_vector();
+  check_finite(c, lv);
+  check_finite(c, ty);
   std::vector<HeadPrediction> out(pixels.size());
   for (size_t r = 0; r < out.size(); ++r) {
     out[r].level_probs = softmax_row(lv, r, kNumLevels);
     out[r].type_probs = softmax_row(ty, r, kNumTypes);
     out[r].level = argmax_of(out[r].level_probs);  // independent argmaxes, as the reference (§5 step 2)
     out[r].type = argmax_of(out[r].type_probs);
-  }
-  return out;
-}
-
-// Length of the valid UTF-8 sequence at s[i], or 0 (overlong forms, surrogates and > U+10FFFF are invalid).
-static size_t utf8_length(const std::string& s, size_t i) {
-  const unsigned char c = s[i];
-  if (c < 0x80) return 1;
-  const size_t n = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 ? 2 : 0;
-  if (n == 0 || c > 0xF4 || i + n > s.size()) return 0;
-  for (size_t k = 1; k < n; ++k)
-    if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return 0;
-  const unsigned char d = s[i + 1];
-  if ((c == 0xE0 && d < 0xA0) || (c == 0xED && d > 0x9F) || (c == 0xF0 && d < 0x90) || (c == 0xF4 && d > 0x8F)) return 0;
-  return n;
-}
-
-// Byte-level BPE can stop inside a character, and an untrained model emits arbitrary bytes; answers go into
-// JSON reports (whose parser rejects invalid UTF-8), so each invalid byte becomes U+FFFD.
-static std::string valid_utf8(const std::string& s) {
-  std::string out;
-  for (size_t i = 0; i < s.size();) {
-    const size_t n = utf8_length(s, i);
-    out += n ? s.substr(i, n) : "\xEF\xBF\xBD";
-    i += n ? n : 1;
   }
   return out;
 }
@@ -125,6 +140,40 @@ static std::string decode_answer(const Tokenizer& tok, const std::vector<int64_t
   for (int64_t id : ids)
     if (id >= 0 && id < tok.vocab_size()) known.push_back(static_cast<int32_t>(id));
   return trim(valid_utf8(tok.decode(known)));
+}
+
+int64_t prompt_positions(const Checkpoint& c, const std::string& question, const std::string& hint) {
+  const PsaConfig& cfg = c.model->config;
+  const int64_t text = prompt_tokens(*c.tokenizer, clean_question(question), hint).size();
+  return text - 1 + cfg.vision.num_patches() + (has_safety_tokens(c) ? cfg.num_safety_tokens : 0);
+}
+
+std::string prompt_too_long(const Checkpoint& c, const std::string& question, const std::string& hint,
+                            const std::string& source) {
+  const int64_t need = prompt_positions(c, question, hint), limit = c.model->config.text.max_positions;
+  if (need <= limit) return "";
+  return source + ": the prompt needs " + std::to_string(need) + " positions (template, question" +
+         (hint.empty() ? "" : ", hint") + ", image and safety tokens), more than the checkpoint " + c.dir +
+         "'s max_position_embeddings " + std::to_string(limit);
+}
+
+void check_policy_fits(const Checkpoint& c, const Policy& policy) {
+  if (!has_safety_tokens(c)) return;  // a base checkpoint never gets a hint
+  for (int l = 1; l <= 3; ++l)
+    for (int t = 0; t < kRiskTypes; ++t) {
+      const PolicyEntry& e = policy.entry(l, t);
+      if (e.action != "hint") continue;
+      const std::string why = prompt_too_long(c, "", e.hint, policy_label(policy) + ": level " + std::to_string(l) +
+                                              " " + type_name(t) + " hint (even with an empty question)");
+      PSA_CHECK(why.empty(), why);
+    }
+}
+
+// Names what made the prompt long: the hint the policy picked for this prediction, or the question alone.
+static std::string hint_source(const Policy& policy, const HeadPrediction& head, const std::string& hint) {
+  if (hint.empty()) return "the question";
+  return "the question with the " + policy_label(policy) + "'s level " + std::to_string(head.level) + " " +
+         type_name(head.type) + " hint";
 }
 
 InferResult respond(const Checkpoint& c, const std::vector<float>& pixels, const std::string& question,
@@ -143,6 +192,8 @@ InferResult respond(const Checkpoint& c, const std::vector<float>& pixels, const
   }
   const std::string q = clean_question(question), hint = d.action == "hint" ? d.hint : "";
   r.prompt = build_prompt(q, hint);
+  const std::string why = prompt_too_long(c, q, hint, hint_source(policy, head, hint));
+  PSA_CHECK(why.empty(), why);
   const std::vector<int32_t> ids32 = prompt_tokens(*c.tokenizer, q, hint);
   const std::vector<int64_t> ids(ids32.begin(), ids32.end());
   nn::SamplingOptions o = opt;
@@ -165,7 +216,22 @@ InferResult infer(const Checkpoint& c, const std::vector<float>& pixels, const s
 // ---- explanations ----
 
 // The model's view of the image at display size: short side resized, centre crop (as preprocess()).
-static Image display_crop(const Image& img, int size) {
+// Only the centre survives the crop, so a very long image (its resized long side past kMaxImageSide) is first cut
+// to a central window that resizes within the limit; this is a picture for people, not the model's input.
+static Image central_window(const Image& img, int size) {
+  const bool wide = img.w >= img.h;
+  const int short_side = wide ? img.h : img.w, long_side = wide ? img.w : img.h;
+  const int64_t keep = std::max<int64_t>(short_side, int64_t(short_side) * kMaxImageSide / size);
+  if (keep >= long_side) return img;
+  const int w = wide ? int(keep) : img.w, h = wide ? img.h : int(keep);
+  const int left = (img.w - w) / 2, top = (img.h - h) / 2;
+  Image out(w, h);
+  for (int y = 0; y < h; ++y) std::copy_n(img.at(left, top + y), size_t(w) * 3, out.at(0, y));
+  return out;
+}
+
+static Image display_crop(const Image& full, int size) {
+  const Image img = central_window(full, size);
   const bool wide = img.w >= img.h;
   const int short_side = wide ? img.h : img.w, long_side = wide ? img.w : img.h;
   const int new_long = std::max(size, static_cast<int>(static_cast<int64_t>(size) * long_side / short_side));

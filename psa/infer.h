@@ -35,12 +35,28 @@ bool has_safety_tokens(const Checkpoint& c);
 // token), surrounding whitespace trimmed.
 std::string clean_question(const std::string& question);
 
+// Whole string is valid UTF-8 (no overlong forms, surrogates or code points past U+10FFFF).
+bool is_valid_utf8(const std::string& s);
+
+// Positions the LLM sees for a prompt: its text tokens with the one image token replaced by the image inserts
+// (projected patches, plus the LLM-side safety tokens for stage1/stage2 checkpoints).
+int64_t prompt_positions(const Checkpoint& c, const std::string& question, const std::string& hint);
+// Refuses a policy whose hint cannot fit the checkpoint's max_position_embeddings even with an empty question,
+// naming the policy, level and type (such a hint could never be used). No-op for a base checkpoint.
+void check_policy_fits(const Checkpoint& c, const Policy& policy);
+// The prompt (plus the hint, when not empty) does not fit: a reason that names `source`, the question and the
+// hint; empty when it fits.
+std::string prompt_too_long(const Checkpoint& c, const std::string& question, const std::string& hint,
+                            const std::string& source);
+
 // Batched classification under NoGrad; pixels[i] is [3, S, S] preprocessed at the model's image size.
+// Non-finite head outputs (NaN/Inf weights) are an error naming the checkpoint.
 std::vector<HeadPrediction> classify_images(const Checkpoint& c, const std::vector<const std::vector<float>*>& pixels,
                                             const std::vector<std::string>& questions);
 
 // Steps (b) and (c) of infer() for a given head prediction. Thread-safe (no model state is changed), so
-// the benchmark runs it for many records at once. The model must already be in eval mode.
+// the benchmark runs it for many records at once. The model must already be in eval mode. A prompt (with
+// the policy's hint) longer than the LLM's positions is an error naming the policy, level and type.
 InferResult respond(const Checkpoint& c, const std::vector<float>& pixels, const std::string& question,
                     const HeadPrediction& head, const Policy& policy, const nn::SamplingOptions& opt, bool control);
 

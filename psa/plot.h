@@ -18,6 +18,7 @@ struct PlotOptions {
   int smooth = 1;  // moving-average window over y (noisy per-step losses)
 };
 
+// Written atomically (temp file, fsync, rename), like every report.
 void plot_lines(const std::string& path, const std::vector<Series>& series, const PlotOptions& o);
 
 }  // namespace psa

@@ -1,5 +1,6 @@
 #include "psa/policy.h"
 
+#include <filesystem>
 #include <set>
 
 #include "tensor/error.h"
@@ -95,7 +96,9 @@ Policy parse_policy(const json::Value& v, const std::string& source_name) {
 
 Policy load_policy(const std::string& path) {
   json::Value v = json::parse_file(path);  // its errors already name the path
-  return parse_policy(v, path);
+  Policy p = parse_policy(v, path);
+  p.path = path;
+  return p;
 }
 
 json::Value policy_to_json(const Policy& p) {
@@ -190,7 +193,15 @@ Policy builtin_policy(const std::string& name) {
 
 Policy resolve_policy(const std::string& name_or_path) {
   if (name_or_path == "reference" || name_or_path == "short") return builtin_policy(name_or_path);
+  // A typo of a built-in name would otherwise read as a missing file only.
+  std::error_code ec;
+  PSA_CHECK(std::filesystem::exists(name_or_path, ec), "policy '", name_or_path,
+            "': neither a built-in policy (short, reference) nor an existing policy JSON file");
   return load_policy(name_or_path);
+}
+
+std::string policy_label(const Policy& p) {
+  return p.path.empty() ? "built-in policy '" + p.name + "'" : "policy file " + p.path;
 }
 
 // ---- decisions and prompts ----

@@ -28,6 +28,7 @@ struct PolicyEntry {
 
 struct Policy {
   std::string name, source;
+  std::string path;         // the file it was read from; empty for a built-in table
   std::string refusal;      // default refusal sentence for action "refuse"
   PolicyEntry table[3][6];  // [level - 1][type], levels 1..3, types 0..5
   const PolicyEntry& entry(int level, int type) const;
@@ -47,8 +48,11 @@ bool level2_declines(int type);
 
 // Built-in copies of the shipped tables, so generators and tests need no file path: "reference" | "short".
 Policy builtin_policy(const std::string& name);
-// A built-in name or else a policy file path.
+// A built-in name or else a policy file path. An unknown name that is no file either is refused with the valid
+// choices in the message.
 Policy resolve_policy(const std::string& name_or_path);
+// How errors name a policy: "policy file PATH" or "built-in policy 'short'".
+std::string policy_label(const Policy& p);
 
 // action "none": no hint. "hint": `hint` is the Safe Hint sentence to put in the prompt.
 // "refuse": `hint` is the refusal sentence to output verbatim instead of generating.

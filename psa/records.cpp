@@ -5,6 +5,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <initializer_list>
 
 #include "psa/image.h"
 #include "tensor/error.h"
@@ -29,6 +30,17 @@ static int int_field(const json::Value& v, const char* key, int lo, int hi) {
   return static_cast<int>(f->num);
 }
 
+// Unknown keys are refused (a misspelt "safe_levle" would otherwise look like a missing field, and a record
+// from another format would pass half-read). Besides the reference fields (psa-vlm.md §6.2) a record may carry
+// our "meta" and LLaVA's "id", which its own training files have on every record.
+static void check_keys(const json::Value& v, std::initializer_list<const char*> known, const std::string& where) {
+  for (const auto& kv : v.obj) {
+    bool ok = false;
+    for (const char* k : known) ok = ok || kv.first == k;
+    PSA_CHECK(ok, where, "unknown key '", kv.first, "'");
+  }
+}
+
 static bool role_is(const std::string& from, bool user) {
   std::string r;
   for (char c : from) r += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
@@ -45,10 +57,12 @@ static Turns first_exchange(const json::Value& v) {
   PSA_CHECK(conv, "missing field 'conversations'");
   PSA_CHECK(conv->is_array(), "field 'conversations' must be an array, got ", json::kind_name(conv->kind));
   Turns t;
-  bool have_user = false;
+  bool have_user = false, have_answer = false;
+  // Every turn is checked, also those after the first exchange (which is all a record uses).
   for (size_t i = 0; i < conv->arr.size(); ++i) {
     const json::Value& turn = conv->arr[i];
     PSA_CHECK(turn.is_object(), "conversations[", i, "] must be an object");
+    check_keys(turn, {"from", "value"}, "conversations[" + std::to_string(i) + "]: ");
     const json::Value* from = turn.find("from");
     const json::Value* value = turn.find("value");
     PSA_CHECK(from && from->is_string() && value && value->is_string(), "conversations[", i,
@@ -56,12 +70,13 @@ static Turns first_exchange(const json::Value& v) {
     if (!have_user && role_is(from->str, true)) {
       t.user = value->str;
       have_user = true;
-    } else if (have_user && role_is(from->str, false)) {
+    } else if (have_user && !have_answer && role_is(from->str, false)) {
       t.assistant = value->str;
-      return t;
+      have_answer = true;
     }
   }
-  fail(have_user ? "no ASSISTANT turn after the first USER turn" : "no USER turn");
+  if (!have_answer) fail(have_user ? "no ASSISTANT turn after the first USER turn" : "no USER turn");
+  return t;
 }
 
 static std::string remove_tags(std::string s) {
@@ -82,6 +97,7 @@ static std::string resolve_field(const std::string& field, const std::string& ba
 
 Record parse_record(const json::Value& v, const std::string& base_dir, bool check_images) {
   PSA_CHECK(v.is_object(), "record must be a JSON object, got ", json::kind_name(v.kind));
+  check_keys(v, {"safe_level", "safe_type", "image", "conversations", "meta", "id"}, "");
   Record r;
   r.safe_level = int_field(v, "safe_level", 0, 3);
   r.safe_type = int_field(v, "safe_type", 0, 6);

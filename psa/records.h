@@ -1,6 +1,7 @@
 // Reference-format training records (dataset.md "Records", psa-vlm.md §6.2): one JSON object per line,
 // {"safe_level", "safe_type", "image", "conversations": [{"from": "USER", ...}, {"from": "ASSISTANT", ...}]}.
-// Bad lines are reported and skipped so that a large real dataset with a few broken rows still trains.
+// Bad lines are reported and skipped so that a large real dataset with a few broken rows still trains. A key
+// outside those, our "meta" and LLaVA's "id" (or a turn key other than "from" / "value") makes a line bad.
 #pragma once
 #include <cstdint>
 #include <string>

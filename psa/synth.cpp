@@ -8,11 +8,14 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <vector>
+
+#include <fcntl.h>
+#include <unistd.h>
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wall"
@@ -482,8 +485,12 @@ struct Font {
   stbtt_fontinfo info;
 };
 
+// Locked: vision_scene draws signs from parallel loops. A Font never moves once cached (unique_ptr), so the
+// reference stays valid after the lock is released.
 const Font& font(const std::string& path) {
+  static std::mutex mu;
   static std::map<std::string, std::unique_ptr<Font>> cache;
+  std::lock_guard<std::mutex> lock(mu);
   auto& slot = cache[path];
   if (slot) return *slot;
   auto f = std::make_unique<Font>();
@@ -910,25 +917,16 @@ struct Counts {
   }
 };
 
+// Collects a JSONL file in memory; generate_dataset writes it in one atomic step once every image exists.
 class JsonlWriter {
  public:
-  explicit JsonlWriter(const std::string& path) : path_(path), out_(path, std::ios::binary | std::ios::trunc) {
-    PSA_CHECK(out_, path, ": cannot create: ", std::strerror(errno));
-  }
   void write(const Scene& sc, const QA& qa, const std::string& image, const std::string& split) {
-    out_ << json::dump(record_to_json(sc.level, sc.type, image, qa.question, qa.answer, meta_json(sc, qa, split)))
-         << '\n';
+    text += json::dump(record_to_json(sc.level, sc.type, image, qa.question, qa.answer, meta_json(sc, qa, split)));
+    text += '\n';
     counts.add(sc, qa);
   }
-  void close() {
-    out_.close();
-    PSA_CHECK(out_, path_, ": write error");
-  }
+  std::string text;
   Counts counts;
-
- private:
-  std::string path_;
-  std::ofstream out_;
 };
 
 std::vector<SceneSpec> split_specs(const SplitSizes& n, bool typography) {
@@ -953,18 +951,6 @@ struct SplitJob {
   SplitSizes sizes;
 };
 
-void check_config(const SynthConfig& cfg) {
-  PSA_CHECK(cfg.image_size >= 16 && cfg.image_size <= 1024, "synth: image_size ", cfg.image_size, " out of 16..1024");
-  PSA_CHECK(cfg.hint_share >= 0 && cfg.hint_share <= 1, "synth: hint_share ", cfg.hint_share, " out of 0..1");
-  for (const SplitSizes* s : {&cfg.train, &cfg.val, &cfg.test}) {
-    PSA_CHECK(s->clean >= 0 && s->risky >= 0 && s->hard_negative >= 0 && s->typographic >= 0,
-              "synth: negative split size");
-    PSA_CHECK(s->typographic == 0 || cfg.image_size >= 64, "synth: typographic attacks need image_size >= 64, got ",
-              cfg.image_size);
-  }
-  PSA_CHECK(cfg.base_extra_clean >= 0, "synth: negative base_extra_clean");
-}
-
 json::Value sizes_json(const SplitSizes& s) {
   json::Value j = json::Value::object();
   j.set("clean", s.clean);
@@ -974,7 +960,49 @@ json::Value sizes_json(const SplitSizes& s) {
   return j;
 }
 
+// A new dataset goes only into a missing or empty folder: written over an old one, a run that stops half-way
+// would leave new files beside old ones that still look like a complete dataset.
+void check_output_dir(const std::string& out_dir) {
+  PSA_CHECK(!out_dir.empty(), "synth: empty output folder name");
+  std::error_code ec;
+  const std::filesystem::file_status st = std::filesystem::status(out_dir, ec);
+  if (!std::filesystem::exists(st)) return;
+  PSA_CHECK(std::filesystem::is_directory(st), out_dir, ": exists and is not a directory");
+  PSA_CHECK(std::filesystem::is_empty(out_dir, ec) && !ec, out_dir,
+            ": exists and is not empty (psa data writes only into a missing or empty folder)");
+}
+
+// Flushes the images to disk (one syncfs for the whole file system instead of one fsync per file), so that
+// after a power cut the atomically written record files never point at images still in the page cache.
+void sync_folder(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  PSA_CHECK(fd >= 0, dir, ": cannot open: ", std::strerror(errno));
+  const bool ok = ::syncfs(fd) == 0;
+  const int err = errno;
+  ::close(fd);
+  PSA_CHECK(ok, dir, ": cannot sync: ", std::strerror(err));
+}
+
 }  // namespace
+
+void check_synth_config(const SynthConfig& cfg) {
+  PSA_CHECK(cfg.image_size >= 16 && cfg.image_size <= 1024, "synth: image_size ", cfg.image_size, " out of 16..1024");
+  PSA_CHECK(cfg.hint_share >= 0 && cfg.hint_share <= 1, "synth: hint_share ", cfg.hint_share, " out of 0..1");
+  for (const SplitSizes* s : {&cfg.train, &cfg.val, &cfg.test}) {
+    PSA_CHECK(s->clean >= 0 && s->risky >= 0 && s->hard_negative >= 0 && s->typographic >= 0,
+              "synth: negative split size");
+    // The scene list and the JSONL text of a split are held in memory.
+    const int64_t n = int64_t(s->clean) + s->risky + s->hard_negative + s->typographic;
+    PSA_CHECK(n <= kMaxSplitRecords, "synth: split of ", n, " records (limit ", kMaxSplitRecords, ")");
+    PSA_CHECK(s->typographic == 0 || cfg.image_size >= 64, "synth: typographic attacks need image_size >= 64, got ",
+              cfg.image_size);
+  }
+  PSA_CHECK(cfg.base_extra_clean >= 0 && cfg.base_extra_clean <= kMaxSplitRecords, "synth: base_extra_clean ",
+            cfg.base_extra_clean, " out of 0..", kMaxSplitRecords);
+  // Signs (benign look-alikes, typographic attacks) are drawn from 64 px on: load the font here, where an
+  // unreadable one is a clean error, not inside a parallel scene loop.
+  if (cfg.image_size >= 64) font(cfg.font_path);
+}
 
 std::string refusal_answer(int type) {
   return std::string("I'm sorry, but I can't help with ") + kTypeNoun[type] + ".";
@@ -1010,21 +1038,25 @@ json::Value synth_config_to_json(const SynthConfig& cfg) {
 }
 
 json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir) {
-  check_config(cfg);
+  check_synth_config(cfg);
+  check_output_dir(out_dir);
   const Policy policy = resolve_policy(cfg.hint_policy);
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(out_dir) / "images", ec);
   PSA_CHECK(!ec, out_dir, ": cannot create directory: ", ec.message());
   auto file = [&](const std::string& name) { return (std::filesystem::path(out_dir) / name).string(); };
 
-  JsonlWriter base(file("base_train.jsonl"));
-  json::Value counts = json::Value::object();
+  // Every image first, then the record files, each atomically: a record never names a missing or half-written
+  // image. The images themselves are plain writes: an fsync each (json::write_file) made the tiny preset's 9400
+  // images take 17-33 s instead of 3; one syncfs below puts them on disk before any record names them.
+  JsonlWriter base;
+  std::map<std::string, JsonlWriter> splits;
   const SplitJob jobs[] = {{"train", kTrain, cfg.train}, {"val", kVal, cfg.val}, {"test", kTest, cfg.test}};
   for (const SplitJob& job : jobs) {
     std::vector<SceneSpec> specs = split_specs(job.sizes, cfg.image_size >= 64);
     Rng order(stream_seed(cfg.seed, kOrder, job.stream));
     order.shuffle(specs);
-    JsonlWriter out(file(job.name + ".jsonl"));
+    JsonlWriter& out = splits[job.name];
     for (size_t i = 0; i < specs.size(); ++i) {
       Rng rng(stream_seed(cfg.seed, job.stream, i));
       Scene sc = make_scene(cfg, specs[i], rng);
@@ -1035,8 +1067,6 @@ json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir)
       Rng qa_rng(stream_seed(cfg.seed, kBaseQA, i));  // the base file asks its own question of the same image
       base.write(sc, base_qa(sc, policy, cfg.hint_share, qa_rng), image, "base");
     }
-    out.close();
-    counts.set(job.name, out.counts.to_json());
   }
   for (int i = 0; i < cfg.base_extra_clean; ++i) {
     Rng rng(stream_seed(cfg.seed, kBaseExtra, i));
@@ -1045,9 +1075,10 @@ json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir)
     save_png(file(image), sc.img);
     base.write(sc, base_qa(sc, policy, cfg.hint_share, rng), image, "base");
   }
-  base.close();
-  counts.set("base_train", base.counts.to_json());
 
+  json::Value counts = json::Value::object();
+  for (const SplitJob& job : jobs) counts.set(job.name, splits[job.name].counts.to_json());
+  counts.set("base_train", base.counts.to_json());
   json::Value info = json::Value::object();
   info.set("generator", "psa synthetic safety world v1 (dataset.md)");
   info.set("config", synth_config_to_json(cfg));
@@ -1058,15 +1089,19 @@ json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir)
     return a;
   }());
   info.set("counts", counts);
-  std::ofstream meta(file("dataset.json"), std::ios::binary | std::ios::trunc);
-  meta << json::dump(info, 2) << '\n';
-  meta.close();
-  PSA_CHECK(meta, file("dataset.json"), ": write error");
+  sync_folder(out_dir);
+  // Order matters for a run killed half-way: psa train takes a folder with train.jsonl as a dataset, so that
+  // file comes after the other record files, and dataset.json comes last: its presence marks a complete dataset.
+  json::write_file(file("base_train.jsonl"), base.text);
+  json::write_file(file("val.jsonl"), splits["val"].text);
+  json::write_file(file("test.jsonl"), splits["test"].text);
+  json::write_file(file("train.jsonl"), splits["train"].text);
+  json::write_file(file("dataset.json"), json::dump(info, 2) + "\n");
   return info;
 }
 
 SceneSample vision_scene(const SynthConfig& cfg, uint64_t i) {
-  check_config(cfg);
+  check_synth_config(cfg);
   Rng rng(stream_seed(cfg.seed, kVision, i));
   // Clean, risky and look-alike scenes in equal shares (and typographic signs when the splits have them),
   // not in the train split's proportions: there look-alikes are 9% of the scenes, 2% per look, and a ViT that
@@ -1085,6 +1120,9 @@ SceneSample vision_scene(const SynthConfig& cfg, uint64_t i) {
 }
 
 SceneWords scene_words(const SynthConfig& cfg) {
+  // synthetic_scenes calls this before its parallel loop over vision_scene: a bad config throws here, not
+  // inside the loop (where an exception would terminate the process).
+  check_synth_config(cfg);
   SceneWords w;
   w.motifs = {"none", "flag", "skull", "syringe", "balloon", "figures", "id_card", "chart"};
   for (int look = 0; look < (cfg.image_size >= 64 ? 5 : 4); ++look) w.motifs.push_back(kLookMotif[look]);

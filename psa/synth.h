@@ -30,13 +30,24 @@ struct SynthConfig {
   std::string font_path = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 };
 
+// Records per split (and base_extra_clean): a split's scenes and record text are held in memory.
+constexpr int64_t kMaxSplitRecords = 10'000'000;
+
+// Throws psa::Error for a config the generator cannot draw (image size, shares, split sizes; from 64 px on an
+// unreadable font). Every entry point calls it; code that runs vision_scene in a parallel loop must call it (or
+// scene_words) before the loop, since an exception escaping an OpenMP region terminates the process.
+void check_synth_config(const SynthConfig& cfg);
+
 // "tiny" (32 px, ~3300 train records, a few seconds) or "small" (64 px, more data, typographic attacks).
 SynthConfig synth_preset(const std::string& name);
 json::Value synth_config_to_json(const SynthConfig& cfg);
 
 // Writes out_dir/images/*.png, base_train.jsonl, train.jsonl, val.jsonl, test.jsonl and dataset.json
 // (config + counts, also returned). Every record carries a "meta" object with the ground truth
-// (kind, expected, hard_negative, motif, objects, target, ...).
+// (kind, expected, hard_negative, motif, objects, target, ...). out_dir must be missing or empty. The images
+// come first (then synced), then the record files, each written atomically, train.jsonl after the other ones and
+// dataset.json last: a run killed half-way leaves no record naming a missing or partial image, and a
+// dataset.json means a complete dataset.
 json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir);
 
 // Scene i of the vision-pretraining stream (psa/vision_pretrain.h): clean, risky and hard-negative scenes in
@@ -49,7 +60,7 @@ struct SceneSample {
 };
 SceneSample vision_scene(const SynthConfig& cfg, uint64_t i);
 
-// Every word the scenes' meta uses: motif names (with "none"), shapes and colours.
+// Every word the scenes' meta uses: motif names (with "none"), shapes and colours. Checks the config first.
 struct SceneWords {
   std::vector<std::string> motifs, shapes, colours;
 };

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "nn/checkpoint.h"
+#include "nn/safetensors.h"
 #include "psa/policy.h"
 
 namespace psa {
@@ -77,12 +78,75 @@ std::vector<double>* loss_series(StageResult& r, int k) {
   return s[k];
 }
 
+const char* const kOptionsKey = "options";
+
+std::string exact(double v) {  // round-trips, so that equal strings mean equal doubles
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
+
+// The options that decide a stage's result, named by the `psa train` flag that sets them. A longer --steps is
+// no continuation either: the linear decay, and so every step's learning rate, depends on the total.
+json::Value run_options(const StageOptions& o) {
+  const std::string n = o.stage == "base" ? "base" : o.stage == "stage1" ? "1" : "2";
+  json::Value v = json::Value::object();
+  if (!o.preset.empty()) v.set("--preset", o.preset);
+  v.set("--seed", std::to_string(o.seed));
+  v.set("--batch", std::to_string(o.batch));
+  v.set("--steps-" + n, std::to_string(o.steps));
+  v.set("--lr-" + n, exact(o.lr));
+  v.set("--warmup", std::to_string(o.warmup));
+  if (o.stage == "base") v.set("--vision-lr-scale", exact(o.vision_lr_scale));
+  if (o.stage == "stage2") {
+    v.set("--lora-rank", o.lora.rank ? std::to_string(o.lora.rank) : "0 (--full-ft)");
+    if (o.lora.rank) {
+      v.set("--lora-alpha", exact(o.lora.alpha));
+      v.set("--lora-dropout", exact(o.lora.dropout));
+      v.set("--lora-lm-head", o.lora.include_lm_head ? "on" : "off");
+    }
+  }
+  v.set("clip", exact(o.clip));  // not on the command line, but just as much a part of the run
+  v.set("weight decay", exact(o.weight_decay));
+  return v;
+}
+
+// States written before the record existed are accepted with a warning: nothing to compare them with.
+void check_run_options(const std::map<std::string, std::string>& meta, const StageOptions& o,
+                       const std::string& path, bool warn) {
+  auto it = meta.find(kOptionsKey);
+  if (it == meta.end()) {
+    if (warn)
+      std::fprintf(stderr, "warning: %s has no record of the options it was trained with (an older psa): "
+                   "resuming without checking that they are the same\n", path.c_str());
+    return;
+  }
+  json::Value saved;
+  try {
+    saved = json::parse(it->second, "json");
+    PSA_CHECK(saved.is_object(), "expected an object");
+  } catch (const Error& e) {
+    fail(path, ": metadata '", kOptionsKey, "': ", e.what());
+  }
+  const json::Value now = run_options(o);
+  auto text = [](const json::Value& v, const std::string& k) {
+    const json::Value* x = v.find(k);
+    return !x ? std::string("(not recorded)") : x->is_string() ? x->as_string() : json::dump(*x);
+  };
+  const json::Value* both[] = {&now, &saved};  // a key only one of them has differs too
+  for (const json::Value* v : both)
+    for (const auto& [k, unused] : v->as_object())
+      PSA_CHECK(text(saved, k) == text(now, k), path, ": the training state was made with ", k, " ", text(saved, k),
+                ", this run has ", k, " ", text(now, k), " (--resume continues a run only with its own options)");
+}
+
 // One file holds everything a resumed run needs, so no crash can leave weights and optimizer out of step.
 void save_state(const std::string& path, const PsaVlm& m, const nn::AdamW& opt, const Sampler& s, int64_t next_step,
-                StageResult r) {
+                StageResult r, const StageOptions& o) {
   std::map<std::string, std::string> meta{{"step", std::to_string(next_step)},   {"opt_step", std::to_string(opt.step())},
                                           {"epoch", std::to_string(s.epoch)},    {"offset", std::to_string(s.offset)},
-                                          {"skipped", std::to_string(r.skipped)}};
+                                          {"skipped", std::to_string(r.skipped)},
+                                          {kOptionsKey, json::dump(run_options(o))}};
   nn::StateDict t = opt.state();
   for (auto& [name, w] : m.state_dict()) t.emplace(kWeightPrefix + name, w);
   for (int k = 0; k < 4; ++k) {
@@ -114,6 +178,7 @@ Resumed load_state(const std::string& path, PsaVlm& m, nn::AdamW& opt, Sampler& 
                    StageResult& r) {
   std::map<std::string, std::string> meta;
   nn::StateDict st = nn::read_tensors(path, &meta);
+  check_run_options(meta, o, path, true);
   Resumed z;
   z.step = meta_int(meta, "step", path);
   const int64_t opt_step = meta.count("opt_step") ? meta_int(meta, "opt_step", path) : z.step;
@@ -168,6 +233,12 @@ std::string eta(double s) {
 }
 
 }  // namespace
+
+void check_resume_options(const StageOptions& o) {
+  if (o.resume_from.empty()) return;
+  const st::File f = st::File::open(o.resume_from, false);  // the load verifies the hashes
+  check_run_options(f.metadata(), o, o.resume_from, false);
+}
 
 std::vector<int64_t> stage_indices(const Dataset& d, const std::string& stage, uint64_t seed) {
   std::vector<int64_t> risky, clean, all;
@@ -280,7 +351,7 @@ StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o) {
     }
     bool last = step + 1 == o.steps || (o.stop_after && done_here >= o.stop_after);
     if (!o.state_path.empty() && (last || (o.state_every && (step + 1) % o.state_every == 0)))
-      save_state(o.state_path, m, opt, sampler, step + 1, r);
+      save_state(o.state_path, m, opt, sampler, step + 1, r, o);
     if (o.stop_after && done_here >= o.stop_after) {
       ++step;
       break;

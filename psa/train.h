@@ -21,6 +21,10 @@ struct StageOptions {
   std::string state_path;
   int64_t state_every = 0;
   std::string resume_from;  // a training state to continue from: the model's weights are replaced by its own
+  // Every state records the options that decide the result (seed, batch, steps, learning rates, warmup, LoRA,
+  // and `preset` when set), by the `psa train` flag that sets them; a resume with any other value is refused,
+  // naming the flag and both values (a longer run too: the linear decay depends on the total).
+  std::string preset;
   int64_t max_bad_steps = 5;  // a non-finite loss or gradient skips the step; this many in a row stop the run
   bool progress = true;
   int64_t stop_after = 0;   // testing: return after this many steps of this call (0 = run to the end)
@@ -41,6 +45,11 @@ void set_trainable(PsaVlm& m, const std::string& stage, const LoraSettings& lora
 // Stage I sees every risky record plus clean ones in the reference ratio (3000 clean : 11.2k risky, seed 42);
 // the other stages see everything.
 std::vector<int64_t> stage_indices(const Dataset& d, const std::string& stage, uint64_t seed);
+
+// Refuses o.resume_from when its recorded options differ from o's (train_stage checks too, when it loads the
+// state): lets `psa train` check every stage's state before any work. A state without a record passes silently
+// here; train_stage warns about it.
+void check_resume_options(const StageOptions& o);
 
 // The model is moved to o.device for the stage and left there (checkpoint writers copy to the host).
 StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o);

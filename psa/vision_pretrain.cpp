@@ -183,16 +183,20 @@ json::Value score(const PsaVlm& m, const SceneHeads& h, const Dataset& d, const 
 
 SceneSource synthetic_scenes(const SynthConfig& cfg, int64_t image_size) {
   SceneSource src;
+  check_synth_config(cfg);  // before any parallel region
   src.words = scene_words(cfg);
   src.draw = [cfg, image_size](int64_t first, int64_t n) {
     std::vector<Example> out(n);
+    FirstError err;
     // Scenes are pure functions of their index, so drawing them in parallel keeps runs identical.
 #pragma omp parallel for schedule(dynamic, 4)
-    for (int64_t i = 0; i < n; ++i) {
-      SceneSample s = vision_scene(cfg, first + i);
-      out[i].pixels = preprocess(s.image, image_size);
-      out[i].record.meta = std::move(s.meta);
-    }
+    for (int64_t i = 0; i < n; ++i)
+      err.run([&] {
+        SceneSample s = vision_scene(cfg, first + i);
+        out[i].pixels = preprocess(s.image, image_size);
+        out[i].record.meta = std::move(s.meta);
+      });
+    err.rethrow();
     return out;
   };
   return src;

@@ -1,6 +1,8 @@
 // Errors of the engine: one exception type whose message names the op (or file) and the shapes.
 // Every user-facing failure goes through PSA_CHECK so that the command line can print one line and exit 2.
 #pragma once
+#include <exception>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -40,6 +42,28 @@ inline std::string shape_str(const std::vector<int64_t>& shape) {
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
   return s + "]";
 }
+
+// An exception must not leave an OpenMP parallel region (that terminates the process): each iteration runs
+// through run(), which keeps the first exception thrown, and rethrow() raises it after the region.
+class FirstError {
+ public:
+  template <typename F>
+  void run(F&& body) {
+    try {
+      body();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!err_) err_ = std::current_exception();
+    }
+  }
+  void rethrow() const {
+    if (err_) std::rethrow_exception(err_);
+  }
+
+ private:
+  std::exception_ptr err_;
+  std::mutex mu_;
+};
 
 }  // namespace psa
 

@@ -1,56 +1,17 @@
 // The `psa` binary as a user meets it: exit status 0 on success, 2 with a one-line message on bad input.
 // Runs ./build/psa (or $PSA_BIN, e.g. the sanitizer build's) from the repository root (where the tests run);
 // skips when it has not been built.
-#include <gtest/gtest.h>
-#include <sys/wait.h>
-#include <unistd.h>
+#include "cli_util.h"
 
-#include <cstdio>
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 
 namespace {
 
-const char* const kPsa = std::getenv("PSA_BIN") ? std::getenv("PSA_BIN") : "./build/psa";
-
-struct Result {
-  int status = -1;  // exit status, -1 when killed by a signal
-  std::string out, err;
-};
-
-Result run_psa(const std::string& args) {
-  std::string err_path = ::testing::TempDir() + "psa_cli_stderr_" + std::to_string(::getpid());
-  std::string cmd = std::string(kPsa) + " " + args + " 2>" + err_path;
-  Result r;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  for (size_t n; (n = std::fread(buf, 1, sizeof buf, p)) > 0;) r.out.append(buf, n);
-  int status = ::pclose(p);
-  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  std::stringstream ss;
-  ss << std::ifstream(err_path).rdbuf();
-  r.err = ss.str();
-  std::remove(err_path.c_str());
-  return r;
-}
-
-// A failure is reported as exactly one line on stderr (the command line's contract), mentioning `what`.
-void expect_one_line_error(const Result& r, const std::string& what) {
-  EXPECT_EQ(r.status, 2) << r.err;
-  ASSERT_FALSE(r.err.empty());
-  EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << "stderr: " << r.err;
-  EXPECT_NE(r.err.find(what), std::string::npos) << "stderr: " << r.err;
-}
-
-class CliErrors : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (!std::filesystem::exists(kPsa)) GTEST_SKIP() << kPsa << " not built (make all)";
-  }
-};
+using psa::test::expect_one_line_error;
+using psa::test::run_psa;
+using Result = psa::test::CliResult;
+using CliErrors = psa::test::CliTest;
 
 TEST_F(CliErrors, ConformHelpExitsZeroAndDescribesTheFixtures) {
   Result r = run_psa("conform --help");
@@ -107,6 +68,27 @@ TEST_F(CliErrors, UnknownCommandExitsTwo) {
   Result r = run_psa("nosuchcommand");
   EXPECT_EQ(r.status, 2);
   EXPECT_NE(r.err.find("nosuchcommand"), std::string::npos) << r.err;
+}
+
+// The shared option parser (tools/cli.cpp): each refusal is one line naming the flag, before any work.
+TEST_F(CliErrors, OptionParserRefusesRepeatsSwitchValuesAndOutOfRangeNumbers) {
+  expect_one_line_error(run_psa("bench-step --batch 3 --batch 4"), "--batch: given twice");
+  expect_one_line_error(run_psa("bench-step --json=0"), "--json: a switch takes no value");
+  expect_one_line_error(run_psa("data --seed 99999999999999999999"), "--seed: 99999999999999999999 does not fit");
+  expect_one_line_error(run_psa("bench-step --threads 100000"), "--threads: 100000 is out of range [1, 1024]");
+  expect_one_line_error(run_psa("bench-step --batch 0"), "--batch: 0 is out of range");
+  expect_one_line_error(run_psa("bench-step --scaling --json"), "not with --json");
+  expect_one_line_error(run_psa("bench-step --stage 1 --steps nan"), "--steps: expected an integer");
+}
+
+TEST_F(CliErrors, HugeOmpNumThreadsIsRefusedBeforeLibgompSeesIt) {
+  // libgomp segfaulted creating 100000 threads at the first parallel region.
+  expect_one_line_error(run_psa("bench-step", "OMP_NUM_THREADS=100000"), "OMP_NUM_THREADS=100000: expected 1 to 1024");
+}
+
+TEST_F(CliErrors, AFailedWriteToStdoutExitsTwo) {
+  // The report went nowhere: exit 2, not 0 (stderr still carries the reason).
+  expect_one_line_error(run_psa("conform tests/data/hf/mha >/dev/full"), "cannot write to standard output");
 }
 
 }  // namespace

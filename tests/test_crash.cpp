@@ -129,7 +129,9 @@ TEST_F(CrashSafety, KillDuringCheckpointWriteKeepsThePreviousCheckpointLoadable)
   args[8] = "2";  // --steps-base 2
   ASSERT_EQ(run_psa(args, root_ + "/ckpt1.log").code, 0) << slurp(root_ + "/ckpt1.log");
   const auto before = tensor_hashes(out + "/base/model.safetensors");
-  Exit k = run_psa(args, root_ + "/ckpt2.log", 3);
+  std::vector<std::string> again = args;
+  again.push_back("--overwrite");  // training into a folder that holds a checkpoint must say so
+  Exit k = run_psa(again, root_ + "/ckpt2.log", 3);
   ASSERT_EQ(k.signal, SIGKILL) << slurp(root_ + "/ckpt2.log");
   EXPECT_EQ(tensor_hashes(out + "/base/model.safetensors"), before);
   psa::Checkpoint c = psa::load_checkpoint(out + "/base");

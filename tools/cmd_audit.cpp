@@ -1,6 +1,7 @@
 // psa audit: which weights differ between two checkpoints, per module group (the stage invariants).
 #include <cstdio>
 
+#include "nn/checkpoint.h"
 #include "psa/eval.h"
 #include "tools/cli.h"
 
@@ -55,7 +56,8 @@ int cmd_audit(int argc, char** argv) {
   cli::Args a;
   if (!cli::parse(argc, argv, {kAuditUsage, {}, {"--json"}}, &a)) return 0;
   PSA_CHECK(a.positional.size() == 2, "audit: expected two checkpoints, got ", a.positional.size(), " (see --help)");
-  const json::Value r = audit_checkpoints(a.positional[0], a.positional[1]);
+  for (const std::string& p : a.positional) PSA_CHECK(!p.empty(), "audit: empty checkpoint path");
+  const json::Value r = nn::naming_fs_errors([&] { return audit_checkpoints(a.positional[0], a.positional[1]); });
   if (a.has("--json")) std::printf("%s\n", json::dump(r).c_str());
   else print_audit(r);
   return 0;

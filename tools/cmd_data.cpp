@@ -18,7 +18,9 @@ DIR/images/*.png, DIR/base_train.jsonl (base-VLM data: compliant descriptions of
 hint-following samples), DIR/train.jsonl (safety data for Stages I and II), DIR/val.jsonl, DIR/test.jsonl
 and DIR/dataset.json (config and counts). Records use the PSA-VLM reference format, so the same loader
 trains on real data. --scale X multiplies every record count (at least one record where the preset has any),
-e.g. 0.01 for a dataset of a few dozen records for smoke tests. Defaults: --preset tiny --out data/tiny --seed 1.)";
+e.g. 0.01 for a dataset of a few dozen records for smoke tests. DIR must be missing or empty; dataset.json is
+written last, so its presence marks a complete dataset. --seed: 0 to 2^53. Defaults: --preset tiny
+--out data/tiny --seed 1.)";
 
 // Scales one count, keeping non-empty kinds non-empty so a small dataset still has every kind of record.
 static int scaled(int n, double f) { return n == 0 ? 0 : std::max(1, static_cast<int>(n * f)); }
@@ -33,12 +35,13 @@ int cmd_data(int argc, char** argv) {
   if (!cli::parse(argc, argv, {kDataUsage, {"--preset", "--out", "--seed", "--scale"}, {}}, &a)) return 0;
   PSA_CHECK(a.positional.empty(), "data: unexpected argument '", a.positional[0], "' (see --help)");
   SynthConfig cfg = synth_preset(a.get("--preset", "tiny"));
-  cfg.seed = a.get_int("--seed", 1);
-  const double scale = a.get_double("--scale", 1);
-  PSA_CHECK(scale > 0 && scale <= 1, "--scale: expected a number in (0, 1], got ", scale);
+  // dataset.json stores the seed as a JSON number, exact up to 2^53 (psa train reads it back for the scenes).
+  cfg.seed = a.get_int("--seed", 1, 0, int64_t(1) << 53);
+  const double scale = a.get_double("--scale", 1, 0, 1);
+  PSA_CHECK(scale > 0, "--scale: expected a number in (0, 1], got ", scale);
   for (SplitSizes* s : {&cfg.train, &cfg.val, &cfg.test}) scale_sizes(*s, scale);
   cfg.base_extra_clean = scaled(cfg.base_extra_clean, scale);
-  std::string out = a.get("--out", "data/" + cfg.preset);
+  const std::string out = a.get_path("--out", "data/" + cfg.preset);
   auto t0 = std::chrono::steady_clock::now();
   json::Value info = generate_dataset(cfg, out);
   double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -50,26 +53,36 @@ static const char* kTokUsage = R"(usage: psa tokenizer train --data DIR [--vocab
 
 Trains a byte-level BPE tokenizer (GPT-2 byte map and pre-tokenisation; specials <pad> <s> </s> <image>
 <unk>) on every question and answer of DIR/base_train.jsonl and DIR/train.jsonl, with the prompt template.
-Default output: DIR/tokenizer.json.)";
+--vocab: 261 (the specials and the 256 bytes) to 1048576. Default output: DIR/tokenizer.json.)";
+
+// The five specials and the 256 bytes are always tokens; far past 2^20 merges the model's embedding alone is
+// gigabytes, and no caption corpus has that many distinct pairs.
+constexpr int64_t kMinVocab = 5 + 256, kMaxVocab = int64_t(1) << 20;
 
 int cmd_tokenizer(int argc, char** argv) {
   cli::Args a;
   if (!cli::parse(argc, argv, {kTokUsage, {"--data", "--vocab", "--out"}, {}}, &a)) return 0;
   PSA_CHECK(a.positional.size() == 1 && a.positional[0] == "train", "tokenizer: expected 'train' (see --help)");
   PSA_CHECK(a.has("--data"), "tokenizer train: --data DIR is required");
-  std::string dir = a.get("--data");
+  const std::string dir = a.get_path("--data", "");
+  // Checked before reading the data: as an int, 2^32 + 300 would train a 300-token vocabulary.
+  const int vocab = static_cast<int>(a.get_int("--vocab", 512, kMinVocab, kMaxVocab));
+  const std::string out = a.get_path("--out", (std::filesystem::path(dir) / "tokenizer.json").string());
   std::vector<Record> recs;
+  int64_t skipped = 0;
   for (const char* f : {"base_train.jsonl", "train.jsonl"}) {
     std::string p = (std::filesystem::path(dir) / f).string();
     if (!std::filesystem::exists(p)) continue;
-    std::vector<Record> r = load_records(p, nullptr, false);
+    LoadReport rep;
+    std::vector<Record> r = load_records(p, &rep, false);
     recs.insert(recs.end(), r.begin(), r.end());
+    skipped += rep.skipped;
   }
   PSA_CHECK(!recs.empty(), dir, ": no base_train.jsonl or train.jsonl records");
-  Tokenizer tok = Tokenizer::train(corpus_of(recs), a.get_int("--vocab", 512));
-  std::string out = a.get("--out", (std::filesystem::path(dir) / "tokenizer.json").string());
-  tok.save(out);
-  std::printf("wrote %s: %d tokens from %zu records\n", out.c_str(), tok.vocab_size(), recs.size());
+  Tokenizer tok = Tokenizer::train(corpus_of(recs), vocab);
+  tok.save(out);  // atomic (temp file, fsync, rename)
+  std::printf("wrote %s: %d tokens from %zu records (%ld bad records skipped)\n", out.c_str(), tok.vocab_size(),
+              recs.size(), (long)skipped);
   return 0;
 }
 

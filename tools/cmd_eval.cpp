@@ -1,10 +1,12 @@
 // psa eval: the benchmark over one or more checkpoints, written as report.json and a Markdown table.
+#include <cctype>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 
 #include "psa/eval.h"
+#include "psa/infer.h"
 #include "psa/policy.h"
 #include "tools/cli.h"
 
@@ -31,20 +33,32 @@ options:
   --out FILE            JSON report (default report.json): {"<stage>": metrics, ...}; an existing file is
                         merged into, keeping its other keys and the other fields of each stage (training
                         time, config, audit), so `psa train` and `psa eval` can share one report
-  --md FILE             Markdown table (default: the --out path with .md)
+  --md FILE             Markdown table (default: the --out path with .md instead of its extension, or
+                        with .md added when it already ends in .md)
   --policy NAME|FILE    safety policy for control on: short (default; the synthetic data's table),
-                        reference, or a policy JSON file
+                        reference, or a policy JSON file; a hint too long for a checkpoint's positions
+                        even with an empty question is refused
   --limit N             evaluate only the first N records (default 0 = all)
-  --max-new-tokens N    answer length limit (default 32)
-  --batch N             classification batch size (default 64)
+  --max-new-tokens N    answer length limit, 1..65536 (default 32)
+  --batch N             classification batch size, 1..4096 (default 64)
   --sequential          one record at a time (default: records in parallel with OpenMP)
   --predictions DIR     also write one JSON line per record (truth, head prediction, action, answers and
                         the judge's verdicts) to DIR/<checkpoint folder name>.jsonl
   --quiet               no progress bar
 
+Output files are checked before anything is loaded: they must differ from each other and from the inputs,
+lie outside every --ckpt folder, and their folders must be creatable and writable. Records whose prompt
+(with the hint the policy picks) exceeds the model's max_position_embeddings are skipped and counted
+(skipped_records), like unreadable records. A checkpoint whose outputs are NaN/Inf is an error.
+
 Exit status: 0 on success, 2 on bad arguments or unreadable inputs (one line on stderr).)";
 
 namespace fs = std::filesystem;
+
+// Beyond these the run is a mistake, not a benchmark: answers stop at max_position_embeddings anyway, and a
+// classification batch of more images than this only costs memory.
+constexpr int64_t kMaxNewTokens = 1 << 16;
+constexpr int64_t kMaxBatch = 4096;
 
 // cli::Args keeps one value per flag, so the repeatable --ckpt is taken out before parsing.
 static std::vector<std::string> take_ckpts(int argc, char** argv, std::vector<char*>* rest) {
@@ -62,9 +76,7 @@ static std::vector<std::string> take_ckpts(int argc, char** argv, std::vector<ch
   return ckpts;
 }
 
-static std::vector<Record> load_split(const std::string& dir, const std::string& split) {
-  const std::string path = (fs::path(dir) / (split + ".jsonl")).string();
-  PSA_CHECK(fs::exists(path), path, ": no such file (is --data a dataset folder? `psa data` writes one)");
+static std::vector<Record> load_split(const std::string& path) {
   LoadReport rep;
   std::vector<Record> records = load_records(path, &rep, true);
   for (size_t i = 0; i < rep.messages.size() && i < 10; ++i) std::fprintf(stderr, "skipped %s\n", rep.messages[i].c_str());
@@ -96,6 +108,7 @@ static std::string unique_key(const json::Value& done, const std::string& stage)
 
 static json::Value eval_one(const std::string& dir, const std::vector<Record>& records, const EvalOptions& opt) {
   const Checkpoint c = load_checkpoint(dir);
+  check_policy_fits(c, resolve_policy(opt.policy));  // before the images are decoded
   c.model->merge_lora();  // inference only: one matmul per layer instead of three
   LoadReport rep;
   rep.loaded = records.size();
@@ -103,11 +116,56 @@ static json::Value eval_one(const std::string& dir, const std::vector<Record>& r
                                   c.model->config.max_text_tokens, &rep);
   for (size_t i = 0; i < rep.messages.size() && i < 10; ++i) std::fprintf(stderr, "skipped %s\n", rep.messages[i].c_str());
   PSA_CHECK(d.size() > 0, dir, ": no record could be prepared for this checkpoint");
-  json::Value m = evaluate(c, d, opt);
+  const size_t shown = rep.messages.size();
+  json::Value m = evaluate(c, d, opt, &rep);  // adds the records whose prompt is too long for the model
+  for (size_t i = shown; i < rep.messages.size() && i < shown + 10; ++i)
+    std::fprintf(stderr, "skipped %s\n", rep.messages[i].c_str());
   if (rep.skipped) m.set("skipped_records", rep.skipped);
   std::printf("%s (%s): %ld records in %.1f s (%.1f records/s)\n", dir.c_str(), c.stage.c_str(),
               (long)m.int_at("records"), m.number_at("eval_seconds"), m.number_at("records_per_second"));
   return m;
+}
+
+// The default Markdown path can never be the JSON report itself: "x.json" -> "x.md", but "x.md" -> "x.md.md".
+static std::string default_md(const std::string& out) {
+  fs::path p(out);
+  std::string ext = p.extension().string();
+  for (char& ch : ext) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return ext == ".md" ? out + ".md" : p.replace_extension(".md").string();
+}
+
+struct Output {
+  std::string flag, path;
+};
+
+// Every file eval will write, compared before anything is loaded: with each other (the Markdown table must not
+// replace the JSON report), with the inputs, and with the checkpoint folders (a report written over
+// model.safetensors would destroy it).
+static void check_outputs(const std::vector<Output>& outs, const std::vector<Output>& inputs,
+                          const std::vector<std::string>& ckpts) {
+  for (size_t i = 0; i < outs.size(); ++i) {
+    const Output& o = outs[i];
+    for (size_t j = 0; j < i; ++j)
+      PSA_CHECK(!same_path(o.path, outs[j].path), o.flag, " ", o.path, ": the same file as ", outs[j].flag, " ",
+                outs[j].path, " (one would overwrite the other; choose another path)");
+    for (const Output& in : inputs)
+      PSA_CHECK(!same_path(o.path, in.path), o.flag, " ", o.path, ": the same file as the input ", in.flag, " ",
+                in.path, " (choose another path)");
+    for (const std::string& dir : ckpts)
+      PSA_CHECK(!path_inside(o.path, dir), o.flag, " ", o.path, ": inside the checkpoint folder ", dir,
+                " given with --ckpt (write reports elsewhere)");
+  }
+  for (const Output& o : outs) check_output_file(o.flag, o.path);
+}
+
+// Missing checkpoints fail now, not after the ones before them were evaluated.
+static void check_ckpts(const std::vector<std::string>& ckpts) {
+  for (const std::string& dir : ckpts) {
+    PSA_CHECK(!dir.empty() && dir.rfind("--", 0) != 0, "--ckpt: expected a checkpoint folder, got '", dir, "'");
+    PSA_CHECK(fs::is_directory(dir), "--ckpt ", dir, ": no such folder");
+    PSA_CHECK(fs::exists(fs::path(dir) / "model.safetensors"), dir,
+              ": no model.safetensors (is this a checkpoint folder? `psa train` writes them)");
+  }
 }
 
 int cmd_eval(int argc, char** argv) {
@@ -124,30 +182,48 @@ int cmd_eval(int argc, char** argv) {
   PSA_CHECK(!ckpts.empty(), "eval: at least one --ckpt DIR is required (see --help)");
   EvalOptions opt;
   opt.policy = a.get("--policy", "short");
-  opt.limit = a.get_int("--limit", 0);
-  opt.max_new_tokens = a.get_int("--max-new-tokens", 32);
-  opt.batch = a.get_int("--batch", 64);
+  PSA_CHECK(!opt.policy.empty(), "--policy: expected short, reference or a policy file, got an empty string");
+  opt.limit = a.get_int("--limit", 0, 0);
+  opt.max_new_tokens = a.get_int("--max-new-tokens", 32, 1, kMaxNewTokens);
+  opt.batch = a.get_int("--batch", 64, 1, kMaxBatch);
   opt.parallel = !a.has("--sequential");
   opt.progress = !a.has("--quiet");
-  PSA_CHECK(opt.limit >= 0, "--limit: expected >= 0, got ", opt.limit);
-  resolve_policy(opt.policy);  // a bad policy fails before any model is loaded
+  const Policy policy = resolve_policy(opt.policy);  // a bad policy fails before any model is loaded
+  const std::string data = a.get_path("--data", "");
+  const std::string split = a.get("--split", "test");
+  PSA_CHECK(!split.empty(), "--split: expected a name (e.g. test), got an empty string");
+  const std::string split_file = (fs::path(data) / (split + ".jsonl")).string();
+  PSA_CHECK(fs::exists(split_file), split_file, ": no such file (is --data a dataset folder? `psa data` writes one)");
+  check_ckpts(ckpts);
 
-  const std::string out = a.get("--out", "report.json");
-  const std::string md_path = a.get("--md", fs::path(out).replace_extension(".md").string());
+  const std::string out = a.get_path("--out", "report.json");
+  const std::string md_path = a.get_path("--md", default_md(out));
+  std::vector<Output> outs{{"--out", out}, {"--md", md_path}};
+  std::vector<std::string> pred_files;
+  if (a.has("--predictions")) {
+    const std::string pred_dir = a.get_path("--predictions", "");
+    PSA_CHECK(!fs::exists(pred_dir) || fs::is_directory(pred_dir), "--predictions ", pred_dir,
+              ": not a folder (one file per checkpoint is written into it)");
+    json::Value named = json::Value::object();
+    for (const std::string& dir : ckpts) {
+      const std::string name = unique_key(named, fs::path(dir).lexically_normal().filename().string());
+      named.set(name, json::Value(true));
+      pred_files.push_back((fs::path(pred_dir) / (name + ".jsonl")).string());
+      outs.push_back({"--predictions", pred_files.back()});
+    }
+  }
+  std::vector<Output> inputs{{"--data", split_file}};
+  if (!policy.path.empty()) inputs.push_back({"--policy", policy.path});
+  check_outputs(outs, inputs, ckpts);
   json::Value report = fs::exists(out) ? json::parse_file(out) : json::Value::object();
   PSA_CHECK(report.is_object(), out, ": existing report is not a JSON object");
 
-  const std::vector<Record> records = load_split(a.get("--data"), a.get("--split", "test"));
-  json::Value done = json::Value::object(), named = json::Value::object();
-  if (a.has("--predictions")) fs::create_directories(a.get("--predictions"));
-  for (const std::string& dir : ckpts) {
+  const std::vector<Record> records = load_split(split_file);
+  json::Value done = json::Value::object();
+  for (size_t i = 0; i < ckpts.size(); ++i) {
     EvalOptions one = opt;
-    if (a.has("--predictions")) {
-      const std::string name = unique_key(named, fs::path(dir).lexically_normal().filename().string());
-      named.set(name, json::Value(true));
-      one.predictions = (fs::path(a.get("--predictions")) / (name + ".jsonl")).string();
-    }
-    json::Value m = eval_one(dir, records, one);
+    if (!pred_files.empty()) one.predictions = pred_files[i];
+    json::Value m = eval_one(ckpts[i], records, one);
     const std::string key = unique_key(done, m.string_at("stage"));
     done.set(key, json::Value(true));
     merge_stage(report, key, m);

@@ -1,6 +1,9 @@
 // psa infer: one image and one question through a checkpoint, with dynamic safety control.
+#include <cctype>
 #include <cstdio>
+#include <filesystem>
 
+#include "psa/eval.h"
 #include "psa/infer.h"
 #include "tools/cli.h"
 
@@ -19,35 +22,60 @@ for reference only and control is always off.
 required:
   --ckpt DIR            checkpoint folder (model.safetensors, config.json, tokenizer.json; `psa train` writes them)
   --image FILE          any image stb_image reads; "a.png<split>b.png" pastes a pair side by side
-  --prompt TEXT         the user's question ("<image>" tags are removed: the template places the image)
+  --prompt TEXT         the user's question ("<image>" tags are removed: the template places the image); must
+                        be valid UTF-8, not empty (after removing the tags and surrounding whitespace), and
+                        fit the model's max_position_embeddings with the image and any hint
 
 options:
   --policy NAME|FILE    safety policy: short (default; the table the synthetic data was generated with),
                         reference (the paper's hint sentences) or a policy JSON file
   --no-control          skip steps 1-2's effect: no hint, no refusal (the prediction is still shown)
-  --max-new-tokens N    answer length limit (default 32)
+  --max-new-tokens N    answer length limit, 1..65536 (default 32)
   --temperature T       0 = greedy (default); > 0 samples
   --top-k K             keep the K most likely tokens when sampling (0 = off, default)
   --top-p P             nucleus sampling mass in (0, 1] (1 = off, default)
-  --seed N              sampling seed (default 0)
-  --explain OUT.png     also write the safety head's attention over the image as a red heat map (256 px)
+  --seed N              sampling seed, >= 0 (default 0)
+  --explain OUT.png     also write the safety head's attention over the image as a red heat map (256 px,
+                        PNG; the name must end in .png and differ from the input image)
   --json                print one JSON object instead of text
 
-Exit status: 0 on success, 2 on bad arguments or unreadable inputs (one line on stderr).)";
+Exit status: 0 on success, 2 on bad arguments, unreadable inputs or a model whose outputs are NaN/Inf (one
+line on stderr).)";
 
-static nn::SamplingOptions sampling_from(const cli::Args& a, const Checkpoint& c) {
+// Every numeric option is checked before the checkpoint is loaded; the stop id is added once it is.
+static nn::SamplingOptions sampling_from(const cli::Args& a) {
   nn::SamplingOptions o;
-  o.max_new_tokens = a.get_int("--max-new-tokens", 32);
-  o.temperature = a.get_double("--temperature", 0);
-  o.top_k = a.get_int("--top-k", 0);
-  o.top_p = a.get_double("--top-p", 1.0);
-  o.seed = a.get_int("--seed", 0);
-  o.stop_ids = {c.tokenizer->eos_id()};
-  PSA_CHECK(o.max_new_tokens >= 1, "--max-new-tokens: expected >= 1, got ", o.max_new_tokens);
-  PSA_CHECK(o.temperature >= 0, "--temperature: expected >= 0, got ", o.temperature);
-  PSA_CHECK(o.top_k >= 0, "--top-k: expected >= 0, got ", o.top_k);
-  PSA_CHECK(o.top_p > 0 && o.top_p <= 1, "--top-p: expected a value in (0, 1], got ", o.top_p);
+  o.max_new_tokens = a.get_int("--max-new-tokens", 32, 1, 1 << 16);  // answers stop at the positions anyway
+  o.temperature = a.get_double("--temperature", 0, 0);
+  o.top_k = a.get_int("--top-k", 0, 0, 1 << 24);  // past any vocabulary: the same as off
+  o.top_p = a.get_double("--top-p", 1.0, 0, 1);
+  PSA_CHECK(o.top_p > 0, "--top-p: expected a value in (0, 1], got ", o.top_p);
+  o.seed = static_cast<uint64_t>(a.get_int("--seed", 0, 0));
   return o;
+}
+
+// The question must be text the tokenizer and the JSON output can carry, and not empty: an empty question
+// is outside what the model was trained on, and what it would answer is noise.
+static std::string question_from(const cli::Args& a) {
+  const std::string q = a.get("--prompt");
+  PSA_CHECK(is_valid_utf8(q), "--prompt: not valid UTF-8 text");
+  PSA_CHECK(!clean_question(q).empty(), "--prompt: empty question (only whitespace or <image> tags); ask "
+            "something, e.g. --prompt 'What is in the image?'");
+  return q;
+}
+
+// The heat map is written atomically as PNG: refused when it would replace the input image, when its name says
+// another format, or when its folder cannot be written (checked before the model is loaded).
+static std::string explain_path(const cli::Args& a) {
+  const std::string path = a.get_path("--explain", "");
+  std::string ext = std::filesystem::path(path).extension().string();
+  for (char& ch : ext) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  PSA_CHECK(ext == ".png", "--explain ", path, ": the heat map is a PNG file, name it .png");
+  for (const std::string& part : split_image_field(a.get("--image")))
+    PSA_CHECK(!same_path(path, part), "--explain ", path, ": the same file as the input image ", part,
+              " (it would be overwritten; choose another path)");
+  check_output_file("--explain", path);
+  return path;
 }
 
 static json::Value probs_json(const std::vector<double>& p, const char* (*name)(int)) {
@@ -109,19 +137,31 @@ int cmd_infer(int argc, char** argv) {
   if (!cli::parse(argc, argv, spec, &a)) return 0;
   PSA_CHECK(a.positional.empty(), "infer: unexpected argument '", a.positional[0], "' (see --help)");
   for (const char* f : {"--ckpt", "--image", "--prompt"}) PSA_CHECK(a.has(f), "infer: ", f, " is required (see --help)");
-  const Checkpoint c = load_checkpoint(a.get("--ckpt"));
-  c.model->merge_lora();  // inference only: one matmul per layer instead of three
-  const Policy policy = resolve_policy(a.get("--policy", "short"));
-  const nn::SamplingOptions so = sampling_from(a, c);
-  const int size = static_cast<int>(c.model->config.vision.image_size);
-  const std::vector<float> pixels = load_record_image(a.get("--image"), "", size);
+  // Everything that can be checked without the model first: a mistake costs no checkpoint load.
+  nn::SamplingOptions so = sampling_from(a);
+  const std::string question = question_from(a);
+  const std::string image = a.get_path("--image", "");
+  const std::string explain = a.has("--explain") ? explain_path(a) : "";
+  const std::string policy_name = a.get("--policy", "short");
+  PSA_CHECK(!policy_name.empty(), "--policy: expected short, reference or a policy file, got an empty string");
+  const Policy policy = resolve_policy(policy_name);
   const bool control = !a.has("--no-control");
-  const InferResult r = infer(c, pixels, a.get("--prompt"), policy, so, control);
-  if (a.has("--explain"))
-    save_png(a.get("--explain"), explain_heatmap(c, pixels, load_record_pixels(a.get("--image"), ""), a.get("--prompt")));
+
+  const Checkpoint c = load_checkpoint(a.get_path("--ckpt", ""));
+  // After the checkpoint: with both bad, the checkpoint is the error reported (tests/test_hostile.cpp).
+  const Image original = load_record_pixels(image, "");
+  c.model->merge_lora();  // inference only: one matmul per layer instead of three
+  so.stop_ids = {c.tokenizer->eos_id()};
+  if (control) check_policy_fits(c, policy);
+  const std::string too_long = prompt_too_long(c, question, "", "--prompt");
+  PSA_CHECK(too_long.empty(), too_long);
+  const int size = static_cast<int>(c.model->config.vision.image_size);
+  const std::vector<float> pixels = preprocess_named(original, size, image);
+  const InferResult r = infer(c, pixels, question, policy, so, control);
+  if (!explain.empty()) json::write_file(explain, encode_png(explain_heatmap(c, pixels, original, question)));
   if (a.has("--json")) std::printf("%s\n", json::dump(result_json(c, a, r)).c_str());
   else print_text(c, r, control && has_safety_tokens(c));
-  if (a.has("--explain") && !a.has("--json")) std::printf("explain:    wrote %s\n", a.get("--explain").c_str());
+  if (!explain.empty() && !a.has("--json")) std::printf("explain:    wrote %s\n", explain.c_str());
   return 0;
 }
 

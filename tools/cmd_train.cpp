@@ -1,7 +1,9 @@
 // psa train: base VLM -> Stage I -> Stage II on a dataset folder, one checkpoint per stage.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 
 #include "psa/eval.h"
 #include "psa/plot.h"
@@ -36,25 +38,35 @@ options:
   --data DIR               dataset folder (default data/<preset>)
   --out DIR                run folder (default runs/<preset>)
   --stage all|base|1|2     which stages (default all); later stages start from OUT/<previous stage>
-  --seed N                 initialisation, shuffling and LoRA-dropout seed (default 42)
-  --batch N                batch size (default 16)
-  --steps-vision N         vision pretraining steps before base (default 5000 tiny, 1200 small)
-  --batch-vision N         scenes per vision pretraining step (default 32 tiny, 64 small)
-  --steps-base N --steps-1 N --steps-2 N     optimiser steps per stage
-  --lr-base X --lr-1 X --lr-2 X              peak learning rates (AdamW, warmup then linear decay)
-  --warmup N               warmup steps (default 5% of the stage's steps)
-  --vision-lr-scale X      base stage: the ViT's learning rate as a fraction of --lr-base (default 0.1), so
-                           that the LLM loss tunes the pretrained ViT rather than overwriting what it learnt
-  --lora-rank N --lora-alpha X --lora-dropout X   Stage II adapters (defaults 16, 16, 0.05)
+  --seed N                 initialisation, shuffling and LoRA-dropout seed, 0..2^63-1 (default 42)
+  --batch N                batch size, 1..4096 (default 16)
+  --steps-vision N         vision pretraining steps before base, 0..10^7 (default 5000 tiny, 1200 small;
+                           0 skips it)
+  --batch-vision N         scenes per vision pretraining step, 1..4096 (default 32 tiny, 64 small)
+  --steps-base N --steps-1 N --steps-2 N     optimiser steps per stage, 1..10^7
+  --lr-base X --lr-1 X --lr-2 X              peak learning rates in [0, 10] (AdamW, warmup then linear decay)
+  --warmup N               warmup steps, at most the stage's steps (default 5% of the stage's steps)
+  --vision-lr-scale X      base stage: the ViT's learning rate as a fraction of --lr-base, in [0, 10] (default
+                           0.1), so that the LLM loss tunes the pretrained ViT rather than overwriting what it learnt
+  --lora-rank N --lora-alpha X --lora-dropout X   Stage II adapters (defaults 16, 16, 0.05): rank 0..the LLM's
+                           hidden size (0 = --full-ft), alpha in (0, 10000], dropout in [0, 1)
   --lora-lm-head           also adapt lm_head (the reference code does, by accident)
   --full-ft                Stage II fine-tunes the whole LLM instead of LoRA
   --eval / --no-eval       run the benchmark at the end
   --eval-limit N           evaluate on the first N test records only (0 = all)
   --save-every N           write the training state OUT/<stage>/train_state.safetensors every N steps
-                           (default 100; it is also written at the end of each stage)
+                           (default 100; 0 = only at the end of each stage, where it is always written)
   --resume                 continue a killed run in OUT: each stage restarts from its training state (weights,
                            optimizer, data position, losses) and ends bit-identical to an uninterrupted run;
-                           a stage without one starts from scratch; use the same options as the killed run
+                           a stage without one starts from scratch; the state records the options that decide
+                           the result (seed, batch, steps, learning rates, warmup, LoRA, preset) and a
+                           different value is refused
+  --overwrite              train stages whose folders already hold a checkpoint or a training state again from
+                           scratch; when such a stage starts, the folders of the stages after it (trained from
+                           the checkpoint it replaces) are removed, with their report.json entries and
+                           predictions. Without --resume or --overwrite, psa train refuses to touch a stage
+                           folder that holds either, or to leave a later stage behind that one replaced
+                           (`make train` passes --overwrite: it always trains with the current build)
   --max-bad-steps K        a non-finite loss or gradient skips the step; K in a row stop the run (default 5)
   --device cpu|cuda        where the stages train (default cpu): model, batches and AdamW on that device
                            (the vision pretraining before base stays on the CPU)
@@ -62,11 +74,26 @@ options:
 
 namespace {
 
+// Bounds of the numeric options: wide enough for any real run, narrow enough that a typo fails at once instead
+// of allocating until memory runs out (a batch) or running for ever (steps, a LoRA rank).
+constexpr int64_t kMaxBatch = 4096, kMaxSteps = 10'000'000, kMaxEvalLimit = 1'000'000'000;
+constexpr double kMaxLr = 10;
+
 struct Plan {
   std::string preset, data, out;
   uint64_t seed;
-  int64_t batch;
+  int64_t batch, vision_steps, vision_batch;
+  bool resume, overwrite;
 };
+
+// One stage of this run: its checkpoint folder and its training options, all decided before any work.
+struct StagePlan {
+  std::string stage, prev;  // base | stage1 | stage2; the stage it starts from ("" for base)
+  fs::path dir;
+  StageOptions o;
+};
+
+const char* const kStages[] = {"base", "stage1", "stage2"};
 
 Dataset load_split(const std::string& file, const Tokenizer& tok, const PsaConfig& cfg) {
   LoadReport rep;
@@ -104,6 +131,114 @@ Defaults stage_defaults(const std::string& preset, const std::string& stage) {
   return {tiny ? 500 : 800, tiny ? 2e-3 : 1e-3};
 }
 
+// The loader's ranges (psa/checkpoint.h), so that a run never ends in a checkpoint that cannot be loaded.
+LoraSettings lora_options(const cli::Args& a, const PsaConfig& cfg) {
+  LoraSettings lora;
+  if (a.has("--full-ft")) {
+    for (const char* f : {"--lora-rank", "--lora-alpha", "--lora-dropout", "--lora-lm-head"})
+      PSA_CHECK(!a.has(f), f, ": not with --full-ft (no adapters)");
+    return lora;
+  }
+  lora.rank = a.get_int("--lora-rank", 16, 0, lora_max_rank(cfg));
+  lora.alpha = a.get_double("--lora-alpha", 16, 0, kMaxLoraAlpha);
+  PSA_CHECK(lora.rank == 0 || lora.alpha > 0, "--lora-alpha: expected > 0, got ", lora.alpha);
+  lora.dropout = a.get_double("--lora-dropout", 0.05, 0, 1);
+  PSA_CHECK(lora.dropout < 1, "--lora-dropout: ", lora.dropout, " is out of range [0, 1)");
+  lora.include_lm_head = a.has("--lora-lm-head");
+  return lora;
+}
+
+// Every option of every stage this run trains, checked before anything is generated, loaded or written.
+std::vector<StagePlan> plan_stages(const cli::Args& a, const Plan& p, const std::string& which, Device device,
+                                   const LoraSettings& lora) {
+  const double vision_lr_scale = a.get_double("--vision-lr-scale", 0.1, 0, kMaxLr);
+  const int64_t max_bad = a.get_int("--max-bad-steps", 5, 1, kMaxSteps);
+  const int64_t save_every = a.get_int("--save-every", 100, 0, kMaxSteps);
+  std::vector<StagePlan> todo;
+  for (int i = 0; i < 3; ++i) {
+    const std::string stage = kStages[i], flag = i == 0 ? "base" : std::to_string(i);
+    if (which != "all" && which != flag) continue;
+    StagePlan s;
+    s.stage = stage;
+    s.prev = i ? kStages[i - 1] : "";
+    s.dir = fs::path(p.out) / stage;
+    StageOptions& o = s.o;
+    const Defaults d = stage_defaults(p.preset, stage);
+    o.stage = stage;
+    o.preset = p.preset;
+    o.steps = a.get_int("--steps-" + flag, d.steps, 1, kMaxSteps);
+    o.lr = a.get_double("--lr-" + flag, d.lr, 0, kMaxLr);
+    o.warmup = a.get_int("--warmup", std::max<int64_t>(1, o.steps / 20), 0, kMaxSteps);
+    PSA_CHECK(o.warmup <= o.steps, "--warmup: ", o.warmup, " steps is longer than the ", stage, " stage (--steps-",
+              flag, " ", o.steps, ")");
+    o.vision_lr_scale = vision_lr_scale;
+    o.batch = p.batch;
+    o.seed = p.seed;
+    o.lora = lora;
+    o.progress = !a.has("--quiet");
+    o.max_bad_steps = max_bad;
+    o.device = device;
+    o.log_path = (s.dir / "log.jsonl").string();
+    o.state_path = (s.dir / "train_state.safetensors").string();
+    o.state_every = save_every;
+    if (p.resume && fs::exists(o.state_path)) o.resume_from = o.state_path;
+    todo.push_back(s);
+  }
+  return todo;
+}
+
+bool holds_checkpoint(const fs::path& dir) { return fs::exists(dir / "model.safetensors"); }
+bool holds_run(const fs::path& dir) { return holds_checkpoint(dir) || fs::exists(dir / "train_state.safetensors"); }
+
+// Training a stage over an existing one would mix two runs in OUT: its files replaced, the later stages left
+// from the old one. Without --resume (continue) or --overwrite (start again), nothing is touched.
+void check_stage_folders(const Plan& p, const std::vector<StagePlan>& todo) {
+  PSA_CHECK(!(p.resume && p.overwrite), "--resume and --overwrite: choose one (continue the run in ", p.out,
+            ", or train its stages again)");
+  if (p.overwrite) return;
+  for (const StagePlan& s : todo) {
+    if (p.resume) {
+      PSA_CHECK(!holds_checkpoint(s.dir) || !s.o.resume_from.empty(), s.dir.string(), " holds a checkpoint but no "
+                "training state to resume from: pass --overwrite (without --resume) to train it again");
+      continue;
+    }
+    PSA_CHECK(!holds_run(s.dir), s.dir.string(), " already holds a ", holds_checkpoint(s.dir) ? "checkpoint" :
+              "training state", ": pass --resume to continue that run, or --overwrite to train it again (which "
+              "removes the later stages trained from it)");
+  }
+  if (p.resume) return;
+  bool after = false;  // the stages after the first one trained and not trained in this run would be left stale
+  for (const char* stage : kStages) {
+    const bool trained = std::any_of(todo.begin(), todo.end(), [&](const StagePlan& s) { return s.stage == stage; });
+    const fs::path dir = fs::path(p.out) / stage;
+    PSA_CHECK(!after || trained || !holds_run(dir), dir.string(), " was trained from the ", todo.front().stage,
+              " checkpoint this run replaces: pass --overwrite to remove it (or train it again with --stage all)");
+    after |= trained;
+  }
+}
+
+// --overwrite: the stages after `s` were trained from the checkpoint it is about to replace; their folders go,
+// and the report forgets them and `s`'s old numbers.
+void remove_later_stages(const Plan& p, const StagePlan& s, json::Value& report) {
+  bool later = false;
+  std::string removed;
+  auto& entries = report.obj;
+  for (const char* stage : kStages) {
+    later |= stage == s.stage;
+    if (!later) continue;
+    entries.erase(std::remove_if(entries.begin(), entries.end(), [&](const auto& kv) { return kv.first == stage; }),
+                  entries.end());
+    const fs::path dir = fs::path(p.out) / stage;
+    if (stage == s.stage || !fs::exists(dir)) continue;
+    fs::remove_all(dir);
+    fs::remove(fs::path(p.out) / "predictions" / (std::string(stage) + ".jsonl"));
+    removed += (removed.empty() ? "" : ", ") + dir.string();
+  }
+  if (!removed.empty())
+    std::printf("[%s] --overwrite: removed %s (trained from the %s being replaced)\n", s.stage.c_str(),
+                removed.c_str(), s.stage.c_str());
+}
+
 void record_stage(json::Value& report, const std::string& stage, const StageResult& r, const json::Value& audit) {
   json::Value s = report.find(stage) ? report.at(stage) : json::Value::object();
   s.set("train_seconds", r.seconds);
@@ -115,28 +250,34 @@ void record_stage(json::Value& report, const std::string& stage, const StageResu
   report.set(stage, s);
 }
 
-// The CLIP stand-in (psa/vision_pretrain.h) on scenes of the dataset's own generator config, scored on the
-// validation split. Data that the generator did not make (no dataset.json) has no scene stream: skipped.
-void pretrain_vision_tower(PsaVlm& model, const Plan& p, const cli::Args& a, const Tokenizer& tok, const PsaConfig& cfg,
-                           json::Value& report, std::vector<Series>& curves) {
-  VisionPretrainOptions o;
-  // More, smaller steps: on 2048 unseen scenes 4000 x 32 told flags from plain stripes in 74% of cases
-  // against 60% for 2000 x 64, in the same time (4000 x 64 reached 89%, at twice the time).
-  o.steps = a.get_int("--steps-vision", p.preset == "tiny" ? 5000 : 1200);
-  o.batch = a.get_int("--batch-vision", p.preset == "tiny" ? 32 : 64);
-  PSA_CHECK(o.batch > 0, "--batch-vision: expected > 0, got ", o.batch);
-  const fs::path info = fs::path(p.data) / "dataset.json";
-  if (o.steps <= 0) return;
-  if (!fs::exists(info)) {
-    std::printf("[vision] %s has no dataset.json (not generated): no scene stream, vision pretraining skipped\n", p.data.c_str());
-    return;
-  }
+// The scene stream's generator config from DATA/dataset.json, checked against the generator's own limits here,
+// before any training (synthetic_scenes checks too, but only after the base data is loaded). Errors name the
+// file.
+SynthConfig scene_config(const Plan& p) {
+  const std::string info = (fs::path(p.data) / "dataset.json").string();
+  const json::Value root = json::parse_file(info);
   SynthConfig sc = synth_preset(p.preset);
-  const json::Value gen = json::parse_file(info.string()).at("config");
-  sc.seed = gen.at("seed").as_int();
-  sc.image_size = gen.at("image_size").as_int();
+  try {
+    PSA_CHECK(root.is_object(), "expected an object at the top level");
+    const json::Value& gen = root.at("config");
+    sc.seed = gen.int_in("seed", 0, int64_t(1) << 53);  // `psa data --seed` range: exact in JSON
+    sc.image_size = int(gen.int_in("image_size", 1, 1 << 20));  // the generator's own range is checked next
+    check_synth_config(sc);
+  } catch (const Error& e) {
+    fail(info, ": ", e.what());
+  }
+  return sc;
+}
+
+// The CLIP stand-in (psa/vision_pretrain.h) on scenes of the dataset's own generator config, scored on the
+// validation split.
+void pretrain_vision_tower(PsaVlm& model, const Plan& p, const SynthConfig& sc, bool quiet, const Tokenizer& tok,
+                           const PsaConfig& cfg, json::Value& report, std::vector<Series>& curves) {
+  VisionPretrainOptions o;
+  o.steps = p.vision_steps;
+  o.batch = p.vision_batch;
   o.seed = p.seed;
-  o.progress = !a.has("--quiet");
+  o.progress = !quiet;
   o.log_path = (fs::path(p.out) / "base" / "vision_log.jsonl").string();
   fs::path val = fs::path(p.data) / "val.jsonl";
   Dataset heldout;
@@ -162,23 +303,51 @@ int cmd_train(int argc, char** argv) {
                    {"--preset", "--data", "--out", "--stage", "--seed", "--batch", "--steps-vision", "--batch-vision", "--steps-base", "--steps-1", "--steps-2",
                     "--lr-base", "--lr-1", "--lr-2", "--warmup", "--vision-lr-scale", "--lora-rank", "--lora-alpha", "--lora-dropout", "--eval-limit",
                     "--save-every", "--max-bad-steps", "--device"},
-                   {"--lora-lm-head", "--full-ft", "--eval", "--no-eval", "--quiet", "--resume"}},
+                   {"--lora-lm-head", "--full-ft", "--eval", "--no-eval", "--quiet", "--resume", "--overwrite"}},
                   &a))
     return 0;
   PSA_CHECK(a.positional.empty(), "train: unexpected argument '", a.positional[0], "' (see --help)");
   Plan p;
   p.preset = a.get("--preset", "tiny");
   PsaConfig cfg = PsaConfig::from_preset(p.preset);
-  p.data = a.get("--data", "data/" + p.preset);
-  p.out = a.get("--out", "runs/" + p.preset);
-  p.seed = a.get_int("--seed", 42);
-  p.batch = a.get_int("--batch", 16);
+  p.data = a.get_path("--data", "data/" + p.preset);
+  p.out = a.get_path("--out", "runs/" + p.preset);
+  p.seed = a.get_int("--seed", 42, 0, std::numeric_limits<int64_t>::max());
+  p.batch = a.get_int("--batch", 16, 1, kMaxBatch);
+  // More, smaller steps: on 2048 unseen scenes 4000 x 32 told flags from plain stripes in 74% of cases
+  // against 60% for 2000 x 64, in the same time (4000 x 64 reached 89%, at twice the time).
+  p.vision_steps = a.get_int("--steps-vision", p.preset == "tiny" ? 5000 : 1200, 0, kMaxSteps);
+  p.vision_batch = a.get_int("--batch-vision", p.preset == "tiny" ? 32 : 64, 1, kMaxBatch);
+  p.resume = a.has("--resume");
+  p.overwrite = a.has("--overwrite");
+  const int64_t eval_limit = a.get_int("--eval-limit", 0, 0, kMaxEvalLimit);
   std::string which = a.get("--stage", "all");
   std::string dev = a.get("--device", "cpu");
   PSA_CHECK(dev == "cpu" || dev == "cuda", "--device: expected cpu or cuda, got '", dev, "'");
   Device device = dev == "cuda" ? Device::cuda : Device::cpu;
   PSA_CHECK(device == Device::cpu || gpu::available(), "train --device cuda: no usable GPU (", gpu::describe(), ")");
   PSA_CHECK(which == "all" || which == "base" || which == "1" || which == "2", "--stage: expected all, base, 1 or 2, got '", which, "'");
+  const LoraSettings lora = lora_options(a, cfg);
+  std::vector<StagePlan> todo = plan_stages(a, p, which, device, lora);
+  check_stage_folders(p, todo);
+  for (const StagePlan& s : todo) check_resume_options(s.o);
+  json::Value report = json::Value::object();
+  fs::path report_path = fs::path(p.out) / "report.json";
+  if (fs::exists(report_path)) report = json::parse_file(report_path.string());
+  PSA_CHECK(report.is_object(), report_path.string(), ": not a JSON object");
+
+  // A stage that starts from the previous stage's checkpoint takes its model and the tokenizer stored with it
+  // (not OUT/tokenizer.json, nor a new one): the token ids must be the ones that model was trained on.
+  std::shared_ptr<PsaVlm> model;
+  std::shared_ptr<Tokenizer> tok;
+  if (todo.front().stage != "base") {
+    Checkpoint c = load_checkpoint((fs::path(p.out) / todo.front().prev).string());
+    model = c.model;
+    tok = c.tokenizer;
+    cfg = model->config;
+    PSA_CHECK(lora.rank <= lora_max_rank(cfg), "--lora-rank: ", lora.rank, " is out of range [0, ",
+              lora_max_rank(cfg), "] for the model in ", c.dir);
+  }
   if (!fs::exists(fs::path(p.data) / "train.jsonl")) {
     // Only a missing or empty folder is filled with the synthetic data: never write into someone's data folder.
     PSA_CHECK(!fs::exists(p.data) || fs::is_empty(p.data), p.data, ": no train.jsonl (generate one with `psa data --out ",
@@ -186,78 +355,50 @@ int cmd_train(int argc, char** argv) {
     std::printf("generating the %s dataset into %s\n", p.preset.c_str(), p.data.c_str());
     generate_dataset(synth_preset(p.preset), p.data);
   }
-  Tokenizer tok = tokenizer_for(p, cfg.text.vocab);
-  cfg.image_token = tok.image_id();
-  cfg.pad_id = tok.pad_id();
-  cfg.text.bos_id = tok.bos_id();
-  cfg.text.eos_id = tok.eos_id();
-  LoraSettings lora;
-  if (!a.has("--full-ft")) {
-    lora.rank = a.get_int("--lora-rank", 16);
-    lora.alpha = a.get_double("--lora-alpha", 16);
-    lora.dropout = a.get_double("--lora-dropout", 0.05);
-    lora.include_lm_head = a.has("--lora-lm-head");
+  // Data that the generator did not make (no dataset.json) has no scene stream: no vision pretraining. A
+  // resumed base stage takes every weight from its state: pretraining again would only be overwritten.
+  const StagePlan& first = todo.front();
+  const bool pretrain = first.stage == "base" && first.o.resume_from.empty() && p.vision_steps > 0;
+  const bool has_info = fs::exists(fs::path(p.data) / "dataset.json");
+  SynthConfig scenes;
+  if (pretrain && has_info) scenes = scene_config(p);
+  if (pretrain && !has_info)
+    std::printf("[vision] %s has no dataset.json (not generated): no scene stream, vision pretraining skipped\n",
+                p.data.c_str());
+  if (!tok) {
+    tok = std::make_shared<Tokenizer>(tokenizer_for(p, cfg.text.vocab));
+    cfg.image_token = tok->image_id();
+    cfg.pad_id = tok->pad_id();
+    cfg.text.bos_id = tok->bos_id();
+    cfg.text.eos_id = tok->eos_id();
   }
-  json::Value report = json::Value::object();
-  fs::path report_path = fs::path(p.out) / "report.json";
-  if (fs::exists(report_path)) report = json::parse_file(report_path.string());
   report.set("config", cfg.to_json());
   std::vector<Series> curves;
-  std::shared_ptr<PsaVlm> model;
-  std::string prev;
-  const std::vector<std::pair<std::string, std::string>> stages = {{"base", "base"}, {"1", "stage1"}, {"2", "stage2"}};
-  for (const auto& [flag, stage] : stages) {
-    fs::path dir = fs::path(p.out) / stage;
-    if (which != "all" && which != flag) {
-      prev = stage;
-      continue;
-    }
+  for (const StagePlan& s : todo) {
+    const std::string& stage = s.stage;
     if (!model) {
-      if (stage == "base") {
-        model = std::make_shared<PsaVlm>(cfg);
-        model->initialize(p.seed);
-      } else {
-        fs::path from = fs::path(p.out) / prev;
-        Checkpoint c = load_checkpoint(from.string());
-        model = c.model;
-      }
+      model = std::make_shared<PsaVlm>(cfg);
+      model->initialize(p.seed);
     }
-    Defaults d = stage_defaults(p.preset, stage);
-    StageOptions o;
-    o.stage = stage;
-    o.steps = a.get_int(stage == "base" ? "--steps-base" : stage == "stage1" ? "--steps-1" : "--steps-2", d.steps);
-    o.lr = a.get_double(stage == "base" ? "--lr-base" : stage == "stage1" ? "--lr-1" : "--lr-2", d.lr);
-    o.warmup = a.get_int("--warmup", std::max<int64_t>(1, o.steps / 20));
-    o.vision_lr_scale = a.get_double("--vision-lr-scale", 0.1);
-    PSA_CHECK(o.vision_lr_scale >= 0, "--vision-lr-scale: expected >= 0, got ", o.vision_lr_scale);
-    o.batch = p.batch;
-    o.seed = p.seed;
-    o.lora = lora;
-    o.progress = !a.has("--quiet");
-    o.max_bad_steps = a.get_int("--max-bad-steps", 5);
-    PSA_CHECK(o.max_bad_steps >= 1, "--max-bad-steps: expected at least 1, got ", o.max_bad_steps);
-    o.device = device;
-    fs::create_directories(dir);
-    o.log_path = (dir / "log.jsonl").string();
-    o.state_path = (dir / "train_state.safetensors").string();
-    o.state_every = a.get_int("--save-every", 100);
-    PSA_CHECK(o.state_every >= 0, "--save-every: expected N >= 0, got ", o.state_every);
-    if (a.has("--resume") && fs::exists(o.state_path)) {
-      o.resume_from = o.state_path;
-      std::printf("[%s] resuming from %s\n", stage.c_str(), o.state_path.c_str());
-    }
-    Dataset data = load_split((fs::path(p.data) / (stage == "base" ? "base_train.jsonl" : "train.jsonl")).string(), tok, cfg);
-    // A resumed base stage takes every weight from its state: pretraining again would only be overwritten.
-    if (stage == "base" && o.resume_from.empty()) pretrain_vision_tower(*model, p, a, tok, cfg, report, curves);
-    StageResult r = train_stage(*model, data, o);
+    if (p.overwrite) remove_later_stages(p, s, report);
+    fs::create_directories(s.dir);
+    if (int n = remove_stale_temps(s.dir.string()))
+      std::printf("[%s] removed %d leftover(s) of a killed write in %s\n", stage.c_str(), n, s.dir.c_str());
+    if (!s.o.resume_from.empty()) std::printf("[%s] resuming from %s\n", stage.c_str(), s.o.resume_from.c_str());
+    const fs::path split = fs::path(p.data) / (stage == "base" ? "base_train.jsonl" : "train.jsonl");
+    Dataset data = load_split(split.string(), *tok, cfg);
+    if (stage == "base" && pretrain && has_info)
+      pretrain_vision_tower(*model, p, scenes, a.has("--quiet"), *tok, cfg, report, curves);
+    StageResult r = train_stage(*model, data, s.o);
     std::printf("[%s] %ld steps (%ld skipped) in %.1f s (%.0f tokens/s), loss %.4f -> %.4f\n", stage.c_str(),
                 (long)r.steps, (long)r.skipped, r.seconds, r.tokens_per_second, r.loss.empty() ? NAN : r.loss.front(),
                 r.loss.empty() ? NAN : r.loss.back());
-    save_checkpoint(dir.string(), *model, tok, stage, stage == "stage2" ? lora : LoraSettings{});
+    save_checkpoint(s.dir.string(), *model, *tok, stage, stage == "stage2" ? lora : LoraSettings{});
     json::Value audit;
-    if (!prev.empty() && fs::exists(fs::path(p.out) / prev / "model.safetensors")) {
-      audit = audit_checkpoints((fs::path(p.out) / prev).string(), dir.string());
-      std::printf("[%s] audit against %s:\n", stage.c_str(), prev.c_str());
+    const fs::path prev = fs::path(p.out) / s.prev;
+    if (!s.prev.empty() && fs::exists(prev / "model.safetensors")) {
+      audit = audit_checkpoints(prev.string(), s.dir.string());
+      std::printf("[%s] audit against %s:\n", stage.c_str(), s.prev.c_str());
       for (const json::Value& g : audit.at("groups").as_array())
         std::printf("  %-24s %3ld tensors: %3ld changed, %3ld unchanged, %3ld added\n", g.at("group").as_string().c_str(),
                     (long)g.at("tensors").as_int(), (long)g.at("changed").as_int(), (long)g.at("unchanged").as_int(),
@@ -268,19 +409,19 @@ int cmd_train(int argc, char** argv) {
     if (!r.loss_level.empty()) curves.push_back({stage + " level CE", {}, r.loss_level});
     if (!r.loss_type.empty()) curves.push_back({stage + " type CE", {}, r.loss_type});
     json::write_file(report_path.string(), json::dump(report, 2) + "\n");
-    prev = stage;
   }
-  if (!curves.empty()) {
+  const bool any_loss = std::any_of(curves.begin(), curves.end(), [](const Series& c) { return !c.y.empty(); });
+  if (any_loss) {  // a state from before the loss series were kept resumes without any
     PlotOptions po{"PSA-VLM training losses (" + p.preset + ")", "step", "loss", true, 900, 500, 10};
     plot_lines((fs::path(p.out) / "loss_curves.png").string(), curves, po);
   }
   bool eval = a.has("--eval") || (which == "all" && !a.has("--no-eval"));
   if (eval) {
     std::vector<std::string> ckpts;
-    for (const auto& [flag, stage] : stages)
+    for (const char* stage : kStages)
       if (fs::exists(fs::path(p.out) / stage / "model.safetensors")) ckpts.push_back((fs::path(p.out) / stage).string());
     std::vector<std::string> args = {"--data", p.data, "--out", report_path.string(), "--md",
-                                     (fs::path(p.out) / "report.md").string(), "--limit", a.get("--eval-limit", "0"),
+                                     (fs::path(p.out) / "report.md").string(), "--limit", std::to_string(eval_limit),
                                      "--predictions", (fs::path(p.out) / "predictions").string()};
     if (a.has("--quiet")) args.push_back("--quiet");
     for (const std::string& c : ckpts) {

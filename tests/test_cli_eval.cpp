@@ -1,0 +1,398 @@
+// `psa eval` and `psa infer` when something is off: output paths that collide with each other, with inputs or
+// with a checkpoint; output folders that cannot be written (found before any model is loaded); numeric options
+// out of range; unknown policies; prompts and policy hints too long for the model; invalid --prompt text; an
+// --explain path that would overwrite the input or has the wrong extension; a checkpoint with NaN weights. Also
+// the image reader's top-down BMPs, extreme aspect ratios and pixel-count limit. Bad input: one line on stderr,
+// exit status 2, nothing overwritten. Runs $PSA_BIN (default ./build/psa) on a 1%-scale tiny dataset and a
+// 2-step run (about a second to make); each eval here is limited to a few records.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+
+#include "nn/json.h"
+#include "psa/checkpoint.h"
+#include "psa/eval.h"
+#include "psa/image.h"
+#include "psa/infer.h"
+#include "psa/policy.h"
+#include "psa/records.h"
+#include "tests/test_util.h"
+#include "tests/cli_util.h"
+
+namespace {
+namespace fs = std::filesystem;
+using psa::test::error_of;
+
+using psa::test::expect_one_line_error;
+using psa::test::run_psa;
+using psa::test::slurp;
+using Result = psa::test::CliResult;
+const char* const kPsa = psa::test::psa_binary();
+
+void spit(const fs::path& path, const std::string& bytes) { std::ofstream(path, std::ios::binary) << bytes; }
+
+// A policy file: the built-in short table with every hint replaced by `hint`.
+void write_policy(const fs::path& path, const std::string& hint) {
+  psa::Policy p = psa::builtin_policy("short");
+  for (auto& level : p.table)
+    for (auto& e : level) e.hint = hint;
+  psa::json::write_file(path.string(), psa::json::dump(psa::policy_to_json(p), 2));
+}
+
+std::string words(int n) {
+  std::string s;
+  for (int i = 0; i < n; ++i) s += i ? " careful" : "careful";
+  return s;
+}
+
+class EvalCli : public ::testing::Test {
+ protected:
+  static fs::path root_;
+  static std::string data_, run_, ckpt_, image_;
+  static void SetUpTestSuite() {
+    root_ = fs::temp_directory_path() / ("psa_cli_eval_test_" + std::to_string(::getpid()));
+    data_ = (root_ / "data").string();
+    run_ = (root_ / "run").string();
+    ckpt_ = run_ + "/stage2";
+    fs::create_directories(root_);
+    if (!fs::exists(kPsa)) return;
+    run_psa({"data", "--preset", "tiny", "--scale", "0.01", "--out", data_});
+    run_psa({"train", "--data", data_, "--out", run_, "--steps-vision", "0", "--steps-base", "2", "--steps-1", "2",
+             "--steps-2", "2", "--batch", "2", "--no-eval", "--quiet"});
+    image_ = (root_ / "victim.png").string();
+    psa::save_png(image_, psa::Image(40, 30, 90));
+  }
+  static void TearDownTestSuite() { fs::remove_all(root_); }
+  void SetUp() override {
+    if (!fs::exists(kPsa)) GTEST_SKIP() << kPsa << " not built (make all)";
+    ASSERT_TRUE(fs::exists(ckpt_ + "/model.safetensors")) << "the fixture run failed";
+  }
+  // eval on two records with two-token answers (well under a second); `extra` is appended.
+  static Result eval(const std::vector<std::string>& extra) {
+    std::vector<std::string> args{"eval", "--data", data_, "--ckpt", ckpt_, "--limit", "2", "--max-new-tokens", "2",
+                                  "--quiet"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return run_psa(args);
+  }
+  static Result infer(const std::vector<std::string>& extra) {
+    std::vector<std::string> args{"infer", "--ckpt", ckpt_, "--image", image_, "--max-new-tokens", "2"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return run_psa(args);
+  }
+  static fs::path dir(const std::string& name) {
+    const fs::path d = root_ / name;
+    fs::remove_all(d);
+    fs::create_directories(d);
+    return d;
+  }
+};
+fs::path EvalCli::root_;
+std::string EvalCli::data_, EvalCli::run_, EvalCli::ckpt_, EvalCli::image_;
+
+// ---- problem 1: output paths that collide ----
+
+TEST_F(EvalCli, DefaultMarkdownBesideAnMdReportIsNotTheReport) {
+  const fs::path d = dir("md_default");
+  const std::string out = (d / "x.md").string();
+  Result r = eval({"--out", out});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(slurp(out).substr(0, 1), "{") << "the JSON report was replaced";
+  EXPECT_TRUE(fs::exists(out + ".md"));
+  r = eval({"--out", out});  // the next eval merges into it
+  EXPECT_EQ(r.status, 0) << r.err;
+  // The usual case keeps its old name.
+  EXPECT_EQ(eval({"--out", (d / "r.json").string()}).status, 0);
+  EXPECT_TRUE(fs::exists(d / "r.md"));
+}
+
+TEST_F(EvalCli, MarkdownEqualToTheReportIsRefused) {
+  const fs::path d = dir("md_same");
+  const std::string out = (d / "a.json").string();
+  expect_one_line_error(eval({"--out", out, "--md", out}), "--md");
+  expect_one_line_error(eval({"--out", out, "--md", (d / "." / "a.json").string()}), "same file as --out");
+  EXPECT_FALSE(fs::exists(out));
+}
+
+TEST_F(EvalCli, OutputsInsideACheckpointOrOverAnInputAreRefused) {
+  const std::string weights = ckpt_ + "/model.safetensors", before = slurp(weights);
+  expect_one_line_error(eval({"--md", weights}), "inside the checkpoint folder");
+  expect_one_line_error(eval({"--out", ckpt_ + "/report.json"}), "inside the checkpoint folder");
+  expect_one_line_error(eval({"--predictions", ckpt_}), "inside the checkpoint folder");
+  EXPECT_EQ(slurp(weights), before);
+  EXPECT_FALSE(fs::exists(ckpt_ + "/report.json"));
+  const std::string split = data_ + "/test.jsonl", records = slurp(split);
+  expect_one_line_error(eval({"--out", root_.string() + "/x.json", "--md", split}), "input --data");
+  EXPECT_EQ(slurp(split), records);
+}
+
+TEST_F(EvalCli, PredictionFileEqualToTheReportIsRefused) {
+  const fs::path d = dir("pred_same");
+  expect_one_line_error(eval({"--predictions", d.string(), "--out", (d / "stage2.jsonl").string()}), "same file");
+}
+
+// ---- problem 2: unwritable outputs found before the benchmark runs ----
+
+TEST_F(EvalCli, UnwritableOutputFolderFailsBeforeAnythingIsWritten) {
+  const fs::path d = dir("unwritable");
+  spit(d / "file", "x");
+  const std::string out = (d / "r.json").string();
+  Result r = eval({"--out", out, "--md", (d / "file" / "sub" / "r.md").string()});
+  expect_one_line_error(r, "--md");
+  EXPECT_NE(r.err.find("cannot create the folder"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(out)) << "the report was written although the Markdown table could not be";
+  expect_one_line_error(eval({"--out", "/proc/psa_cli_eval_test/r.json"}), "--out");
+}
+
+TEST_F(EvalCli, BadPredictionsFolderIsOneClearLine) {
+  const fs::path d = dir("pred_bad");
+  spit(d / "file", "x");
+  expect_one_line_error(eval({"--predictions", ""}), "--predictions: expected a path");
+  expect_one_line_error(eval({"--predictions", (d / "file").string()}), "not a folder");
+  expect_one_line_error(eval({"--out", (d / "r.json").string(), "--predictions", (d / "file" / "sub").string()}),
+                        "--predictions");
+  EXPECT_FALSE(fs::exists(d / "r.json"));
+}
+
+// ---- problems 3 and 4: options checked up front (a missing checkpoint shows nothing was loaded first) ----
+
+TEST_F(EvalCli, NumericOptionsAreCheckedBeforeTheCheckpoint) {
+  for (const auto& [flag, value] : std::vector<std::pair<std::string, std::string>>{
+           {"--batch", "0"}, {"--max-new-tokens", "0"}, {"--limit", "-1"}, {"--batch", "x"}, {"--batch", "100000"}})
+    expect_one_line_error(run_psa({"eval", "--data", data_, "--ckpt", "no/such/ckpt", flag, value}), flag);
+  expect_one_line_error(run_psa({"eval", "--data", data_, "--ckpt", "no/such/ckpt"}), "no/such/ckpt");
+  expect_one_line_error(run_psa({"eval", "--data", data_, "--ckpt", ckpt_, "--ckpt", ""}), "--ckpt");
+}
+
+TEST_F(EvalCli, UnknownPolicyNamesTheChoices) {
+  Result r = eval({"--policy", "bogus"});
+  expect_one_line_error(r, "bogus");
+  EXPECT_NE(r.err.find("short, reference"), std::string::npos) << r.err;
+  expect_one_line_error(infer({"--prompt", "What is it?", "--policy", "bogus"}), "short, reference");
+}
+
+// ---- problem 5: prompts and hints too long for the model ----
+
+TEST_F(EvalCli, PolicyHintThatCanNeverFitIsRefusedNamingIt) {
+  const fs::path d = dir("long_hint");
+  const std::string policy = (d / "long.json").string();
+  write_policy(policy, words(700));
+  Result r = eval({"--policy", policy, "--out", (d / "r.json").string()});
+  expect_one_line_error(r, "policy file " + policy + ": level 1");
+  EXPECT_NE(r.err.find("max_position_embeddings"), std::string::npos) << r.err;
+  expect_one_line_error(infer({"--prompt", "What is it?", "--policy", policy}), "policy file " + policy);
+  // Control off never uses a hint.
+  EXPECT_EQ(infer({"--prompt", "What is it?", "--policy", policy, "--no-control"}).status, 0);
+}
+
+TEST_F(EvalCli, TooLongPromptNamesThePromptOption) {
+  expect_one_line_error(infer({"--prompt", words(700)}), "--prompt: the prompt needs");
+}
+
+// Records whose prompt with the hint picked for them cannot fit are skipped and counted, the rest evaluated.
+TEST_F(EvalCli, RecordsTooLongWithTheirHintAreSkippedAndCounted) {
+  const psa::Checkpoint c = psa::load_checkpoint(ckpt_);
+  c.model->eval();
+  const std::vector<psa::Record> records = psa::load_records(data_ + "/test.jsonl", nullptr, true);
+  const psa::Dataset d = psa::build_dataset(records, *c.tokenizer, c.model->config.vision.image_size,
+                                            c.model->config.max_text_tokens, nullptr);
+  const int64_t n = std::min<int64_t>(12, d.size()), limit = c.model->config.text.max_positions;
+  std::vector<const std::vector<float>*> px;
+  std::vector<std::string> qs;
+  for (int64_t i = 0; i < n; ++i) {
+    px.push_back(&d.examples[i].pixels);
+    qs.push_back(psa::split_hint(d.examples[i].record.question).first);
+  }
+  // Every entry hints (the untrained head predicts a risk for most records); the hint is the longest that still
+  // fits with the shortest of those questions, so longer questions push their prompts past the limit.
+  const std::vector<psa::HeadPrediction> heads = psa::classify_images(c, px, qs);
+  auto hinted = [&](int64_t i) { return heads[i].level != 0 && heads[i].type != psa::kCleanType; };
+  std::string shortest;
+  for (int64_t i = 0; i < n; ++i)
+    if (hinted(i) && (shortest.empty() || psa::prompt_positions(c, qs[i], "") < psa::prompt_positions(c, shortest, "")))
+      shortest = qs[i];
+  std::string hint = "careful";
+  for (int k = 2; psa::prompt_positions(c, shortest, words(k)) <= limit; ++k) hint = words(k);
+  int64_t expected = 0;
+  for (int64_t i = 0; i < n; ++i) expected += hinted(i) && psa::prompt_positions(c, qs[i], hint) > limit;
+  const std::string policy = (dir("tight_hint") / "tight.json").string();
+  write_policy(policy, hint);
+  psa::EvalOptions opt;
+  opt.policy = policy;
+  opt.max_new_tokens = 2;
+  opt.limit = n;
+  opt.progress = false;
+  psa::LoadReport skipped;
+  const psa::json::Value m = psa::evaluate(c, d, opt, &skipped);
+  EXPECT_GT(expected, 0) << "the fixture exercises no skip";
+  EXPECT_EQ(skipped.skipped, expected);
+  EXPECT_EQ(m.int_at("records"), n - expected);
+  ASSERT_EQ(skipped.messages.size(), size_t(expected));
+  if (expected) {
+    EXPECT_NE(skipped.messages[0].find("policy file " + policy + "'s level"), std::string::npos) << skipped.messages[0];
+    EXPECT_NE(skipped.messages[0].find(data_), std::string::npos) << "names the record: " << skipped.messages[0];
+    EXPECT_NE(skipped.messages[0].find("max_position_embeddings"), std::string::npos) << skipped.messages[0];
+  }
+}
+
+// ---- problem 6: --explain ----
+
+TEST_F(EvalCli, ExplainRefusesTheInputImageAndOtherFormats) {
+  const std::string before = slurp(image_);
+  expect_one_line_error(infer({"--prompt", "What is it?", "--explain", image_}), "same file as the input image");
+  EXPECT_EQ(slurp(image_), before);
+  const fs::path d = dir("explain");
+  spit(d / "file", "x");
+  expect_one_line_error(infer({"--prompt", "What is it?", "--explain", (d / "heat.jpg").string()}), ".png");
+  expect_one_line_error(infer({"--prompt", "What is it?", "--explain", ""}), "--explain: expected a path");
+  fs::create_directories(d / "dir.png");
+  expect_one_line_error(infer({"--prompt", "What is it?", "--explain", (d / "dir.png").string()}), "is a folder");
+  expect_one_line_error(infer({"--prompt", "What is it?", "--explain", (d / "file" / "h.png").string()}),
+                        "not a folder");
+  Result r = infer({"--prompt", "What is it?", "--explain", (d / "heat.PNG").string()});
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(psa::load_image((d / "heat.PNG").string()).w, 256);
+}
+
+// A long strip the model accepts used to fail in the heat map's display resize (256 px on the short side).
+TEST_F(EvalCli, ExplainHandlesAWideImage) {
+  const fs::path d = dir("explain_wide");
+  const std::string strip = (d / "strip.png").string();
+  psa::save_png(strip, psa::Image(600, 3, 200));
+  Result r = run_psa({"infer", "--ckpt", ckpt_, "--image", strip, "--prompt", "What is it?", "--max-new-tokens", "2",
+                      "--explain", (d / "heat.png").string()});
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_TRUE(fs::exists(d / "heat.png"));
+}
+
+// ---- problem 7: NaN weights ----
+
+TEST_F(EvalCli, NonFiniteOutputsAreAClearErrorInEveryMode) {
+  const psa::Checkpoint c = psa::load_checkpoint(ckpt_);
+  for (auto& [name, t] : c.model->named_parameters()) {
+    std::vector<float> nan(t.numel(), std::numeric_limits<float>::quiet_NaN());
+    t.contiguous_copy_from(psa::Tensor::from(nan, t.shape(), t.dtype()));
+  }
+  const std::string bad = (dir("nan") / "ckpt").string();
+  psa::save_checkpoint(bad, *c.model, *c.tokenizer, c.stage, c.lora);
+  // The loader's warning about the NaN weights comes first; the error is the last line.
+  auto expect_not_finite = [](const Result& r) {
+    EXPECT_EQ(r.status, 2) << r.err;
+    const size_t last = r.err.rfind('\n', r.err.size() - 2);
+    const std::string line = r.err.substr(last == std::string::npos ? 0 : last + 1);
+    EXPECT_NE(line.find("the model's outputs are not finite"), std::string::npos) << r.err;
+    EXPECT_EQ(r.out.find("nan"), std::string::npos) << r.out;
+  };
+  const std::vector<std::string> args{"infer", "--ckpt", bad, "--image", image_, "--prompt", "What is it?"};
+  expect_not_finite(run_psa(args));
+  std::vector<std::string> json = args;
+  json.push_back("--json");
+  expect_not_finite(run_psa(json));
+  expect_not_finite(run_psa({"eval", "--data", data_, "--ckpt", bad, "--limit", "2", "--quiet", "--out",
+                             (root_ / "nan" / "r.json").string()}));
+  EXPECT_FALSE(fs::exists(root_ / "nan" / "r.json"));
+}
+
+// ---- problem 9: --prompt text ----
+
+TEST_F(EvalCli, InvalidOrEmptyPromptIsRefused) {
+  expect_one_line_error(infer({"--prompt", "what \xff is it"}), "--prompt: not valid UTF-8");
+  expect_one_line_error(infer({"--prompt", "caf\xc3"}), "--prompt: not valid UTF-8");
+  expect_one_line_error(infer({"--prompt", ""}), "--prompt: empty question");
+  expect_one_line_error(infer({"--prompt", " <image> "}), "--prompt: empty question");
+  Result r = infer({"--prompt", "caf\xc3\xa9?", "--json"});
+  EXPECT_EQ(r.status, 0) << r.err;
+}
+
+TEST_F(EvalCli, InferOptionsAreCheckedBeforeTheCheckpoint) {
+  for (const auto& [flag, value] : std::vector<std::pair<std::string, std::string>>{
+           {"--max-new-tokens", "0"}, {"--top-p", "0"}, {"--top-p", "1.5"}, {"--top-k", "-1"}, {"--seed", "-3"},
+           {"--temperature", "-1"}, {"--temperature", "nan"}})
+    expect_one_line_error(run_psa({"infer", "--ckpt", "no/such/ckpt", "--image", image_, "--prompt", "q", flag, value}),
+                          flag);
+}
+
+// ---- problem 8: images ----
+
+// A 2x2 24-bit BMP; a negative height stores the rows top-down.
+std::string bmp_2x2(bool top_down) {
+  const uint8_t top[2][3] = {{0, 0, 255}, {0, 255, 0}}, bottom[2][3] = {{255, 0, 0}, {255, 255, 255}};  // BGR
+  std::string s = "BM";
+  auto u32 = [&](uint32_t v) { for (int i = 0; i < 4; ++i) s += char(v >> (8 * i)); };
+  auto u16 = [&](uint16_t v) { s += char(v), s += char(v >> 8); };
+  u32(14 + 40 + 16), u32(0), u32(14 + 40);
+  u32(40), u32(2), u32(top_down ? uint32_t(-2) : 2u), u16(1), u16(24), u32(0), u32(16), u32(2835), u32(2835), u32(0),
+      u32(0);
+  auto row = [&](const uint8_t (&r)[2][3]) {
+    s.append(reinterpret_cast<const char*>(r), 6);
+    s += std::string(2, '\0');  // rows are padded to 4 bytes
+  };
+  if (top_down) row(top), row(bottom);
+  else row(bottom), row(top);
+  return s;
+}
+
+TEST(ImageLimits, TopDownBmpDecodesLikeBottomUp) {
+  const fs::path d = fs::temp_directory_path() / ("psa_cli_eval_bmp_" + std::to_string(::getpid()));
+  fs::create_directories(d);
+  spit(d / "down.bmp", bmp_2x2(true));
+  spit(d / "up.bmp", bmp_2x2(false));
+  psa::Image down, up;
+  EXPECT_EQ(error_of([&] { down = psa::load_image((d / "down.bmp").string()); }), "");
+  up = psa::load_image((d / "up.bmp").string());
+  EXPECT_EQ(down.w, 2);
+  EXPECT_EQ(down.h, 2);
+  EXPECT_EQ(down.rgb, up.rgb);
+  EXPECT_EQ(down.at(0, 0)[0], 255);  // top-left is red
+  EXPECT_EQ(error_of([&] { psa::check_image((d / "down.bmp").string()); }), "");
+  fs::remove_all(d);
+}
+
+// A PNG signature and IHDR are all stb_image's header reader looks at.
+std::string png_header(uint32_t w, uint32_t h) {
+  std::string s = "\x89PNG\r\n\x1a\n";
+  auto be32 = [&](uint32_t v) { for (int i = 3; i >= 0; --i) s += char(v >> (8 * i)); };
+  be32(13);
+  s += "IHDR";
+  be32(w), be32(h);
+  s += std::string("\x08\x02\x00\x00\x00", 5);
+  be32(0);  // CRC (not checked by the header reader)
+  return s;
+}
+
+TEST(ImageLimits, TotalPixelCountIsLimitedFromTheHeader) {
+  const fs::path d = fs::temp_directory_path() / ("psa_cli_eval_px_" + std::to_string(::getpid()));
+  fs::create_directories(d);
+  const std::string big = (d / "big.png").string(), ok = (d / "ok.png").string();
+  spit(big, png_header(16384, 16384));
+  spit(ok, png_header(8192, 8192));
+  const std::string e = error_of([&] { psa::check_image(big); });
+  EXPECT_EQ(e.rfind(big + ": image too large: 16384x16384", 0), 0u) << e;
+  EXPECT_NE(e.find("pixels"), std::string::npos) << e;
+  EXPECT_EQ(error_of([&] { psa::check_image(ok); }), "");
+  fs::remove_all(d);
+}
+
+TEST(ImageLimits, ExtremeAspectRatioIsRefusedNamingTheFile) {
+  const fs::path d = fs::temp_directory_path() / ("psa_cli_eval_aspect_" + std::to_string(::getpid()));
+  fs::create_directories(d);
+  const std::string strip = (d / "strip.png").string();
+  psa::save_png(strip, psa::Image(4000, 3, 10));
+  const std::string e = error_of([&] { psa::load_record_image(strip, "", 32); });
+  EXPECT_EQ(e.rfind(strip + ": aspect ratio of 4000x3", 0), 0u) << e;
+  EXPECT_EQ(psa::load_record_image(strip, "", 2).size(), 3u * 2 * 2);  // fine at a small enough size
+  fs::remove_all(d);
+}
+
+TEST(ImageLimits, SavePngNamesThePathAndTheReason) {
+  const std::string e = error_of([] { psa::save_png("/no/such/dir/x.png", psa::Image(2, 2)); });
+  EXPECT_EQ(e, "/no/such/dir/x.png: cannot write png: No such file or directory");
+}
+
+}  // namespace

@@ -1,0 +1,318 @@
+// `psa train` as a user meets it when something is off: option values out of range, a run folder that already
+// holds a run, a resume with other options, a checkpoint folder whose files do not belong together, leftovers
+// of a killed run and a damaged dataset.json. Bad input: one line on stderr, exit status 2, nothing written.
+// Runs $PSA_BIN (default ./build/psa) on a 1%-scale tiny dataset with 2-step stages: about a second a run.
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include "nn/checkpoint.h"
+#include "nn/json.h"
+#include "psa/checkpoint.h"
+#include "tests/test_util.h"
+#include "tests/cli_util.h"
+
+namespace {
+namespace fs = std::filesystem;
+
+using psa::test::expect_one_line_error;
+using psa::test::run_psa;
+using psa::test::slurp;
+using Result = psa::test::CliResult;
+const char* const kPsa = psa::test::psa_binary();
+
+using Options = std::map<std::string, std::string>;  // flag -> value ("" for a switch)
+
+// A 2-step run of every stage; `extra` replaces or adds options (a flag mapped to "\x01" is left out).
+std::vector<std::string> train_args(const std::string& data, const std::string& out, const Options& extra = {}) {
+  Options o = {{"--data", data}, {"--out", out},         {"--steps-vision", "0"}, {"--steps-base", "2"},
+               {"--steps-1", "2"}, {"--steps-2", "2"},  {"--batch", "2"},        {"--no-eval", ""},
+               {"--quiet", ""}};
+  for (const auto& [k, v] : extra) o[k] = v;
+  std::vector<std::string> args{"train"};
+  for (const auto& [k, v] : o) {
+    if (v == "\x01") continue;
+    args.push_back(k);
+    if (!v.empty() || k == "--data" || k == "--out") args.push_back(v);
+  }
+  return args;
+}
+
+std::map<std::string, std::string> files_of(const fs::path& dir) {  // name -> contents
+  std::map<std::string, std::string> out;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.is_regular_file()) out[e.path().filename().string()] = slurp(e.path());
+  return out;
+}
+
+class TrainCli : public ::testing::Test {
+ protected:
+  static fs::path root_;
+  static std::string data_, other_, run_;
+  static void SetUpTestSuite() {
+    root_ = fs::temp_directory_path() / ("psa_cli_train_test_" + std::to_string(::getpid()));
+    data_ = (root_ / "data").string();
+    other_ = (root_ / "other").string();
+    run_ = (root_ / "run").string();
+    fs::create_directories(root_);
+    if (!fs::exists(kPsa)) return;
+    run_psa({"data", "--preset", "tiny", "--scale", "0.01", "--out", data_});
+    run_psa({"data", "--preset", "tiny", "--scale", "0.01", "--seed", "7", "--out", other_});
+    run_psa(train_args(data_, run_));
+  }
+  static void TearDownTestSuite() { fs::remove_all(root_); }
+  void SetUp() override {
+    if (!fs::exists(kPsa)) GTEST_SKIP() << kPsa << " not built (make all)";
+    ASSERT_TRUE(fs::exists(run_ + "/stage2/model.safetensors")) << "the fixture run failed";
+  }
+  // A copy of the trained run, to be changed by one test.
+  static std::string copy_of_run(const std::string& name) {
+    const fs::path to = root_ / name;
+    fs::remove_all(to);
+    fs::copy(run_, to, fs::copy_options::recursive);
+    return to.string();
+  }
+};
+fs::path TrainCli::root_;
+std::string TrainCli::data_, TrainCli::other_, TrainCli::run_;
+
+// ---- option values: refused before anything is generated, loaded or written
+
+struct BadOption {
+  Options extra;
+  const char* message;
+};
+
+TEST_F(TrainCli, OutOfRangeOptionsAreRefusedBeforeAnyWork) {
+  const BadOption cases[] = {
+      {{{"--batch", "99999999999"}}, "--batch: 99999999999 is out of range [1, 4096]"},
+      {{{"--batch", "0"}}, "--batch: 0 is out of range"},
+      {{{"--batch", "-1"}}, "--batch: -1 is out of range"},
+      {{{"--batch-vision", "99999999999"}}, "--batch-vision: 99999999999 is out of range"},
+      {{{"--steps-base", "0"}}, "--steps-base: 0 is out of range [1, "},
+      {{{"--steps-1", "-1"}}, "--steps-1: -1 is out of range"},
+      {{{"--steps-2", "0"}}, "--steps-2: 0 is out of range"},
+      {{{"--steps-vision", "-1"}}, "--steps-vision: -1 is out of range [0, "},
+      {{{"--warmup", "-1"}}, "--warmup: -1 is out of range"},
+      {{{"--warmup", "5"}}, "--warmup: 5 steps is longer than the base stage (--steps-base 2)"},
+      {{{"--save-every", "-1"}}, "--save-every: -1 is out of range"},
+      {{{"--max-bad-steps", "0"}}, "--max-bad-steps: 0 is out of range"},
+      {{{"--eval-limit", "-1"}}, "--eval-limit: -1 is out of range"},
+      {{{"--seed", "-1"}}, "--seed: -1 is out of range"},
+      {{{"--lora-rank", "100000"}}, "--lora-rank: 100000 is out of range [0, 128]"},
+      {{{"--lora-rank", "-1"}}, "--lora-rank: -1 is out of range"},
+      {{{"--lora-dropout", "1"}}, "--lora-dropout: 1 is out of range [0, 1)"},
+      {{{"--lora-dropout", "-0.1"}}, "--lora-dropout: -0.1 is out of range"},
+      {{{"--lora-dropout", "nan"}}, "--lora-dropout: expected a finite number"},
+      {{{"--lora-alpha", "nan"}}, "--lora-alpha: expected a finite number"},
+      {{{"--lora-alpha", "0"}}, "--lora-alpha: expected > 0"},
+      {{{"--lr-base", "1e30"}}, "--lr-base: 1e30 is out of range [0, 10]"},
+      {{{"--lr-2", "-1"}}, "--lr-2: -1 is out of range"},
+      {{{"--vision-lr-scale", "inf"}}, "--vision-lr-scale: expected a finite number"},
+      {{{"--full-ft", ""}, {"--lora-rank", "4"}}, "--lora-rank: not with --full-ft"},
+      {{{"--data", ""}}, "--data: expected a path, got an empty string"},
+      {{{"--out", ""}}, "--out: expected a path, got an empty string"},
+      {{{"--resume", ""}, {"--overwrite", ""}}, "--resume and --overwrite: choose one"},
+  };
+  const std::string out = (root_ / "bad").string();
+  for (const BadOption& c : cases) {
+    SCOPED_TRACE(c.message);
+    expect_one_line_error(run_psa(train_args(data_, out, c.extra)), c.message);
+    EXPECT_FALSE(fs::exists(out)) << "a refused run wrote " << out;
+  }
+}
+
+TEST_F(TrainCli, LoraRankZeroStillMeansFullFineTuning) {
+  const std::string out = copy_of_run("rank0");
+  Result r = run_psa(train_args(data_, out, {{"--stage", "2"}, {"--lora-rank", "0"}, {"--overwrite", ""}}));
+  ASSERT_EQ(r.status, 0) << r.err;
+  psa::Checkpoint c = psa::load_checkpoint(out + "/stage2");
+  EXPECT_EQ(c.lora.rank, 0);
+}
+
+// ---- a stage started from a checkpoint takes the tokenizer stored with it
+
+TEST_F(TrainCli, StageFromACopiedCheckpointUsesThatCheckpointsTokenizer) {
+  const fs::path x = root_ / "copied";
+  fs::remove_all(x);
+  fs::create_directories(x);
+  fs::copy(run_ + "/base", x / "base", fs::copy_options::recursive);
+  Result r = run_psa(train_args(other_, x.string(), {{"--stage", "1"}}));
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(slurp(x / "stage1/tokenizer.json"), slurp(x / "base/tokenizer.json"));
+  EXPECT_FALSE(fs::exists(x / "tokenizer.json")) << "a new tokenizer was trained on the other data";
+}
+
+TEST_F(TrainCli, CheckpointWithAnotherTokenizerIsRefusedNamingTheFolder) {
+  const std::string dir = copy_of_run("swapped") + "/stage1";
+  // A different tokenizer with the same small vocabulary rule (BPE on other text).
+  psa::Tokenizer::train({"completely different words here", "and more of them"}, 264).save(dir + "/tokenizer.json");
+  const std::string err = psa::test::error_of([&] { psa::load_checkpoint(dir); });
+  EXPECT_EQ(err.rfind(dir + ": tokenizer.json", 0), 0u) << err;
+  EXPECT_NE(err.find("is not the tokenizer the model was saved with"), std::string::npos) << err;
+}
+
+// ---- checkpoint writes: all or nothing
+
+TEST_F(TrainCli, FailedCheckpointWriteLeavesTheFolderAsItWas) {
+  const std::string dir = copy_of_run("failed_save") + "/stage2";
+  psa::Checkpoint c = psa::load_checkpoint(dir);
+  const auto before = files_of(dir);
+  struct stat st_before {};
+  ASSERT_EQ(::stat((dir + "/tokenizer.json").c_str(), &st_before), 0);
+  psa::LoraSettings bad = c.lora;
+  bad.alpha = NAN;  // cannot be written to JSON: fails after the tokenizer and config were written, before
+  EXPECT_NE(psa::test::error_of([&] { psa::save_checkpoint(dir, *c.model, *c.tokenizer, "stage2", bad); }), "");
+  EXPECT_EQ(files_of(dir), before);
+  struct stat st_after {};
+  ASSERT_EQ(::stat((dir + "/tokenizer.json").c_str(), &st_after), 0);
+  EXPECT_EQ(st_after.st_ino, st_before.st_ino) << "tokenizer.json was replaced";
+  for (const auto& e : fs::directory_iterator(dir)) EXPECT_FALSE(e.is_directory()) << e.path() << " left behind";
+
+  const std::string fresh = (root_ / "failed_fresh").string();
+  EXPECT_NE(psa::test::error_of([&] { psa::save_checkpoint(fresh, *c.model, *c.tokenizer, "stage2", bad); }), "");
+  EXPECT_TRUE(!fs::exists(fresh) || fs::is_empty(fresh)) << "a half checkpoint in " << fresh;
+}
+
+TEST_F(TrainCli, SavedCheckpointLoadsAndAnIdenticalTokenizerIsNotReplaced) {
+  const std::string dir = copy_of_run("resave") + "/stage1";
+  psa::Checkpoint c = psa::load_checkpoint(dir);
+  struct stat a {}, b {};
+  ASSERT_EQ(::stat((dir + "/tokenizer.json").c_str(), &a), 0);
+  psa::save_checkpoint(dir, *c.model, *c.tokenizer, "stage1", {});
+  ASSERT_EQ(::stat((dir + "/tokenizer.json").c_str(), &b), 0);
+  EXPECT_EQ(a.st_ino, b.st_ino);
+  EXPECT_EQ(psa::load_checkpoint(dir).stage, "stage1");
+}
+
+// ---- a run folder that already holds a run
+
+TEST_F(TrainCli, RetrainingAFinishedStageNeedsResumeOrOverwrite) {
+  const std::string out = copy_of_run("again");
+  const std::string model = slurp(out + "/base/model.safetensors");
+  expect_one_line_error(run_psa(train_args(data_, out, {{"--stage", "base"}})),
+                        out + "/base already holds a checkpoint: pass --resume");
+  expect_one_line_error(run_psa(train_args(data_, out)), "already holds a checkpoint");
+  EXPECT_EQ(slurp(out + "/base/model.safetensors"), model);
+
+  // Only stage 2 removed: retraining base would leave stage1 behind.
+  fs::remove_all(out + "/stage2");
+  fs::remove_all(out + "/base");
+  expect_one_line_error(run_psa(train_args(data_, out, {{"--stage", "base"}})),
+                        out + "/stage1 was trained from the base checkpoint this run replaces");
+}
+
+TEST_F(TrainCli, OverwriteRetrainsAndRemovesTheLaterStages) {
+  const std::string out = copy_of_run("overwrite");
+  Result r = run_psa(train_args(data_, out, {{"--stage", "base"}, {"--overwrite", ""}, {"--seed", "5"}}));
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("--overwrite: removed"), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(out + "/stage1"));
+  EXPECT_FALSE(fs::exists(out + "/stage2"));
+  EXPECT_NE(slurp(out + "/base/model.safetensors"), slurp(run_ + "/base/model.safetensors"));
+  // Every stage again into the same folder, as a second `make train` does.
+  Result all = run_psa(train_args(data_, out, {{"--overwrite", ""}}));
+  ASSERT_EQ(all.status, 0) << all.err;
+  EXPECT_TRUE(fs::exists(out + "/stage2/model.safetensors"));
+}
+
+// ---- --resume with other options
+
+TEST_F(TrainCli, ResumeWithOtherOptionsIsRefusedNamingTheOptionAndBothValues) {
+  const std::string out = copy_of_run("resume");
+  const std::pair<Options, std::string> cases[] = {
+      {{{"--batch", "3"}}, "made with --batch 2, this run has --batch 3"},
+      {{{"--seed", "1"}}, "made with --seed 42, this run has --seed 1"},
+      {{{"--steps-base", "3"}}, "made with --steps-base 2, this run has --steps-base 3"},
+      {{{"--lr-base", "0.001"}}, "made with --lr-base 0.002"},
+      {{{"--warmup", "2"}}, "made with --warmup 1, this run has --warmup 2"},
+      {{{"--lora-alpha", "8"}}, "made with --lora-alpha 16, this run has --lora-alpha 8"},
+  };
+  for (const auto& [extra, message] : cases) {
+    SCOPED_TRACE(message);
+    Options o = extra;
+    o["--resume"] = "";
+    expect_one_line_error(run_psa(train_args(data_, out, o)), message);
+  }
+  Result same = run_psa(train_args(data_, out, {{"--resume", ""}}));
+  EXPECT_EQ(same.status, 0) << same.err;
+  EXPECT_EQ(same.err, "");
+}
+
+TEST_F(TrainCli, ResumeFromAStateWithoutTheRecordWarnsOnce) {
+  const std::string out = copy_of_run("old_state");
+  const std::string state = out + "/base/train_state.safetensors";
+  std::map<std::string, std::string> meta;
+  psa::nn::StateDict t = psa::nn::read_tensors(state, &meta);
+  std::map<std::string, std::string> old;
+  for (const auto& [k, v] : meta)
+    if (k != "options" && k.rfind("xxh64.", 0) != 0) old[k] = v;
+  psa::nn::write_tensors(state, t, old);
+  Result r = run_psa(train_args(data_, out, {{"--resume", ""}, {"--stage", "base"}, {"--batch", "3"}}));
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.err.find("warning: " + state + " has no record of the options"), 0u) << r.err;
+  EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << r.err;
+}
+
+// ---- leftovers of a killed run
+
+TEST_F(TrainCli, StaleTempFilesOfKilledWritersAreRemovedWhenAStageStarts) {
+  const std::string out = copy_of_run("stale");
+  const fs::path base = fs::path(out) / "base";
+  const std::string dead = "999999999";  // above any pid_max: no such process
+  const std::vector<std::string> files = {".train_state.safetensors.tmp." + dead + ".123",
+                                          ".model.safetensors.tmp." + dead + ".7",
+                                          ".train_state.safetensors.tmp.1.5",  // pid 1 is alive: so may its writer be
+                                          "notes.tmp." + dead + ".1"};         // not the pattern
+  for (const std::string& name : files) std::ofstream(base / name) << "x";
+  fs::create_directories(base / (".checkpoint.tmp." + dead + ".0"));
+  Result r = run_psa(train_args(data_, out, {{"--resume", ""}, {"--stage", "base"}}));
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_FALSE(fs::exists(base / files[0]));
+  EXPECT_FALSE(fs::exists(base / files[1]));
+  EXPECT_FALSE(fs::exists(base / (".checkpoint.tmp." + dead + ".0")));
+  EXPECT_TRUE(fs::exists(base / files[2]));
+  EXPECT_TRUE(fs::exists(base / files[3]));
+}
+
+// ---- dataset.json
+
+TEST_F(TrainCli, BadDatasetJsonIsRefusedNamingTheFile) {
+  const fs::path d = root_ / "bad_info";
+  fs::remove_all(d);
+  fs::copy(data_, d, fs::copy_options::recursive);
+  const std::string info = (d / "dataset.json").string();
+  psa::json::Value good = psa::json::parse_file(info);
+  auto with_config = [&](const char* key, psa::json::Value v) {
+    psa::json::Value j = good, c = good.at("config");
+    c.set(key, std::move(v));
+    j.set("config", c);
+    return psa::json::dump(j);
+  };
+  const std::pair<std::string, std::string> cases[] = {
+      {"[]", "expected an object"},
+      {"{}", "missing key 'config'"},
+      {with_config("seed", "one"), "seed"},
+      {with_config("image_size", 8), "image_size 8"},
+      {with_config("image_size", 100000), "image_size 100000"},
+  };
+  const std::string out = (root_ / "bad_info_run").string();
+  for (const auto& [text, reason] : cases) {
+    SCOPED_TRACE(text.substr(0, 40));
+    std::ofstream(info, std::ios::trunc) << text;
+    Result r = run_psa(train_args(d.string(), out, {{"--stage", "base"}, {"--steps-vision", "1"}}));
+    expect_one_line_error(r, info + ": ");
+    EXPECT_NE(r.err.find(reason), std::string::npos) << r.err;
+    EXPECT_FALSE(fs::exists(out + "/base")) << "training started";
+  }
+}
+
+}  // namespace
