@@ -33,8 +33,9 @@ static size_t utf8_length(const std::string& s, size_t i) {
   for (size_t k = 1; k < n; ++k)
     if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return 0;
   const unsigned char d = s[i + 1];
-  if ((c == 0xE0 && d < 0xA0) || (c == 0xED && d > 0x9F) || (c == 0xF0 && d < 0x90) || (c == 0xF4 && d > 0x8F)) return 0;
-  return n;
+  const bool overlong = (c == 0xE0 && d < 0xA0) || (c == 0xF0 && d < 0x90);
+  const bool surrogate_or_too_high = (c == 0xED && d > 0x9F) || (c == 0xF4 && d > 0x8F);
+  return overlong || surrogate_or_too_high ? 0 : n;
 }
 
 // Byte-level BPE can stop inside a character, and an untrained model emits arbitrary bytes; answers go into
