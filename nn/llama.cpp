@@ -270,6 +270,10 @@ std::vector<int64_t> generate(const LlamaForCausalLM& lm, const Tensor& prompt_e
   for (int64_t step = 0; step < opt.max_new_tokens; ++step) {
     int64_t T = logits.size(1), V = logits.size(2);
     std::vector<float> last = reshape(slice(logits, 1, T - 1, T), {V}).to(DType::f32).vec<float>();
+    // NaN logits would pick token 0 (or any) silently: an answer of garbage from broken weights.
+    PSA_CHECK(std::all_of(last.begin(), last.end(), [](float x) { return std::isfinite(x); }),
+              "generate: the language model's logits are not finite at step ", step,
+              " (NaN/Inf weights in the checkpoint?)");
     int64_t next = sample_token(last, opt, step);
     if (std::find(opt.stop_ids.begin(), opt.stop_ids.end(), next) != opt.stop_ids.end()) break;
     out.push_back(next);

@@ -453,6 +453,17 @@ TEST(Generate, KvCacheEqualsFullRecomputation) {
   }
 }
 
+TEST(Generate, NonFiniteLogitsAreAnErrorNotAnAnswer) {
+  LlamaForCausalLM lm(gen_config(4));
+  randomize(lm, 3, 0.3);
+  Tensor w = lm.norm->weight;  // the final norm: every logit of every position becomes NaN
+  w.data<float>()[0] = NAN;
+  SamplingOptions greedy;
+  greedy.max_new_tokens = 3;
+  std::string e = error_of([&] { generate(lm, lm.embed(ids_tensor({3, 14})), greedy); });
+  EXPECT_NE(e.find("generate: the language model's logits are not finite at step 0"), std::string::npos) << e;
+}
+
 TEST(Generate, SampleTokenRespectsTopK) {
   std::vector<float> logits(12);
   for (size_t i = 0; i < logits.size(); ++i) logits[i] = std::sin(3.0 * i);  // no ties
