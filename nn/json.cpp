@@ -16,6 +16,14 @@
 
 namespace psa::json {
 
+void check_keys(const Value& obj, std::initializer_list<const char*> allowed, const std::string& where) {
+  for (const auto& kv : obj.as_object()) {
+    bool known = false;
+    for (const char* k : allowed) known = known || kv.first == k;
+    PSA_CHECK(known, where, where.empty() ? "" : ": ", "unknown key '", kv.first, "'");
+  }
+}
+
 const char* kind_name(Value::Kind k) {
   switch (k) {
     case Value::Kind::Null: return "null";

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <initializer_list>
 #include <utility>
 #include <vector>
 
@@ -85,6 +86,10 @@ struct Value {
 };
 
 const char* kind_name(Value::Kind k);
+
+// Refuses a key of `obj` outside `allowed` (a misspelt key would otherwise read as a missing one):
+// "<where>: unknown key 'x'" ("unknown key 'x'" when `where` is empty).
+void check_keys(const Value& obj, std::initializer_list<const char*> allowed, const std::string& where);
 
 // Runs read(); a psa::Error from it is rethrown as "json: key '<key>': <reason>" (the reason's own "json: "
 // dropped), so a reader of a nested object names the whole path: "key 'vision_config': key 'patch_size': ...".

@@ -49,17 +49,4 @@ json::Value audit_checkpoints(const std::string& a, const std::string& b);
 // safety_query_tokens, safety_query_tokens_2, safe_mm_projector, safe_part, or other.
 std::string audit_group(const std::string& name);
 
-// ---- output paths, checked before any long work ----
-
-// a and b name the same file, also when either does not exist yet (symlinks and ".." resolved as far as
-// the path exists, then compared lexically; existing hard links by inode).
-bool same_path(const std::string& a, const std::string& b);
-// `path` is `dir` or lies below it (same resolution as same_path).
-bool path_inside(const std::string& path, const std::string& dir);
-// `dir` exists or is created, and a probe file can be created in it (then removed); else an error
-// "<what>: <reason>" with errno's text. `what` names the option, e.g. "--predictions".
-void check_output_dir(const std::string& what, const std::string& dir);
-// `path` is not empty, not a folder or another non-regular file, and its folder passes check_output_dir.
-void check_output_file(const std::string& what, const std::string& path);
-
 }  // namespace psa

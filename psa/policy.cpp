@@ -1,7 +1,6 @@
 #include "psa/policy.h"
 
 #include <filesystem>
-#include <set>
 
 #include "tensor/error.h"
 
@@ -35,10 +34,6 @@ const PolicyEntry& Policy::entry(int level, int type) const {
 
 // ---- file format ----
 
-static void check_keys(const json::Value& obj, const std::set<std::string>& allowed, const std::string& where) {
-  for (const auto& kv : obj.as_object()) PSA_CHECK(allowed.count(kv.first), where, ": unknown key '", kv.first, "'");
-}
-
 static std::string opt_string(const json::Value& obj, const std::string& key, const std::string& where) {
   const json::Value* v = obj.find(key);
   if (!v || v->is_null()) return "";
@@ -48,7 +43,7 @@ static std::string opt_string(const json::Value& obj, const std::string& key, co
 
 static PolicyEntry parse_entry(const json::Value& v, const std::string& where, const std::string& default_refusal) {
   PSA_CHECK(v.is_object(), where, ": must be an object, got ", json::kind_name(v.kind));
-  check_keys(v, {"action", "hint", "refusal"}, where);
+  json::check_keys(v, {"action", "hint", "refusal"}, where);
   PolicyEntry e;
   e.action = opt_string(v, "action", where);
   if (e.action.empty()) e.action = "hint";
@@ -78,14 +73,14 @@ static void parse_level(const json::Value& v, const std::string& where, Policy& 
 
 Policy parse_policy(const json::Value& v, const std::string& source_name) {
   PSA_CHECK(v.is_object(), source_name, ": policy must be a JSON object");
-  check_keys(v, {"name", "source", "description", "refusal", "levels"}, source_name);
+  json::check_keys(v, {"name", "source", "description", "refusal", "levels"}, source_name);
   Policy p;
   p.name = opt_string(v, "name", source_name);
   p.source = opt_string(v, "source", source_name);
   p.refusal = opt_string(v, "refusal", source_name);
   const json::Value* levels = v.find("levels");
   PSA_CHECK(levels && levels->is_object(), source_name, ": missing object 'levels'");
-  check_keys(*levels, {"1", "2", "3"}, source_name + ": levels");
+  json::check_keys(*levels, {"1", "2", "3"}, source_name + ": levels");
   for (int l = 1; l <= 3; ++l) {
     const json::Value* lv = levels->find(std::to_string(l));
     PSA_CHECK(lv, source_name, ": levels: missing level '", l, "'");

@@ -5,7 +5,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <initializer_list>
 
 #include "psa/image.h"
 #include "tensor/error.h"
@@ -30,17 +29,6 @@ static int int_field(const json::Value& v, const char* key, int lo, int hi) {
   return static_cast<int>(f->num);
 }
 
-// Unknown keys are refused (a misspelt "safe_levle" would otherwise look like a missing field, and a record
-// from another format would pass half-read). Besides the reference fields (psa-vlm.md §6.2) a record may carry
-// our "meta" and LLaVA's "id", which its own training files have on every record.
-static void check_keys(const json::Value& v, std::initializer_list<const char*> known, const std::string& where) {
-  for (const auto& kv : v.obj) {
-    bool ok = false;
-    for (const char* k : known) ok = ok || kv.first == k;
-    PSA_CHECK(ok, where, "unknown key '", kv.first, "'");
-  }
-}
-
 static bool role_is(const std::string& from, bool user) {
   std::string r;
   for (char c : from) r += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
@@ -62,7 +50,7 @@ static Turns first_exchange(const json::Value& v) {
   for (size_t i = 0; i < conv->arr.size(); ++i) {
     const json::Value& turn = conv->arr[i];
     PSA_CHECK(turn.is_object(), "conversations[", i, "] must be an object");
-    check_keys(turn, {"from", "value"}, "conversations[" + std::to_string(i) + "]: ");
+    json::check_keys(turn, {"from", "value"}, "conversations[" + std::to_string(i) + "]");
     const json::Value* from = turn.find("from");
     const json::Value* value = turn.find("value");
     PSA_CHECK(from && from->is_string() && value && value->is_string(), "conversations[", i,
@@ -97,7 +85,10 @@ static std::string resolve_field(const std::string& field, const std::string& ba
 
 Record parse_record(const json::Value& v, const std::string& base_dir, bool check_images) {
   PSA_CHECK(v.is_object(), "record must be a JSON object, got ", json::kind_name(v.kind));
-  check_keys(v, {"safe_level", "safe_type", "image", "conversations", "meta", "id"}, "");
+  // Unknown keys are refused (json::check_keys: a misspelt "safe_levle" would otherwise look like a missing field,
+  // and a record from another format would pass half-read). Besides the reference fields (psa-vlm.md §6.2) a
+  // record may carry our "meta" and LLaVA's "id", which its own training files have on every record.
+  json::check_keys(v, {"safe_level", "safe_type", "image", "conversations", "meta", "id"}, "");
   Record r;
   r.safe_level = int_field(v, "safe_level", 0, 3);
   r.safe_type = int_field(v, "safe_type", 0, 6);

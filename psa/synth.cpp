@@ -962,7 +962,7 @@ json::Value sizes_json(const SplitSizes& s) {
 
 // A new dataset goes only into a missing or empty folder: written over an old one, a run that stops half-way
 // would leave new files beside old ones that still look like a complete dataset.
-void check_output_dir(const std::string& out_dir) {
+void check_new_dataset_folder(const std::string& out_dir) {
   PSA_CHECK(!out_dir.empty(), "synth: empty output folder name");
   std::error_code ec;
   const std::filesystem::file_status st = std::filesystem::status(out_dir, ec);
@@ -1039,7 +1039,7 @@ json::Value synth_config_to_json(const SynthConfig& cfg) {
 
 json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir) {
   check_synth_config(cfg);
-  check_output_dir(out_dir);
+  check_new_dataset_folder(out_dir);
   const Policy policy = resolve_policy(cfg.hint_policy);
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(out_dir) / "images", ec);

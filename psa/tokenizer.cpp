@@ -628,9 +628,7 @@ void Tokenizer::load_specials(const json::Value& specials, const std::string& pa
 Tokenizer Tokenizer::load(const std::string& path) {
   const json::Value root = json::parse_file(path);
   PSA_CHECK(root.is_object(), path, ": expected a JSON object");
-  for (const auto& [key, value] : root.obj)  // a misspelt key would otherwise be ignored silently
-    PSA_CHECK(key == "format" || key == "version" || key == "special_tokens" || key == "vocab" || key == "merges", path,
-              ": unknown key '", key, "'");
+  json::check_keys(root, {"format", "version", "special_tokens", "vocab", "merges"}, path);
   const std::string& format = member(root, "format", json::Value::Kind::String, path).str;
   PSA_CHECK(format == kFormat, path, ": unknown format '", format, "' (expected '", kFormat, "')");
   const json::Value& version = member(root, "version", json::Value::Kind::Number, path);

@@ -183,8 +183,7 @@ json::Value score(const PsaVlm& m, const SceneHeads& h, const Dataset& d, const 
 
 SceneSource synthetic_scenes(const SynthConfig& cfg, int64_t image_size) {
   SceneSource src;
-  check_synth_config(cfg);  // before any parallel region
-  src.words = scene_words(cfg);
+  src.words = scene_words(cfg);  // checks the config, before any parallel region
   src.draw = [cfg, image_size](int64_t first, int64_t n) {
     std::vector<Example> out(n);
     FirstError err;

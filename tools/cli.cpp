@@ -1,10 +1,16 @@
 #include "tools/cli.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 
 #include "tensor/error.h"
 
@@ -80,6 +86,67 @@ bool parse(int argc, char** argv, const Spec& spec, Args* out) {
     out->flags[name] = value;
   }
   return true;
+}
+
+// ---- output paths, checked before any long work ----
+
+namespace {
+
+// Absolute, symlinks resolved as far as the path exists, no trailing separator: comparable with ==.
+std::filesystem::path canonical_form(const std::string& p) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::path c = fs::weakly_canonical(fs::absolute(p), ec);
+  if (ec) c = fs::absolute(p).lexically_normal();
+  if (!c.has_filename() && c.has_parent_path()) c = c.parent_path();
+  return c;
+}
+
+}  // namespace
+
+bool same_path(const std::string& a, const std::string& b) {
+  std::error_code ec;
+  if (std::filesystem::equivalent(a, b, ec)) return true;  // hard links too
+  return canonical_form(a) == canonical_form(b);
+}
+
+bool path_inside(const std::string& path, const std::string& dir) {
+  const std::filesystem::path p = canonical_form(path), d = canonical_form(dir);
+  auto pi = p.begin();
+  for (auto di = d.begin(); di != d.end(); ++di, ++pi)
+    if (pi == p.end() || *pi != *di) return false;
+  return true;
+}
+
+void check_output_dir(const std::string& what, const std::string& dir) {
+  namespace fs = std::filesystem;
+  PSA_CHECK(!dir.empty(), what, ": expected a folder, got an empty path");
+  std::error_code ec;
+  PSA_CHECK(!fs::exists(dir, ec) || fs::is_directory(dir, ec), what, ": ", dir, " is not a folder");
+  fs::create_directories(dir, ec);
+  PSA_CHECK(!ec, what, ": cannot create the folder ", dir, ": ", ec.message());
+  // Permissions, read-only mounts and quotas are only known by trying: a probe file, removed at once.
+  const std::string probe = (fs::path(dir) / (".psa-write-probe-" + std::to_string(::getpid()))).string();
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600);
+  PSA_CHECK(fd >= 0, what, ": cannot write in the folder ", dir, ": ", std::strerror(errno));
+  ::close(fd);
+  ::unlink(probe.c_str());
+}
+
+void check_output_file(const std::string& what, const std::string& path) {
+  namespace fs = std::filesystem;
+  PSA_CHECK(!path.empty(), what, ": expected a file path, got an empty string");
+  std::error_code ec;
+  PSA_CHECK(!fs::is_directory(path, ec), what, ": ", path, " is a folder, expected a file path");
+  PSA_CHECK(!fs::exists(path, ec) || fs::is_regular_file(path, ec), what, ": ", path, " is not a regular file");
+  const fs::path parent = fs::path(path).parent_path();
+  check_output_dir(what + " " + path, parent.empty() ? "." : parent.string());
+}
+
+std::string lower_extension(const std::string& path) {
+  std::string ext = std::filesystem::path(path).extension().string();
+  for (char& ch : ext) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return ext;
 }
 
 }  // namespace psa::cli

@@ -1,6 +1,7 @@
-// Minimal command-line parsing shared by the `psa` subcommands: --flag value / --flag=value / --switch,
-// positional arguments, and a usage text printed by --help. Unknown flags, a flag given twice, a switch given a
-// value and a number out of its range are errors (psa::Error naming the flag; the binary exits with status 2).
+// Command-line parsing shared by the `psa` subcommands (--flag value / --flag=value / --switch, positional
+// arguments, a usage text printed by --help), and the checks of output paths made before any long work.
+// Unknown flags, a flag given twice, a switch given a value and a number out of its range are errors
+// (psa::Error naming the flag; the binary exits with status 2).
 #pragma once
 #include <cstdint>
 #include <limits>
@@ -37,6 +38,21 @@ bool parse(int argc, char** argv, const Spec& spec, Args* out);
 // Upper bound of --threads and OMP_NUM_THREADS: libgomp itself crashes on tens of thousands of threads, and far
 // past the core count a step only slows down.
 constexpr int64_t kMaxThreads = 1024;
+
+// ---- output paths, checked before any long work ----
+
+// a and b name the same file, also when either does not exist yet (symlinks and ".." resolved as far as
+// the path exists, then compared lexically; existing hard links by inode).
+bool same_path(const std::string& a, const std::string& b);
+// `path` is `dir` or lies below it (same resolution as same_path).
+bool path_inside(const std::string& path, const std::string& dir);
+// `dir` exists or is created, and a probe file can be created in it (then removed); else an error
+// "<what>: <reason>" with errno's text. `what` names the option, e.g. "--predictions".
+void check_output_dir(const std::string& what, const std::string& dir);
+// `path` is not empty, not a folder or another non-regular file, and its folder passes check_output_dir.
+void check_output_file(const std::string& what, const std::string& path);
+// The extension of `path`, lowercased (".PNG" -> ".png"; "" when there is none).
+std::string lower_extension(const std::string& path);
 
 using Command = int (*)(int argc, char** argv);
 

@@ -1,5 +1,4 @@
 // psa eval: the benchmark over one or more checkpoints, written as report.json and a Markdown table.
-#include <cctype>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -128,10 +127,7 @@ static json::Value eval_one(const std::string& dir, const std::vector<Record>& r
 
 // The default Markdown path can never be the JSON report itself: "x.json" -> "x.md", but "x.md" -> "x.md.md".
 static std::string default_md(const std::string& out) {
-  fs::path p(out);
-  std::string ext = p.extension().string();
-  for (char& ch : ext) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  return ext == ".md" ? out + ".md" : p.replace_extension(".md").string();
+  return cli::lower_extension(out) == ".md" ? out + ".md" : fs::path(out).replace_extension(".md").string();
 }
 
 struct Output {
@@ -146,16 +142,16 @@ static void check_outputs(const std::vector<Output>& outs, const std::vector<Out
   for (size_t i = 0; i < outs.size(); ++i) {
     const Output& o = outs[i];
     for (size_t j = 0; j < i; ++j)
-      PSA_CHECK(!same_path(o.path, outs[j].path), o.flag, " ", o.path, ": the same file as ", outs[j].flag, " ",
+      PSA_CHECK(!cli::same_path(o.path, outs[j].path), o.flag, " ", o.path, ": the same file as ", outs[j].flag, " ",
                 outs[j].path, " (one would overwrite the other; choose another path)");
     for (const Output& in : inputs)
-      PSA_CHECK(!same_path(o.path, in.path), o.flag, " ", o.path, ": the same file as the input ", in.flag, " ",
+      PSA_CHECK(!cli::same_path(o.path, in.path), o.flag, " ", o.path, ": the same file as the input ", in.flag, " ",
                 in.path, " (choose another path)");
     for (const std::string& dir : ckpts)
-      PSA_CHECK(!path_inside(o.path, dir), o.flag, " ", o.path, ": inside the checkpoint folder ", dir,
+      PSA_CHECK(!cli::path_inside(o.path, dir), o.flag, " ", o.path, ": inside the checkpoint folder ", dir,
                 " given with --ckpt (write reports elsewhere)");
   }
-  for (const Output& o : outs) check_output_file(o.flag, o.path);
+  for (const Output& o : outs) cli::check_output_file(o.flag, o.path);
 }
 
 // Missing checkpoints fail now, not after the ones before them were evaluated.
@@ -181,8 +177,7 @@ int cmd_eval(int argc, char** argv) {
   PSA_CHECK(a.has("--data"), "eval: --data DIR is required (see --help)");
   PSA_CHECK(!ckpts.empty(), "eval: at least one --ckpt DIR is required (see --help)");
   EvalOptions opt;
-  opt.policy = a.get("--policy", "short");
-  PSA_CHECK(!opt.policy.empty(), "--policy: expected short, reference or a policy file, got an empty string");
+  opt.policy = a.get_path("--policy", "short");
   opt.limit = a.get_int("--limit", 0, 0);
   opt.max_new_tokens = a.get_int("--max-new-tokens", 32, 1, kMaxNewTokens);
   opt.batch = a.get_int("--batch", 64, 1, kMaxBatch);

@@ -1,9 +1,6 @@
 // psa infer: one image and one question through a checkpoint, with dynamic safety control.
-#include <cctype>
 #include <cstdio>
-#include <filesystem>
 
-#include "psa/eval.h"
 #include "psa/infer.h"
 #include "tools/cli.h"
 
@@ -68,13 +65,11 @@ static std::string question_from(const cli::Args& a) {
 // another format, or when its folder cannot be written (checked before the model is loaded).
 static std::string explain_path(const cli::Args& a) {
   const std::string path = a.get_path("--explain", "");
-  std::string ext = std::filesystem::path(path).extension().string();
-  for (char& ch : ext) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  PSA_CHECK(ext == ".png", "--explain ", path, ": the heat map is a PNG file, name it .png");
+  PSA_CHECK(cli::lower_extension(path) == ".png", "--explain ", path, ": the heat map is a PNG file, name it .png");
   for (const std::string& part : split_image_field(a.get("--image")))
-    PSA_CHECK(!same_path(path, part), "--explain ", path, ": the same file as the input image ", part,
+    PSA_CHECK(!cli::same_path(path, part), "--explain ", path, ": the same file as the input image ", part,
               " (it would be overwritten; choose another path)");
-  check_output_file("--explain", path);
+  cli::check_output_file("--explain", path);
   return path;
 }
 
@@ -142,9 +137,7 @@ int cmd_infer(int argc, char** argv) {
   const std::string question = question_from(a);
   const std::string image = a.get_path("--image", "");
   const std::string explain = a.has("--explain") ? explain_path(a) : "";
-  const std::string policy_name = a.get("--policy", "short");
-  PSA_CHECK(!policy_name.empty(), "--policy: expected short, reference or a policy file, got an empty string");
-  const Policy policy = resolve_policy(policy_name);
+  const Policy policy = resolve_policy(a.get_path("--policy", "short"));
   const bool control = !a.has("--no-control");
 
   const Checkpoint c = load_checkpoint(a.get_path("--ckpt", ""));
