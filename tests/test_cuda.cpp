@@ -19,6 +19,10 @@
 #include "tensor/dispatch.h"
 #include "tensor/tensor.h"
 
+#ifdef PSA_CUDA_EMU
+#include <cuda_runtime.h>
+#endif
+
 namespace psa {
 namespace {
 
@@ -374,6 +378,34 @@ TEST(CudaGemm, BenchmarkHelperValidates) {
   cuda::GemmTiming t = cuda::time_sgemm(cuda::GemmImpl::cublas, 256, 2);
   EXPECT_GT(t.ms, 0);
   EXPECT_LT(t.max_err, 1e-5);
+}
+#endif
+
+// ---- block copies past the device's pitch limit (the CPU emulator only: it can lower the limit) ------------
+
+#ifdef PSA_CUDA_EMU
+// concat and slice (forward and backward) copy blocks with cudaMemcpy2D, whose pitch is capped by the device
+// (2^31 - 1 bytes: a block of a tensor over 2 GiB); with the limit lowered to 64 bytes these small tensors take
+// the same paths: one plain copy when the rows touch, one copy per row when a pitch is past the limit.
+TEST(CudaShape, BlocksWithPitchesPastTheDeviceLimitStillCopy) {
+  SKIP_WITHOUT_GPU();
+  struct Restore {
+    size_t old = cuda_emu::set_max_pitch(64);
+    ~Restore() { cuda_emu::set_max_pitch(old); }
+  } restore;
+  Tensor a = randn({3, 20}, 31), b = randn({3, 12}, 32), c = randn({5, 40}, 33);  // pitches 80, 48, 160 bytes
+  auto run = [&](Device dev) {
+    Tensor x = a.to(dev).requires_grad_();
+    Tensor rows = concat({x, b.to(dev)}, 1);      // 3 rows: 80 and 48 into 128-byte rows
+    Tensor whole = concat({c.to(dev), c.to(dev)}, 0);  // outer 1: one contiguous copy each
+    Tensor part = slice(x, 1, 4, 17);             // 52 of 80 bytes a row
+    sum(mul(part, part)).backward();               // the slice's backward writes the block into zeros
+    return std::vector<Tensor>{rows, whole, part, x.grad()};
+  };
+  std::vector<Tensor> cpu = run(Device::cpu), gpu = run(Device::cuda);
+  const char* names[] = {"concat dim 1", "concat dim 0", "slice", "slice backward"};
+  for (size_t i = 0; i < cpu.size(); ++i) EXPECT_EQ(compare(cpu[i], gpu[i], 0.0), "") << names[i];
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 #endif
 

@@ -126,6 +126,21 @@ TEST(CudaEmu, LaunchLimitsFailLikeTheDriver) {
   EXPECT_EQ(res[0], 1.f);
 }
 
+TEST(CudaEmu, Memcpy2DRefusesAPitchPastTheDeviceLimit) {
+  std::vector<char> src(4 * 100, 'x'), dst(4 * 100, 0);
+  int limit = 0;
+  ASSERT_EQ(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxPitch, 0), cudaSuccess);
+  EXPECT_EQ(limit, 2147483647) << "an H100's cudaDeviceProp::memPitch";
+  size_t old = cuda_emu::set_max_pitch(64);
+  EXPECT_EQ(cudaMemcpy2DAsync(dst.data(), 100, src.data(), 100, 10, 4, cudaMemcpyDeviceToDevice),
+            cudaErrorInvalidPitchValue);
+  EXPECT_EQ(dst[0], 0) << "a refused copy ran";
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidPitchValue);
+  cuda_emu::set_max_pitch(old);
+  EXPECT_EQ(cudaMemcpy2DAsync(dst.data(), 100, src.data(), 100, 10, 4, cudaMemcpyDeviceToDevice), cudaSuccess);
+  EXPECT_EQ(dst[300], 'x');
+}
+
 }  // namespace
 
 #else

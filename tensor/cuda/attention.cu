@@ -249,14 +249,16 @@ __global__ void __launch_bounds__(kWarps * 32) flash_forward(const T* q, const T
 // D_t = Σ_d dO[t, d]·O[t, d], one warp per row; out [B, H, T] as lse (row r = (b, h, t)), dO and O [B, T, H, D].
 template <typename T>
 __global__ void rowsum_dot(const T* g, const T* o, AttnShape a, T* out) {
-  int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-  int lane = threadIdx.x % 32;
-  if (r >= a.B * a.H * a.T) return;
-  const int64_t t = r % a.T, bh = r / a.T, at = a.q_head(bh / a.H, bh % a.H) + t * a.q_ld();
-  T acc = T(0);
-  for (int64_t d = lane; d < a.D; d += 32) acc += g[at + d] * o[at + d];
-  acc = warp_sum(acc);
-  if (lane == 0) out[r] = acc;
+  const int64_t warps = (int64_t)gridDim.x * blockDim.x / 32, rows = a.B * a.H * a.T;
+  const int lane = threadIdx.x % 32;
+  // Warp-stride: blocks_for caps the grid, and r is the same for the warp's 32 lanes, so warp_sum sees all of them.
+  for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; r < rows; r += warps) {
+    const int64_t t = r % a.T, bh = r / a.T, at = a.q_head(bh / a.H, bh % a.H) + t * a.q_ld();
+    T acc = T(0);
+    for (int64_t d = lane; d < a.D; d += 32) acc += g[at + d] * o[at + d];
+    acc = warp_sum(acc);
+    if (lane == 0) out[r] = acc;
+  }
 }
 
 // dQ: the warp's query rows against K and V tiles (as the forward): p = exp(score - lse), dS = p·(dO·v - D_t),

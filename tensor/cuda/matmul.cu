@@ -41,15 +41,21 @@ GemmSettings& settings() {
   return s;
 }
 
-cublasHandle_t handle() {
+// One cuBLAS handle for the process, set to the calling thread's current stream and math mode for each call.
+// The lock keeps the setting and the call together: host threads on different streams would otherwise race
+// between cublasSetStream and the GEMM (the GEMM queued on the other thread's stream).
+template <typename F>
+void with_handle(F call) {
+  static std::mutex mu;
   static cublasHandle_t h = [] {
     cublasHandle_t x;
     cublasCheck(cublasCreate(&x));
     return x;
   }();
+  std::lock_guard<std::mutex> lock(mu);
   cublasCheck(cublasSetMathMode(h, settings().tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
   cublasCheck(cublasSetStream(h, stream()));
-  return h;
+  cublasCheck(call(h));
 }
 
 int as_int(int64_t v, const char* what) {
@@ -77,9 +83,11 @@ void sgemm(GemmImpl impl, bool ta, bool tb, int64_t M, int64_t N, int64_t K, flo
   }
   cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
   count_launch();
-  cublasCheck(cublasSgemmStridedBatched(handle(), opb, opa, as_int(N, "N"), as_int(M, "M"), as_int(K, "K"), &alpha,
-                                        B, as_int(ldb, "ldb"), sb, A, as_int(lda, "lda"), sa, &beta, C,
-                                        as_int(ldc, "ldc"), sc, as_int(batch, "batch")));
+  const int m = as_int(M, "M"), n = as_int(N, "N"), k = as_int(K, "K"), nb = as_int(batch, "batch");
+  const int la = as_int(lda, "lda"), lb = as_int(ldb, "ldb"), lc = as_int(ldc, "ldc");
+  with_handle([&](cublasHandle_t h) {
+    return cublasSgemmStridedBatched(h, opb, opa, n, m, k, &alpha, B, lb, sb, A, la, sa, &beta, C, lc, sc, nb);
+  });
 }
 
 void dgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
@@ -88,9 +96,11 @@ void dgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, cons
   if (M == 0 || N == 0 || batch == 0) return;
   cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
   count_launch();
-  cublasCheck(cublasDgemmStridedBatched(handle(), opb, opa, as_int(N, "N"), as_int(M, "M"), as_int(K, "K"), &alpha,
-                                        B, as_int(ldb, "ldb"), sb, A, as_int(lda, "lda"), sa, &beta, C,
-                                        as_int(ldc, "ldc"), sc, as_int(batch, "batch")));
+  const int m = as_int(M, "M"), n = as_int(N, "N"), k = as_int(K, "K"), nb = as_int(batch, "batch");
+  const int la = as_int(lda, "lda"), lb = as_int(ldb, "ldb"), lc = as_int(ldc, "ldc");
+  with_handle([&](cublasHandle_t h) {
+    return cublasDgemmStridedBatched(h, opb, opa, n, m, k, &alpha, B, lb, sb, A, la, sa, &beta, C, lc, sc, nb);
+  });
 }
 
 void matmul(const Tensor& a, const Tensor& b, bool ta, bool tb, int64_t batch, int64_t M, int64_t N, int64_t K,

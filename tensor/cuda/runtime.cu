@@ -203,8 +203,13 @@ void free(void* p, size_t nbytes) {
   c.in_use -= n;
 }
 
-// Copies and memsets on the current stream. From pageable host memory (every host tensor) cudaMemcpyAsync
-// returns once the source has been staged, so the caller may free it; to the host it must finish first.
+// Copies and memsets on the current stream. Host tensors are pageable, and callers free the source right
+// after copy_to_device (small index and label tensors, every step): that relies on the driver staging pageable
+// memory before cudaMemcpyAsync returns, as current drivers do for pageable host-to-device copies, though CUDA's
+// "API synchronization behavior" page documents it only for cudaMemcpy ("might be synchronous" for the async
+// form). cudaMemcpy itself would order against every blocking stream and stall the launch queue; a pinned
+// staging ring is the fix if a platform ever reads pageable memory in place. To the host the copy must finish
+// first.
 void copy_to_device(void* dst, const void* src, size_t n) {
   cudaCheck(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, t_current_stream));
 }

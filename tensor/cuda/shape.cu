@@ -1,8 +1,10 @@
 // Data movement (mirrors tensor/cpu/shape.cpp): permutation, block copies for concat/slice, row gathers for
 // embeddings and their deterministic scatter-add. These move bytes, so they work on 4- or 8-byte words.
-// permute / index_select: one thread per output word. copy_block / extract_block: one strided 2-D memcpy.
+// permute / index_select: one thread per output word. copy_block / extract_block: one strided 2-D memcpy (or a
+// memcpy per row when a pitch passes the device's limit, see copy_rows).
 // index_add: no atomics: the host builds, for every destination row, the list of source rows in index order
 // (CSR), and one thread per destination element adds its sources in that order, exactly as the CPU loop does.
+#include <algorithm>
 #include <vector>
 
 #include "tensor/cuda/common.cuh"
@@ -69,6 +71,26 @@ void launch_permute(const Tensor& a, const std::vector<int64_t>& perm, Tensor& o
   cudaCheckLaunch();
 }
 
+// `rows` rows of `width` bytes, pitch apart, on the current stream. cudaMemcpy2D refuses a pitch above
+// cudaDevAttrMaxPitch (2^31 - 1 bytes on every GPU so far), which a block of a tensor over 2 GiB reaches: one
+// contiguous copy when the rows touch (a single row, or both pitches equal to the width), else one copy per row,
+// at most a few dozen then (a pitch over 2 GiB leaves room for that many rows in the device's memory).
+void copy_rows(char* dst, size_t dpitch, const char* src, size_t spitch, size_t width, int64_t rows) {
+  if (rows <= 0 || width == 0) return;
+  if (rows == 1 || (dpitch == width && spitch == width)) {
+    cudaCheck(cudaMemcpyAsync(dst, src, width * rows, cudaMemcpyDeviceToDevice, stream()));
+    return;
+  }
+  int max_pitch = 0;
+  cudaCheck(cudaDeviceGetAttribute(&max_pitch, cudaDevAttrMaxPitch, 0));
+  if (std::max(dpitch, spitch) <= (size_t)max_pitch) {
+    cudaCheck(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows, cudaMemcpyDeviceToDevice, stream()));
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    cudaCheck(cudaMemcpyAsync(dst + r * dpitch, src + r * spitch, width, cudaMemcpyDeviceToDevice, stream()));
+}
+
 }  // namespace
 
 void permute(const Tensor& a, const std::vector<int64_t>& perm, Tensor& out) {
@@ -79,17 +101,15 @@ void permute(const Tensor& a, const std::vector<int64_t>& perm, Tensor& out) {
 
 void copy_block(const Tensor& a, int64_t outer, int64_t n_a, int64_t inner, Tensor& out, int64_t n_out, int64_t at) {
   size_t es = dtype_size(a.dtype()), row = n_a * inner * es;
-  if (outer == 0 || row == 0) return;
-  cudaCheck(cudaMemcpy2DAsync(static_cast<char*>(out.raw()) + at * inner * es, n_out * inner * es, a.raw(), row, row,
-                              outer, cudaMemcpyDeviceToDevice, stream()));
+  copy_rows(static_cast<char*>(out.raw()) + at * inner * es, n_out * inner * es, static_cast<const char*>(a.raw()),
+            row, row, outer);
 }
 
 void extract_block(const Tensor& a, int64_t outer, int64_t n_a, int64_t inner, int64_t at, int64_t n_out,
                    Tensor& out) {
   size_t es = dtype_size(a.dtype()), row = n_out * inner * es;
-  if (outer == 0 || row == 0) return;
-  cudaCheck(cudaMemcpy2DAsync(out.raw(), row, static_cast<const char*>(a.raw()) + at * inner * es, n_a * inner * es,
-                              row, outer, cudaMemcpyDeviceToDevice, stream()));
+  copy_rows(static_cast<char*>(out.raw()), row, static_cast<const char*>(a.raw()) + at * inner * es, n_a * inner * es,
+            row, outer);
 }
 
 void index_select(const Tensor& a, int64_t outer, int64_t n, int64_t inner, const Tensor& index, Tensor& out) {

@@ -1,6 +1,8 @@
 // The CPU emulator's scheduler and runtime (the design is in cuda_runtime.h here). Compiled into libpsa only in
 // the CUDA=emu build.
 #if !defined(__x86_64__)
+#include <algorithm>
+#include <utility>
 #include <ucontext.h>
 #endif
 
@@ -11,6 +13,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cublas_v2.h"
@@ -220,6 +223,9 @@ Problem launch_problem(const void* kernel, const Config& c) {
 }  // namespace
 
 void set_max_dynamic_smem(const void* kernel, int bytes) { g_smem_optin[kernel] = bytes; }
+
+size_t g_max_pitch = 2147483647;  // an H100's cudaDeviceProp::memPitch
+size_t set_max_pitch(size_t bytes) { return std::exchange(g_max_pitch, bytes); }
 unsigned char* dynamic_smem() { return g_smem; }
 void block_barrier() { wait_at(Wait::block); }
 int lane_id() { return g_block.current % 32; }  // current: the running thread's linear index in the block
@@ -344,10 +350,16 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
   *p = cudaDeviceProp{};
   std::snprintf(p->name, sizeof p->name, "CUDA emulator on the CPU (tests/cuda_emu)");
   p->totalGlobalMem = capacity();
+  p->memPitch = g_max_pitch;
   p->sharedMemPerBlock = kDefaultSmemLimit;
   p->sharedMemPerBlockOptin = kOptinSmemLimit;
   p->l2CacheSize = 50 << 20;
   p->major = 9, p->minor = 0, p->multiProcessorCount = kEmulatedSms, p->maxThreadsPerBlock = 1024, p->warpSize = 32;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  if (attr != cudaDevAttrMaxPitch) return record_error(cudaErrorInvalidValue, "cuda_emu: attribute not emulated");
+  *value = (int)std::min<size_t>(g_max_pitch, 2147483647);
   return cudaSuccess;
 }
 const char* cudaGetErrorString(cudaError_t e) {
@@ -405,6 +417,8 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind
 cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
                               cudaMemcpyKind, cudaStream_t) {
   if (width > dpitch || width > spitch) return record_error(cudaErrorInvalidValue, "cuda_emu: cudaMemcpy2D width > pitch");
+  if (dpitch > g_max_pitch || spitch > g_max_pitch)
+    return record_error(cudaErrorInvalidPitchValue, "cuda_emu: cudaMemcpy2D pitch above cudaDevAttrMaxPitch");
   for (size_t r = 0; r < height; ++r)
     std::memmove(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width);
   return cudaSuccess;

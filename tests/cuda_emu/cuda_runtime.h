@@ -78,6 +78,7 @@ enum cudaError_t {
   cudaErrorInvalidValue = 1,
   cudaErrorMemoryAllocation = 2,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorInvalidPitchValue = 12,
   cudaErrorNotReady = 600,
 };
 typedef struct CUstream_st* cudaStream_t;
@@ -90,15 +91,17 @@ enum cudaMemcpyKind {
   cudaMemcpyDefault = 4
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMaxPitch = 11 };
 struct cudaDeviceProp {
   char name[256];
-  size_t totalGlobalMem;
+  size_t totalGlobalMem, memPitch;
   size_t sharedMemPerBlock, sharedMemPerBlockOptin, l2CacheSize;
   int major, minor, multiProcessorCount, maxThreadsPerBlock, warpSize;
 };
 
 cudaError_t cudaGetDeviceCount(int* n);
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
 const char* cudaGetErrorString(cudaError_t e);
 cudaError_t cudaGetLastError();
 cudaError_t cudaPeekAtLastError();
@@ -127,6 +130,9 @@ namespace cuda_emu {
 
 // Work is executed when it is issued, so every stream and event is always complete.
 void set_max_dynamic_smem(const void* kernel, int bytes);
+// The largest pitch cudaMemcpy2D takes (cudaDevAttrMaxPitch: 2^31 - 1 bytes, as on every GPU so far); tests lower
+// it to reach the limit with small tensors. Returns the previous limit.
+size_t set_max_pitch(size_t bytes);
 unsigned char* dynamic_smem();
 void block_barrier();
 void warp_barrier(unsigned mask);
