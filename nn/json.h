@@ -2,8 +2,8 @@
 // Numbers are doubles (integers exact up to 2^53); objects keep insertion order so dumps are stable.
 #pragma once
 #include <cstdint>
-#include <string>
 #include <initializer_list>
+#include <string>
 #include <utility>
 #include <vector>
 

@@ -396,10 +396,10 @@ TEST(CudaShape, BlocksWithPitchesPastTheDeviceLimitStillCopy) {
   Tensor a = randn({3, 20}, 31), b = randn({3, 12}, 32), c = randn({5, 40}, 33);  // pitches 80, 48, 160 bytes
   auto run = [&](Device dev) {
     Tensor x = a.to(dev).requires_grad_();
-    Tensor rows = concat({x, b.to(dev)}, 1);      // 3 rows: 80 and 48 into 128-byte rows
+    Tensor rows = concat({x, b.to(dev)}, 1);           // 3 rows: 80 and 48 into 128-byte rows
     Tensor whole = concat({c.to(dev), c.to(dev)}, 0);  // outer 1: one contiguous copy each
-    Tensor part = slice(x, 1, 4, 17);             // 52 of 80 bytes a row
-    sum(mul(part, part)).backward();               // the slice's backward writes the block into zeros
+    Tensor part = slice(x, 1, 4, 17);                  // 52 of 80 bytes a row
+    sum(mul(part, part)).backward();                   // the slice's backward writes the block into zeros
     return std::vector<Tensor>{rows, whole, part, x.grad()};
   };
   std::vector<Tensor> cpu = run(Device::cpu), gpu = run(Device::cuda);

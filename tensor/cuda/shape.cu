@@ -72,7 +72,7 @@ void launch_permute(const Tensor& a, const std::vector<int64_t>& perm, Tensor& o
 }
 
 // `rows` rows of `width` bytes, pitch apart, on the current stream. cudaMemcpy2D refuses a pitch above
-// cudaDevAttrMaxPitch (2^31 - 1 bytes on every GPU so far), which a block of a tensor over 2 GiB reaches: one
+// cudaDevAttrMaxPitch (2^31 - 1 bytes on current GPUs), which a block of a tensor over 2 GiB reaches: one
 // contiguous copy when the rows touch (a single row, or both pitches equal to the width), else one copy per row,
 // at most a few dozen then (a pitch over 2 GiB leaves room for that many rows in the device's memory).
 void copy_rows(char* dst, size_t dpitch, const char* src, size_t spitch, size_t width, int64_t rows) {

@@ -130,7 +130,7 @@ namespace cuda_emu {
 
 // Work is executed when it is issued, so every stream and event is always complete.
 void set_max_dynamic_smem(const void* kernel, int bytes);
-// The largest pitch cudaMemcpy2D takes (cudaDevAttrMaxPitch: 2^31 - 1 bytes, as on every GPU so far); tests lower
+// The largest pitch cudaMemcpy2D takes (cudaDevAttrMaxPitch: 2^31 - 1 bytes on current GPUs); tests lower
 // it to reach the limit with small tensors. Returns the previous limit.
 size_t set_max_pitch(size_t bytes);
 unsigned char* dynamic_smem();
