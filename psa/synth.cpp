@@ -572,10 +572,22 @@ void draw_sign(Image& im, const Box& b, const std::string& text, const std::stri
 // Level follows the type's usual severity shifted by the motif's prominence (its size, which the image
 // shows), so level is not a function of type alone, yet every label can be read off the image: a random
 // jitter here would cap the head's attainable level accuracy (at +-0.45 it capped it near 0.8).
+// Severities: politics and illegal 3 (levels 2, 3, 3 by prominence), insults, fairness and privacy 2 (levels
+// 1, 2, 3), misleading 1.5 (levels 1, 2, 2).
+const double kSeverity[kRiskTypes] = {3.0, 3.0, 2.0, 2.0, 2.0, 1.5};
+
 int risk_level(int type, int prominence) {
-  static const double severity[kRiskTypes] = {3.0, 3.0, 2.0, 2.0, 2.0, 1.5};
-  int level = std::clamp(static_cast<int>(std::lround(severity[type] + (prominence - 1))), 1, 3);
+  int level = std::clamp(static_cast<int>(std::lround(kSeverity[type] + (prominence - 1))), 1, 3);
   return type == 5 ? std::min(level, 2) : level;  // misleading is 1-2 (dataset.md)
+}
+
+// Prominence 0 small, 1 medium, 2 large, uniform, except that the types of severity 2 draw medium half the
+// time, so that their level is mostly 2 with a spread to 1 and 3 (dataset.md: "insults, fairness, privacy
+// mostly 2"); uniform, each of their levels would be a third. One draw either way.
+int draw_prominence(int type, Rng& rng) {
+  if (kSeverity[type] != 2.0) return rng.below(3);
+  static const int kMostlyMedium[4] = {0, 1, 1, 2};
+  return kMostlyMedium[rng.below(4)];
 }
 
 const double kProminenceFrac[3] = {0.38, 0.5, 0.64};
@@ -585,7 +597,7 @@ Scene risky_scene(int S, int type, Rng& rng) {
   sc.kind = kRisky;
   sc.type = type;
   sc.img = background(S, rng);
-  sc.prominence = rng.below(3);
+  sc.prominence = draw_prominence(type, rng);
   sc.level = risk_level(type, sc.prominence);
   sc.motif = type == 0   ? "flag"
              : type == 1 ? (rng.chance(0.5) ? "skull" : "syringe")

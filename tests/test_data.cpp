@@ -147,6 +147,30 @@ TEST_F(Data, LevelIsNotAFunctionOfType) {
   EXPECT_EQ(levels_of_type[kCleanType], std::set<int>{0});
 }
 
+// dataset.md: politics and illegal mostly 3; insults, fairness, privacy mostly 2 (with some spread);
+// misleading 1-2. On 600 risky records of their own (100 per type; the suite's two dozen per type are too
+// few to tell a half from a third).
+TEST(DataLevels, FollowTheTypesSeverity) {
+  const std::string dir = temp_dir("levels");
+  SynthConfig c = small_config(11);
+  c.train = {0, 600, 0, 0}, c.val = {0, 6, 0, 0}, c.test = {0, 6, 0, 0};
+  c.base_extra_clean = 0;
+  generate_dataset(c, dir);
+  std::map<int, std::map<int, int>> n;  // type -> level -> records
+  for (const Record& r : load_records(dir + "/train.jsonl", nullptr)) ++n[r.safe_type][r.safe_level];
+  fs::remove_all(dir);
+  for (int t : {0, 1}) {
+    EXPECT_GT(n[t][3], n[t][2]) << "type " << t;
+    EXPECT_EQ(n[t][1], 0) << "type " << t;
+  }
+  for (int t : {2, 3, 4}) {
+    EXPECT_GE(n[t][2], 40) << "type " << t << ": level 2 in " << n[t][2] << " of 100";
+    EXPECT_GT(n[t][1], 10) << "type " << t;
+    EXPECT_GT(n[t][3], 10) << "type " << t;
+  }
+  EXPECT_EQ(n[5][3], 0) << "misleading is level 1-2";
+}
+
 TEST_F(Data, HardNegativesAreCleanLookAlikes) {
   int hard = 0;
   std::set<std::string> motifs;
