@@ -32,10 +32,13 @@ Each stage writes OUT/<stage>/ (model.safetensors, config.json, tokenizer.json),
 OUT/<stage>/log.jsonl, and an audit against the previous stage; OUT/loss_curves.png plots every loss.
 With --eval (default for --stage all) the benchmark runs on DIR/test.jsonl into OUT/report.json and
 OUT/report.md, with every record's prediction and answers in OUT/predictions/<stage>.jsonl.
+--data FILE.jsonl (real data, reference-format records): that one file trains every stage (Stage I takes its
+risky records + the clean ratio), the tokenizer is built from it, there is no vision pretraining, and the
+benchmark runs on test.jsonl beside the file when there is one (else it is skipped, with a notice).
 
 options:
   --preset tiny|small      model and data preset (default tiny)
-  --data DIR               dataset folder (default data/<preset>)
+  --data DIR|FILE.jsonl     dataset folder (default data/<preset>), or one records file (see above)
   --out DIR                run folder (default runs/<preset>)
   --stage all|base|1|2     which stages (default all); later stages start from OUT/<previous stage>
   --seed N                 initialisation, shuffling and LoRA-dropout seed, 0..2^63-1 (default 42)
@@ -81,10 +84,18 @@ constexpr double kMaxLr = 10;
 
 struct Plan {
   std::string preset, data, out;
+  bool data_is_file = false;  // --data FILE.jsonl: one records file for every stage
   uint64_t seed;
   int64_t batch, vision_steps, vision_batch;
   bool resume, overwrite;
 };
+
+// The records a stage trains on: DIR/base_train.jsonl for base, DIR/train.jsonl for Stages I and II, or the
+// one --data FILE.jsonl for all of them.
+std::string training_split(const Plan& p, const std::string& stage) {
+  if (p.data_is_file) return p.data;
+  return (fs::path(p.data) / (stage == "base" ? "base_train.jsonl" : "train.jsonl")).string();
+}
 
 // One stage of this run: its checkpoint folder and its training options, all decided before any work.
 struct StagePlan {
@@ -108,8 +119,9 @@ Tokenizer tokenizer_for(const Plan& p, int64_t vocab) {
   fs::path path = fs::path(p.out) / "tokenizer.json";
   if (fs::exists(path)) return Tokenizer::load(path.string());
   std::vector<Record> recs;
-  for (const char* f : {"base_train.jsonl", "train.jsonl"}) {
-    std::vector<Record> r = load_records((fs::path(p.data) / f).string(), nullptr, false);
+  for (const std::string& f : p.data_is_file ? std::vector<std::string>{p.data}
+                                            : std::vector<std::string>{training_split(p, "base"), training_split(p, "stage1")}) {
+    std::vector<Record> r = load_records(f, nullptr, false);
     recs.insert(recs.end(), r.begin(), r.end());
   }
   Tokenizer tok = Tokenizer::train(corpus_of(recs), vocab);
@@ -311,6 +323,8 @@ int cmd_train(int argc, char** argv) {
   p.preset = a.get("--preset", "tiny");
   PsaConfig cfg = PsaConfig::from_preset(p.preset);
   p.data = a.get_path("--data", "data/" + p.preset);
+  p.data_is_file = cli::lower_extension(p.data) == ".jsonl";
+  PSA_CHECK(!p.data_is_file || fs::is_regular_file(p.data), "--data: ", p.data, " is not a readable file");
   p.out = a.get_path("--out", "runs/" + p.preset);
   p.seed = a.get_int("--seed", 42, 0, std::numeric_limits<int64_t>::max());
   p.batch = a.get_int("--batch", 16, 1, kMaxBatch);
@@ -348,7 +362,7 @@ int cmd_train(int argc, char** argv) {
     PSA_CHECK(lora.rank <= lora_max_rank(cfg), "--lora-rank: ", lora.rank, " is out of range [0, ",
               lora_max_rank(cfg), "] for the model in ", c.dir);
   }
-  if (!fs::exists(fs::path(p.data) / "train.jsonl")) {
+  if (!p.data_is_file && !fs::exists(fs::path(p.data) / "train.jsonl")) {
     // Only a missing or empty folder is filled with the synthetic data: never write into someone's data folder.
     PSA_CHECK(!fs::exists(p.data) || fs::is_empty(p.data), p.data, ": no train.jsonl (generate one with `psa data --out ",
               p.data, "`)");
@@ -359,12 +373,12 @@ int cmd_train(int argc, char** argv) {
   // resumed base stage takes every weight from its state: pretraining again would only be overwritten.
   const StagePlan& first = todo.front();
   const bool pretrain = first.stage == "base" && first.o.resume_from.empty() && p.vision_steps > 0;
-  const bool has_info = fs::exists(fs::path(p.data) / "dataset.json");
+  const bool has_info = !p.data_is_file && fs::exists(fs::path(p.data) / "dataset.json");
   SynthConfig scenes;
   if (pretrain && has_info) scenes = scene_config(p);
   if (pretrain && !has_info)
-    std::printf("[vision] %s has no dataset.json (not generated): no scene stream, vision pretraining skipped\n",
-                p.data.c_str());
+    std::printf("[vision] %s%s: no scene stream, vision pretraining skipped\n", p.data.c_str(),
+                p.data_is_file ? " is one records file" : " has no dataset.json (not generated)");
   if (!tok) {
     tok = std::make_shared<Tokenizer>(tokenizer_for(p, cfg.text.vocab));
     cfg.image_token = tok->image_id();
@@ -385,8 +399,7 @@ int cmd_train(int argc, char** argv) {
     if (int n = remove_stale_temps(s.dir.string()))
       std::printf("[%s] removed %d leftover(s) of a killed write in %s\n", stage.c_str(), n, s.dir.c_str());
     if (!s.o.resume_from.empty()) std::printf("[%s] resuming from %s\n", stage.c_str(), s.o.resume_from.c_str());
-    const fs::path split = fs::path(p.data) / (stage == "base" ? "base_train.jsonl" : "train.jsonl");
-    Dataset data = load_split(split.string(), *tok, cfg);
+    Dataset data = load_split(training_split(p, stage), *tok, cfg);
     if (stage == "base" && pretrain && has_info)
       pretrain_vision_tower(*model, p, scenes, a.has("--quiet"), *tok, cfg, report, curves);
     StageResult r = train_stage(*model, data, s.o);
@@ -416,11 +429,16 @@ int cmd_train(int argc, char** argv) {
     plot_lines((fs::path(p.out) / "loss_curves.png").string(), curves, po);
   }
   bool eval = a.has("--eval") || (which == "all" && !a.has("--no-eval"));
+  const std::string eval_data = p.data_is_file ? fs::path(p.data).parent_path().string() : p.data;
+  if (eval && p.data_is_file && !fs::exists(fs::path(eval_data) / "test.jsonl")) {
+    std::printf("no test.jsonl beside %s: benchmark skipped\n", p.data.c_str());
+    eval = false;
+  }
   if (eval) {
     std::vector<std::string> ckpts;
     for (const char* stage : kStages)
       if (fs::exists(fs::path(p.out) / stage / "model.safetensors")) ckpts.push_back((fs::path(p.out) / stage).string());
-    std::vector<std::string> args = {"--data", p.data, "--out", report_path.string(), "--md",
+    std::vector<std::string> args = {"--data", eval_data.empty() ? "." : eval_data, "--out", report_path.string(), "--md",
                                      (fs::path(p.out) / "report.md").string(), "--limit", std::to_string(eval_limit),
                                      "--predictions", (fs::path(p.out) / "predictions").string()};
     if (a.has("--quiet")) args.push_back("--quiet");
