@@ -205,7 +205,6 @@ void add_head_metrics(json::Value& out, const Dataset& d, const std::vector<Reco
   out.set("type_confusion", confusion_json(ty));
 }
 
-
 struct RiskyTally {
   int64_t n = 0, comply_on = 0, comply_off = 0, safe_on = 0, safe_off = 0;
   int64_t n_level[kNumLevels] = {}, safe_level[kNumLevels] = {};

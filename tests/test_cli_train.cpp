@@ -138,6 +138,21 @@ TEST_F(TrainCli, LoraRankZeroStillMeansFullFineTuning) {
   EXPECT_EQ(c.lora.rank, 0);
 }
 
+// dataset.md's real-data path: one records file trains every stage, without the folder's other files.
+TEST_F(TrainCli, OneRecordsFileTrainsEveryStage) {
+  const fs::path dir = root_ / "one_file";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  fs::copy(fs::path(data_) / "images", dir / "images", fs::copy_options::recursive);
+  fs::copy_file(fs::path(data_) / "train.jsonl", dir / "records.jsonl");
+  const std::string out = (root_ / "one_file_run").string();
+  Result r = run_psa(train_args((dir / "records.jsonl").string(), out, {{"--no-eval", "\x01"}}));
+  ASSERT_EQ(r.status, 0) << r.err;
+  for (const char* stage : {"base", "stage1", "stage2"}) EXPECT_TRUE(fs::exists(out + "/" + stage + "/model.safetensors")) << stage;
+  EXPECT_NE(r.out.find("no test.jsonl beside"), std::string::npos) << r.out;
+  expect_one_line_error(run_psa(train_args((dir / "missing.jsonl").string(), out + "2")), "is not a readable file");
+}
+
 // ---- a stage started from a checkpoint takes the tokenizer stored with it
 
 TEST_F(TrainCli, StageFromACopiedCheckpointUsesThatCheckpointsTokenizer) {

@@ -38,7 +38,7 @@ benchmark runs on test.jsonl beside the file when there is one (else it is skipp
 
 options:
   --preset tiny|small      model and data preset (default tiny)
-  --data DIR|FILE.jsonl     dataset folder (default data/<preset>), or one records file (see above)
+  --data DIR|FILE.jsonl    dataset folder (default data/<preset>), or one records file (see above)
   --out DIR                run folder (default runs/<preset>)
   --stage all|base|1|2     which stages (default all); later stages start from OUT/<previous stage>
   --seed N                 initialisation, shuffling and LoRA-dropout seed, 0..2^63-1 (default 42)
@@ -119,8 +119,9 @@ Tokenizer tokenizer_for(const Plan& p, int64_t vocab) {
   fs::path path = fs::path(p.out) / "tokenizer.json";
   if (fs::exists(path)) return Tokenizer::load(path.string());
   std::vector<Record> recs;
-  for (const std::string& f : p.data_is_file ? std::vector<std::string>{p.data}
-                                            : std::vector<std::string>{training_split(p, "base"), training_split(p, "stage1")}) {
+  std::vector<std::string> files = {training_split(p, "base")};
+  if (!p.data_is_file) files.push_back(training_split(p, "stage1"));
+  for (const std::string& f : files) {
     std::vector<Record> r = load_records(f, nullptr, false);
     recs.insert(recs.end(), r.begin(), r.end());
   }
@@ -429,8 +430,9 @@ int cmd_train(int argc, char** argv) {
     plot_lines((fs::path(p.out) / "loss_curves.png").string(), curves, po);
   }
   bool eval = a.has("--eval") || (which == "all" && !a.has("--no-eval"));
-  const std::string eval_data = p.data_is_file ? fs::path(p.data).parent_path().string() : p.data;
-  if (eval && p.data_is_file && !fs::exists(fs::path(eval_data) / "test.jsonl")) {
+  // With one records file, the test split is the test.jsonl beside it (eval takes a folder).
+  const fs::path eval_data = p.data_is_file ? fs::absolute(p.data).parent_path() : fs::path(p.data);
+  if (eval && p.data_is_file && !fs::exists(eval_data / "test.jsonl")) {
     std::printf("no test.jsonl beside %s: benchmark skipped\n", p.data.c_str());
     eval = false;
   }
@@ -438,7 +440,7 @@ int cmd_train(int argc, char** argv) {
     std::vector<std::string> ckpts;
     for (const char* stage : kStages)
       if (fs::exists(fs::path(p.out) / stage / "model.safetensors")) ckpts.push_back((fs::path(p.out) / stage).string());
-    std::vector<std::string> args = {"--data", eval_data.empty() ? "." : eval_data, "--out", report_path.string(), "--md",
+    std::vector<std::string> args = {"--data", eval_data.string(), "--out", report_path.string(), "--md",
                                      (fs::path(p.out) / "report.md").string(), "--limit", std::to_string(eval_limit),
                                      "--predictions", (fs::path(p.out) / "predictions").string()};
     if (a.has("--quiet")) args.push_back("--quiet");
