@@ -1,6 +1,7 @@
 // Strict recursive-descent JSON parser (RFC 8259) with line:col errors, and a deterministic printer.
 #include "nn/json.h"
 
+#include <atomic>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -9,6 +10,7 @@
 #include <string_view>
 #include <unordered_set>
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -636,22 +638,57 @@ std::string read_file(const std::string& path) {
 
 Value parse_file(const std::string& path) { return parse(read_file(path), path); }
 
+TempFile create_temp_beside(const std::string& path) {
+  static std::atomic<unsigned> counter{0};
+  const size_t slash = path.find_last_of('/');
+  const std::string dir = slash == std::string::npos ? "" : path.substr(0, slash + 1);
+  const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+  // A leftover of an earlier process with the same pid may hold a name: the next number is tried.
+  for (int attempt = 0; attempt < 64; ++attempt) {
+    const std::string cand = str_cat(dir, ".", name, ".tmp.", ::getpid(), ".", counter++);
+    const int fd = ::open(cand.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd < 0 && errno == EEXIST) continue;
+    if (fd < 0) fail(path, ": cannot create a temp file beside it: ", std::strerror(errno));
+    FILE* f = ::fdopen(fd, "wb");
+    if (!f) {
+      const int err = errno;
+      ::close(fd);
+      ::unlink(cand.c_str());
+      fail(path, ": fdopen: ", std::strerror(err));
+    }
+    return {cand, f};
+  }
+  fail(path, ": no free temp file name beside it");
+}
+
+void sync_dir_of(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) fail(path, ": cannot open directory ", dir, " to sync: ", std::strerror(errno));
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  // Some filesystems refuse fsync on directories; the rename itself has still happened.
+  if (rc != 0 && err != EINVAL && err != ENOTSUP) fail(path, ": fsync of directory ", dir, ": ", std::strerror(err));
+}
+
 void write_file(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  FILE* f = std::fopen(tmp.c_str(), "wb");
-  PSA_CHECK(f, path, ": cannot write: ", std::strerror(errno));
-  bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size() && std::fflush(f) == 0 && ::fsync(fileno(f)) == 0;
+  const TempFile tmp = create_temp_beside(path);
+  bool ok = std::fwrite(text.data(), 1, text.size(), tmp.f) == text.size() && std::fflush(tmp.f) == 0 &&
+            ::fsync(fileno(tmp.f)) == 0;
   int err = errno;
-  ok = std::fclose(f) == 0 && ok;
+  ok = std::fclose(tmp.f) == 0 && ok;
   if (!ok) {
-    std::remove(tmp.c_str());
+    ::unlink(tmp.path.c_str());
     fail(path, ": cannot write: ", std::strerror(err));
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+  if (std::rename(tmp.path.c_str(), path.c_str()) != 0) {
     err = errno;
-    std::remove(tmp.c_str());
-    fail(path, ": cannot rename ", tmp, ": ", std::strerror(err));
+    ::unlink(tmp.path.c_str());
+    fail(path, ": cannot rename ", tmp.path, ": ", std::strerror(err));
   }
+  sync_dir_of(path);
 }
 
 }  // namespace psa::json

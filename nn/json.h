@@ -2,6 +2,7 @@
 // Numbers are doubles (integers exact up to 2^53); objects keep insertion order so dumps are stable.
 #pragma once
 #include <cstdint>
+#include <cstdio>
 #include <initializer_list>
 #include <string>
 #include <utility>
@@ -112,8 +113,18 @@ Value parse_file(const std::string& path);
 // Whole file as bytes, same error wording; shared with the JSONL and safetensors readers.
 std::string read_file(const std::string& path);
 // Writes `text` atomically: a temp file beside `path`, flushed and fsynced, then renamed over it, so a crash
-// leaves either the old file or the new one. Errors name the path.
+// leaves either the old file or the new one, and of two concurrent writers one whole file wins. Errors name the
+// path.
 void write_file(const std::string& path, const std::string& text);
+// A new, empty file beside `path` named ".<name>.tmp.<pid>.<n>" (n counts within the process), created
+// exclusively, so concurrent writers of one path never share a temp file; renamed over `path` to publish.
+struct TempFile {
+  std::string path;
+  FILE* f;
+};
+TempFile create_temp_beside(const std::string& path);
+// fsync of the folder holding `path`, so that a rename into it survives a power cut.
+void sync_dir_of(const std::string& path);
 
 // ---- implementation of the templates above
 

@@ -15,7 +15,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <random>
 #include <set>
 
 #include "nn/json.h"
@@ -64,13 +63,6 @@ uint64_t read_u64_le(const uint8_t* p) {
   uint64_t v = 0;
   for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
   return v;
-}
-
-std::string dir_of(const std::string& path) {
-  size_t slash = path.find_last_of('/');
-  if (slash == std::string::npos) return ".";
-  if (slash == 0) return "/";
-  return path.substr(0, slash);
 }
 
 std::string join(const std::string& dir, const std::string& name) {
@@ -338,16 +330,6 @@ bool kill_this_save() {
 
 }  // namespace
 
-void fsync_dir(const std::string& dir, const std::string& path) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) fail(path, ": cannot open directory ", dir, " to sync: ", std::strerror(errno));
-  int rc = ::fsync(fd);
-  int err = errno;
-  ::close(fd);
-  // Some filesystems refuse fsync on directories; the rename itself has still happened.
-  if (rc != 0 && err != EINVAL && err != ENOTSUP) fail(path, ": fsync of directory ", dir, ": ", std::strerror(err));
-}
-
 void save(const std::string& path, const std::vector<TensorData>& tensors,
           const std::map<std::string, std::string>& metadata) {
   std::set<std::string> names;
@@ -378,26 +360,10 @@ void save(const std::string& path, const std::vector<TensorData>& tensors,
   htext.append((8 - htext.size() % 8) % 8, ' ');  // data buffer starts 8-aligned
   PSA_CHECK(htext.size() <= kMaxHeader, path, ": header of ", htext.size(), " bytes exceeds the format's limit");
 
-  const std::string dir = dir_of(path);
-  size_t slash = path.find_last_of('/');
-  const std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
   TempFile tmp;
-  std::random_device rd;
-  for (int attempt = 0; attempt < 16 && !tmp.f; ++attempt) {
-    std::string cand = join(dir, str_cat(".", base, ".tmp.", ::getpid(), ".", rd() % 1000000));
-    int fd = ::open(cand.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    if (fd < 0) {
-      if (errno == EEXIST) continue;
-      fail(path, ": cannot create temp file in ", dir, ": ", std::strerror(errno));
-    }
-    tmp.path = cand;
-    tmp.f = ::fdopen(fd, "wb");
-    if (!tmp.f) {
-      ::close(fd);
-      fail(path, ": fdopen: ", std::strerror(errno));
-    }
-  }
-  PSA_CHECK(tmp.f, path, ": could not find a free temp file name in ", dir);
+  const json::TempFile created = json::create_temp_beside(path);
+  tmp.path = created.path;
+  tmp.f = created.f;
 
   auto write = [&](const void* p, size_t n) {
     if (n && std::fwrite(p, 1, n, tmp.f) != n) fail(path, ": write failed: ", std::strerror(errno));
@@ -419,7 +385,7 @@ void save(const std::string& path, const std::vector<TensorData>& tensors,
   if (std::fclose(f) != 0) fail(path, ": close failed: ", std::strerror(errno));
   if (::rename(tmp.path.c_str(), path.c_str()) != 0) fail(path, ": rename from ", tmp.path, ": ", std::strerror(errno));
   tmp.done = true;
-  fsync_dir(dir, path);
+  json::sync_dir_of(path);
 }
 
 // ---------------------------------------------------------------- model folders

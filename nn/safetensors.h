@@ -68,9 +68,6 @@ struct TensorData {
 void save(const std::string& path, const std::vector<TensorData>& tensors,
           const std::map<std::string, std::string>& metadata = {});
 
-// fsync of directory `dir`, so that renames into it survive a power loss (errors name `path`, the file renamed).
-void fsync_dir(const std::string& dir, const std::string& path);
-
 // 16 lowercase hex digits of XXH64 with seed 0.
 std::string xxh64_hex(const void* data, size_t n);
 

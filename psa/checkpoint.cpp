@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -71,7 +72,7 @@ void save_checkpoint(const std::string& dir, const PsaVlm& model, const Tokenize
     rename_into(staging / "config.json", d / "config.json");
     if (bytes_or_empty(d / "tokenizer.json") != tok_text) rename_into(staging / "tokenizer.json", d / "tokenizer.json");
     rename_into(staging / "model.safetensors", d / "model.safetensors");
-    st::fsync_dir(dir, (d / "model.safetensors").string());  // the renames reach the disk
+    json::sync_dir_of((d / "model.safetensors").string());  // the renames reach the disk
   } catch (...) {
     fs::remove_all(staging, ec);
     throw;
@@ -147,21 +148,18 @@ Checkpoint load_checkpoint(const std::string& dir) {
   return c;
 }
 
-// ".<name>.tmp.<pid>.<n>" with <name> one of `names`: the pid, else 0.
-static long temp_owner(const std::string& file, const std::vector<std::string>& names) {
-  for (const std::string& n : names) {
-    const std::string prefix = "." + n + ".tmp.";
-    if (file.rfind(prefix, 0) != 0) continue;
-    const char* p = file.c_str() + prefix.size();
-    char* end = nullptr;
-    errno = 0;
-    const long pid = std::strtol(p, &end, 10);
-    if (end == p || *end != '.' || errno != 0 || pid <= 0) return 0;
-    const char* q = end + 1;
-    std::strtoul(q, &end, 10);
-    return end != q && *end == 0 ? pid : 0;
-  }
-  return 0;
+// ".<name>.tmp.<pid>.<n>" (json::create_temp_beside's and save_checkpoint's names): the pid, else 0.
+static long temp_owner(const std::string& file) {
+  const size_t tag = file.rfind(".tmp.");
+  if (file.size() < 2 || file[0] != '.' || tag == std::string::npos || tag == 0) return 0;
+  const char* p = file.c_str() + tag + 5;
+  char* end = nullptr;
+  errno = 0;
+  const long pid = std::strtol(p, &end, 10);
+  if (end == p || *end != '.' || errno != 0 || pid <= 0 || !std::isdigit((unsigned char)*p)) return 0;
+  const char* q = end + 1;
+  std::strtoul(q, &end, 10);
+  return end != q && *end == 0 && std::isdigit((unsigned char)*q) ? pid : 0;
 }
 
 int remove_stale_temps(const std::string& dir) {
@@ -170,9 +168,7 @@ int remove_stale_temps(const std::string& dir) {
   std::vector<fs::path> stale;  // collected first: no removal while the directory is being read
   for (const fs::directory_entry& e : fs::directory_iterator(dir, ec)) {
     const std::string name = e.path().filename().string();
-    const bool folder = e.is_directory(ec) && !e.is_symlink(ec);
-    const long pid = folder ? temp_owner(name, {"checkpoint"})
-                            : temp_owner(name, {"model.safetensors", "train_state.safetensors"});
+    const long pid = temp_owner(name);
     // kill(pid, 0) fails with ESRCH only when no such process exists: a live writer's file stays.
     if (pid && (pid == ::getpid() || (::kill(pid, 0) != 0 && errno == ESRCH))) stale.push_back(e.path());
   }

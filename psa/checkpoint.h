@@ -38,7 +38,7 @@ void save_checkpoint(const std::string& dir, const PsaVlm& model, const Tokenize
 Checkpoint load_checkpoint(const std::string& dir);
 
 // Removes what a killed writer left in `dir` (not below it): the atomic writers' temp files
-// ".<model|train_state>.safetensors.tmp.<pid>.<n>" and save_checkpoint's staging folders
+// ".<name>.tmp.<pid>.<n>" (model.safetensors, report.json, a chart...) and save_checkpoint's staging folders
 // ".checkpoint.tmp.<pid>.<n>", only where process <pid> is gone (or is this one: a stage that starts has
 // nothing in flight). Returns how many were removed.
 int remove_stale_temps(const std::string& dir);

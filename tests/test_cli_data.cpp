@@ -43,11 +43,11 @@ std::string temp_path(const std::string& tag) {
   return p.string();
 }
 
-// Every file under dir whose name ends in ".tmp" (an atomic write's leftover).
+// Every file under dir named like an atomic write's temp file (".<name>.tmp.<pid>.<n>").
 std::vector<std::string> temp_files(const std::string& dir) {
   std::vector<std::string> out;
   for (const auto& e : fs::recursive_directory_iterator(dir))
-    if (e.path().extension() == ".tmp") out.push_back(e.path().string());
+    if (e.path().filename().string().find(".tmp.") != std::string::npos) out.push_back(e.path().string());
   return out;
 }
 

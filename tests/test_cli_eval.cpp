@@ -98,43 +98,54 @@ std::string EvalCli::data_, EvalCli::run_, EvalCli::ckpt_, EvalCli::image_;
 
 // ---- problem 1: output paths that collide ----
 
-TEST_F(EvalCli, DefaultMarkdownBesideAnMdReportIsNotTheReport) {
-  const fs::path d = dir("md_default");
-  const std::string out = (d / "x.md").string();
-  Result r = eval({"--out", out});
+TEST_F(EvalCli, OutputsCarryTheirOwnExtension) {
+  const fs::path d = dir("extensions");
+  Result r = eval({"--out", (d / "r.json").string()});
   ASSERT_EQ(r.status, 0) << r.err;
-  EXPECT_EQ(slurp(out).substr(0, 1), "{") << "the JSON report was replaced";
-  EXPECT_TRUE(fs::exists(out + ".md"));
-  r = eval({"--out", out});  // the next eval merges into it
-  EXPECT_EQ(r.status, 0) << r.err;
-  // The usual case keeps its old name.
-  EXPECT_EQ(eval({"--out", (d / "r.json").string()}).status, 0);
-  EXPECT_TRUE(fs::exists(d / "r.md"));
+  EXPECT_TRUE(fs::exists(d / "r.md")) << "the default Markdown path is the report's with .md";
+  // Another run's weights or records are not a report: without the extension check they were replaced.
+  const std::string weights = (d / "model.safetensors").string();
+  spit(weights, "weights");
+  expect_one_line_error(eval({"--out", weights}), "expected a .json file");
+  expect_one_line_error(eval({"--out", (d / "r.md").string()}), "expected a .json file");
+  expect_one_line_error(eval({"--out", (d / "r.json").string(), "--md", (d / "r.json2").string()}),
+                        "expected a .md file");
+  EXPECT_EQ(slurp(weights), "weights");
+  EXPECT_FALSE(fs::exists(d / "r.json2"));
 }
 
 TEST_F(EvalCli, MarkdownEqualToTheReportIsRefused) {
   const fs::path d = dir("md_same");
   const std::string out = (d / "a.json").string();
+  spit(out, "{}\n");
   expect_one_line_error(eval({"--out", out, "--md", out}), "--md");
-  expect_one_line_error(eval({"--out", out, "--md", (d / "." / "a.json").string()}), "same file as --out");
-  EXPECT_FALSE(fs::exists(out));
+  fs::create_symlink(out, d / "b.md");  // a .md name that is the report itself
+  expect_one_line_error(eval({"--out", out, "--md", (d / "b.md").string()}), "same file as --out");
+  EXPECT_EQ(slurp(out), "{}\n");
 }
 
 TEST_F(EvalCli, OutputsInsideACheckpointOrOverAnInputAreRefused) {
   const std::string weights = ckpt_ + "/model.safetensors", before = slurp(weights);
-  expect_one_line_error(eval({"--md", weights}), "inside the checkpoint folder");
+  expect_one_line_error(eval({"--md", weights}), "expected a .md file");
+  expect_one_line_error(eval({"--md", ckpt_ + "/report.md"}), "inside the checkpoint folder");
   expect_one_line_error(eval({"--out", ckpt_ + "/report.json"}), "inside the checkpoint folder");
   expect_one_line_error(eval({"--predictions", ckpt_}), "inside the checkpoint folder");
   EXPECT_EQ(slurp(weights), before);
   EXPECT_FALSE(fs::exists(ckpt_ + "/report.json"));
   const std::string split = data_ + "/test.jsonl", records = slurp(split);
-  expect_one_line_error(eval({"--out", root_.string() + "/x.json", "--md", split}), "input --data");
+  expect_one_line_error(eval({"--out", root_.string() + "/x.json", "--md", data_ + "/dataset.md"}),
+                        "inside the dataset folder");
+  expect_one_line_error(eval({"--out", data_ + "/dataset.json"}), "inside the dataset folder");
+  expect_one_line_error(eval({"--predictions", data_ + "/images"}), "inside the dataset folder");
   EXPECT_EQ(slurp(split), records);
+  EXPECT_FALSE(fs::exists(data_ + "/dataset.md"));
 }
 
 TEST_F(EvalCli, PredictionFileEqualToTheReportIsRefused) {
   const fs::path d = dir("pred_same");
-  expect_one_line_error(eval({"--predictions", d.string(), "--out", (d / "stage2.jsonl").string()}), "same file");
+  spit(d / "stage2.jsonl", "");
+  fs::create_symlink(d / "stage2.jsonl", d / "r.json");  // a .json name that is the prediction file
+  expect_one_line_error(eval({"--predictions", d.string(), "--out", (d / "r.json").string()}), "same file");
 }
 
 // ---- problem 2: unwritable outputs found before the benchmark runs ----

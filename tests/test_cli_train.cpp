@@ -3,6 +3,8 @@
 // of a killed run and a damaged dataset.json. Bad input: one line on stderr, exit status 2, nothing written.
 // Runs $PSA_BIN (default ./build/psa) on a 1%-scale tiny dataset with 2-step stages: about a second a run.
 #include <gtest/gtest.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -286,16 +288,49 @@ TEST_F(TrainCli, StaleTempFilesOfKilledWritersAreRemovedWhenAStageStarts) {
   const std::vector<std::string> files = {".train_state.safetensors.tmp." + dead + ".123",
                                           ".model.safetensors.tmp." + dead + ".7",
                                           ".train_state.safetensors.tmp.1.5",  // pid 1 is alive: so may its writer be
-                                          "notes.tmp." + dead + ".1"};         // not the pattern
+                                          "notes.tmp." + dead + ".1",          // not the pattern
+                                          ".config.json.tmp." + dead + ".4"};
   for (const std::string& name : files) std::ofstream(base / name) << "x";
   fs::create_directories(base / (".checkpoint.tmp." + dead + ".0"));
+  const fs::path report_temp = fs::path(out) / (".report.json.tmp." + dead + ".3");
+  std::ofstream(report_temp) << "{";
   Result r = run_psa(train_args(data_, out, {{"--resume", ""}, {"--stage", "base"}}));
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_FALSE(fs::exists(base / files[0]));
   EXPECT_FALSE(fs::exists(base / files[1]));
+  EXPECT_FALSE(fs::exists(base / files[4]));
+  EXPECT_FALSE(fs::exists(report_temp));
   EXPECT_FALSE(fs::exists(base / (".checkpoint.tmp." + dead + ".0")));
   EXPECT_TRUE(fs::exists(base / files[2]));
   EXPECT_TRUE(fs::exists(base / files[3]));
+}
+
+// ---- two runs, one folder
+
+// The lock is what a running `psa train` holds; taken here by the test itself, as a second run would meet it.
+TEST_F(TrainCli, ASecondRunInTheSameFolderIsRefused) {
+  const std::string out = copy_of_run("locked");
+  const std::string lock = out + "/.psa.lock";
+  const int fd = ::open(lock.c_str(), O_RDWR | O_CREAT, 0644);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);
+  const std::string pid = std::to_string(::getpid());
+  ASSERT_EQ(::pwrite(fd, pid.data(), pid.size(), 0), ssize_t(pid.size()));
+  const auto before = files_of(fs::path(out) / "stage2");
+  Result r = run_psa(train_args(data_, out, {{"--resume", ""}}));
+  expect_one_line_error(r, "in use by another psa process (pid " + pid + ")");
+  EXPECT_EQ(files_of(fs::path(out) / "stage2"), before);
+  ::close(fd);  // the holder is gone: the folder is free again
+  r = run_psa(train_args(data_, out, {{"--overwrite", ""}, {"--stage", "2"}}));
+  EXPECT_EQ(r.status, 0) << r.err;
+}
+
+TEST_F(TrainCli, RunFolderMustBeAFolderOutsideTheData) {
+  const fs::path file = root_ / "a_file";
+  std::ofstream(file) << "x";
+  expect_one_line_error(run_psa(train_args(data_, file.string())), "--out: " + file.string() + " is not a folder");
+  expect_one_line_error(run_psa(train_args(data_, data_ + "/runs")), "inside the dataset folder");
+  EXPECT_FALSE(fs::exists(data_ + "/runs"));
 }
 
 // ---- dataset.json

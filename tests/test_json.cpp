@@ -3,9 +3,12 @@
 
 #include "test_util.h"
 
+#include <atomic>
 #include <cmath>
+#include <filesystem>
 #include <cstdio>
 #include <fstream>
+#include <thread>
 
 #include "nn/json.h"
 #include "tensor/error.h"
@@ -236,6 +239,34 @@ TEST(Json, ParseFile) {
   std::remove(path.c_str());
   e = error_of([&] { json::parse_file(path); });
   EXPECT_EQ(e, path + ": cannot open: No such file or directory");
+}
+
+// Two writers of one path (two evals given the same --out): each write is whole, and nothing is left beside it.
+TEST(Json, ConcurrentWritesOfOnePathNeverMix) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::path(::testing::TempDir()) / ("psa_test_json_concurrent_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string path = (dir / "report.json").string();
+  const std::string texts[2] = {std::string(1000, 'a'), std::string(30000, 'b')};
+  std::atomic<int> errors{0};
+  auto writer = [&](int w) {
+    for (int i = 0; i < 100; ++i) {
+      try {
+        json::write_file(path, texts[w]);
+      } catch (const psa::Error&) {
+        ++errors;
+      }
+    }
+  };
+  std::thread a(writer, 0), b(writer, 1);
+  a.join();
+  b.join();
+  EXPECT_EQ(errors.load(), 0);
+  const std::string last = json::read_file(path);
+  EXPECT_TRUE(last == texts[0] || last == texts[1]) << "a mixed file of " << last.size() << " bytes";
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), fs::directory_iterator()), 1) << "a temp file was left";
+  fs::remove_all(dir);
 }
 
 TEST(Json, ParsesRealHfConfigs) {

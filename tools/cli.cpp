@@ -1,6 +1,7 @@
 #include "tools/cli.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -141,6 +142,27 @@ void check_output_file(const std::string& what, const std::string& path) {
   PSA_CHECK(!fs::exists(path, ec) || fs::is_regular_file(path, ec), what, ": ", path, " is not a regular file");
   const fs::path parent = fs::path(path).parent_path();
   check_output_dir(what + " " + path, parent.empty() ? "." : parent.string());
+}
+
+void lock_output_dir(const std::string& what, const std::string& dir) {
+  const std::string path = (std::filesystem::path(dir) / ".psa.lock").string();
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  PSA_CHECK(fd >= 0, what, " ", dir, ": cannot create the lock file ", path, ": ", std::strerror(errno));
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    char buf[32] = {0};
+    const ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
+    ::close(fd);
+    const long pid = n > 0 ? std::strtol(buf, nullptr, 10) : 0;
+    PSA_CHECK(err != EWOULDBLOCK, what, " ", dir, ": in use by another psa process",
+              pid > 0 ? " (pid " + std::to_string(pid) + ")" : std::string(), "; wait for it or choose another folder");
+    fail(what, " ", dir, ": cannot lock ", path, ": ", std::strerror(err));
+  }
+  const std::string pid = std::to_string(::getpid()) + "\n";
+  // Only a note for the message above: the lock itself is the flock, so a failed write changes nothing.
+  const bool noted = ::ftruncate(fd, 0) == 0 && ::pwrite(fd, pid.data(), pid.size(), 0) == ssize_t(pid.size());
+  (void)noted;
+  // fd stays open (and locked) for the rest of the process.
 }
 
 std::string lower_extension(const std::string& path) {

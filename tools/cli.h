@@ -51,6 +51,10 @@ bool path_inside(const std::string& path, const std::string& dir);
 void check_output_dir(const std::string& what, const std::string& dir);
 // `path` is not empty, not a folder or another non-regular file, and its folder passes check_output_dir.
 void check_output_file(const std::string& what, const std::string& path);
+// An exclusive lock on `dir` (flock of dir/.psa.lock, which records the holder's pid), held until the process
+// exits, so that two runs never write one folder; the kernel drops it when the holder dies, so a killed run
+// leaves nothing to clean. Else an error "<what> <dir>: in use by another psa process (pid N)".
+void lock_output_dir(const std::string& what, const std::string& dir);
 // The extension of `path`, lowercased (".PNG" -> ".png"; "" when there is none).
 std::string lower_extension(const std::string& path);
 

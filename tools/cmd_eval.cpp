@@ -29,11 +29,10 @@ required:
 
 options:
   --split NAME          records file DIR/NAME.jsonl (default test)
-  --out FILE            JSON report (default report.json): {"<stage>": metrics, ...}; an existing file is
+  --out FILE.json       JSON report (default report.json): {"<stage>": metrics, ...}; an existing file is
                         merged into, keeping its other keys and the other fields of each stage (training
                         time, config, audit), so `psa train` and `psa eval` can share one report
-  --md FILE             Markdown table (default: the --out path with .md instead of its extension, or
-                        with .md added when it already ends in .md)
+  --md FILE.md          Markdown table (default: the --out path with .md instead of .json)
   --policy NAME|FILE    safety policy for control on: short (default; the synthetic data's table),
                         reference, or a policy JSON file; a hint too long for a checkpoint's positions
                         even with an empty question is refused
@@ -46,7 +45,9 @@ options:
   --quiet               no progress bar
 
 Output files are checked before anything is loaded: they must differ from each other and from the inputs,
-lie outside every --ckpt folder, and their folders must be creatable and writable. Records whose prompt
+lie outside the --data folder and every --ckpt folder, carry their own extension (.json, .md), and their
+folders must be creatable and writable. Each is written atomically: a killed or concurrent eval leaves
+either the old file or a whole new one. Records whose prompt
 (with the hint the policy picks) exceeds the model's max_position_embeddings are skipped and counted
 (skipped_records), like unreadable records. A checkpoint whose outputs are NaN/Inf is an error.
 
@@ -125,20 +126,15 @@ static json::Value eval_one(const std::string& dir, const std::vector<Record>& r
   return m;
 }
 
-// The default Markdown path can never be the JSON report itself: "x.json" -> "x.md", but "x.md" -> "x.md.md".
-static std::string default_md(const std::string& out) {
-  return cli::lower_extension(out) == ".md" ? out + ".md" : fs::path(out).replace_extension(".md").string();
-}
-
 struct Output {
   std::string flag, path;
 };
 
 // Every file eval will write, compared before anything is loaded: with each other (the Markdown table must not
-// replace the JSON report), with the inputs, and with the checkpoint folders (a report written over
-// model.safetensors would destroy it).
+// replace the JSON report), with the inputs, and with the folders it reads (a report written over
+// model.safetensors or over a dataset's images would destroy them).
 static void check_outputs(const std::vector<Output>& outs, const std::vector<Output>& inputs,
-                          const std::vector<std::string>& ckpts) {
+                          const std::vector<Output>& read_folders) {
   for (size_t i = 0; i < outs.size(); ++i) {
     const Output& o = outs[i];
     for (size_t j = 0; j < i; ++j)
@@ -147,9 +143,10 @@ static void check_outputs(const std::vector<Output>& outs, const std::vector<Out
     for (const Output& in : inputs)
       PSA_CHECK(!cli::same_path(o.path, in.path), o.flag, " ", o.path, ": the same file as the input ", in.flag, " ",
                 in.path, " (choose another path)");
-    for (const std::string& dir : ckpts)
-      PSA_CHECK(!cli::path_inside(o.path, dir), o.flag, " ", o.path, ": inside the checkpoint folder ", dir,
-                " given with --ckpt (write reports elsewhere)");
+    for (const Output& dir : read_folders)
+      PSA_CHECK(!cli::path_inside(o.path, dir.path), o.flag, " ", o.path, ": inside the ",
+                dir.flag == "--ckpt" ? "checkpoint" : "dataset", " folder ", dir.path, " given with ", dir.flag,
+                " (write reports elsewhere)");
   }
   for (const Output& o : outs) cli::check_output_file(o.flag, o.path);
 }
@@ -192,7 +189,9 @@ int cmd_eval(int argc, char** argv) {
   check_ckpts(ckpts);
 
   const std::string out = a.get_path("--out", "report.json");
-  const std::string md_path = a.get_path("--md", default_md(out));
+  PSA_CHECK(cli::lower_extension(out) == ".json", "--out ", out, ": expected a .json file (the JSON report)");
+  const std::string md_path = a.get_path("--md", fs::path(out).replace_extension(".md").string());
+  PSA_CHECK(cli::lower_extension(md_path) == ".md", "--md ", md_path, ": expected a .md file (the Markdown table)");
   std::vector<Output> outs{{"--out", out}, {"--md", md_path}};
   std::vector<std::string> pred_files;
   if (a.has("--predictions")) {
@@ -209,7 +208,9 @@ int cmd_eval(int argc, char** argv) {
   }
   std::vector<Output> inputs{{"--data", split_file}};
   if (!policy.path.empty()) inputs.push_back({"--policy", policy.path});
-  check_outputs(outs, inputs, ckpts);
+  std::vector<Output> read_folders{{"--data", data}};
+  for (const std::string& dir : ckpts) read_folders.push_back({"--ckpt", dir});
+  check_outputs(outs, inputs, read_folders);
   json::Value report = fs::exists(out) ? json::parse_file(out) : json::Value::object();
   PSA_CHECK(report.is_object(), out, ": existing report is not a JSON object");
 

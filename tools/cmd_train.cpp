@@ -206,8 +206,6 @@ bool holds_run(const fs::path& dir) { return holds_checkpoint(dir) || fs::exists
 // Training a stage over an existing one would mix two runs in OUT: its files replaced, the later stages left
 // from the old one. Without --resume (continue) or --overwrite (start again), nothing is touched.
 void check_stage_folders(const Plan& p, const std::vector<StagePlan>& todo) {
-  PSA_CHECK(!(p.resume && p.overwrite), "--resume and --overwrite: choose one (continue the run in ", p.out,
-            ", or train its stages again)");
   if (p.overwrite) return;
   for (const StagePlan& s : todo) {
     if (p.resume) {
@@ -335,6 +333,8 @@ int cmd_train(int argc, char** argv) {
   p.vision_batch = a.get_int("--batch-vision", p.preset == "tiny" ? 32 : 64, 1, kMaxBatch);
   p.resume = a.has("--resume");
   p.overwrite = a.has("--overwrite");
+  PSA_CHECK(!(p.resume && p.overwrite), "--resume and --overwrite: choose one (continue the run in ", p.out,
+            ", or train its stages again)");
   const int64_t eval_limit = a.get_int("--eval-limit", 0, 0, kMaxEvalLimit);
   std::string which = a.get("--stage", "all");
   std::string dev = a.get("--device", "cpu");
@@ -344,6 +344,12 @@ int cmd_train(int argc, char** argv) {
   PSA_CHECK(which == "all" || which == "base" || which == "1" || which == "2", "--stage: expected all, base, 1 or 2, got '", which, "'");
   const LoraSettings lora = lora_options(a, cfg);
   std::vector<StagePlan> todo = plan_stages(a, p, which, device, lora);
+  PSA_CHECK(p.data_is_file || !cli::path_inside(p.out, p.data), "--out ", p.out, ": inside the dataset folder ",
+            p.data, " given with --data (write runs elsewhere)");
+  cli::check_output_dir("--out", p.out);
+  cli::lock_output_dir("--out", p.out);  // before its folders are read: a second run must not act on a moving state
+  if (int n = remove_stale_temps(p.out))
+    std::printf("removed %d leftover(s) of a killed write in %s\n", n, p.out.c_str());
   check_stage_folders(p, todo);
   for (const StagePlan& s : todo) check_resume_options(s.o);
   json::Value report = json::Value::object();
