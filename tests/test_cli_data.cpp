@@ -5,6 +5,7 @@
 // Runs ./build/psa (or $PSA_BIN) from the repository root; the binary's tests skip when it is not built.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -179,6 +180,26 @@ TEST_F(CliData, TokenizerVocabIsRangeCheckedBeforeConversion) {
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_EQ(psa::Tokenizer::load(dir + "/tokenizer.json").vocab_size(), 300);
   EXPECT_EQ(temp_files(dir), std::vector<std::string>());
+  fs::remove_all(dir);
+}
+
+// The records it reads, another kind of file and a device are not a tokenizer's place (each was replaced).
+TEST_F(CliData, TokenizerOutputIsAJsonFileThatIsNoInput) {
+  const std::string dir = temp_path("tok_out");
+  ASSERT_EQ(run_psa("data --preset tiny --scale 0.01 --out " + dir).status, 0);
+  const std::string train = dir + "/train.jsonl", records = slurp(train);
+  fs::create_symlink(train, dir + "/link.json");
+  expect_one_line_error(run_psa("tokenizer train --data " + dir + " --out " + train), "expected a .json file");
+  expect_one_line_error(run_psa("tokenizer train --data " + dir + " --out " + dir + "/link.json"),
+                        "the same file as the input");
+  expect_one_line_error(run_psa("tokenizer train --data " + dir + " --out " + dir + "/dataset"), "expected a .json");
+  expect_one_line_error(run_psa("tokenizer train --data " + dir + " --out " + dir), "expected a .json");
+  EXPECT_EQ(slurp(train), records);
+  fs::create_directories(dir + "/sub.json");
+  expect_one_line_error(run_psa("tokenizer train --data " + dir + " --out " + dir + "/sub.json"), "is a folder");
+  ASSERT_EQ(::mkfifo((dir + "/fifo.json").c_str(), 0600), 0);
+  expect_one_line_error(run_psa("tokenizer train --data " + dir + " --out " + dir + "/fifo.json"),
+                        "not a regular file");
   fs::remove_all(dir);
 }
 

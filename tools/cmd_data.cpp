@@ -53,7 +53,8 @@ static const char* kTokUsage = R"(usage: psa tokenizer train --data DIR [--vocab
 
 Trains a byte-level BPE tokenizer (GPT-2 byte map and pre-tokenisation; specials <pad> <s> </s> <image>
 <unk>) on every question and answer of DIR/base_train.jsonl and DIR/train.jsonl, with the prompt template.
---vocab: 261 (the specials and the 256 bytes) to 1048576. Default output: DIR/tokenizer.json.)";
+--vocab: 261 (the specials and the 256 bytes) to 1048576. --out: a .json file, not an input (default
+DIR/tokenizer.json), written atomically.)";
 
 // The five specials and the 256 bytes are always tokens; far past 2^20 merges the model's embedding alone is
 // gigabytes, and no caption corpus has that many distinct pairs.
@@ -68,10 +69,13 @@ int cmd_tokenizer(int argc, char** argv) {
   // Checked before reading the data: as an int, 2^32 + 300 would train a 300-token vocabulary.
   const int vocab = static_cast<int>(a.get_int("--vocab", 512, kMinVocab, kMaxVocab));
   const std::string out = a.get_path("--out", (std::filesystem::path(dir) / "tokenizer.json").string());
+  PSA_CHECK(cli::lower_extension(out) == ".json", "--out ", out, ": expected a .json file (the tokenizer)");
+  cli::check_output_file("--out", out);
   std::vector<Record> recs;
   int64_t skipped = 0;
   for (const char* f : {"base_train.jsonl", "train.jsonl"}) {
     std::string p = (std::filesystem::path(dir) / f).string();
+    PSA_CHECK(!cli::same_path(out, p), "--out ", out, ": the same file as the input ", p, " (choose another path)");
     if (!std::filesystem::exists(p)) continue;
     LoadReport rep;
     std::vector<Record> r = load_records(p, &rep, false);
