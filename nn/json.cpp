@@ -217,6 +217,34 @@ namespace {
 
 constexpr int kMaxDepth = 512;
 
+// Length of the UTF-8 sequence whose lead byte (>= 0x80) is s[at], or 0 when it is not a valid one: no
+// overlongs, no encoded surrogates, nothing above U+10FFFF. *why names the defect, or stays null for a byte that
+// cannot lead a sequence.
+size_t utf8_length(const std::string& s, size_t at, const char** why) {
+  const unsigned char c = static_cast<unsigned char>(s[at]);
+  size_t n;
+  unsigned cp, min;
+  if (c >= 0xC2 && c <= 0xDF) {
+    n = 1, cp = c & 0x1F, min = 0x80;
+  } else if (c >= 0xE0 && c <= 0xEF) {
+    n = 2, cp = c & 0x0F, min = 0x800;
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    n = 3, cp = c & 0x07, min = 0x10000;
+  } else {
+    return 0;
+  }
+  if (at + n >= s.size()) return *why = "truncated sequence", 0;
+  for (size_t i = 1; i <= n; ++i) {
+    const unsigned char cc = static_cast<unsigned char>(s[at + i]);
+    if ((cc & 0xC0) != 0x80) return *why = "bad continuation byte", 0;
+    cp = (cp << 6) | (cc & 0x3F);
+  }
+  if (cp < min) return *why = "overlong encoding", 0;
+  if (cp >= 0xD800 && cp <= 0xDFFF) return *why = "encoded surrogate", 0;
+  if (cp > 0x10FFFF) return *why = "code point above U+10FFFF", 0;
+  return n + 1;
+}
+
 class Parser {
  public:
   Parser(const std::string& text, const std::string& source) : s_(text), src_(source) {}
@@ -434,33 +462,13 @@ class Parser {
     }
   }
 
-  // Validates one UTF-8 sequence starting at pos_ (lead byte >= 0x80) and copies it: no overlongs,
-  // no encoded surrogates, nothing above U+10FFFF.
+  // Validates one UTF-8 sequence starting at pos_ (lead byte >= 0x80) and copies it.
   void copy_utf8(std::string& out) {
-    size_t at = pos_;
-    unsigned char c = static_cast<unsigned char>(s_[pos_]);
-    int n;
-    unsigned cp, min;
-    if (c >= 0xC2 && c <= 0xDF) {
-      n = 1, cp = c & 0x1F, min = 0x80;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      n = 2, cp = c & 0x0F, min = 0x800;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      n = 3, cp = c & 0x07, min = 0x10000;
-    } else {
-      error_at(at, "invalid UTF-8 in string (" + describe(s_[at]) + ")");
-    }
-    if (pos_ + n >= s_.size()) error_at(at, "invalid UTF-8 in string (truncated sequence)");
-    for (int i = 1; i <= n; ++i) {
-      unsigned char cc = static_cast<unsigned char>(s_[pos_ + i]);
-      if ((cc & 0xC0) != 0x80) error_at(at, "invalid UTF-8 in string (bad continuation byte)");
-      cp = (cp << 6) | (cc & 0x3F);
-    }
-    if (cp < min) error_at(at, "invalid UTF-8 in string (overlong encoding)");
-    if (cp >= 0xD800 && cp <= 0xDFFF) error_at(at, "invalid UTF-8 in string (encoded surrogate)");
-    if (cp > 0x10FFFF) error_at(at, "invalid UTF-8 in string (code point above U+10FFFF)");
-    out.append(s_, pos_, n + 1);
-    pos_ += n + 1;
+    const char* why = nullptr;
+    const size_t n = utf8_length(s_, pos_, &why);
+    if (!n) error_at(pos_, std::string("invalid UTF-8 in string (") + (why ? why : describe(s_[pos_])) + ")");
+    out.append(s_, pos_, n);
+    pos_ += n;
   }
 
   std::string parse_string() {
@@ -530,10 +538,19 @@ Value parse(const std::string& text, const std::string& source) { return Parser(
 
 namespace {
 
+// Bytes that are not UTF-8 (a file name from a Latin-1 file system) become U+FFFD: the output must parse.
 void dump_string(std::string& out, const std::string& s) {
   out += '"';
-  for (char ch : s) {
-    unsigned char c = static_cast<unsigned char>(ch);
+  for (size_t i = 0; i < s.size(); ++i) {
+    const char ch = s[i];
+    const unsigned char c = static_cast<unsigned char>(ch);
+    if (c >= 0x80) {
+      const char* why = nullptr;
+      const size_t n = utf8_length(s, i, &why);
+      out += n ? s.substr(i, n) : "\xEF\xBF\xBD";
+      i += n ? n - 1 : 0;
+      continue;
+    }
     switch (ch) {
       case '"': out += "\\\""; break;
       case '\\': out += "\\\\"; break;
@@ -548,7 +565,7 @@ void dump_string(std::string& out, const std::string& s) {
           std::snprintf(buf, sizeof buf, "\\u%04x", c);
           out += buf;
         } else {
-          out += ch;  // UTF-8 passes through unchanged
+          out += ch;
         }
     }
   }

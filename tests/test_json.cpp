@@ -218,6 +218,20 @@ TEST(Json, AccessorErrorsNameKeyAndKind) {
   EXPECT_EQ(json::parse(R"({"k": null})").int_or("k", 5), 5);
 }
 
+// A path from a Latin-1 file system in a report: the written JSON must be readable by the parser above.
+TEST(Json, DumpReplacesBytesThatAreNotUtf8) {
+  const std::string fffd = "\xEF\xBF\xBD";
+  const std::pair<std::string, std::string> cases[] = {
+      {"runs/caf\xE9", "runs/caf" + fffd},              // Latin-1 e-acute
+      {"\xC3\xA9t\xC3", "\xC3\xA9t" + fffd},            // valid, then a truncated sequence
+      {"\xED\xA0\x80", fffd + fffd + fffd},             // an encoded surrogate: each byte replaced
+      {"\xF0\x9F\x98\x80 ok", "\xF0\x9F\x98\x80 ok"}};  // a valid 4-byte sequence is kept
+  for (const auto& [raw, expected] : cases) {
+    const std::string text = json::dump(Value(raw));
+    EXPECT_EQ(json::parse(text).as_string(), expected) << text;
+  }
+}
+
 TEST(Json, DumpRejectsNonFinite) {
   EXPECT_NE(error_of([] { json::dump(Value(std::nan(""))); }), "");
   EXPECT_NE(error_of([] { json::dump(Value(INFINITY)); }), "");
