@@ -539,18 +539,11 @@ Value parse(const std::string& text, const std::string& source) { return Parser(
 namespace {
 
 // Bytes that are not UTF-8 (a file name from a Latin-1 file system) become U+FFFD: the output must parse.
-void dump_string(std::string& out, const std::string& s) {
+void dump_string(std::string& out, const std::string& text) {
+  const std::string s = valid_utf8(text);
   out += '"';
-  for (size_t i = 0; i < s.size(); ++i) {
-    const char ch = s[i];
+  for (char ch : s) {
     const unsigned char c = static_cast<unsigned char>(ch);
-    if (c >= 0x80) {
-      const char* why = nullptr;
-      const size_t n = utf8_length(s, i, &why);
-      out += n ? s.substr(i, n) : "\xEF\xBF\xBD";
-      i += n ? n - 1 : 0;
-      continue;
-    }
     switch (ch) {
       case '"': out += "\\\""; break;
       case '\\': out += "\\\\"; break;
@@ -628,6 +621,29 @@ void dump_value(std::string& out, const Value& v, int indent, int level) {
 }
 
 }  // namespace
+
+bool is_valid_utf8(const std::string& s) {
+  const char* why = nullptr;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (static_cast<unsigned char>(s[i]) < 0x80) continue;
+    const size_t n = utf8_length(s, i, &why);
+    if (!n) return false;
+    i += n - 1;
+  }
+  return true;
+}
+
+std::string valid_utf8(const std::string& s) {
+  if (is_valid_utf8(s)) return s;
+  std::string out;
+  const char* why = nullptr;
+  for (size_t i = 0; i < s.size(); ++i) {
+    const size_t n = static_cast<unsigned char>(s[i]) < 0x80 ? 1 : utf8_length(s, i, &why);
+    out += n ? s.substr(i, n) : "\xEF\xBF\xBD";
+    i += n ? n - 1 : 0;
+  }
+  return out;
+}
 
 std::string dump(const Value& v, int indent) {
   std::string out;

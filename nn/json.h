@@ -108,6 +108,10 @@ Value parse(const std::string& text, const std::string& source = "<json>");
 // Compact when indent < 0, else pretty with `indent` spaces. Integral numbers print without ".0";
 // other doubles print with the fewest digits that round-trip. Non-finite numbers throw.
 std::string dump(const Value& v, int indent = -1);
+// UTF-8 as the parser accepts it: no overlong forms, encoded surrogates or code points past U+10FFFF.
+bool is_valid_utf8(const std::string& s);
+// `s` with each byte that does not start a valid sequence replaced by U+FFFD. dump() writes every string so.
+std::string valid_utf8(const std::string& s);
 // Errors name the path; an unreadable file gives "path: cannot open: <strerror>".
 Value parse_file(const std::string& path);
 // Whole file as bytes, same error wording; shared with the JSONL and safetensors readers.

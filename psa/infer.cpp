@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "autograd/autograd.h"
+#include "nn/json.h"
 #include "psa/data.h"
 
 namespace psa {
@@ -22,38 +23,6 @@ std::string clean_question(const std::string& question) {
   std::string q = question;
   for (size_t p; (p = q.find(tag)) != std::string::npos;) q.erase(p, tag.size());
   return trim(q);
-}
-
-// Length of the valid UTF-8 sequence at s[i], or 0 (overlong forms, surrogates and > U+10FFFF are invalid).
-static size_t utf8_length(const std::string& s, size_t i) {
-  const unsigned char c = s[i];
-  if (c < 0x80) return 1;
-  const size_t n = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 ? 2 : 0;
-  if (n == 0 || c > 0xF4 || i + n > s.size()) return 0;
-  for (size_t k = 1; k < n; ++k)
-    if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return 0;
-  const unsigned char d = s[i + 1];
-  const bool overlong = (c == 0xE0 && d < 0xA0) || (c == 0xF0 && d < 0x90);
-  const bool surrogate_or_too_high = (c == 0xED && d > 0x9F) || (c == 0xF4 && d > 0x8F);
-  return overlong || surrogate_or_too_high ? 0 : n;
-}
-
-// Byte-level BPE can stop inside a character, and an untrained model emits arbitrary bytes; answers go into
-// JSON reports (whose parser rejects invalid UTF-8), so each invalid byte becomes U+FFFD.
-static std::string valid_utf8(const std::string& s) {
-  std::string out;
-  for (size_t i = 0; i < s.size();) {
-    const size_t n = utf8_length(s, i);
-    out += n ? s.substr(i, n) : "\xEF\xBF\xBD";
-    i += n ? n : 1;
-  }
-  return out;
-}
-
-bool is_valid_utf8(const std::string& s) {
-  for (size_t i = 0, n; i < s.size(); i += n)
-    if ((n = utf8_length(s, i)) == 0) return false;
-  return true;
 }
 
 static Device model_device(const Checkpoint& c) { return c.model->lm->embed_tokens->weight.device(); }
@@ -140,7 +109,9 @@ static std::string decode_answer(const Tokenizer& tok, const std::vector<int64_t
   std::vector<int32_t> known;
   for (int64_t id : ids)
     if (id >= 0 && id < tok.vocab_size()) known.push_back(static_cast<int32_t>(id));
-  return trim(valid_utf8(tok.decode(known)));
+  // Byte-level BPE can stop inside a character, and an untrained model emits arbitrary bytes: answers go into
+  // JSON reports, so each invalid byte becomes U+FFFD.
+  return trim(json::valid_utf8(tok.decode(known)));
 }
 
 int64_t prompt_positions(const Checkpoint& c, const std::string& question, const std::string& hint) {

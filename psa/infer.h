@@ -35,9 +35,6 @@ bool has_safety_tokens(const Checkpoint& c);
 // token), surrounding whitespace trimmed.
 std::string clean_question(const std::string& question);
 
-// Whole string is valid UTF-8 (no overlong forms, surrogates or code points past U+10FFFF).
-bool is_valid_utf8(const std::string& s);
-
 // Positions the LLM sees for a prompt: its text tokens with the one image token replaced by the image inserts
 // (projected patches, plus the LLM-side safety tokens for stage1/stage2 checkpoints).
 int64_t prompt_positions(const Checkpoint& c, const std::string& question, const std::string& hint);

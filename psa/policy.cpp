@@ -2,6 +2,7 @@
 
 #include <filesystem>
 
+#include "psa/tokenizer.h"
 #include "tensor/error.h"
 
 namespace psa {
@@ -50,6 +51,9 @@ static PolicyEntry parse_entry(const json::Value& v, const std::string& where, c
   PSA_CHECK(e.action == "none" || e.action == "hint" || e.action == "refuse", where, ": action '", e.action,
             "' is not none|hint|refuse");
   e.hint = opt_string(v, "hint", where);
+  // A hint is prompt text: a special token in it (the image's above all) would change the prompt's structure.
+  for (const std::string& special : Tokenizer::special_texts())
+    PSA_CHECK(e.hint.find(special) == std::string::npos, where, ": 'hint' contains the special token ", special);
   e.refusal = opt_string(v, "refusal", where);
   PSA_CHECK(e.action != "hint" || !e.hint.empty(), where, ": action 'hint' needs a non-empty 'hint'");
   PSA_CHECK(e.action != "refuse" || !e.refusal.empty() || !default_refusal.empty(), where,

@@ -101,6 +101,9 @@ Record parse_record(const json::Value& v, const std::string& base_dir, bool chec
   PSA_CHECK(t.user.find(kImageTag) != std::string::npos, "first USER turn has no <image> tag");
   r.image_first = trim(t.user).rfind(kImageTag, 0) == 0;
   r.question = remove_tags(t.user);
+  // The tag is the image's token: in an answer it would ask for a second image the record does not have.
+  PSA_CHECK(t.assistant.find(kImageTag) == std::string::npos, "the ASSISTANT answer contains the <image> tag "
+            "(only the USER turn holds the image)");
   r.answer = t.assistant;
   if (const json::Value* meta = v.find("meta")) r.meta = *meta;
   r.image = resolve_field(image->str, base_dir, check_images);

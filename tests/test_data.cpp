@@ -327,7 +327,8 @@ TEST_F(Data, BadRecordsAreSkippedWithFileLineReason) {
                                                              {10, "no ASSISTANT turn"},
                                                              {11, "not_an_image.png: cannot decode image"},
                                                              {12, "missing_b.png: cannot decode image"},
-                                                             {13, "record must be a JSON object"}};
+                                                             {13, "record must be a JSON object"},
+                                                             {14, "ASSISTANT answer contains the <image> tag"}};
   ASSERT_EQ(rep.messages.size(), expected.size());
   EXPECT_EQ(rep.skipped, static_cast<int64_t>(expected.size()));
   EXPECT_EQ(rep.lines, rep.loaded + rep.skipped);
@@ -479,6 +480,11 @@ TEST_F(Data, BadPolicyFilesAreRejected) {
   bad = v;
   bad.set("levelz", 1);
   EXPECT_EQ(error_of([&] { parse_policy(bad, "p.json"); }), "p.json: unknown key 'levelz'");
+  // A hint is prompt text: an <image> tag in it used to abort generation in the image splice.
+  bad = v;
+  member(member(member(bad, "levels"), "3"), "illegal").set("hint", "Refuse <image> this.");
+  EXPECT_EQ(error_of([&] { parse_policy(bad, "p.json"); }),
+            "p.json: levels.3.illegal: 'hint' contains the special token <image>");
   EXPECT_EQ(error_of([] { load_policy("/nonexistent/p.json"); }).rfind("/nonexistent/p.json: cannot open", 0), 0u);
 }
 

@@ -1,6 +1,7 @@
 // psa infer: one image and one question through a checkpoint, with dynamic safety control.
 #include <cstdio>
 
+#include "nn/json.h"
 #include "psa/infer.h"
 #include "tools/cli.h"
 
@@ -55,7 +56,7 @@ static nn::SamplingOptions sampling_from(const cli::Args& a) {
 // is outside what the model was trained on, and what it would answer is noise.
 static std::string question_from(const cli::Args& a) {
   const std::string q = a.get("--prompt");
-  PSA_CHECK(is_valid_utf8(q), "--prompt: not valid UTF-8 text");
+  PSA_CHECK(json::is_valid_utf8(q), "--prompt: not valid UTF-8 text");
   PSA_CHECK(!clean_question(q).empty(), "--prompt: empty question (only whitespace or <image> tags); ask "
             "something, e.g. --prompt 'What is in the image?'");
   return q;
