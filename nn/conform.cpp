@@ -71,7 +71,7 @@ struct Checker {
     if (name == "loss") theirs = reshape(theirs, {});
     PSA_CHECK(ours.defined(), "conform: no value computed for '", name, "'");
     Tensor o = ours.to(Device::cpu);
-    PSA_CHECK(o.numel() == theirs.numel(), "conform: '", name, "': ours ", shape_str(o.shape()), " vs ",
+    PSA_CHECK(o.shape() == theirs.shape(), "conform: '", name, "': ours ", shape_str(o.shape()), " vs ",
               shape_str(theirs.shape()));
     double e = rel_error(o, theirs);
     report.entries.push_back({name, e, e <= report.tolerance && std::isfinite(e)});
