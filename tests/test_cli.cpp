@@ -64,6 +64,22 @@ TEST_F(CliErrors, BenchStepScalingWritesThreeSeriesAndAChart) {
   std::filesystem::remove_all(dir);
 }
 
+// Found only after the sweep's minutes, or silently ignored without --scaling; and bench-gemm's typos were
+// hidden behind "no usable GPU".
+TEST_F(CliErrors, BenchOutputsAndArgumentsAreCheckedFirst) {
+  const std::string file = ::testing::TempDir() + "psa_bench_file_" + std::to_string(::getpid());
+  std::ofstream(file) << "x";
+  Result r = run_psa("bench-step --scaling --steps 1 --warmup 0 --threads 1 --batch 2 --out-dir " + file);
+  expect_one_line_error(r, "--out-dir: " + file + " is not a folder");
+  EXPECT_EQ(r.out, "") << "the sweep ran before the folder was checked";
+  expect_one_line_error(run_psa("bench-step --out-dir /tmp"), "--out-dir: only --scaling writes files");
+  expect_one_line_error(run_psa("bench-step --scaling --profile"), "--profile");
+  expect_one_line_error(run_psa("bench-gemm --sizes 0"), "--sizes: 0 is out of range");
+  expect_one_line_error(run_psa("bench-gemm --reps x"), "--reps");
+  expect_one_line_error(run_psa("bench-gemm extra"), "unexpected argument 'extra'");
+  std::remove(file.c_str());
+}
+
 TEST_F(CliErrors, UnknownCommandExitsTwo) {
   Result r = run_psa("nosuchcommand");
   EXPECT_EQ(r.status, 2);
@@ -84,11 +100,21 @@ TEST_F(CliErrors, OptionParserRefusesRepeatsSwitchValuesAndOutOfRangeNumbers) {
 TEST_F(CliErrors, HugeOmpNumThreadsIsRefusedBeforeLibgompSeesIt) {
   // libgomp segfaulted creating 100000 threads at the first parallel region.
   expect_one_line_error(run_psa("bench-step", "OMP_NUM_THREADS=100000"), "OMP_NUM_THREADS=100000: expected 1 to 1024");
+  // Garbage after a number, or in a list, ran on libgomp's default after its warning. The warning itself comes
+  // from libgomp's load-time constructor, before main: it stays, and the command now stops.
+  for (const char* bad : {"4abc", "2,x", "2,,1", "-3"}) {
+    const psa::test::CliResult r = run_psa("bench-step --help", std::string("OMP_NUM_THREADS=") + bad);
+    EXPECT_EQ(r.status, 2) << bad;
+    EXPECT_NE(r.err.find("OMP_NUM_THREADS=" + std::string(bad) + ": expected 1 to 1024"), std::string::npos) << r.err;
+  }
+  EXPECT_EQ(run_psa("bench-step --help", "OMP_NUM_THREADS=2,1").status, 0);
 }
 
 TEST_F(CliErrors, AFailedWriteToStdoutExitsTwo) {
   // The report went nowhere: exit 2, not 0 (stderr still carries the reason).
   expect_one_line_error(run_psa("conform tests/data/hf/mha >/dev/full"), "cannot write to standard output");
+  expect_one_line_error(run_psa("--help >/dev/full"), "cannot write to standard output");
+  expect_one_line_error(run_psa("train --help >/dev/full"), "cannot write to standard output");
 }
 
 }  // namespace

@@ -12,7 +12,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <optional>
 #include <random>
 
@@ -357,9 +356,8 @@ int run_scaling(const StepSpec& s, const std::string& out_dir) {
                 (long)s.steps, (long)s.warmup, load[0], load[1], load[2], peak_rss_mib());
   std::string md = std::string(head) + scaling_table(s, pts);
   std::printf("%s", md.c_str());
-  std::filesystem::create_directories(out_dir);
   std::string base = out_dir + "/scaling_" + host_name();
-  std::ofstream(base + ".md") << md;
+  json::write_file(base + ".md", md);
   scaling_chart(base + ".png", s, pts);
   std::printf("\nwrote %s.md and %s.png\n", base.c_str(), base.c_str());
   return 0;
@@ -409,11 +407,16 @@ int cmd_bench_step(int argc, char** argv) {
   // Checked before any work: without a GPU (or a CUDA build) there is nothing to time.
   PSA_CHECK(s.device == Device::cpu || gpu::available(), "bench-step --device cuda: no usable GPU (",
             gpu::describe(), ")");
-  if (s.threads) omp_set_num_threads(int(s.threads));
-  if (a.has("--scaling")) return run_scaling(s, a.get("--out-dir", "bench/results"));
   const bool profile_kernels = a.has("--profile");
   PSA_CHECK(!profile_kernels || (!a.has("--json") && !a.has("--scaling")),
             "bench-step --profile: not with --json or --scaling");
+  PSA_CHECK(!a.has("--out-dir") || a.has("--scaling"), "bench-step --out-dir: only --scaling writes files");
+  if (s.threads) omp_set_num_threads(int(s.threads));
+  if (a.has("--scaling")) {
+    const std::string out_dir = a.get_path("--out-dir", "bench/results");
+    cli::check_output_dir("--out-dir", out_dir);  // before the sweep's minutes, not after
+    return run_scaling(s, out_dir);
+  }
   Trainer t = make_trainer(s);
   StepTiming r = time_steps(t, s, s.batch, s.text, profile_kernels);
   const std::pair<double, std::string> peak = measured_peak(s.device);
@@ -436,8 +439,7 @@ TFLOP/s per size and each variant's own/cuBLAS ratio.)";
 int cmd_bench_gemm(int argc, char** argv) {
   cli::Args a;
   if (!cli::parse(argc, argv, {kBenchGemmUsage, {"--sizes", "--reps"}, {"--tf32", "--json"}}, &a)) return 0;
-  PSA_CHECK(gpu::available(), "bench-gemm: no usable GPU (", gpu::describe(), ")");
-#ifdef PSA_CUDA
+  PSA_CHECK(a.positional.empty(), "bench-gemm: unexpected argument '", a.positional[0], "' (see --help)");
   std::vector<int64_t> sizes;
   std::string list = a.get("--sizes", "4096,8192");
   for (size_t at = 0; at <= list.size();) {
@@ -447,7 +449,10 @@ int cmd_bench_gemm(int argc, char** argv) {
     sizes.push_back(one.get_int("--sizes", 0, 1, 32768));  // three n x n f32 matrices: 12 GiB at the top
     at = comma + 1;
   }
-  int reps = (int)a.get_int("--reps", 10, 1, 1000);
+  const int reps = (int)a.get_int("--reps", 10, 1, 1000);
+  // Arguments first: a typo is reported as such, also on a machine without a GPU.
+  PSA_CHECK(gpu::available(), "bench-gemm: no usable GPU (", gpu::describe(), ")");
+#ifdef PSA_CUDA
   cuda::set_tf32(a.has("--tf32"));
   json::Value rows = json::Value::array();
   if (!a.has("--json")) std::printf("%-7s %-13s %10s %10s %12s\n", "n", "impl", "ms", "TFLOP/s", "max err");

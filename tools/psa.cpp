@@ -1,4 +1,5 @@
 // The `psa` command line: one binary, one subcommand per task. Errors print one line and exit with status 2.
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -43,10 +44,23 @@ const Subcommand kCommands[] = {
 void check_thread_env() {
   const char* env = std::getenv("OMP_NUM_THREADS");
   if (!env || !*env) return;
-  char* end = nullptr;
-  long long n = std::strtoll(env, &end, 10);  // a list ("4,2") is libgomp's nested form: its first entry counts
-  PSA_CHECK(end != env && n >= 1 && n <= psa::cli::kMaxThreads, "OMP_NUM_THREADS=", env, ": expected 1 to ",
-            psa::cli::kMaxThreads);
+  // A list ("4,2") is libgomp's nested form; anything else it would warn about in its own words and ignore.
+  for (const char* p = env;; ++p) {
+    char* end = nullptr;
+    errno = 0;
+    const long long n = std::strtoll(p, &end, 10);
+    PSA_CHECK(end != p && errno == 0 && n >= 1 && n <= psa::cli::kMaxThreads && (*end == 0 || *end == ','),
+              "OMP_NUM_THREADS=", env, ": expected 1 to ", psa::cli::kMaxThreads, " (or a comma-separated list)");
+    if (*end == 0) return;
+    p = end;
+  }
+}
+
+// Help that never reached its reader (a full disk, a closed pipe) is a failure like any other lost output.
+int finish_stdout(int rc) {
+  if (std::fflush(stdout) == 0 && !std::ferror(stdout)) return rc;
+  std::fprintf(stderr, "psa: error: cannot write to standard output\n");
+  return 2;
 }
 
 void usage() {
@@ -62,16 +76,13 @@ int main(int argc, char** argv) {
   setenv("OMP_WAIT_POLICY", "passive", 0);
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
     usage();
-    return argc < 2 ? 2 : 0;
+    return finish_stdout(argc < 2 ? 2 : 0);
   }
   for (const Subcommand& c : kCommands) {
     if (std::strcmp(argv[1], c.name)) continue;
     try {
       check_thread_env();
-      int rc = c.run(argc - 2, argv + 2);
-      // A report written to a full disk or a closed pipe is lost: say so rather than exit 0.
-      PSA_CHECK(std::fflush(stdout) == 0 && !std::ferror(stdout), "cannot write to standard output");
-      return rc;
+      return finish_stdout(c.run(argc - 2, argv + 2));
     } catch (const psa::Error& e) {
       std::fprintf(stderr, "psa %s: error: %s\n", c.name, e.what());
       return 2;
