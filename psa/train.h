@@ -25,6 +25,9 @@ struct StageOptions {
   // and `preset` when set), by the `psa train` flag that sets them; a resume with any other value is refused,
   // naming the flag and both values (a longer run too: the linear decay depends on the total).
   std::string preset;
+  // xxh64 of the records file the stage trains on, recorded like the options ("" = not known yet): a resume on
+  // other data would silently mix two datasets in one run.
+  std::string data_xxh64;
   int64_t max_bad_steps = 5;  // a non-finite loss or gradient skips the step; this many in a row stop the run
   bool progress = true;
   int64_t stop_after = 0;   // testing: return after this many steps of this call (0 = run to the end)

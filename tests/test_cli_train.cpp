@@ -259,6 +259,10 @@ TEST_F(TrainCli, ResumeWithOtherOptionsIsRefusedNamingTheOptionAndBothValues) {
     o["--resume"] = "";
     expect_one_line_error(run_psa(train_args(data_, out, o)), message);
   }
+  // Other records (another seed's dataset) would mix two datasets in one run; the state names the first by hash.
+  Result other = run_psa(train_args(other_, out, {{"--resume", ""}}));
+  expect_one_line_error(other, "made with --data records with xxh64 ");
+  EXPECT_NE(other.err.find("this run has --data records with xxh64 "), std::string::npos) << other.err;
   Result same = run_psa(train_args(data_, out, {{"--resume", ""}}));
   EXPECT_EQ(same.status, 0) << same.err;
   EXPECT_EQ(same.err, "");

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <limits>
 
+#include "nn/safetensors.h"
 #include "psa/eval.h"
 #include "psa/plot.h"
 #include "psa/synth.h"
@@ -62,8 +63,8 @@ options:
   --resume                 continue a killed run in OUT: each stage restarts from its training state (weights,
                            optimizer, data position, losses) and ends bit-identical to an uninterrupted run;
                            a stage without one starts from scratch; the state records the options that decide
-                           the result (seed, batch, steps, learning rates, warmup, LoRA, preset) and a
-                           different value is refused
+                           the result (seed, batch, steps, learning rates, warmup, LoRA, preset, and the
+                           records file's xxh64) and a different value is refused
   --overwrite              train stages whose folders already hold a checkpoint or a training state again from
                            scratch; when such a stage starts, the folders of the stages after it (trained from
                            the checkpoint it replaces) are removed, with their report.json entries and
@@ -95,6 +96,13 @@ struct Plan {
 std::string training_split(const Plan& p, const std::string& stage) {
   if (p.data_is_file) return p.data;
   return (fs::path(p.data) / (stage == "base" ? "base_train.jsonl" : "train.jsonl")).string();
+}
+
+// The records file's xxh64, recorded in every training state; "" while the file does not exist yet.
+std::string records_hash(const std::string& file) {
+  if (!fs::is_regular_file(file)) return "";
+  const std::string text = json::read_file(file);
+  return st::xxh64_hex(text.data(), text.size());
 }
 
 // One stage of this run: its checkpoint folder and its training options, all decided before any work.
@@ -194,6 +202,7 @@ std::vector<StagePlan> plan_stages(const cli::Args& a, const Plan& p, const std:
     o.log_path = (s.dir / "log.jsonl").string();
     o.state_path = (s.dir / "train_state.safetensors").string();
     o.state_every = save_every;
+    o.data_xxh64 = records_hash(training_split(p, stage));
     if (p.resume && fs::exists(o.state_path)) o.resume_from = o.state_path;
     todo.push_back(s);
   }
@@ -409,7 +418,9 @@ int cmd_train(int argc, char** argv) {
     Dataset data = load_split(training_split(p, stage), *tok, cfg);
     if (stage == "base" && pretrain && has_info)
       pretrain_vision_tower(*model, p, scenes, a.has("--quiet"), *tok, cfg, report, curves);
-    StageResult r = train_stage(*model, data, s.o);
+    StageOptions o = s.o;
+    o.data_xxh64 = records_hash(training_split(p, stage));  // the data may have been generated since the plan
+    StageResult r = train_stage(*model, data, o);
     std::printf("[%s] %ld steps (%ld skipped) in %.1f s (%.0f tokens/s), loss %.4f -> %.4f\n", stage.c_str(),
                 (long)r.steps, (long)r.skipped, r.seconds, r.tokens_per_second, r.loss.empty() ? NAN : r.loss.front(),
                 r.loss.empty() ? NAN : r.loss.back());
