@@ -66,11 +66,12 @@ options:
                            the result (seed, batch, steps, learning rates, warmup, LoRA, preset, and the
                            records file's xxh64) and a different value is refused
   --overwrite              train stages whose folders already hold a checkpoint or a training state again from
-                           scratch; when such a stage starts, the folders of the stages after it (trained from
-                           the checkpoint it replaces) are removed, with their report.json entries and
-                           predictions. Without --resume or --overwrite, psa train refuses to touch a stage
-                           folder that holds either, or to leave a later stage behind that one replaced
-                           (`make train` passes --overwrite: it always trains with the current build)
+                           scratch; when such a stage starts, its folder and those of the stages after it
+                           (trained from the checkpoint it replaces) are removed, with their report.json
+                           entries, predictions and report.md. Without --resume or --overwrite, psa train
+                           refuses to touch a stage folder that holds either, or to leave a later stage
+                           behind that one replaced (`make train` passes --overwrite: it always trains with
+                           the current build)
   --max-bad-steps K        a non-finite loss or gradient skips the step; K in a row stop the run (default 5)
   --device cpu|cuda        where the stages train (default cpu): model, batches and AdamW on that device
                            (the vision pretraining before base stays on the CPU)
@@ -237,9 +238,11 @@ void check_stage_folders(const Plan& p, const std::vector<StagePlan>& todo) {
   }
 }
 
-// --overwrite: the stages after `s` were trained from the checkpoint it is about to replace; their folders go,
-// and the report forgets them and `s`'s old numbers.
-void remove_later_stages(const Plan& p, const StagePlan& s, json::Value& report) {
+// --overwrite: `s` starts again from scratch, and the stages after it were trained from the checkpoint it is about
+// to replace. Their folders go (`s`'s own too: a kill during its training must not leave the old checkpoint
+// beside the new state), with their predictions, their report entries and the Markdown table made from them;
+// report.json is rewritten at once, so that no kill leaves numbers of the replaced run in it.
+void remove_replaced_stages(const Plan& p, const StagePlan& s, json::Value& report, const fs::path& report_path) {
   bool later = false;
   std::string removed;
   auto& entries = report.obj;
@@ -249,14 +252,15 @@ void remove_later_stages(const Plan& p, const StagePlan& s, json::Value& report)
     entries.erase(std::remove_if(entries.begin(), entries.end(), [&](const auto& kv) { return kv.first == stage; }),
                   entries.end());
     const fs::path dir = fs::path(p.out) / stage;
-    if (stage == s.stage || !fs::exists(dir)) continue;
-    fs::remove_all(dir);
     fs::remove(fs::path(p.out) / "predictions" / (std::string(stage) + ".jsonl"));
+    if (!fs::exists(dir)) continue;
+    fs::remove_all(dir);
     removed += (removed.empty() ? "" : ", ") + dir.string();
   }
+  fs::remove(fs::path(p.out) / "report.md");
+  if (fs::exists(report_path)) json::write_file(report_path.string(), json::dump(report, 2) + "\n");
   if (!removed.empty())
-    std::printf("[%s] --overwrite: removed %s (trained from the %s being replaced)\n", s.stage.c_str(),
-                removed.c_str(), s.stage.c_str());
+    std::printf("[%s] --overwrite: removed %s (the run being replaced)\n", s.stage.c_str(), removed.c_str());
 }
 
 void record_stage(json::Value& report, const std::string& stage, const StageResult& r, const json::Value& audit) {
@@ -410,7 +414,7 @@ int cmd_train(int argc, char** argv) {
       model = std::make_shared<PsaVlm>(cfg);
       model->initialize(p.seed);
     }
-    if (p.overwrite) remove_later_stages(p, s, report);
+    if (p.overwrite) remove_replaced_stages(p, s, report, report_path);
     fs::create_directories(s.dir);
     if (int n = remove_stale_temps(s.dir.string()))
       std::printf("[%s] removed %d leftover(s) of a killed write in %s\n", stage.c_str(), n, s.dir.c_str());
