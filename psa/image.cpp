@@ -106,21 +106,31 @@ std::string stb_reason() {
 
 const stbi_uc* bytes_of(const std::string& s) { return reinterpret_cast<const stbi_uc*>(s.data()); }
 
+void check_size(const std::string& path, int64_t w, int64_t h) {
+  PSA_CHECK(w > 0 && h > 0, path, ": cannot decode image: empty image");
+  PSA_CHECK(w <= kMaxImageSide && h <= kMaxImageSide, path, ": image too large: ", w, "x", h, " (limit ",
+            kMaxImageSide, " per side)");
+  PSA_CHECK(w * h <= kMaxImagePixels, path, ": image too large: ", w, "x", h, " = ", w * h, " pixels (limit ",
+            kMaxImagePixels, " = ", kMaxImagePixelsSide, "x", kMaxImagePixelsSide, ")");
+}
+
+uint32_t be32(const std::string& s, size_t at) { return uint32_t(be16(s, at)) << 16 | be16(s, at + 2); }
+
 // Checks format, header and size limits on bytes already read (so the decoder sees the same bytes).
 void check_header(const std::string& path, const std::string& bytes, int* w, int* h) {
   check_format(path, bytes);
   PSA_CHECK(bytes.size() <= size_t(INT32_MAX), path, ": cannot decode image: file larger than 2 GiB");
+  // stb_image refuses a PNG past 2^30 bytes of pixels as "unknown image type": the IHDR's size is read here
+  // first, so the reason given is the size.
+  if (starts_with(bytes, "\x89PNG\r\n\x1a\n", 8) && bytes.size() >= 24 && bytes.compare(12, 4, "IHDR") == 0 &&
+      be32(bytes, 16) > 0 && be32(bytes, 20) > 0)
+    check_size(path, be32(bytes, 16), be32(bytes, 20));
   int comp = 0;
   if (!stbi_info_from_memory(bytes_of(bytes), int(bytes.size()), w, h, &comp))
     fail(path, ": cannot decode image: ", stb_reason());
   // A negative BMP height means rows stored top-down (valid); stb's info reports it raw, its decoder uses abs().
   if (starts_with(bytes, "BM", 2) && *h < 0 && *h != INT32_MIN) *h = -*h;
-  PSA_CHECK(*w > 0 && *h > 0, path, ": cannot decode image: empty image");
-  PSA_CHECK(*w <= kMaxImageSide && *h <= kMaxImageSide, path, ": image too large: ", *w, "x", *h, " (limit ",
-            kMaxImageSide, " per side)");
-  PSA_CHECK(int64_t(*w) * *h <= kMaxImagePixels, path, ": image too large: ", *w, "x", *h, " = ",
-            int64_t(*w) * *h, " pixels (limit ", kMaxImagePixels, " = ", kMaxImagePixelsSide, "x",
-            kMaxImagePixelsSide, ")");
+  check_size(path, *w, *h);
 }
 
 }  // namespace
@@ -167,10 +177,11 @@ void save_png(const std::string& path, const Image& img) {
   const std::string bytes = encode_png(img);
   FILE* f = std::fopen(path.c_str(), "wb");
   PSA_CHECK(f, path, ": cannot write png: ", std::strerror(errno));
-  bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
-  const int err = errno;
-  ok = std::fclose(f) == 0 && ok;
-  PSA_CHECK(ok, path, ": cannot write png: ", std::strerror(ok ? errno : err));
+  const bool written = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
+  const int write_err = errno;
+  // A small file is only buffered by fwrite: a full disk shows first in fclose's flush, with its own errno.
+  const bool closed = std::fclose(f) == 0;
+  PSA_CHECK(written && closed, path, ": cannot write png: ", std::strerror(written ? errno : write_err));
 }
 
 Image paste_side_by_side(const Image& a, const Image& b) {

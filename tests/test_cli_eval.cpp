@@ -404,6 +404,11 @@ TEST(ImageLimits, ExtremeAspectRatioIsRefusedNamingTheFile) {
 TEST(ImageLimits, SavePngNamesThePathAndTheReason) {
   const std::string e = error_of([] { psa::save_png("/no/such/dir/x.png", psa::Image(2, 2)); });
   EXPECT_EQ(e, "/no/such/dir/x.png: cannot write png: No such file or directory");
+  // A full disk shows in fclose (a small PNG is only buffered before): its errno, not a stale one.
+  if (::access("/dev/full", W_OK) == 0) {
+    EXPECT_EQ(error_of([] { psa::save_png("/dev/full", psa::Image(2, 2)); }),
+              "/dev/full: cannot write png: No space left on device");
+  }
 }
 
 }  // namespace
