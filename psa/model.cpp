@@ -57,6 +57,11 @@ json::Value PsaConfig::to_json() const {
   return v;
 }
 
+static void check_head_query(const std::string& q) {
+  PSA_CHECK(q == "position0" || q == "first_text" || q == "mean_prompt", "psa config: head_query '", q,
+            "' (expected position0, first_text or mean_prompt)");
+}
+
 PsaConfig PsaConfig::from_json(const json::Value& v) {
   PsaConfig c;
   c.preset = v.at("preset").as_string();
@@ -74,14 +79,14 @@ PsaConfig PsaConfig::from_json(const json::Value& v) {
   c.safety_loss_weight = v.at("safety_loss_weight").as_number();
   if (const json::Value* s = v.find("safety_init_std")) c.safety_init_std = s->as_number();
   c.head_query = v.at("head_query").as_string();
-  c.projector_act = v.at("projector_hidden_act").as_string();
+  check_head_query(c.head_query);  // here too, so that a bad checkpoint's error names its file
+  c.projector_act = nn::activation_or(v, "projector_hidden_act", c.projector_act);
   c.max_text_tokens = v.int_in("max_text_tokens", 2, 1 << 20);
   return c;
 }
 
 PsaVlm::PsaVlm(const PsaConfig& c) : config(c) {
-  PSA_CHECK(c.head_query == "position0" || c.head_query == "first_text" || c.head_query == "mean_prompt",
-            "psa config: head_query '", c.head_query, "' (expected position0, first_text or mean_prompt)");
+  check_head_query(c.head_query);
   int64_t D = c.text.hidden, Dv = c.vision.hidden, P = c.vision.num_patches();
   vision = register_module("vision_tower.vision_model", std::make_shared<nn::ClipVision>(c.vision));
   projector = register_module("multi_modal_projector", std::make_shared<nn::MlpProjector>(Dv, D, c.projector_act));

@@ -229,17 +229,16 @@ TEST_F(TrainCli, RetrainingAFinishedStageNeedsResumeOrOverwrite) {
 
 TEST_F(TrainCli, OverwriteRetrainsAndRemovesTheLaterStages) {
   const std::string out = copy_of_run("overwrite");
-  // What an evaluated run also holds: the table and the predictions of every stage, and a leftover of the old
-  // base stage's folder.
+  // What an evaluated run also holds: the table and the predictions of every stage.
   fs::create_directories(out + "/predictions");
-  for (const char* f : {"/report.md", "/predictions/base.jsonl", "/predictions/stage2.jsonl", "/base/old.txt"})
+  for (const char* f : {"/report.md", "/predictions/base.jsonl", "/predictions/stage2.jsonl"})
     std::ofstream(out + f) << "old";
   Result r = run_psa(train_args(data_, out, {{"--stage", "base"}, {"--overwrite", ""}, {"--seed", "5"}}));
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_NE(r.out.find("--overwrite: removed"), std::string::npos) << r.out;
   EXPECT_FALSE(fs::exists(out + "/stage1"));
   EXPECT_FALSE(fs::exists(out + "/stage2"));
-  for (const char* f : {"/report.md", "/predictions/base.jsonl", "/predictions/stage2.jsonl", "/base/old.txt"})
+  for (const char* f : {"/report.md", "/predictions/base.jsonl", "/predictions/stage2.jsonl"})
     EXPECT_FALSE(fs::exists(out + f)) << f << " of the replaced run is left";
   const psa::json::Value report = psa::json::parse_file(out + "/report.json");
   EXPECT_FALSE(report.find("stage1") || report.find("stage2")) << psa::json::dump(report);

@@ -51,7 +51,8 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(Case{"ckpt_zero_heads", "metadata 'config': json: key 'num_attention_heads': 0 out of range [1, 64]"},
                       Case{"ckpt_absurd_dims", "but the file holds 4 values"},
                       Case{"ckpt_bad_lora", "metadata 'lora': json: key 'rank': -3 out of range"},
-                      Case{"ckpt_config_not_json", "metadata 'config': json:1:"}));
+                      Case{"ckpt_config_not_json", "metadata 'config': json:1:"},
+                      Case{"ckpt_bad_head_query", "metadata 'config': psa config: head_query 'last_token'"}));
 
 TEST(Hostile, HfConfigsRefuseZeroAndAbsurdSizes) {
   json::Value clip = json::parse(R"({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 0,

@@ -66,9 +66,10 @@ options:
                            the result (seed, batch, steps, learning rates, warmup, LoRA, preset, and the
                            records file's xxh64) and a different value is refused
   --overwrite              train stages whose folders already hold a checkpoint or a training state again from
-                           scratch; when such a stage starts, its folder and those of the stages after it
-                           (trained from the checkpoint it replaces) are removed, with their report.json
-                           entries, predictions and report.md. Without --resume or --overwrite, psa train
+                           scratch; when such a stage starts, the folders of the stages after it (trained
+                           from the checkpoint it replaces) are removed, the predictions and report.json
+                           entries of all of them and report.md too (its checkpoint stays until the new one
+                           replaces it). Without --resume or --overwrite, psa train
                            refuses to touch a stage folder that holds either, or to leave a later stage
                            behind that one replaced (`make train` passes --overwrite: it always trains with
                            the current build)
@@ -239,9 +240,9 @@ void check_stage_folders(const Plan& p, const std::vector<StagePlan>& todo) {
 }
 
 // --overwrite: `s` starts again from scratch, and the stages after it were trained from the checkpoint it is about
-// to replace. Their folders go (`s`'s own too: a kill during its training must not leave the old checkpoint
-// beside the new state), with their predictions, their report entries and the Markdown table made from them;
-// report.json is rewritten at once, so that no kill leaves numbers of the replaced run in it.
+// to replace. Their folders go, with the predictions of all of them, their report entries and the Markdown table
+// made from them; report.json is rewritten at once, so that no kill leaves numbers of the replaced run in it.
+// `s`'s own checkpoint stays until the new one replaces it atomically: a kill during training keeps it loadable.
 void remove_replaced_stages(const Plan& p, const StagePlan& s, json::Value& report, const fs::path& report_path) {
   bool later = false;
   std::string removed;
@@ -253,14 +254,15 @@ void remove_replaced_stages(const Plan& p, const StagePlan& s, json::Value& repo
                   entries.end());
     const fs::path dir = fs::path(p.out) / stage;
     fs::remove(fs::path(p.out) / "predictions" / (std::string(stage) + ".jsonl"));
-    if (!fs::exists(dir)) continue;
+    if (stage == s.stage || !fs::exists(dir)) continue;
     fs::remove_all(dir);
     removed += (removed.empty() ? "" : ", ") + dir.string();
   }
   fs::remove(fs::path(p.out) / "report.md");
   if (fs::exists(report_path)) json::write_file(report_path.string(), json::dump(report, 2) + "\n");
   if (!removed.empty())
-    std::printf("[%s] --overwrite: removed %s (the run being replaced)\n", s.stage.c_str(), removed.c_str());
+    std::printf("[%s] --overwrite: removed %s (trained from the %s being replaced)\n", s.stage.c_str(),
+                removed.c_str(), s.stage.c_str());
 }
 
 void record_stage(json::Value& report, const std::string& stage, const StageResult& r, const json::Value& audit) {

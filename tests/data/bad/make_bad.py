@@ -83,6 +83,7 @@ ckpt("ckpt_absurd_dims", lambda c: c["text_config"].update(vocab_size=1 << 22, h
                                                                   num_key_value_heads=1))
 ckpt("ckpt_bad_lora", lambda c: None, {"lora": '{"rank": -3, "alpha": 8, "dropout": 0, "include_lm_head": false}'})
 ckpt("ckpt_config_not_json", lambda c: None, {"config": '{"preset": "golden",'})
+ckpt("ckpt_bad_head_query", lambda c: c.update(head_query="last_token"))
 
 # Training states (psa/train.cpp): a step that is not a number.
 st("state_bad_step.safetensors", hdr({"w": t("F32", [4], 0, 16)}, {"step": "-5", "epoch": "0", "offset": "0"}), F)
