@@ -327,6 +327,7 @@ TEST_F(TrainCli, ASecondRunInTheSameFolderIsRefused) {
   ASSERT_GE(fd, 0);
   ASSERT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);
   const std::string pid = std::to_string(::getpid());
+  ASSERT_EQ(::ftruncate(fd, 0), 0);  // the copied run holds its own writer's pid
   ASSERT_EQ(::pwrite(fd, pid.data(), pid.size(), 0), ssize_t(pid.size()));
   const auto before = files_of(fs::path(out) / "stage2");
   Result r = run_psa(train_args(data_, out, {{"--resume", ""}}));
