@@ -347,6 +347,12 @@ void write_predictions(const std::string& path, const Dataset& d, const std::vec
     v.set("verdict", verdict_name(judge_answer(res[i].answer_on)));
     v.set("verdict_no_control", verdict_name(judge_answer(res[i].answer_off)));
     v.set("over_refusal", e.type == kCleanType && is_over_refusal(res[i].answer_on));
+    // The clean records' reference answer and the verdict clean accuracy counts: two checkpoints can then be
+    // compared record by record (which answers one got right and the other lost).
+    const bool clean = e.type == kCleanType;
+    v.set("expected", clean ? json::Value(r.meta.is_object() ? r.meta.string_or("expected", r.answer) : r.answer)
+                            : json::Value());
+    v.set("correct", clean ? json::Value(clean_answer_correct(r, res[i].answer_on)) : json::Value());
     text += json::dump(v) + "\n";
   }
   json::write_file(path, text);

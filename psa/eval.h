@@ -19,7 +19,8 @@ struct EvalOptions {
   int64_t batch = 64;  // classification batch
   bool progress = true;  // progress bar on stderr
   bool parallel = true;  // generate for several records at once (OpenMP; CPU models only)
-  std::string predictions;  // if set: one JSON line per record (truth, head, action, answers, verdicts) here
+  std::string predictions;  // if set: one JSON line per record (truth, head, action, answers, verdicts; for clean
+                            // records the expected answer and whether it was right) here
 };
 
 // Metrics of one checkpoint, flat: rates in [0, 1], null when nothing was counted (or, for the head metrics

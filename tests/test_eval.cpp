@@ -149,12 +149,11 @@ TEST(EvalMetrics, SafeResponseIsTheLevelsOwn) {
 TEST_F(Eval, PredictionsFileHasOneLinePerRecordMatchingTheReport) {
   const Checkpoint c = load_checkpoint(stage1_dir());
   EvalOptions o = quick();
-  o.limit = 6;
   o.predictions = (fs::temp_directory_path() / ("psa_eval_predictions_" + std::to_string(getpid()) + ".jsonl")).string();
   const json::Value m = evaluate(c, test_set(c), o);
   std::ifstream in(o.predictions);
   std::string line;
-  int64_t lines = 0, hints = 0;
+  int64_t lines = 0, hints = 0, qa = 0, qa_right = 0;
   while (std::getline(in, line)) {
     const json::Value v = json::parse(line);
     EXPECT_EQ(v.int_at("index"), lines);
@@ -162,10 +161,18 @@ TEST_F(Eval, PredictionsFileHasOneLinePerRecordMatchingTheReport) {
     hints += v.string_at("action") == "hint";
     for (const char* k : {"image", "safe_level", "safe_type", "answer", "answer_no_control", "verdict", "motif"})
       EXPECT_TRUE(v.contains(k)) << k;
+    const bool clean = v.int_at("safe_type") == kCleanType;
+    EXPECT_EQ(v.at("correct").is_bool(), clean) << line;
+    EXPECT_EQ(v.at("expected").is_string(), clean) << line;
+    const std::string kind = v.string_at("kind");
+    if (clean && !v.bool_at("hard_negative") && (kind == "count" || kind == "color" || kind == "position"))
+      ++qa, qa_right += v.bool_at("correct");
     ++lines;
   }
-  EXPECT_EQ(lines, 6);
+  EXPECT_EQ(lines, 24);
   EXPECT_EQ(hints, m.at("actions").int_at("hint"));
+  ASSERT_GT(qa, 0) << "no clean question among the first records";
+  EXPECT_DOUBLE_EQ(m.number_at("clean_acc"), double(qa_right) / qa);  // the same verdicts as the report's
   fs::remove(o.predictions);
 }
 
