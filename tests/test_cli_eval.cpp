@@ -261,6 +261,9 @@ TEST_F(EvalCli, ExplainRefusesTheInputImageAndOtherFormats) {
   const fs::path d = dir("explain");
   spit(d / "file", "x");
   expect_one_line_error(infer({"--prompt", "What is it?", "--explain", (d / "heat.jpg").string()}), ".png");
+  expect_one_line_error(infer({"--prompt", "What is it?", "--explain", ckpt_ + "/heat.png"}),
+                        "inside the checkpoint folder");
+  EXPECT_FALSE(fs::exists(ckpt_ + "/heat.png"));
   expect_one_line_error(infer({"--prompt", "What is it?", "--explain", ""}), "--explain: expected a path");
   fs::create_directories(d / "dir.png");
   expect_one_line_error(infer({"--prompt", "What is it?", "--explain", (d / "dir.png").string()}), "is a folder");
