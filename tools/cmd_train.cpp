@@ -69,10 +69,9 @@ options:
                            scratch; when such a stage starts, the folders of the stages after it (trained
                            from the checkpoint it replaces) are removed, the predictions and report.json
                            entries of all of them and report.md too (its checkpoint stays until the new one
-                           replaces it). Without --resume or --overwrite, psa train
-                           refuses to touch a stage folder that holds either, or to leave a later stage
-                           behind that one replaced (`make train` passes --overwrite: it always trains with
-                           the current build)
+                           replaces it). Without --resume or --overwrite, psa train refuses to touch a stage
+                           folder that holds either, or to leave a later stage behind that one replaced
+                           (`make train` passes --overwrite: it always trains with the current build)
   --max-bad-steps K        a non-finite loss or gradient skips the step; K in a row stop the run (default 5)
   --device cpu|cuda        where the stages train (default cpu): model, batches and AdamW on that device
                            (the vision pretraining before base stays on the CPU)
