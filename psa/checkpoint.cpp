@@ -148,6 +148,17 @@ Checkpoint load_checkpoint(const std::string& dir) {
   return c;
 }
 
+std::shared_ptr<PsaVlm> merged_model(const Checkpoint& c) {
+  PSA_CHECK(c.lora.rank > 0, c.dir, ": stage ", c.stage, " has no LoRA adapters: nothing to merge");
+  c.model->merge_lora();
+  std::map<std::string, Tensor> weights = c.model->state_dict();
+  for (auto it = weights.begin(); it != weights.end();)
+    it = it->first.find(".lora_") != std::string::npos ? weights.erase(it) : std::next(it);
+  auto plain = std::make_shared<PsaVlm>(c.model->config);
+  plain->load_state_dict(weights, true, c.dir + " (merged)");
+  return plain;
+}
+
 // ".<name>.tmp.<pid>.<n>" (json::create_temp_beside's and save_checkpoint's names): the pid, else 0.
 static long temp_owner(const std::string& file) {
   const size_t tag = file.rfind(".tmp.");

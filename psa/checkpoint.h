@@ -37,6 +37,11 @@ void save_checkpoint(const std::string& dir, const PsaVlm& model, const Tokenize
 // Refuses a tokenizer.json that is not the one the model was saved with (naming the folder).
 Checkpoint load_checkpoint(const std::string& dir);
 
+// `c`'s model with every LoRA adapter folded into its weight, W + (alpha/r)·B·A (PEFT's merge_and_unload), as a
+// new model without adapter tensors: saved with save_checkpoint and rank 0 it loads as a plain model whose
+// weights are the ones eval and infer compute (they merge the same way). Leaves c.model merged.
+std::shared_ptr<PsaVlm> merged_model(const Checkpoint& c);
+
 // Removes what a killed writer left in `dir` (not below it): the atomic writers' temp files
 // ".<name>.tmp.<pid>.<n>" (model.safetensors, report.json, a chart...) and save_checkpoint's staging folders
 // ".checkpoint.tmp.<pid>.<n>", only where process <pid> is gone (or is this one: a stage that starts has

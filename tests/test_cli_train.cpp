@@ -378,4 +378,86 @@ TEST_F(TrainCli, BadDatasetJsonIsRefusedNamingTheFile) {
   }
 }
 
+// ---- psa export --merge-lora and psa inspect on the trained run
+
+
+// W' = W + (alpha/r)·B·A, recomputed here in f64 for one adapted layer, and no adapter tensor left.
+TEST_F(TrainCli, ExportFoldsTheAdaptersIntoThePlainWeights) {
+  const std::string out = (root_ / "merged").string();
+  fs::remove_all(out);
+  Result r = run_psa({"export", "--merge-lora", run_ + "/stage2", "--out", out});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const psa::Checkpoint lora = psa::load_checkpoint(run_ + "/stage2"), plain = psa::load_checkpoint(out);
+  EXPECT_EQ(plain.lora.rank, 0);
+  EXPECT_EQ(plain.stage, "stage2");
+  const auto before = lora.model->state_dict(), after = plain.model->state_dict();
+  for (const auto& [name, t] : after) EXPECT_EQ(name.find("lora_"), std::string::npos) << name;
+  const std::string layer = "language_model.model.layers.1.self_attn.q_proj";
+  const std::vector<double> w = before.at(layer + ".weight").to_vector(), a = before.at(layer + ".lora_A.weight").to_vector(),
+                            b = before.at(layer + ".lora_B.weight").to_vector(), merged = after.at(layer + ".weight").to_vector();
+  const int64_t rank = lora.lora.rank, in = before.at(layer + ".lora_A.weight").size(1);
+  const int64_t outs = before.at(layer + ".lora_B.weight").size(0);
+  double worst = 0, delta = 0;
+  for (int64_t o = 0; o < outs; ++o)
+    for (int64_t i = 0; i < in; ++i) {
+      double ba = 0;
+      for (int64_t k = 0; k < rank; ++k) ba += b[o * rank + k] * a[k * in + i];
+      const double expected = w[o * in + i] + lora.lora.alpha / rank * ba;
+      worst = std::max(worst, std::fabs(merged[o * in + i] - expected));
+      delta = std::max(delta, std::fabs(ba));
+    }
+  EXPECT_GT(delta, 1e-4) << "the adapters did not train: the test would not see a missing merge";
+  EXPECT_LT(worst, 1e-6);
+  // Everything outside the language model's linears is copied unchanged.
+  EXPECT_EQ(after.at("safe_part.safety_head.weight").to_vector(), before.at("safe_part.safety_head.weight").to_vector());
+}
+
+TEST_F(TrainCli, ExportRefusesWhatItCannotDoInOneLine) {
+  const std::string out = (root_ / "merged_bad").string();
+  fs::remove_all(out);
+  expect_one_line_error(run_psa({"export", "--merge-lora", run_ + "/base", "--out", out}), "has no LoRA adapters");
+  expect_one_line_error(run_psa({"export", run_ + "/stage2", "--out", out}), "--merge-lora is required");
+  expect_one_line_error(run_psa({"export", "--merge-lora", run_ + "/stage2", "--out", run_ + "/stage2/m"}),
+                        "overlaps the checkpoint folder");
+  expect_one_line_error(run_psa({"export", "--merge-lora", run_ + "/stage2", "--out", run_}), "overlaps");
+  fs::create_directories(out);
+  std::ofstream(out + "/notes.txt") << "mine";
+  expect_one_line_error(run_psa({"export", "--merge-lora", run_ + "/stage2", "--out", out}), "not empty");
+  EXPECT_EQ(slurp(out + "/notes.txt"), "mine");
+  EXPECT_FALSE(fs::exists(out + "/model.safetensors"));
+}
+
+TEST_F(TrainCli, InspectDescribesACheckpointAndAFile) {
+  Result r = run_psa({"inspect", run_ + "/stage2"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  for (const char* line : {"stage stage2, preset tiny", "LoRA:      rank 16, alpha 16", "lora ", "model.safetensors"})
+    EXPECT_NE(r.out.find(line), std::string::npos) << line << " missing from:\n" << r.out;
+  r = run_psa({"inspect", run_ + "/stage2", "--json"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const psa::json::Value j = psa::json::parse(r.out);
+  int64_t sum = 0;
+  for (const auto& [group, n] : j.at("parameters_by_group").as_object()) sum += n.as_int();
+  EXPECT_EQ(sum, j.int_at("parameters"));
+  r = run_psa({"inspect", run_ + "/base/train_state.safetensors", "--json"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const psa::json::Value f = psa::json::parse(r.out);
+  EXPECT_EQ(f.int_at("tensor_count"), static_cast<int64_t>(f.array_at("tensors").size()));
+  EXPECT_TRUE(f.at("metadata_keys").size() > 0);
+}
+
+TEST_F(TrainCli, InspectRefusesADamagedFileInOneLine) {
+  const fs::path d = root_ / "inspect_bad";
+  fs::remove_all(d);
+  fs::create_directories(d);
+  const std::string weights = slurp(run_ + "/base/model.safetensors");
+  std::ofstream((d / "cut.safetensors").string(), std::ios::binary) << weights.substr(0, weights.size() / 2);
+  expect_one_line_error(run_psa({"inspect", (d / "cut.safetensors").string()}), "cut.safetensors");
+  std::ofstream((d / "notes.txt").string()) << "x";
+  expect_one_line_error(run_psa({"inspect", (d / "notes.txt").string()}), "expected a checkpoint folder or a .safetensors");
+  expect_one_line_error(run_psa({"inspect", d.string()}), "no model.safetensors");
+  expect_one_line_error(run_psa({"inspect", (d / "missing").string()}), "no such file or folder");
+}
+
+
 }  // namespace
+

@@ -13,6 +13,8 @@ int cmd_conform(int argc, char** argv);
 int cmd_infer(int argc, char** argv);
 int cmd_eval(int argc, char** argv);
 int cmd_audit(int argc, char** argv);
+int cmd_export(int argc, char** argv);
+int cmd_inspect(int argc, char** argv);
 int cmd_data(int argc, char** argv);
 int cmd_tokenizer(int argc, char** argv);
 int cmd_train(int argc, char** argv);
@@ -35,6 +37,8 @@ const Subcommand kCommands[] = {
     {"infer", psa::cmd_infer, "answer one image + question with dynamic safety control"},
     {"eval", psa::cmd_eval, "run the benchmark on checkpoints; JSON report + Markdown table"},
     {"audit", psa::cmd_audit, "compare two checkpoints' weights per module group"},
+    {"inspect", psa::cmd_inspect, "what a checkpoint folder or safetensors file holds (config, tensors, sizes)"},
+    {"export", psa::cmd_export, "a Stage II checkpoint with its LoRA adapters merged into the weights"},
     {"conform", psa::cmd_conform, "check the engine against Hugging Face / timm / torch golden data"},
     {"bench-step", psa::cmd_bench_step, "time training steps (forward, backward, clip, AdamW); --scaling sweeps"},
     {"bench-gemm", psa::cmd_bench_gemm, "CUDA SGEMM: the hand-written kernel vs cuBLAS (validated, CUDA events)"},
