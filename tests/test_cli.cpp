@@ -80,6 +80,24 @@ TEST_F(CliErrors, BenchOutputsAndArgumentsAreCheckedFirst) {
   std::remove(file.c_str());
 }
 
+// A symlink loop or an over-long name used to surface as libstdc++'s "filesystem error: status: ..."; a newline
+// in a path split the error over two lines; " 5" passed as a number although "5 " did not.
+TEST_F(CliErrors, PathsAndNumbersThatOnlyLookFine) {
+  const std::string loop = ::testing::TempDir() + "psa_loop_" + std::to_string(::getpid());
+  std::filesystem::remove(loop);
+  std::filesystem::create_symlink(loop, loop);
+  for (const std::string& cmd : {"eval --data " + loop + " --ckpt " + loop, "train --data " + loop + " --out " + loop + "_run",
+                                 "tokenizer train --data " + loop}) {
+    Result r = run_psa(cmd);
+    expect_one_line_error(r, loop);
+    EXPECT_EQ(r.err.find("filesystem error"), std::string::npos) << r.err;
+  }
+  std::filesystem::remove(loop);
+  expect_one_line_error(run_psa("infer --ckpt $'no\nsuch' --image x.png --prompt q"), "no\\nsuch");
+  expect_one_line_error(run_psa("data --scale ' 0.01' --out /nonexistent/x"), "--scale: expected a number");
+  expect_one_line_error(run_psa("data --seed ' 5' --out /nonexistent/x"), "--seed: expected an integer");
+}
+
 TEST_F(CliErrors, UnknownCommandExitsTwo) {
   Result r = run_psa("nosuchcommand");
   EXPECT_EQ(r.status, 2);

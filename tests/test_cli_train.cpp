@@ -338,6 +338,17 @@ TEST_F(TrainCli, ASecondRunInTheSameFolderIsRefused) {
   EXPECT_EQ(r.status, 0) << r.err;
 }
 
+// The pid used to be written through a symlink planted as the lock, over whatever it pointed to.
+TEST_F(TrainCli, ALockThatIsASymlinkIsRefusedAndItsTargetKept) {
+  const fs::path out = root_ / "lock_link", victim = root_ / "victim.txt";
+  fs::remove_all(out);
+  fs::create_directories(out);
+  std::ofstream(victim) << "keep";
+  fs::create_symlink(victim, out / ".psa.lock");
+  expect_one_line_error(run_psa(train_args(data_, out.string())), "is a symbolic link");
+  EXPECT_EQ(slurp(victim), "keep");
+}
+
 TEST_F(TrainCli, RunFolderMustBeAFolderOutsideTheData) {
   const fs::path file = root_ / "a_file";
   std::ofstream(file) << "x";

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -34,7 +35,8 @@ int64_t Args::get_int(const std::string& f, int64_t def, int64_t lo, int64_t hi)
   char* end = nullptr;
   errno = 0;
   long long v = std::strtoll(s.c_str(), &end, 10);
-  PSA_CHECK(!s.empty() && *end == 0, f, ": expected an integer, got '", s, "'");
+  // strtoll skips leading blanks but stops at trailing ones: neither is part of a number.
+  PSA_CHECK(!s.empty() && !std::isspace((unsigned char)s[0]) && *end == 0, f, ": expected an integer, got '", s, "'");
   PSA_CHECK(errno != ERANGE, f, ": ", s, " does not fit a 64-bit integer");
   PSA_CHECK(v >= lo && v <= hi, f, ": ", s, " is out of range [", lo, ", ", hi, "]");
   return v;
@@ -45,7 +47,7 @@ double Args::get_double(const std::string& f, double def, double lo, double hi) 
   const std::string& s = flags.at(f);
   char* end = nullptr;
   double v = std::strtod(s.c_str(), &end);
-  PSA_CHECK(!s.empty() && *end == 0, f, ": expected a number, got '", s, "'");
+  PSA_CHECK(!s.empty() && !std::isspace((unsigned char)s[0]) && *end == 0, f, ": expected a number, got '", s, "'");
   PSA_CHECK(std::isfinite(v), f, ": expected a finite number, got '", s, "'");
   PSA_CHECK(v >= lo && v <= hi, f, ": ", s, " is out of range [", lo, ", ", hi, "]");
   return v;
@@ -146,8 +148,15 @@ void check_output_file(const std::string& what, const std::string& path) {
 
 void lock_output_dir(const std::string& what, const std::string& dir) {
   const std::string path = (std::filesystem::path(dir) / ".psa.lock").string();
-  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  PSA_CHECK(fd >= 0, what, " ", dir, ": cannot create the lock file ", path, ": ", std::strerror(errno));
+  // O_NOFOLLOW: a symlink planted as the lock would have the pid written over whatever it points to.
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+  PSA_CHECK(fd >= 0, what, " ", dir, ": cannot open the lock file ", path, ": ",
+            errno == ELOOP ? "it is a symbolic link (remove it)" : std::strerror(errno));
+  struct stat st;
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    fail(what, " ", dir, ": the lock file ", path, " is not a regular file (remove it)");
+  }
   if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     const int err = errno;
     char buf[32] = {0};

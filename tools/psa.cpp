@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <string>
 
 #include "tensor/error.h"
@@ -60,6 +61,14 @@ void check_thread_env() {
   }
 }
 
+// One line on stderr, whatever the message holds: a newline in a path would otherwise start a second one.
+int report_error(const char* command, const std::string& message) {
+  std::string line;
+  for (char ch : message) line += ch == '\n' ? std::string("\\n") : ch == '\r' ? std::string("\\r") : std::string(1, ch);
+  std::fprintf(stderr, "psa %s: error: %s\n", command, line.c_str());
+  return 2;
+}
+
 // Help that never reached its reader (a full disk, a closed pipe) is a failure like any other lost output.
 int finish_stdout(int rc) {
   if (std::fflush(stdout) == 0 && !std::ferror(stdout)) return rc;
@@ -87,12 +96,11 @@ int main(int argc, char** argv) {
     try {
       check_thread_env();
       return finish_stdout(c.run(argc - 2, argv + 2));
-    } catch (const psa::Error& e) {
-      std::fprintf(stderr, "psa %s: error: %s\n", c.name, e.what());
-      return 2;
+    } catch (const std::filesystem::filesystem_error& e) {  // a symlink loop, a name too long for the system
+      const std::string path = e.path1().empty() ? "filesystem" : e.path1().string();
+      return report_error(c.name, path + ": cannot access: " + e.code().message());
     } catch (const std::exception& e) {
-      std::fprintf(stderr, "psa %s: error: %s\n", c.name, e.what());
-      return 2;
+      return report_error(c.name, e.what());
     }
   }
   std::fprintf(stderr, "psa: unknown command '%s'\n", argv[1]);
