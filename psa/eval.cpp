@@ -516,6 +516,17 @@ std::vector<std::string> stage_columns(const json::Value& report) {
 
 }  // namespace
 
+json::Value read_report(const std::string& path) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) return json::Value::object();
+  const json::Value report = json::parse_file(path);
+  PSA_CHECK(report.is_object(), path, ": not a psa report (expected a JSON object of stages)");
+  for (const auto& [key, value] : report.as_object())
+    PSA_CHECK(value.is_object(), path, ": not a psa report (key '", key, "' holds ", json::kind_name(value.kind),
+              ", not a stage's object); choose another --out");
+  return report;
+}
+
 std::string markdown_table(const json::Value& report) {
   PSA_CHECK(report.is_object(), "markdown_table: the report must be a JSON object");
   const std::vector<std::string> cols = stage_columns(report);

@@ -46,6 +46,10 @@ bool safe_response(int level, Verdict v);
 // One column per stage present in `report` ({"base": metrics, "stage1": ..., "stage2": ...}, other stage keys
 // after those), one row per metric; rates as percentages, accuracies and F1 with 3 decimals.
 std::string markdown_table(const json::Value& report);
+// An existing report file ({} when there is none): a JSON object whose every value is an object (a stage's
+// metrics, "config", "vision_pretrain"). Anything else is refused naming the file, so that a report is never
+// merged into another tool's JSON (a checkpoint's tokenizer.json, a dataset.json).
+json::Value read_report(const std::string& path);
 
 // Per-tensor xxHash64 comparison of two checkpoints (folders or model.safetensors files), grouped by module:
 // {"a", "b", "stage_a", "stage_b", "tensors", "changed", "unchanged", "added", "removed",

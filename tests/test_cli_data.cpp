@@ -197,6 +197,15 @@ TEST_F(CliData, TokenizerOutputIsAJsonFileThatIsNoInput) {
   EXPECT_EQ(slurp(train), records);
   fs::create_directories(dir + "/sub.json");
   expect_one_line_error(run_psa("tokenizer train --data " + dir + " --out " + dir + "/sub.json"), "is a folder");
+  // Other tools' JSON: a dataset's description, a checkpoint's tokenizer (replaced, the checkpoint refused to load).
+  const std::string info = slurp(dir + "/dataset.json");
+  expect_one_line_error(run_psa("tokenizer train --data " + dir + " --out " + dir + "/dataset.json"),
+                        "exists and is not a tokenizer file");
+  EXPECT_EQ(slurp(dir + "/dataset.json"), info);
+  fs::create_directories(dir + "/ckpt");
+  std::ofstream(dir + "/ckpt/model.safetensors") << "x";
+  expect_one_line_error(run_psa("tokenizer train --data " + dir + " --out " + dir + "/ckpt/tokenizer.json"),
+                        "inside the checkpoint folder");
   ASSERT_EQ(::mkfifo((dir + "/fifo.json").c_str(), 0600), 0);
   expect_one_line_error(run_psa("tokenizer train --data " + dir + " --out " + dir + "/fifo.json"),
                         "not a regular file");

@@ -141,6 +141,31 @@ TEST_F(EvalCli, OutputsInsideACheckpointOrOverAnInputAreRefused) {
   EXPECT_FALSE(fs::exists(data_ + "/dataset.md"));
 }
 
+// A report merged into another tool's JSON destroyed it (a checkpoint's tokenizer.json, not given with --ckpt);
+// a --split with folders escaped --data; a name too long for the temp file failed only after the benchmark.
+TEST_F(EvalCli, OutputsThatAreNotReportsOrDoNotFitAreRefused) {
+  const fs::path d = dir("not_reports");
+  fs::create_directories(d / "other_ckpt");
+  std::ofstream((d / "other_ckpt" / "model.safetensors").string()) << "x";
+  expect_one_line_error(eval({"--out", (d / "other_ckpt" / "tokenizer.json").string()}), "inside the checkpoint folder");
+  spit(d / "tool.json", "{\"version\": \"1.0\", \"model\": {}}");
+  expect_one_line_error(eval({"--out", (d / "tool.json").string()}), "not a psa report (key 'version' holds string");
+  EXPECT_EQ(slurp(d / "tool.json"), "{\"version\": \"1.0\", \"model\": {}}");
+  EXPECT_FALSE(fs::exists(d / "tool.md"));
+  expect_one_line_error(eval({"--split", "../data/test"}), "--split: expected the name of a records file");
+  const std::string long_name = (d / (std::string(245, 'r') + ".json")).string();
+  expect_one_line_error(eval({"--out", long_name}), "cannot create a temp file beside it: File name too long");
+}
+
+// "run/stage2/" named its predictions ".jsonl".
+TEST_F(EvalCli, PredictionFilesTakeTheFolderNameAlsoWithATrailingSlash) {
+  const fs::path d = dir("pred_names");
+  Result r = eval({"--ckpt", ckpt_ + "/", "--predictions", d.string(), "--out", (d / "r.json").string()});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_TRUE(fs::exists(d / (fs::path(ckpt_).filename().string() + ".jsonl"))) << r.out;
+  EXPECT_FALSE(fs::exists(d / ".jsonl"));
+}
+
 TEST_F(EvalCli, PredictionFileEqualToTheReportIsRefused) {
   const fs::path d = dir("pred_same");
   spit(d / "stage2.jsonl", "");

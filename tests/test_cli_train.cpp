@@ -349,6 +349,27 @@ TEST_F(TrainCli, ALockThatIsASymlinkIsRefusedAndItsTargetKept) {
   EXPECT_EQ(slurp(victim), "keep");
 }
 
+// Each found only after every stage had trained, or never: the data inside the run (which --overwrite removed),
+// a report output that is a folder, and a tokenizer in OUT too large for the model (an index error mid-run).
+TEST_F(TrainCli, RunOutputsAndInputsAreCheckedBeforeTraining) {
+  const fs::path out = root_ / "checked";
+  fs::remove_all(out);
+  fs::create_directories(out / "stage2");
+  fs::copy_file(data_ + "/train.jsonl", out / "stage2" / "mine.jsonl");
+  expect_one_line_error(run_psa(train_args((out / "stage2" / "mine.jsonl").string(), out.string())),
+                        "inside the run folder");
+  EXPECT_TRUE(fs::exists(out / "stage2" / "mine.jsonl"));
+  fs::remove_all(out);
+  fs::create_directories(out / "report.md");
+  Result r = run_psa(train_args(data_, out.string(), {{"--no-eval", "\x01"}}));
+  expect_one_line_error(r, "report.md is a folder");
+  EXPECT_FALSE(fs::exists(out / "base")) << "a stage trained before the outputs were checked";
+  fs::remove_all(out);
+  fs::create_directories(out);
+  ASSERT_EQ(run_psa({"tokenizer", "train", "--data", data_, "--vocab", "1000", "--out", (out / "tokenizer.json").string()}).status, 0);
+  expect_one_line_error(run_psa(train_args(data_, out.string())), "tokenizer.json: 667 tokens, more than the model's");
+}
+
 TEST_F(TrainCli, RunFolderMustBeAFolderOutsideTheData) {
   const fs::path file = root_ / "a_file";
   std::ofstream(file) << "x";

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <filesystem>
 
+#include "nn/json.h"
 #include "tensor/error.h"
 
 namespace psa::cli {
@@ -142,8 +143,18 @@ void check_output_file(const std::string& what, const std::string& path) {
   std::error_code ec;
   PSA_CHECK(!fs::is_directory(path, ec), what, ": ", path, " is a folder, expected a file path");
   PSA_CHECK(!fs::exists(path, ec) || fs::is_regular_file(path, ec), what, ": ", path, " is not a regular file");
-  const fs::path parent = fs::path(path).parent_path();
-  check_output_dir(what + " " + path, parent.empty() ? "." : parent.string());
+  const fs::path parent = fs::path(path).parent_path(), folder = parent.empty() ? "." : parent;
+  PSA_CHECK(!fs::exists(folder / "model.safetensors", ec), what, " ", path, ": inside the checkpoint folder ",
+            folder.string(), " (a checkpoint holds only what psa train writes; choose another folder)");
+  check_output_dir(what + " " + path, folder.string());
+  // The writer's own temp name, tried once: a name that only just fits NAME_MAX fails there, not after the work.
+  try {
+    const json::TempFile probe = json::create_temp_beside(path);
+    std::fclose(probe.f);
+    ::unlink(probe.path.c_str());
+  } catch (const Error& e) {
+    fail(what, " ", e.what());
+  }
 }
 
 void lock_output_dir(const std::string& what, const std::string& dir) {

@@ -70,15 +70,25 @@ int cmd_tokenizer(int argc, char** argv) {
   const int vocab = static_cast<int>(a.get_int("--vocab", 512, kMinVocab, kMaxVocab));
   const std::string out = a.get_path("--out", (std::filesystem::path(dir) / "tokenizer.json").string());
   PSA_CHECK(cli::lower_extension(out) == ".json", "--out ", out, ": expected a .json file (the tokenizer)");
+  const std::vector<std::string> inputs = {(std::filesystem::path(dir) / "base_train.jsonl").string(),
+                                           (std::filesystem::path(dir) / "train.jsonl").string()};
+  for (const std::string& in : inputs)
+    PSA_CHECK(!cli::same_path(out, in), "--out ", out, ": the same file as the input ", in, " (choose another path)");
   cli::check_output_file("--out", out);
+  // Replacing a file is for a tokenizer only: not a dataset.json or a records file that happens to end in .json.
+  if (std::filesystem::exists(out)) {
+    try {
+      Tokenizer::load(out);
+    } catch (const Error&) {
+      fail("--out ", out, ": exists and is not a tokenizer file (it would be replaced; choose another path)");
+    }
+  }
   std::vector<Record> recs;
   int64_t skipped = 0;
-  for (const char* f : {"base_train.jsonl", "train.jsonl"}) {
-    std::string p = (std::filesystem::path(dir) / f).string();
-    PSA_CHECK(!cli::same_path(out, p), "--out ", out, ": the same file as the input ", p, " (choose another path)");
-    if (!std::filesystem::exists(p)) continue;
+  for (const std::string& in : inputs) {
+    if (!std::filesystem::exists(in)) continue;
     LoadReport rep;
-    std::vector<Record> r = load_records(p, &rep, false);
+    std::vector<Record> r = load_records(in, &rep, false);
     recs.insert(recs.end(), r.begin(), r.end());
     skipped += rep.skipped;
   }

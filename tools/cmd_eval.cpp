@@ -183,7 +183,8 @@ int cmd_eval(int argc, char** argv) {
   const Policy policy = resolve_policy(opt.policy);  // a bad policy fails before any model is loaded
   const std::string data = a.get_path("--data", "");
   const std::string split = a.get("--split", "test");
-  PSA_CHECK(!split.empty(), "--split: expected a name (e.g. test), got an empty string");
+  PSA_CHECK(!split.empty() && split.find('/') == std::string::npos && split != "..", "--split: expected the name of a "
+            "records file in --data (e.g. test), got '", split, "'");
   const std::string split_file = (fs::path(data) / (split + ".jsonl")).string();
   PSA_CHECK(fs::exists(split_file), split_file, ": no such file (is --data a dataset folder? `psa data` writes one)");
   check_ckpts(ckpts);
@@ -200,7 +201,10 @@ int cmd_eval(int argc, char** argv) {
               ": not a folder (one file per checkpoint is written into it)");
     json::Value named = json::Value::object();
     for (const std::string& dir : ckpts) {
-      const std::string name = unique_key(named, fs::path(dir).lexically_normal().filename().string());
+      // The folder's own name, also for "run/stage2/" or ".": that of the absolute path without its separator.
+      fs::path folder = fs::absolute(dir).lexically_normal();
+      if (!folder.has_filename()) folder = folder.parent_path();
+      const std::string name = unique_key(named, folder.filename().string());
       named.set(name, json::Value(true));
       pred_files.push_back((fs::path(pred_dir) / (name + ".jsonl")).string());
       outs.push_back({"--predictions", pred_files.back()});
@@ -211,8 +215,7 @@ int cmd_eval(int argc, char** argv) {
   std::vector<Output> read_folders{{"--data", data}};
   for (const std::string& dir : ckpts) read_folders.push_back({"--ckpt", dir});
   check_outputs(outs, inputs, read_folders);
-  json::Value report = fs::exists(out) ? json::parse_file(out) : json::Value::object();
-  PSA_CHECK(report.is_object(), out, ": existing report is not a JSON object");
+  json::Value report = read_report(out);
 
   const std::vector<Record> records = load_split(split_file);
   json::Value done = json::Value::object();
@@ -224,8 +227,9 @@ int cmd_eval(int argc, char** argv) {
     done.set(key, json::Value(true));
     merge_stage(report, key, m);
   }
+  // The table first: a report it cannot read (another tool's keys in the merged file) leaves both files as they were.
+  const std::string md = json::in_file(out, [&] { return markdown_table(report); });
   json::write_file(out, json::dump(report, 2) + "\n");
-  const std::string md = markdown_table(report);
   json::write_file(md_path, md);
   std::printf("\n%s\nwrote %s and %s\n", md.c_str(), out.c_str(), md_path.c_str());
   return 0;

@@ -126,7 +126,12 @@ Dataset load_split(const std::string& file, const Tokenizer& tok, const PsaConfi
 
 Tokenizer tokenizer_for(const Plan& p, int64_t vocab) {
   fs::path path = fs::path(p.out) / "tokenizer.json";
-  if (fs::exists(path)) return Tokenizer::load(path.string());
+  if (fs::exists(path)) {  // a tokenizer put there (psa tokenizer train --out), or the one of an earlier run
+    Tokenizer tok = Tokenizer::load(path.string());
+    PSA_CHECK(tok.vocab_size() <= vocab, path.string(), ": ", tok.vocab_size(), " tokens, more than the model's vocabulary "
+              "of ", vocab, " (train it with --vocab ", vocab, " or remove it)");
+    return tok;
+  }
   std::vector<Record> recs;
   std::vector<std::string> files = {training_split(p, "base")};
   if (!p.data_is_file) files.push_back(training_split(p, "stage1"));
@@ -360,16 +365,26 @@ int cmd_train(int argc, char** argv) {
   std::vector<StagePlan> todo = plan_stages(a, p, which, device, lora);
   PSA_CHECK(p.data_is_file || !cli::path_inside(p.out, p.data), "--out ", p.out, ": inside the dataset folder ",
             p.data, " given with --data (write runs elsewhere)");
+  // A run folder holds only what psa train writes: --overwrite removes stage folders and predictions in it.
+  PSA_CHECK(!cli::path_inside(p.data, p.out), "--data ", p.data, ": inside the run folder ", p.out,
+            " given with --out (keep data outside it: --overwrite removes what the run wrote there)");
+  const bool eval = a.has("--eval") || (which == "all" && !a.has("--no-eval"));
+  // With one records file, the benchmark reads the test.jsonl beside it: that folder is the dataset's.
+  const fs::path eval_data = p.data_is_file ? fs::absolute(p.data).parent_path() : fs::path(p.data);
+  PSA_CHECK(!eval || !p.data_is_file || !cli::path_inside(p.out, eval_data.string()), "--out ", p.out,
+            ": inside ", eval_data.string(), ", the folder of --data ", p.data, " that the benchmark reads (write "
+            "runs elsewhere, or pass --no-eval)");
   cli::check_output_dir("--out", p.out);
+  for (const char* f : {"report.json", "report.md", "loss_curves.png"})
+    cli::check_output_file("--out " + p.out + ":", (fs::path(p.out) / f).string());
+  if (eval) cli::check_output_dir("--out " + p.out + ": predictions", (fs::path(p.out) / "predictions").string());
   cli::lock_output_dir("--out", p.out);  // before its folders are read: a second run must not act on a moving state
   if (int n = remove_stale_temps(p.out))
     std::printf("removed %d leftover(s) of a killed write in %s\n", n, p.out.c_str());
   check_stage_folders(p, todo);
   for (const StagePlan& s : todo) check_resume_options(s.o);
-  json::Value report = json::Value::object();
   fs::path report_path = fs::path(p.out) / "report.json";
-  if (fs::exists(report_path)) report = json::parse_file(report_path.string());
-  PSA_CHECK(report.is_object(), report_path.string(), ": not a JSON object");
+  json::Value report = read_report(report_path.string());
 
   // A stage that starts from the previous stage's checkpoint takes its model and the tokenizer stored with it
   // (not OUT/tokenizer.json, nor a new one): the token ids must be the ones that model was trained on.
@@ -451,14 +466,9 @@ int cmd_train(int argc, char** argv) {
     PlotOptions po{"PSA-VLM training losses (" + p.preset + ")", "step", "loss", true, 900, 500, 10};
     plot_lines((fs::path(p.out) / "loss_curves.png").string(), curves, po);
   }
-  bool eval = a.has("--eval") || (which == "all" && !a.has("--no-eval"));
-  // With one records file, the test split is the test.jsonl beside it (eval takes a folder).
-  const fs::path eval_data = p.data_is_file ? fs::absolute(p.data).parent_path() : fs::path(p.data);
   if (eval && p.data_is_file && !fs::exists(eval_data / "test.jsonl")) {
     std::printf("no test.jsonl beside %s: benchmark skipped\n", p.data.c_str());
-    eval = false;
-  }
-  if (eval) {
+  } else if (eval) {
     std::vector<std::string> ckpts;
     for (const char* stage : kStages)
       if (fs::exists(fs::path(p.out) / stage / "model.safetensors")) ckpts.push_back((fs::path(p.out) / stage).string());
