@@ -26,6 +26,17 @@ namespace {
 
 constexpr uint64_t kMaxHeader = 100ull << 20;  // the reference implementation's limit as well
 const char* const kHashPrefix = "xxh64.";
+// The hash of the other metadata entries (the model config, the LoRA settings...): an edit of one byte there
+// changes what a checkpoint computes as surely as an edit of its weights. "__metadata__" is no tensor's name.
+const char* const kMetadataHashKey = "xxh64.__metadata__";
+
+// Every entry but the hashes, in key order, each key and value NUL-terminated: one text per metadata.
+std::string metadata_hash(const std::map<std::string, std::string>& metadata) {
+  std::string text;
+  for (const auto& [k, v] : metadata)
+    if (k.rfind(kHashPrefix, 0) != 0) text += k + '\0' + v + '\0';
+  return xxh64_hex(text.data(), text.size());
+}
 
 struct DTypeInfo {
   DType dtype;
@@ -260,8 +271,13 @@ File File::open(const std::string& path, bool verify_hashes) {
   }
 
   if (verify_hashes) {
+    if (auto it = f.metadata_.find(kMetadataHashKey); it != f.metadata_.end()) {  // files of older writers lack it
+      const std::string got = metadata_hash(f.metadata_);
+      PSA_CHECK(it->second == got, path, ": __metadata__ does not match its xxh64 (stored ", it->second,
+                ", computed ", got, "): the header was edited or damaged");
+    }
     for (const auto& [key, stored] : f.metadata_) {
-      if (key.rfind(kHashPrefix, 0) != 0) continue;
+      if (key.rfind(kHashPrefix, 0) != 0 || key == kMetadataHashKey) continue;
       const std::string name = key.substr(std::strlen(kHashPrefix));
       const TensorView* t = f.find(name);
       PSA_CHECK(t, path, ": __metadata__ has '", key, "' but no tensor '", name, "'");
@@ -339,6 +355,7 @@ void save(const std::string& path, const std::vector<TensorData>& tensors,
   for (const auto& [k, v] : metadata)
     if (k.rfind(kHashPrefix, 0) != 0) meta.obj.emplace_back(k, v);
   for (const auto& t : tensors) meta.obj.emplace_back(kHashPrefix + t.name, xxh64_hex(t.data, t.nbytes));
+  meta.obj.emplace_back(kMetadataHashKey, metadata_hash(metadata));
 
   json::Value header = json::Value::object();
   header.obj.emplace_back("__metadata__", std::move(meta));

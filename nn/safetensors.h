@@ -1,8 +1,9 @@
 // safetensors files on raw bytes: an 8-byte little-endian header length N, N bytes of JSON header
 // {"name": {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}, then the data
 // buffer (offsets relative to its start). Independent of the tensor type; nn/ converts views to tensors.
-// Our checkpoints store an XXH64 of every tensor in __metadata__ ("xxh64.<name>"); reading verifies them,
-// and files without them (as Hugging Face writes) load unchanged.
+// Our checkpoints store an XXH64 of every tensor in __metadata__ ("xxh64.<name>") and one of the other metadata
+// entries ("xxh64.__metadata__": the config is as much a part of the model as its weights); reading verifies
+// them, and files without them (as Hugging Face writes) load unchanged.
 #pragma once
 #include <cstddef>
 #include <cstdint>

@@ -138,7 +138,7 @@ TEST(Safetensors, MetadataRoundTrip) {
   int32_t x = 5;
   st::save(path, {{"x", DType::I32, {1}, &x, 4}}, meta);
   st::File f = st::File::open(path);
-  EXPECT_EQ(f.metadata().size(), meta.size() + 1);
+  EXPECT_EQ(f.metadata().size(), meta.size() + 2);  // and the hashes of the tensor and of the metadata
   for (const auto& [k, v] : meta) EXPECT_EQ(f.metadata().at(k), v) << k;
   EXPECT_EQ(psa::json::parse(f.metadata().at("config")), cfg);
 
@@ -284,6 +284,24 @@ TEST(Safetensors, HashMismatchNamesComputedHash) {
   std::string e = error_of([&] { st::File::open(path); });
   EXPECT_EQ(e, path + ": tensor 'w': xxh64 mismatch (stored 0000000000000000, computed " +
                    st::xxh64_hex(w.data, w.nbytes) + ")");
+}
+
+// One byte of the config changed in place ("hidden_size": 64 -> 84, same length): the weights' hashes still
+// matched, and the model silently computed something else.
+TEST(Safetensors, EditedMetadataIsDetected) {
+  std::string dir = fresh_dir("meta_edit");
+  std::string path = dir + "/c.safetensors";
+  std::vector<float> w = {1, 2, 3, 4};
+  st::save(path, {{"w", DType::F32, {4}, w.data(), 16}}, {{"config", "{\"hidden_size\": 64}"}});
+  std::string raw = read_all(path);
+  const size_t at = raw.find("hidden_size\\\": 64");
+  ASSERT_NE(at, std::string::npos) << raw.substr(0, 200);
+  raw[raw.find("64", at)] = '8';
+  std::ofstream(path, std::ios::binary) << raw;
+  EXPECT_EQ(st::File::open(path, false).metadata().at("config"), "{\"hidden_size\": 84}");
+  const std::string e = error_of([&] { st::File::open(path); });
+  EXPECT_NE(e.find(path + ": __metadata__ does not match its xxh64"), std::string::npos) << e;
+  std::system(("rm -rf '" + dir + "'").c_str());
 }
 
 TEST(Safetensors, CorruptedCheckpointDetected) {
