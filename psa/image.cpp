@@ -309,6 +309,8 @@ Image load_record_pixels(const std::string& field, const std::string& base_dir) 
   for (const std::string& part : split_image_field(field)) {
     PSA_CHECK(!part.empty(), "image field '", field, "' has an empty part");
     Image img = load_image(resolve_image_path(part, base_dir));
+    // Each part is within the limits; side by side they must be too, before the paste allocates their sum.
+    check_size("image field '" + field + "' (its parts side by side)", int64_t(out.w) + img.w, std::max(out.h, img.h));
     out = out.w == 0 ? std::move(img) : paste_side_by_side(out, img);
   }
   return out;

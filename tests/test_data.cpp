@@ -440,6 +440,19 @@ TEST_F(Data, ImageErrorsNameThePath) {
   fs::remove(big);
 }
 
+// Each part within the limits, five side by side past them: the paste allocated their sum (8 parts of 8192^2
+// took 3.3 GB before anything checked).
+TEST_F(Data, SplitImagePartsTogetherStayWithinTheLimits) {
+  const std::string strip = temp_dir("strip.png");
+  save_png(strip, Image(4000, 2, 7));
+  std::string field = strip;
+  for (int i = 1; i < 5; ++i) field += "<split>" + strip;
+  EXPECT_EQ(error_of([&] { load_record_pixels(field, ""); }),
+            "image field '" + field + "' (its parts side by side): image too large: 20000x2 (limit 16384 per side)");
+  EXPECT_EQ(load_record_pixels(strip + "<split>" + strip, "").w, 8000);  // two of them are fine
+  fs::remove(strip);
+}
+
 // ---- policy ----
 
 TEST_F(Data, DecideFollowsTheReferenceRule) {
