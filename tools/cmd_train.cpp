@@ -31,6 +31,8 @@ Before base, the ViT learns the generator's scene vocabulary (motifs, shapes, co
 records' "meta" (the stand-in for CLIP pretraining; --steps-vision 0 skips it, records without meta are ignored).
 Each stage writes OUT/<stage>/ (model.safetensors, config.json, tokenizer.json), a JSONL log
 OUT/<stage>/log.jsonl, and an audit against the previous stage; OUT/loss_curves.png plots every loss.
+The base stage's tokenizer is OUT/tokenizer.json when it exists (one of psa tokenizer train --out, or of an
+earlier run: remove it to train a new one on other data), else it is trained on the data and written there.
 With --eval (default for --stage all) the benchmark runs on DIR/test.jsonl into OUT/report.json and
 OUT/report.md, with every record's prediction and answers in OUT/predictions/<stage>.jsonl.
 --data FILE.jsonl (real data, reference-format records): that one file trains every stage (Stage I takes its
