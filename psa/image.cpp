@@ -184,10 +184,15 @@ void save_png(const std::string& path, const Image& img) {
   PSA_CHECK(written && closed, path, ": cannot write png: ", std::strerror(written ? errno : write_err));
 }
 
-Image paste_side_by_side(const Image& a, const Image& b) {
-  Image out(a.w + b.w, std::max(a.h, b.h), 0);
-  for (int y = 0; y < a.h; ++y) std::copy(a.at(0, y), a.at(0, y) + a.w * 3, out.at(0, y));
-  for (int y = 0; y < b.h; ++y) std::copy(b.at(0, y), b.at(0, y) + b.w * 3, out.at(a.w, y));
+Image paste_side_by_side(const std::vector<Image>& parts) {
+  int w = 0, h = 0;
+  for (const Image& p : parts) w += p.w, h = std::max(h, p.h);
+  Image out(w, h, 0);
+  int left = 0;
+  for (const Image& p : parts) {
+    for (int y = 0; y < p.h; ++y) std::copy(p.at(0, y), p.at(0, y) + p.w * 3, out.at(left, y));
+    left += p.w;
+  }
   return out;
 }
 
@@ -305,15 +310,19 @@ std::string resolve_image_path(const std::string& path, const std::string& base_
 }
 
 Image load_record_pixels(const std::string& field, const std::string& base_dir) {
-  Image out;
-  for (const std::string& part : split_image_field(field)) {
-    PSA_CHECK(!part.empty(), "image field '", field, "' has an empty part");
-    Image img = load_image(resolve_image_path(part, base_dir));
+  const std::vector<std::string> names = split_image_field(field);
+  PSA_CHECK(names.size() <= size_t(kMaxImageParts), "image field '", field.substr(0, 200), "...' has ", names.size(),
+            " parts (at most ", kMaxImageParts, ")");
+  std::vector<Image> parts;
+  int64_t w = 0, h = 0;
+  for (const std::string& name : names) {
+    PSA_CHECK(!name.empty(), "image field '", field, "' has an empty part");
+    parts.push_back(load_image(resolve_image_path(name, base_dir)));
     // Each part is within the limits; side by side they must be too, before the paste allocates their sum.
-    check_size("image field '" + field + "' (its parts side by side)", int64_t(out.w) + img.w, std::max(out.h, img.h));
-    out = out.w == 0 ? std::move(img) : paste_side_by_side(out, img);
+    w += parts.back().w, h = std::max<int64_t>(h, parts.back().h);
+    check_size("image field '" + field + "' (its parts side by side)", w, h);
   }
-  return out;
+  return parts.size() == 1 ? std::move(parts[0]) : paste_side_by_side(parts);
 }
 
 std::vector<float> preprocess_named(const Image& img, int size, const std::string& name) {

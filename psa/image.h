@@ -44,8 +44,11 @@ std::string encode_png(const Image& img);
 // Direct (not atomic) write, for the many images of a generated dataset; errors name the path and errno.
 void save_png(const std::string& path, const Image& img);
 
-// The reference's horizontal concatenation for "a<split>b" pairs: black canvas, a at x=0, b at x=wa, both top-aligned.
-Image paste_side_by_side(const Image& a, const Image& b);
+// The reference's horizontal concatenation for "a<split>b" pairs: black canvas, a at x=0, b at x=wa, all
+// top-aligned (pasted once, whatever the number of parts).
+Image paste_side_by_side(const std::vector<Image>& parts);
+// A record's image field holds at most this many "<split>" parts.
+constexpr int kMaxImageParts = 64;
 
 // PIL's BICUBIC (a = -0.5) with its antialias: when shrinking, the kernel support widens by the scale
 // factor. Horizontal pass first, rounded to 8 bits in between, as PIL does.

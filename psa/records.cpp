@@ -74,7 +74,10 @@ static std::string remove_tags(std::string s) {
 
 static std::string resolve_field(const std::string& field, const std::string& base_dir, bool check_images) {
   std::string out;
-  for (const std::string& part : split_image_field(field)) {
+  const std::vector<std::string> parts = split_image_field(field);
+  PSA_CHECK(parts.size() <= size_t(kMaxImageParts), "image field has ", parts.size(), " parts (at most ",
+            kMaxImageParts, ")");
+  for (const std::string& part : parts) {
     PSA_CHECK(!trim(part).empty(), "image field '", field, "' has an empty part");
     std::string path = resolve_image_path(part, base_dir);
     if (check_images) check_image(path);

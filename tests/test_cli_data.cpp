@@ -204,7 +204,10 @@ TEST_F(CliData, TokenizerOutputIsAJsonFileThatIsNoInput) {
   EXPECT_EQ(slurp(dir + "/dataset.json"), info);
   fs::create_directories(dir + "/ckpt");
   std::ofstream(dir + "/ckpt/model.safetensors") << "x";
+  std::ofstream(dir + "/ckpt/config.json") << "{}";
   expect_one_line_error(run_psa("tokenizer train --data " + dir + " --out " + dir + "/ckpt/tokenizer.json"),
+                        "inside the checkpoint folder");
+  expect_one_line_error(run_psa("tokenizer train --data " + dir + " --out " + dir + "/ckpt/sub/t.json"),
                         "inside the checkpoint folder");
   ASSERT_EQ(::mkfifo((dir + "/fifo.json").c_str(), 0600), 0);
   expect_one_line_error(run_psa("tokenizer train --data " + dir + " --out " + dir + "/fifo.json"),

@@ -6,6 +6,8 @@
 // exit status 2, nothing overwritten. Runs $PSA_BIN (default ./build/psa) on a 1%-scale tiny dataset and a
 // 2-step run (about a second to make); each eval here is limited to a few records.
 #include <gtest/gtest.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -147,7 +149,12 @@ TEST_F(EvalCli, OutputsThatAreNotReportsOrDoNotFitAreRefused) {
   const fs::path d = dir("not_reports");
   fs::create_directories(d / "other_ckpt");
   std::ofstream((d / "other_ckpt" / "model.safetensors").string()) << "x";
+  std::ofstream((d / "other_ckpt" / "config.json").string()) << "{}";
   expect_one_line_error(eval({"--out", (d / "other_ckpt" / "tokenizer.json").string()}), "inside the checkpoint folder");
+  expect_one_line_error(eval({"--out", (d / "other_ckpt" / "sub" / "r.json").string()}), "inside the checkpoint folder");
+  expect_one_line_error(eval({"--out", (d / "r.json").string(), "--predictions", (d / "other_ckpt" / "p").string()}),
+                        "inside the checkpoint folder");
+  EXPECT_FALSE(fs::exists(d / "other_ckpt" / "sub"));
   spit(d / "tool.json", "{\"version\": \"1.0\", \"model\": {}}");
   expect_one_line_error(eval({"--out", (d / "tool.json").string()}), "not a psa report (key 'version' holds string");
   EXPECT_EQ(slurp(d / "tool.json"), "{\"version\": \"1.0\", \"model\": {}}");
@@ -155,6 +162,23 @@ TEST_F(EvalCli, OutputsThatAreNotReportsOrDoNotFitAreRefused) {
   expect_one_line_error(eval({"--split", "../data/test"}), "--split: expected the name of a records file");
   const std::string long_name = (d / (std::string(245, 'r') + ".json")).string();
   expect_one_line_error(eval({"--out", long_name}), "cannot create a temp file beside it: File name too long");
+}
+
+// A report written into a run folder while its psa train still runs was lost: train rewrote it from memory.
+TEST_F(EvalCli, OutputsIntoARunBeingTrainedAreRefused) {
+  const fs::path d = dir("busy_run");
+  const std::string lock = (d / ".psa.lock").string();
+  const int fd = ::open(lock.c_str(), O_RDWR | O_CREAT, 0644);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);  // what a running psa train holds
+  const std::string pid = std::to_string(::getpid());
+  ASSERT_EQ(::pwrite(fd, pid.data(), pid.size(), 0), ssize_t(pid.size()));
+  expect_one_line_error(eval({"--out", (d / "report.json").string()}), "which a running psa train is writing (pid " + pid);
+  ::close(fd);
+  Result r = eval({"--out", (d / "report.json").string()});
+  EXPECT_EQ(r.status, 0) << r.err;
+  // Every stage's count is written, 0 included: a merged report must not keep an older run's.
+  EXPECT_EQ(psa::json::parse_file((d / "report.json").string()).at("stage2").int_at("skipped_records"), 0);
 }
 
 // "run/stage2/" named its predictions ".jsonl".

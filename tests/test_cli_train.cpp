@@ -452,6 +452,11 @@ TEST_F(TrainCli, ExportRefusesWhatItCannotDoInOneLine) {
   expect_one_line_error(run_psa({"export", "--merge-lora", run_ + "/stage2", "--out", run_ + "/stage2/m"}),
                         "overlaps the checkpoint folder");
   expect_one_line_error(run_psa({"export", "--merge-lora", run_ + "/stage2", "--out", run_}), "overlaps");
+  // Refused before the folder is made, and never inside another checkpoint.
+  EXPECT_FALSE(fs::exists(out)) << "a failed export left its folder";
+  expect_one_line_error(run_psa({"export", "--merge-lora", run_ + "/stage2", "--out", run_ + "/base/merged"}),
+                        "inside the checkpoint folder");
+  EXPECT_FALSE(fs::exists(run_ + "/base/merged"));
   fs::create_directories(out);
   std::ofstream(out + "/notes.txt") << "mine";
   expect_one_line_error(run_psa({"export", "--merge-lora", run_ + "/stage2", "--out", out}), "not empty");

@@ -407,7 +407,7 @@ TEST_F(Data, BicubicMatchesPillow) {
 
 TEST_F(Data, PairsArePastedSideBySide) {
   Image a(2, 2, 200), b(3, 1, 100);
-  Image p = paste_side_by_side(a, b);
+  Image p = paste_side_by_side({a, b});
   ASSERT_EQ(p.w, 5);
   ASSERT_EQ(p.h, 2);
   EXPECT_EQ(p.at(1, 1)[0], 200);
@@ -450,6 +450,14 @@ TEST_F(Data, SplitImagePartsTogetherStayWithinTheLimits) {
   EXPECT_EQ(error_of([&] { load_record_pixels(field, ""); }),
             "image field '" + field + "' (its parts side by side): image too large: 20000x2 (limit 16384 per side)");
   EXPECT_EQ(load_record_pixels(strip + "<split>" + strip, "").w, 8000);  // two of them are fine
+  // Thousands of small parts were pasted one by one, each paste copying all before it (4000 parts: > 60 s).
+  const std::string dot = temp_dir("dot.png");
+  save_png(dot, Image(1, 1, 7));
+  std::string many = dot;
+  for (int i = 1; i < 65; ++i) many += "<split>" + dot;
+  EXPECT_NE(error_of([&] { load_record_pixels(many, ""); }).find("has 65 parts (at most 64)"), std::string::npos);
+  EXPECT_EQ(load_record_pixels(many.substr(many.find("<split>") + 7), "").w, 64);
+  fs::remove(dot);
   fs::remove(strip);
 }
 
@@ -498,6 +506,9 @@ TEST_F(Data, BadPolicyFilesAreRejected) {
   bad = v;
   bad.set("levelz", 1);
   EXPECT_EQ(error_of([&] { parse_policy(bad, "p.json"); }), "p.json: unknown key 'levelz'");
+  bad = v;
+  member(member(member(bad, "levels"), "1"), "misleading").set("action", "hint").set("hint", "  \t ");
+  EXPECT_EQ(error_of([&] { parse_policy(bad, "p.json"); }), "p.json: levels.1.misleading: action 'hint' needs a non-empty 'hint'");
   // A hint is prompt text: an <image> tag in it used to abort generation in the image splice.
   bad = v;
   member(member(member(bad, "levels"), "3"), "illegal").set("hint", "Refuse <image> this.");

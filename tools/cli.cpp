@@ -137,6 +137,36 @@ void check_output_dir(const std::string& what, const std::string& dir) {
   ::unlink(probe.c_str());
 }
 
+// The pid in `lock` (a .psa.lock) when another process holds it, -1 when that pid is unreadable, else 0: free,
+// missing, or held by this process (psa train running its benchmark into its own folder).
+static long lock_holder(const std::string& lock) {
+  const int fd = ::open(lock.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) return 0;
+  long pid = 0;
+  if (::flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK) {
+    char buf[32] = {0};
+    const ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
+    pid = n > 0 ? std::strtol(buf, nullptr, 10) : -1;
+    if (pid == ::getpid()) pid = 0;
+  }
+  ::close(fd);  // also drops the shared lock just taken
+  return pid;
+}
+
+void check_output_location(const std::string& what, const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  for (fs::path dir = canonical_form(path).parent_path(); !dir.empty(); dir = dir.parent_path()) {
+    PSA_CHECK(!(fs::exists(dir / "model.safetensors", ec) && fs::exists(dir / "config.json", ec)), what, " ", path,
+              ": inside the checkpoint folder ", dir.string(), " (a checkpoint holds only what psa train writes; "
+              "choose another folder)");
+    const long holder = lock_holder((dir / ".psa.lock").string());
+    PSA_CHECK(holder == 0, what, " ", path, ": inside ", dir.string(), ", which a running psa train is writing",
+              holder > 0 ? " (pid " + std::to_string(holder) + ")" : std::string(), "; wait for it to end");
+    if (dir == dir.root_path()) break;
+  }
+}
+
 void check_output_file(const std::string& what, const std::string& path) {
   namespace fs = std::filesystem;
   PSA_CHECK(!path.empty(), what, ": expected a file path, got an empty string");
@@ -144,8 +174,7 @@ void check_output_file(const std::string& what, const std::string& path) {
   PSA_CHECK(!fs::is_directory(path, ec), what, ": ", path, " is a folder, expected a file path");
   PSA_CHECK(!fs::exists(path, ec) || fs::is_regular_file(path, ec), what, ": ", path, " is not a regular file");
   const fs::path parent = fs::path(path).parent_path(), folder = parent.empty() ? "." : parent;
-  PSA_CHECK(!fs::exists(folder / "model.safetensors", ec), what, " ", path, ": inside the checkpoint folder ",
-            folder.string(), " (a checkpoint holds only what psa train writes; choose another folder)");
+  check_output_location(what, path);
   check_output_dir(what + " " + path, folder.string());
   // The writer's own temp name, tried once: a name that only just fits NAME_MAX fails there, not after the work.
   try {

@@ -49,7 +49,11 @@ bool path_inside(const std::string& path, const std::string& dir);
 // `dir` exists or is created, and a probe file can be created in it (then removed); else an error
 // "<what>: <reason>" with errno's text. `what` names the option, e.g. "--predictions".
 void check_output_dir(const std::string& what, const std::string& dir);
-// `path` is not empty, not a folder or another non-regular file, and its folder passes check_output_dir.
+// No folder above `path` is a checkpoint (model.safetensors with config.json) or a run folder another process's
+// psa train holds (its .psa.lock): writing there would mix another tool's file into them.
+void check_output_location(const std::string& what, const std::string& path);
+// `path` is not empty, not a folder or another non-regular file, passes check_output_location, and its folder
+// passes check_output_dir.
 void check_output_file(const std::string& what, const std::string& path);
 // An exclusive lock on `dir` (flock of dir/.psa.lock, which records the holder's pid), held until the process
 // exits, so that two runs never write one folder; the kernel drops it when the holder dies, so a killed run

@@ -76,12 +76,13 @@ static std::vector<std::string> take_ckpts(int argc, char** argv, std::vector<ch
   return ckpts;
 }
 
-static std::vector<Record> load_split(const std::string& path) {
+static std::vector<Record> load_split(const std::string& path, int64_t* skipped) {
   LoadReport rep;
   std::vector<Record> records = load_records(path, &rep, true);
   for (size_t i = 0; i < rep.messages.size() && i < 10; ++i) std::fprintf(stderr, "skipped %s\n", rep.messages[i].c_str());
   if (rep.skipped) std::fprintf(stderr, "%s: %ld records loaded, %ld lines skipped\n", path.c_str(), (long)rep.loaded, (long)rep.skipped);
   PSA_CHECK(!records.empty(), path, ": no usable records");
+  *skipped = rep.skipped;
   return records;
 }
 
@@ -106,7 +107,10 @@ static std::string unique_key(const json::Value& done, const std::string& stage)
   return key;
 }
 
-static json::Value eval_one(const std::string& dir, const std::vector<Record>& records, const EvalOptions& opt) {
+// `unreadable`: the split's lines the loader already skipped; the report counts them with the records this
+// checkpoint cannot take (always, 0 included, so that a merged report never keeps an older run's count).
+static json::Value eval_one(const std::string& dir, const std::vector<Record>& records, int64_t unreadable,
+                            const EvalOptions& opt) {
   const Checkpoint c = load_checkpoint(dir);
   check_policy_fits(c, resolve_policy(opt.policy));  // before the images are decoded
   c.model->merge_lora();  // inference only: one matmul per layer instead of three
@@ -120,7 +124,7 @@ static json::Value eval_one(const std::string& dir, const std::vector<Record>& r
   json::Value m = evaluate(c, d, opt, &rep);  // adds the records whose prompt is too long for the model
   for (size_t i = shown; i < rep.messages.size() && i < shown + 10; ++i)
     std::fprintf(stderr, "skipped %s\n", rep.messages[i].c_str());
-  if (rep.skipped) m.set("skipped_records", rep.skipped);
+  m.set("skipped_records", rep.skipped + unreadable);
   std::printf("%s (%s): %ld records in %.1f s (%.1f records/s)\n", dir.c_str(), c.stage.c_str(),
               (long)m.int_at("records"), m.number_at("eval_seconds"), m.number_at("records_per_second"));
   return m;
@@ -217,12 +221,13 @@ int cmd_eval(int argc, char** argv) {
   check_outputs(outs, inputs, read_folders);
   json::Value report = read_report(out);
 
-  const std::vector<Record> records = load_split(split_file);
+  int64_t unreadable = 0;
+  const std::vector<Record> records = load_split(split_file, &unreadable);
   json::Value done = json::Value::object();
   for (size_t i = 0; i < ckpts.size(); ++i) {
     EvalOptions one = opt;
     if (!pred_files.empty()) one.predictions = pred_files[i];
-    json::Value m = eval_one(ckpts[i], records, one);
+    json::Value m = eval_one(ckpts[i], records, unreadable, one);
     const std::string key = unique_key(done, m.string_at("stage"));
     done.set(key, json::Value(true));
     merge_stage(report, key, m);

@@ -37,9 +37,11 @@ int cmd_export(int argc, char** argv) {
   std::error_code ec;
   PSA_CHECK(!fs::exists(out, ec) || !fs::is_directory(out, ec) || fs::is_empty(out, ec), "--out ", out,
             ": not empty (choose a new folder; an export never replaces files)");
-  cli::check_output_dir("--out", out);
+  cli::check_output_location("--out", (fs::path(out) / "model.safetensors").string());
+  // Loaded and merged before the folder is made: a checkpoint without adapters leaves nothing behind.
   const Checkpoint c = load_checkpoint(ckpt);
   const std::shared_ptr<PsaVlm> merged = merged_model(c);
+  cli::check_output_dir("--out", out);
   save_checkpoint(out, *merged, *c.tokenizer, c.stage, LoraSettings{});
   std::printf("merged the rank-%ld LoRA adapters (alpha %g) of %s into %s: %ld parameters, stage %s\n",
               (long)c.lora.rank, c.lora.alpha, ckpt.c_str(), out.c_str(), (long)merged->num_parameters(),

@@ -56,14 +56,18 @@ static json::Value inspect_file(const std::string& path) {
     values += t.numel();
   }
   json::Value keys = json::Value::array();
-  for (const auto& [k, v] : f.metadata())
+  int64_t hashes = 0;  // files of other writers (Hugging Face) have none: nothing was verified
+  for (const auto& [k, v] : f.metadata()) {
     if (k.rfind("xxh64.", 0) != 0) keys.push(k);
+    else ++hashes;
+  }
   json::Value out = json::Value::object();
   out.set("file", path);
   out.set("bytes", static_cast<int64_t>(fs::file_size(path)));
   out.set("tensor_count", static_cast<int64_t>(f.tensors().size()));
   out.set("values", values);
   out.set("metadata_keys", std::move(keys));
+  out.set("hashes_verified", hashes);
   out.set("tensors", std::move(tensors));
   return out;
 }
@@ -72,7 +76,8 @@ static void print_file(const json::Value& r) {
   std::printf("%s: %ld tensors, %ld values, %ld bytes\nmetadata:", r.string_at("file").c_str(),
               (long)r.int_at("tensor_count"), (long)r.int_at("values"), (long)r.int_at("bytes"));
   for (const json::Value& k : r.array_at("metadata_keys")) std::printf(" %s", k.as_string().c_str());
-  std::printf("%s\n", r.array_at("metadata_keys").empty() ? " (none besides the tensor hashes)" : "");
+  std::printf("%s\nhashes verified: %ld%s\n", r.array_at("metadata_keys").empty() ? " (none)" : "",
+              (long)r.int_at("hashes_verified"), r.int_at("hashes_verified") ? "" : " (the file stores none)");
   const auto& tensors = r.array_at("tensors");
   for (size_t i = 0; i < tensors.size() && i < kMaxListedTensors; ++i) {
     std::vector<int64_t> shape;

@@ -377,10 +377,10 @@ int cmd_train(int argc, char** argv) {
             ": inside ", eval_data.string(), ", the folder of --data ", p.data, " that the benchmark reads (write "
             "runs elsewhere, or pass --no-eval)");
   cli::check_output_dir("--out", p.out);
-  for (const char* f : {"report.json", "report.md", "loss_curves.png"})
-    cli::check_output_file("--out " + p.out + ":", (fs::path(p.out) / f).string());
-  if (eval) cli::check_output_dir("--out " + p.out + ": predictions", (fs::path(p.out) / "predictions").string());
   cli::lock_output_dir("--out", p.out);  // before its folders are read: a second run must not act on a moving state
+  for (const char* f : {"report.json", "report.md", "loss_curves.png"})
+    cli::check_output_file("--out " + p.out, (fs::path(p.out) / f).string());
+  if (eval) cli::check_output_dir("--out " + p.out + ": predictions", (fs::path(p.out) / "predictions").string());
   if (int n = remove_stale_temps(p.out))
     std::printf("removed %d leftover(s) of a killed write in %s\n", n, p.out.c_str());
   check_stage_folders(p, todo);
