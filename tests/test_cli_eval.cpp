@@ -312,6 +312,11 @@ TEST_F(EvalCli, ExplainRefusesTheInputImageAndOtherFormats) {
   expect_one_line_error(infer({"--prompt", "What is it?", "--explain", (d / "heat.jpg").string()}), ".png");
   expect_one_line_error(infer({"--prompt", "What is it?", "--explain", ckpt_ + "/heat.png"}),
                         "inside the checkpoint folder");
+  // Another of the dataset's images (not the input): it was replaced by the heat map.
+  const std::string other = data_ + "/images/" + fs::directory_iterator(data_ + "/images")->path().filename().string();
+  const std::string pixels = slurp(other);
+  expect_one_line_error(infer({"--prompt", "What is it?", "--explain", other}), "exists inside the dataset folder");
+  EXPECT_EQ(slurp(other), pixels);
   EXPECT_FALSE(fs::exists(ckpt_ + "/heat.png"));
   expect_one_line_error(infer({"--prompt", "What is it?", "--explain", ""}), "--explain: expected a path");
   fs::create_directories(d / "dir.png");

@@ -78,7 +78,7 @@ int finish_stdout(int rc) {
 
 void usage() {
   std::printf("usage: psa <command> [options]   (psa <command> --help for details)\n\ncommands:\n");
-  for (const Subcommand& c : kCommands) std::printf("  %-10s %s\n", c.name, c.help);
+  for (const Subcommand& c : kCommands) std::printf("  %-11s %s\n", c.name, c.help);
 }
 
 }  // namespace
