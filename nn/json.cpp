@@ -540,7 +540,9 @@ namespace {
 
 // Bytes that are not UTF-8 (a file name from a Latin-1 file system) become U+FFFD: the output must parse.
 void dump_string(std::string& out, const std::string& text) {
-  const std::string s = valid_utf8(text);
+  const bool valid = is_valid_utf8(text);
+  const std::string repaired = valid ? std::string() : valid_utf8(text);
+  const std::string& s = valid ? text : repaired;
   out += '"';
   for (char ch : s) {
     const unsigned char c = static_cast<unsigned char>(ch);

@@ -137,6 +137,13 @@ void check_output_dir(const std::string& what, const std::string& dir) {
   ::unlink(probe.c_str());
 }
 
+// The pid a lock file records (lock_output_dir writes it), or 0 when it cannot be read.
+static long recorded_pid(int fd) {
+  char buf[32] = {0};
+  const ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
+  return n > 0 ? std::strtol(buf, nullptr, 10) : 0;
+}
+
 // The pid in `lock` (a .psa.lock) when another process holds it, -1 when that pid is unreadable, else 0: free,
 // missing, or held by this process (psa train running its benchmark into its own folder).
 static long lock_holder(const std::string& lock) {
@@ -144,10 +151,8 @@ static long lock_holder(const std::string& lock) {
   if (fd < 0) return 0;
   long pid = 0;
   if (::flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK) {
-    char buf[32] = {0};
-    const ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
-    pid = n > 0 ? std::strtol(buf, nullptr, 10) : -1;
-    if (pid == ::getpid()) pid = 0;
+    pid = recorded_pid(fd);
+    pid = pid == ::getpid() ? 0 : pid > 0 ? pid : -1;
   }
   ::close(fd);  // also drops the shared lock just taken
   return pid;
@@ -199,10 +204,8 @@ void lock_output_dir(const std::string& what, const std::string& dir) {
   }
   if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     const int err = errno;
-    char buf[32] = {0};
-    const ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
+    const long pid = recorded_pid(fd);
     ::close(fd);
-    const long pid = n > 0 ? std::strtol(buf, nullptr, 10) : 0;
     PSA_CHECK(err != EWOULDBLOCK, what, " ", dir, ": in use by another psa process",
               pid > 0 ? " (pid " + std::to_string(pid) + ")" : std::string(), "; wait for it or choose another folder");
     fail(what, " ", dir, ": cannot lock ", path, ": ", std::strerror(err));

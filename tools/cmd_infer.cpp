@@ -63,14 +63,12 @@ static std::string question_from(const cli::Args& a) {
   return q;
 }
 
-// The heat map is written atomically as PNG: refused when it would replace the input image or land in the
-// checkpoint folder, when its name says another format, or when its folder cannot be written (checked before
-// the model is loaded).
+// The heat map is written atomically as PNG: refused when it would replace the input image or an existing file
+// of a dataset, when its name says another format, or when check_output_file refuses it (in a checkpoint folder,
+// an unwritable folder), all before the model is loaded.
 static std::string explain_path(const cli::Args& a) {
   const std::string path = a.get_path("--explain", "");
   PSA_CHECK(cli::lower_extension(path) == ".png", "--explain ", path, ": the heat map is a PNG file, name it .png");
-  PSA_CHECK(!cli::path_inside(path, a.get("--ckpt")), "--explain ", path, ": inside the checkpoint folder ",
-            a.get("--ckpt"), " given with --ckpt (write it elsewhere)");
   for (const std::string& part : split_image_field(a.get("--image")))
     PSA_CHECK(!cli::same_path(path, part), "--explain ", path, ": the same file as the input image ", part,
               " (it would be overwritten; choose another path)");

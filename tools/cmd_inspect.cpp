@@ -37,12 +37,6 @@ static json::Value shape_json(const std::vector<int64_t>& shape) {
   return v;
 }
 
-static std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
 static json::Value inspect_file(const std::string& path) {
   const st::File f = st::File::open(path, true);
   json::Value tensors = json::Value::array();
@@ -80,10 +74,8 @@ static void print_file(const json::Value& r) {
               (long)r.int_at("hashes_verified"), r.int_at("hashes_verified") ? "" : " (the file stores none)");
   const auto& tensors = r.array_at("tensors");
   for (size_t i = 0; i < tensors.size() && i < kMaxListedTensors; ++i) {
-    std::vector<int64_t> shape;
-    for (const json::Value& d : tensors[i].array_at("shape")) shape.push_back(d.as_int());
     std::printf("  %-60s %-5s %s\n", tensors[i].string_at("name").c_str(), tensors[i].string_at("dtype").c_str(),
-                shape_text(shape).c_str());
+                json::dump(tensors[i].at("shape")).c_str());
   }
   if (tensors.size() > kMaxListedTensors)
     std::printf("  ... %zu more (--json lists them)\n", tensors.size() - kMaxListedTensors);

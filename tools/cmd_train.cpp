@@ -441,7 +441,7 @@ int cmd_train(int argc, char** argv) {
     if (stage == "base" && pretrain && has_info)
       pretrain_vision_tower(*model, p, scenes, a.has("--quiet"), *tok, cfg, report, curves);
     StageOptions o = s.o;
-    o.data_xxh64 = records_hash(training_split(p, stage));  // the data may have been generated since the plan
+    if (o.data_xxh64.empty()) o.data_xxh64 = records_hash(training_split(p, stage));  // generated since the plan
     StageResult r = train_stage(*model, data, o);
     std::printf("[%s] %ld steps (%ld skipped) in %.1f s (%.0f tokens/s), loss %.4f -> %.4f\n", stage.c_str(),
                 (long)r.steps, (long)r.skipped, r.seconds, r.tokens_per_second, r.loss.empty() ? NAN : r.loss.front(),
