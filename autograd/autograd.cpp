@@ -123,6 +123,10 @@ void add_to_leaf(TensorImpl* leaf, const Tensor& g) {
 void Tensor::backward(const Tensor& grad_output) const {
   PSA_CHECK(requires_grad(), "backward() on a tensor that does not require grad");
   Tensor seed = grad_output;
+  // The backward kernels run on this tensor's device: a seed from the other one would reach them as a pointer
+  // into the wrong memory (an illegal address on a GPU; the CPU emulator of CUDA cannot tell the two apart).
+  PSA_CHECK(!seed.defined() || seed.device() == device(), "backward(): gradient on ", device_name(seed.device()),
+            " for a tensor on ", device_name(device()));
   if (!seed.defined()) {
     PSA_CHECK(numel() == 1, "backward() without a gradient needs a scalar, got shape ", shape_str(shape()));
     seed = Tensor::ones(shape(), dtype(), device());

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <random>
 #include <set>
@@ -26,8 +27,13 @@
 namespace psa {
 namespace {
 
-#define SKIP_WITHOUT_GPU() \
-  if (!gpu::available()) GTEST_SKIP() << "CUDA tests skipped: " << gpu::describe()
+// PSA_REQUIRE_GPU=1 (bench/gpu_check.sh) turns the skip into a failure: on the GPU machine a device the runtime
+// cannot use (a driver older than the toolkit the build used, no device visible) must not pass as "all skipped".
+#define SKIP_WITHOUT_GPU()                                                                      \
+  if (!gpu::available()) {                                                                      \
+    if (std::getenv("PSA_REQUIRE_GPU")) FAIL() << "PSA_REQUIRE_GPU is set: " << gpu::describe(); \
+    GTEST_SKIP() << "CUDA tests skipped: " << gpu::describe();                                  \
+  }
 
 TEST(Cuda, HostDeviceRoundTripIsExact) {
   SKIP_WITHOUT_GPU();
@@ -343,7 +349,10 @@ TEST(CudaGemm, OwnSgemmMatchesCublasOnEveryLayoutAndEdge) {
           cuda::sgemm(cuda::GemmImpl::own, ta, tb, sz.M, sz.N, sz.K, 1.5f, a.data<float>(), lda, 0, b.data<float>(),
                       ldb, 0, beta, got.data<float>(), ldc, 0, 1);
           // fp32 rounding grows like sqrt(K), and the normalised error is per element (large near zero crossings).
-          double tol = 5e-5 * std::max(1.0, std::sqrt(sz.K / 512.0));  // 5e-5 up to K = 512
+          // Both sides round in fp32 on a GPU (the emulator's stand-in for cuBLAS is exact), so their errors add:
+          // at K = 3001 the own kernel's split-K order against one sequential fp32 sum differs by up to 1.3e-4.
+          // A wrong index or a lost tile is off by O(1), far above either tolerance.
+          double tol = 1e-4 * std::max(1.0, std::sqrt(sz.K / 512.0));  // 1e-4 up to K = 512
           EXPECT_EQ(compare(want.to(Device::cpu), got, tol), "")
               << "own sgemm " << cuda::own_tile_name(tile) << " M=" << sz.M << " N=" << sz.N << " K=" << sz.K
               << " pad=" << sz.pad << " ta=" << ta << " tb=" << tb << " beta=" << beta;

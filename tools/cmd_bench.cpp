@@ -81,6 +81,9 @@ struct StepTiming {
   double host_copies_per_step = 0;    // GPU: device-to-host copies, each a wait for the device (gpu::host_copies)
   double launches_per_step = 0;       // GPU: kernel launches and cuBLAS calls (gpu::launches)
   std::vector<profile::Row> kernels;  // with --profile: summed over the timed steps
+  // Memory peaks when the timed steps end: measured_peak runs afterwards, and its 8192² GEMMs (4 x 256 MiB on
+  // the GPU, two 256 MiB results copied to the host) would otherwise be reported as the step's footprint.
+  double peak_gpu_gib = 0, peak_rss_mib = 0, peak_host_tensors_mib = 0;
   double tokens_per_s() const { return tokens_per_step / (median_ms / 1000); }
   double achieved_gflops() const { return flops_per_step / (median_ms * 1e-3) * 1e-9; }
 };
@@ -182,6 +185,9 @@ StepTiming time_steps(Trainer& t, const StepSpec& s, int64_t batch, int64_t text
   r.flops_per_step = (profile::flops() - flops_at_warmup_end) / s.steps;
   r.host_copies_per_step = double(gpu::host_copies() - copies_at_warmup_end) / s.steps;
   r.launches_per_step = double(gpu::launches() - launches_at_warmup_end) / s.steps;
+  r.peak_gpu_gib = gpu::peak_bytes() / 1073741824.0;
+  r.peak_rss_mib = peak_rss_mib();
+  r.peak_host_tensors_mib = host_tensor_peak_bytes() / 1048576.0;
   return r;
 }
 
@@ -233,10 +239,10 @@ json::Value timing_json(const StepSpec& s, const Trainer& t, const StepTiming& r
   j.set("peak_gflops", peak.first ? json::Value(peak.first) : json::Value());
   j.set("peak_measured", peak.second);
   j.set("mfu", peak.first ? json::Value(r.achieved_gflops() / peak.first) : json::Value());
-  j.set("peak_rss_mib", peak_rss_mib());
-  j.set("peak_host_tensors_mib", host_tensor_peak_bytes() / 1048576.0);
+  j.set("peak_rss_mib", r.peak_rss_mib);
+  j.set("peak_host_tensors_mib", r.peak_host_tensors_mib);
   if (s.device == Device::cuda) {
-    j.set("peak_gpu_gib", gpu::peak_bytes() / 1073741824.0);
+    j.set("peak_gpu_gib", r.peak_gpu_gib);
     j.set("host_copies_per_step", r.host_copies_per_step);
     j.set("launches_per_step", r.launches_per_step);
   }
@@ -256,11 +262,11 @@ void print_timing(const StepSpec& s, const StepTiming& r, const std::pair<double
               (long)s.text, (long)(r.tokens_per_step / s.batch), (long)s.steps, (long)s.warmup);
   std::printf("  %.1f ms/step (min %.1f, max %.1f), %.0f tokens/s, peak RSS %.0f MiB (tensors %.0f MiB)", r.median_ms,
               *std::min_element(r.ms.begin(), r.ms.end()), *std::max_element(r.ms.begin(), r.ms.end()),
-              r.tokens_per_s(), peak_rss_mib(), host_tensor_peak_bytes() / 1048576.0);
+              r.tokens_per_s(), r.peak_rss_mib, r.peak_host_tensors_mib);
   if (s.threads) std::printf(", %ld thread%s", (long)s.threads, s.threads == 1 ? "" : "s");
   if (s.device == Device::cuda)
     std::printf(", peak GPU %.2f GiB (caching allocator)\n  per step: %.0f kernel launches and cuBLAS calls, %.0f "
-                "device-to-host copies", gpu::peak_bytes() / 1073741824.0, r.launches_per_step, r.host_copies_per_step);
+                "device-to-host copies", r.peak_gpu_gib, r.launches_per_step, r.host_copies_per_step);
   std::printf("\n  %.2f GFLOP/step (matmul, attention, patch_conv), %.1f GFLOP/s", r.flops_per_step * 1e-9,
               r.achieved_gflops());
   if (peak.first)

@@ -83,9 +83,15 @@ void norm_param_grads(const Tensor& g, const Tensor& x, const T* mean, const T* 
   norm_param_partials<T><<<grid, 128, 0, stream()>>>(g.data<T>(), x.data<T>(), mean, rstd, rows, C,
                                                      mut_or_null<double>(pw), mut_or_null<double>(pb));
   cudaCheckLaunch();
-  if (gw.defined()) sum_chunks<T><<<blocks_for(C), kThreads, 0, stream()>>>(pw.data<double>(), chunks, C, gw.data<T>());
-  if (gb.defined()) sum_chunks<T><<<blocks_for(C), kThreads, 0, stream()>>>(pb.data<double>(), chunks, C, gb.data<T>());
-  cudaCheckLaunch();
+  // One cudaCheckLaunch per launch: it also counts the launch (gpu::launches, bench-step's launches per step).
+  if (gw.defined()) {
+    sum_chunks<T><<<blocks_for(C), kThreads, 0, stream()>>>(pw.data<double>(), chunks, C, gw.data<T>());
+    cudaCheckLaunch();
+  }
+  if (gb.defined()) {
+    sum_chunks<T><<<blocks_for(C), kThreads, 0, stream()>>>(pb.data<double>(), chunks, C, gb.data<T>());
+    cudaCheckLaunch();
+  }
 }
 
 // ---- rms_norm: y = x·rstd·w, rstd = 1/sqrt(mean(x²) + eps).

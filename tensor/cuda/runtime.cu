@@ -3,13 +3,19 @@
 // above 1 MiB) so that training steps after the first never call cudaMalloc/cudaFree; peak bytes are tracked.
 // A block goes back to the list of the stream it was allocated on: work on that stream runs in order, so the
 // next user of the block starts after the last kernel that used it, without a synchronisation.
-// Guard mode (tests): every allocation gets its own cudaMalloc with kGuard bytes of a known pattern on each
+// Guard mode (tests): every allocation gets its own cudaMalloc with 256 bytes of a known pattern on each
 // side and a body filled with 0xFF bytes (NaN as f32/f64, so an output a kernel forgets to write shows up);
 // the guards are verified when the block is freed and by check_guards(), catching out-of-bounds writes.
+// PSA_CUDA_GUARD_BYTES=0 (bench/gpu_check.sh's compute-sanitizer run) keeps the own cudaMalloc and the NaN body
+// but drops the guards: memcheck flags only accesses outside every allocation, so a read just past a tensor's
+// end would land in its own guard bytes unseen, while an exact-size allocation makes it an error.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <string>
@@ -23,7 +29,15 @@
 
 namespace psa::gpu {
 namespace {
-constexpr size_t kGuard = 256;  // keeps the returned pointer 256-byte aligned like cudaMalloc's
+// Guard bytes on each side of a guard-mode block: 256 keeps the returned pointer 256-byte aligned like
+// cudaMalloc's; 0 with PSA_CUDA_GUARD_BYTES=0 (read once).
+size_t guard_bytes() {
+  static const size_t n = [] {
+    const char* e = std::getenv("PSA_CUDA_GUARD_BYTES");
+    return e && std::strcmp(e, "0") == 0 ? size_t(0) : size_t(256);
+  }();
+  return n;
+}
 constexpr unsigned char kGuardByte = 0xA5;
 
 thread_local cudaStream_t t_current_stream = nullptr;  // nullptr: the legacy default stream
@@ -95,23 +109,25 @@ size_t release_cached(Cache& c) {
 
 // Appends a message to `violations` when a guard of the block at `user` (user bytes n) was overwritten.
 void verify_guards(Cache& c, void* user, size_t n) {
-  std::vector<unsigned char> before(kGuard), after(kGuard);
-  char* base = static_cast<char*>(user) - kGuard;
+  const size_t guard = guard_bytes();
+  if (guard == 0) return;
+  std::vector<unsigned char> before(guard), after(guard);
+  char* base = static_cast<char*>(user) - guard;
   // No throwing here: this runs from Storage's destructor. A failed copy is reported as a violation instead.
-  cudaError_t e1 = cudaMemcpy(before.data(), base, kGuard, cudaMemcpyDeviceToHost);
-  cudaError_t e2 = cudaMemcpy(after.data(), static_cast<char*>(user) + n, kGuard, cudaMemcpyDeviceToHost);
+  cudaError_t e1 = cudaMemcpy(before.data(), base, guard, cudaMemcpyDeviceToHost);
+  cudaError_t e2 = cudaMemcpy(after.data(), static_cast<char*>(user) + n, guard, cudaMemcpyDeviceToHost);
   if (e1 != cudaSuccess || e2 != cudaSuccess) {
     c.violations.push_back(std::string("guard check failed: ") + cudaGetErrorString(e1 != cudaSuccess ? e1 : e2));
     return;
   }
-  for (size_t i = 0; i < kGuard; ++i) {
+  for (size_t i = 0; i < guard; ++i) {
     if (before[i] != kGuardByte) {
-      c.violations.push_back("write " + std::to_string(kGuard - i) + " bytes before a " + std::to_string(n) +
+      c.violations.push_back("write " + std::to_string(guard - i) + " bytes before a " + std::to_string(n) +
                              "-byte block");
       break;
     }
   }
-  for (size_t i = kGuard; i-- > 0;) {
+  for (size_t i = guard; i-- > 0;) {
     if (after[i] != kGuardByte) {
       c.violations.push_back("write " + std::to_string(i + 1) + " bytes past the end of a " + std::to_string(n) +
                              "-byte block");
@@ -134,9 +150,11 @@ void* device_malloc(Cache& c, size_t requested, size_t rounded) {
 }
 
 void* guarded_alloc(Cache& c, size_t n) {
-  void* base = device_malloc(c, n, n + 2 * kGuard);
-  cudaCheck(cudaMemset(base, kGuardByte, n + 2 * kGuard));
-  void* user = static_cast<char*>(base) + kGuard;
+  const size_t guard = guard_bytes();
+  // At least a byte: cudaMalloc(0) gives nullptr, which Storage's free would skip.
+  void* base = device_malloc(c, n, std::max<size_t>(n + 2 * guard, 1));
+  cudaCheck(cudaMemset(base, kGuardByte, n + 2 * guard));
+  void* user = static_cast<char*>(base) + guard;
   cudaCheck(cudaMemset(user, 0xFF, n));
   c.guarded[user] = n;
   return user;
@@ -193,7 +211,7 @@ void free(void* p, size_t nbytes) {
     verify_guards(c, p, g->second);
     c.in_use -= g->second;
     c.guarded.erase(g);
-    cudaFree(static_cast<char*>(p) - kGuard);  // unchecked: a destructor must not throw
+    cudaFree(static_cast<char*>(p) - guard_bytes());  // unchecked: a destructor must not throw
     return;
   }
   auto o = c.owner.find(p);

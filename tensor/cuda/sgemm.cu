@@ -293,6 +293,7 @@ GemmTiming time_sgemm(GemmImpl impl, int64_t n, int reps) {
   Tensor a = Tensor::empty({n, n}, DType::f32, Device::cuda), b = Tensor::empty({n, n}, DType::f32, Device::cuda);
   Tensor c = Tensor::empty({n, n}, DType::f32, Device::cuda), ref = Tensor::empty({n, n}, DType::f32, Device::cuda);
   fill_pattern<<<blocks_for(count), kThreads, 0, stream()>>>(a.data<float>(), count, 1u);
+  cudaCheckLaunch();
   fill_pattern<<<blocks_for(count), kThreads, 0, stream()>>>(b.data<float>(), count, 2u);
   cudaCheckLaunch();
   auto run = [&](GemmImpl which, Tensor& out) {
