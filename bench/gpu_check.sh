@@ -137,7 +137,7 @@ for s in (1, 2):
     launches, copies = j.get("launches_per_step"), j.get("host_copies_per_step")
     print(f"| small step Stage {'I' * s} (ms, peak GiB ours {peak:.2f}" + (f" / torch {tpeak}" if tpeak else "") +
           (f", MFU {100 * mfu:.1f}% of cuBLAS 8192²" if mfu else "") +
-          (f", {launches:.0f} launches and {copies:.0f} device-to-host copies a step" if launches is not None else "") + ") "
+          (f", {launches:.0f} stream operations and {copies:.0f} device-to-host copies a step" if launches is not None else "") + ") "
           f"| {ours:.1f} | " + (f"torch eager {ref}" if ref else "-") + " | " + (f"{ours / ref:.2f}x" if ref else "-") + " |")
 k = load("kernels_cuda.json")
 if k is None:

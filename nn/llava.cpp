@@ -7,32 +7,39 @@ MlpProjector::MlpProjector(int64_t in, int64_t out, const std::string& a) : act(
   linear_2 = register_module("linear_2", std::make_shared<Linear>(out, out));
 }
 
+// One gather instead of a slice per run and a concat per row: the host walks the ids and lists, for every output
+// position, its source row in [text rows; insert rows], so the GPU sees one index_select (and one index_add in
+// backward) rather than hundreds of small copies. Every output row has exactly one source, so both directions
+// are exact.
 Tensor splice_embeddings(const Tensor& text, const Tensor& ids, int64_t token, const Tensor& inserts, bool per_token) {
-  int64_t B = text.size(0), L = text.size(1), N = inserts.size(1);
-  std::vector<int64_t> id = ids.to(DType::i64).vec<int64_t>();
-  std::vector<Tensor> rows;
+  PSA_CHECK(text.dim() == 3 && inserts.dim() == 3 && inserts.size(0) == text.size(0) &&
+                ids.numel() == text.size(0) * text.size(1),
+            "image splice: text ", shape_str(text.shape()), ", ids ", shape_str(ids.shape()), " and image features ",
+            shape_str(inserts.shape()), " do not fit together");
+  int64_t B = text.size(0), L = text.size(1), C = text.size(2), N = inserts.size(1);
+  std::vector<int64_t> id = ids.to(Device::cpu).to(DType::i64).vec<int64_t>();
+  std::vector<int64_t> source;  // rows of concat(text [B·L, C], inserts [B·N, C])
   for (int64_t b = 0; b < B; ++b) {
-    Tensor tb = slice(text, 0, b, b + 1), ib = slice(inserts, 0, b, b + 1);
-    std::vector<Tensor> pieces;
-    int64_t used = 0, t = 0;
-    while (t < L) {
-      int64_t end = t;
-      bool is_image = id[b * L + t] == token;
-      while (end < L && (id[b * L + end] == token) == is_image) ++end;
-      if (!is_image) {
-        pieces.push_back(slice(tb, 1, t, end));
-      } else {
-        int64_t take = per_token ? end - t : N * (end - t);
-        PSA_CHECK(used + take <= N, "image splice: row ", b, " has more image tokens than the ", N, " image features");
-        pieces.push_back(slice(ib, 1, used, used + take > N ? N : used + take));
-        used += take;
+    int64_t used = 0;
+    for (int64_t t = 0; t < L; ++t) {
+      if (id[b * L + t] != token) {
+        source.push_back(b * L + t);
+        continue;
       }
-      t = end;
+      int64_t end = t;
+      while (end < L && id[b * L + end] == token) ++end;
+      int64_t take = per_token ? end - t : N * (end - t);
+      PSA_CHECK(used + take <= N, "image splice: row ", b, " has more image tokens than the ", N, " image features");
+      for (int64_t k = 0; k < take; ++k) source.push_back(B * L + b * N + used + k);
+      used += take;
+      t = end - 1;
     }
     PSA_CHECK(used == N, "image splice: row ", b, " has image tokens for ", used, " of ", N, " image features");
-    rows.push_back(concat(pieces, 1));
   }
-  return concat(rows, 0);
+  Tensor rows = concat({reshape(text, {B * L, C}), reshape(inserts, {B * N, C})}, 0);
+  Tensor index = Tensor::from(source, {(int64_t)source.size()}, DType::i64).to(text.device());
+  // Every row consumed exactly N features, so every row has the same length.
+  return reshape(index_select(rows, 0, index), {B, B ? (int64_t)source.size() / B : 0, C});
 }
 
 Llava::Llava(const ClipConfig& vc, const LlamaConfig& tc, int64_t image_tok, int64_t layer)

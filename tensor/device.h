@@ -17,8 +17,9 @@ void copy_on_device(void* dst, const void* src, size_t nbytes);
 // Device-to-host copies so far. Each one waits for the stream to drain, which leaves the GPU idle until the host
 // queues more work: `psa bench-step` reports them per step.
 int64_t host_copies();
-// Kernel launches and cuBLAS calls so far: on a GPU each costs the host a few microseconds, so a step made of
-// many small kernels is bound by the host, not the device (`psa bench-step` reports them per step).
+// Stream operations so far (kernels, cuBLAS calls, host-to-device and on-device copies, memsets): on a GPU each
+// costs the host a few microseconds, so a step made of many small ones is bound by the host, not the device
+// (`psa bench-step` reports them per step).
 int64_t launches();
 void memset_zero(void* p, size_t nbytes);
 size_t peak_bytes();

@@ -228,7 +228,8 @@ template std::vector<double> Tensor::vec() const;
 template std::vector<int32_t> Tensor::vec() const;
 template std::vector<int64_t> Tensor::vec() const;
 
-std::vector<double> Tensor::to_vector() const { return to(DType::f64).vec<double>(); }
+// To the host first: to(dtype) converts on the host and would copy the result back to the device.
+std::vector<double> Tensor::to_vector() const { return to(Device::cpu).to(DType::f64).vec<double>(); }
 
 double Tensor::item() const {
   PSA_CHECK(numel() == 1, "item() on a tensor of shape ", shape_str(shape()));

@@ -12,6 +12,7 @@
 #include "nn/c_abstractor.h"
 #include "nn/clip.h"
 #include "nn/llama.h"
+#include "nn/llava.h"
 #include "nn/optim.h"
 
 namespace psa::nn {
@@ -231,6 +232,45 @@ TEST(Modules, LmLossOnLabelledRowsEqualsTheFullLogitsLoss) {
         else EXPECT_NEAR(a[k], b[k], 1e-6 * (1 + std::fabs(a[k]))) << what[i] << " [" << k << "]";
     }
   }
+}
+
+// The splice against a position-by-position reference (text row, or the next image feature of that row), its
+// gradients by finite differences, and its errors: a run of image tokens must match the features exactly.
+TEST(Modules, SpliceEmbeddingsPlacesFeaturesWhereTheImageTokensAre) {
+  const int64_t tok = 9, B = 2, L = 5, C = 3;
+  // per_token: row 0 has its image run in the middle, row 1 at the start; both consume N = 2 features.
+  Tensor ids = Tensor::from(std::vector<int64_t>{1, tok, tok, 2, 3, tok, tok, 4, 5, 6}, {B, L}, DType::i64);
+  Tensor text = input64({B, L, C}, 31), feats = input64({B, 2, C}, 32);
+  Tensor out = splice_embeddings(text, ids, tok, feats, true);
+  ASSERT_EQ(out.shape(), (Shape{B, L, C}));
+  std::vector<double> o = out.vec<double>(), t = text.vec<double>(), f = feats.vec<double>();
+  std::vector<int64_t> id = ids.vec<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t used = 0;
+    for (int64_t p = 0; p < L; ++p) {
+      bool image = id[b * L + p] == tok;
+      for (int64_t c = 0; c < C; ++c)
+        EXPECT_EQ(o[(b * L + p) * C + c], image ? f[(b * 2 + used) * C + c] : t[(b * L + p) * C + c])
+            << "row " << b << " position " << p;
+      used += image;
+    }
+  }
+  // One placeholder standing for all N features (PSA-VLM's <image>): rows grow by N - 1.
+  Tensor one = Tensor::from(std::vector<int64_t>{1, tok, 2, tok, 3, 4}, {B, 3}, DType::i64);
+  Tensor t3 = input64({B, 3, C}, 33), f4 = input64({B, 4, C}, 34);
+  EXPECT_EQ(splice_embeddings(t3, one, tok, f4, false).shape(), (Shape{B, 6, C}));
+  GradcheckResult r = gradcheck(
+      [&](const std::vector<Tensor>& in) { return splice_embeddings(in[0], one, tok, in[1], false); }, {t3, f4});
+  EXPECT_TRUE(r.ok) << r.report;
+
+  Tensor two_runs = Tensor::from(std::vector<int64_t>{tok, 1, tok, tok, 2, 3}, {B, 3}, DType::i64);
+  EXPECT_NE(error_of([&] { splice_embeddings(t3, two_runs, tok, f4, false); }).find("more image tokens"),
+            std::string::npos);
+  Tensor missing = Tensor::from(std::vector<int64_t>{1, tok, 2, 5, 3, 4}, {B, 3}, DType::i64);
+  EXPECT_NE(error_of([&] { splice_embeddings(t3, missing, tok, f4, false); }).find("image tokens for 0 of 4"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { splice_embeddings(t3, one, tok, input64({1, 4, C}, 36), false); }).find("do not fit"),
+            std::string::npos);
 }
 
 TEST(Modules, InitializeIsDeterministicAndNameBased) {

@@ -79,7 +79,7 @@ struct StepTiming {
   double median_ms = 0, tokens_per_step = 0;
   double flops_per_step = 0;          // GEMM-class, counted over the timed steps (tensor/profile.h)
   double host_copies_per_step = 0;    // GPU: device-to-host copies, each a wait for the device (gpu::host_copies)
-  double launches_per_step = 0;       // GPU: kernel launches and cuBLAS calls (gpu::launches)
+  double launches_per_step = 0;       // GPU: kernels, cuBLAS calls, copies and memsets (gpu::launches)
   std::vector<profile::Row> kernels;  // with --profile: summed over the timed steps
   // Memory peaks when the timed steps end: measured_peak runs afterwards, and its 8192² GEMMs (4 x 256 MiB on
   // the GPU, two 256 MiB results copied to the host) would otherwise be reported as the step's footprint.
@@ -265,8 +265,8 @@ void print_timing(const StepSpec& s, const StepTiming& r, const std::pair<double
               r.tokens_per_s(), r.peak_rss_mib, r.peak_host_tensors_mib);
   if (s.threads) std::printf(", %ld thread%s", (long)s.threads, s.threads == 1 ? "" : "s");
   if (s.device == Device::cuda)
-    std::printf(", peak GPU %.2f GiB (caching allocator)\n  per step: %.0f kernel launches and cuBLAS calls, %.0f "
-                "device-to-host copies", r.peak_gpu_gib, r.launches_per_step, r.host_copies_per_step);
+    std::printf(", peak GPU %.2f GiB (caching allocator)\n  per step: %.0f stream operations (kernels, cuBLAS "
+                "calls, copies, memsets), %.0f device-to-host copies", r.peak_gpu_gib, r.launches_per_step, r.host_copies_per_step);
   std::printf("\n  %.2f GFLOP/step (matmul, attention, patch_conv), %.1f GFLOP/s", r.flops_per_step * 1e-9,
               r.achieved_gflops());
   if (peak.first)

@@ -28,7 +28,7 @@ namespace psa::cuda {
 
 constexpr int kThreads = 256;
 
-void count_launch();  // one more kernel launch or cuBLAS call (gpu::launches)
+void count_launch();  // one more stream operation: a kernel, a cuBLAS call, a copy or memset (gpu::launches)
 
 // The stream every launch, copy and memset of this thread goes to (tensor/device.h: the legacy default stream
 // unless a gpu::StreamGuard names another).

@@ -344,6 +344,7 @@ void dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset, Tensor& 
   if (n == 0) return;
   if (p >= 1) {  // every element dropped, as on the CPU
     cudaCheck(cudaMemsetAsync(out.raw(), 0, out.nbytes(), stream()));
+    count_launch();
     return;
   }
   dispatch_float(x.dtype(), "cuda dropout", [&](auto tag_) {

@@ -228,12 +228,13 @@ void free(void* p, size_t nbytes) {
 // form). cudaMemcpy itself would order against every blocking stream and stall the launch queue; a pinned
 // staging ring is the fix if a platform ever reads pageable memory in place. To the host the copy must finish
 // first.
-void copy_to_device(void* dst, const void* src, size_t n) {
-  cudaCheck(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, t_current_stream));
-}
 namespace {
 std::atomic<int64_t> g_host_copies{0}, g_launches{0};  // gpu::host_copies, gpu::launches
 }  // namespace
+void copy_to_device(void* dst, const void* src, size_t n) {
+  cudaCheck(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, t_current_stream));
+  ++g_launches;
+}
 void copy_to_host(void* dst, const void* src, size_t n) {
   cudaCheck(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, t_current_stream));
   cudaCheck(cudaStreamSynchronize(t_current_stream));
@@ -243,8 +244,12 @@ int64_t host_copies() { return g_host_copies; }
 int64_t launches() { return g_launches; }
 void copy_on_device(void* dst, const void* src, size_t n) {
   cudaCheck(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, t_current_stream));
+  ++g_launches;
 }
-void memset_zero(void* p, size_t n) { cudaCheck(cudaMemsetAsync(p, 0, n, t_current_stream)); }
+void memset_zero(void* p, size_t n) {
+  cudaCheck(cudaMemsetAsync(p, 0, n, t_current_stream));
+  ++g_launches;
+}
 size_t peak_bytes() { return cache().peak; }
 
 // ---- streams and events

@@ -79,16 +79,20 @@ void copy_rows(char* dst, size_t dpitch, const char* src, size_t spitch, size_t 
   if (rows <= 0 || width == 0) return;
   if (rows == 1 || (dpitch == width && spitch == width)) {
     cudaCheck(cudaMemcpyAsync(dst, src, width * rows, cudaMemcpyDeviceToDevice, stream()));
+    count_launch();
     return;
   }
   int max_pitch = 0;
   cudaCheck(cudaDeviceGetAttribute(&max_pitch, cudaDevAttrMaxPitch, 0));
   if (std::max(dpitch, spitch) <= (size_t)max_pitch) {
     cudaCheck(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows, cudaMemcpyDeviceToDevice, stream()));
+    count_launch();
     return;
   }
-  for (int64_t r = 0; r < rows; ++r)
+  for (int64_t r = 0; r < rows; ++r) {
     cudaCheck(cudaMemcpyAsync(dst + r * dpitch, src + r * spitch, width, cudaMemcpyDeviceToDevice, stream()));
+    count_launch();
+  }
 }
 
 }  // namespace
