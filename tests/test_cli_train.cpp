@@ -249,6 +249,34 @@ TEST_F(TrainCli, OverwriteRetrainsAndRemovesTheLaterStages) {
   EXPECT_TRUE(fs::exists(out + "/stage2/model.safetensors"));
 }
 
+// --overwrite deletes the stages it replaces only once the new stage's data is there and usable: a folder
+// without base_train.jsonl, or one whose records all fail to load, used to cost the trained later stages.
+TEST_F(TrainCli, OverwriteKeepsTheRunWhenTheNewDataIsMissingOrUnusable) {
+  const std::string out = copy_of_run("overwrite_bad_data");
+  const fs::path bad = root_ / "bad_data";
+  fs::remove_all(bad);
+  fs::create_directories(bad);
+  fs::copy_file(data_ + "/train.jsonl", bad / "train.jsonl");
+  expect_one_line_error(run_psa(train_args(bad.string(), out, {{"--stage", "base"}, {"--overwrite", ""}})),
+                        (bad / "base_train.jsonl").string() + ": no such file");
+  // Every record names an image that is not there.
+  std::ofstream(bad / "base_train.jsonl")
+      << R"({"safe_level":0,"safe_type":0,"image":"missing.png","conversations":[{"from":"USER","value":)"
+      << R"("<image>\nq"},{"from":"ASSISTANT","value":"a"}]})" << "\n";
+  Result r = run_psa(train_args(bad.string(), out, {{"--stage", "base"}, {"--overwrite", ""}}));
+  EXPECT_EQ(r.status, 2);
+  EXPECT_NE(r.err.find("skipped: " + (bad / "base_train.jsonl").string() + ":1:"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("error: " + (bad / "base_train.jsonl").string() + ": no usable training examples"),
+            std::string::npos) << r.err;
+  for (const char* stage : {"/base", "/stage1", "/stage2"})
+    EXPECT_EQ(slurp(out + stage + "/model.safetensors"), slurp(run_ + stage + "/model.safetensors")) << stage;
+  // The benchmark's test.jsonl is looked for before training, not after every stage has trained.
+  fs::copy_file(data_ + "/base_train.jsonl", bad / "base_train.jsonl", fs::copy_options::overwrite_existing);
+  expect_one_line_error(run_psa(train_args(bad.string(), (root_ / "no_test").string(), {{"--no-eval", "\x01"}})),
+                        (bad / "test.jsonl").string() + ": no such file");
+  EXPECT_FALSE(fs::exists(root_ / "no_test" / "base"));
+}
+
 // ---- --resume with other options
 
 TEST_F(TrainCli, ResumeWithOtherOptionsIsRefusedNamingTheOptionAndBothValues) {

@@ -269,6 +269,7 @@ void remove_replaced_stages(const Plan& p, const StagePlan& s, json::Value& repo
   if (!removed.empty())
     std::printf("[%s] --overwrite: removed %s (trained from the %s being replaced)\n", s.stage.c_str(),
                 removed.c_str(), s.stage.c_str());
+  std::fflush(stdout);  // a record of what was deleted must survive an interrupt when stdout is a file
 }
 
 void record_stage(json::Value& report, const std::string& stage, const StageResult& r, const json::Value& audit) {
@@ -407,6 +408,12 @@ int cmd_train(int argc, char** argv) {
     std::printf("generating the %s dataset into %s\n", p.preset.c_str(), p.data.c_str());
     generate_dataset(synth_preset(p.preset), p.data);
   }
+  // Every file the run will read, before any stage trains or --overwrite removes anything.
+  for (const StagePlan& s : todo)
+    PSA_CHECK(fs::is_regular_file(training_split(p, s.stage)), training_split(p, s.stage), ": no such file (the ",
+              s.stage, " stage trains on it)");
+  PSA_CHECK(!eval || p.data_is_file || fs::is_regular_file(eval_data / "test.jsonl"), (eval_data / "test.jsonl").string(),
+            ": no such file (the benchmark after training reads it; pass --no-eval to train without it)");
   // Data that the generator did not make (no dataset.json) has no scene stream: no vision pretraining. A
   // resumed base stage takes every weight from its state: pretraining again would only be overwritten.
   const StagePlan& first = todo.front();
@@ -432,12 +439,15 @@ int cmd_train(int argc, char** argv) {
       model = std::make_shared<PsaVlm>(cfg);
       model->initialize(p.seed);
     }
+    // The stage's data is read and found usable before --overwrite removes the stages it replaces.
+    Dataset data = load_split(training_split(p, stage), *tok, cfg);
+    PSA_CHECK(data.size() > 0, training_split(p, stage), ": no usable training examples for the ", stage,
+              " stage (every record was skipped, see above)");
     if (p.overwrite) remove_replaced_stages(p, s, report, report_path);
     fs::create_directories(s.dir);
     if (int n = remove_stale_temps(s.dir.string()))
       std::printf("[%s] removed %d leftover(s) of a killed write in %s\n", stage.c_str(), n, s.dir.c_str());
     if (!s.o.resume_from.empty()) std::printf("[%s] resuming from %s\n", stage.c_str(), s.o.resume_from.c_str());
-    Dataset data = load_split(training_split(p, stage), *tok, cfg);
     if (stage == "base" && pretrain && has_info)
       pretrain_vision_tower(*model, p, scenes, a.has("--quiet"), *tok, cfg, report, curves);
     StageOptions o = s.o;
