@@ -105,10 +105,15 @@ train: check-deps
 	@$(MAKE) --no-print-directory -j$(JOBS) $(BUILD)/psa
 	./$(BUILD)/psa train --preset $(PRESET) --data $(DATA) --out $(RUN) --device $(DEVICE) --overwrite
 
-# Asks the trained model about a clean image, three risky ones and a hard negative from the test split.
+# Asks the trained model about a clean image, three risky ones and a hard negative from the test split; trains
+# first into an empty RUN, never over a run that is only unfinished (make train would --overwrite it).
 INFER_PICKS := safe_type.:6,.*hard_negative.:false safe_type.:0, safe_type.:1, safe_type.:4, hard_negative.:true
 infer:
 	@$(MAKE) --no-print-directory -j$(JOBS) $(BUILD)/psa
+	@[ -f $(RUN)/stage2/model.safetensors ] || [ -z "$$(ls -A $(RUN) 2>/dev/null)" ] || { \
+	  echo "make infer: $(RUN) holds a run without a Stage II checkpoint: continue it with" \
+	    "./$(BUILD)/psa train --preset $(PRESET) --data $(DATA) --out $(RUN) --device $(DEVICE) --resume," \
+	    "or train it again with make train"; exit 2; }
 	@[ -f $(RUN)/stage2/model.safetensors ] || $(MAKE) train
 	@for pick in $(INFER_PICKS); do \
 	  img=$$(grep -m1 "$$pick" $(DATA)/test.jsonl | sed 's/.*"image":"\([^"]*\)".*/\1/'); \
