@@ -39,15 +39,20 @@ TOOL_OBJS  := $(TOOL_SRCS:%.cpp=$(OBJ)/%.o)
 TEST_OBJS  := $(TEST_SRCS:%.cpp=$(OBJ)/%.o)
 BENCH_BINS := $(BENCH_SRCS:bench/%.cpp=$(BUILD)/bench_%)
 LIB        := $(BUILD)/libpsa.a
+# stb_image 2.27 reads PNG and BMP palette entries without checking the index against the palette's length:
+# with zero-initialised locals an index past it reads black, the same on every run, not stack garbage.
+STB_FLAGS := -ftrivial-auto-var-init=zero
 # Objects depend on a stamp named after a hash of the flags, so switching CUDA=0 <-> CUDA builds (or OPT,
 # CUDA_ARCH) in one build folder recompiles instead of linking objects made for the other configuration.
-FLAGS_STAMP := $(OBJ)/.flags-$(shell echo '$(CXX) $(CXXFLAGS) $(NVCC) $(NVFLAGS) $(LDLIBS)' | md5sum | cut -c1-12)
+FLAGS_STAMP := $(OBJ)/.flags-$(shell echo '$(CXX) $(CXXFLAGS) $(STB_FLAGS) $(NVCC) $(NVFLAGS) $(LDLIBS)' | md5sum | cut -c1-12)
 
 .PHONY: all test test-cuda-emu deps deps-bench clean bench train infer check-deps fuzz check-asan check-valgrind
 all: $(BUILD)/psa $(BUILD)/psa_tests $(BENCH_BINS)
 
 $(FLAGS_STAMP):
 	@mkdir -p $(OBJ) && rm -f $(OBJ)/.flags-* && touch $@
+
+$(OBJ)/psa/image.o: CXXFLAGS += $(STB_FLAGS)
 
 $(OBJ)/%.o: %.cpp $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)

@@ -32,7 +32,8 @@ constexpr float kClipStd[3] = {0.26862954f, 0.26130258f, 0.27577711f};
 
 // PNG, JPEG or BMP (recognised by their magic bytes; stb_image's other decoders are left out as attack
 // surface), forced to 3 channels. The file is read once; JPEG Huffman tables are checked before stb_image sees
-// them (2.27 overflows on some); a top-down BMP (negative height) is fine. Errors: "path: cannot decode image:
+// them (2.27 overflows on some); a top-down BMP (negative height) is fine; a PNG or BMP palette index past the
+// palette reads black (2.27 does not check it; see STB_FLAGS in the Makefile). Errors: "path: cannot decode image:
 // <reason>", "path: image too large: WxH (limit 16384 per side)", "path: image too large: WxH = N pixels
 // (limit 67108864 = 8192x8192)".
 Image load_image(const std::string& path);

@@ -440,6 +440,33 @@ TEST_F(Data, ImageErrorsNameThePath) {
   fs::remove(big);
 }
 
+// Fills a deep stretch of the stack with `byte` and returns: the decoder called next reuses that memory for its
+// locals, so a palette entry it never wrote holds this byte.
+__attribute__((noinline)) void dirty_stack(uint8_t byte) {
+  volatile uint8_t junk[1 << 16];
+  for (size_t i = 0; i < sizeof junk; ++i) junk[i] = byte;
+}
+
+// stb_image 2.27 looks up PNG and BMP palette indices without checking them against the palette: an index past
+// it read stack garbage, so the same file gave other pixels (and other answers) from run to run. Compiled with
+// zero-initialised locals (Makefile), such a pixel is black every time.
+TEST_F(Data, PaletteIndicesPastThePaletteDecodeTheSameEveryTime) {
+  for (const char* file : {"tests/data/bad/image_palette_past_plte.png", "tests/data/bad/image_palette_past_colours.bmp"}) {
+    dirty_stack(0x5A);
+    const Image a = load_image(file);
+    dirty_stack(0xC3);
+    const Image b = load_image(file);
+    ASSERT_EQ(a.w, 8);
+    ASSERT_EQ(a.h, 8);
+    EXPECT_EQ(a.rgb, b.rgb) << file;
+    const uint8_t* past = a.at(7, 7);  // index 63 / 231: past both palettes
+    EXPECT_EQ(int(past[0]) + past[1] + past[2], 0) << file;
+  }
+  const Image png = load_image("tests/data/bad/image_palette_past_plte.png");
+  const uint8_t* first = png.at(0, 0);  // index 0: red
+  EXPECT_EQ(std::vector<int>(first, first + 3), (std::vector<int>{255, 0, 0}));
+}
+
 // Each part within the limits, five side by side past them: the paste allocated their sum (8 parts of 8192^2
 // took 3.3 GB before anything checked).
 TEST_F(Data, SplitImagePartsTogetherStayWithinTheLimits) {

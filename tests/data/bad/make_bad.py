@@ -124,6 +124,21 @@ def png_chunk(kind, data):
 write("image_huge.png", PNG_SIG + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 10, 8, 2, 0, 0, 0)))
 write("image_zero_width.png", PNG_SIG + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 10, 8, 2, 0, 0, 0)))
 write("image_truncated.png", PNG_SIG + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0)))
+# Palette indices past the palette (stb_image 2.27 does not check them): an 8x8 PNG with 4 PLTE entries and
+# indices 0..63, and an 8x8 8-bit BMP with 2 colours and indices 0..231.
+def png_idat(rows):
+    import zlib
+    return png_chunk(b"IDAT", zlib.compress(b"".join(b"\0" + r for r in rows)))
+
+
+write("image_palette_past_plte.png", PNG_SIG + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 3, 0, 0, 0)) +
+      png_chunk(b"PLTE", bytes([255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255])) +
+      png_idat([bytes(range(8 * y, 8 * y + 8)) for y in range(8)]) + png_chunk(b"IEND", b""))
+bmp_pixels = b"".join(bytes(range(32 * y, 32 * y + 8)) for y in range(8))  # 8 bytes a row: no padding
+bmp_info = struct.pack("<IiiHHIIiiII", 40, 8, 8, 1, 8, 0, len(bmp_pixels), 2835, 2835, 2, 0)
+bmp_palette = bytes([0, 0, 255, 0, 0, 255, 0, 0])  # BGRx: red, green
+write("image_palette_past_colours.bmp", b"BM" + struct.pack("<IHHI", 14 + 40 + 8 + len(bmp_pixels), 0, 0, 14 + 40 + 8) +
+      bmp_info + bmp_palette + bmp_pixels)
 write("image.gif", b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\x00\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
 
 # JSONL records: invalid UTF-8, a raw NUL byte, nesting 10000 deep, a duplicate key, a number out of range and
