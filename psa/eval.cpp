@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <mutex>
 
@@ -527,10 +529,20 @@ json::Value read_report(const std::string& path) {
   return report;
 }
 
+void check_table_file(const std::string& path) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec) || std::filesystem::file_size(path, ec) == 0) return;
+  std::ifstream in(path, std::ios::binary);
+  std::string head(std::strlen(kTableHead), '\0');
+  in.read(head.data(), std::streamsize(head.size()));
+  PSA_CHECK(in && head == kTableHead, path, ": not a psa benchmark table (it does not start with '", kTableHead,
+            "'); choose another --md or --out, or remove it");
+}
+
 std::string markdown_table(const json::Value& report) {
   PSA_CHECK(report.is_object(), "markdown_table: the report must be a JSON object");
   const std::vector<std::string> cols = stage_columns(report);
-  std::string md = "| Metric |";
+  std::string md = kTableHead;
   for (const std::string& c : cols) md += " " + c + " |";
   md += "\n|---|";
   for (size_t i = 0; i < cols.size(); ++i) md += "---:|";

@@ -50,6 +50,10 @@ std::string markdown_table(const json::Value& report);
 // metrics, "config", "vision_pretrain"). Anything else is refused naming the file, so that a report is never
 // merged into another tool's JSON (a checkpoint's tokenizer.json, a dataset.json).
 json::Value read_report(const std::string& path);
+// The table's first characters: an existing file that does not start with them is not replaced.
+constexpr const char* kTableHead = "| Metric |";
+// Throws unless `path` is missing, empty or a table markdown_table wrote (a README.md beside --out is not).
+void check_table_file(const std::string& path);
 
 // Per-tensor xxHash64 comparison of two checkpoints (folders or model.safetensors files), grouped by module:
 // {"a", "b", "stage_a", "stage_b", "tensors", "changed", "unchanged", "added", "removed",

@@ -164,6 +164,24 @@ TEST_F(EvalCli, OutputsThatAreNotReportsOrDoNotFitAreRefused) {
   expect_one_line_error(eval({"--out", long_name}), "cannot create a temp file beside it: File name too long");
 }
 
+// The table's path is derived from --out (README.json -> README.md) or given: a Markdown file that is not a psa
+// table was replaced by one. A table eval wrote is replaced, as a rerun should.
+TEST_F(EvalCli, MarkdownThatIsNotAPsaTableIsNotReplaced) {
+  const fs::path d = dir("not_tables");
+  spit(d / "README.md", "# My project\n");
+  expect_one_line_error(eval({"--out", (d / "README.json").string()}), "README.md: not a psa benchmark table");
+  EXPECT_EQ(slurp(d / "README.md"), "# My project\n");
+  EXPECT_FALSE(fs::exists(d / "README.json"));
+  expect_one_line_error(eval({"--out", (d / "r.json").string(), "--md", (d / "README.md").string()}),
+                        "not a psa benchmark table");
+  ASSERT_EQ(eval({"--out", (d / "r.json").string()}).status, 0);
+  const std::string table = slurp(d / "r.md");
+  ASSERT_EQ(table.rfind("| Metric |", 0), 0u) << table;
+  spit(d / "r.md", "| Metric | old |\n");
+  ASSERT_EQ(eval({"--out", (d / "r.json").string()}).status, 0) << "a table of its own must be replaced";
+  EXPECT_EQ(slurp(d / "r.md").rfind("| Metric | stage2 |", 0), 0u) << slurp(d / "r.md");
+}
+
 // A report written into a run folder while its psa train still runs was lost: train rewrote it from memory.
 TEST_F(EvalCli, OutputsIntoARunBeingTrainedAreRefused) {
   const fs::path d = dir("busy_run");

@@ -232,7 +232,7 @@ TEST_F(TrainCli, OverwriteRetrainsAndRemovesTheLaterStages) {
   // What an evaluated run also holds: the table and the predictions of every stage.
   fs::create_directories(out + "/predictions");
   for (const char* f : {"/report.md", "/predictions/base.jsonl", "/predictions/stage2.jsonl"})
-    std::ofstream(out + f) << "old";
+    std::ofstream(out + f) << "| Metric | old |";
   Result r = run_psa(train_args(data_, out, {{"--stage", "base"}, {"--overwrite", ""}, {"--seed", "5"}}));
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_NE(r.out.find("--overwrite: removed"), std::string::npos) << r.out;
@@ -396,6 +396,16 @@ TEST_F(TrainCli, RunOutputsAndInputsAreCheckedBeforeTraining) {
   fs::create_directories(out);
   ASSERT_EQ(run_psa({"tokenizer", "train", "--data", data_, "--vocab", "1000", "--out", (out / "tokenizer.json").string()}).status, 0);
   expect_one_line_error(run_psa(train_args(data_, out.string())), "tokenizer.json: 667 tokens, more than the model's");
+}
+
+TEST_F(TrainCli, AReportMdThatIsNotAPsaTableIsRefusedBeforeTraining) {
+  const fs::path out = root_ / "foreign_md";
+  fs::remove_all(out);
+  fs::create_directories(out);
+  std::ofstream(out / "report.md") << "# notes\n";
+  expect_one_line_error(run_psa(train_args(data_, out.string())), "report.md: not a psa benchmark table");
+  EXPECT_FALSE(fs::exists(out / "base"));
+  EXPECT_EQ(slurp(out / "report.md"), "# notes\n");
 }
 
 TEST_F(TrainCli, RunFolderMustBeAFolderOutsideTheData) {

@@ -220,6 +220,7 @@ int cmd_eval(int argc, char** argv) {
   for (const std::string& dir : ckpts) read_folders.push_back({"--ckpt", dir});
   check_outputs(outs, inputs, read_folders);
   json::Value report = read_report(out);
+  check_table_file(md_path);
 
   int64_t unreadable = 0;
   const std::vector<Record> records = load_split(split_file, &unreadable);

@@ -388,6 +388,7 @@ int cmd_train(int argc, char** argv) {
   for (const StagePlan& s : todo) check_resume_options(s.o);
   fs::path report_path = fs::path(p.out) / "report.json";
   json::Value report = read_report(report_path.string());
+  check_table_file((fs::path(p.out) / "report.md").string());
 
   // A stage that starts from the previous stage's checkpoint takes its model and the tokenizer stored with it
   // (not OUT/tokenizer.json, nor a new one): the token ids must be the ones that model was trained on.
