@@ -93,6 +93,7 @@ json::Value run_options(const StageOptions& o) {
   json::Value v = json::Value::object();
   if (!o.preset.empty()) v.set("--preset", o.preset);
   if (!o.data_xxh64.empty()) v.set("--data", "records with xxh64 " + o.data_xxh64);
+  if (!o.tokenizer_xxh64.empty()) v.set("tokenizer", "vocabulary with xxh64 " + o.tokenizer_xxh64);
   v.set("--seed", std::to_string(o.seed));
   v.set("--batch", std::to_string(o.batch));
   v.set("--steps-" + n, std::to_string(o.steps));
@@ -134,12 +135,16 @@ void check_run_options(const std::map<std::string, std::string>& meta, const Sta
     const json::Value* x = v.find(k);
     return !x ? std::string("(not recorded)") : x->is_string() ? x->as_string() : json::dump(*x);
   };
-  const json::Value* both[] = {&now, &saved};  // a key only one of them has differs too, except the data's
-  // hash: states from before it was recorded, and a check made before the data is generated, have only one.
+  const json::Value* both[] = {&now, &saved};  // a key only one of them has differs too, except the hashes of
+  // data and tokenizer: states from before they were recorded, and a check made before the data is generated
+  // or the tokenizer loaded, have only one.
   for (const json::Value* v : both)
-    for (const auto& [k, unused] : v->as_object())
-      PSA_CHECK((k == "--data" && !(saved.find(k) && now.find(k))) || text(saved, k) == text(now, k), path, ": the training state was made with ", k, " ", text(saved, k),
-                ", this run has ", k, " ", text(now, k), " (--resume continues a run only with its own options)");
+    for (const auto& [k, unused] : v->as_object()) {
+      const bool hash = k == "--data" || k == "tokenizer";
+      PSA_CHECK((hash && !(saved.find(k) && now.find(k))) || text(saved, k) == text(now, k), path,
+                ": the training state was made with ", k, " ", text(saved, k), ", this run has ", k, " ", text(now, k),
+                " (--resume continues a run only with its own options)");
+    }
 }
 
 // One file holds everything a resumed run needs, so no crash can leave weights and optimizer out of step.

@@ -28,6 +28,9 @@ struct StageOptions {
   // xxh64 of the records file the stage trains on, recorded like the options ("" = not known yet): a resume on
   // other data would silently mix two datasets in one run.
   std::string data_xxh64;
+  // And of the tokenizer's vocabulary (token texts in id order, which BPE adds in merge order): a tokenizer
+  // replaced between a kill and --resume would train the rest of the stage on other ids.
+  std::string tokenizer_xxh64;
   int64_t max_bad_steps = 5;  // a non-finite loss or gradient skips the step; this many in a row stop the run
   bool progress = true;
   int64_t stop_after = 0;   // testing: return after this many steps of this call (0 = run to the end)

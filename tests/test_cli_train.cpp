@@ -299,6 +299,12 @@ TEST_F(TrainCli, ResumeWithOtherOptionsIsRefusedNamingTheOptionAndBothValues) {
   Result other = run_psa(train_args(other_, out, {{"--resume", ""}}));
   expect_one_line_error(other, "made with --data records with xxh64 ");
   EXPECT_NE(other.err.find("this run has --data records with xxh64 "), std::string::npos) << other.err;
+  // A tokenizer replaced after a kill would give the rest of the stage other token ids.
+  const std::string tok = out + "/tokenizer.json", kept = slurp(tok);
+  ASSERT_EQ(run_psa({"tokenizer", "train", "--data", other_, "--vocab", "300", "--out", tok}).status, 0);
+  Result retok = run_psa(train_args(data_, out, {{"--resume", ""}, {"--stage", "base"}}));
+  expect_one_line_error(retok, "made with tokenizer vocabulary with xxh64 ");
+  std::ofstream(tok, std::ios::binary) << kept;
   Result same = run_psa(train_args(data_, out, {{"--resume", ""}}));
   EXPECT_EQ(same.status, 0) << same.err;
   EXPECT_EQ(same.err, "");

@@ -108,6 +108,15 @@ std::string records_hash(const std::string& file) {
   return st::xxh64_hex(text.data(), text.size());
 }
 
+std::string vocabulary_hash(const Tokenizer& tok) {
+  std::string all;
+  for (int32_t id = 0; id < tok.vocab_size(); ++id) {
+    const std::string& t = tok.token_text(id);
+    all += std::to_string(t.size()) + ":" + t;  // length-prefixed: no two vocabularies give the same string
+  }
+  return st::xxh64_hex(all.data(), all.size());
+}
+
 // One stage of this run: its checkpoint folder and its training options, all decided before any work.
 struct StagePlan {
   std::string stage, prev;  // base | stage1 | stage2; the stage it starts from ("" for base)
@@ -453,6 +462,7 @@ int cmd_train(int argc, char** argv) {
       pretrain_vision_tower(*model, p, scenes, a.has("--quiet"), *tok, cfg, report, curves);
     StageOptions o = s.o;
     if (o.data_xxh64.empty()) o.data_xxh64 = records_hash(training_split(p, stage));  // generated since the plan
+    o.tokenizer_xxh64 = vocabulary_hash(*tok);
     StageResult r = train_stage(*model, data, o);
     std::printf("[%s] %ld steps (%ld skipped) in %.1f s (%.0f tokens/s), loss %.4f -> %.4f\n", stage.c_str(),
                 (long)r.steps, (long)r.skipped, r.seconds, r.tokens_per_second, r.loss.empty() ? NAN : r.loss.front(),
