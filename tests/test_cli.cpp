@@ -73,6 +73,17 @@ TEST_F(CliErrors, BenchOutputsAndArgumentsAreCheckedFirst) {
   expect_one_line_error(r, "--out-dir: " + file + " is not a folder");
   EXPECT_EQ(r.out, "") << "the sweep ran before the folder was checked";
   expect_one_line_error(run_psa("bench-step --out-dir /tmp"), "--out-dir: only --scaling writes files");
+  // Not into a checkpoint folder (model.safetensors + config.json), as every other command's outputs.
+  const std::string ckpt = ::testing::TempDir() + "psa_bench_ckpt_" + std::to_string(::getpid());
+  std::filesystem::create_directories(ckpt);
+  for (const char* f : {"/model.safetensors", "/config.json"}) std::ofstream(ckpt + f) << "x";
+  r = run_psa("bench-step --scaling --steps 1 --warmup 0 --threads 1 --batch 2 --out-dir " + ckpt);
+  expect_one_line_error(r, "inside the checkpoint folder");
+  EXPECT_EQ(r.out, "") << "the sweep ran before the folder was checked";
+  r = run_psa("data --scale 0.01 --out " + ckpt + "/data");
+  expect_one_line_error(r, "inside the checkpoint folder");
+  EXPECT_FALSE(std::filesystem::exists(ckpt + "/data"));
+  std::filesystem::remove_all(ckpt);
   expect_one_line_error(run_psa("bench-step --scaling --profile"), "--profile");
   expect_one_line_error(run_psa("bench-gemm --sizes 0"), "--sizes: 0 is out of range");
   expect_one_line_error(run_psa("bench-gemm --reps x"), "--reps");

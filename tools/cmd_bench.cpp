@@ -421,6 +421,8 @@ int cmd_bench_step(int argc, char** argv) {
   if (a.has("--scaling")) {
     const std::string out_dir = a.get_path("--out-dir", "bench/results");
     cli::check_output_dir("--out-dir", out_dir);  // before the sweep's minutes, not after
+    for (const char* ext : {".md", ".png"})
+      cli::check_output_file("--out-dir", out_dir + "/scaling_" + host_name() + ext);
     return run_scaling(s, out_dir);
   }
   Trainer t = make_trainer(s);

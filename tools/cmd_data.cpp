@@ -42,6 +42,8 @@ int cmd_data(int argc, char** argv) {
   for (SplitSizes* s : {&cfg.train, &cfg.val, &cfg.test}) scale_sizes(*s, scale);
   cfg.base_extra_clean = scaled(cfg.base_extra_clean, scale);
   const std::string out = a.get_path("--out", "data/" + cfg.preset);
+  // Not inside a checkpoint folder or a run a live psa train holds (as every other command's outputs).
+  cli::check_output_location("--out", (std::filesystem::path(out) / "dataset.json").string());
   auto t0 = std::chrono::steady_clock::now();
   json::Value info = generate_dataset(cfg, out);
   double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
