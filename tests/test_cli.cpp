@@ -137,6 +137,9 @@ TEST_F(CliErrors, HugeOmpNumThreadsIsRefusedBeforeLibgompSeesIt) {
     EXPECT_NE(r.err.find("OMP_NUM_THREADS=" + std::string(bad) + ": expected 1 to 1024"), std::string::npos) << r.err;
   }
   EXPECT_EQ(run_psa("bench-step --help", "OMP_NUM_THREADS=2,1").status, 0);
+  // Each level within the limit, together a million threads (eval nests its records' and the kernels' loops).
+  expect_one_line_error(run_psa("bench-step --help", "OMP_NUM_THREADS=1024,1024"),
+                        "OMP_NUM_THREADS=1024,1024: the list's levels nest, at least 1048576 threads in all, more than 1024");
 }
 
 TEST_F(CliErrors, AFailedWriteToStdoutExitsTwo) {

@@ -50,12 +50,17 @@ void check_thread_env() {
   const char* env = std::getenv("OMP_NUM_THREADS");
   if (!env || !*env) return;
   // A list ("4,2") is libgomp's nested form; anything else it would warn about in its own words and ignore.
+  // Nested regions (eval's records, each record's kernels) run the product of the list at once.
+  long long all = 1;
   for (const char* p = env;; ++p) {
     char* end = nullptr;
     errno = 0;
     const long long n = std::strtoll(p, &end, 10);
     PSA_CHECK(end != p && errno == 0 && n >= 1 && n <= psa::cli::kMaxThreads && (*end == 0 || *end == ','),
               "OMP_NUM_THREADS=", env, ": expected 1 to ", psa::cli::kMaxThreads, " (or a comma-separated list)");
+    all *= n;
+    PSA_CHECK(all <= psa::cli::kMaxThreads, "OMP_NUM_THREADS=", env, ": the list's levels nest, at least ", all,
+              " threads in all, more than ", psa::cli::kMaxThreads);
     if (*end == 0) return;
     p = end;
   }
