@@ -137,6 +137,12 @@ Checkpoint load_checkpoint(const std::string& dir) {
   c.tokenizer = std::make_shared<Tokenizer>(Tokenizer::load(tok_path));
   PSA_CHECK(c.tokenizer->vocab_size() <= cfg.text.vocab, dir, ": tokenizer.json has ", c.tokenizer->vocab_size(),
             " tokens but the model's vocabulary (embedding rows) is ", cfg.text.vocab);
+  const Tokenizer& t = *c.tokenizer;
+  PSA_CHECK(cfg.image_token == t.image_id() && cfg.pad_id == t.pad_id() && cfg.text.bos_id == t.bos_id() &&
+                cfg.text.eos_id == t.eos_id(),
+            file, ": metadata 'config' has <image> ", cfg.image_token, ", <pad> ", cfg.pad_id, ", <s> ",
+            cfg.text.bos_id, ", </s> ", cfg.text.eos_id, " but ", tok_path, " has ", t.image_id(), ", ", t.pad_id(),
+            ", ", t.bos_id(), ", ", t.eos_id(), ": a mixed or edited checkpoint folder");
   // A smaller vocabulary is legitimate (BPE training stops when no pair is left), so only the hash recorded by
   // save_checkpoint can tell a swapped or half-replaced tokenizer.json (older checkpoints have none).
   if (meta.count("tokenizer_xxh64")) {

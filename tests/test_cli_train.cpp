@@ -177,6 +177,21 @@ TEST_F(TrainCli, CheckpointWithAnotherTokenizerIsRefusedNamingTheFolder) {
   EXPECT_NE(err.find("is not the tokenizer the model was saved with"), std::string::npos) << err;
 }
 
+// A config whose <image> id is not the tokenizer's failed only at the image splice, naming no file.
+TEST_F(TrainCli, ConfigSpecialIdsDisagreeingWithTheTokenizerAreRefusedNamingTheFile) {
+  const std::string dir = copy_of_run("special_ids") + "/stage1", file = dir + "/model.safetensors";
+  std::map<std::string, std::string> meta;
+  psa::nn::StateDict t = psa::nn::read_tensors(file, &meta);
+  psa::json::Value cfg = psa::json::parse(meta.at("config"), "config");
+  cfg.set("image_token_index", psa::json::Value(int64_t(5)));
+  meta["config"] = psa::json::dump(cfg);
+  meta.erase("xxh64.__metadata__");
+  psa::nn::write_tensors(file, t, meta);
+  const std::string err = psa::test::error_of([&] { psa::load_checkpoint(dir); });
+  EXPECT_EQ(err.rfind(file + ": metadata 'config' has <image> 5, ", 0), 0u) << err;
+  EXPECT_NE(err.find("a mixed or edited checkpoint folder"), std::string::npos) << err;
+}
+
 // ---- checkpoint writes: all or nothing
 
 TEST_F(TrainCli, FailedCheckpointWriteLeavesTheFolderAsItWas) {
