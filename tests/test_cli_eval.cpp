@@ -273,6 +273,29 @@ TEST_F(EvalCli, TooLongPromptNamesThePromptOption) {
   expect_one_line_error(infer({"--prompt", words(700)}), "--prompt: the prompt needs");
 }
 
+// Training's text budget (max_text_tokens, 96 in tiny) is not eval's: a long question that fits the model's
+// positions is asked, as infer asks it, not skipped.
+TEST_F(EvalCli, AQuestionPastTheTrainingBudgetIsStillEvaluated) {
+  std::ifstream in(data_ + "/test.jsonl");
+  std::string line;
+  std::getline(in, line);
+  const std::string image = psa::json::parse(line, "record").string_at("image");
+  std::string question;
+  for (int i = 0; i < 20; ++i) question += "What color is the circle? ";
+  psa::json::Value rec = psa::json::parse(R"({"safe_level": 0, "safe_type": 6, "conversations": [
+      {"from": "USER", "value": ""}, {"from": "ASSISTANT", "value": "Red."}]})", "record");
+  rec.set("image", psa::json::Value(image));
+  rec.obj[2].second.arr[0].set("value", psa::json::Value("<image>\n" + question));
+  spit(fs::path(data_) / "long_question.jsonl", psa::json::dump(rec) + "\n");
+  const fs::path d = dir("long_question");
+  Result r = eval({"--split", "long_question", "--out", (d / "r.json").string()});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.err.find("leaves no room"), std::string::npos) << r.err;
+  const psa::json::Value report = psa::json::parse_file((d / "r.json").string());
+  EXPECT_EQ(report.at("stage2").at("skipped_records").as_int(), 0) << psa::json::dump(report);
+  fs::remove(fs::path(data_) / "long_question.jsonl");
+}
+
 // Records whose prompt with the hint picked for them cannot fit are skipped and counted, the rest evaluated.
 TEST_F(EvalCli, RecordsTooLongWithTheirHintAreSkippedAndCounted) {
   const psa::Checkpoint c = psa::load_checkpoint(ckpt_);

@@ -116,8 +116,10 @@ static json::Value eval_one(const std::string& dir, const std::vector<Record>& r
   c.model->merge_lora();  // inference only: one matmul per layer instead of three
   LoadReport rep;
   rep.loaded = records.size();
+  // Training's text budget (max_text_tokens) does not apply: a question of any length is asked, and only one
+  // whose prompt, image and hint pass the model's positions is skipped (evaluate's drop_too_long).
   const Dataset d = build_dataset(records, *c.tokenizer, c.model->config.vision.image_size,
-                                  c.model->config.max_text_tokens, &rep);
+                                  c.model->config.text.max_positions, &rep);
   for (size_t i = 0; i < rep.messages.size() && i < 10; ++i) std::fprintf(stderr, "skipped %s\n", rep.messages[i].c_str());
   PSA_CHECK(d.size() > 0, dir, ": no record could be prepared for this checkpoint");
   const size_t shown = rep.messages.size();
