@@ -415,6 +415,7 @@ TEST_F(EvalCli, InvalidOrEmptyPromptIsRefused) {
   expect_one_line_error(infer({"--prompt", "caf\xc3"}), "--prompt: not valid UTF-8");
   expect_one_line_error(infer({"--prompt", ""}), "--prompt: empty question");
   expect_one_line_error(infer({"--prompt", " <image> "}), "--prompt: empty question");
+  expect_one_line_error(infer({"--prompt", "\v\f"}), "--prompt: empty question");
   Result r = infer({"--prompt", "caf\xc3\xa9?", "--json"});
   EXPECT_EQ(r.status, 0) << r.err;
 }
