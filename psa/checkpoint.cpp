@@ -83,7 +83,7 @@ void save_checkpoint(const std::string& dir, const PsaVlm& model, const Tokenize
 // A lower bound on the parameters `c` builds (the large matrices only). A config is read from the same file as
 // the weights, so one that asks for far more than the file holds is hostile or corrupt: refusing it here stops
 // a few bytes of JSON from allocating gigabytes before the strict load would have refused it anyway.
-static double min_params(const PsaConfig& c) {
+double min_params(const PsaConfig& c) {
   const nn::ClipConfig& v = c.vision;
   const nn::LlamaConfig& t = c.text;
   const double h = v.hidden, H = t.hidden, hd = t.dim_head(), a = v.hidden + c.num_safety_tokens;

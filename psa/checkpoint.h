@@ -36,6 +36,8 @@ void save_checkpoint(const std::string& dir, const PsaVlm& model, const Tokenize
                      const LoraSettings& lora);
 // Refuses a tokenizer.json that is not the one the model was saved with (naming the folder).
 Checkpoint load_checkpoint(const std::string& dir);
+// A lower bound on the parameters `c` builds (its large matrices).
+double min_params(const PsaConfig& c);
 
 // `c`'s model with every LoRA adapter folded into its weight, W + (alpha/r)·B·A (PEFT's merge_and_unload), as a
 // new model without adapter tensors: saved with save_checkpoint and rank 0 it loads as a plain model whose

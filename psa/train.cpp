@@ -11,6 +11,7 @@
 
 #include "nn/checkpoint.h"
 #include "nn/safetensors.h"
+#include "psa/checkpoint.h"
 #include "psa/policy.h"
 
 namespace psa {
@@ -369,6 +370,53 @@ StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o) {
   r.tokens_per_second = r.seconds > 0 ? tokens / r.seconds : 0;
   m.eval();
   return r;
+}
+
+double step_memory_estimate(const PsaConfig& c, int64_t batch) {
+  const nn::ClipConfig& v = c.vision;
+  const nn::LlamaConfig& t = c.text;
+  const double patches = v.num_patches(), tokens = c.merged_length(c.max_text_tokens);
+  const double per_row = t.layers * tokens * (8.0 * t.hidden + 5.0 * t.intermediate) +
+                         v.layers * (patches + 1) * (8.0 * v.hidden + 4.0 * v.intermediate);
+  return 4.0 * (double(batch) * per_row + 4.0 * min_params(c));  // f32; weights, gradients, two moments
+}
+
+namespace {
+// A "Key: N kB" line of /proc/meminfo in bytes, 0 when missing.
+double meminfo_bytes(const std::string& key) {
+  std::ifstream in("/proc/meminfo");
+  std::string name;
+  double kb = 0;
+  std::string unit;
+  while (in >> name >> kb) {
+    std::getline(in, unit);
+    if (name == key + ":") return kb * 1024;
+  }
+  return 0;
+}
+// The cgroup v2 limit left to this process's group ("max" and unreadable: 0).
+double cgroup_room_bytes() {
+  std::ifstream max_in("/sys/fs/cgroup/memory.max"), cur_in("/sys/fs/cgroup/memory.current");
+  double max = 0, cur = 0;
+  if (!(max_in >> max) || !(cur_in >> cur) || max <= cur) return 0;
+  return max - cur;
+}
+}  // namespace
+
+void check_batch_fits_memory(const std::string& what, const PsaConfig& c, int64_t batch) {
+  double room = meminfo_bytes("MemAvailable");
+  const double cgroup = cgroup_room_bytes();
+  if (cgroup > 0 && (room == 0 || cgroup < room)) room = cgroup;
+  if (room == 0) return;
+  const double need = step_memory_estimate(c, batch);
+  if (need <= room) return;
+  const double per_row = step_memory_estimate(c, 1) - step_memory_estimate(c, 0);
+  const int64_t fits = std::max<int64_t>(0, int64_t((room - step_memory_estimate(c, 0)) / per_row));
+  const double gib = 1024.0 * 1024 * 1024;
+  char msg[160];
+  std::snprintf(msg, sizeof msg, "about %.1f GiB (%.0f MiB a row, estimated), more than the %.1f GiB available",
+                need / gib, per_row / (1024 * 1024), room / gib);
+  fail(what, " ", batch, ": a training step needs ", msg, fits ? " (at most " + std::to_string(fits) + " fits)" : "");
 }
 
 }  // namespace psa

@@ -60,4 +60,15 @@ void check_resume_options(const StageOptions& o);
 // The model is moved to o.device for the stage and left there (checkpoint writers copy to the host).
 StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o);
 
+// Bytes a CPU training step of `batch` rows holds at its peak, from the dimensions alone: per row what backward
+// keeps and the allocator holds (per token and layer about 8 hidden-wide and 5 intermediate-wide vectors in the
+// LLM, 8 and 4 in the ViT) at max_text_tokens, plus weights, gradients and AdamW's two moments. Fitted to
+// bench-step's peak RSS, base stage: 6.4 MiB more a row from batch 64 to 128 (tiny, 32 text tokens; this gives
+// 5.9) and 49 MiB from 8 to 16 (small, 48 tokens; this gives 52).
+double step_memory_estimate(const PsaConfig& c, int64_t batch);
+// Refuses a batch whose estimate is more than the memory available to this process (MemAvailable, and the
+// cgroup's limit when there is one), naming the option, both sizes and the largest batch that fits: the
+// kernel would otherwise kill the run with no message. Does nothing where neither can be read.
+void check_batch_fits_memory(const std::string& what, const PsaConfig& c, int64_t batch);
+
 }  // namespace psa

@@ -85,6 +85,11 @@ TEST_F(CliErrors, BenchOutputsAndArgumentsAreCheckedFirst) {
   EXPECT_FALSE(std::filesystem::exists(ckpt + "/data"));
   std::filesystem::remove_all(ckpt);
   expect_one_line_error(run_psa("bench-step --scaling --profile"), "--profile");
+  // 4096 rows of the small model (~290 GB) would be killed by the kernel with no message, before any folder is made.
+  expect_one_line_error(run_psa("bench-step --preset small --batch 4096"), "--batch 4096: a training step needs about");
+  const std::string run = ::testing::TempDir() + "psa_batch_run_" + std::to_string(::getpid());
+  expect_one_line_error(run_psa("train --preset small --batch 4096 --out " + run), "more than the");
+  EXPECT_FALSE(std::filesystem::exists(run));
   expect_one_line_error(run_psa("bench-gemm --sizes 0"), "--sizes: 0 is out of range");
   expect_one_line_error(run_psa("bench-gemm --reps x"), "--reps");
   expect_one_line_error(run_psa("bench-gemm extra"), "unexpected argument 'extra'");

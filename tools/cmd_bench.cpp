@@ -413,6 +413,11 @@ int cmd_bench_step(int argc, char** argv) {
   // Checked before any work: without a GPU (or a CUDA build) there is nothing to time.
   PSA_CHECK(s.device == Device::cpu || gpu::available(), "bench-step --device cuda: no usable GPU (",
             gpu::describe(), ")");
+  if (s.device == Device::cpu) {
+    PsaConfig sized = PsaConfig::from_preset(s.preset);
+    sized.max_text_tokens = s.text;
+    check_batch_fits_memory("--batch", sized, s.batch);
+  }
   const bool profile_kernels = a.has("--profile");
   PSA_CHECK(!profile_kernels || (!a.has("--json") && !a.has("--scaling")),
             "bench-step --profile: not with --json or --scaling");

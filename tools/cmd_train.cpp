@@ -386,6 +386,8 @@ int cmd_train(int argc, char** argv) {
   PSA_CHECK(!eval || !p.data_is_file || !cli::path_inside(p.out, eval_data.string()), "--out ", p.out,
             ": inside ", eval_data.string(), ", the folder of --data ", p.data, " that the benchmark reads (write "
             "runs elsewhere, or pass --no-eval)");
+  // The preset's dimensions (a later stage's checkpoint has the same), before any folder is made.
+  if (device == Device::cpu) check_batch_fits_memory("--batch", cfg, p.batch);
   cli::check_output_dir("--out", p.out);
   cli::lock_output_dir("--out", p.out);  // before its folders are read: a second run must not act on a moving state
   for (const char* f : {"report.json", "report.md", "loss_curves.png"})
