@@ -195,6 +195,9 @@ TEST_F(CliData, TokenizerOutputIsAJsonFileThatIsNoInput) {
   expect_one_line_error(run_psa("tokenizer train --data " + dir + " --out " + dir + "/dataset"), "expected a .json");
   expect_one_line_error(run_psa("tokenizer train --data " + dir + " --out " + dir), "expected a .json");
   EXPECT_EQ(slurp(train), records);
+  // A mistyped --data: refused before the default output's folder (DIR itself) is created.
+  expect_one_line_error(run_psa("tokenizer train --data " + dir + "_typo"), "no base_train.jsonl or train.jsonl");
+  EXPECT_FALSE(fs::exists(dir + "_typo"));
   fs::create_directories(dir + "/sub.json");
   expect_one_line_error(run_psa("tokenizer train --data " + dir + " --out " + dir + "/sub.json"), "is a folder");
   // Other tools' JSON: a dataset's description, a checkpoint's tokenizer (replaced, the checkpoint refused to load).

@@ -76,6 +76,9 @@ int cmd_tokenizer(int argc, char** argv) {
                                            (std::filesystem::path(dir) / "train.jsonl").string()};
   for (const std::string& in : inputs)
     PSA_CHECK(!cli::same_path(out, in), "--out ", out, ": the same file as the input ", in, " (choose another path)");
+  // Before check_output_file, which creates the output's folder: a mistyped --data left an empty one behind.
+  PSA_CHECK(std::any_of(inputs.begin(), inputs.end(), [](const std::string& in) { return std::filesystem::exists(in); }),
+            dir, ": no base_train.jsonl or train.jsonl (is --data a dataset folder? `psa data` writes one)");
   cli::check_output_file("--out", out);
   // Replacing a file is for a tokenizer only: not a dataset.json or a records file that happens to end in .json.
   if (std::filesystem::exists(out)) {
