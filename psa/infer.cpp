@@ -11,13 +11,6 @@ namespace psa {
 
 bool has_safety_tokens(const Checkpoint& c) { return c.stage != "base"; }
 
-static std::string trim(const std::string& s) {
-  const char* ws = " \t\r\n\v\f";  // the ASCII whitespace of isspace
-  size_t b = s.find_first_not_of(ws);
-  if (b == std::string::npos) return "";
-  return s.substr(b, s.find_last_not_of(ws) - b + 1);
-}
-
 std::string clean_question(const std::string& question) {
   static const std::string tag = "<image>";
   std::string q = question;

@@ -2,6 +2,7 @@
 
 #include <filesystem>
 
+#include "psa/records.h"
 #include "psa/tokenizer.h"
 #include "tensor/error.h"
 
@@ -55,7 +56,7 @@ static PolicyEntry parse_entry(const json::Value& v, const std::string& where, c
   for (const std::string& special : Tokenizer::special_texts())
     PSA_CHECK(e.hint.find(special) == std::string::npos, where, ": 'hint' contains the special token ", special);
   e.refusal = opt_string(v, "refusal", where);
-  PSA_CHECK(e.action != "hint" || e.hint.find_first_not_of(" \t\r\n") != std::string::npos, where,
+  PSA_CHECK(e.action != "hint" || !trim(e.hint).empty(), where,
             ": action 'hint' needs a non-empty 'hint'");
   PSA_CHECK(e.action != "refuse" || !e.refusal.empty() || !default_refusal.empty(), where,
             ": action 'refuse' needs a 'refusal' sentence (or a top-level one)");

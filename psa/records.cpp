@@ -13,8 +13,8 @@ namespace psa {
 
 static const char kImageTag[] = "<image>";
 
-static std::string trim(const std::string& s) {
-  const char* ws = " \t\r\n";
+std::string trim(const std::string& s) {
+  const char* ws = " \t\r\n\v\f";
   size_t b = s.find_first_not_of(ws);
   if (b == std::string::npos) return "";
   return s.substr(b, s.find_last_not_of(ws) - b + 1);

@@ -27,6 +27,9 @@ struct LoadReport {
   std::vector<std::string> messages;  // one "file:line: reason" per skipped line
 };
 
+// `s` without leading and trailing ASCII whitespace (isspace's six characters).
+std::string trim(const std::string& s);
+
 // Never throws for a bad record, only when the file itself cannot be read. `report` may be null.
 // check_images verifies every image part's header (exists, decodable format, size limit) without decoding.
 std::vector<Record> load_records(const std::string& jsonl_path, LoadReport* report, bool check_images = true);

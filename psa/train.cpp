@@ -1,5 +1,6 @@
 #include "psa/train.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -394,20 +395,19 @@ double meminfo_bytes(const std::string& key) {
   }
   return 0;
 }
-// The cgroup v2 limit left to this process's group ("max" and unreadable: 0).
+// The cgroup v2 limit left to this process's group; -1 when there is none ("max") or it cannot be read.
 double cgroup_room_bytes() {
   std::ifstream max_in("/sys/fs/cgroup/memory.max"), cur_in("/sys/fs/cgroup/memory.current");
   double max = 0, cur = 0;
-  if (!(max_in >> max) || !(cur_in >> cur) || max <= cur) return 0;
-  return max - cur;
+  if (!(max_in >> max) || !(cur_in >> cur)) return -1;
+  return std::max(0.0, max - cur);
 }
 }  // namespace
 
 void check_batch_fits_memory(const std::string& what, const PsaConfig& c, int64_t batch) {
-  double room = meminfo_bytes("MemAvailable");
-  const double cgroup = cgroup_room_bytes();
-  if (cgroup > 0 && (room == 0 || cgroup < room)) room = cgroup;
-  if (room == 0) return;
+  const double available = meminfo_bytes("MemAvailable"), cgroup = cgroup_room_bytes();
+  if (available == 0 && cgroup < 0) return;
+  const double room = cgroup < 0 ? available : available == 0 ? cgroup : std::min(available, cgroup);
   const double need = step_memory_estimate(c, batch);
   if (need <= room) return;
   const double per_row = step_memory_estimate(c, 1) - step_memory_estimate(c, 0);

@@ -170,8 +170,7 @@ void patch_conv_backward(const Tensor& gout, const Tensor& x, const Tensor& w, T
     Tensor cols = Tensor::empty({std::max<int64_t>(n_cols, 1)}, x.dtype(), Device::cuda);
     if (gw.defined()) {
       if (d.B == 0 || d.L == 0) {
-        cudaCheck(cudaMemsetAsync(gw.raw(), 0, gw.nbytes(), stream()));
-        count_launch();
+        gpu::memset_zero(gw.raw(), gw.nbytes());
       } else {
         rearrange_patches<X>
             <<<blocks_for(n_cols), kThreads, 0, stream()>>>(d, const_cast<X*>(x.data<X>()), cols.data<X>(), true);

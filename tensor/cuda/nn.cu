@@ -343,8 +343,7 @@ void dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset, Tensor& 
   int64_t n = x.numel();
   if (n == 0) return;
   if (p >= 1) {  // every element dropped, as on the CPU
-    cudaCheck(cudaMemsetAsync(out.raw(), 0, out.nbytes(), stream()));
-    count_launch();
+    gpu::memset_zero(out.raw(), out.nbytes());
     return;
   }
   dispatch_float(x.dtype(), "cuda dropout", [&](auto tag_) {

@@ -78,8 +78,7 @@ void launch_permute(const Tensor& a, const std::vector<int64_t>& perm, Tensor& o
 void copy_rows(char* dst, size_t dpitch, const char* src, size_t spitch, size_t width, int64_t rows) {
   if (rows <= 0 || width == 0) return;
   if (rows == 1 || (dpitch == width && spitch == width)) {
-    cudaCheck(cudaMemcpyAsync(dst, src, width * rows, cudaMemcpyDeviceToDevice, stream()));
-    count_launch();
+    gpu::copy_on_device(dst, src, width * rows);
     return;
   }
   int max_pitch = 0;
@@ -89,10 +88,7 @@ void copy_rows(char* dst, size_t dpitch, const char* src, size_t spitch, size_t 
     count_launch();
     return;
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    cudaCheck(cudaMemcpyAsync(dst + r * dpitch, src + r * spitch, width, cudaMemcpyDeviceToDevice, stream()));
-    count_launch();
-  }
+  for (int64_t r = 0; r < rows; ++r) gpu::copy_on_device(dst + r * dpitch, src + r * spitch, width);
 }
 
 }  // namespace
