@@ -16,6 +16,14 @@ std::vector<int32_t> prompt_tokens(const Tokenizer& tok, const std::string& ques
   return ids;
 }
 
+int64_t question_start(const Tokenizer& tok, const std::vector<int32_t>& prompt) {
+  auto image = std::find(prompt.begin(), prompt.end(), tok.image_id());
+  PSA_CHECK(image != prompt.end(), "question_start: the prompt has no image token");
+  int64_t p = image - prompt.begin() + 1, n = prompt.size();
+  while (p + 1 < n && is_blank(tok.decode({prompt[p]}))) ++p;
+  return std::min(p, n - 1);
+}
+
 // One record -> one example; returns why the record is skipped ("" when it is kept). Only an unreadable image
 // or a prompt without room for the answer skips a record; anything else (out of memory) propagates.
 static std::string load_example(const Record& r, const Tokenizer& tok, int64_t image_size, int64_t max_text_tokens,
@@ -29,6 +37,7 @@ static std::string load_example(const Record& r, const Tokenizer& tok, int64_t i
   e.level = r.safe_level;
   e.type = r.safe_type;
   e.prompt_ids = prompt_tokens(tok, r.question, "");
+  e.question_start = question_start(tok, e.prompt_ids);
   e.answer_ids = tok.encode(" " + r.answer);
   e.answer_ids.push_back(tok.eos_id());
   int64_t room = max_text_tokens - (int64_t)e.prompt_ids.size();
@@ -86,6 +95,7 @@ PsaBatch collate(const Dataset& d, const std::vector<int64_t>& idx, int64_t pad_
     level[r] = e.level;
     type[r] = e.type;
     b.prompt_len.push_back(e.prompt_ids.size());
+    b.question_start.push_back(e.question_start);
   }
   b.ids = Tensor::from(ids, {B, L}, DType::i64);
   b.labels = Tensor::from(labels, {B, L}, DType::i64);
@@ -133,6 +143,7 @@ PsaBatch random_batch(const PsaConfig& c, int64_t B, int64_t L, uint64_t seed) {
   b.level = Tensor::from(level, {B}, DType::i64);
   b.type = Tensor::from(type, {B}, DType::i64);
   b.prompt_len.assign(B, answer_from);
+  b.question_start.assign(B, 2);  // after BOS and the image token
   return b;
 }
 

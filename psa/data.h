@@ -10,6 +10,7 @@ struct Example {
   std::vector<float> pixels;        // [3, S, S] CLIP-normalised
   std::vector<int32_t> prompt_ids;  // BOS + the prompt template (with one <image> token)
   std::vector<int32_t> answer_ids;  // " answer" + EOS (EOS dropped when truncated)
+  int64_t question_start = 0;       // index of the question's first token in prompt_ids
   int level = 0, type = 6;
   Record record;
 };
@@ -25,6 +26,9 @@ Dataset build_dataset(const std::vector<Record>& records, const Tokenizer& tok, 
                       int64_t max_text_tokens, LoadReport* report);
 // Prompt ids for a question (and hint) at inference: BOS + build_prompt(question, hint).
 std::vector<int32_t> prompt_tokens(const Tokenizer& tok, const std::string& question, const std::string& hint);
+// Index in a prompt_tokens row of the question's first token: past BOS, "USER:", the image token and the blank
+// tokens after it (the head_query "first_text" mode reads it).
+int64_t question_start(const Tokenizer& tok, const std::vector<int32_t>& prompt);
 
 // Right-pads with pad_id; labels are -100 on BOS and the prompt, the answer tokens (and EOS) otherwise.
 // with_answer = false collates prompts only (classification and generation).

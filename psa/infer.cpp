@@ -54,6 +54,7 @@ static PsaBatch prompt_batch(const Checkpoint& c, const std::vector<const std::v
   for (int64_t r = 0; r < B; ++r) {
     std::copy(rows[r].begin(), rows[r].end(), ids.begin() + r * L);
     b.prompt_len.push_back(rows[r].size());
+    b.question_start.push_back(question_start(*c.tokenizer, rows[r]));
   }
   b.ids = Tensor::from(ids, {B, (int64_t)L}, DType::i64).to(model_device(c));
   b.pixels = pixel_tensor(c, pixels);

@@ -110,7 +110,14 @@ PsaVlm::PsaVlm(const PsaConfig& c) : config(c) {
 Tensor PsaVlm::head_query(const Tensor& text, const PsaBatch* b) const {
   int64_t B = text.size(0), D = text.size(2);
   if (config.head_query == "position0") return slice(text, 1, 0, 1);
-  if (config.head_query == "first_text") return slice(text, 1, 1, 2);  // the token after BOS
+  if (config.head_query == "first_text") {
+    PSA_CHECK(b && (int64_t)b->question_start.size() == B, "head_query first_text needs the question starts");
+    std::vector<int64_t> rows(B);
+    for (int64_t r = 0; r < B; ++r) rows[r] = r * text.size(1) + b->question_start[r];
+    Tensor picked = index_select(reshape(text, {B * text.size(1), D}), 0,
+                                 Tensor::from(rows, {B}, DType::i64).to(text.device()));
+    return reshape(picked, {B, 1, D});
+  }
   PSA_CHECK(b && (int64_t)b->prompt_len.size() == B, "head_query mean_prompt needs the prompt lengths");
   Tensor w = Tensor::zeros({B, text.size(1), 1}, DType::f64);  // average over the prompt tokens
   for (int64_t r = 0; r < B; ++r)

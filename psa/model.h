@@ -19,7 +19,7 @@ struct PsaConfig {
   // the same scale relative to 1/sqrt(width) (0.02·sqrt(4096/D)); at width 128 plain 0.02 left the head's
   // attention uniform and Stage I barely learned in 600 steps (type CE 1.1 vs 0.25-0.5 in 300 steps).
   double safety_init_std = 0.02;
-  std::string head_query = "position0";     // position0 (reference) | first_text | mean_prompt
+  std::string head_query = "position0";     // position0 (reference) | first_text (the question's first token) | mean_prompt
   std::string projector_act = "gelu";
   int64_t max_text_tokens = 96;             // longer prompts+answers are truncated at the answer end
   static PsaConfig from_preset(const std::string& name);  // "tiny" | "small" (design.md)
@@ -34,7 +34,8 @@ struct PsaBatch {
   Tensor ids;     // [B, L] i64, right-padded with pad_id
   Tensor labels;  // [B, L] i64
   Tensor level, type;  // [B] i64 (undefined for unlabelled data)
-  std::vector<int64_t> prompt_len;  // tokens before the answer, per row (head query modes, generation)
+  std::vector<int64_t> prompt_len;      // tokens before the answer, per row (head query modes, generation)
+  std::vector<int64_t> question_start;  // the question's first token, per row (head query "first_text")
 };
 
 struct PsaOutput {

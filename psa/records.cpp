@@ -20,6 +20,30 @@ std::string trim(const std::string& s) {
   return s.substr(b, s.find_last_not_of(ws) - b + 1);
 }
 
+// Unicode's White_Space characters (and the zero-width space and BOM, which print nothing either), in UTF-8.
+bool is_blank(const std::string& s) {
+  static const char* const kSpaces[] = {"\xc2\x85", "\xc2\xa0", "\xe1\x9a\x80", "\xe2\x80\xa8", "\xe2\x80\xa9",
+                                        "\xe2\x80\xaf", "\xe2\x81\x9f", "\xe3\x80\x80", "\xef\xbb\xbf"};
+  for (size_t i = 0; i < s.size();) {
+    if (s[i] != 0 && std::strchr(" \t\r\n\v\f", s[i])) {
+      ++i;
+      continue;
+    }
+    // U+2000..U+200B: en quad .. zero-width space
+    if (i + 2 < s.size() && s.compare(i, 2, "\xe2\x80") == 0 && (unsigned char)s[i + 2] >= 0x80 &&
+        (unsigned char)s[i + 2] <= 0x8b) {
+      i += 3;
+      continue;
+    }
+    size_t matched = 0;
+    for (const char* sp : kSpaces)
+      if (s.compare(i, std::strlen(sp), sp) == 0) matched = std::strlen(sp);
+    if (!matched) return false;
+    i += matched;
+  }
+  return true;
+}
+
 static int int_field(const json::Value& v, const char* key, int lo, int hi) {
   const json::Value* f = v.find(key);
   PSA_CHECK(f, "missing field '", key, "'");

@@ -29,6 +29,8 @@ struct LoadReport {
 
 // `s` without leading and trailing ASCII whitespace (isspace's six characters).
 std::string trim(const std::string& s);
+// True when s holds nothing visible: only ASCII or Unicode white space (NBSP, ideographic space, ...).
+bool is_blank(const std::string& s);
 
 // Never throws for a bad record, only when the file itself cannot be read. `report` may be null.
 // check_images verifies every image part's header (exists, decodable format, size limit) without decoding.

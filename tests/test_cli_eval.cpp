@@ -416,6 +416,8 @@ TEST_F(EvalCli, InvalidOrEmptyPromptIsRefused) {
   expect_one_line_error(infer({"--prompt", ""}), "--prompt: empty question");
   expect_one_line_error(infer({"--prompt", " <image> "}), "--prompt: empty question");
   expect_one_line_error(infer({"--prompt", "\v\f"}), "--prompt: empty question");
+  expect_one_line_error(infer({"--prompt", "\xc2\xa0"}), "--prompt: empty question");                 // NBSP
+  expect_one_line_error(infer({"--prompt", "<image>\xe3\x80\x80\xe2\x80\x8b"}), "--prompt: empty question");
   Result r = infer({"--prompt", "caf\xc3\xa9?", "--json"});
   EXPECT_EQ(r.status, 0) << r.err;
 }

@@ -139,6 +139,21 @@ TEST(Modules, GradcheckMultiheadAttention) {
 
 // ---------------------------------------------------------------- Module bookkeeping
 
+// psa-vlm.md §8.14: the reference's safety modules at LLaVA-7B widths (D_v = 1024, D = 4096, N_s = 64, a 24×24
+// grid), counted from the modules themselves: any extra or missing tensor (a bias, a norm) changes the total.
+TEST(Modules, SafetyModulesHaveTheReferenceParameterCounts) {
+  auto count = [](const Module& m) {
+    int64_t n = 0;
+    for (const auto& [name, p] : m.named_parameters()) n += p.numel();
+    return n;
+  };
+  CAbstractorConfig ac;
+  ac.encoder_hidden = 1024, ac.hidden = 1024 + 64, ac.output_hidden = 4096, ac.depth = 3, ac.mlp_depth = 2;
+  ac.num_input_tokens = ac.num_queries = 24 * 24;
+  EXPECT_EQ(count(CAbstractor(ac)), 40115920);
+  EXPECT_EQ(count(MultiheadAttention(4096, 8)) + count(Linear(4096, 4)) + count(Linear(4096, 7)), 67170315);
+}
+
 TEST(Modules, NamedParametersUseHuggingFaceNames) {
   auto names_of = [](const Module& m) {
     std::set<std::string> s;

@@ -162,6 +162,38 @@ TEST(PsaModel, MergedSequenceLayout) {
   EXPECT_EQ(out.merged_labels.size(1), L - 1 + Ns + P);
 }
 
+// psa-vlm.md §8.4: position0 reads a fixed token (an image-only head), first_text the question's first token,
+// mean_prompt every prompt token and nothing after the prompt. Each mode is probed by changing one input id.
+TEST(PsaModel, HeadQueryModesReadExactlyTheirTokens) {
+  const Tokenizer& tok = *world().tok;
+  const Example& e = world().safety.examples[0];
+  const std::string first = trim(tok.decode({e.prompt_ids[e.question_start]}));
+  ASSERT_FALSE(first.empty());
+  EXPECT_EQ(e.record.question.rfind(first, 0), 0u) << "'" << first << "' does not start '" << e.record.question << "'";
+  NoGrad ng;
+  for (const std::string mode : {"position0", "first_text", "mean_prompt"}) {
+    PsaConfig c = world().cfg;
+    c.head_query = mode;
+    PsaVlm m(c);
+    m.initialize(7);
+    PsaBatch b = collate(world().safety, {0, 1}, c.pad_id);
+    const int64_t L = b.ids.size(1), q = b.question_start[1], prompt = b.prompt_len[1];
+    ASSERT_LT(q + 1, prompt);
+    auto level_logits_with = [&](int64_t pos) {  // row 1 with the id at pos replaced
+      std::vector<int64_t> ids = b.ids.vec<int64_t>();
+      if (pos >= 0) ids[L + pos] = ids[L + pos] == 5 ? 6 : 5;
+      PsaBatch changed = b;
+      changed.ids = Tensor::from(ids, {2, L}, DType::i64);
+      return m.classify(changed.pixels, m.lm->embed(changed.ids), &changed).first.to_vector();
+    };
+    const std::vector<double> base = level_logits_with(-1);
+    auto moves = [&](int64_t pos) { return level_logits_with(pos) != base; };
+    EXPECT_EQ(moves(q), mode != "position0") << mode;
+    EXPECT_EQ(moves(q + 1), mode == "mean_prompt") << mode;
+    EXPECT_FALSE(moves(prompt)) << mode << ": the answer's first token moved the head";
+  }
+}
+
 std::vector<double> params_of(const PsaVlm& m) {
   std::vector<double> v;
   for (auto& [n, t] : m.named_parameters()) {

@@ -4,6 +4,7 @@
 
 #include "nn/json.h"
 #include "psa/infer.h"
+#include "psa/records.h"
 #include "tools/cli.h"
 
 namespace psa {
@@ -58,7 +59,7 @@ static nn::SamplingOptions sampling_from(const cli::Args& a) {
 static std::string question_from(const cli::Args& a) {
   const std::string q = a.get("--prompt");
   PSA_CHECK(json::is_valid_utf8(q), "--prompt: not valid UTF-8 text");
-  PSA_CHECK(!clean_question(q).empty(), "--prompt: empty question (only whitespace or <image> tags); ask "
+  PSA_CHECK(!is_blank(clean_question(q)), "--prompt: empty question (only white space or <image> tags); ask "
             "something, e.g. --prompt 'What is in the image?'");
   return q;
 }

@@ -440,16 +440,17 @@ class PsaVlm(nn.Module):
         self.safe_mm_projector = SafeProjector(Dv, Dv + n_s, D, cfg["abstractor_depth"], cfg["abstractor_mlp_depth"], P)
         self.safe_part = SafePart(D, cfg["head_heads"])
 
-    def head_query(self, text, prompt_len):
+    def head_query(self, text, batch):
         """[B,Lq,D] query rows. position0 keeps ALL positions like the reference (only row 0 is read), the
         engine computes row 0 alone; both are exact since query rows attend independently."""
         mode = self.cfg["head_query"]
         if mode == "position0":
             return text
-        if mode == "first_text":
-            return text[:, 1:2]
+        if mode == "first_text":  # the question's first token
+            rows = torch.arange(text.shape[0], device=text.device)
+            return text[rows, torch.tensor(batch["question_start"], device=text.device)][:, None]
         w = torch.zeros(text.shape[:2], dtype=text.dtype, device=text.device)
-        for r, n in enumerate(prompt_len):
+        for r, n in enumerate(batch["prompt_len"]):
             w[r, :n] = 1.0 / n
         return (text * w[..., None]).sum(1, keepdim=True)  # mean_prompt
 
@@ -462,7 +463,7 @@ class PsaVlm(nn.Module):
         if classify:
             h_s = self.safe_mm_projector.proj(features)                              # [B,P,D]
             keys = torch.cat([self.safety_query_tokens.expand(B, -1, -1), h_s], 1)  # [B,N_s+P,D]
-            z, _ = self.safe_part.cross_attention(self.head_query(text, batch.get("prompt_len")), keys, keys,
+            z, _ = self.safe_part.cross_attention(self.head_query(text, batch), keys, keys,
                                                   need_weights=False)
             z = z[:, 0]                                                               # [B,D]
             out["level_logits"], out["type_logits"] = self.safe_part.safety_head(z), self.safe_part.other_head(z)
@@ -565,6 +566,7 @@ def fixture_batch(cfg, gen):
         "level": torch.tensor([1, 3], dtype=torch.int64),
         "type": torch.tensor([5, 2], dtype=torch.int64),
         "prompt_len": prompt_len,
+        "question_start": [j + 1 for _, j, _ in layouts],
     }
 
 
@@ -622,7 +624,8 @@ def bench_batch(cfg, B, L, gen, device):
     S = vc["image_size"]
     return {"pixel_values": torch.randn(B, 3, S, S, generator=gen).to(device), "input_ids": ids.to(device),
             "labels": labels.to(device), "level": torch.randint(0, 4, (B,), generator=gen).to(device),
-            "type": torch.randint(0, 7, (B,), generator=gen).to(device), "prompt_len": [L - L // 3] * B}
+            "type": torch.randint(0, 7, (B,), generator=gen).to(device), "prompt_len": [L - L // 3] * B,
+            "question_start": [2] * B}
 
 
 def stage_params(model, stage):
