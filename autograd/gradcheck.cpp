@@ -20,6 +20,11 @@ Tensor rand_uniform(const Shape& shape, uint64_t seed, double lo, double hi, DTy
   return t.to(dtype);
 }
 
+double abs_error(double a, double b) {
+  if (std::isfinite(a) && std::isfinite(b)) return std::fabs(a - b);
+  return (std::isnan(a) && std::isnan(b)) || a == b ? 0.0 : INFINITY;
+}
+
 namespace {
 
 double weighted_sum(const Tensor& out, const Tensor& w) {
@@ -54,10 +59,12 @@ GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)
       p[i] = orig - eps;
       double down = weighted_sum(f(inputs), w);
       p[i] = orig;
-      double numeric = (up - down) / (2 * eps), err = std::fabs(numeric - ga[i]);
+      double numeric = (up - down) / (2 * eps);
+      // A gradient is never expected to be NaN or infinite: a non-finite value on either side fails.
+      double err = std::isfinite(numeric) && std::isfinite(ga[i]) ? std::fabs(numeric - ga[i]) : INFINITY;
       res.max_abs_err = std::max(res.max_abs_err, err);
       res.max_rel_err = std::max(res.max_rel_err, err / std::max(std::fabs(numeric), 1e-12));
-      if (err > atol + rtol * std::fabs(numeric) && res.ok) {
+      if (!(err <= atol + rtol * std::fabs(numeric)) && res.ok) {
         res.ok = false;
         res.report = str_cat("input ", k, " ", shape_str(x.shape()), " element ", i, ": analytic ", ga[i],
                              " numeric ", numeric);

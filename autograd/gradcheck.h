@@ -20,6 +20,11 @@ struct GradcheckResult {
 GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& f, std::vector<Tensor> inputs,
                           double eps = 1e-6, double atol = 1e-6, double rtol = 1e-5);
 
+// |a - b| for checks against a tolerance: a pair of the same non-finite value (NaN and NaN, Inf and Inf) gives 0,
+// any other pair holding a non-finite value +Inf. A raw NaN would pass them silently: std::max(worst, NaN) keeps
+// worst, and NaN > tol is false.
+double abs_error(double a, double b);
+
 // Seeded helpers for tests and initialisation (Philox, identical on every device).
 Tensor randn(const Shape& shape, uint64_t seed, DType dtype = DType::f32, double stddev = 1.0);
 Tensor rand_uniform(const Shape& shape, uint64_t seed, double lo, double hi, DType dtype = DType::f32);

@@ -247,7 +247,7 @@ TEST(ThreadedKernels, MatchOneThread) {
     for (size_t k = 0; k < one.size(); ++k) {
       ASSERT_EQ(one[k].size(), many[k].size());
       double worst = 0;
-      for (size_t i = 0; i < one[k].size(); ++i) worst = std::max(worst, std::fabs(one[k][i] - many[k][i]));
+      for (size_t i = 0; i < one[k].size(); ++i) worst = std::max(worst, abs_error(one[k][i], many[k][i]));
       EXPECT_LE(worst, 1e-10) << (k ? "gradient of input " + std::to_string(k - 1) : std::string("output"));
     }
   }

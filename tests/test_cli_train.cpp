@@ -494,7 +494,7 @@ TEST_F(TrainCli, ExportFoldsTheAdaptersIntoThePlainWeights) {
       double ba = 0;
       for (int64_t k = 0; k < rank; ++k) ba += b[o * rank + k] * a[k * in + i];
       const double expected = w[o * in + i] + lora.lora.alpha / rank * ba;
-      worst = std::max(worst, std::fabs(merged[o * in + i] - expected));
+      worst = std::max(worst, psa::abs_error(merged[o * in + i], expected));
       delta = std::max(delta, std::fabs(ba));
     }
   EXPECT_GT(delta, 1e-4) << "the adapters did not train: the test would not see a missing merge";

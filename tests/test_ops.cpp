@@ -55,7 +55,7 @@ TEST(Ops, ForwardMatchesF64Reference) {
       ASSERT_EQ(got.shape(), ref.shape());
       std::vector<double> r = ref.to_vector(), g = got.to_vector();
       double worst = 0;
-      for (size_t i = 0; i < r.size(); ++i) worst = std::max(worst, std::fabs(g[i] - r[i]) / (1 + std::fabs(r[i])));
+      for (size_t i = 0; i < r.size(); ++i) worst = std::max(worst, abs_error(g[i], r[i]) / (1 + std::fabs(r[i])));
       EXPECT_LE(worst, c.fwd_tol);
     }
   }
@@ -76,11 +76,59 @@ TEST(Ops, GradientsMatchFiniteDifferences) {
   }
 }
 
+// The f32 backward kernels are separate code from the f64 ones the finite differences check (vector lanes, f32
+// transcendental approximations): their analytic gradients must match the f64 analytic gradients of the same
+// inputs and the same output weights, to the case's forward tolerance (times 10 for the longer chains).
+TEST(Ops, F32GradientsMatchF64Gradients) {
+  std::map<std::string, double> worst_by_op;
+  for (const OpCase& c : op_cases()) {
+    for (size_t t = 0; t < c.shapes.size(); ++t) {
+      SCOPED_TRACE(c.op + " trial " + std::to_string(t));
+      Inputs in64 = make(c, t, DType::f64), in32;
+      std::vector<bool> checked(in64.size());
+      for (size_t i = 0; i < in64.size(); ++i) {
+        checked[i] = (c.differentiable.empty() || c.differentiable[i]) && is_float(in64[i].dtype());
+        in32.push_back(is_float(in64[i].dtype()) ? in64[i].to(DType::f32) : in64[i]);
+        if (checked[i]) in64[i].requires_grad_(), in32[i].requires_grad_();
+      }
+      Tensor out64 = c.run(in64), out32 = c.run(in32);
+      Tensor w = randn(out64.shape(), 4321, DType::f64);
+      sum(mul(out64, w)).backward();
+      sum(mul(out32, w.to(DType::f32))).backward();
+      for (size_t i = 0; i < in64.size(); ++i) {
+        if (!checked[i] || !in64[i].grad().defined()) continue;
+        ASSERT_TRUE(in32[i].grad().defined()) << "input " << i << ": f64 has a gradient, f32 none";
+        std::vector<double> g64 = in64[i].grad().to_vector(), g32 = in32[i].grad().to_vector();
+        double worst = 0;
+        for (size_t k = 0; k < g64.size(); ++k) worst = std::max(worst, abs_error(g32[k], g64[k]) / (1 + std::fabs(g64[k])));
+        worst_by_op[c.op] = std::max(worst_by_op[c.op], worst);
+        EXPECT_LE(worst, 10 * c.fwd_tol) << "gradient of input " << i;
+      }
+    }
+  }
+  for (const auto& [op, w] : worst_by_op) std::printf("  %-22s f32 vs f64 gradient: worst %.2e\n", op.c_str(), w);
+}
+
+// The checks above must fail on NaN: a NaN gradient (on both sides of the comparison) is a failure, and
+// abs_error turns one-sided non-finite values into +Inf while matching ones compare equal.
+TEST(Ops, GradcheckAndAbsErrorFailOnNaN) {
+  Tensor x = randn({3}, 1, DType::f64).requires_grad_(), y = Tensor::from(std::vector<double>{1, NAN, 2}, {3}, DType::f64);
+  GradcheckResult r = gradcheck([&](const std::vector<Tensor>& in) { return mul(in[0], y); }, {x});
+  EXPECT_FALSE(r.ok);
+  EXPECT_NE(r.report.find("nan"), std::string::npos) << r.report;
+  EXPECT_EQ(abs_error(NAN, 1.0), INFINITY);
+  EXPECT_EQ(abs_error(1.0, INFINITY), INFINITY);
+  EXPECT_EQ(abs_error(NAN, NAN), 0.0);
+  EXPECT_EQ(abs_error(-INFINITY, -INFINITY), 0.0);
+  EXPECT_EQ(abs_error(INFINITY, -INFINITY), INFINITY);
+  EXPECT_EQ(abs_error(1.0, 3.5), 2.5);
+}
+
 // Near: max |a - b| / (1 + |b|) <= tol.
 void expect_near(const std::vector<float>& a, const std::vector<float>& b, double tol, const char* what) {
   ASSERT_EQ(a.size(), b.size()) << what;
   double worst = 0;
-  for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs((double)a[i] - b[i]) / (1 + std::fabs(b[i])));
+  for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, abs_error(a[i], b[i]) / (1 + std::fabs(b[i])));
   EXPECT_LE(worst, tol) << what;
 }
 

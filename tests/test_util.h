@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "autograd/gradcheck.h"
 #include "tensor/error.h"
 #include "tensor/tensor.h"
 
@@ -31,12 +32,13 @@ inline std::string repo_path(const std::string& rel) {
   return (here.empty() ? std::filesystem::path(rel) : here / rel).string();
 }
 
-// Largest |a - b| over the elements (any dtype, any device); a size mismatch fails the calling test.
+// Largest |a - b| over the elements (any dtype, any device), +Inf where only one side is NaN or infinite; a shape
+// mismatch fails the calling test.
 inline double max_abs_diff(const Tensor& a, const Tensor& b) {
+  EXPECT_EQ(a.shape(), b.shape());
   std::vector<double> x = a.to_vector(), y = b.to_vector();
-  EXPECT_EQ(x.size(), y.size());
   double d = 0;
-  for (size_t i = 0; i < x.size() && i < y.size(); ++i) d = std::max(d, std::fabs(x[i] - y[i]));
+  for (size_t i = 0; i < x.size() && i < y.size(); ++i) d = std::max(d, abs_error(x[i], y[i]));
   return d;
 }
 
