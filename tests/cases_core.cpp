@@ -319,8 +319,132 @@ std::vector<OpCase> shape_cases() {
   return v;
 }
 
+// Rearranges `parts` (each [outer, n_k, inner] around dim `d`) into one [outer, Σ n_k, inner] tensor.
+Tensor ref_concat(const Inputs& parts, int64_t d) {
+  Shape os = parts[0].shape();
+  os[d] = 0;
+  for (const Tensor& t : parts) os[d] += t.size(d);
+  Tensor out = empty64(os);
+  DimSplit sp = split_at(os, d);
+  for (int64_t o = 0, at = 0; o < sp.outer; ++o)
+    for (const Tensor& t : parts) {
+      const int64_t block = t.size(d) * sp.inner;
+      for (int64_t i = 0; i < block; ++i) md(out)[at++] = cd(t)[o * block + i];
+    }
+  return out;
+}
+
+// Rows [from, to) of dim d.
+Tensor ref_slice(const Tensor& a, int64_t d, int64_t from, int64_t to) {
+  Shape os = a.shape();
+  os[d] = to - from;
+  Tensor out = empty64(os);
+  DimSplit sp = split_at(a.shape(), d);
+  for (int64_t o = 0, at = 0; o < sp.outer; ++o)
+    for (int64_t i = from; i < to; ++i)
+      for (int64_t j = 0; j < sp.inner; ++j) md(out)[at++] = cd(a)[(o * sp.n + i) * sp.inner + j];
+  return out;
+}
+
+// The composite ops (mean, transpose, split, linear on a vector, the "swish" name) and the other dims and index
+// dtypes of the shape ops, each under the table row whose backward it records.
+std::vector<OpCase> composite_cases() {
+  std::vector<OpCase> v;
+  for (int64_t dim : {0, 1, -1}) {
+    OpCase m;
+    m.op = "sum";
+    m.shapes = {{{3, 4, 5}}};
+    m.run = [dim](const Inputs& in) { return mean(in[0], dim, dim == 1); };
+    m.reference = [dim](const Inputs& in) {
+      Tensor out = ref_reduce(in[0], dim < 0 ? dim + 3 : dim, dim == 1, false);
+      for (int64_t i = 0; i < out.numel(); ++i) md(out)[i] /= in[0].size(dim);
+      return out;
+    };
+    v.push_back(m);
+  }
+  OpCase all;
+  all.op = "sum";
+  all.shapes = {{{4, 3}}};
+  all.run = [](const Inputs& in) { return mean(in[0]); };
+  all.reference = [](const Inputs& in) {
+    Tensor out = empty64({});
+    md(out)[0] = 0;
+    for (int64_t i = 0; i < 12; ++i) md(out)[0] += cd(in[0])[i] / 12;
+    return out;
+  };
+  v.push_back(all);
+  OpCase tr;
+  tr.op = "permute";
+  tr.shapes = {{{2, 3, 4, 5}}};
+  tr.run = [](const Inputs& in) { return transpose(in[0], 1, -1); };
+  tr.reference = [](const Inputs& in) { return ref_permute(in[0], {0, 3, 2, 1}); };
+  v.push_back(tr);
+  for (int64_t dim : {0, -1}) {
+    OpCase cat;
+    cat.op = "concat";
+    cat.shapes = dim == 0 ? std::vector<std::vector<Shape>>{{{2, 3}, {1, 3}, {4, 3}}}
+                          : std::vector<std::vector<Shape>>{{{2, 3, 2}, {2, 3, 5}, {2, 3, 1}}};
+    cat.run = [dim](const Inputs& in) { return concat(in, dim); };
+    cat.reference = [dim](const Inputs& in) { return ref_concat(in, dim < 0 ? in[0].dim() + dim : dim); };
+    v.push_back(cat);
+    OpCase sl;
+    sl.op = "slice";
+    sl.shapes = {{{6, 4, 7}}};
+    sl.run = [dim](const Inputs& in) { return slice(in[0], dim, 1, 4); };
+    sl.reference = [dim](const Inputs& in) { return ref_slice(in[0], dim < 0 ? 2 : dim, 1, 4); };
+    v.push_back(sl);
+    // split: every piece, reassembled in another order, so each piece's offset and gradient are checked.
+    OpCase sp;
+    sp.op = "slice";
+    sp.shapes = {{{6, 4, 7}}};
+    sp.run = [dim](const Inputs& in) {
+      std::vector<Tensor> p = split(in[0], dim == 0 ? std::vector<int64_t>{1, 3, 2} : std::vector<int64_t>{2, 4, 1}, dim);
+      return concat({p[2], p[0], p[1]}, dim);
+    };
+    sp.reference = [dim](const Inputs& in) {
+      const int64_t d = dim < 0 ? 2 : dim, n = in[0].size(d), a = dim == 0 ? 1 : 2, b = dim == 0 ? 4 : 6;
+      return ref_concat({ref_slice(in[0], d, b, n), ref_slice(in[0], d, 0, a), ref_slice(in[0], d, a, b)}, d);
+    };
+    v.push_back(sp);
+  }
+  OpCase is;
+  is.op = "index_select";
+  is.shapes = {{{2, 4, 3}, {5}}};
+  is.make_inputs = [](const std::vector<Shape>& s, uint64_t seed, DType dt) {
+    return Inputs{randn(s[0], seed, dt), Tensor::from(std::vector<int32_t>{2, 2, 0, 3, 1}, {5}, DType::i32)};
+  };
+  is.differentiable = {true, false};
+  is.run = [](const Inputs& in) { return index_select(in[0], 1, in[1]); };
+  is.reference = [](const Inputs& in) {
+    const int32_t idx[5] = {2, 2, 0, 3, 1};
+    Tensor out = empty64({2, 5, 3});
+    for (int64_t o = 0; o < 2; ++o)
+      for (int64_t k = 0; k < 5; ++k)
+        for (int64_t j = 0; j < 3; ++j) md(out)[(o * 5 + k) * 3 + j] = cd(in[0])[(o * 4 + idx[k]) * 3 + j];
+    return out;
+  };
+  v.push_back(is);
+  OpCase lin;
+  lin.op = "matmul";
+  lin.shapes = {{{5}, {3, 5}, {3}}};
+  lin.run = [](const Inputs& in) { return linear(in[0], in[1], in[2]); };
+  lin.reference = [](const Inputs& in) {
+    Tensor out = empty64({3});
+    for (int64_t o = 0; o < 3; ++o) {
+      md(out)[o] = cd(in[2])[o];
+      for (int64_t i = 0; i < 5; ++i) md(out)[o] += cd(in[1])[o * 5 + i] * cd(in[0])[i];
+    }
+    return out;
+  };
+  v.push_back(lin);
+  v.push_back(unary_case("silu", [](const Tensor& x) { return activation(x, "swish"); },
+                         [](double x) { return x * sig(x); }));
+  return v;
+}
+
 const bool registered = register_cases(elementwise_cases()) && register_cases(reduce_cases()) &&
-                        register_cases(matmul_cases()) && register_cases(shape_cases());
+                        register_cases(matmul_cases()) && register_cases(shape_cases()) &&
+                        register_cases(composite_cases());
 
 }  // namespace
 }  // namespace psa::test

@@ -45,7 +45,12 @@ std::vector<OpCase> norm_cases() {
   rms.shapes = {{{4, 7}, {7}}, {{2, 3, 8}, {8}}, {{5, 3}}};
   rms.run = [](const Inputs& in) { return rms_norm(in[0], in.size() > 1 ? in[1] : Tensor(), 1e-6); };
   rms.reference = [](const Inputs& in) { return ref_norm(in, true, 1e-6); };
-  return {ln, rms};
+  OpCase ln_long = ln, rms_long = rms;
+  ln_long.shapes = {{{130, 1030}, {1030}, {1030}}};
+  ln_long.finite_differences = false;
+  rms_long.shapes = {{{70, 200}, {200}}};
+  rms_long.finite_differences = false;
+  return {ln, rms, ln_long, rms_long};
 }
 
 // ---- softmax / log_softmax over any dim.
@@ -84,6 +89,10 @@ std::vector<OpCase> softmax_cases() {
       v.push_back(c);
       if (dim != -1) continue;
       c.make_inputs = huge_logits;  // stability: shifted by the row max
+      v.push_back(c);
+      c.make_inputs = nullptr;
+      c.shapes = {{{3, log ? 300 : 1500}}};
+      c.finite_differences = false;
       v.push_back(c);
     }
   return v;
@@ -131,6 +140,10 @@ std::vector<OpCase> cross_entropy_cases() {
     c.reference = [ignore = ignore](const Inputs& in) { return ref_cross_entropy(in[0], in[1], ignore); };
     v.push_back(c);
   }
+  OpCase wide = v[0];
+  wide.shapes = {{{70, 1100}, {70}}};
+  wide.finite_differences = false;
+  v.push_back(wide);
   return v;
 }
 

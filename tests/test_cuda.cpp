@@ -502,6 +502,20 @@ TEST(CudaStream, EventsTimeWorkOnTheDeviceClock) {
   EXPECT_THROW(never.synchronize(), std::exception) << "waiting on an event never recorded should fail clearly";
 }
 
+// argmax has no op-table row (no backward), and its kernel path without values runs only here; rounded values
+// make ties common, where both devices must pick the first maximum.
+TEST(CudaParity, ArgmaxMatchesCpuWithTies) {
+  SKIP_WITHOUT_GPU();
+  std::vector<float> q = randn({3, 50, 40}, 5).vec<float>();
+  for (float& v : q) v = std::round(v);
+  Tensor x = Tensor::from(q, {3, 50, 40});
+  for (int64_t d = 0; d < 3; ++d) {
+    Tensor got = argmax(x.to(Device::cuda), d);
+    EXPECT_EQ(got.device(), Device::cuda);
+    EXPECT_EQ(got.vec<int64_t>(), argmax(x, d).vec<int64_t>()) << "dim " << d;
+  }
+}
+
 // ---- a whole training step ----------------------------------------------------------------------------------
 
 struct StepResult {
