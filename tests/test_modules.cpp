@@ -413,6 +413,28 @@ TEST(Lora, GradientsReachOnlyTheAdapterWhenTheBaseIsFrozen) {
   EXPECT_GT(max_abs_diff(m->lora_B.grad(), Tensor::zeros({4, 2})), 1e-4);
 }
 
+// Dropout acts on the adapter's input only while training: eval() and the merged weight must give the
+// dropout-free answer, or evaluation would depend on the step a mask came from.
+TEST(Lora, DropoutActsInTrainingOnly) {
+  auto m = lora_linear(0.5), plain = lora_linear(0.0);
+  Tensor b = randn({4, 2}, 3, DType::f32, 0.5);
+  Tensor(m->lora_B).contiguous_copy_from(b);
+  Tensor(plain->lora_B).contiguous_copy_from(b);
+  Tensor x = randn({3, 6}, 4);
+  NoGrad ng;
+  ASSERT_TRUE(m->training());
+  Tensor trained = m->forward(x);
+  m->dropout_offset = 1;  // the next step draws another mask
+  EXPECT_GT(max_abs_diff(m->forward(x), trained), 1e-3);
+
+  m->eval();
+  Tensor evaluated = m->forward(x);
+  EXPECT_GT(max_abs_diff(trained, evaluated), 1e-3);
+  EXPECT_EQ(max_abs_diff(evaluated, plain->forward(x)), 0.0);
+  m->merge_lora();
+  EXPECT_LT(max_abs_diff(m->forward(x), evaluated), 1e-5);
+}
+
 TEST(Lora, GradcheckInF64) {
   auto m = lora_linear(0.0);
   expect_module_gradcheck(*m, {input64({2, 3, 6}, 7)}, [&](const std::vector<Tensor>& in) { return m->forward(in[0]); });
