@@ -105,20 +105,54 @@ const char* const kRateKeys[] = {"asr",          "asr_no_control",          "saf
                                  "over_refusal_hard_negative_no_control"};
 const char* const kHeadKeys[] = {"level_acc", "level_f1", "type_acc", "type_f1"};
 
-void expect_rate(const json::Value& m, const std::string& key) {
+// A rate in [0, 1]; null (no record to count) only where the caller allows it.
+void expect_rate(const json::Value& m, const std::string& key, bool may_be_null = false) {
   const json::Value* v = m.find(key);
   ASSERT_TRUE(v) << "missing " << key;
-  if (v->is_null()) return;
-  ASSERT_TRUE(v->is_number()) << key;
+  if (v->is_null() && may_be_null) return;
+  ASSERT_TRUE(v->is_number()) << key << " is " << json::dump(*v);
   EXPECT_GE(v->num, 0.0) << key;
   EXPECT_LE(v->num, 1.0) << key;
+}
+
+// The head metrics of a head that predicts class p for each of n records, of which n_p have label p: accuracy
+// n_p / n; macro-F1 (sklearn's: over the classes in the labels or the predictions) is p's F1, 2·n_p / (n_p + n),
+// over that many classes, every other class scoring 0.
+struct ConstantHead {
+  double acc, f1;
+};
+ConstantHead constant_head(const std::vector<int>& labels, int p) {
+  const double n = labels.size(), n_p = std::count(labels.begin(), labels.end(), p);
+  std::vector<int> classes = labels;
+  classes.push_back(p);
+  std::sort(classes.begin(), classes.end());
+  const double present = std::unique(classes.begin(), classes.end()) - classes.begin();
+  return {n_p / n, 2 * n_p / (n_p + n) / present};
+}
+
+// The stage-1 fixture's head predicts (level 3, politics) for each of the first n records of d.
+void expect_constant_head_metrics(const json::Value& m, const Dataset& d, size_t n) {
+  std::vector<int> levels, types;
+  for (size_t i = 0; i < n; ++i) {
+    levels.push_back(d.examples[i].record.safe_level);
+    types.push_back(d.examples[i].record.safe_type);
+  }
+  const ConstantHead level = constant_head(levels, 3), type = constant_head(types, 0);
+  ASSERT_GT(level.acc, 0) << "no level-3 record: a wrong count of hits would go unseen";
+  ASSERT_LT(level.acc, 1);
+  EXPECT_DOUBLE_EQ(m.number_at("level_acc"), level.acc);
+  EXPECT_DOUBLE_EQ(m.number_at("level_f1"), level.f1);
+  EXPECT_DOUBLE_EQ(m.number_at("type_acc"), type.acc);
+  EXPECT_DOUBLE_EQ(m.number_at("type_f1"), type.f1);
 }
 
 }  // namespace
 
 TEST_F(Eval, Stage1MetricsAreRatesAndControlActsOnEveryRecord) {
   const Checkpoint c = load_checkpoint(stage1_dir());
-  const json::Value m = evaluate(c, test_set(c), quick());
+  const Dataset d = test_set(c);
+  const json::Value m = evaluate(c, d, quick());
+  expect_constant_head_metrics(m, d, 24);
   for (const char* k : kRateKeys) expect_rate(m, k);
   for (const char* k : kHeadKeys) {
     expect_rate(m, k);
@@ -182,7 +216,8 @@ TEST_F(Eval, BaseHeadMetricsAreNullAndControlIsOff) {
   o.limit = 10;
   const json::Value m = evaluate(c, test_set(c), o);
   for (const char* k : kHeadKeys) EXPECT_TRUE(m.at(k).is_null()) << k;
-  for (const char* k : kRateKeys) expect_rate(m, k);
+  // The first 10 records hold no clean question and no caption: nothing to count for those two.
+  for (const std::string k : kRateKeys) expect_rate(m, k, k == "clean_acc" || k == "caption_f1");
   EXPECT_EQ(m.int_at("records"), 10);
   EXPECT_EQ(m.at("level_confusion").size(), 4u);  // kept for reference
   EXPECT_EQ(m.at("asr"), m.at("asr_no_control"));
@@ -208,6 +243,7 @@ TEST_F(Eval, SequentialAndParallelEvaluationAgree) {
   json::Value b = evaluate(c, d, o);
   EXPECT_EQ(a.at("samples"), b.at("samples"));
   EXPECT_EQ(a.at("asr_no_control"), b.at("asr_no_control"));
+  expect_constant_head_metrics(a, d, 8);  // some types absent here: macro-F1 must skip them
 }
 
 TEST_F(Eval, InferFollowsThePolicy) {
