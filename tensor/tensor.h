@@ -83,6 +83,8 @@ class Tensor {
 
   Tensor detach() const;  // same buffer, outside the graph
   Tensor clone() const;   // a copy, outside the graph
+  // Copies outside the graph (the tensor itself when nothing changes): no op casts inside a differentiable
+  // computation, so neither records a backward. to(dtype) converts on the host (weights and tables, not hot paths).
   Tensor to(DType dtype) const;
   Tensor to(Device device) const;
   Tensor contiguous_copy_from(const Tensor& src);  // in-place overwrite, shapes and dtypes must match
