@@ -153,6 +153,11 @@ TEST_F(TrainCli, OneRecordsFileTrainsEveryStage) {
   for (const char* stage : {"base", "stage1", "stage2"}) EXPECT_TRUE(fs::exists(out + "/" + stage + "/model.safetensors")) << stage;
   EXPECT_NE(r.out.find("no test.jsonl beside"), std::string::npos) << r.out;
   expect_one_line_error(run_psa(train_args((dir / "missing.jsonl").string(), out + "2")), "is not a readable file");
+  // A folder without train.jsonl fails after --out was made and locked: the new folder is gone again.
+  fs::create_directories(dir / "no_train");
+  fs::copy_file(fs::path(data_) / "train.jsonl", dir / "no_train" / "other.jsonl");
+  expect_one_line_error(run_psa(train_args((dir / "no_train").string(), out + "3")), "no train.jsonl");
+  EXPECT_FALSE(fs::exists(out + "3")) << "a failed run left its --out folder behind";
 }
 
 // ---- a stage started from a checkpoint takes the tokenizer stored with it

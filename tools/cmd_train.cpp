@@ -86,6 +86,22 @@ namespace {
 constexpr int64_t kMaxBatch = 4096, kMaxSteps = 10'000'000, kMaxEvalLimit = 1'000'000'000;
 constexpr double kMaxLr = 10;
 
+// A run that fails before writing anything leaves no folder behind: --out created here and holding only the
+// lock and empty folders is removed when cmd_train returns or throws (a wrong --data must not leave
+// runs/typo/.psa.lock behind).
+struct RemoveIfOnlyLock {
+  std::string dir;
+  bool created = false;
+  ~RemoveIfOnlyLock() {
+    if (!created) return;
+    std::error_code ec;
+    const fs::path lock = fs::path(dir) / ".psa.lock";
+    for (fs::recursive_directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec))
+      if (!it->is_directory(ec) && it->path() != lock) return;
+    if (!ec) fs::remove_all(dir, ec);
+  }
+};
+
 struct Plan {
   std::string preset, data, out;
   bool data_is_file = false;  // --data FILE.jsonl: one records file for every stage
@@ -388,6 +404,8 @@ int cmd_train(int argc, char** argv) {
             "runs elsewhere, or pass --no-eval)");
   // The preset's dimensions (a later stage's checkpoint has the same), before any folder is made.
   if (device == Device::cpu) check_batch_fits_memory("--batch", cfg, p.batch);
+  std::error_code ec;
+  RemoveIfOnlyLock cleanup{p.out, !fs::exists(p.out, ec)};
   cli::check_output_dir("--out", p.out);
   cli::lock_output_dir("--out", p.out);  // before its folders are read: a second run must not act on a moving state
   for (const char* f : {"report.json", "report.md", "loss_curves.png"})
