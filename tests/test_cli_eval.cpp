@@ -359,6 +359,13 @@ TEST_F(EvalCli, ExplainRefusesTheInputImageAndOtherFormats) {
   expect_one_line_error(infer({"--prompt", "What is it?", "--explain", other}), "exists inside the dataset folder");
   EXPECT_EQ(slurp(other), pixels);
   EXPECT_FALSE(fs::exists(ckpt_ + "/heat.png"));
+  // A run's own plot (a folder psa train locked) is not an earlier heat map either.
+  const fs::path run = dir("explain_run");
+  spit(run / ".psa.lock", "1\n");
+  spit(run / "loss_curves.png", "curves");
+  expect_one_line_error(infer({"--prompt", "What is it?", "--explain", (run / "loss_curves.png").string()}),
+                        "exists inside the run folder");
+  EXPECT_EQ(slurp(run / "loss_curves.png"), "curves");
   expect_one_line_error(infer({"--prompt", "What is it?", "--explain", ""}), "--explain: expected a path");
   fs::create_directories(d / "dir.png");
   expect_one_line_error(infer({"--prompt", "What is it?", "--explain", (d / "dir.png").string()}), "is a folder");

@@ -73,13 +73,17 @@ static std::string explain_path(const cli::Args& a) {
   for (const std::string& part : split_image_field(a.get("--image")))
     PSA_CHECK(!cli::same_path(path, part), "--explain ", path, ": the same file as the input image ", part,
               " (it would be overwritten; choose another path)");
-  // An existing file below a dataset folder (dataset.json) is one of its images, not an earlier heat map.
+  // An existing file below a dataset folder (dataset.json) is one of its images, and below a run folder (the
+  // lock psa train leaves) one of its results (loss_curves.png): not an earlier heat map.
   namespace fs = std::filesystem;
   std::error_code ec;
   if (fs::exists(path, ec))
-    for (fs::path dir = fs::absolute(path).parent_path(); dir.has_relative_path(); dir = dir.parent_path())
+    for (fs::path dir = fs::absolute(path).parent_path(); dir.has_relative_path(); dir = dir.parent_path()) {
       PSA_CHECK(!fs::exists(dir / "dataset.json", ec), "--explain ", path, ": exists inside the dataset folder ",
                 dir.string(), " (it would be replaced; choose another path)");
+      PSA_CHECK(!fs::exists(dir / ".psa.lock", ec), "--explain ", path, ": exists inside the run folder ",
+                dir.string(), " (it would be replaced; choose another path)");
+    }
   cli::check_output_file("--explain", path);
   return path;
 }
