@@ -122,6 +122,9 @@ std::vector<OpCase> attention_cases() {
       // 32-key tiles: D = 40 with GQA, causal, S > T; D = 99 (not a multiple of 4) with a mask.
       {{{1, 37, 2, 40}, {1, 45, 1, 40}, {1, 45, 1, 40}}, true, 0},
       {{{1, 35, 1, 99}, {1, 35, 1, 99}, {1, 35, 1, 99}, {35, 35}}, false, 0},
+      // Per-head masks: [1, H, T, S] shared by the batch, and [B, H, T, S] with causal on top.
+      {{{2, 4, 3, 6}, {2, 5, 3, 6}, {2, 5, 3, 6}, {1, 3, 4, 5}}, false, 0},
+      {{{2, 4, 3, 6}, {2, 5, 1, 6}, {2, 5, 1, 6}, {2, 3, 4, 5}}, true, 0},
   };
   std::vector<OpCase> v;
   for (const Spec& s : specs) {

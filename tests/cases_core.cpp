@@ -119,6 +119,11 @@ std::vector<OpCase> elementwise_cases() {
   v.push_back(unary_case("rsqrt", rsqrt, [](double x) { return 1 / std::sqrt(x); }, 0.2, 3));
   v.push_back(unary_case("pow_scalar", [](const Tensor& x) { return pow_scalar(x, 2.5); },
                          [](double x) { return std::pow(x, 2.5); }, 0.2, 3));
+  // Negative bases with an integer exponent, and a negative exponent.
+  v.push_back(unary_case("pow_scalar", [](const Tensor& x) { return pow_scalar(x, 3.0); },
+                         [](double x) { return x * x * x; }));
+  v.push_back(unary_case("pow_scalar", [](const Tensor& x) { return pow_scalar(x, -1.5); },
+                         [](double x) { return 1 / (x * std::sqrt(x)); }, 0.2, 3));
   v.push_back(unary_case("tanh", psa::tanh, [](double x) { return std::tanh(x); }));
   v.push_back(unary_case("sigmoid", sigmoid, sig));
   v.push_back(unary_case("relu", relu, [](double x) { return x > 0 ? x : 0.0; }));
