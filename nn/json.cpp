@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <string_view>
 #include <unordered_set>
 
@@ -708,7 +709,21 @@ void sync_dir_of(const std::string& path) {
   if (rc != 0 && err != EINVAL && err != ENOTSUP) fail(path, ": fsync of directory ", dir, ": ", std::strerror(err));
 }
 
-void write_file(const std::string& path, const std::string& text) {
+std::string write_target(const std::string& path) {
+  namespace fs = std::filesystem;
+  fs::path p = path;
+  std::error_code ec;
+  for (int hops = 0; fs::is_symlink(fs::symlink_status(p, ec)); ++hops) {
+    PSA_CHECK(hops < 40, path, ": too many levels of symbolic links");
+    const fs::path to = fs::read_symlink(p, ec);
+    PSA_CHECK(!ec, path, ": cannot read the symbolic link: ", ec.message());
+    p = to.is_absolute() ? to : p.parent_path() / to;
+  }
+  return p.string();
+}
+
+void write_file(const std::string& link_or_file, const std::string& text) {
+  const std::string path = write_target(link_or_file);
   const TempFile tmp = create_temp_beside(path);
   bool ok = std::fwrite(text.data(), 1, text.size(), tmp.f) == text.size() && std::fflush(tmp.f) == 0 &&
             ::fsync(fileno(tmp.f)) == 0;

@@ -118,8 +118,11 @@ Value parse_file(const std::string& path);
 std::string read_file(const std::string& path);
 // Writes `text` atomically: a temp file beside `path`, flushed and fsynced, then renamed over it, so a crash
 // leaves either the old file or the new one, and of two concurrent writers one whole file wins. Errors name the
-// path.
+// path. A symbolic link is written through (see write_target), not replaced by a file.
 void write_file(const std::string& path, const std::string& text);
+// The file an atomic write to `path` replaces: `path` itself, or for a symbolic link (a chain of them) its final
+// target, as a shell's `>` writes, so the link survives; a relative target is relative to the link's folder.
+std::string write_target(const std::string& path);
 // A new, empty file beside `path` named ".<name>.tmp.<pid>.<n>" (n counts within the process), created
 // exclusively, so concurrent writers of one path never share a temp file; renamed over `path` to publish.
 struct TempFile {

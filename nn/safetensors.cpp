@@ -346,8 +346,9 @@ bool kill_this_save() {
 
 }  // namespace
 
-void save(const std::string& path, const std::vector<TensorData>& tensors,
+void save(const std::string& link_or_file, const std::vector<TensorData>& tensors,
           const std::map<std::string, std::string>& metadata) {
+  const std::string path = json::write_target(link_or_file);  // a symbolic link is written through
   std::set<std::string> names;
   for (const auto& t : tensors) check_tensor(path, t, names);
   // Caller "xxh64.*" keys (e.g. metadata copied from a loaded file) are dropped: hashes are recomputed.

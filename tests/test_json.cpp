@@ -283,6 +283,29 @@ TEST(Json, ConcurrentWritesOfOnePathNeverMix) {
   fs::remove_all(dir);
 }
 
+// A symbolic link (report.md linked into a docs folder) keeps being a link: the write goes to its target, through
+// a chain of links and a relative one; a dangling link gets its target created.
+TEST(Json, WriteFileWritesThroughSymbolicLinks) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::path(::testing::TempDir()) / ("psa_test_json_links_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir / "docs");
+  json::write_file((dir / "docs" / "report.md").string(), "old");
+  fs::create_symlink("docs/report.md", dir / "near.md");   // relative
+  fs::create_symlink(dir / "near.md", dir / "far.md");     // absolute, to a link
+  json::write_file((dir / "far.md").string(), "new");
+  EXPECT_TRUE(fs::is_symlink(dir / "far.md"));
+  EXPECT_TRUE(fs::is_symlink(dir / "near.md"));
+  EXPECT_EQ(json::read_file((dir / "docs" / "report.md").string()), "new");
+  fs::create_symlink("docs/later.md", dir / "dangling.md");
+  json::write_file((dir / "dangling.md").string(), "made");
+  EXPECT_TRUE(fs::is_symlink(dir / "dangling.md"));
+  EXPECT_EQ(json::read_file((dir / "docs" / "later.md").string()), "made");
+  fs::create_symlink("loop.md", dir / "loop.md");
+  EXPECT_NE(error_of([&] { json::write_file((dir / "loop.md").string(), "x"); }).find("too many levels"), std::string::npos);
+  fs::remove_all(dir);
+}
+
 TEST(Json, ParsesRealHfConfigs) {
   for (const char* name : {"clip_vision", "llama", "llava", "mha", "c_abstractor"}) {
     std::string path = std::string("tests/data/hf/") + name + "/config.json";
