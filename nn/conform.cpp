@@ -98,6 +98,20 @@ Tensor input(const StateDict& io, const std::string& name, Device d, bool grad) 
   return t;
 }
 
+// Token ids (input_ids, labels) as the model reads them: integers in [0, vocab), labels also -100 (ignored).
+// Checked here so that a bad id is named by its tensor, not by the embedding's index_select.
+Tensor token_input(const StateDict& io, const std::string& name, int64_t vocab, Device d) {
+  Tensor t = input(io, name, Device::cpu, false);
+  PSA_CHECK(t.dtype() == DType::i64 || t.dtype() == DType::i32, "conform: io.safetensors '", name, "' is ",
+            dtype_name(t.dtype()), ", expected integer token ids (I64)");
+  const std::vector<double> ids = t.to_vector();
+  for (size_t i = 0; i < ids.size(); ++i)
+    PSA_CHECK((ids[i] >= 0 && ids[i] < vocab) || (name == "labels" && ids[i] == -100), "conform: io.safetensors '",
+              name, "' ", shape_str(t.shape()), ": element ", i, " is ", (int64_t)ids[i], ", outside the vocabulary [0, ",
+              vocab, ")", name == "labels" ? " and not -100" : "");
+  return t.to(DType::i64).to(d);
+}
+
 Tensor weighted_loss(const Tensor& out, const StateDict& io, Device d) { return sum(mul(out, input(io, "loss_weight", d, false))); }
 
 // Every config a fixture kind can hold, read and range-checked before a weight is read or a module built.
@@ -201,11 +215,12 @@ ConformReport conform(const std::string& dir, Device device, double tolerance) {
     LlamaForCausalLM m(cfg.llama);
     load_renamed(m, f.weights, [](const std::string& k) { return k; }, src);
     m.to(device);
-    auto out = m.forward(m.embed(input(io, "input_ids", device, false)), nullptr, true);
+    const int64_t V = cfg.llama.vocab;
+    auto out = m.forward(m.embed(token_input(io, "input_ids", V, device)), nullptr, true);
     for (size_t i = 0; i < out.hidden_states.size(); ++i)
       if (io.count("hidden_states." + std::to_string(i))) ck.compare("hidden_states." + std::to_string(i), out.hidden_states[i]);
     ck.compare("logits", out.logits);
-    Tensor loss = LlamaForCausalLM::causal_lm_loss(out.logits, input(io, "labels", device, false));
+    Tensor loss = LlamaForCausalLM::causal_lm_loss(out.logits, token_input(io, "labels", V, device));
     ck.compare("loss", loss);
     loss.backward();
     ck.compare_grads(m, same);
@@ -213,9 +228,10 @@ ConformReport conform(const std::string& dir, Device device, double tolerance) {
     auto m = Llava::from_config(cfg.llava);
     load_renamed(*m, f.weights, llava_key, src);
     m->to(device);
-    Tensor logits = m->forward(input(io, "pixel_values", device, false), input(io, "input_ids", device, false));
+    const int64_t V = cfg.llava.text.vocab;
+    Tensor logits = m->forward(input(io, "pixel_values", device, false), token_input(io, "input_ids", V, device));
     ck.compare("logits", logits);
-    Tensor loss = LlamaForCausalLM::causal_lm_loss(logits, input(io, "labels", device, false));
+    Tensor loss = LlamaForCausalLM::causal_lm_loss(logits, token_input(io, "labels", V, device));
     ck.compare("loss", loss);
     loss.backward();
     ck.compare_grads(*m, [](const std::string& n) {  // io uses the transformers-5 in-memory names
