@@ -99,7 +99,7 @@ test-cuda-emu:
 	@echo "== the CUDA suite on the CPU emulator (tests/cuda_emu)"
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(EMU_BUILD)/psa_tests --gtest_brief=1 --gtest_filter='Cuda*'
 
-# The tour (about 11 minutes on 2 cores after the build): dataset, vision pretraining, three training stages, benchmark table (OUT/report.md).
+# The tour (about 4 minutes on 2 cores after the build): dataset, vision pretraining, three training stages, benchmark table (OUT/report.md).
 PRESET ?= tiny
 DATA   ?= data/$(PRESET)
 RUN    ?= runs/$(PRESET)
@@ -131,7 +131,7 @@ check-deps:
 	@for h in gtest/gtest.h benchmark/benchmark.h stb/stb_image.h xxhash.h; do \
 	  [ -f /usr/include/$$h ] || { echo "missing /usr/include/$$h: run 'make deps' as root"; exit 1; }; done
 
-# `make bench` (~9 minutes on 2 cores): every bench/*.cpp binary (Google Benchmark JSON), the tiny training step
+# `make bench` (~4 minutes on 2 cores): every bench/*.cpp binary (Google Benchmark JSON), the tiny training step
 # (stages base/1/2 x 1/2 threads), the PyTorch baseline when /usr/bin/python3 has torch, a kernel profile of the
 # step (one thread), the scaling sweep; then tools/bench_report.py merges them into
 # bench/results/<host>.{json,md,csv}.
