@@ -190,13 +190,25 @@ Tensor Tensor::contiguous_copy_from(const Tensor& src) {
   PSA_CHECK(src.shape() == shape() && src.dtype() == dtype(), "copy_from: ", shape_str(src.shape()), " ",
             dtype_name(src.dtype()), " into ", shape_str(shape()), " ", dtype_name(dtype()));
   copy_bytes(raw(), device(), src.raw(), src.device(), nbytes());
+  impl()->storage->host_copy.reset();
   return *this;
 }
 
 Tensor Tensor::to(Device d) const {
   if (d == device()) return *this;
   Tensor t = empty(shape(), dtype(), d);
+  const std::shared_ptr<const Storage>& host = impl()->storage->host_copy;
+  if (d == Device::cpu && host) {
+    std::memcpy(t.raw(), static_cast<const char*>(host->data) + impl()->offset * dtype_size(dtype()), nbytes());
+    return t;
+  }
   copy_bytes(t.raw(), d, raw(), device(), nbytes());
+  constexpr size_t kMaxHostCopy = size_t(1) << 24;  // bytes; index tensors are far smaller
+  if (device() == Device::cpu && !is_float(dtype()) && nbytes() <= kMaxHostCopy) {
+    auto copy = Storage::allocate(nbytes(), Device::cpu);
+    std::memcpy(copy->data, raw(), nbytes());
+    t.impl()->storage->host_copy = std::move(copy);
+  }
   return t;
 }
 

@@ -26,6 +26,10 @@ struct Storage {
   void* data = nullptr;
   size_t nbytes = 0;
   Device device = Device::cpu;
+  // Integer tensors uploaded from the host (ids, labels, index maps) keep their host bytes: reading them back
+  // for bounds checks and label bookkeeping then costs no copy and no wait for the device. Such tensors are never
+  // written in place on the device (contiguous_copy_from drops the copy).
+  std::shared_ptr<const Storage> host_copy;
   static std::shared_ptr<Storage> allocate(size_t nbytes, Device device);
   ~Storage();
 };

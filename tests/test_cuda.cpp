@@ -43,6 +43,27 @@ TEST(Cuda, HostDeviceRoundTripIsExact) {
   EXPECT_GT(gpu::peak_bytes(), 0u);
 }
 
+// Integer uploads keep their host bytes: reading them back (ids, labels, index maps) copies nothing from the
+// device, nor does a view of them; the host original may change afterwards. What the device made (a slice, a
+// float tensor) is read from the device, and an overwrite on the device drops the host bytes.
+TEST(Cuda, IntegerUploadsAreReadBackWithoutADeviceCopy) {
+  SKIP_WITHOUT_GPU();
+  std::vector<int64_t> ids{5, 1, 4, 1, 5, 9, 2, 6};
+  Tensor host = Tensor::from(ids, {2, 4}, DType::i64);
+  Tensor dev = host.to(Device::cuda);
+  host.data<int64_t>()[0] = 99;  // the device tensor keeps what was uploaded
+  const int64_t copies = gpu::host_copies();
+  EXPECT_EQ(dev.vec<int64_t>(), ids);
+  EXPECT_EQ(reshape(dev, {8}).to(Device::cpu).vec<int64_t>(), ids);
+  EXPECT_EQ(gpu::host_copies(), copies) << "an uploaded integer tensor was copied back from the device";
+  EXPECT_EQ(slice(dev, 0, 1, 2).vec<int64_t>(), (std::vector<int64_t>{5, 9, 2, 6}));
+  EXPECT_EQ(Tensor::from(std::vector<float>{1, 2}, {2}).to(Device::cuda).vec<float>(), (std::vector<float>{1, 2}));
+  EXPECT_EQ(gpu::host_copies(), copies + 2) << "tensors made or updated on the device must be read from it";
+  dev.contiguous_copy_from(Tensor::from(std::vector<int64_t>{0, 0, 0, 0, 7, 7, 7, 7}, {2, 4}, DType::i64));
+  EXPECT_EQ(dev.vec<int64_t>(), (std::vector<int64_t>{0, 0, 0, 0, 7, 7, 7, 7}));
+  EXPECT_EQ(gpu::host_copies(), copies + 3);
+}
+
 // ---- helpers ------------------------------------------------------------------------------------------------
 
 using test::Inputs;
