@@ -683,7 +683,7 @@ Case adamw_case(const Dims& d) {
   Tensor p0 = p.clone(), m0 = m.clone(), v0 = v.clone();
   const cpu::AdamWCoeffs k{1e-3, 0.9, 0.999, 1e-8, 0.01, 10};
   Case c;
-  c.run = [=]() mutable { cpu::adamw_step(p, g, m, v, k); };
+  c.run = [=]() mutable { cpu::adamw_steps({{&p, &m, &v, &g, k}}); };
   c.check = [=] {  // torch.optim.AdamW's step written out, from the saved initial state
     Check ck;
     for (int64_t i : sample(n)) {

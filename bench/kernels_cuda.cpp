@@ -616,10 +616,10 @@ Case adamw_case(const Dims& d) {
   const cpu::AdamWCoeffs k{1e-3, 0.9, 0.999, 1e-8, 0.01, 10};
   Case c;
   // In place: every timed call takes another step from the state the last one left (it stays finite).
-  c.run = [=]() mutable { cuda::adamw_step(dp, dg, dm, dv, k); };
+  c.run = [=]() mutable { cuda::adamw_steps({{&dp, &dm, &dv, &dg, k}}); };
   c.expected = [=] {  // one step from the initial state, which validation's single call also starts from
     Tensor hp = p.clone(), hm = m.clone(), hv = v.clone();
-    cpu::adamw_step(hp, g, hm, hv, k);
+    cpu::adamw_steps({{&hp, &hm, &hv, &g, k}});
     return std::vector<Tensor>{hp, hm, hv};
   };
   c.got = {{"adamw p", dp}, {"adamw m", dm}, {"adamw v", dv}};

@@ -94,11 +94,20 @@ void AdamW::update() {
     PSA_CHECK(params_[i].param.dtype() == exp_avg_[i].dtype() && params_[i].param.device() == exp_avg_[i].device(),
               "AdamW: parameter '", params_[i].name, "' changed dtype or device after the optimizer was built");
   ++step_;
+  std::vector<Tensor> grads(params_.size());
+  std::vector<cpu::AdamWSlot> slots;
   for (size_t i = 0; i < params_.size(); ++i) {
+    grads[i] = params_[i].param.grad();
+    if (!grads[i].defined()) continue;
     const cpu::AdamWCoeffs c{lr_ * params_[i].lr_scale, options_.beta1, options_.beta2, options_.eps,
                              options_.weight_decay, step_};
-    Tensor g = params_[i].param.grad();
-    if (g.defined()) PSA_KERNEL(g.device(), adamw_step)(params_[i].param, g, exp_avg_[i], exp_avg_sq_[i], c);
+    slots.push_back({&params_[i].param, &exp_avg_[i], &exp_avg_sq_[i], &grads[i], c});
+  }
+  for (Device d : {Device::cpu, Device::cuda}) {  // one call per device: on a GPU, one launch for all
+    std::vector<cpu::AdamWSlot> on;
+    for (const cpu::AdamWSlot& s : slots)
+      if (s.p->device() == d) on.push_back(s);
+    if (!on.empty()) PSA_KERNEL(d, adamw_steps)(on);
   }
 }
 
@@ -172,10 +181,7 @@ double clip_grad_norm(const std::vector<ParamRef>& params, double max_norm) {
   const double norm = std::sqrt(PSA_KERNEL(grads[0].device(), sum_squares)(grads));
   const double coef = max_norm / (norm + 1e-6);
   if (!std::isfinite(norm) || coef >= 1) return norm;
-  for (const ParamRef& r : params) {
-    Tensor g = r.param.grad();
-    if (g.defined()) PSA_KERNEL(g.device(), scale_in_place)(g, coef);
-  }
+  PSA_KERNEL(grads[0].device(), scale_in_place)(grads, coef);
   return norm;
 }
 

@@ -314,8 +314,8 @@ TEST(CudaParity, OptimizerKernelsMatchCpu) {
   std::vector<Tensor> host{p.clone(), g, m.clone(), v.clone()}, dev{p.to(Device::cuda), g.to(Device::cuda),
                                                                     m.to(Device::cuda), v.to(Device::cuda)};
   cpu::AdamWCoeffs c{1e-3, 0.9, 0.999, 1e-8, 0.01, 3};
-  cpu::adamw_step(host[0], host[1], host[2], host[3], c);
-  PSA_KERNEL(Device::cuda, adamw_step)(dev[0], dev[1], dev[2], dev[3], c);
+  cpu::adamw_steps({{&host[0], &host[2], &host[3], &host[1], c}});
+  cuda::adamw_steps({{&dev[0], &dev[2], &dev[3], &dev[1], c}});
   const char* names[] = {"adamw p", "adamw g", "adamw m", "adamw v"};
   for (int i = 0; i < 4; ++i) EXPECT_EQ(compare(host[i], dev[i], 1e-6), "") << names[i];
   Tensor b_host = Tensor::zeros(s), b_dev = Tensor::zeros(s, DType::f32, Device::cuda);
@@ -329,9 +329,38 @@ TEST(CudaParity, OptimizerKernelsMatchCpu) {
   const double want = cpu::sum_squares({host[1], empty_host, host[2]});
   EXPECT_NEAR(PSA_KERNEL(Device::cuda, sum_squares)(std::vector<Tensor>{dev[1], empty_dev, dev[2]}), want, 1e-9 * want);
   EXPECT_EQ(PSA_KERNEL(Device::cuda, sum_squares)(std::vector<Tensor>{}), 0.0);
-  PSA_KERNEL(Device::cuda, scale_in_place)(dev[1], 0.25);
-  cpu::scale_in_place(host[1], 0.25);
+  cuda::scale_in_place({dev[1]}, 0.25);
+  cpu::scale_in_place({host[1]}, 0.25);
   EXPECT_EQ(compare(host[1], dev[1], 0), "") << "scale_in_place";
+  // One launch for many tensors: sizes past one job's block cap, a tiny one, an empty one, an f64 one (a launch
+  // of its own), each with its own learning rate; every result as the CPU's, per tensor.
+  std::vector<Shape> shapes{{300000}, {5}, {0}, {7, 9}, {2049}};
+  std::vector<std::vector<Tensor>> hs, ds;
+  std::vector<cpu::AdamWSlot> host_slots, dev_slots;
+  hs.reserve(shapes.size());
+  ds.reserve(shapes.size());
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const DType dt = i == 3 ? DType::f64 : DType::f32;
+    Tensor pi = randn(shapes[i], 10 + i, dt), gi = randn(shapes[i], 20 + i, dt), mi = randn(shapes[i], 30 + i, dt, 0.1);
+    hs.push_back({pi.clone(), gi, mi.clone(), mul(mi, mi)});
+    ds.push_back({pi.to(Device::cuda), gi.to(Device::cuda), mi.to(Device::cuda), mul(mi, mi).to(Device::cuda)});
+    const cpu::AdamWCoeffs ci{1e-3 * (i + 1), 0.9, 0.999, 1e-8, 0.01, 3};
+    host_slots.push_back({&hs[i][0], &hs[i][2], &hs[i][3], &hs[i][1], ci});
+    dev_slots.push_back({&ds[i][0], &ds[i][2], &ds[i][3], &ds[i][1], ci});
+  }
+  cpu::adamw_steps(host_slots);
+  cuda::adamw_steps(dev_slots);
+  std::vector<Tensor> hg, dg;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    for (int k : {0, 2, 3}) EXPECT_EQ(compare(hs[i][k], ds[i][k], 1e-6), "") << "adamw tensor " << i << " part " << k;
+    hg.push_back(hs[i][1]);
+    dg.push_back(ds[i][1]);
+  }
+  cpu::scale_in_place(hg, -0.5);
+  cuda::scale_in_place(dg, -0.5);
+  for (size_t i = 0; i < shapes.size(); ++i) EXPECT_EQ(compare(hg[i], dg[i], 0), "") << "scale tensor " << i;
+  const double want_all = cpu::sum_squares(hg);
+  EXPECT_NEAR(cuda::sum_squares(dg), want_all, 1e-9 * want_all);
   std::vector<float> bad = g.vec<float>();
   bad[777] = INFINITY;
   const std::vector<Tensor> with_inf{dev[2], Tensor::from(bad, s).to(Device::cuda)};

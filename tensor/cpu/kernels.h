@@ -62,8 +62,16 @@ struct AdamWCoeffs {
   double lr, beta1, beta2, eps, weight_decay;
   int64_t step;  // 1 on the first update; sets the bias corrections
 };
-// p, g, m, v: same shape and floating dtype. One pass: decay p, update m and v, step p.
-void adamw_step(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWCoeffs& c);
+// One parameter's AdamW update: p, g, m, v of one shape and floating dtype, with that parameter's coefficients
+// (its own learning rate). One pass per element: decay p, update m and v, step p.
+struct AdamWSlot {
+  Tensor *p, *m, *v;
+  const Tensor* g;
+  AdamWCoeffs c;
+};
+// Every slot's update. On a GPU one launch per dtype covers them all (a model has hundreds of parameters, each
+// a launch otherwise); the arithmetic per element is the same either way.
+void adamw_steps(const std::vector<AdamWSlot>& slots);
 
 struct SgdCoeffs {
   double lr, momentum, dampening, weight_decay;
@@ -74,7 +82,7 @@ struct SgdCoeffs {
 void sgd_step(Tensor& p, const Tensor& g, Tensor& buf, const SgdCoeffs& c);
 
 double sum_squares(const std::vector<Tensor>& xs);  // Σ over xs of Σ x², in double, in a fixed order
-void scale_in_place(Tensor& x, double s);  // x *= s
+void scale_in_place(const std::vector<Tensor>& xs, double s);  // x *= s for each x (one launch on a GPU)
 
 }  // namespace psa::cpu
 

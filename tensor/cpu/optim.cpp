@@ -25,7 +25,7 @@ double block_sum_squares(const T* x, int64_t n) {
 
 // torch's _single_tensor_adamw arrangement: p *= 1 - lr·wd; m = β1 m + (1-β1) g; v = β2 v + (1-β2) g²;
 // p -= (lr / bc1) · m / (sqrt(v) / sqrt(bc2) + eps), with bc_i = 1 - β_i^step.
-void adamw_step(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWCoeffs& c) {
+static void adamw_step(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWCoeffs& c) {
   dispatch_float(p.dtype(), "adamw", [&](auto tag_) {
     using scalar_t = typename decltype(tag_)::type;
     using T = scalar_t;
@@ -51,6 +51,10 @@ void adamw_step(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWCoe
       }
     });
   });
+}
+
+void adamw_steps(const std::vector<AdamWSlot>& slots) {
+  for (const AdamWSlot& s : slots) adamw_step(*s.p, *s.g, *s.m, *s.v, s.c);
 }
 
 // torch's _single_tensor_sgd: d = g + wd·p; buf = first ? d : μ buf + (1-dampening) d;
@@ -102,17 +106,18 @@ double sum_squares(const std::vector<Tensor>& xs) {
   return total;
 }
 
-void scale_in_place(Tensor& x, double s) {
-  dispatch_float(x.dtype(), "scale_in_place", [&](auto tag_) {
-    using scalar_t = typename decltype(tag_)::type;
-    scalar_t* px = x.data<scalar_t>();
-    const scalar_t k = scalar_t(s);
-    const int64_t n = x.numel();
-    for_blocks(n, [&](int64_t i0, int64_t i1) {
+void scale_in_place(const std::vector<Tensor>& xs, double s) {
+  for (const Tensor& x : xs)
+    dispatch_float(x.dtype(), "scale_in_place", [&](auto tag_) {
+      using scalar_t = typename decltype(tag_)::type;
+      scalar_t* px = x.data<scalar_t>();
+      const scalar_t k = scalar_t(s);
+      const int64_t n = x.numel();
+      for_blocks(n, [&](int64_t i0, int64_t i1) {
 #pragma omp simd
-      for (int64_t i = i0; i < i1; ++i) px[i] *= k;
+        for (int64_t i = i0; i < i1; ++i) px[i] *= k;
+      });
     });
-  });
 }
 
 }  // namespace psa::cpu

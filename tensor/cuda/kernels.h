@@ -10,6 +10,7 @@
 namespace psa::cuda {
 
 using cpu::AdamWCoeffs;
+using cpu::AdamWSlot;
 using cpu::BinaryOp;
 using cpu::kBiasSumChunk;
 using cpu::patch_dims;
@@ -44,12 +45,12 @@ void matmul(const Tensor& a, const Tensor& b, bool ta, bool tb, int64_t batch, i
             int64_t stride_a, int64_t stride_b, Tensor& out, float beta = 0);
 
 // optim.cu
-void adamw_step(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWCoeffs& c);
+void adamw_steps(const std::vector<AdamWSlot>& slots);
 void sgd_step(Tensor& p, const Tensor& g, Tensor& buf, const SgdCoeffs& c);
 // Fixed-order block partials in double for every tensor, copied to the host in one transfer (one wait for the
 // device per call, not one per tensor) and summed there in order.
 double sum_squares(const std::vector<Tensor>& xs);
-void scale_in_place(Tensor& x, double s);
+void scale_in_place(const std::vector<Tensor>& xs, double s);
 
 // nn.cu
 void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& out, Tensor& mean, Tensor& rstd);

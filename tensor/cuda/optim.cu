@@ -3,6 +3,11 @@
 // in double on the host. The global norm: sum_squares is deterministic, with a fixed grid of blocks per tensor that
 // each reduce a fixed slice by a tree into a double partial, all tensors' partials copied back at once and added in
 // order on the host.
+// Multi-tensor launches: AdamW, the norm and the clipping scale touch every parameter once a step, and a model has
+// hundreds of them (69 in tiny's Stage I), each a launch of its own otherwise. One launch per dtype takes a table
+// of jobs (pointers, length, scalars) uploaded with it; each job owns a fixed range of the launch's blocks, so
+// every element gets exactly the arithmetic of a per-tensor launch and the results are bit-identical to it.
+#include <cstring>
 #include <vector>
 
 #include "tensor/cuda/common.cuh"
@@ -10,16 +15,96 @@
 namespace psa::cuda {
 namespace {
 
+constexpr int64_t kMaxBlocksPerJob = 1024;  // a job's threads then stride through it: enough to fill an H100
+
+// One tensor of a multi-tensor launch: blocks [first_block, first_block + blocks) of the grid work on it.
+struct Job {
+  void* x[4];  // AdamW: p, g, m, v; scale and norm: x[0]
+  int64_t n, first_block, blocks;
+  double scalar[8];  // AdamW: decay, b1, b2, 1-b1, 1-b2, step_size, sqrt(bc2), eps; scale: the factor
+};
+
+// Jobs are in block order: the last one whose first block is at or before this block.
+__device__ const Job& job_of_block(const Job* jobs, int n_jobs) {
+  int lo = 0, hi = n_jobs - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (jobs[mid].first_block <= (int64_t)blockIdx.x) lo = mid;
+    else hi = mid - 1;
+  }
+  return jobs[lo];
+}
+
+#define JOB_LOOP(i, job) \
+  for (int64_t i = ((int64_t)blockIdx.x - job.first_block) * blockDim.x + threadIdx.x; i < job.n; \
+       i += job.blocks * blockDim.x)
+
 template <typename T>
-__global__ void adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, T decay, T b1, T b2, T a1, T a2, T step_size,
-                             T sqrt_bc2, T eps) {
-  CUDA_LOOP(i, n) {
+__global__ void adamw_kernel(const Job* jobs, int n_jobs) {
+  const Job& j = job_of_block(jobs, n_jobs);
+  T* p = static_cast<T*>(j.x[0]);
+  const T* g = static_cast<const T*>(j.x[1]);
+  T *m = static_cast<T*>(j.x[2]), *v = static_cast<T*>(j.x[3]);
+  const T decay = T(j.scalar[0]), b1 = T(j.scalar[1]), b2 = T(j.scalar[2]), a1 = T(j.scalar[3]), a2 = T(j.scalar[4]);
+  const T step_size = T(j.scalar[5]), sqrt_bc2 = T(j.scalar[6]), eps = T(j.scalar[7]);
+  JOB_LOOP(i, j) {
     const T gi = g[i];
     const T mi = b1 * m[i] + a1 * gi;
     const T vi = b2 * v[i] + a2 * gi * gi;
     m[i] = mi;
     v[i] = vi;
     p[i] = p[i] * decay - step_size * mi / (d_sqrt(vi) / sqrt_bc2 + eps);
+  }
+}
+
+template <typename T>
+__global__ void scale_kernel(const Job* jobs, int n_jobs) {
+  const Job& j = job_of_block(jobs, n_jobs);
+  T* x = static_cast<T*>(j.x[0]);
+  const T k = T(j.scalar[0]);
+  JOB_LOOP(i, j) x[i] *= k;
+}
+
+// A table of plain structs as device memory (8-byte words, so any struct of pointers, int64 and double fits).
+template <typename Entry>
+Tensor upload_table(const std::vector<Entry>& entries) {
+  static_assert(sizeof(Entry) % 8 == 0, "table entries are whole 8-byte words");
+  Tensor host = Tensor::empty({(int64_t)(entries.size() * sizeof(Entry) / 8)}, DType::f64);
+  std::memcpy(host.raw(), entries.data(), entries.size() * sizeof(Entry));
+  return host.to(Device::cuda);
+}
+
+// Gives each job its block range and uploads the table; empty tensors get no job. Returns the grid size.
+int64_t upload_jobs(std::vector<Job>& jobs, Tensor& table) {
+  std::vector<Job> kept;
+  int64_t blocks = 0;
+  for (Job j : jobs) {
+    if (j.n == 0) continue;
+    j.first_block = blocks;
+    j.blocks = std::min<int64_t>(blocks_for(j.n), kMaxBlocksPerJob);
+    blocks += j.blocks;
+    kept.push_back(j);
+  }
+  jobs = kept;
+  if (jobs.empty()) return 0;
+  table = upload_table(jobs);
+  return blocks;
+}
+
+// Launches kernel<T> over the jobs of dtype `dt` among `all` (one launch per dtype present).
+template <typename Launch>
+void for_each_dtype(const std::vector<std::pair<DType, Job>>& all, Launch launch) {
+  for (const auto& [d, j] : all)
+    PSA_CHECK(d == DType::f32 || d == DType::f64, "multi-tensor launch: a ", dtype_name(d), " tensor (f32/f64 only)");
+  for (DType dt : {DType::f32, DType::f64}) {
+    std::vector<Job> jobs;
+    for (const auto& [d, j] : all)
+      if (d == dt) jobs.push_back(j);
+    Tensor table;
+    const int64_t blocks = upload_jobs(jobs, table);
+    if (blocks == 0) continue;
+    PSA_CHECK(blocks <= 0x7fffffffLL, "multi-tensor launch: ", blocks, " blocks");
+    launch(dt, (unsigned)blocks, static_cast<const Job*>(table.raw()), (int)jobs.size());
   }
 }
 
@@ -39,8 +124,18 @@ __global__ void sgd_kernel(T* p, const T* g, T* buf, int64_t n, T lr, T wd, T mu
 
 constexpr int kNormBlocks = 256;
 
+// Tensor blockIdx.y of the table; its blocks write partial[slot * kNormBlocks + blockIdx.x].
+struct NormJob {
+  const void* x;
+  int64_t n, slot;
+};
+
 template <typename T>
-__global__ void sum_squares_kernel(const T* x, int64_t n, double* partial) {
+__global__ void sum_squares_kernel(const NormJob* jobs, double* partials) {
+  const NormJob& j = jobs[blockIdx.y];
+  const T* x = static_cast<const T*>(j.x);
+  const int64_t n = j.n;
+  double* partial = partials + j.slot * kNormBlocks;
   __shared__ double scratch[kThreads];
   int64_t per_block = (n + gridDim.x - 1) / gridDim.x;
   int64_t begin = (int64_t)blockIdx.x * per_block, end = min(n, begin + per_block);
@@ -50,23 +145,24 @@ __global__ void sum_squares_kernel(const T* x, int64_t n, double* partial) {
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
 
-template <typename T>
-__global__ void scale_kernel(T* x, int64_t n, T k) {
-  CUDA_LOOP(i, n) x[i] *= k;
-}
 
 }  // namespace
 
-void adamw_step(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWCoeffs& c) {
-  int64_t n = p.numel();
-  if (n == 0) return;
-  dispatch_float(p.dtype(), "cuda adamw", [&](auto tag_) {
-    using T = typename decltype(tag_)::type;
-    adamw_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(
-        p.data<T>(), g.data<T>(), m.data<T>(), v.data<T>(), n, T(1 - c.lr * c.weight_decay), T(c.beta1), T(c.beta2),
-        T(1 - c.beta1), T(1 - c.beta2), T(c.lr / (1 - std::pow(c.beta1, (double)c.step))),
-        T(std::sqrt(1 - std::pow(c.beta2, (double)c.step))), T(c.eps));
-    cudaCheckLaunch();
+void adamw_steps(const std::vector<AdamWSlot>& slots) {
+  std::vector<std::pair<DType, Job>> all;
+  for (const AdamWSlot& s : slots) {
+    const AdamWCoeffs& c = s.c;
+    Job j{{s.p->raw(), s.g->raw(), s.m->raw(), s.v->raw()}, s.p->numel(), 0, 0,
+          {1 - c.lr * c.weight_decay, c.beta1, c.beta2, 1 - c.beta1, 1 - c.beta2,
+           c.lr / (1 - std::pow(c.beta1, (double)c.step)), std::sqrt(1 - std::pow(c.beta2, (double)c.step)), c.eps}};
+    all.push_back({s.p->dtype(), j});
+  }
+  for_each_dtype(all, [](DType dt, unsigned blocks, const Job* jobs, int n) {
+    dispatch_float(dt, "cuda adamw", [&](auto tag_) {
+      using T = typename decltype(tag_)::type;
+      adamw_kernel<T><<<blocks, kThreads, 0, stream()>>>(jobs, n);
+      cudaCheckLaunch();
+    });
   });
 }
 
@@ -87,15 +183,20 @@ double sum_squares(const std::vector<Tensor>& xs) {
   if (xs.empty()) return 0;
   // Tensor i's blocks write partial[i][0, kNormBlocks); an empty tensor leaves its zeros.
   Tensor partial = Tensor::zeros({(int64_t)xs.size() * kNormBlocks}, DType::f64, Device::cuda);
-  for (size_t i = 0; i < xs.size(); ++i) {
-    int64_t n = xs[i].numel();
-    if (n == 0) continue;
-    dispatch_float(xs[i].dtype(), "cuda sum_squares", [&](auto tag_) {
-      using T = typename decltype(tag_)::type;
-      sum_squares_kernel<T><<<kNormBlocks, kThreads, 0, stream()>>>(xs[i].data<T>(), n,
-                                                                    partial.data<double>() + i * kNormBlocks);
-      cudaCheckLaunch();
-    });
+  for (DType dt : {DType::f32, DType::f64}) {
+    std::vector<NormJob> jobs;
+    for (size_t i = 0; i < xs.size(); ++i)
+      if (xs[i].dtype() == dt && xs[i].numel() > 0) jobs.push_back({xs[i].raw(), xs[i].numel(), (int64_t)i});
+    for (size_t from = 0; from < jobs.size(); from += 65535) {  // gridDim.y's limit
+      const std::vector<NormJob> part(jobs.begin() + from, jobs.begin() + std::min(jobs.size(), from + 65535));
+      Tensor table = upload_table(part);
+      dispatch_float(dt, "cuda sum_squares", [&](auto tag_) {
+        using T = typename decltype(tag_)::type;
+        sum_squares_kernel<T><<<dim3(kNormBlocks, (unsigned)part.size()), kThreads, 0, stream()>>>(
+            static_cast<const NormJob*>(table.raw()), partial.data<double>());
+        cudaCheckLaunch();
+      });
+    }
   }
   const std::vector<double> host = partial.vec<double>();
   double total = 0;
@@ -107,13 +208,15 @@ double sum_squares(const std::vector<Tensor>& xs) {
   return total;
 }
 
-void scale_in_place(Tensor& x, double s) {
-  int64_t n = x.numel();
-  if (n == 0) return;
-  dispatch_float(x.dtype(), "cuda scale_in_place", [&](auto tag_) {
-    using T = typename decltype(tag_)::type;
-    scale_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(x.data<T>(), n, T(s));
-    cudaCheckLaunch();
+void scale_in_place(const std::vector<Tensor>& xs, double s) {
+  std::vector<std::pair<DType, Job>> all;
+  for (const Tensor& x : xs) all.push_back({x.dtype(), Job{{x.raw()}, x.numel(), 0, 0, {s}}});
+  for_each_dtype(all, [](DType dt, unsigned blocks, const Job* jobs, int n) {
+    dispatch_float(dt, "cuda scale_in_place", [&](auto tag_) {
+      using T = typename decltype(tag_)::type;
+      scale_kernel<T><<<blocks, kThreads, 0, stream()>>>(jobs, n);
+      cudaCheckLaunch();
+    });
   });
 }
 
