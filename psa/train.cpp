@@ -306,7 +306,16 @@ StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o) {
     PsaOutput out = m.forward(b, classify, true, safety_tokens);
     opt.zero_grad();
     out.loss.backward();
-    double loss = out.loss.item();
+    // The losses in one read: on a GPU each item() is a copy back and a wait for the device.
+    std::vector<Tensor> parts{out.loss, out.loss_lm};
+    if (classify) parts.insert(parts.end(), {out.loss_level, out.loss_type});
+    std::vector<double> losses;
+    {
+      NoGrad no_grad;
+      for (Tensor& t : parts) t = reshape(t.detach(), {1});
+      losses = concat(parts, 0).to_vector();
+    }
+    const double loss = losses[0];
     // Clipping leaves non-finite gradients alone and returns a non-finite norm for them: one check for both.
     double norm = nn::clip_grad_norm(params, o.clip);
     if (!std::isfinite(loss) || !std::isfinite(norm)) {
@@ -325,10 +334,10 @@ StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o) {
     opt.update();
     tokens += out.merged_labels.numel();
     r.loss.push_back(loss);
-    r.loss_lm.push_back(out.loss_lm.item());
+    r.loss_lm.push_back(losses[1]);
     if (classify) {
-      r.loss_level.push_back(out.loss_level.item());
-      r.loss_type.push_back(out.loss_type.item());
+      r.loss_level.push_back(losses[2]);
+      r.loss_type.push_back(losses[3]);
     }
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     ++done_here;
