@@ -181,7 +181,13 @@ double clip_grad_norm(const std::vector<ParamRef>& params, double max_norm) {
   const double norm = std::sqrt(PSA_KERNEL(grads[0].device(), sum_squares)(grads));
   const double coef = max_norm / (norm + 1e-6);
   if (!std::isfinite(norm) || coef >= 1) return norm;
-  PSA_KERNEL(grads[0].device(), scale_in_place)(grads, coef);
+  // Each buffer once: two parameters may hold one gradient tensor (add's backward hands both the same one), and
+  // one launch scaling it twice at once would race.
+  std::vector<Tensor> distinct;
+  std::set<const void*> seen;
+  for (const Tensor& g : grads)
+    if (seen.insert(g.raw()).second) distinct.push_back(g);
+  PSA_KERNEL(grads[0].device(), scale_in_place)(distinct, coef);
   return norm;
 }
 

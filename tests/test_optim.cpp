@@ -190,6 +190,18 @@ TEST(Optim, ClipGradNormScalesToMaxNormAndReturnsPreClipNorm) {
   EXPECT_NEAR(clip_grad_norm(ps, 100.0), 6.5, 1e-5);
 }
 
+// add's backward hands both inputs one gradient tensor: two parameters then hold the same buffer, which the
+// clip must scale once (it was scaled once per parameter, by coef², and on a GPU in one launch it would race).
+TEST(Optim, ClipScalesAGradientSharedByTwoParametersOnce) {
+  Tensor a = param({1, 2}, DType::f32), b = param({3, 4}, DType::f32);
+  sum(mul_scalar(add(a, b), 10.0)).backward();
+  ASSERT_EQ(a.grad().raw(), b.grad().raw()) << "the premise: the two gradients share storage";
+  std::vector<ParamRef> ps = {{"a", a}, {"b", b}};
+  const double norm = clip_grad_norm(ps, 1.0), k = 1.0 / (norm + 1e-6);
+  EXPECT_NEAR(norm, 20.0, 1e-9);  // four entries of 10
+  expect_near_all(a.grad().to_vector(), {10 * k, 10 * k}, 1e-6);
+}
+
 TEST(Optim, GradNormIsExactAndIndependentOfThreadCount) {
   std::vector<double> g = random_values(100003, 3);
   double want = 0;

@@ -35,9 +35,11 @@ __device__ const Job& job_of_block(const Job* jobs, int n_jobs) {
   return jobs[lo];
 }
 
-#define JOB_LOOP(i, job) \
-  for (int64_t i = ((int64_t)blockIdx.x - job.first_block) * blockDim.x + threadIdx.x; i < job.n; \
-       i += job.blocks * blockDim.x)
+// The job's length and stride in registers (read once from the table, not at every iteration).
+#define JOB_LOOP(i, job)                                                                         \
+  for (int64_t i = ((int64_t)blockIdx.x - job.first_block) * blockDim.x + threadIdx.x, n_ = job.n, \
+               stride_ = job.blocks * blockDim.x;                                                \
+       i < n_; i += stride_)
 
 template <typename T>
 __global__ void adamw_kernel(const Job* jobs, int n_jobs) {
@@ -183,6 +185,9 @@ double sum_squares(const std::vector<Tensor>& xs) {
   if (xs.empty()) return 0;
   // Tensor i's blocks write partial[i][0, kNormBlocks); an empty tensor leaves its zeros.
   Tensor partial = Tensor::zeros({(int64_t)xs.size() * kNormBlocks}, DType::f64, Device::cuda);
+  for (const Tensor& x : xs)
+    PSA_CHECK(x.dtype() == DType::f32 || x.dtype() == DType::f64, "cuda sum_squares: a ", dtype_name(x.dtype()),
+              " tensor (f32/f64 only)");
   for (DType dt : {DType::f32, DType::f64}) {
     std::vector<NormJob> jobs;
     for (size_t i = 0; i < xs.size(); ++i)
