@@ -93,11 +93,15 @@ int64_t upload_jobs(std::vector<Job>& jobs, Tensor& table) {
   return blocks;
 }
 
+// The multi-tensor kernels are instantiated for f32 and f64 only; another dtype must not be skipped silently.
+void require_float(DType d, const char* op) {
+  PSA_CHECK(d == DType::f32 || d == DType::f64, op, ": a ", dtype_name(d), " tensor (f32/f64 only)");
+}
+
 // Launches kernel<T> over the jobs of dtype `dt` among `all` (one launch per dtype present).
 template <typename Launch>
 void for_each_dtype(const std::vector<std::pair<DType, Job>>& all, Launch launch) {
-  for (const auto& [d, j] : all)
-    PSA_CHECK(d == DType::f32 || d == DType::f64, "multi-tensor launch: a ", dtype_name(d), " tensor (f32/f64 only)");
+  for (const auto& [d, j] : all) require_float(d, "multi-tensor launch");
   for (DType dt : {DType::f32, DType::f64}) {
     std::vector<Job> jobs;
     for (const auto& [d, j] : all)
@@ -147,7 +151,6 @@ __global__ void sum_squares_kernel(const NormJob* jobs, double* partials) {
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
 
-
 }  // namespace
 
 void adamw_steps(const std::vector<AdamWSlot>& slots) {
@@ -185,9 +188,7 @@ double sum_squares(const std::vector<Tensor>& xs) {
   if (xs.empty()) return 0;
   // Tensor i's blocks write partial[i][0, kNormBlocks); an empty tensor leaves its zeros.
   Tensor partial = Tensor::zeros({(int64_t)xs.size() * kNormBlocks}, DType::f64, Device::cuda);
-  for (const Tensor& x : xs)
-    PSA_CHECK(x.dtype() == DType::f32 || x.dtype() == DType::f64, "cuda sum_squares: a ", dtype_name(x.dtype()),
-              " tensor (f32/f64 only)");
+  for (const Tensor& x : xs) require_float(x.dtype(), "cuda sum_squares");
   for (DType dt : {DType::f32, DType::f64}) {
     std::vector<NormJob> jobs;
     for (size_t i = 0; i < xs.size(); ++i)
