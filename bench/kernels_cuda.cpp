@@ -298,6 +298,20 @@ Case attention_case(const Dims& d, bool backward) {
 Case attention_fwd(const Dims& d) { return attention_case(d, false); }
 Case attention_bwd(const Dims& d) { return attention_case(d, true); }
 
+// The earlier "rows" design of the attention kernels (kernels.h AttentionKernel), timed beside the default
+// "tiles" one so that one GPU run ranks them.
+Case with_rows_kernels(Case c) {
+  c.run = [run = c.run]() {
+    const cuda::AttentionKernel before = cuda::attention_kernel();
+    cuda::set_attention_kernel(cuda::AttentionKernel::rows);
+    run();
+    cuda::set_attention_kernel(before);
+  };
+  return c;
+}
+Case attention_rows_fwd(const Dims& d) { return with_rows_kernels(attention_case(d, false)); }
+Case attention_rows_bwd(const Dims& d) { return with_rows_kernels(attention_case(d, true)); }
+
 // ---- rope: x [B, T, H, D] (dims given as B, H, T, D) with cos/sin [T, D] ------------------------------------------
 
 Case rope_case(const Dims& d, bool backward) {
@@ -679,6 +693,8 @@ std::vector<Family> families() {
       {"rms_norm_bwd", rms_norm_bwd, llm_rows},
       {"attention", attention_fwd, heads},
       {"attention_bwd", attention_bwd, heads},
+      {"attention_rows", attention_rows_fwd, heads},
+      {"attention_rows_bwd", attention_rows_bwd, heads},
       {"rope", rope_fwd, heads},
       {"rope_bwd", rope_bwd, heads},
       {"permute_heads", permute_case, heads},

@@ -106,6 +106,7 @@ std::vector<OpCase> attention_cases() {
     std::vector<Shape> shapes;
     bool causal;
     double scale;
+    bool finite_differences = true;
   };
   std::vector<Spec> specs = {
       {{{2, 5, 2, 6}, {2, 7, 2, 6}, {2, 7, 2, 6}}, false, 0},              // plain, T != S
@@ -125,6 +126,10 @@ std::vector<OpCase> attention_cases() {
       // Per-head masks: [1, H, T, S] shared by the batch, and [B, H, T, S] with causal on top.
       {{{2, 4, 3, 6}, {2, 5, 3, 6}, {2, 5, 3, 6}, {1, 3, 4, 5}}, false, 0},
       {{{2, 4, 3, 6}, {2, 5, 1, 6}, {2, 5, 1, 6}, {2, 3, 4, 5}}, true, 0},
+      // Several 32-row tiles on both sides (the CUDA "tiles" kernels), head dims padded to 32 and 16, a mask on
+      // a causal S > T, a partial last tile; analytic gradients only (finite differences would take minutes).
+      {{{1, 70, 2, 24}, {1, 77, 1, 24}, {1, 77, 1, 24}, {70, 77}}, true, 0, false},
+      {{{2, 33, 2, 16}, {2, 96, 2, 16}, {2, 96, 2, 16}}, false, 0, false},
   };
   std::vector<OpCase> v;
   for (const Spec& s : specs) {
@@ -135,6 +140,7 @@ std::vector<OpCase> attention_cases() {
     c.differentiable = {true, true, true, false};
     c.run = [s](const Inputs& in) { return attention(in[0], in[1], in[2], s.causal, in.size() > 3 ? in[3] : Tensor(), s.scale); };
     c.reference = [s](const Inputs& in) { return ref_attention(in, s.causal, s.scale); };
+    c.finite_differences = s.finite_differences;
     v.push_back(c);
   }
   return v;

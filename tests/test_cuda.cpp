@@ -222,6 +222,19 @@ TEST(CudaParity, EveryOpMatchesCpuInF64) {
   report(op_parity(DType::f64));
 }
 
+// The default run above uses the "tiles" attention kernels; the earlier "rows" design stays checked until a GPU
+// run ranks the two (kernels.h).
+TEST(CudaParity, AttentionRowsKernelsMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  GuardScope guard;
+  const cuda::AttentionKernel before = cuda::attention_kernel();
+  cuda::set_attention_kernel(cuda::AttentionKernel::rows);
+  std::vector<std::string> failures = op_parity(DType::f32, {"attention"});
+  for (const std::string& f : op_parity(DType::f64, {"attention"})) failures.push_back(f);
+  cuda::set_attention_kernel(before);
+  report(failures);
+}
+
 TEST(CudaParity, NanAndInfPropagateLikeCpu) {
   SKIP_WITHOUT_GPU();
   std::vector<std::string> failures;

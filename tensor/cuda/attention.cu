@@ -4,7 +4,9 @@
 // rope: one thread per element, out = x·cos + rotate_half(x)·sin; backward gx = g·cos - rotate_half(g·sin).
 //
 // attention, q [B, T, H, D], k/v [B, S, Hkv, D], G = H / Hkv query heads per kv head, optional additive mask
-// [T, S] or [B|1, H|1, T, S], causal hides s > t + S - T. No [T, S] matrix is ever stored:
+// [T, S] or [B|1, H|1, T, S], causal hides s > t + S - T. No [T, S] matrix is ever stored. Two designs of the
+// same three kernels (forward, dQ, dK/dV) and the same arithmetic, chosen at run time (kernels.h AttentionKernel):
+// "tiles" (the default, described where its kernels start below) and "rows", the earlier one:
 //  forward   blocks of 32 query rows of one (b, h), 4 per warp; K and V stream through shared memory in tiles of
 //            32 keys with an online softmax (running max and sum, rescaled per tile). Saves lse = m + log l.
 //  backward  D_t = rowsum(dO∘O) first. Then two kernels, so that nothing needs atomics:
@@ -16,6 +18,9 @@
 //            Every sum runs in a fixed order (lanes by shuffles in a fixed pattern, tiles in order), so results
 //            are bitwise reproducible.
 // Rows whose every key is hidden give zeros (lse = -inf), as on the CPU. Head dim D <= 128 (4 values a lane).
+#include <cstdlib>
+#include <cstring>
+
 #include "tensor/cuda/common.cuh"
 
 namespace psa::cuda {
@@ -410,6 +415,314 @@ __global__ void __launch_bounds__(kWarps * 32) flash_backward_dkv(const T* g, co
   if (gv) store_warp_rows(dv, T(1), k0, a.S, D, gv + a.kv_head(b, j_kv), a.kv_ld());
 }
 
+// ---- attention, "tiles" design (the default; AttentionKernel::tiles)
+// Every product of the forward and backward is a small GEMM between two shared tiles whose rows hold the
+// reduction dim contiguously ("NT" form: C[r][c] = Σ_u A[r][u]·B[c][u]): scores S = Q·Kᵀ (reduce over d),
+// P·V as P·(Vᵀ)ᵀ, dP = dO·Vᵀ, dQ = dS·(Kᵀ)ᵀ, and in the key-side kernel Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, dV = Pᵀ·(dOᵀ)ᵀ,
+// dK = dSᵀ·(Qᵀ)ᵀ. Operands that are needed with the other dim contiguous (V, K, Q, dO) are staged transposed
+// once per tile as well.
+//  Blocks: 128 threads on a tile of kTB = 32 own rows (query rows, or key rows in the dK/dV kernel); the other
+//  side streams through in tiles of kTB rows. Thread (ty, tx) = (tid / 16, tid % 16) owns rows 4·ty + i (i < 4)
+//  and columns tx + 16·j: 2 columns of a 32-wide score tile, TN of a DP-wide output (DP = 16·TN >= D, the head
+//  dim padded with zeros). Per 4 steps of the reduction a thread loads 4 + NJ float4s and does 16·NJ FMAs (8 per
+//  load at TN = 4), where the "rows" design loads one value per FMA or two.
+//  Bank conflicts: a row of a tile is LD = DP + 4 (or kTB + 4) floats, 4 mod 8 float4s, so the 8 lanes of a
+//  quarter-warp reading rows tx..tx+7 touch 8 distinct 16-byte bank groups, and the two row groups of a warp
+//  (4·ty apart) read distinct banks too; score tiles are written one float per lane along a row (consecutive).
+//  Row reductions (max, sum) run over the 16 lanes of a half-warp with shuffles; all sums in a fixed order.
+constexpr int kTB = 32, kTileThreads = 128;
+
+template <int TN>
+struct TileGeom {
+  static constexpr int DP = 16 * TN, LD = DP + 4, LDT = kTB + 4;
+};
+
+// acc[i][j] += Σ_{u < K} A[i·lda + u]·B[16·j·ldb + u]: the thread's 4 rows of A against its NJ rows of B.
+template <typename T, int NJ, int K>
+__device__ __forceinline__ void tile_nt(const T* A, int lda, const T* B, int ldb, T (&acc)[4][NJ]) {
+#pragma unroll 4
+  for (int u = 0; u < K; u += 4) {
+    T a[4][4], b[NJ][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) load4(A + i * lda + u, a[i]);
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) load4(B + 16 * j * ldb + u, b[j]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+        acc[i][j] += a[i][0] * b[j][0] + a[i][1] * b[j][1] + a[i][2] * b[j][2] + a[i][3] * b[j][3];
+  }
+}
+
+// Rows [r0, r0 + kTB) of a [rows, D] matrix (row stride src_ld) as tile[r][d], r < kTB, d < DP (row stride ld);
+// zeros past `rows` and D. Consecutive threads take consecutive d: coalesced reads, consecutive shared writes.
+template <typename T, int DP>
+__device__ __forceinline__ void stage_rows(const T* src, int64_t src_ld, int64_t r0, int64_t rows, int64_t D, int ld,
+                                           T* tile) {
+  for (int e = threadIdx.x; e < kTB * DP; e += blockDim.x) {
+    const int r = e / DP, d = e % DP;
+    tile[r * ld + d] = r0 + r < rows && d < D ? src[(r0 + r) * src_ld + d] : T(0);
+  }
+}
+
+// The same rows transposed, tile[d][r] (row stride ldt). Consecutive threads take consecutive r, so the shared
+// writes are consecutive; the global reads of a warp hit 32 rows (the L1 serves the neighbouring d).
+template <typename T, int DP>
+__device__ __forceinline__ void stage_cols(const T* src, int64_t src_ld, int64_t r0, int64_t rows, int64_t D, int ldt,
+                                           T* tile) {
+  for (int e = threadIdx.x; e < kTB * DP; e += blockDim.x) {
+    const int d = e / kTB, r = e % kTB;
+    tile[d * ldt + r] = r0 + r < rows && d < D ? src[(r0 + r) * src_ld + d] : T(0);
+  }
+}
+
+// Max and sum over the 16 lanes of a half-warp (xor offsets below 16 stay inside it); every lane gets the result.
+template <typename T>
+__device__ __forceinline__ T half_warp_max(T v) {
+  for (int o = 8; o > 0; o >>= 1) v = std_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ T half_warp_sum(T v) {
+  for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Writes scale·acc as rows r0 + 4·ty + i, columns tx + 16·j of a [rows, D] matrix (row stride dst_ld).
+template <typename T, int TN>
+__device__ __forceinline__ void store_tile_rows(const T (&acc)[4][TN], T scale, int64_t r0, int64_t rows, int64_t D,
+                                                T* dst, int64_t dst_ld) {
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t r = r0 + 4 * ty + i;
+    if (r >= rows) continue;
+#pragma unroll
+    for (int j = 0; j < TN; ++j)
+      if (tx + 16 * j < D) dst[r * dst_ld + tx + 16 * j] = scale * acc[i][j];
+  }
+}
+
+// Forward. Shared: Q [kTB][LD] (the block's rows), K [kTB][LD], Vᵀ [DP][LDT], P [kTB][LDT]. The online softmax
+// state of a row (running max m, the thread's part of the sum l, its TN output columns) is rescaled by
+// exp(m_old - m_new) per key tile. Saves lse = m + log l.
+template <typename T, int TN>
+__global__ void __launch_bounds__(kTileThreads) tiles_forward(const T* q, const T* k, const T* v, const T* mask,
+                                                              AttnShape a, bool causal, T scale, T* out, T* lse) {
+  using Gm = TileGeom<TN>;
+  constexpr int DP = Gm::DP, LD = Gm::LD, LDT = Gm::LDT;
+  T* sQ = dynamic_smem<T>();
+  T* sK = sQ + kTB * LD;
+  T* sVt = sK + kTB * LD;
+  T* sP = sVt + DP * LDT;
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  const int64_t bh = blockIdx.y, b = bh / a.H, h = bh % a.H, G = a.H / a.Hkv;
+  const int64_t t0 = (int64_t)blockIdx.x * kTB;
+  const T* K = k + a.kv_head(b, h / G);
+  const T* V = v + a.kv_head(b, h / G);
+  const T* M = mask_block(mask, a, b, h);
+  stage_rows<T, DP>(q + a.q_head(b, h), a.q_ld(), t0, a.T, a.D, LD, sQ);
+  int64_t vis[4];
+  T m[4], l[4], o[4][TN];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t t = t0 + 4 * ty + i;
+    vis[i] = t < a.T ? visible_keys(a, causal, t) : 0;
+    m[i] = -d_inf<T>(), l[i] = T(0);
+#pragma unroll
+    for (int j = 0; j < TN; ++j) o[i][j] = T(0);
+  }
+  const int64_t block_vis = visible_keys(a, causal, min(a.T - 1, t0 + kTB - 1));  // the last row sees the most
+  for (int64_t s0 = 0; s0 < block_vis; s0 += kTB) {
+    __syncthreads();  // the previous tile is consumed (and sQ is written before its first use)
+    stage_rows<T, DP>(K, a.kv_ld(), s0, a.S, a.D, LD, sK);
+    stage_cols<T, DP>(V, a.kv_ld(), s0, a.S, a.D, LDT, sVt);
+    __syncthreads();
+    T s[4][2] = {};
+    tile_nt<T, 2, DP>(sQ + 4 * ty * LD, LD, sK + tx * LD, LD, s);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t t = t0 + 4 * ty + i;
+      T score[2], mx = -d_inf<T>();
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int64_t key = s0 + tx + 16 * j;
+        score[j] = key < vis[i] ? scale * s[i][j] + (M ? M[t * a.S + key] : T(0)) : -d_inf<T>();
+        mx = std_max(mx, score[j]);
+      }
+      const T m_new = std_max(m[i], half_warp_max(mx));
+      T p[2] = {T(0), T(0)}, corr = T(1);
+      if (m_new != -d_inf<T>()) {
+        corr = d_exp(m[i] - m_new);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) p[j] = d_exp(score[j] - m_new);
+      }
+      l[i] = l[i] * corr + p[0] + p[1];
+#pragma unroll
+      for (int j = 0; j < TN; ++j) o[i][j] *= corr;
+      m[i] = m_new;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) sP[(4 * ty + i) * LDT + tx + 16 * j] = p[j];
+    }
+    __syncwarp();  // a row of P is written and read by the 16 lanes of one half-warp only
+    tile_nt<T, TN, kTB>(sP + 4 * ty * LDT, LDT, sVt + tx * LDT, LDT, o);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t t = t0 + 4 * ty + i;
+    const T l_row = half_warp_sum(l[i]);
+    const bool empty = l_row == T(0) || m[i] == -d_inf<T>();
+    const T inv = empty ? T(0) : T(1) / l_row;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) o[i][j] *= inv;
+    if (tx == 0 && t < a.T) lse[bh * a.T + t] = empty ? -d_inf<T>() : m[i] + d_log(l_row);
+  }
+  store_tile_rows<T, TN>(o, T(1), t0, a.T, a.D, out + a.q_head(b, h), a.q_ld());
+}
+
+// dQ. Shared: Q, dO [kTB][LD] (the block's rows), K, V [kTB][LD], Kᵀ [DP][LDT], dS [kTB][LDT].
+// p = exp(score - lse), dS = p·(dP - D_t) with dP = dO·Vᵀ, dQ = scale·dS·K.
+template <typename T, int TN>
+__global__ void __launch_bounds__(kTileThreads) tiles_backward_dq(const T* g, const T* q, const T* k, const T* v,
+                                                                  const T* lse, const T* Dt, const T* mask,
+                                                                  AttnShape a, bool causal, T scale, T* gq) {
+  using Gm = TileGeom<TN>;
+  constexpr int DP = Gm::DP, LD = Gm::LD, LDT = Gm::LDT;
+  T* sQ = dynamic_smem<T>();
+  T* sG = sQ + kTB * LD;
+  T* sK = sG + kTB * LD;
+  T* sV = sK + kTB * LD;
+  T* sKt = sV + kTB * LD;
+  T* sS = sKt + DP * LDT;
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  const int64_t bh = blockIdx.y, b = bh / a.H, h = bh % a.H, G = a.H / a.Hkv;
+  const int64_t t0 = (int64_t)blockIdx.x * kTB;
+  const T* K = k + a.kv_head(b, h / G);
+  const T* V = v + a.kv_head(b, h / G);
+  const T* M = mask_block(mask, a, b, h);
+  stage_rows<T, DP>(q + a.q_head(b, h), a.q_ld(), t0, a.T, a.D, LD, sQ);
+  stage_rows<T, DP>(g + a.q_head(b, h), a.q_ld(), t0, a.T, a.D, LD, sG);
+  T row_lse[4], row_D[4], dq[4][TN];
+  int64_t vis[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t t = t0 + 4 * ty + i;
+    row_lse[i] = t < a.T ? lse[bh * a.T + t] : -d_inf<T>();
+    row_D[i] = t < a.T ? Dt[bh * a.T + t] : T(0);
+    vis[i] = t < a.T && row_lse[i] != -d_inf<T>() ? visible_keys(a, causal, t) : 0;  // a dead row: P = 0, dQ = 0
+#pragma unroll
+    for (int j = 0; j < TN; ++j) dq[i][j] = T(0);
+  }
+  const int64_t block_vis = visible_keys(a, causal, min(a.T - 1, t0 + kTB - 1));
+  for (int64_t s0 = 0; s0 < block_vis; s0 += kTB) {
+    __syncthreads();
+    stage_rows<T, DP>(K, a.kv_ld(), s0, a.S, a.D, LD, sK);
+    stage_rows<T, DP>(V, a.kv_ld(), s0, a.S, a.D, LD, sV);
+    stage_cols<T, DP>(K, a.kv_ld(), s0, a.S, a.D, LDT, sKt);
+    __syncthreads();
+    T s[4][2] = {}, dp[4][2] = {};
+    tile_nt<T, 2, DP>(sQ + 4 * ty * LD, LD, sK + tx * LD, LD, s);
+    tile_nt<T, 2, DP>(sG + 4 * ty * LD, LD, sV + tx * LD, LD, dp);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int64_t t = t0 + 4 * ty + i, key = s0 + tx + 16 * j;
+        T ds = T(0);
+        if (key < vis[i]) {
+          const T score = scale * s[i][j] + (M ? M[t * a.S + key] : T(0));
+          ds = d_exp(score - row_lse[i]) * (dp[i][j] - row_D[i]);
+        }
+        sS[(4 * ty + i) * LDT + tx + 16 * j] = ds;
+      }
+    __syncwarp();
+    tile_nt<T, TN, kTB>(sS + 4 * ty * LDT, LDT, sKt + tx * LDT, LDT, dq);
+  }
+  if (gq) store_tile_rows<T, TN>(dq, scale, t0, a.T, a.D, gq + a.q_head(b, h), a.q_ld());
+}
+
+// dK, dV of the block's key rows of one (b, kv head), against tiles of query rows of each of the G query heads in
+// order. Shared: K, V [kTB][LD] (the block's rows), Q, dO [kTB][LD], Qᵀ, dOᵀ [DP][LDT], Pᵀ then dSᵀ [kTB][LDT],
+// lse and D_t of the tile's rows. dV = Σ pᵀ·dO, dK = scale·Σ dSᵀ·Q.
+template <typename T, int TN>
+__global__ void __launch_bounds__(kTileThreads) tiles_backward_dkv(const T* g, const T* q, const T* k, const T* v,
+                                                                   const T* lse, const T* Dt, const T* mask,
+                                                                   AttnShape a, bool causal, T scale, T* gk, T* gv) {
+  using Gm = TileGeom<TN>;
+  constexpr int DP = Gm::DP, LD = Gm::LD, LDT = Gm::LDT;
+  T* sK = dynamic_smem<T>();
+  T* sV = sK + kTB * LD;
+  T* sQ = sV + kTB * LD;
+  T* sG = sQ + kTB * LD;
+  T* sQt = sG + kTB * LD;
+  T* sGt = sQt + DP * LDT;
+  T* sP = sGt + DP * LDT;
+  T* sL = sP + kTB * LDT;
+  T* sD = sL + kTB;
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  const int64_t bj = blockIdx.y, b = bj / a.Hkv, j_kv = bj % a.Hkv, G = a.H / a.Hkv;
+  const int64_t k0 = (int64_t)blockIdx.x * kTB;
+  stage_rows<T, DP>(k + a.kv_head(b, j_kv), a.kv_ld(), k0, a.S, a.D, LD, sK);
+  stage_rows<T, DP>(v + a.kv_head(b, j_kv), a.kv_ld(), k0, a.S, a.D, LD, sV);
+  T dk[4][TN], dv[4][TN];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) dk[i][j] = dv[i][j] = T(0);
+  // Causal: query row t sees key s iff t >= s - (S - T); tiles before the first row that sees the block's first
+  // key hold only zeros of P and dS. Block-uniform, so the barriers in the loop stay matched.
+  const int64_t first_seer = k0 - (a.S - a.T);
+  const int64_t first_row = causal && first_seer > 0 ? first_seer : 0;
+  const int64_t t_begin = first_row - first_row % kTB;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const int64_t h = j_kv * G + gi, bh = b * a.H + h;
+    const T* M = mask_block(mask, a, b, h);
+    for (int64_t t0 = t_begin; t0 < a.T; t0 += kTB) {
+      __syncthreads();
+      stage_rows<T, DP>(q + a.q_head(b, h), a.q_ld(), t0, a.T, a.D, LD, sQ);
+      stage_rows<T, DP>(g + a.q_head(b, h), a.q_ld(), t0, a.T, a.D, LD, sG);
+      stage_cols<T, DP>(q + a.q_head(b, h), a.q_ld(), t0, a.T, a.D, LDT, sQt);
+      stage_cols<T, DP>(g + a.q_head(b, h), a.q_ld(), t0, a.T, a.D, LDT, sGt);
+      if (threadIdx.x < kTB) {
+        const int64_t t = t0 + threadIdx.x;
+        sL[threadIdx.x] = t < a.T ? lse[bh * a.T + t] : -d_inf<T>();
+        sD[threadIdx.x] = t < a.T ? Dt[bh * a.T + t] : T(0);
+      }
+      __syncthreads();
+      T st[4][2] = {}, dpt[4][2] = {};  // rows: the thread's keys; columns: queries tx, tx + 16 of the tile
+      tile_nt<T, 2, DP>(sK + 4 * ty * LD, LD, sQ + tx * LD, LD, st);
+      tile_nt<T, 2, DP>(sV + 4 * ty * LD, LD, sG + tx * LD, LD, dpt);
+      T ds[4][2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int tl = tx + 16 * j;
+          const int64_t s = k0 + 4 * ty + i, t = t0 + tl;
+          T p = T(0);
+          ds[i][j] = T(0);
+          if (t < a.T && sL[tl] != -d_inf<T>() && s < visible_keys(a, causal, t)) {
+            p = d_exp(scale * st[i][j] + (M ? M[t * a.S + s] : T(0)) - sL[tl]);
+            ds[i][j] = p * (dpt[i][j] - sD[tl]);
+          }
+          sP[(4 * ty + i) * LDT + tl] = p;
+        }
+      __syncwarp();
+      tile_nt<T, TN, kTB>(sP + 4 * ty * LDT, LDT, sGt + tx * LDT, LDT, dv);
+      __syncwarp();  // the half-warp has read its rows of Pᵀ before they become dSᵀ
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) sP[(4 * ty + i) * LDT + tx + 16 * j] = ds[i][j];
+      __syncwarp();
+      tile_nt<T, TN, kTB>(sP + 4 * ty * LDT, LDT, sQt + tx * LDT, LDT, dk);
+    }
+  }
+  if (gk) store_tile_rows<T, TN>(dk, scale, k0, a.S, a.D, gk + a.kv_head(b, j_kv), a.kv_ld());
+  if (gv) store_tile_rows<T, TN>(dv, T(1), k0, a.S, a.D, gv + a.kv_head(b, j_kv), a.kv_ld());
+}
+
 AttnShape shape_of(const Tensor& q, const Tensor& k, const Tensor& mask) {
   AttnShape a{q.size(0), q.size(2), k.size(2), q.size(1), k.size(1), q.size(3), 0, 1, 1};
   if (mask.defined()) {
@@ -463,13 +776,64 @@ void rope_backward(const Tensor& gout, const Tensor& cos, const Tensor& sin, Ten
   });
 }
 
+namespace {
+
+// Launches kernel<T, TN> with the head dim padded to DP = 16·TN in {16, 32, 64, 128}.
+template <typename F>
+void with_tn(int64_t D, F launch) {
+  if (D <= 16) launch(std::integral_constant<int, 1>{});
+  else if (D <= 32) launch(std::integral_constant<int, 2>{});
+  else if (D <= 64) launch(std::integral_constant<int, 4>{});
+  else launch(std::integral_constant<int, 8>{});
+}
+
+// Shared memory of the tiles kernels, in elements (the layouts at the top of each kernel).
+template <int TN>
+size_t tiles_smem(int natural_tiles, int transposed_tiles, int extra) {
+  using Gm = TileGeom<TN>;
+  return (size_t)natural_tiles * kTB * Gm::LD + (size_t)transposed_tiles * Gm::DP * Gm::LDT + (size_t)kTB * Gm::LDT +
+         extra;
+}
+
+AttentionKernel initial_attention_kernel() {
+  const char* e = std::getenv("PSA_ATTENTION");
+  if (!e || !*e) return AttentionKernel::tiles;
+  for (AttentionKernel k : kAttentionKernels)
+    if (std::strcmp(e, attention_kernel_name(k)) == 0) return k;
+  fail("PSA_ATTENTION=", e, ": unknown attention kernel (known: tiles, rows)");
+}
+AttentionKernel& selected_attention_kernel() {
+  static AttentionKernel k = initial_attention_kernel();
+  return k;
+}
+
+}  // namespace
+
+void set_attention_kernel(AttentionKernel k) { selected_attention_kernel() = k; }
+AttentionKernel attention_kernel() { return selected_attention_kernel(); }
+const char* attention_kernel_name(AttentionKernel k) { return k == AttentionKernel::rows ? "rows" : "tiles"; }
+
 void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, bool causal, double scale,
                Tensor& out, Tensor& lse) {
   if (q.size(3) == 0) return;  // head dim 0: the output is empty (the CPU accepts it too)
   AttnShape a = shape_of(q, k, mask);
   if (a.B * a.H * a.T == 0) return;
+  const bool tiles = attention_kernel() == AttentionKernel::tiles;
   dispatch_float(q.dtype(), "cuda attention", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
+    if (tiles) {
+      with_tn(a.D, [&](auto tn) {
+        constexpr int TN = decltype(tn)::value;
+        const size_t smem = tiles_smem<TN>(2, 1, 0) * sizeof(T);  // Q, K; Vᵀ; P
+        auto kernel = tiles_forward<T, TN>;
+        allow_smem(kernel, smem);
+        dim3 grid((unsigned)((a.T + kTB - 1) / kTB), (unsigned)(a.B * a.H));
+        kernel<<<grid, kTileThreads, smem, stream()>>>(q.data<T>(), k.data<T>(), v.data<T>(), ptr_or_null<T>(mask),
+                                                       a, causal, (T)scale, out.data<T>(), lse.data<T>());
+        cudaCheckLaunch();
+      });
+      return;
+    }
     const TileDims td = tile_dims(a.D);  // the kernel's shared arrays: K, V tiles; Q rows; P
     size_t smem = (2 * kTile * td.ld + kBlockRows * td.D4 + kBlockRows * kTile) * sizeof(T);
     dim3 grid((unsigned)((a.T + kBlockRows - 1) / kBlockRows), (unsigned)(a.B * a.H));
@@ -488,6 +852,7 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
                         Tensor& gv) {
   if (q.size(3) == 0) return;  // every gradient is empty
   AttnShape a = shape_of(q, k, mask);
+  const bool tiles = attention_kernel() == AttentionKernel::tiles;
   dispatch_float(q.dtype(), "cuda attention_backward", [&](auto tag_) {
     using T = typename decltype(tag_)::type;
     int64_t rows = a.B * a.H * a.T;
@@ -495,6 +860,32 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
     if (rows > 0) {
       rowsum_dot<T><<<blocks_for(rows * 32), kThreads, 0, stream()>>>(gout.data<T>(), out.data<T>(), a, Dt.data<T>());
       cudaCheckLaunch();
+    }
+    if (tiles) {
+      with_tn(a.D, [&](auto tn) {
+        constexpr int TN = decltype(tn)::value;
+        if (gq.defined() && rows > 0) {
+          const size_t smem = tiles_smem<TN>(4, 1, 0) * sizeof(T);  // Q, dO, K, V; Kᵀ; dS
+          auto kernel = tiles_backward_dq<T, TN>;
+          allow_smem(kernel, smem);
+          dim3 grid((unsigned)((a.T + kTB - 1) / kTB), (unsigned)(a.B * a.H));
+          kernel<<<grid, kTileThreads, smem, stream()>>>(gout.data<T>(), q.data<T>(), k.data<T>(), v.data<T>(),
+                                                         lse.data<T>(), Dt.data<T>(), ptr_or_null<T>(mask), a, causal,
+                                                         (T)scale, gq.data<T>());
+          cudaCheckLaunch();
+        }
+        if ((gk.defined() || gv.defined()) && a.B * a.Hkv * a.S > 0) {
+          const size_t smem = tiles_smem<TN>(4, 2, 2 * kTB) * sizeof(T);  // K, V, Q, dO; Qᵀ, dOᵀ; P; lse, D_t
+          auto kernel = tiles_backward_dkv<T, TN>;
+          allow_smem(kernel, smem);
+          dim3 grid((unsigned)((a.S + kTB - 1) / kTB), (unsigned)(a.B * a.Hkv));
+          kernel<<<grid, kTileThreads, smem, stream()>>>(gout.data<T>(), q.data<T>(), k.data<T>(), v.data<T>(),
+                                                         lse.data<T>(), Dt.data<T>(), ptr_or_null<T>(mask), a, causal,
+                                                         (T)scale, mut_or_null<T>(gk), mut_or_null<T>(gv));
+          cudaCheckLaunch();
+        }
+      });
+      return;
     }
     const TileDims td = tile_dims(a.D);
     with_dpl<T>(a.D, [&](auto dpl) {
@@ -523,5 +914,6 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
     });
   });
 }
+
 
 }  // namespace psa::cuda

@@ -79,6 +79,15 @@ void attention_backward(const Tensor& gout, const Tensor& q, const Tensor& k, co
                         const Tensor& lse, const Tensor& mask, bool causal, double scale, Tensor& gq, Tensor& gk,
                         Tensor& gv);
 constexpr int64_t kMaxAttentionHeadDim = 128;
+// Two designs of the attention kernels, both checked by the parity suite: `tiles` (the default: every product a
+// register-tiled small GEMM between shared tiles) and `rows` (the earlier one: a warp owns 4 rows, a lane one key of
+// the tile). PSA_ATTENTION=rows|tiles (read once) or set_attention_kernel; bench_kernels_cuda times both, and the
+// one a GPU run ranks second is to be removed.
+enum class AttentionKernel { tiles, rows };
+inline constexpr AttentionKernel kAttentionKernels[] = {AttentionKernel::tiles, AttentionKernel::rows};
+void set_attention_kernel(AttentionKernel k);
+AttentionKernel attention_kernel();
+const char* attention_kernel_name(AttentionKernel k);  // "tiles", "rows"
 
 // conv.cu
 void patch_conv(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out);
