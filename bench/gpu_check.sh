@@ -6,7 +6,8 @@
 #      one training step of each stage, HF fixtures on CUDA); PSA_REQUIRE_GPU=1 makes a device the runtime
 #      cannot use (say, a driver older than the toolkit) fail them instead of skipping them
 #   3. SGEMM benchmark: own kernel vs cuBLAS at 4096² and 8192² (CUDA events, validated first)
-#   4. psa bench-step --device cuda --preset small --stage 1 / 2 --batch 32, and a kernel profile of Stage II
+#   4. psa bench-step --device cuda --preset small --stage 1 / 2 --batch 32 (Stage II also with PSA_ATTENTION=rows),
+#      and a kernel profile of Stage II
 #   5. PyTorch's same step (tools/psa_reference.py --bench --bench-preset small --device cuda) if torch imports
 #   6. CUDA kernel micro-benchmarks (build/bench_kernels_cuda: every kernel family validated against the CPU,
 #      then timed with CUDA events after an L2 flush; at most 90 s)
@@ -64,6 +65,10 @@ if [ $BUILT -eq 0 ]; then
     run_part "step_stage$s" 60 "$RESULTS/step_stage$s.json" ./build/psa bench-step --device cuda --preset small \
       --stage $s --batch 32 --steps 10 --warmup 3 --json
   done
+  # The same Stage II step with the earlier "rows" attention kernels (kernels.h AttentionKernel): which design
+  # the step should keep.
+  run_part step_rows 45 "$RESULTS/step_stage2_rows.json" env PSA_ATTENTION=rows ./build/psa bench-step --device cuda \
+    --preset small --stage 2 --batch 32 --steps 10 --warmup 3 --json
 fi
 
 if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
@@ -139,6 +144,11 @@ for s in (1, 2):
           (f", MFU {100 * mfu:.1f}% of cuBLAS 8192²" if mfu else "") +
           (f", {launches:.0f} stream operations and {copies:.0f} device-to-host copies a step" if launches is not None else "") + ") "
           f"| {ours:.1f} | " + (f"torch eager {ref}" if ref else "-") + " | " + (f"{ours / ref:.2f}x" if ref else "-") + " |")
+rows = load("step_stage2_rows.json")
+if rows:
+    tiles = load("step_stage2.json")
+    print(f"| small step Stage II, attention kernels 'rows' instead of 'tiles' (ms) | {rows['median_ms']:.1f} | "
+          + (f"tiles {tiles['median_ms']:.1f} | {rows['median_ms'] / tiles['median_ms']:.2f}x |" if tiles else "- | - |"))
 k = load("kernels_cuda.json")
 if k is None:
     if os.path.exists(os.path.join(r, "cuda_kernels.log")):
@@ -169,6 +179,6 @@ PY
 
 echo
 echo "== summary ($(( $(date +%s) - START ))s of ${TOTAL_S}s)"
-for k in build build_tests tests sgemm step_stage1 step_stage2 torch build_bench cuda_kernels memcheck; do printf '  %-12s %s\n' "$k" "${STATUS[$k]:-not run}"; done
+for k in build build_tests tests sgemm step_stage1 step_stage2 step_rows torch build_bench cuda_kernels memcheck; do printf '  %-12s %s\n' "$k" "${STATUS[$k]:-not run}"; done
 grep -E '^\[  FAILED  \]' "$RESULTS/tests.log" 2>/dev/null | head -40
 grep -E "op '.*' trial" "$RESULTS/tests.log" 2>/dev/null | head -60
