@@ -30,9 +30,10 @@
 //     alpha and beta. Without it such a product runs on a handful of SMs.
 //  8. Two depths of K tile, compiled side by side and chosen at run time (kernels.h OwnTile) so that one GPU run
 //     of `psa bench-gemm` ranks them: BK = 8 or 16 (16 halves the barriers per FMA and doubles the loads in
-//     flight, for 32 KiB of shared memory a block). ptxas (sm_90) gives both 127 registers and no spills, so
+//     flight, for 33 KiB of shared memory a block). ptxas (sm_90) gives both 127 registers and no spills, so
 //     two blocks (16 warps) share an SM either way.
-// Not done: swizzled stores of the transposed A tile, cp.async pipelines of more than two stages.
+//  9. The shared tiles' rows are padded by 4 floats, which spreads the transposing stores over the banks.
+// Not done: cp.async pipelines of more than two stages.
 #include <vector>
 
 #include "tensor/cuda/common.cuh"
@@ -41,6 +42,12 @@ namespace psa::cuda {
 namespace {
 
 constexpr int BM = 128, BN = 128, kGemmThreads = 256;
+// Rows of the shared tiles, padded by 4 floats (one 16-byte group, so float4 reads stay aligned): a transposing
+// store (A not transposed, or B transposed) writes 4 consecutive k of one row as 4 tile rows; unpadded, the
+// lanes writing different k of the same m hit one bank (2-way conflicts at BK = 8, 4-way at 16), padded they
+// fall 4 banks apart per k (none at BK = 8, 2-way at 16). The reads are unchanged: a warp's 8 float4s per row
+// stay 128 contiguous bytes.
+constexpr int kPaddedBM = BM + 4, kPaddedBN = BN + 4;
 
 // Each thread moves kLoads float4s of op(A) and as many of op(B) per K tile (BM·BK = BN·BK = 4·256·kLoads).
 // They are fetched into registers first (fetch_tile) and written to shared memory later (store_tile), so that
@@ -94,8 +101,8 @@ __device__ __forceinline__ TileRegs<BK> fetch_tile(bool ta, bool tb, int M, int 
 
 // As[k][m] (A transposed, step 4) and Bs[k][n], at the places fetch_tile took the values from.
 template <int BK>
-__device__ __forceinline__ void store_tile(bool ta, bool tb, const TileRegs<BK>& r, float (*As)[BM],
-                                           float (*Bs)[BN]) {
+__device__ __forceinline__ void store_tile(bool ta, bool tb, const TileRegs<BK>& r, float (*As)[kPaddedBM],
+                                           float (*Bs)[kPaddedBN]) {
 #pragma unroll
   for (int g = 0; g < TileRegs<BK>::kLoads; ++g) {
     const int f = threadIdx.x + g * kGemmThreads;
@@ -118,8 +125,8 @@ __global__ void __launch_bounds__(kGemmThreads)
     sgemm_kernel(bool ta, bool tb, int M, int N, int K, int k_slice, float alpha, const float* __restrict__ A,
                  int lda, const float* __restrict__ B, int ldb, float beta, float* __restrict__ C, int ldc,
                  int64_t c_slice_stride) {
-  __shared__ __align__(16) float As[2][BK][BM];
-  __shared__ __align__(16) float Bs[2][BK][BN];
+  __shared__ __align__(16) float As[2][BK][kPaddedBM];
+  __shared__ __align__(16) float Bs[2][BK][kPaddedBN];
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
   const int k_begin = blockIdx.z * k_slice, k_end = min(K, k_begin + k_slice);
   C += blockIdx.z * c_slice_stride;
