@@ -20,6 +20,7 @@
 // Rows whose every key is hidden give zeros (lse = -inf), as on the CPU. Head dim D <= 128 (4 values a lane).
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "tensor/cuda/common.cuh"
 
@@ -72,6 +73,18 @@ __device__ __forceinline__ const T* mask_block(const T* mask, const AttnShape& a
   if (a.mask_rank == 2) return mask;
   int64_t mb = a.mB == 1 ? 0 : b, mh = a.mH == 1 ? 0 : h;
   return mask + (mb * a.mH + mh) * a.T * a.S;
+}
+
+// A block of query rows of head (b, h) = blockIdx.y: its kv head h / G in K and V, and its rows of the mask.
+template <typename T>
+struct QueryHead {
+  int64_t bh, b, h;
+  const T *K, *V, *M;
+};
+template <typename T>
+__device__ __forceinline__ QueryHead<T> query_head(const T* k, const T* v, const T* mask, const AttnShape& a) {
+  const int64_t bh = blockIdx.y, b = bh / a.H, h = bh % a.H, kv = h / (a.H / a.Hkv);
+  return {bh, b, h, k + a.kv_head(b, kv), v + a.kv_head(b, kv), mask_block(mask, a, b, h)};
 }
 
 // Keys [0, visible) are seen by query row t.
@@ -184,17 +197,14 @@ __global__ void __launch_bounds__(kWarps * 32) flash_forward(const T* q, const T
                                                               AttnShape a, bool causal, T scale, T* out, T* lse) {
   constexpr int R = kRowsPerWarp;
   const TileDims td = tile_dims(a.D);
-  const int64_t D = a.D, G = a.H / a.Hkv;
+  const int64_t D = a.D;
   T* sK = dynamic_smem<T>();     // [kTile][ld]
   T* sV = sK + kTile * td.ld;    // [kTile][ld]
   T* sQ = sV + kTile * td.ld;    // [kWarps][R][D4]
   T* sP = sQ + kBlockRows * td.D4;  // [kWarps][kTile][R]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.y, b = bh / a.H, h = bh % a.H;
+  const auto [bh, b, h, K, V, M] = query_head(k, v, mask, a);
   const int64_t t0 = (int64_t)blockIdx.x * kBlockRows + warp * R;  // this warp's first row
-  const T* K = k + a.kv_head(b, h / G);
-  const T* V = v + a.kv_head(b, h / G);
-  const T* M = mask_block(mask, a, b, h);
   T* wQ = sQ + warp * R * td.D4;
   T* wP = sP + warp * kTile * R;
   load_warp_rows(q + a.q_head(b, h), a.q_ld(), t0, a.T, td, wQ);
@@ -274,18 +284,15 @@ __global__ void __launch_bounds__(kWarps * 32) flash_backward_dq(const T* g, con
                                                                   AttnShape a, bool causal, T scale, T* gq) {
   constexpr int R = kRowsPerWarp;
   const TileDims td = tile_dims(a.D);
-  const int64_t D = a.D, G = a.H / a.Hkv;
+  const int64_t D = a.D;
   T* sK = dynamic_smem<T>();        // [kTile][ld]
   T* sV = sK + kTile * td.ld;       // [kTile][ld]
   T* sQ = sV + kTile * td.ld;       // [kWarps][R][D4]
   T* sG = sQ + kBlockRows * td.D4;  // [kWarps][R][D4] dO of the rows
   T* sS = sG + kBlockRows * td.D4;  // [kWarps][kTile][R] dS
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.y, b = bh / a.H, h = bh % a.H;
+  const auto [bh, b, h, K, V, M] = query_head(k, v, mask, a);
   const int64_t t0 = (int64_t)blockIdx.x * kBlockRows + warp * R;
-  const T* K = k + a.kv_head(b, h / G);
-  const T* V = v + a.kv_head(b, h / G);
-  const T* M = mask_block(mask, a, b, h);
   T* wQ = sQ + warp * R * td.D4;
   T* wG = sG + warp * R * td.D4;
   T* wS = sS + warp * kTile * R;
@@ -332,7 +339,7 @@ __global__ void __launch_bounds__(kWarps * 32) flash_backward_dq(const T* g, con
     accumulate_rows(wS, sK, td, dq);
     __syncwarp();
   }
-  if (gq) store_warp_rows(dq, scale, t0, a.T, D, gq + a.q_head(b, h), a.q_ld());
+  store_warp_rows(dq, scale, t0, a.T, D, gq + a.q_head(b, h), a.q_ld());
 }
 
 // dK, dV: the warp's key rows of one (b, kv head) against tiles of query rows (with their dO, lse and D_t), for
@@ -430,6 +437,9 @@ __global__ void __launch_bounds__(kWarps * 32) flash_backward_dkv(const T* g, co
 //  quarter-warp reading rows tx..tx+7 touch 8 distinct 16-byte bank groups, and the two row groups of a warp
 //  (4·ty apart) read distinct banks too; score tiles are written one float per lane along a row (consecutive).
 //  Row reductions (max, sum) run over the 16 lanes of a half-warp with shuffles; all sums in a fixed order.
+//  Work skipped: a warp (8 own rows) sits out a tile none of its rows sees (past the last row, or hidden by
+//  causality) but still stages and meets every barrier; the products over a last, partial tile stop after its
+//  live rows (rounded up to 4); causal query tiles run last-first, the longest blocks starting first.
 constexpr int kTB = 32, kTileThreads = 128;
 
 template <int TN>
@@ -438,10 +448,12 @@ struct TileGeom {
 };
 
 // acc[i][j] += Σ_{u < K} A[i·lda + u]·B[16·j·ldb + u]: the thread's 4 rows of A against its NJ rows of B.
+// Steps from k_end on are skipped: a last tile's reduction over its few live rows (where A holds zeros anyway).
 template <typename T, int NJ, int K>
-__device__ __forceinline__ void tile_nt(const T* A, int lda, const T* B, int ldb, T (&acc)[4][NJ]) {
+__device__ __forceinline__ void tile_nt(const T* A, int lda, const T* B, int ldb, T (&acc)[4][NJ], int k_end = K) {
 #pragma unroll 4
   for (int u = 0; u < K; u += 4) {
+    if (u >= k_end) break;
     T a[4][4], b[NJ][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) load4(A + i * lda + u, a[i]);
@@ -466,15 +478,39 @@ __device__ __forceinline__ void stage_rows(const T* src, int64_t src_ld, int64_t
   }
 }
 
-// The same rows transposed, tile[d][r] (row stride ldt). Consecutive threads take consecutive r, so the shared
-// writes are consecutive; the global reads of a warp hit 32 rows (the L1 serves the neighbouring d).
+// The same rows transposed, tileT[d][r] (row stride ldt), and, where `tile` is given, also as tile[r][d] (row
+// stride ld) from the same read. A warp takes 4 rows x 8 consecutive d: 4 whole 32-byte sectors of global
+// memory per load, and (f32) transposed writes d·ldt + r (ldt = 4 mod 32) on 32 distinct banks.
 template <typename T, int DP>
 __device__ __forceinline__ void stage_cols(const T* src, int64_t src_ld, int64_t r0, int64_t rows, int64_t D, int ldt,
-                                           T* tile) {
+                                           T* tileT, int ld = 0, T* tile = nullptr) {
+  static_assert(DP % 8 == 0, "stage_cols: 8 columns a sector");
   for (int e = threadIdx.x; e < kTB * DP; e += blockDim.x) {
-    const int d = e / kTB, r = e % kTB;
-    tile[d * ldt + r] = r0 + r < rows && d < D ? src[(r0 + r) * src_ld + d] : T(0);
+    const int group = e / 32, lane = e % 32;
+    const int r = 4 * (group / (DP / 8)) + lane / 8, d = 8 * (group % (DP / 8)) + lane % 8;
+    const T x = r0 + r < rows && d < D ? src[(r0 + r) * src_ld + d] : T(0);
+    tileT[d * ldt + r] = x;
+    if (tile) tile[r * ld + d] = x;
   }
+}
+
+// The reduction length of a tile's product over its rows [r0, r0 + kTB) of which rows before `end` are live,
+// rounded up to tile_nt's step of 4.
+__device__ __forceinline__ int live_steps(int64_t r0, int64_t end) {
+  const int64_t n = end - r0 < kTB ? end - r0 : kTB;
+  return (int)(n + 3) / 4 * 4;
+}
+
+// The block's first query row. Tiles run in reverse: under a causal mask later rows see more keys, so the
+// longest blocks start first and the short ones fill the tail of the grid.
+__device__ __forceinline__ int64_t query_tile_start() {
+  return (int64_t)(gridDim.x - 1 - blockIdx.x) * kTB;
+}
+
+// The most keys any of the warp's 8 query rows t0 + 8·warp + i sees (0 for a warp past the last row).
+__device__ __forceinline__ int64_t warp_visible_keys(const AttnShape& a, bool causal, int64_t t0) {
+  const int64_t first = t0 + 8 * (threadIdx.x / 32);
+  return first < a.T ? visible_keys(a, causal, min(a.T - 1, first + 7)) : 0;
 }
 
 // Max and sum over the 16 lanes of a half-warp (xor offsets below 16 stay inside it); every lane gets the result.
@@ -517,11 +553,9 @@ __global__ void __launch_bounds__(kTileThreads) tiles_forward(const T* q, const 
   T* sVt = sK + kTB * LD;
   T* sP = sVt + DP * LDT;
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-  const int64_t bh = blockIdx.y, b = bh / a.H, h = bh % a.H, G = a.H / a.Hkv;
-  const int64_t t0 = (int64_t)blockIdx.x * kTB;
-  const T* K = k + a.kv_head(b, h / G);
-  const T* V = v + a.kv_head(b, h / G);
-  const T* M = mask_block(mask, a, b, h);
+  const auto [bh, b, h, K, V, M] = query_head(k, v, mask, a);
+  const int64_t t0 = query_tile_start();
+  const int64_t warp_vis = warp_visible_keys(a, causal, t0);
   stage_rows<T, DP>(q + a.q_head(b, h), a.q_ld(), t0, a.T, a.D, LD, sQ);
   int64_t vis[4];
   T m[4], l[4], o[4][TN];
@@ -539,6 +573,7 @@ __global__ void __launch_bounds__(kTileThreads) tiles_forward(const T* q, const 
     stage_rows<T, DP>(K, a.kv_ld(), s0, a.S, a.D, LD, sK);
     stage_cols<T, DP>(V, a.kv_ld(), s0, a.S, a.D, LDT, sVt);
     __syncthreads();
+    if (s0 >= warp_vis) continue;  // none of the warp's rows sees a key of the tile (warp-uniform)
     T s[4][2] = {};
     tile_nt<T, 2, DP>(sQ + 4 * ty * LD, LD, sK + tx * LD, LD, s);
 #pragma unroll
@@ -566,7 +601,7 @@ __global__ void __launch_bounds__(kTileThreads) tiles_forward(const T* q, const 
       for (int j = 0; j < 2; ++j) sP[(4 * ty + i) * LDT + tx + 16 * j] = p[j];
     }
     __syncwarp();  // a row of P is written and read by the 16 lanes of one half-warp only
-    tile_nt<T, TN, kTB>(sP + 4 * ty * LDT, LDT, sVt + tx * LDT, LDT, o);
+    tile_nt<T, TN, kTB>(sP + 4 * ty * LDT, LDT, sVt + tx * LDT, LDT, o, live_steps(s0, warp_vis));
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -596,11 +631,9 @@ __global__ void __launch_bounds__(kTileThreads) tiles_backward_dq(const T* g, co
   T* sKt = sV + kTB * LD;
   T* sS = sKt + DP * LDT;
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-  const int64_t bh = blockIdx.y, b = bh / a.H, h = bh % a.H, G = a.H / a.Hkv;
-  const int64_t t0 = (int64_t)blockIdx.x * kTB;
-  const T* K = k + a.kv_head(b, h / G);
-  const T* V = v + a.kv_head(b, h / G);
-  const T* M = mask_block(mask, a, b, h);
+  const auto [bh, b, h, K, V, M] = query_head(k, v, mask, a);
+  const int64_t t0 = query_tile_start();
+  const int64_t warp_vis = warp_visible_keys(a, causal, t0);
   stage_rows<T, DP>(q + a.q_head(b, h), a.q_ld(), t0, a.T, a.D, LD, sQ);
   stage_rows<T, DP>(g + a.q_head(b, h), a.q_ld(), t0, a.T, a.D, LD, sG);
   T row_lse[4], row_D[4], dq[4][TN];
@@ -617,10 +650,10 @@ __global__ void __launch_bounds__(kTileThreads) tiles_backward_dq(const T* g, co
   const int64_t block_vis = visible_keys(a, causal, min(a.T - 1, t0 + kTB - 1));
   for (int64_t s0 = 0; s0 < block_vis; s0 += kTB) {
     __syncthreads();
-    stage_rows<T, DP>(K, a.kv_ld(), s0, a.S, a.D, LD, sK);
+    stage_cols<T, DP>(K, a.kv_ld(), s0, a.S, a.D, LDT, sKt, LD, sK);
     stage_rows<T, DP>(V, a.kv_ld(), s0, a.S, a.D, LD, sV);
-    stage_cols<T, DP>(K, a.kv_ld(), s0, a.S, a.D, LDT, sKt);
     __syncthreads();
+    if (s0 >= warp_vis) continue;
     T s[4][2] = {}, dp[4][2] = {};
     tile_nt<T, 2, DP>(sQ + 4 * ty * LD, LD, sK + tx * LD, LD, s);
     tile_nt<T, 2, DP>(sG + 4 * ty * LD, LD, sV + tx * LD, LD, dp);
@@ -637,16 +670,20 @@ __global__ void __launch_bounds__(kTileThreads) tiles_backward_dq(const T* g, co
         sS[(4 * ty + i) * LDT + tx + 16 * j] = ds;
       }
     __syncwarp();
-    tile_nt<T, TN, kTB>(sS + 4 * ty * LDT, LDT, sKt + tx * LDT, LDT, dq);
+    tile_nt<T, TN, kTB>(sS + 4 * ty * LDT, LDT, sKt + tx * LDT, LDT, dq, live_steps(s0, warp_vis));
   }
-  if (gq) store_tile_rows<T, TN>(dq, scale, t0, a.T, a.D, gq + a.q_head(b, h), a.q_ld());
+  store_tile_rows<T, TN>(dq, scale, t0, a.T, a.D, gq + a.q_head(b, h), a.q_ld());
 }
 
 // dK, dV of the block's key rows of one (b, kv head), against tiles of query rows of each of the G query heads in
 // order. Shared: K, V [kTB][LD] (the block's rows), Q, dO [kTB][LD], Qᵀ, dOᵀ [DP][LDT], Pᵀ then dSᵀ [kTB][LDT],
 // lse and D_t of the tile's rows. dV = Σ pᵀ·dO, dK = scale·Σ dSᵀ·Q.
+// 3 blocks an SM at D = 64 in f32 (the shared memory allows 3): 170 registers, where the default bound spills.
 template <typename T, int TN>
-__global__ void __launch_bounds__(kTileThreads) tiles_backward_dkv(const T* g, const T* q, const T* k, const T* v,
+constexpr int dkv_min_blocks() { return std::is_same<T, float>::value && TN == 4 ? 3 : 1; }
+
+template <typename T, int TN>
+__global__ void __launch_bounds__(kTileThreads, dkv_min_blocks<T, TN>()) tiles_backward_dkv(const T* g, const T* q, const T* k, const T* v,
                                                                    const T* lse, const T* Dt, const T* mask,
                                                                    AttnShape a, bool causal, T scale, T* gk, T* gv) {
   using Gm = TileGeom<TN>;
@@ -675,21 +712,24 @@ __global__ void __launch_bounds__(kTileThreads) tiles_backward_dkv(const T* g, c
   const int64_t first_seer = k0 - (a.S - a.T);
   const int64_t first_row = causal && first_seer > 0 ? first_seer : 0;
   const int64_t t_begin = first_row - first_row % kTB;
+  // The warp's key rows k0 + 8·warp + i: none live past S; under the mask, seen from row warp_first_seer on.
+  const int64_t warp_k0 = k0 + 8 * (threadIdx.x / 32);
+  const int64_t warp_first_seer = causal ? warp_k0 - (a.S - a.T) : 0;
+  const bool warp_live = warp_k0 < a.S;
   for (int64_t gi = 0; gi < G; ++gi) {
     const int64_t h = j_kv * G + gi, bh = b * a.H + h;
     const T* M = mask_block(mask, a, b, h);
     for (int64_t t0 = t_begin; t0 < a.T; t0 += kTB) {
       __syncthreads();
-      stage_rows<T, DP>(q + a.q_head(b, h), a.q_ld(), t0, a.T, a.D, LD, sQ);
-      stage_rows<T, DP>(g + a.q_head(b, h), a.q_ld(), t0, a.T, a.D, LD, sG);
-      stage_cols<T, DP>(q + a.q_head(b, h), a.q_ld(), t0, a.T, a.D, LDT, sQt);
-      stage_cols<T, DP>(g + a.q_head(b, h), a.q_ld(), t0, a.T, a.D, LDT, sGt);
+      stage_cols<T, DP>(q + a.q_head(b, h), a.q_ld(), t0, a.T, a.D, LDT, sQt, LD, sQ);
+      stage_cols<T, DP>(g + a.q_head(b, h), a.q_ld(), t0, a.T, a.D, LDT, sGt, LD, sG);
       if (threadIdx.x < kTB) {
         const int64_t t = t0 + threadIdx.x;
         sL[threadIdx.x] = t < a.T ? lse[bh * a.T + t] : -d_inf<T>();
         sD[threadIdx.x] = t < a.T ? Dt[bh * a.T + t] : T(0);
       }
       __syncthreads();
+      if (!warp_live || t0 + kTB <= warp_first_seer) continue;  // warp-uniform
       T st[4][2] = {}, dpt[4][2] = {};  // rows: the thread's keys; columns: queries tx, tx + 16 of the tile
       tile_nt<T, 2, DP>(sK + 4 * ty * LD, LD, sQ + tx * LD, LD, st);
       tile_nt<T, 2, DP>(sV + 4 * ty * LD, LD, sG + tx * LD, LD, dpt);
@@ -709,14 +749,15 @@ __global__ void __launch_bounds__(kTileThreads) tiles_backward_dkv(const T* g, c
           sP[(4 * ty + i) * LDT + tl] = p;
         }
       __syncwarp();
-      tile_nt<T, TN, kTB>(sP + 4 * ty * LDT, LDT, sGt + tx * LDT, LDT, dv);
+      const int live = live_steps(t0, a.T);
+      tile_nt<T, TN, kTB>(sP + 4 * ty * LDT, LDT, sGt + tx * LDT, LDT, dv, live);
       __syncwarp();  // the half-warp has read its rows of Pᵀ before they become dSᵀ
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) sP[(4 * ty + i) * LDT + tx + 16 * j] = ds[i][j];
       __syncwarp();
-      tile_nt<T, TN, kTB>(sP + 4 * ty * LDT, LDT, sQt + tx * LDT, LDT, dk);
+      tile_nt<T, TN, kTB>(sP + 4 * ty * LDT, LDT, sQt + tx * LDT, LDT, dk, live);
     }
   }
   if (gk) store_tile_rows<T, TN>(dk, scale, k0, a.S, a.D, gk + a.kv_head(b, j_kv), a.kv_ld());
