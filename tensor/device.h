@@ -33,8 +33,9 @@ std::vector<std::string> check_guards();
 // the legacy default stream unless a StreamGuard names another, so code that never makes a Stream runs in one
 // queue, in program order. Streams are created blocking: they also order against the legacy default stream.
 // The caching allocator gives a freed block back only to the stream it was allocated on, so stream order keeps
-// its reuse safe. A tensor that a second stream reads must outlive that read: the stream that frees it should
-// wait for an Event recorded after the read (as with PyTorch's caching allocator without record_stream).
+// its reuse safe. A tensor that a second stream uses must outlive that use: before it is freed, the stream that
+// allocated it (where its block returns) should wait for an Event recorded on the second stream after the use
+// (as with PyTorch's caching allocator without record_stream).
 class Event;
 
 class Stream {

@@ -345,6 +345,13 @@ TEST(CudaParity, OptimizerKernelsMatchCpu) {
   cuda::scale_in_place({dev[1]}, 0.25);
   cpu::scale_in_place({host[1]}, 0.25);
   EXPECT_EQ(compare(host[1], dev[1], 0), "") << "scale_in_place";
+  // One buffer twice in one launch would be updated by two sets of blocks at once: refused, naming the op.
+  try {
+    cuda::scale_in_place({dev[1], dev[1]}, 2.0);
+    ADD_FAILURE() << "scale_in_place accepted one buffer twice";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("cuda scale_in_place: two of its tensors share"), std::string::npos) << e.what();
+  }
   // One launch for many tensors: sizes past one job's block cap, a tiny one, an empty one, an f64 one (a launch
   // of its own), each with its own learning rate; every result as the CPU's, per tensor.
   std::vector<Shape> shapes{{300000}, {5}, {0}, {7, 9}, {2049}};
@@ -425,6 +432,34 @@ TEST(CudaGemm, OwnSgemmMatchesCublasOnEveryLayoutAndEdge) {
   }
   cuda::set_own_tile(tile_before);
   for (const std::string& e : gpu::check_guards()) ADD_FAILURE() << "own sgemm: guard bytes: " << e;
+}
+
+// K = 0: C = beta·C, and beta = 0 writes zeros over whatever C held (NaN here), on both GEMM paths and in f64,
+// with a padded ldc and a batch of 2 (the padding is left alone).
+TEST(CudaGemm, EmptyProductsScaleC) {
+  SKIP_WITHOUT_GPU();
+  const int64_t M = 3, N = 5, ldc = 7, sc = M * ldc + 2, batch = 2;
+  for (double beta : {0.0, 0.5})
+    for (int path = 0; path < 3; ++path) {
+      std::vector<double> c0(batch * sc);
+      for (size_t i = 0; i < c0.size(); ++i) c0[i] = beta == 0 ? NAN : (double)i;
+      Tensor c = Tensor::from(c0, {batch * sc}, path == 2 ? DType::f64 : DType::f32).to(Device::cuda);
+      Tensor a = Tensor::zeros({1}, c.dtype(), Device::cuda), b = Tensor::zeros({1}, c.dtype(), Device::cuda);
+      if (path == 2)
+        cuda::dgemm(false, false, M, N, 0, 1.0, a.data<double>(), 1, 0, b.data<double>(), N, 0, beta,
+                    c.data<double>(), ldc, sc, batch);
+      else
+        cuda::sgemm(path == 0 ? cuda::GemmImpl::cublas : cuda::GemmImpl::own, false, false, M, N, 0, 1.0f,
+                    a.data<float>(), 1, 0, b.data<float>(), N, 0, (float)beta, c.data<float>(), ldc, sc, batch);
+      const std::vector<double> got = c.to_vector();
+      for (int64_t i = 0; i < batch * sc; ++i) {
+        const bool inside = i % sc < M * ldc && i % sc % ldc < N;
+        const double want = !inside ? c0[i] : beta == 0 ? 0.0 : beta * c0[i];
+        if (std::isnan(want) ? !std::isnan(got[i]) : got[i] != want)
+          ADD_FAILURE() << "K = 0, path " << path << ", beta " << beta << ": element " << i << " is " << got[i]
+                        << ", want " << want;
+      }
+    }
 }
 
 TEST(CudaGemm, MatmulOpsMatchCpuWithTheOwnKernel) {

@@ -1,7 +1,8 @@
 // CUDA kernels: the same interface as tensor/cpu/kernels.h, in namespace psa::cuda, implemented in
 // tensor/cuda/<family>.cu. Every function takes contiguous device tensors already checked by the op in
 // autograd/, writes the outputs the caller allocated, and checks its launches (cudaCheck). Deterministic:
-// no reduction that feeds training uses atomics; sums run in a fixed-order tree or loop.
+// no reduction that feeds training uses atomics; sums run in a fixed-order tree or loop. (cuBLAS promises bitwise
+// reproducible results only while one stream runs its calls; the training step uses one.)
 // This header needs no CUDA headers, so the C++ side (autograd/, nn/) includes it in every build; the
 // definitions exist only in CUDA builds (tensor/dispatch.h never references them otherwise).
 #pragma once

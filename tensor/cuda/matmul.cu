@@ -58,6 +58,22 @@ void with_handle(F call) {
   cublasCheck(call(h));
 }
 
+// C = beta·C for an empty product (K = 0), which is not left to cuBLAS: it has returned C untouched for k = 0
+// (pytorch/pytorch#31421), and C may hold garbage where beta = 0 promises it is not read.
+template <typename T>
+__global__ void scale_c(int64_t M, int64_t N, T beta, T* C, int64_t ldc, int64_t sc, int64_t batch) {
+  CUDA_LOOP(e, batch * M * N) {
+    T* c = C + e / (M * N) * sc + e % (M * N) / N * ldc + e % N;
+    *c = beta == T(0) ? T(0) : beta * *c;
+  }
+}
+
+template <typename T>
+void empty_product(int64_t M, int64_t N, T beta, T* C, int64_t ldc, int64_t sc, int64_t batch) {
+  scale_c<T><<<blocks_for(batch * M * N), kThreads, 0, stream()>>>(M, N, beta, C, ldc, sc, batch);
+  cudaCheckLaunch();
+}
+
 int as_int(int64_t v, const char* what) {
   PSA_CHECK(v >= 0 && v <= 0x7fffffff, "cuda gemm: ", what, " = ", v, " does not fit cuBLAS's int");
   return (int)v;
@@ -81,6 +97,7 @@ void sgemm(GemmImpl impl, bool ta, bool tb, int64_t M, int64_t N, int64_t K, flo
       own_sgemm(ta, tb, M, N, K, alpha, A + i * sa, lda, B + i * sb, ldb, beta, C + i * sc, ldc);
     return;
   }
+  if (K == 0) return empty_product(M, N, beta, C, ldc, sc, batch);
   cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
   count_launch();
   const int m = as_int(M, "M"), n = as_int(N, "N"), k = as_int(K, "K"), nb = as_int(batch, "batch");
@@ -94,6 +111,7 @@ void dgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, cons
            int64_t sa, const double* B, int64_t ldb, int64_t sb, double beta, double* C, int64_t ldc, int64_t sc,
            int64_t batch) {
   if (M == 0 || N == 0 || batch == 0) return;
+  if (K == 0) return empty_product(M, N, beta, C, ldc, sc, batch);
   cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
   count_launch();
   const int m = as_int(M, "M"), n = as_int(N, "N"), k = as_int(K, "K"), nb = as_int(batch, "batch");

@@ -7,6 +7,7 @@
 // hundreds of them (69 in tiny's Stage I), each a launch of its own otherwise. One launch per dtype takes a table
 // of jobs (pointers, length, scalars) uploaded with it; each job owns a fixed range of the launch's blocks, so
 // every element gets exactly the arithmetic of a per-tensor launch and the results are bit-identical to it.
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -98,10 +99,26 @@ void require_float(DType d, const char* op) {
   PSA_CHECK(d == DType::f32 || d == DType::f64, op, ": a ", dtype_name(d), " tensor (f32/f64 only)");
 }
 
-// Launches kernel<T> over the jobs of dtype `dt` among `all` (one launch per dtype present).
+// The jobs of a launch run side by side, so two that write overlapping memory would race (the CPU applies them
+// in turn): the ranges they write (x[s] for s < `written`, or AdamW's p, m, v) must be disjoint.
+void require_disjoint(const std::vector<std::pair<DType, Job>>& all, const std::vector<int>& written, const char* op) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  for (const auto& [d, j] : all)
+    for (int s : written)
+      if (j.n > 0) ranges.push_back({(uintptr_t)j.x[s], (uintptr_t)j.x[s] + j.n * dtype_size(d)});
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t i = 1; i < ranges.size(); ++i)
+    PSA_CHECK(ranges[i].first >= ranges[i - 1].second, op, ": two of its tensors share ",
+              std::min(ranges[i - 1].second, ranges[i].second) - ranges[i].first,
+              " bytes of memory; one launch would update both at once");
+}
+
+// Launches kernel<T> over the jobs of dtype `dt` among `all` (one launch per dtype present); `written` as above.
 template <typename Launch>
-void for_each_dtype(const std::vector<std::pair<DType, Job>>& all, Launch launch) {
-  for (const auto& [d, j] : all) require_float(d, "multi-tensor launch");
+void for_each_dtype(const std::vector<std::pair<DType, Job>>& all, const std::vector<int>& written, const char* op,
+                    Launch launch) {
+  for (const auto& [d, j] : all) require_float(d, op);
+  require_disjoint(all, written, op);
   for (DType dt : {DType::f32, DType::f64}) {
     std::vector<Job> jobs;
     for (const auto& [d, j] : all)
@@ -162,7 +179,7 @@ void adamw_steps(const std::vector<AdamWSlot>& slots) {
            c.lr / (1 - std::pow(c.beta1, (double)c.step)), std::sqrt(1 - std::pow(c.beta2, (double)c.step)), c.eps}};
     all.push_back({s.p->dtype(), j});
   }
-  for_each_dtype(all, [](DType dt, unsigned blocks, const Job* jobs, int n) {
+  for_each_dtype(all, {0, 2, 3}, "cuda adamw", [](DType dt, unsigned blocks, const Job* jobs, int n) {
     dispatch_float(dt, "cuda adamw", [&](auto tag_) {
       using T = typename decltype(tag_)::type;
       adamw_kernel<T><<<blocks, kThreads, 0, stream()>>>(jobs, n);
@@ -217,7 +234,7 @@ double sum_squares(const std::vector<Tensor>& xs) {
 void scale_in_place(const std::vector<Tensor>& xs, double s) {
   std::vector<std::pair<DType, Job>> all;
   for (const Tensor& x : xs) all.push_back({x.dtype(), Job{{x.raw()}, x.numel(), 0, 0, {s}}});
-  for_each_dtype(all, [](DType dt, unsigned blocks, const Job* jobs, int n) {
+  for_each_dtype(all, {0}, "cuda scale_in_place", [](DType dt, unsigned blocks, const Job* jobs, int n) {
     dispatch_float(dt, "cuda scale_in_place", [&](auto tag_) {
       using T = typename decltype(tag_)::type;
       scale_kernel<T><<<blocks, kThreads, 0, stream()>>>(jobs, n);

@@ -84,6 +84,7 @@ double mib(size_t n) { return n / 1048576.0; }
 // Returns every cached block to the driver (called with the lock held): a request that fails while other
 // sizes sit idle in the cache should get that memory before the run is declared out of memory.
 size_t release_cached(Cache& c) {
+  cudaDeviceSynchronize();  // a cached block may still be in use by queued work of its stream
   size_t released = 0;
   for (auto& [key, blocks] : c.free_blocks) {
     for (void* p : blocks) cudaFree(p);

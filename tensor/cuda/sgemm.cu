@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kGemmThreads)
   __shared__ __align__(16) float As[2][BK][kPaddedBM];
   __shared__ __align__(16) float Bs[2][BK][kPaddedBN];
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-  const int k_begin = blockIdx.z * k_slice, k_end = min(K, k_begin + k_slice);
+  const int k_begin = blockIdx.z * k_slice, k_end = k_begin + min(k_slice, K - k_begin);  // no int overflow
   C += blockIdx.z * c_slice_stride;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp / 4, wn = warp % 4;            // 2×4 warps, each a 64×32 tile
