@@ -30,10 +30,16 @@
 //     alpha and beta. Without it such a product runs on a handful of SMs.
 //  8. Two depths of K tile, compiled side by side and chosen at run time (kernels.h OwnTile) so that one GPU run
 //     of `psa bench-gemm` ranks them: BK = 8 or 16 (16 halves the barriers per FMA and doubles the loads in
-//     flight, for 33 KiB of shared memory a block). ptxas (sm_90) gives both 127 registers and no spills, so
-//     two blocks (16 warps) share an SM either way.
+//     flight, for 33 KiB of shared memory a block); two blocks (16 warps) share an SM either way (step 10).
 //  9. The shared tiles' rows are padded by 4 floats, which spreads the transposing stores over the banks.
+// 10. The transpose flags are template arguments (4 layouts x float4 or not x 2 depths = 16 kernels): as run-time
+//     flags they cost every K tile integer divisions by a run-time value and branches. The K loop of the float4
+//     BK = 8 kernel went from 275 PTX instructions besides its 512 FMAs (4 of them divisions) to 150 for NN,
+//     untaken scalar fallbacks included. __launch_bounds__(256, 2) holds every variant to 128 registers (2
+//     blocks an SM; the BK = 16 ones took up to 139 without it); only the scalar-load, both-transposed BK = 16
+//     variant spills (16 bytes).
 // Not done: cp.async pipelines of more than two stages.
+#include <type_traits>
 #include <vector>
 
 #include "tensor/cuda/common.cuh"
@@ -83,35 +89,34 @@ __device__ __forceinline__ void load4(const float* X, int ld, int rows, int cols
 // A not transposed is [M, K]: a slot is 4 consecutive k of row m (m0 + outer); transposed, [K, M]: 4
 // consecutive m of row k. B not transposed is [K, N]: 4 consecutive n of row k; transposed, [N, K]: 4
 // consecutive k of row n.
-template <int BK, bool VEC>
-__device__ __forceinline__ TileRegs<BK> fetch_tile(bool ta, bool tb, int M, int N, int K, const float* A, int lda,
-                                                   const float* B, int ldb, int m0, int n0, int k0) {
+template <int BK, bool VEC, bool TA, bool TB>
+__device__ __forceinline__ TileRegs<BK> fetch_tile(int M, int N, int K, const float* A, int lda, const float* B,
+                                                   int ldb, int m0, int n0, int k0) {
   TileRegs<BK> r;
 #pragma unroll
   for (int g = 0; g < TileRegs<BK>::kLoads; ++g) {
     const int f = threadIdx.x + g * kGemmThreads;
-    Slot sa = slot<BK>(!ta, f), sb = slot<BK>(tb, f);
-    if (!ta) load4<VEC>(A, lda, M, K, m0 + sa.outer, k0 + sa.inner, r.a[g]);
+    Slot sa = slot<BK>(!TA, f), sb = slot<BK>(TB, f);
+    if (!TA) load4<VEC>(A, lda, M, K, m0 + sa.outer, k0 + sa.inner, r.a[g]);
     else load4<VEC>(A, lda, K, M, k0 + sa.outer, m0 + sa.inner, r.a[g]);
-    if (!tb) load4<VEC>(B, ldb, K, N, k0 + sb.outer, n0 + sb.inner, r.b[g]);
+    if (!TB) load4<VEC>(B, ldb, K, N, k0 + sb.outer, n0 + sb.inner, r.b[g]);
     else load4<VEC>(B, ldb, N, K, n0 + sb.outer, k0 + sb.inner, r.b[g]);
   }
   return r;
 }
 
 // As[k][m] (A transposed, step 4) and Bs[k][n], at the places fetch_tile took the values from.
-template <int BK>
-__device__ __forceinline__ void store_tile(bool ta, bool tb, const TileRegs<BK>& r, float (*As)[kPaddedBM],
-                                           float (*Bs)[kPaddedBN]) {
+template <int BK, bool TA, bool TB>
+__device__ __forceinline__ void store_tile(const TileRegs<BK>& r, float (*As)[kPaddedBM], float (*Bs)[kPaddedBN]) {
 #pragma unroll
   for (int g = 0; g < TileRegs<BK>::kLoads; ++g) {
     const int f = threadIdx.x + g * kGemmThreads;
-    Slot sa = slot<BK>(!ta, f), sb = slot<BK>(tb, f);
-    if (!ta)
+    Slot sa = slot<BK>(!TA, f), sb = slot<BK>(TB, f);
+    if (!TA)
       for (int i = 0; i < 4; ++i) As[sa.inner + i][sa.outer] = r.a[g][i];
     else
       *reinterpret_cast<float4*>(&As[sa.outer][sa.inner]) = make_float4(r.a[g][0], r.a[g][1], r.a[g][2], r.a[g][3]);
-    if (!tb)
+    if (!TB)
       *reinterpret_cast<float4*>(&Bs[sb.outer][sb.inner]) = make_float4(r.b[g][0], r.b[g][1], r.b[g][2], r.b[g][3]);
     else
       for (int j = 0; j < 4; ++j) Bs[sb.inner + j][sb.outer] = r.b[g][j];
@@ -119,11 +124,13 @@ __device__ __forceinline__ void store_tile(bool ta, bool tb, const TileRegs<BK>&
 }
 
 // Block (x, y, z) computes the BM×BN tile (y, x) of C over the K slice [z·k_slice, (z + 1)·k_slice); slice z
-// writes at C + z·c_slice_stride (0 without split-K, where gridDim.z = 1).
-template <int BK, bool VEC>
-__global__ void __launch_bounds__(kGemmThreads)
-    sgemm_kernel(bool ta, bool tb, int M, int N, int K, int k_slice, float alpha, const float* __restrict__ A,
-                 int lda, const float* __restrict__ B, int ldb, float beta, float* __restrict__ C, int ldc,
+// writes at C + z·c_slice_stride (0 without split-K, where gridDim.z = 1). The layouts are template arguments:
+// chosen at run time, their slot arithmetic divided by a runtime value (integer divisions, tens of instructions
+// each) and branched in every K tile.
+template <int BK, bool VEC, bool TA, bool TB>
+__global__ void __launch_bounds__(kGemmThreads, 2)
+    sgemm_kernel(int M, int N, int K, int k_slice, float alpha, const float* __restrict__ A, int lda,
+                 const float* __restrict__ B, int ldb, float beta, float* __restrict__ C, int ldc,
                  int64_t c_slice_stride) {
   __shared__ __align__(16) float As[2][BK][kPaddedBM];
   __shared__ __align__(16) float Bs[2][BK][kPaddedBN];
@@ -147,13 +154,13 @@ __global__ void __launch_bounds__(kGemmThreads)
   // fetch_tile zero-fills past its K argument, so passing k_end keeps each slice to its own part of K.
   const int tiles = (k_end - k_begin + BK - 1) / BK;
   if (tiles > 0)
-    store_tile<BK>(ta, tb, fetch_tile<BK, VEC>(ta, tb, M, N, k_end, A, lda, B, ldb, m0, n0, k_begin), As[0], Bs[0]);
+    store_tile<BK, TA, TB>(fetch_tile<BK, VEC, TA, TB>(M, N, k_end, A, lda, B, ldb, m0, n0, k_begin), As[0], Bs[0]);
   __syncthreads();
   for (int tile = 0; tile < tiles; ++tile) {
     const int cur = tile & 1;
     const bool more = tile + 1 < tiles;
     TileRegs<BK> next;
-    if (more) next = fetch_tile<BK, VEC>(ta, tb, M, N, k_end, A, lda, B, ldb, m0, n0, k_begin + (tile + 1) * BK);
+    if (more) next = fetch_tile<BK, VEC, TA, TB>(M, N, k_end, A, lda, B, ldb, m0, n0, k_begin + (tile + 1) * BK);
 #pragma unroll
     for (int k = 0; k < BK; ++k) {
       float a[8], b[8];
@@ -168,7 +175,7 @@ __global__ void __launch_bounds__(kGemmThreads)
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
     }
-    if (more) store_tile<BK>(ta, tb, next, As[cur ^ 1], Bs[cur ^ 1]);
+    if (more) store_tile<BK, TA, TB>(next, As[cur ^ 1], Bs[cur ^ 1]);
     __syncthreads();
   }
 
@@ -239,6 +246,16 @@ __global__ void fill_pattern(float* p, int64_t n, uint32_t seed) {
   }
 }
 
+// Calls f(v, a, b) with std::bool_constant arguments equal to the three flags (the kernel's template arguments).
+template <typename F>
+void with_flags(bool v, bool a, bool b, F f) {
+  using Yes = std::true_type;
+  using No = std::false_type;
+  auto with_b = [&](auto v_, auto a_) { b ? f(v_, a_, Yes{}) : f(v_, a_, No{}); };
+  auto with_a = [&](auto v_) { a ? with_b(v_, Yes{}) : with_b(v_, No{}); };
+  v ? with_a(Yes{}) : with_a(No{});
+}
+
 template <int BK>
 void run_own(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
@@ -255,15 +272,13 @@ void run_own(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, con
     out = part.data<float>(), out_ld = N, slice_stride = M * N, out_alpha = 1.f, out_beta = 0.f;
   }
   dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)((M + BM - 1) / BM), (unsigned)slices);
-  bool vec = lda % 4 == 0 && ldb % 4 == 0 && out_ld % 4 == 0 && aligned16(A) && aligned16(B) && aligned16(out);
-  if (vec)
-    sgemm_kernel<BK, true><<<grid, kGemmThreads, 0, stream()>>>(
-        ta, tb, (int)M, (int)N, (int)K, (int)k_slice, out_alpha, A, (int)lda, B, (int)ldb, out_beta, out,
-        (int)out_ld, slice_stride);
-  else
-    sgemm_kernel<BK, false><<<grid, kGemmThreads, 0, stream()>>>(
-        ta, tb, (int)M, (int)N, (int)K, (int)k_slice, out_alpha, A, (int)lda, B, (int)ldb, out_beta, out,
-        (int)out_ld, slice_stride);
+  const bool vec = lda % 4 == 0 && ldb % 4 == 0 && out_ld % 4 == 0 && aligned16(A) && aligned16(B) && aligned16(out);
+  auto launch = [&](auto vec_, auto ta_, auto tb_) {
+    sgemm_kernel<BK, decltype(vec_)::value, decltype(ta_)::value, decltype(tb_)::value>
+        <<<grid, kGemmThreads, 0, stream()>>>((int)M, (int)N, (int)K, (int)k_slice, out_alpha, A, (int)lda, B,
+                                              (int)ldb, out_beta, out, (int)out_ld, slice_stride);
+  };
+  with_flags(vec, ta, tb, launch);
   cudaCheckLaunch();
   if (slices > 1) {
     sum_k_slices<<<blocks_for(M * N), kThreads, 0, stream()>>>(part.data<float>(), (int)slices, (int)M, (int)N, alpha,
