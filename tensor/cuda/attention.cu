@@ -446,7 +446,8 @@ __global__ void __launch_bounds__(kWarps * 32) flash_backward_dkv(const T* g, co
 //  Row reductions (max, sum) run over the 16 lanes of a half-warp with shuffles; all sums in a fixed order.
 //  Work skipped: a warp (8 own rows) sits out a tile none of its rows sees (past the last row, or hidden by
 //  causality) but still stages and meets every barrier; the products over a last, partial tile stop after its
-//  live rows (rounded up to 4); causal query tiles run last-first, the longest blocks starting first.
+//  live rows (rounded up to 4); query tiles run last-first, so that under a causal mask the longest blocks
+//  start first.
 constexpr int kTB = 32, kTileThreads = 128;
 
 template <int TN>
