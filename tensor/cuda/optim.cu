@@ -100,7 +100,7 @@ void require_float(DType d, const char* op) {
 }
 
 // The jobs of a launch run side by side, so two that write overlapping memory would race (the CPU applies them
-// in turn): the ranges they write (x[s] for s < `written`, or AdamW's p, m, v) must be disjoint.
+// in turn): the ranges they write (x[s] for each slot s in `written`: AdamW's p, m, v) must be disjoint.
 void require_disjoint(const std::vector<std::pair<DType, Job>>& all, const std::vector<int>& written, const char* op) {
   std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
   for (const auto& [d, j] : all)
