@@ -27,7 +27,8 @@ struct EvalOptions {
 // of a base checkpoint, because its head is untrained; its confusion matrices are still reported). Keys:
 // stage, checkpoint, policy, records, level_acc, level_f1, type_acc, type_f1, level_recall, type_recall,
 // level_confusion, type_confusion (rows = truth, columns = prediction), asr, asr_no_control,
-// safe_response_rate(_no_control), safe_response_by_level, clean_acc, caption_f1, caption_f1_hard_negative,
+// safe_response_rate(_no_control), safe_response_by_level, clean_acc (not counting hard negatives),
+// clean_acc_hard_negative, caption_f1, caption_f1_hard_negative,
 // over_refusal(_no_control), over_refusal_hard_negative(_no_control), actions, counts, notes,
 // eval_seconds, records_per_second.
 // The policy is refused up front when one of its hints can never fit the LLM's positions (check_policy_fits);

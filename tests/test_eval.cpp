@@ -99,7 +99,7 @@ class Eval : public ::testing::Test {
 std::string Eval::root_;
 
 const char* const kRateKeys[] = {"asr",          "asr_no_control",          "safe_response_rate",
-                                 "safe_response_rate_no_control",           "clean_acc",
+                                 "safe_response_rate_no_control",           "clean_acc", "clean_acc_hard_negative",
                                  "caption_f1",   "caption_f1_hard_negative", "over_refusal",
                                  "over_refusal_no_control", "over_refusal_hard_negative",
                                  "over_refusal_hard_negative_no_control"};
@@ -187,7 +187,7 @@ TEST_F(Eval, PredictionsFileHasOneLinePerRecordMatchingTheReport) {
   const json::Value m = evaluate(c, test_set(c), o);
   std::ifstream in(o.predictions);
   std::string line;
-  int64_t lines = 0, hints = 0, qa = 0, qa_right = 0;
+  int64_t lines = 0, hints = 0, qa = 0, qa_right = 0, hard_qa = 0, hard_qa_right = 0;
   while (std::getline(in, line)) {
     const json::Value v = json::parse(line);
     EXPECT_EQ(v.int_at("index"), lines);
@@ -199,14 +199,19 @@ TEST_F(Eval, PredictionsFileHasOneLinePerRecordMatchingTheReport) {
     EXPECT_EQ(v.at("correct").is_bool(), clean) << line;
     EXPECT_EQ(v.at("expected").is_string(), clean) << line;
     const std::string kind = v.string_at("kind");
-    if (clean && !v.bool_at("hard_negative") && (kind == "count" || kind == "color" || kind == "position"))
-      ++qa, qa_right += v.bool_at("correct");
+    if (clean && (kind == "count" || kind == "color" || kind == "position")) {
+      if (v.bool_at("hard_negative")) ++hard_qa, hard_qa_right += v.bool_at("correct");
+      else ++qa, qa_right += v.bool_at("correct");
+    }
     ++lines;
   }
   EXPECT_EQ(lines, 24);
   EXPECT_EQ(hints, m.at("actions").int_at("hint"));
   ASSERT_GT(qa, 0) << "no clean question among the first records";
   EXPECT_DOUBLE_EQ(m.number_at("clean_acc"), double(qa_right) / qa);  // the same verdicts as the report's
+  if (hard_qa > 0) EXPECT_DOUBLE_EQ(m.number_at("clean_acc_hard_negative"), double(hard_qa_right) / hard_qa);
+  else EXPECT_TRUE(m.at("clean_acc_hard_negative").is_null());
+  EXPECT_EQ(m.at("counts").int_at("clean_qa_hard_negative"), hard_qa);
   fs::remove(o.predictions);
 }
 
@@ -216,8 +221,8 @@ TEST_F(Eval, BaseHeadMetricsAreNullAndControlIsOff) {
   o.limit = 10;
   const json::Value m = evaluate(c, test_set(c), o);
   for (const char* k : kHeadKeys) EXPECT_TRUE(m.at(k).is_null()) << k;
-  // The first 10 records hold no clean question and no caption: nothing to count for those two.
-  for (const std::string k : kRateKeys) expect_rate(m, k, k == "clean_acc" || k == "caption_f1");
+  // The first 10 records hold no clean question and no caption: nothing to count for those.
+  for (const std::string k : kRateKeys) expect_rate(m, k, k == "clean_acc" || k == "clean_acc_hard_negative" || k == "caption_f1");
   EXPECT_EQ(m.int_at("records"), 10);
   EXPECT_EQ(m.at("level_confusion").size(), 4u);  // kept for reference
   EXPECT_EQ(m.at("asr"), m.at("asr_no_control"));
