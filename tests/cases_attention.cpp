@@ -45,7 +45,12 @@ std::vector<OpCase> rope_cases() {
   c.differentiable = {true, false, false};
   c.run = [](const Inputs& in) { return rope(in[0], in[1], in[2]); };
   c.reference = [](const Inputs& in) { return ref_rope(in[0], in[1], in[2]); };
-  return {c};
+  // Half-widths of 32 and 20: the CPU kernel's full 16-lane vectors (and, at 20, a tail after them), which the
+  // small cases above (half <= 3) never reach; tiny's D = 32 and small's D = 64 run on them.
+  OpCase wide = c;
+  wide.shapes = {{{1, 3, 2, 64}, {3, 64}, {3, 64}}, {{2, 3, 1, 40}, {3, 40}, {3, 40}}};
+  wide.finite_differences = false;
+  return {c, wide};
 }
 
 // ---- attention: inputs q, k, v and optionally the mask. A [T,S] mask gets -inf entries and a fully masked row 2;

@@ -72,7 +72,9 @@ std::vector<OpCase> conv_cases() {
   pc.reference = ref_patch_conv;
   OpCase dw;
   dw.op = "depthwise_conv3x3";
-  dw.shapes = {{{2, 5, 5, 3}, {3, 1, 3, 3}}, {{1, 4, 6, 8}, {8, 1, 3, 3}}, {{1, 1, 1, 2}, {2, 1, 3, 3}}};
+  // B·H = 21 in the last: the CUDA weight gradient's partial sums over chunks of 16 rows, the last one partial.
+  dw.shapes = {{{2, 5, 5, 3}, {3, 1, 3, 3}}, {{1, 4, 6, 8}, {8, 1, 3, 3}}, {{1, 1, 1, 2}, {2, 1, 3, 3}},
+               {{3, 7, 5, 4}, {4, 1, 3, 3}}};
   dw.run = [](const Inputs& in) { return depthwise_conv3x3(in[0], in[1]); };
   dw.reference = [](const Inputs& in) { return ref_depthwise(in[0], in[1]); };
   std::vector<OpCase> v{pc, dw};

@@ -15,6 +15,7 @@
 #include "nn/conform.h"
 #include "nn/optim.h"
 #include "op_harness.h"
+#include "test_util.h"
 #include "psa/train.h"
 #include "tensor/device.h"
 #include "tensor/dispatch.h"
@@ -81,7 +82,8 @@ double tolerance(const std::string& op, DType dt) {
 int value_class(double v) { return std::isnan(v) ? 1 : std::isinf(v) ? (v > 0 ? 2 : 3) : 0; }
 
 // Compares two tensors: same shape, same NaN/Inf positions (or, with finite_only, the same finite/non-finite
-// positions), normalised error max |cuda - cpu| / (1 + |cpu|) over finite pairs within tol. "" when they agree.
+// positions), normalised error max |cuda - cpu| / (1 + |cpu|) over finite pairs within tol, and so is
+// ||cuda - cpu|| / ||cpu|| (test_util.h: the first alone misses a wrong scale of small values). "" when they agree.
 std::string compare(const Tensor& cpu, const Tensor& gpu, double tol, bool finite_only = false) {
   if (cpu.defined() != gpu.defined())
     return std::string("defined on ") + (cpu.defined() ? "cpu" : "cuda") + " only";
@@ -108,6 +110,8 @@ std::string compare(const Tensor& cpu, const Tensor& gpu, double tol, bool finit
   if (worst > tol)
     return str_cat("normalised error ", worst, " > ", tol, " at element ", worst_at, ": cuda ", g[worst_at], " vs cpu ",
                    c[worst_at]);
+  const double rel = test::relative_norm_error(g, c);
+  if (rel > tol) return str_cat("relative norm error ||cuda - cpu|| / ||cpu|| ", rel, " > ", tol);
   return "";
 }
 
