@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <set>
 
 #include "nn/c_abstractor.h"
 #include "nn/checkpoint.h"
@@ -64,9 +65,11 @@ double rel_error(const Tensor& ours, const Tensor& theirs) {
 struct Checker {
   ConformReport& report;
   const StateDict& io;
+  std::set<std::string> used;  // the io keys compared or read as inputs
   void compare(const std::string& name, const Tensor& ours) {
     auto it = io.find(name);
     PSA_CHECK(it != io.end(), "conform: io.safetensors has no '", name, "'");
+    used.insert(name);
     Tensor theirs = it->second;
     if (name == "loss") theirs = reshape(theirs, {});
     PSA_CHECK(ours.defined(), "conform: no value computed for '", name, "'");
@@ -88,9 +91,17 @@ struct Checker {
       }
     }
   }
+  // Every stored output and gradient must have been compared: a model computing fewer hidden states, or a
+  // gradient key naming no parameter of ours, is a mismatch, not a smaller pass.
+  void require_all_compared() {
+    for (const auto& [name, t] : io)
+      if (!used.count(name)) report.entries.push_back({"unchecked." + name, INFINITY, false});
+  }
 };
 
-Tensor input(const StateDict& io, const std::string& name, Device d, bool grad) {
+Tensor input(Checker& ck, const std::string& name, Device d, bool grad) {
+  const StateDict& io = ck.io;
+  ck.used.insert(name);
   auto it = io.find(name);
   PSA_CHECK(it != io.end(), "conform: io.safetensors has no input '", name, "'");
   Tensor t = it->second.to(d);
@@ -100,8 +111,8 @@ Tensor input(const StateDict& io, const std::string& name, Device d, bool grad) 
 
 // Token ids (input_ids, labels) as the model reads them: integers in [0, vocab), labels also -100 (ignored).
 // Checked here so that a bad id is named by its tensor, not by the embedding's index_select.
-Tensor token_input(const StateDict& io, const std::string& name, int64_t vocab, Device d) {
-  Tensor t = input(io, name, Device::cpu, false);
+Tensor token_input(Checker& ck, const std::string& name, int64_t vocab, Device d) {
+  Tensor t = input(ck, name, Device::cpu, false);
   PSA_CHECK(t.dtype() == DType::i64 || t.dtype() == DType::i32, "conform: io.safetensors '", name, "' is ",
             dtype_name(t.dtype()), ", expected integer token ids (I64)");
   const std::vector<double> ids = t.to_vector();
@@ -112,7 +123,7 @@ Tensor token_input(const StateDict& io, const std::string& name, int64_t vocab, 
   return t.to(DType::i64).to(d);
 }
 
-Tensor weighted_loss(const Tensor& out, const StateDict& io, Device d) { return sum(mul(out, input(io, "loss_weight", d, false))); }
+Tensor weighted_loss(const Tensor& out, Checker& ck, Device d) { return sum(mul(out, input(ck, "loss_weight", d, false))); }
 
 // Every config a fixture kind can hold, read and range-checked before a weight is read or a module built.
 struct FixtureConfig {
@@ -200,13 +211,13 @@ ConformReport conform(const std::string& dir, Device device, double tolerance) {
     ClipVision m(cfg.clip);
     load_renamed(m, f.weights, clip_key, src);
     m.to(device);
-    Tensor px = input(io, "pixel_values", device, true);
+    Tensor px = input(ck, "pixel_values", device, true);
     ClipVision::Output out = m.forward(px);
     for (size_t i = 0; i < out.hidden_states.size(); ++i) ck.compare("hidden_states." + std::to_string(i), out.hidden_states[i]);
     ck.compare("last_hidden_state", out.last_hidden_state);
     ck.compare("pooler_output", out.pooler_output);
     Tensor feat = out.hidden_states[out.hidden_states.size() - 2];
-    Tensor loss = weighted_loss(slice(feat, 1, 1, feat.size(1)), io, device);
+    Tensor loss = weighted_loss(slice(feat, 1, 1, feat.size(1)), ck, device);
     ck.compare("loss", loss);
     loss.backward();
     ck.compare_grads(m, same);
@@ -216,11 +227,11 @@ ConformReport conform(const std::string& dir, Device device, double tolerance) {
     load_renamed(m, f.weights, [](const std::string& k) { return k; }, src);
     m.to(device);
     const int64_t V = cfg.llama.vocab;
-    auto out = m.forward(m.embed(token_input(io, "input_ids", V, device)), nullptr, true);
+    auto out = m.forward(m.embed(token_input(ck, "input_ids", V, device)), nullptr, true);
     for (size_t i = 0; i < out.hidden_states.size(); ++i)
       if (io.count("hidden_states." + std::to_string(i))) ck.compare("hidden_states." + std::to_string(i), out.hidden_states[i]);
     ck.compare("logits", out.logits);
-    Tensor loss = LlamaForCausalLM::causal_lm_loss(out.logits, token_input(io, "labels", V, device));
+    Tensor loss = LlamaForCausalLM::causal_lm_loss(out.logits, token_input(ck, "labels", V, device));
     ck.compare("loss", loss);
     loss.backward();
     ck.compare_grads(m, same);
@@ -229,9 +240,9 @@ ConformReport conform(const std::string& dir, Device device, double tolerance) {
     load_renamed(*m, f.weights, llava_key, src);
     m->to(device);
     const int64_t V = cfg.llava.text.vocab;
-    Tensor logits = m->forward(input(io, "pixel_values", device, false), token_input(io, "input_ids", V, device));
+    Tensor logits = m->forward(input(ck, "pixel_values", device, false), token_input(ck, "input_ids", V, device));
     ck.compare("logits", logits);
-    Tensor loss = LlamaForCausalLM::causal_lm_loss(logits, token_input(io, "labels", V, device));
+    Tensor loss = LlamaForCausalLM::causal_lm_loss(logits, token_input(ck, "labels", V, device));
     ck.compare("loss", loss);
     loss.backward();
     ck.compare_grads(*m, [](const std::string& n) {  // io uses the transformers-5 in-memory names
@@ -245,10 +256,10 @@ ConformReport conform(const std::string& dir, Device device, double tolerance) {
     CAbstractor m(cfg.cabs);
     load_renamed(m, f.weights, [](const std::string& k) { return k; }, src);
     m.to(device);
-    Tensor x = input(io, "x", device, true);
+    Tensor x = input(ck, "x", device, true);
     Tensor y = m.forward(x);
     ck.compare("y", y);
-    Tensor loss = weighted_loss(y, io, device);
+    Tensor loss = weighted_loss(y, ck, device);
     ck.compare("loss", loss);
     loss.backward();
     ck.compare_grads(m, same);
@@ -257,20 +268,21 @@ ConformReport conform(const std::string& dir, Device device, double tolerance) {
     MultiheadAttention m(cfg.mha.embed_dim, cfg.mha.heads);
     load_renamed(m, f.weights, [](const std::string& k) { return k; }, src);
     m.to(device);
-    Tensor q = input(io, "query", device, true), kv = input(io, "key_value", device, true);
+    Tensor q = input(ck, "query", device, true), kv = input(ck, "key_value", device, true);
     Tensor y = m.forward(q, kv);
     ck.compare("y", y);
     if (io.count("attn_weights")) {
       NoGrad ng;
       ck.compare("attn_weights", m.attention_weights(q, kv));
     }
-    Tensor loss = weighted_loss(y, io, device);
+    Tensor loss = weighted_loss(y, ck, device);
     ck.compare("loss", loss);
     loss.backward();
     ck.compare_grads(m, same);
     ck.compare("grad_input.query", q.grad());
     ck.compare("grad_input.key_value", kv.grad());
   }
+  ck.require_all_compared();
   return r;
 }
 

@@ -10,7 +10,8 @@ namespace psa::nn {
 
 struct ConformEntry {
   std::string name;  // e.g. "logits", "loss", "grad.model.layers.0.mlp.up_proj.weight", "nograd.post_layernorm.weight"
-  double rel_err;    // ‖ours − theirs‖ / ‖theirs‖ (absolute norm when theirs is 0)
+  double rel_err;    // ‖ours − theirs‖ / ‖theirs‖ (absolute norm when theirs is 0); +Inf for "unchecked.<key>",
+                     // a stored tensor this model has no output or parameter for
   bool ok;
 };
 
