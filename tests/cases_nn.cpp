@@ -252,6 +252,11 @@ TEST(ThreadedKernels, MatchOneThread) {
       {"patch_conv", {{3, 3, 64, 64}, {16, 3, 8, 8}, {16}}, [](const Inputs& in) { return patch_conv(in[0], in[1], in[2]); }, 3, {}},
       {"depthwise_conv3x3", {{2, 16, 16, 80}, {80, 1, 3, 3}}, [](const Inputs& in) { return depthwise_conv3x3(in[0], in[1]); }, 2, {}},
       {"adaptive_avg_pool2d", {{2, 20, 20, 48}}, [](const Inputs& in) { return adaptive_avg_pool2d(in[0], 7, 5); }, 1, {}},
+      // Past the 2^16 elements where permute and sum_dim split their rows: each thread starts mid-odometer.
+      {"permute", {{6, 20, 30, 21}}, [](const Inputs& in) { return permute(in[0], {0, 2, 3, 1}); }, 1, {}},
+      {"sum", {{30, 61, 40}}, [](const Inputs& in) { return sum(in[0], 1); }, 1, {}},
+      {"sum", {{300, 241}}, [](const Inputs& in) { return sum(in[0], 1); }, 1, {}},
+      {"max", {{30, 61, 40}}, [](const Inputs& in) { return max(in[0], 2); }, 1, {}},
   };
   int threads = std::max(2, omp_get_max_threads());
   for (const ThreadedCase& c : cases) {
