@@ -302,10 +302,11 @@ std::vector<OpCase> shape_cases() {
   v.push_back(ex);
   OpCase is;
   is.op = "index_select";
-  is.shapes = {{{5, 3}, {6}}, {{2, 4, 3}, {6}}};
+  // The first embeds a [2, 3] batch of ids (embedding keeps the ids' shape), the second selects along dim 1.
+  is.shapes = {{{5, 3}, {2, 3}}, {{2, 4, 3}, {6}}};
   is.make_inputs = [](const std::vector<Shape>& s, uint64_t seed, DType dt) {
     Inputs in{randn(s[0], seed, dt)};
-    in.push_back(Tensor::from(std::vector<int64_t>{3, 0, 3, 2, 1, 3}, {6}, DType::i64));
+    in.push_back(Tensor::from(std::vector<int64_t>{3, 0, 3, 2, 1, 3}, s[1], DType::i64));
     return in;
   };
   is.differentiable = {true, false};
@@ -314,7 +315,7 @@ std::vector<OpCase> shape_cases() {
     const Tensor& a = in[0];
     const int64_t* idx = in[1].data<int64_t>();
     int64_t outer = a.dim() == 2 ? 1 : a.size(0), n = a.dim() == 2 ? a.size(0) : a.size(1), inner = a.size(-1);
-    Tensor out = empty64(a.dim() == 2 ? Shape{6, inner} : Shape{outer, 6, inner});
+    Tensor out = empty64(a.dim() == 2 ? Shape{2, 3, inner} : Shape{outer, 6, inner});
     for (int64_t o = 0; o < outer; ++o)
       for (int64_t k = 0; k < 6; ++k)
         for (int64_t j = 0; j < inner; ++j) md(out)[(o * 6 + k) * inner + j] = cd(a)[(o * n + idx[k]) * inner + j];
@@ -442,6 +443,38 @@ std::vector<OpCase> composite_cases() {
     return out;
   };
   v.push_back(lin);
+  // linear over batch dims, with and without a bias, and linear_act (bias_act after the product, or the bare
+  // activation without a bias), against one f64 loop: y[r, o] = act(Σ_i x[r, i]·w[o, i] + b[o]).
+  struct LinearCase {
+    const char* act;  // "" = linear
+    double (*f)(double);
+  };
+  for (LinearCase lc : {LinearCase{"", [](double z) { return z; }}, LinearCase{"quick_gelu", [](double z) { return z * sig(1.702 * z); }},
+                        LinearCase{"silu", [](double z) { return z * sig(z); }}}) {
+    OpCase c;
+    c.op = *lc.act ? "bias_act" : "matmul";
+    c.shapes = {{{2, 3, 5}, {4, 5}, {4}}, {{3, 7}, {6, 7}}};
+    const std::string act = lc.act;
+    c.run = [act](const Inputs& in) {
+      Tensor b = in.size() > 2 ? in[2] : Tensor();
+      return act.empty() ? linear(in[0], in[1], b) : linear_act(in[0], in[1], b, act);
+    };
+    double (*f)(double) = lc.f;
+    c.reference = [f](const Inputs& in) {
+      const int64_t O = in[1].size(0), I = in[1].size(1), rows = in[0].numel() / I;
+      Shape shape = in[0].shape();
+      shape.back() = O;
+      Tensor out = empty64(shape);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t o = 0; o < O; ++o) {
+          double z = in.size() > 2 ? cd(in[2])[o] : 0.0;
+          for (int64_t i = 0; i < I; ++i) z += cd(in[0])[r * I + i] * cd(in[1])[o * I + i];
+          md(out)[r * O + o] = f(z);
+        }
+      return out;
+    };
+    v.push_back(c);
+  }
   v.push_back(unary_case("silu", [](const Tensor& x) { return activation(x, "swish"); },
                          [](double x) { return x * sig(x); }));
   return v;

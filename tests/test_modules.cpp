@@ -249,6 +249,40 @@ TEST(Modules, LmLossOnLabelledRowsEqualsTheFullLogitsLoss) {
   }
 }
 
+// tie_word_embeddings: one matrix embeds the ids and projects the logits, so its gradient is the sum of both
+// uses: the untied model's embedding gradient plus its lm_head gradient, from the same weights.
+TEST(Modules, TiedEmbeddingsSumTheGradientsOfBothUses) {
+  LlamaConfig c = tiny_llama();
+  c.tie_embeddings = true;
+  LlamaForCausalLM tied(c);
+  tied.initialize(5);
+  ASSERT_EQ(tied.lm_head, nullptr);
+  c.tie_embeddings = false;
+  LlamaForCausalLM untied(c);
+  std::map<std::string, Tensor> sd = tied.state_dict();
+  sd["lm_head.weight"] = sd.at("model.embed_tokens.weight").clone();
+  untied.load_state_dict(sd);
+  Tensor ids = Tensor::from(std::vector<int64_t>{1, 4, 4, 9, 15, 0, 2, 7, 7, 3}, {2, 5}, DType::i64);
+  Tensor labels = Tensor::from(std::vector<int64_t>{-100, 4, 4, 9, 15, -100, -100, 7, 7, 3}, {2, 5}, DType::i64);
+  auto loss_of = [&](const LlamaForCausalLM& m) {
+    return LlamaForCausalLM::causal_lm_loss(m.forward(m.embed(ids)).logits, labels);
+  };
+  Tensor lt = loss_of(tied), lu = loss_of(untied);
+  lt.backward();
+  lu.backward();
+  EXPECT_NEAR(lt.item(), lu.item(), 1e-6);
+  std::vector<float> g = tied.embed_tokens->weight.grad().vec<float>();
+  std::vector<float> ge = untied.embed_tokens->weight.grad().vec<float>(), gh = untied.lm_head->weight.grad().vec<float>();
+  ASSERT_EQ(g.size(), ge.size());
+  double worst = 0, head_norm = 0;
+  for (size_t i = 0; i < g.size(); ++i) {
+    worst = std::max(worst, (double)std::fabs(g[i] - (ge[i] + gh[i])));
+    head_norm += gh[i] * gh[i];
+  }
+  EXPECT_GT(head_norm, 1e-6) << "the lm_head use must contribute";
+  EXPECT_LE(worst, 1e-6);
+}
+
 // The splice against a position-by-position reference (text row, or the next image feature of that row), its
 // gradients by finite differences, and its errors: a run of image tokens must match the features exactly.
 TEST(Modules, SpliceEmbeddingsPlacesFeaturesWhereTheImageTokensAre) {
