@@ -46,7 +46,8 @@ std::vector<OpCase> norm_cases() {
   rms.run = [](const Inputs& in) { return rms_norm(in[0], in.size() > 1 ? in[1] : Tensor(), 1e-6); };
   rms.reference = [](const Inputs& in) { return ref_norm(in, true, 1e-6); };
   OpCase ln_long = ln, rms_long = rms;
-  ln_long.shapes = {{{130, 1030}, {1030}, {1030}}};
+  // Long rows: 256 threads a row on CUDA (C >= 1024), and 128 (128 <= C < 1024).
+  ln_long.shapes = {{{130, 1030}, {1030}, {1030}}, {{20, 300}, {300}, {300}}};
   ln_long.finite_differences = false;
   rms_long.shapes = {{{70, 200}, {200}}};
   rms_long.finite_differences = false;
@@ -141,7 +142,7 @@ std::vector<OpCase> cross_entropy_cases() {
     v.push_back(c);
   }
   OpCase wide = v[0];
-  wide.shapes = {{{70, 1100}, {70}}};
+  wide.shapes = {{{70, 1100}, {70}}, {{30, 700}, {30}}};  // 256 and 128 threads a row on CUDA
   wide.finite_differences = false;
   v.push_back(wide);
   return v;

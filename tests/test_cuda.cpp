@@ -335,12 +335,17 @@ TEST(CudaParity, OptimizerKernelsMatchCpu) {
   cuda::adamw_steps({{&dev[0], &dev[2], &dev[3], &dev[1], c}});
   const char* names[] = {"adamw p", "adamw g", "adamw m", "adamw v"};
   for (int i = 0; i < 4; ++i) EXPECT_EQ(compare(host[i], dev[i], 1e-6), "") << names[i];
+  // SGD: the first step (buffer = gradient), a Nesterov step on that buffer, a plain momentum step, and one
+  // without momentum or weight decay (no buffer).
   Tensor b_host = Tensor::zeros(s), b_dev = Tensor::zeros(s, DType::f32, Device::cuda);
-  cpu::SgdCoeffs sc{0.1, 0.9, 0.1, 0.01, false, false};
-  cpu::sgd_step(host[0], host[1], b_host, sc);
-  PSA_KERNEL(Device::cuda, sgd_step)(dev[0], dev[1], b_dev, sc);
-  EXPECT_EQ(compare(host[0], dev[0], 1e-6), "") << "sgd p";
-  EXPECT_EQ(compare(b_host, b_dev, 1e-6), "") << "sgd momentum buffer";
+  for (cpu::SgdCoeffs sc : {cpu::SgdCoeffs{0.1, 0.9, 0.1, 0.01, false, true}, cpu::SgdCoeffs{0.1, 0.9, 0.1, 0.01, true, false},
+                            cpu::SgdCoeffs{0.1, 0.9, 0.1, 0.01, false, false}, cpu::SgdCoeffs{0.1, 0.0, 0.0, 0.0, false, false}}) {
+    const std::string what = str_cat("sgd (momentum ", sc.momentum, ", nesterov ", sc.nesterov, ", first ", sc.first_step, ")");
+    cpu::sgd_step(host[0], host[1], b_host, sc);
+    PSA_KERNEL(Device::cuda, sgd_step)(dev[0], dev[1], b_dev, sc);
+    EXPECT_EQ(compare(host[0], dev[0], 1e-6), "") << what << " p";
+    EXPECT_EQ(compare(b_host, b_dev, 1e-6), "") << what << " momentum buffer";
+  }
   // Several tensors in one call, an empty one among them; the sum in the CPU kernel's order.
   Tensor empty_host = Tensor::zeros({0}), empty_dev = empty_host.to(Device::cuda);
   const double want = cpu::sum_squares({host[1], empty_host, host[2]});
