@@ -252,9 +252,15 @@ std::vector<OpCase> shape_cases() {
   std::vector<OpCase> v;
   OpCase r;
   r.op = "reshape";
-  r.shapes = {{{3, 4, 5}}};
-  r.run = [](const Inputs& in) { return mul_scalar(reshape(in[0], {5, -1}), 1.0); };  // the view is checked through a consumer
-  r.reference = [](const Inputs& in) { Tensor o = in[0].clone(); return reshape(o, {5, 12}); };
+  // [3, 4, 5] -> [5, 12] and [7, 3] -> [21, 1] (-1 inferred); the view is checked through a consumer. The
+  // reference copies the values in order into a fresh tensor of the new shape.
+  r.shapes = {{{3, 4, 5}}, {{7, 3}}};
+  r.run = [](const Inputs& in) { return mul_scalar(reshape(in[0], in[0].dim() == 3 ? Shape{5, -1} : Shape{-1, 1}), 1.0); };
+  r.reference = [](const Inputs& in) {
+    Tensor o = empty64(in[0].dim() == 3 ? Shape{5, 12} : Shape{21, 1});
+    for (int64_t i = 0; i < o.numel(); ++i) md(o)[i] = cd(in[0])[i];
+    return o;
+  };
   v.push_back(r);
   for (auto perm : std::vector<std::vector<int64_t>>{{2, 0, 1}, {1, 0}, {0, 2, 1, 3}}) {
     OpCase p;
