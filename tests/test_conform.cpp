@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <functional>
 #include <map>
 
 #include "autograd/ops.h"
@@ -35,38 +36,40 @@ TEST(ConformErrors, UnknownKindNamesTheFile) {
   }
 }
 
+namespace fs = std::filesystem;
+
+// A copy of the mha fixture in a temporary folder (removed with the object) whose io.safetensors `edit` changed.
+struct EditedFixture {
+  fs::path dir;
+  EditedFixture(const std::string& tag, const std::function<void(nn::StateDict&)>& edit)
+      : dir(fs::path(::testing::TempDir()) / ("psa_conform_" + tag + "_" + std::to_string(::getpid()))) {
+    fs::remove_all(dir);
+    fs::copy("tests/data/hf/mha", dir, fs::copy_options::recursive);
+    std::map<std::string, std::string> meta;
+    nn::StateDict io = nn::read_tensors((dir / "io.safetensors").string(), &meta);
+    edit(io);
+    nn::write_tensors((dir / "io.safetensors").string(), io, meta);
+  }
+  ~EditedFixture() { fs::remove_all(dir); }
+};
+
 // An output of the right size in the wrong layout ([2, 7, 64] stored as [14, 64]) is a mismatch, not a pass:
 // the comparison used to look at element counts only.
 TEST(ConformErrors, AnOutputOfAnotherShapeIsRefused) {
-  namespace fs = std::filesystem;
-  const fs::path dir = fs::path(::testing::TempDir()) / ("psa_conform_shape_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::copy("tests/data/hf/mha", dir, fs::copy_options::recursive);
-  std::map<std::string, std::string> meta;
-  nn::StateDict io = nn::read_tensors((dir / "io.safetensors").string(), &meta);
-  io["y"] = reshape(io.at("y"), {14, 64});
-  nn::write_tensors((dir / "io.safetensors").string(), io, meta);
+  EditedFixture f("shape", [](nn::StateDict& io) { io["y"] = reshape(io.at("y"), {14, 64}); });
   try {
-    nn::conform(dir.string());
+    nn::conform(f.dir.string());
     FAIL() << "expected an error";
   } catch (const Error& e) {
     EXPECT_EQ(std::string(e.what()), "conform: 'y': ours [2,7,64] vs [14,64]");
   }
-  fs::remove_all(dir);
 }
 
 // A stored tensor the run does not compare (here a gradient naming no parameter; likewise a hidden state past the
 // model's layers) fails the run instead of shrinking it.
 TEST(ConformErrors, AStoredTensorLeftUncomparedFails) {
-  namespace fs = std::filesystem;
-  const fs::path dir = fs::path(::testing::TempDir()) / ("psa_conform_extra_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::copy("tests/data/hf/mha", dir, fs::copy_options::recursive);
-  std::map<std::string, std::string> meta;
-  nn::StateDict io = nn::read_tensors((dir / "io.safetensors").string(), &meta);
-  io["grad.extra_proj.weight"] = io.at("y");
-  nn::write_tensors((dir / "io.safetensors").string(), io, meta);
-  const nn::ConformReport r = nn::conform(dir.string());
+  EditedFixture f("extra", [](nn::StateDict& io) { io["grad.extra_proj.weight"] = io.at("y"); });
+  const nn::ConformReport r = nn::conform(f.dir.string());
   EXPECT_FALSE(r.ok());
   int unchecked = 0;
   for (const nn::ConformEntry& e : r.entries) {
@@ -75,7 +78,6 @@ TEST(ConformErrors, AStoredTensorLeftUncomparedFails) {
     EXPECT_EQ(e.ok, !extra) << e.name;
   }
   EXPECT_EQ(unchecked, 1);
-  fs::remove_all(dir);
 }
 
 }  // namespace
