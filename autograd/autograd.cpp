@@ -49,13 +49,16 @@ std::vector<Edge> edges_to(const std::vector<Tensor>& inputs) {
 
 }  // namespace
 
-Tensor record(const char* op, Tensor out, const std::vector<Tensor>& inputs, BackwardFn backward) {
+Tensor record(const char* op, Tensor out, const std::vector<Tensor>& inputs, BackwardFn backward,
+              const std::vector<Tensor>& saved) {
   if (!g_grad_enabled || !any_requires_grad(inputs)) return out;
   PSA_CHECK(is_registered_op(op), "internal: op '", op, "' is not in the op table");
   auto node = std::make_shared<Node>();
   node->op = op;
   node->inputs = edges_to(inputs);
   node->backward = std::move(backward);
+  for (const Tensor& t : saved)
+    if (t.defined()) node->saved.push_back({t.impl()->storage, t.impl()->storage->version, t.shape()});
   out.impl()->grad_fn = std::move(node);
   out.impl()->requires_grad = true;
   return out;
@@ -114,8 +117,25 @@ void accumulate(std::unordered_map<Key*, Tensor>& grads, Key* k, const Tensor& g
   else add_into(it->second, g);
 }
 
-void add_to_leaf(TensorImpl* leaf, const Tensor& g) {
-  leaf->grad = leaf->grad ? add(Tensor(leaf->grad), g).impl_ptr() : g.impl_ptr();
+void check_saved_versions(const Node& node) {
+  for (const SavedVersion& s : node.saved) {
+    const std::shared_ptr<const Storage> st = s.storage.lock();
+    PSA_CHECK(!st || st->version == s.version, "backward(): ", node.op, ": a tensor ", shape_str(s.shape),
+              " its backward saved was written in place after the forward pass (by an optimizer step, a weight "
+              "load or a copy into it); run the forward pass again after the write");
+  }
+}
+
+// A first gradient becomes the leaf's .grad as it is, unless something else holds it (the caller's seed, another
+// leaf's gradient: add hands one g to both inputs): then a copy, so that scaling one .grad in place (clipping)
+// or an optimizer's write cannot change the other, as torch's AccumulateGrad copies.
+void add_to_leaf(TensorImpl* leaf, const Tensor& g, bool shared) {
+  if (leaf->grad) leaf->grad = add(Tensor(leaf->grad), g).impl_ptr();
+  else leaf->grad = shared ? g.clone().impl_ptr() : g.impl_ptr();
+}
+
+bool held_elsewhere(const Tensor& g, long own_refs) {
+  return g.impl_ptr().use_count() > own_refs || g.impl()->storage.use_count() > 1;
 }
 
 }  // namespace
@@ -127,14 +147,18 @@ void Tensor::backward(const Tensor& grad_output) const {
   // into the wrong memory (an illegal address on a GPU; the CPU emulator of CUDA cannot tell the two apart).
   PSA_CHECK(!seed.defined() || seed.device() == device(), "backward(): gradient on ", device_name(seed.device()),
             " for a tensor on ", device_name(device()));
+  // The rules read the seed as a tensor of this one's shape and dtype: another would be read past its end.
+  PSA_CHECK(!seed.defined() || (seed.shape() == shape() && seed.dtype() == dtype()), "backward(): gradient ",
+            seed.defined() ? shape_str(seed.shape()) : "", " ", seed.defined() ? dtype_name(seed.dtype()) : "",
+            " for a tensor ", shape_str(shape()), " ", dtype_name(dtype()));
   if (!seed.defined()) {
     PSA_CHECK(numel() == 1, "backward() without a gradient needs a scalar, got shape ", shape_str(shape()));
     seed = Tensor::ones(shape(), dtype(), device());
   }
   NoGrad no_grad;  // backward rules are computed with ops, but never recorded
   profile::BackwardScope in_backward;
-  if (!impl()->grad_fn) {  // backward() on a leaf
-    add_to_leaf(impl(), seed);
+  if (!impl()->grad_fn) {  // backward() on a leaf: the seed is the caller's unless made here
+    add_to_leaf(impl(), seed, grad_output.defined());
     return;
   }
   std::unordered_map<Node*, Tensor> grads{{impl()->grad_fn.get(), seed}};
@@ -148,6 +172,7 @@ void Tensor::backward(const Tensor& grad_output) const {
     grads.erase(it);
     PSA_CHECK(node->backward, "backward(): the graph through ", node->op, " was already used by an earlier "
               "backward() (a graph is used once; run the forward pass again)");
+    check_saved_versions(*node);
     Grads in_grads = node->backward(g);
     PSA_CHECK(in_grads.size() == node->inputs.size(), "internal: ", node->op, " backward returned ",
               in_grads.size(), " gradients for ", node->inputs.size(), " inputs");
@@ -167,7 +192,10 @@ void Tensor::backward(const Tensor& grad_output) const {
     node->backward = nullptr;
     node->inputs.clear();
   }
-  for (const std::shared_ptr<TensorImpl>& leaf : leaves) add_to_leaf(leaf.get(), leaf_grads.at(leaf.get()));
+  for (const std::shared_ptr<TensorImpl>& leaf : leaves) {
+    const Tensor& g = leaf_grads.at(leaf.get());
+    add_to_leaf(leaf.get(), g, held_elsewhere(g, 1));  // 1: the map's own reference
+  }
 }
 
 }  // namespace psa

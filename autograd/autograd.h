@@ -24,10 +24,19 @@ struct Edge {
   bool defined() const { return producer || leaf; }
 };
 
+// A tensor a backward rule captured, as it was when the rule was recorded (Storage::version). Weak: the rule's
+// capture is what keeps the memory alive.
+struct SavedVersion {
+  std::weak_ptr<const Storage> storage;
+  uint64_t version = 0;
+  Shape shape;
+};
+
 struct Node {
   const char* op = "";
   std::vector<Edge> inputs;  // one per input of the op
   BackwardFn backward;       // null once it has run: a graph is used once
+  std::vector<SavedVersion> saved;
 };
 
 bool grad_enabled();
@@ -48,7 +57,10 @@ bool any_requires_grad(const std::vector<Tensor>& inputs);
 
 // Makes `out` part of the graph when gradients are on and some input requires one. `op` must be a row of the
 // op table (autograd/op_table.cpp): that is how every differentiable op is guaranteed a gradient test.
-Tensor record(const char* op, Tensor out, const std::vector<Tensor>& inputs, BackwardFn backward);
+// `saved`: the tensors `backward` captured (undefined ones are skipped); backward() fails, naming the op, if one
+// was written in place since (torch's "modified by an inplace operation").
+Tensor record(const char* op, Tensor out, const std::vector<Tensor>& inputs, BackwardFn backward,
+              const std::vector<Tensor>& saved = {});
 
 // For ops without a backward: if a gradient could reach them, the graph gets a node that fails loudly.
 Tensor record_nondifferentiable(const char* op, Tensor out, const std::vector<Tensor>& inputs);

@@ -54,7 +54,7 @@ Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
     Tensor gx = Tensor::empty(x_shape, g.dtype(), g.device());
     PSA_KERNEL(gx.device(), rope_backward)(g, cs, sn, gx);
     return {gx};
-  });
+  }, {cs, sn});
 }
 
 namespace {
@@ -115,7 +115,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
       profile::timed("attention_backward", &cuda::attention_backward)(g, qs, ks, vs, os, lse, ms, causal, scale,
                                                                       gr[0], gr[1], gr[2]);
       return gr;
-    });
+    }, {qs, ks, vs, os, ms});
 #else
     no_cuda_kernel(op);
 #endif
@@ -128,7 +128,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
     profile::timed("attention_backward", &cpu::attention_backward)(g, qs, ks, vs, probs, causal, scale, gr[0], gr[1],
                                                                    gr[2]);
     return gr;
-  });
+  }, {qs, ks, vs});
 }
 
 }  // namespace psa

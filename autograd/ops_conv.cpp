@@ -53,7 +53,7 @@ Tensor patch_conv(const Tensor& x, const Tensor& w, const Tensor& bias) {
     profile::add_flops(gemm * (need_x + need_w));
     PSA_KERNEL(xs.device(), patch_conv_backward)(g, xs, ws, gx, gw, gb);
     return {gx, gw, gb};
-  });
+  }, {xs, ws});
 }
 
 Tensor depthwise_conv3x3(const Tensor& x, const Tensor& w) {
@@ -69,7 +69,7 @@ Tensor depthwise_conv3x3(const Tensor& x, const Tensor& w) {
     Tensor gx = grad_buffer(need_x, xs.shape(), xs), gw = grad_buffer(need_w, ws.shape(), ws);
     PSA_KERNEL(xs.device(), depthwise_conv3x3_backward)(g, xs, ws, gx, gw);
     return {gx, gw};
-  });
+  }, {xs, ws});
 }
 
 Tensor adaptive_avg_pool2d(const Tensor& x, int64_t out_h, int64_t out_w) {

@@ -38,7 +38,7 @@ Tensor unary_grad(UnaryOp kind, const Tensor& x, const Tensor& y, const Tensor& 
 Tensor unary_op(const char* op, UnaryOp kind, const Tensor& x, double param = 0) {
   Tensor y = unary_forward(op, kind, x, param);
   Tensor xs = x.detach(), ys = y.detach();
-  return record(op, y, {x}, [=](const Tensor& g) -> Grads { return {unary_grad(kind, xs, ys, g, param)}; });
+  return record(op, y, {x}, [=](const Tensor& g) -> Grads { return {unary_grad(kind, xs, ys, g, param)}; }, {xs, ys});
 }
 
 // The activations a config may name (HF's hidden_act), each with its op and kernel kind.
@@ -81,7 +81,7 @@ Tensor mul(const Tensor& a, const Tensor& b) {
   Shape sa = a.shape(), sb = b.shape();
   return record("mul", out, {a, b}, [=](const Tensor& g) -> Grads {
     return {need_a ? sum_to(mul(g, bs), sa) : Tensor(), need_b ? sum_to(mul(g, as), sb) : Tensor()};
-  });
+  }, {as, bs});
 }
 
 Tensor div(const Tensor& a, const Tensor& b) {
@@ -92,7 +92,7 @@ Tensor div(const Tensor& a, const Tensor& b) {
   return record("div", out, {a, b}, [=](const Tensor& g) -> Grads {
     Tensor ga = div(g, bs);
     return {sum_to(ga, sa), need_b ? sum_to(neg(mul(ga, outs)), bs.shape()) : Tensor()};
-  });
+  }, {bs, outs});
 }
 
 Tensor add_scalar(const Tensor& a, double s) { return unary_op("add_scalar", UnaryOp::add_scalar, a, s); }
@@ -124,7 +124,7 @@ Tensor swiglu(const Tensor& gate, const Tensor& up) {
     Tensor g_gate = grad_buffer(need_gate, gs.shape(), gs), g_up = grad_buffer(need_up, us.shape(), us);
     PSA_KERNEL(g.device(), swiglu_backward)(gs, us, g, g_gate, g_up);
     return {g_gate, g_up};
-  });
+  }, {gs, us});
 }
 
 Tensor activation(const Tensor& a, const std::string& name) {
@@ -150,7 +150,7 @@ Tensor bias_act(const Tensor& x, const Tensor& bias, const std::string& act) {
     Tensor gbias = grad_buffer(need_bias, bs.shape(), bs);
     PSA_KERNEL(g.device(), bias_act_backward)(kind, xs, bs, g, gx, gbias);
     return {need_x ? gx : Tensor(), gbias};
-  });
+  }, {xs, bs});
 }
 
 }  // namespace psa

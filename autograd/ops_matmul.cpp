@@ -41,7 +41,7 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
     if (need_a) ga = sum_to(ta ? matmul(bs, g, tb, true) : matmul(g, bs, false, !tb), sa);
     if (need_b) gb = sum_to(tb ? matmul(g, as, true, ta) : matmul(as, g, !ta, false), sb);
     return {ga, gb};
-  });
+  }, {as, bs});
 }
 
 Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {

@@ -44,7 +44,7 @@ Tensor layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps)
     Tensor gx = grad_buffer(need_x, xs.shape(), xs), gw = grad_buffer(need_w, {C}, xs), gb = grad_buffer(need_b, {C}, xs);
     PSA_KERNEL(xs.device(), layer_norm_backward)(g, xs, ws, mean, rstd, gx, gw, gb);
     return {gx, gw, gb};
-  });
+  }, {xs, ws});
 }
 
 Tensor rms_norm(const Tensor& x, const Tensor& w, double eps) {
@@ -60,7 +60,7 @@ Tensor rms_norm(const Tensor& x, const Tensor& w, double eps) {
     Tensor gx = grad_buffer(need_x, xs.shape(), xs), gw = grad_buffer(need_w, {C}, xs);
     PSA_KERNEL(xs.device(), rms_norm_backward)(g, xs, ws, rstd, gx, gw);
     return {gx, gw};
-  });
+  }, {xs, ws});
 }
 
 namespace {
@@ -79,7 +79,7 @@ Tensor softmax_op(const char* op, const Tensor& x, int64_t dim, bool log) {
     Tensor gx = Tensor::empty(ys.shape(), ys.dtype(), ys.device());
     PSA_KERNEL(gx.device(), softmax_backward)(g, ys, sp.outer, sp.n, sp.inner, log, gx);
     return {gx};
-  });
+  }, {ys});
 }
 
 // Targets must be i64 [N] on the host, each in [0, V) or ignore_index; returns how many count.
@@ -122,7 +122,7 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
     Tensor gx = Tensor::empty(xs.shape(), xs.dtype(), xs.device());
     PSA_KERNEL(gx.device(), cross_entropy_backward)(g, xs, targets, lse, ignore_index, count, gx);
     return {gx, Tensor()};
-  });
+  }, {xs, targets});
 }
 
 Tensor dropout(const Tensor& x, double p, uint64_t seed, uint64_t offset) {

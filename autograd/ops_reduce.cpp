@@ -30,11 +30,11 @@ Tensor sum(const Tensor& a, int64_t dim, bool keepdim) {
 Tensor sum(const Tensor& a) { return sum(reshape(a, {a.numel()}), 0, false); }
 
 Tensor mean(const Tensor& a, int64_t dim, bool keepdim) {
-  int64_t n = a.size(dim);
-  return mul_scalar(sum(a, dim, keepdim), 1.0 / std::max<int64_t>(n, 1));
+  // Over an empty dim: 0 / 0 = NaN, as torch.mean (a zero would pass for a real mean).
+  return mul_scalar(sum(a, dim, keepdim), 1.0 / (double)a.size(dim));
 }
 
-Tensor mean(const Tensor& a) { return mul_scalar(sum(a), 1.0 / std::max<int64_t>(a.numel(), 1)); }
+Tensor mean(const Tensor& a) { return mul_scalar(sum(a), 1.0 / (double)a.numel()); }
 
 Tensor max(const Tensor& a, int64_t dim, bool keepdim) {
   check_defined("max", a, "input");

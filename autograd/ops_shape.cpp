@@ -156,7 +156,7 @@ Tensor index_select(const Tensor& a, int64_t dim, const Tensor& index) {
     Tensor ga = Tensor::empty(sa, g.dtype(), g.device());
     PSA_KERNEL(ga.device(), index_add)(g, sp.outer, sp.n, sp.inner, index, ga);
     return {ga};
-  });
+  }, {index});
 }
 
 Tensor embedding(const Tensor& weight, const Tensor& ids) {

@@ -205,7 +205,7 @@ ConformReport conform(const std::string& dir, Device device, double tolerance) {
   check_size(cfg, f.weights, cfg_path);
   StateDict io = read_tensors((std::filesystem::path(dir) / "io.safetensors").string());
   std::string src = dir + "/model.safetensors";
-  Checker ck{r, io};
+  Checker ck{r, io, {}};
   auto same = [](const std::string& n) { return "grad." + n; };
   if (r.kind == "clip_vision") {
     ClipVision m(cfg.clip);

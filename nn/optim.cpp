@@ -3,6 +3,7 @@
 #include "nn/optim.h"
 
 #include <cmath>
+#include <map>
 #include <set>
 
 #include "tensor/dispatch.h"
@@ -42,11 +43,15 @@ std::vector<ParamRef> trainable(const Module& m) {
 Optimizer::Optimizer(std::vector<ParamRef> params, double lr, const char* name)
     : params_(std::move(params)), name_(name) {
   std::set<std::string> seen;
+  std::map<const Storage*, std::string> memory;
   for (const ParamRef& r : params_) {
     PSA_CHECK(r.param.defined(), name_, ": parameter '", r.name, "' is undefined");
     PSA_CHECK(is_float(r.param.dtype()), name_, ": parameter '", r.name, "' is ", dtype_name(r.param.dtype()));
     // Names key the optimizer state in checkpoints, so two parameters under one name would share it.
     PSA_CHECK(seen.insert(r.name).second, name_, ": parameter name '", r.name, "' appears twice");
+    // One buffer under two names would be stepped twice a step (and raced on by one fused CUDA launch).
+    auto [it, fresh] = memory.emplace(r.param.impl()->storage.get(), r.name);
+    PSA_CHECK(fresh, name_, ": parameters '", it->second, "' and '", r.name, "' are the same tensor (or share its memory)");
   }
   set_lr(lr);
 }
@@ -109,6 +114,7 @@ void AdamW::update() {
       if (s.p->device() == d) on.push_back(s);
     if (!on.empty()) PSA_KERNEL(d, adamw_steps)(on);
   }
+  for (const cpu::AdamWSlot& s : slots) s.p->bump_version(), s.m->bump_version(), s.v->bump_version();
 }
 
 std::map<std::string, Tensor> AdamW::state() const {
@@ -160,6 +166,8 @@ void SGD::update() {
     const cpu::SgdCoeffs c{lr_ * params_[i].lr_scale, options_.momentum,  options_.dampening,
                            options_.weight_decay,     options_.nesterov, first};
     PSA_KERNEL(g.device(), sgd_step)(params_[i].param, g, buf, c);
+    params_[i].param.bump_version();
+    if (buf.defined()) buf.bump_version();
   }
 }
 
@@ -181,13 +189,14 @@ double clip_grad_norm(const std::vector<ParamRef>& params, double max_norm) {
   const double norm = std::sqrt(PSA_KERNEL(grads[0].device(), sum_squares)(grads));
   const double coef = max_norm / (norm + 1e-6);
   if (!std::isfinite(norm) || coef >= 1) return norm;
-  // Each buffer once: two parameters may hold one gradient tensor (add's backward hands both the same one), and
-  // one launch scaling it twice at once would race.
+  // Each buffer once: two parameters may hold one gradient tensor (given with set_grad; backward() copies a shared
+  // one), and one launch scaling it twice at once would race.
   std::vector<Tensor> distinct;
   std::set<const void*> seen;
   for (const Tensor& g : grads)
     if (seen.insert(g.raw()).second) distinct.push_back(g);
   PSA_KERNEL(grads[0].device(), scale_in_place)(distinct, coef);
+  for (const Tensor& g : distinct) g.bump_version();
   return norm;
 }
 

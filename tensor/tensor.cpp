@@ -92,8 +92,11 @@ Storage::~Storage() {
 }
 
 Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
+  const int64_t n = shape_numel(shape);
+  PSA_CHECK((uint64_t)n <= (uint64_t)PTRDIFF_MAX / dtype_size(dtype), "shape ", shape_str(shape), " of ",
+            dtype_name(dtype), ": ", n, " elements overflow a byte size");
   auto impl = std::make_shared<TensorImpl>();
-  impl->storage = Storage::allocate(shape_numel(shape) * dtype_size(dtype), device);
+  impl->storage = Storage::allocate(n * dtype_size(dtype), device);
   impl->shape = shape;
   impl->dtype = dtype;
   return Tensor(impl);
@@ -191,6 +194,7 @@ Tensor Tensor::contiguous_copy_from(const Tensor& src) {
             dtype_name(src.dtype()), " into ", shape_str(shape()), " ", dtype_name(dtype()));
   copy_bytes(raw(), device(), src.raw(), src.device(), nbytes());
   impl()->storage->host_copy.reset();
+  bump_version();
   return *this;
 }
 

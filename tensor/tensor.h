@@ -30,6 +30,9 @@ struct Storage {
   // for bounds checks and label bookkeeping then costs no copy and no wait for the device. Such tensors are never
   // written in place on the device (contiguous_copy_from drops the copy).
   std::shared_ptr<const Storage> host_copy;
+  // In-place writes since allocation (contiguous_copy_from, optimizer steps, gradient clipping): a backward rule
+  // whose saved tensor changed after the forward pass refuses to run instead of using the new values.
+  uint64_t version = 0;
   static std::shared_ptr<Storage> allocate(size_t nbytes, Device device);
   ~Storage();
 };
@@ -92,6 +95,7 @@ class Tensor {
   Tensor to(DType dtype) const;
   Tensor to(Device device) const;
   Tensor contiguous_copy_from(const Tensor& src);  // in-place overwrite, shapes and dtypes must match
+  void bump_version() const { ++impl()->storage->version; }  // after any other in-place write (Storage::version)
 
   double item() const;
   std::vector<double> to_vector() const;  // any dtype, any device, as doubles (tests and reports)

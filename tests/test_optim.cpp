@@ -190,12 +190,13 @@ TEST(Optim, ClipGradNormScalesToMaxNormAndReturnsPreClipNorm) {
   EXPECT_NEAR(clip_grad_norm(ps, 100.0), 6.5, 1e-5);
 }
 
-// add's backward hands both inputs one gradient tensor: two parameters then hold the same buffer, which the
-// clip must scale once (it was scaled once per parameter, by coef², and on a GPU in one launch it would race).
+// Two parameters holding one gradient buffer (set_grad; backward() gives each its own): the clip must scale it
+// once (it was scaled once per parameter, by coef², and on a GPU in one launch it would race).
 TEST(Optim, ClipScalesAGradientSharedByTwoParametersOnce) {
   Tensor a = param({1, 2}, DType::f32), b = param({3, 4}, DType::f32);
-  sum(mul_scalar(add(a, b), 10.0)).backward();
-  ASSERT_EQ(a.grad().raw(), b.grad().raw()) << "the premise: the two gradients share storage";
+  const Tensor shared = Tensor::full({2}, 10.0);
+  a.set_grad(shared);
+  b.set_grad(shared);
   std::vector<ParamRef> ps = {{"a", a}, {"b", b}};
   const double norm = clip_grad_norm(ps, 1.0), k = 1.0 / (norm + 1e-6);
   EXPECT_NEAR(norm, 20.0, 1e-9);  // four entries of 10
@@ -310,6 +311,11 @@ TEST(Optim, BadGradientOrSetupFailsNamingTheParameter) {
   EXPECT_NE(error_of([&] { opt.update(); }).find("gradient of 'w' is [3] f32"), std::string::npos);
   EXPECT_EQ(opt.step(), 0);
   EXPECT_NE(error_of([&] { AdamW({{"w", w}, {"w", w}}); }).find("'w' appears twice"), std::string::npos);
+  // One buffer under two names would be stepped twice (a view of it as well).
+  EXPECT_NE(error_of([&] { SGD({{"a.weight", w}, {"b.weight", w}}, 0.1); })
+                .find("parameters 'a.weight' and 'b.weight' are the same tensor"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { AdamW({{"w", w}, {"w_view", reshape(w, {2})}}); }).find("same tensor"), std::string::npos);
   EXPECT_NE(error_of([&] { AdamW({{"w", w}}, 1e-3, {1.0, 0.999}); }).find("betas"), std::string::npos);
 }
 

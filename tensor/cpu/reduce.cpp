@@ -41,8 +41,11 @@ void max_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& o
       for (int64_t j = 0; j < inner; ++j) {
         const T* col = pa + o * n * inner + j;
         int64_t best = 0;
-        for (int64_t i = 1; i < n; ++i)
-          if (col[i * inner] > col[best * inner]) best = i;
+        for (int64_t i = 1; i < n; ++i) {  // torch's rule: the first NaN (x != x), else the first maximum
+          const T x = col[i * inner], m = col[best * inner];
+          if (m != m) break;
+          if (x > m || x != x) best = i;
+        }
         if (po) po[o * inner + j] = col[best * inner];
         pi[o * inner + j] = best;
       }

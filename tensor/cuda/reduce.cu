@@ -3,7 +3,7 @@
 // the block's per-thread partials; inner > 1: one thread per (o, j) output walking n in order (coalesced over
 // j) when there are outputs enough to fill the GPU, otherwise (a bias gradient: [rows, N] -> [N]) the rows are
 // cut into chunks, one thread per (chunk, output) and a second pass adds the chunks in order, so a few hundred
-// columns still get thousands of threads and the result stays the same run to run. max/argmax: one thread per output, a sequential scan with the CPU's comparison (first maximum wins).
+// columns still get thousands of threads and the result stays the same run to run. max/argmax: one thread per output, a sequential scan with the CPU's comparison (the first NaN, else the first maximum wins).
 #include <algorithm>
 
 #include "tensor/cuda/common.cuh"
@@ -59,8 +59,11 @@ __global__ void max_columns(const T* a, int64_t outer, int64_t n, int64_t inner,
     int64_t o = r / inner, j = r % inner;
     const T* col = a + o * n * inner + j;
     int64_t best = 0;
-    for (int64_t i = 1; i < n; ++i)
-      if (col[i * inner] > col[best * inner]) best = i;
+    for (int64_t i = 1; i < n; ++i) {  // as the CPU's: the first NaN (x != x), else the first maximum
+      const T x = col[i * inner], m = col[best * inner];
+      if (m != m) break;
+      if (x > m || x != x) best = i;
+    }
     if (out) out[r] = col[best * inner];
     argmax[r] = best;
   }
