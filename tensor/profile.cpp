@@ -4,11 +4,14 @@
 #include <atomic>
 #include <cstdint>
 #include <map>
+#include <mutex>
 
 namespace psa::profile {
 namespace {
-// Kernels run on the calling thread (their OpenMP teams are inside the call), so one table suffices.
+// Kernels run on the calling thread (their OpenMP teams are inside the call), but a caller may itself run ops on
+// several threads (eval's parallel generation): the table is locked.
 bool g_on = false;
+std::mutex g_rows_mutex;
 void (*g_wait)() = nullptr;
 thread_local bool g_backward = false;
 std::map<std::string, Row> g_rows;  // by label: the kernel's name, with " (backward)" where the name lacks it
@@ -24,6 +27,7 @@ std::string label(const char* kernel) {
 }  // namespace
 
 void start(void (*wait)()) {
+  std::lock_guard<std::mutex> lock(g_rows_mutex);
   g_rows.clear();
   g_wait = wait;
   g_on = true;
@@ -37,6 +41,7 @@ std::vector<Row> stop() {
   g_on = false;
   g_wait = nullptr;
   std::vector<Row> rows;
+  std::lock_guard<std::mutex> lock(g_rows_mutex);
   for (const auto& [name, r] : g_rows) rows.push_back(r);
   std::sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) { return a.seconds > b.seconds; });
   return rows;
@@ -46,6 +51,7 @@ bool on() { return g_on; }
 
 void add(const char* kernel, double seconds) {
   std::string name = label(kernel);
+  std::lock_guard<std::mutex> lock(g_rows_mutex);
   Row& r = g_rows[name];
   r.kernel = name;
   ++r.calls;
