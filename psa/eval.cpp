@@ -546,6 +546,23 @@ void check_table_file(const std::string& path) {
             "'); choose another --md or --out, or remove it");
 }
 
+void check_predictions_file(const std::string& path) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec) || (std::filesystem::is_regular_file(path, ec) && std::filesystem::file_size(path, ec) == 0))
+    return;
+  std::ifstream in(path, std::ios::binary);
+  std::string first;
+  std::getline(in, first);
+  bool ours = false;
+  try {
+    const json::Value v = json::parse(first);
+    ours = v.is_object() && v.contains("index") && v.contains("answer_no_control");
+  } catch (const Error&) {
+  }
+  PSA_CHECK(ours, path, ": not a psa predictions file (its first line is not a prediction record); choose another "
+            "--predictions folder, or remove it");
+}
+
 std::string markdown_table(const json::Value& report) {
   PSA_CHECK(report.is_object(), "markdown_table: the report must be a JSON object");
   const std::vector<std::string> cols = stage_columns(report);

@@ -55,6 +55,9 @@ json::Value read_report(const std::string& path);
 constexpr const char* kTableHead = "| Metric |";
 // Throws unless `path` is missing, empty or a table markdown_table wrote (a README.md beside --out is not).
 void check_table_file(const std::string& path);
+// Throws unless `path` is missing, empty or a predictions file evaluate() wrote (its first line a JSON object with
+// "index" and "answer_no_control"): --predictions never replaces a dataset's records or another tool's JSONL.
+void check_predictions_file(const std::string& path);
 
 // Per-tensor xxHash64 comparison of two checkpoints (folders or model.safetensors files), grouped by module:
 // {"a", "b", "stage_a", "stage_b", "tensors", "changed", "unchanged", "added", "removed",

@@ -215,6 +215,27 @@ TEST_F(EvalCli, PredictionFileEqualToTheReportIsRefused) {
   expect_one_line_error(eval({"--predictions", d.string(), "--out", (d / "r.json").string()}), "same file");
 }
 
+// A file of that name that is not a predictions file (another dataset's records, here also through a symbolic
+// link) is left as it is; a predictions file from an earlier run is replaced.
+TEST_F(EvalCli, PredictionsNeverReplaceAnotherFile) {
+  const fs::path d = dir("pred_other"), links = dir("pred_links");
+  const std::string name = fs::path(ckpt_).filename().string() + ".jsonl";
+  const std::string records = "{\"image\":\"a.png\",\"conversations\":[]}\n";
+  spit(d / name, records);
+  expect_one_line_error(eval({"--predictions", d.string(), "--out", (d / "r.json").string()}),
+                        "not a psa predictions file");
+  EXPECT_EQ(slurp(d / name), records);
+  fs::create_symlink(fs::absolute(d / name), links / name);
+  expect_one_line_error(eval({"--predictions", links.string(), "--out", (links / "r.json").string()}),
+                        "not a psa predictions file");
+  EXPECT_EQ(slurp(d / name), records);
+  const fs::path ok = dir("pred_rerun");
+  for (int run = 0; run < 2; ++run) {
+    Result r = eval({"--predictions", ok.string(), "--out", (ok / "r.json").string()});
+    ASSERT_EQ(r.status, 0) << "run " << run << ": " << r.err;
+  }
+}
+
 // ---- problem 2: unwritable outputs found before the benchmark runs ----
 
 TEST_F(EvalCli, UnwritableOutputFolderFailsBeforeAnythingIsWritten) {

@@ -223,6 +223,7 @@ int cmd_eval(int argc, char** argv) {
   check_outputs(outs, inputs, read_folders);
   json::Value report = read_report(out);
   check_table_file(md_path);
+  for (const std::string& f : pred_files) check_predictions_file(f);
 
   int64_t unreadable = 0;
   const std::vector<Record> records = load_split(split_file, &unreadable);
