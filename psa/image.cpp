@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 
 #include "nn/json.h"
 #include "tensor/error.h"
@@ -161,7 +162,33 @@ Image load_image(const std::string& path) {
   return img;
 }
 
-std::string encode_png(const Image& img) {
+namespace {
+
+// PNG chunks: length (big-endian), type, data, CRC-32 (ISO 3309, the zlib polynomial) of type and data.
+constexpr size_t kPngSignature = 8, kIhdrChunk = 8 + 13 + 4;
+constexpr char kSoftwareKey[] = "Software";
+
+uint32_t crc32_of(const std::string& bytes) {
+  uint32_t c = 0xFFFFFFFFu;
+  for (unsigned char b : bytes) {
+    c ^= b;
+    for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+  }
+  return c ^ 0xFFFFFFFFu;
+}
+
+std::string big_endian32(uint32_t v) {
+  return {char(v >> 24), char(v >> 16), char(v >> 8), char(v)};
+}
+
+uint32_t read_big_endian32(const std::string& s, size_t at) {
+  return uint32_t((unsigned char)s[at]) << 24 | uint32_t((unsigned char)s[at + 1]) << 16 |
+         uint32_t((unsigned char)s[at + 2]) << 8 | uint32_t((unsigned char)s[at + 3]);
+}
+
+}  // namespace
+
+std::string encode_png(const Image& img, const std::string& software) {
   PSA_CHECK(img.w > 0 && img.h > 0 && img.rgb.size() == static_cast<size_t>(img.w) * img.h * 3,
             "encode_png: bad image ", img.w, "x", img.h, " with ", img.rgb.size(), " bytes");
   std::string out;
@@ -170,7 +197,26 @@ std::string encode_png(const Image& img) {
   };
   PSA_CHECK(stbi_write_png_to_func(append, &out, img.w, img.h, 3, img.rgb.data(), img.w * 3), "encode_png: ",
             img.w, "x", img.h, ": the PNG encoder failed");
-  return out;
+  if (software.empty()) return out;
+  const std::string body = std::string("tEXt") + kSoftwareKey + '\0' + software;
+  const std::string chunk = big_endian32((uint32_t)body.size() - 4) + body + big_endian32(crc32_of(body));
+  return out.insert(kPngSignature + kIhdrChunk, chunk);
+}
+
+bool png_written_by(const std::string& path, const std::string& software) {
+  std::ifstream in(path, std::ios::binary);
+  std::string head(4096, '\0');  // the chunk follows the header: the first few hundred bytes hold it
+  in.read(head.data(), std::streamsize(head.size()));
+  head.resize((size_t)in.gcount());
+  if (head.compare(0, kPngSignature, "\x89PNG\r\n\x1a\n") != 0) return false;
+  for (size_t at = kPngSignature; at + 12 <= head.size();) {
+    const uint32_t len = read_big_endian32(head, at);
+    const std::string type = head.substr(at + 4, 4);
+    if (type == "IDAT" || len > head.size() - at - 12) return false;
+    if (type == "tEXt" && head.substr(at + 8, len) == std::string(kSoftwareKey) + '\0' + software) return true;
+    at += 12 + len;
+  }
+  return false;
 }
 
 void save_png(const std::string& path, const Image& img) {

@@ -40,8 +40,11 @@ Image load_image(const std::string& path);
 // Header-only check with the same errors as load_image (used to validate datasets without decoding).
 void check_image(const std::string& path);
 
-// PNG bytes in memory (for an atomic write with json::write_file).
-std::string encode_png(const Image& img);
+// PNG bytes in memory (for an atomic write with json::write_file). With a `software` name, a tEXt chunk
+// "Software" carrying it follows the header (PNG spec 11.3.4): how a later run knows a file is one it wrote.
+std::string encode_png(const Image& img, const std::string& software = "");
+// Whether the file is a PNG whose tEXt "Software" chunk (before its image data) is `software`.
+bool png_written_by(const std::string& path, const std::string& software);
 // Direct (not atomic) write, for the many images of a generated dataset; errors name the path and errno.
 void save_png(const std::string& path, const Image& img);
 

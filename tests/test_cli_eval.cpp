@@ -374,19 +374,20 @@ TEST_F(EvalCli, ExplainRefusesTheInputImageAndOtherFormats) {
   expect_one_line_error(infer({"--prompt", "What is it?", "--explain", (d / "heat.jpg").string()}), ".png");
   expect_one_line_error(infer({"--prompt", "What is it?", "--explain", ckpt_ + "/heat.png"}),
                         "inside the checkpoint folder");
-  // Another of the dataset's images (not the input): it was replaced by the heat map.
+  // Another of the dataset's images (not the input): it was replaced by the heat map. Also a copy of it in a
+  // folder without dataset.json (real data's layout), and a run's plot: no existing file but an earlier heat map
+  // is replaced.
   const std::string other = data_ + "/images/" + fs::directory_iterator(data_ + "/images")->path().filename().string();
   const std::string pixels = slurp(other);
-  expect_one_line_error(infer({"--prompt", "What is it?", "--explain", other}), "exists inside the dataset folder");
-  EXPECT_EQ(slurp(other), pixels);
+  const fs::path loose = dir("explain_loose");
+  fs::copy_file(other, loose / "photo.png");
+  psa::save_png((loose / "plot.png").string(), psa::Image(8, 8, 10));
+  for (const std::string& existing : {other, (loose / "photo.png").string(), (loose / "plot.png").string()}) {
+    const std::string before = slurp(existing);
+    expect_one_line_error(infer({"--prompt", "What is it?", "--explain", existing}), "is not a heat map psa wrote");
+    EXPECT_EQ(slurp(existing), before) << existing;
+  }
   EXPECT_FALSE(fs::exists(ckpt_ + "/heat.png"));
-  // A run's own plot (a folder psa train locked) is not an earlier heat map either.
-  const fs::path run = dir("explain_run");
-  spit(run / ".psa.lock", "1\n");
-  spit(run / "loss_curves.png", "curves");
-  expect_one_line_error(infer({"--prompt", "What is it?", "--explain", (run / "loss_curves.png").string()}),
-                        "exists inside the run folder");
-  EXPECT_EQ(slurp(run / "loss_curves.png"), "curves");
   expect_one_line_error(infer({"--prompt", "What is it?", "--explain", ""}), "--explain: expected a path");
   fs::create_directories(d / "dir.png");
   expect_one_line_error(infer({"--prompt", "What is it?", "--explain", (d / "dir.png").string()}), "is a folder");
@@ -395,6 +396,8 @@ TEST_F(EvalCli, ExplainRefusesTheInputImageAndOtherFormats) {
   Result r = infer({"--prompt", "What is it?", "--explain", (d / "heat.PNG").string()});
   EXPECT_EQ(r.status, 0) << r.err;
   EXPECT_EQ(psa::load_image((d / "heat.PNG").string()).w, 256);
+  r = infer({"--prompt", "What is it?", "--explain", (d / "heat.PNG").string()});  // an earlier heat map: replaced
+  EXPECT_EQ(r.status, 0) << r.err;
 }
 
 // A long strip the model accepts used to fail in the heat map's display resize (256 px on the short side).

@@ -64,26 +64,23 @@ static std::string question_from(const cli::Args& a) {
   return q;
 }
 
-// The heat map is written atomically as PNG: refused when it would replace the input image or an existing file
-// of a dataset, when its name says another format, or when check_output_file refuses it (in a checkpoint folder,
-// an unwritable folder), all before the model is loaded.
+// What a heat map's PNG says in its Software chunk: an existing file is replaced only if it says so.
+constexpr const char* kExplainSoftware = "psa infer --explain";
+
+// The heat map is written atomically as PNG: refused when it would replace the input image or any existing file
+// but an earlier heat map, when its name says another format, or when check_output_file refuses it (in a
+// checkpoint folder, an unwritable folder), all before the model is loaded.
 static std::string explain_path(const cli::Args& a) {
   const std::string path = a.get_path("--explain", "");
   PSA_CHECK(cli::lower_extension(path) == ".png", "--explain ", path, ": the heat map is a PNG file, name it .png");
   for (const std::string& part : split_image_field(a.get("--image")))
     PSA_CHECK(!cli::same_path(path, part), "--explain ", path, ": the same file as the input image ", part,
               " (it would be overwritten; choose another path)");
-  // An existing file below a dataset folder (dataset.json) is one of its images, and below a run folder (the
-  // lock psa train leaves) one of its results (loss_curves.png): not an earlier heat map.
-  namespace fs = std::filesystem;
+  // An existing file may be a dataset's image (with or without its dataset.json), a run's plot or anyone's
+  // picture: only a heat map written here is replaced.
   std::error_code ec;
-  if (fs::exists(path, ec))
-    for (fs::path dir = fs::absolute(path).parent_path(); dir.has_relative_path(); dir = dir.parent_path()) {
-      PSA_CHECK(!fs::exists(dir / "dataset.json", ec), "--explain ", path, ": exists inside the dataset folder ",
-                dir.string(), " (it would be replaced; choose another path)");
-      PSA_CHECK(!fs::exists(dir / ".psa.lock", ec), "--explain ", path, ": exists inside the run folder ",
-                dir.string(), " (it would be replaced; choose another path)");
-    }
+  PSA_CHECK(!std::filesystem::is_regular_file(path, ec) || png_written_by(path, kExplainSoftware), "--explain ", path,
+            ": exists and is not a heat map psa wrote (it would be replaced; choose another path or remove it)");
   cli::check_output_file("--explain", path);
   return path;
 }
@@ -166,7 +163,7 @@ int cmd_infer(int argc, char** argv) {
   const int size = static_cast<int>(c.model->config.vision.image_size);
   const std::vector<float> pixels = preprocess_named(original, size, image);
   const InferResult r = infer(c, pixels, question, policy, so, control);
-  if (!explain.empty()) json::write_file(explain, encode_png(explain_heatmap(c, pixels, original, question)));
+  if (!explain.empty()) json::write_file(explain, encode_png(explain_heatmap(c, pixels, original, question), kExplainSoftware));
   if (a.has("--json")) std::printf("%s\n", json::dump(result_json(c, a, r)).c_str());
   else print_text(c, r, control && has_safety_tokens(c));
   if (!explain.empty() && !a.has("--json")) std::printf("explain:    wrote %s\n", explain.c_str());
