@@ -297,6 +297,28 @@ TEST_F(TrainCli, OverwriteKeepsTheRunWhenTheNewDataIsMissingOrUnusable) {
   EXPECT_FALSE(fs::exists(root_ / "no_test" / "base"));
 }
 
+// A fresh run whose data cannot train leaves nothing behind: the tokenizer it trained from the records' text
+// used to stay in OUT/tokenizer.json, and the next run on good data took it (a vocabulary of bad data).
+TEST_F(TrainCli, FailedRunLeavesNoTokenizerForTheNext) {
+  const fs::path bad = root_ / "bad_images";
+  fs::remove_all(bad);
+  fs::create_directories(bad);
+  fs::copy_file(data_ + "/train.jsonl", bad / "train.jsonl");
+  std::ofstream(bad / "base_train.jsonl")
+      << R"({"safe_level":0,"safe_type":0,"image":"missing.png","conversations":[{"from":"USER","value":)"
+      << R"("<image>\nq"},{"from":"ASSISTANT","value":"a"}]})" << "\n";
+  const fs::path out = root_ / "tok_left";
+  fs::remove_all(out);
+  Result r = run_psa(train_args(bad.string(), out.string(), {{"--stage", "base"}, {"--no-eval", "\x01"}}));
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_NE(r.err.find("no usable training examples"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(out)) << "a failed first run left its folder (and its tokenizer)";
+  std::ofstream(bad / "records.jsonl") << R"({"a":1})" << "\n";  // not one record: no tokenizer either
+  expect_one_line_error(run_psa(train_args((bad / "records.jsonl").string(), out.string(), {{"--no-eval", "\x01"}})),
+                        "no usable records to train the tokenizer on");
+  EXPECT_FALSE(fs::exists(out));
+}
+
 // ---- --resume with other options
 
 TEST_F(TrainCli, ResumeWithOtherOptionsIsRefusedNamingTheOptionAndBothValues) {

@@ -151,9 +151,13 @@ Dataset load_split(const std::string& file, const Tokenizer& tok, const PsaConfi
   return d;
 }
 
-Tokenizer tokenizer_for(const Plan& p, int64_t vocab) {
+// OUT/tokenizer.json when it exists, else one trained on the training records (*fresh = true): the caller
+// saves that one only once the first stage's data has loaded, so a failed run leaves no tokenizer of bad data
+// for the next run to pick up.
+Tokenizer tokenizer_for(const Plan& p, int64_t vocab, bool* fresh) {
   fs::path path = fs::path(p.out) / "tokenizer.json";
-  if (fs::exists(path)) {  // a tokenizer put there (psa tokenizer train --out), or the one of an earlier run
+  *fresh = !fs::exists(path);
+  if (!*fresh) {  // a tokenizer put there (psa tokenizer train --out), or the one of an earlier run
     Tokenizer tok = Tokenizer::load(path.string());
     PSA_CHECK(tok.vocab_size() <= vocab, path.string(), ": ", tok.vocab_size(), " tokens, more than the model's vocabulary "
               "of ", vocab, " (train it with --vocab ", vocab, " or remove it)");
@@ -166,10 +170,8 @@ Tokenizer tokenizer_for(const Plan& p, int64_t vocab) {
     std::vector<Record> r = load_records(f, nullptr, false);
     recs.insert(recs.end(), r.begin(), r.end());
   }
-  Tokenizer tok = Tokenizer::train(corpus_of(recs), vocab);
-  fs::create_directories(p.out);
-  tok.save(path.string());
-  return tok;
+  PSA_CHECK(!recs.empty(), files[0], ": no usable records to train the tokenizer on (every line was skipped)");
+  return Tokenizer::train(corpus_of(recs), vocab);
 }
 
 struct Defaults {
@@ -454,8 +456,9 @@ int cmd_train(int argc, char** argv) {
   if (pretrain && !has_info)
     std::printf("[vision] %s%s: no scene stream, vision pretraining skipped\n", p.data.c_str(),
                 p.data_is_file ? " is one records file" : " has no dataset.json (not generated)");
+  bool save_tokenizer = false;
   if (!tok) {
-    tok = std::make_shared<Tokenizer>(tokenizer_for(p, cfg.text.vocab));
+    tok = std::make_shared<Tokenizer>(tokenizer_for(p, cfg.text.vocab, &save_tokenizer));
     cfg.image_token = tok->image_id();
     cfg.pad_id = tok->pad_id();
     cfg.text.bos_id = tok->bos_id();
@@ -473,6 +476,11 @@ int cmd_train(int argc, char** argv) {
     Dataset data = load_split(training_split(p, stage), *tok, cfg);
     PSA_CHECK(data.size() > 0, training_split(p, stage), ": no usable training examples for the ", stage,
               " stage (every record was skipped, see above)");
+    if (save_tokenizer) {
+      fs::create_directories(p.out);
+      tok->save((fs::path(p.out) / "tokenizer.json").string());
+      save_tokenizer = false;
+    }
     if (p.overwrite) remove_replaced_stages(p, s, report, report_path);
     fs::create_directories(s.dir);
     if (int n = remove_stale_temps(s.dir.string()))
