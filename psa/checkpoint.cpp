@@ -47,8 +47,8 @@ static void rename_into(const fs::path& from, const fs::path& to) {
 // Three files cannot be replaced at once, so the order decides what a crash between the renames leaves.
 // model.safetensors goes last: it is what makes a folder a checkpoint (the loader, --resume and eval look for
 // it), and it carries the config and the xxHash64 of its tokenizer.json in its own metadata. So a crash before
-// its rename leaves the old model with its config (the loader never reads config.json, which is there for
-// people and Hugging Face style tools) and either its own tokenizer.json (when the new one is byte-identical,
+// its rename leaves the old model with its config (the loader builds nothing from config.json, which is there
+// for people and Hugging Face style tools, and only warns that it differs) and either its own tokenizer.json (when the new one is byte-identical,
 // the usual case: every stage of a run has the run's tokenizer, and an identical file is not replaced) or a
 // new one that the loader refuses by the hash, naming the folder: never a silently mixed model. Writing every
 // file into the staging folder first means that a failed write (a full disk, a non-finite LoRA number) leaves
@@ -103,6 +103,25 @@ static auto from_metadata(const std::string& file, const std::string& key, const
   }
 }
 
+// config.json is for people and Hugging Face style tools; the model is built from the config in its own metadata.
+// One that says something else (edited by hand, unreadable, or the new one beside the old model after a crash
+// between save_checkpoint's renames) gets a warning, so that an edit is not believed to have taken effect.
+static void warn_unless_config_json_matches(const std::string& dir, const std::string& stored) {
+  const fs::path path = fs::path(dir) / "config.json";
+  std::error_code ec;
+  if (!fs::exists(path, ec)) return;
+  bool same = false;
+  if (fs::is_regular_file(path, ec)) {
+    try {
+      same = json::dump(json::parse_file(path.string())) == json::dump(json::parse(stored));
+    } catch (const Error&) {
+    }
+  }
+  if (!same)
+    std::fprintf(stderr, "warning: %s is not the model's config (edited, unreadable, or left by an interrupted "
+                 "save); the config stored in model.safetensors is used\n", path.c_str());
+}
+
 Checkpoint load_checkpoint(const std::string& dir) {
   fs::path model_path = fs::path(dir) / "model.safetensors";
   PSA_CHECK(fs::exists(model_path), dir, ": no model.safetensors (is this a checkpoint folder? `psa train` writes them)");
@@ -151,6 +170,7 @@ Checkpoint load_checkpoint(const std::string& dir) {
               ") is not the tokenizer the model was saved with (", meta["tokenizer_xxh64"],
               "): a mixed or edited checkpoint folder");
   }
+  warn_unless_config_json_matches(dir, meta["config"]);
   return c;
 }
 

@@ -3,6 +3,7 @@
 // the merged LLM sequence has the layout of psa-vlm.md §2.2.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <set>
@@ -271,6 +272,32 @@ TEST(PsaTrain, ResumeEqualsUninterruptedRunBitForBit) {
   std::set<uint64_t> seeds;  // each adapter its own dropout masks, as PEFT's one nn.Dropout per module
   for (nn::Linear* l : straight->lm->linears()) seeds.insert(l->dropout_seed);
   EXPECT_EQ(seeds.size(), straight->lm->linears().size()) << "adapters share their dropout masks";
+}
+
+// config.json is not what the model is built from: one that differs from the model's own config (edited, broken,
+// a folder) loads with one warning line naming it, and the model keeps its stored config.
+TEST(PsaCheckpoint, ConfigJsonThatDiffersFromTheModelIsWarnedAbout) {
+  const std::string dir = world().dir + "/config_json";
+  auto m = fresh_model();
+  save_checkpoint(dir, *m, *world().tok, "base", LoraSettings{});
+  testing::internal::CaptureStderr();
+  load_checkpoint(dir);
+  EXPECT_EQ(testing::internal::GetCapturedStderr(), "");
+  const std::string path = dir + "/config.json";
+  std::string text = json::read_file(path);
+  const std::string key = "\"max_position_embeddings\": ";
+  const size_t at = text.find(key);
+  ASSERT_NE(at, std::string::npos);
+  const std::string edited_value = text.substr(0, at) + key + "7, \"was\": " + text.substr(at + key.size());
+  for (const std::string& edited : {edited_value, std::string("{\"broken")}) {
+    json::write_file(path, edited);
+    testing::internal::CaptureStderr();
+    const Checkpoint c = load_checkpoint(dir);
+    const std::string err = testing::internal::GetCapturedStderr();
+    EXPECT_NE(err.find("warning: " + path + " is not the model's config"), std::string::npos) << err;
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+    EXPECT_EQ(c.model->config.text.max_positions, m->config.text.max_positions);
+  }
 }
 
 // Four base examples; the ones listed get NaN pixels, which makes the loss of any batch holding them NaN.
