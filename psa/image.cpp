@@ -92,13 +92,6 @@ void check_jpeg(const std::string& path, const std::string& s) {
   }
 }
 
-// Format sniffing by magic bytes (the extension says nothing about a hostile file) + format-specific checks.
-void check_format(const std::string& path, const std::string& bytes) {
-  if (starts_with(bytes, "\x89PNG\r\n\x1a\n", 8) || starts_with(bytes, "BM", 2)) return;
-  if (starts_with(bytes, "\xFF\xD8", 2)) return check_jpeg(path, bytes);
-  fail(path, ": cannot decode image: not a PNG, JPEG or BMP file");
-}
-
 // stb_image leaves the reason empty on some truncated files.
 std::string stb_reason() {
   const char* r = stbi_failure_reason();
@@ -116,6 +109,38 @@ void check_size(const std::string& path, int64_t w, int64_t h) {
 }
 
 uint32_t be32(const std::string& s, size_t at) { return uint32_t(be16(s, at)) << 16 | be16(s, at + 2); }
+
+uint32_t le32(const std::string& s, size_t at) {
+  return uint32_t(uint8_t(s[at])) | uint32_t(uint8_t(s[at + 1])) << 8 | uint32_t(uint8_t(s[at + 2])) << 16 |
+         uint32_t(uint8_t(s[at + 3])) << 24;
+}
+
+// An uncompressed BMP's pixel rows must all be in the file: stb_image 2.27 reads missing rows as zeros (a file
+// cut after its header decoded as a black image of the size the header claims). Header layouts: the 12-byte
+// OS/2 one (16-bit sizes) and the 40+ byte Windows ones; RLE and other compressions are left to stb_image.
+void check_bmp(const std::string& path, const std::string& s) {
+  PSA_CHECK(s.size() >= 26, path, ": cannot decode image: truncated BMP header");
+  const uint32_t header = le32(s, 14);
+  const bool os2 = header == 12;
+  PSA_CHECK(os2 || (header >= 40 && s.size() >= 34), path, ": cannot decode image: truncated or unknown BMP header");
+  const int64_t w = os2 ? int64_t(le32(s, 18) & 0xFFFF) : int64_t(int32_t(le32(s, 18)));
+  const int64_t h = os2 ? int64_t(int16_t(le32(s, 20) & 0xFFFF)) : int64_t(int32_t(le32(s, 22)));
+  const uint32_t bits = os2 ? le32(s, 22) & 0xFFFF : le32(s, 28) & 0xFFFF, compression = os2 ? 0 : le32(s, 30);
+  if (compression != 0 && compression != 3) return;  // BI_RGB, BI_BITFIELDS: rows of fixed size
+  const int64_t rows = h < 0 ? -h : h;  // negative: stored top-down
+  check_size(path, w, rows);
+  const uint64_t row_bytes = (uint64_t(w) * bits + 31) / 32 * 4, need = uint64_t(le32(s, 10)) + row_bytes * rows;
+  PSA_CHECK(need <= s.size(), path, ": cannot decode image: truncated BMP (", s.size(), " bytes, its ", w, "x", rows,
+            " pixels need ", need, ")");
+}
+
+// Format sniffing by magic bytes (the extension says nothing about a hostile file) + format-specific checks.
+void check_format(const std::string& path, const std::string& bytes) {
+  if (starts_with(bytes, "\x89PNG\r\n\x1a\n", 8)) return;
+  if (starts_with(bytes, "BM", 2)) return check_bmp(path, bytes);
+  if (starts_with(bytes, "\xFF\xD8", 2)) return check_jpeg(path, bytes);
+  fail(path, ": cannot decode image: not a PNG, JPEG or BMP file");
+}
 
 // Checks format, header and size limits on bytes already read (so the decoder sees the same bytes).
 void check_header(const std::string& path, const std::string& bytes, int* w, int* h) {
@@ -181,11 +206,6 @@ std::string big_endian32(uint32_t v) {
   return {char(v >> 24), char(v >> 16), char(v >> 8), char(v)};
 }
 
-uint32_t read_big_endian32(const std::string& s, size_t at) {
-  return uint32_t((unsigned char)s[at]) << 24 | uint32_t((unsigned char)s[at + 1]) << 16 |
-         uint32_t((unsigned char)s[at + 2]) << 8 | uint32_t((unsigned char)s[at + 3]);
-}
-
 }  // namespace
 
 std::string encode_png(const Image& img, const std::string& software) {
@@ -210,7 +230,7 @@ bool png_written_by(const std::string& path, const std::string& software) {
   head.resize((size_t)in.gcount());
   if (head.compare(0, kPngSignature, "\x89PNG\r\n\x1a\n") != 0) return false;
   for (size_t at = kPngSignature; at + 12 <= head.size();) {
-    const uint32_t len = read_big_endian32(head, at);
+    const uint32_t len = be32(head, at);
     const std::string type = head.substr(at + 4, 4);
     if (type == "IDAT" || len > head.size() - at - 12) return false;
     if (type == "tEXt" && head.substr(at + 8, len) == std::string(kSoftwareKey) + '\0' + software) return true;

@@ -497,6 +497,23 @@ TEST(ImageLimits, TopDownBmpDecodesLikeBottomUp) {
   fs::remove_all(d);
 }
 
+// A BMP cut short of its pixel rows (down to the header alone) is refused: stb_image read the missing rows as
+// black. The whole file, and one cut inside its padding-free part, both ways up.
+TEST(ImageLimits, TruncatedBmpIsRefused) {
+  const fs::path d = fs::temp_directory_path() / ("psa_cli_eval_bmp_cut_" + std::to_string(::getpid()));
+  fs::create_directories(d);
+  for (bool top_down : {false, true}) {
+    const std::string whole = bmp_2x2(top_down);
+    for (size_t keep : {whole.size() - 1, size_t(14 + 40 + 8), size_t(14 + 40)}) {
+      spit(d / "cut.bmp", whole.substr(0, keep));
+      EXPECT_NE(error_of([&] { psa::load_image((d / "cut.bmp").string()); }).find("truncated BMP"), std::string::npos)
+          << keep << " bytes";
+      EXPECT_NE(error_of([&] { psa::check_image((d / "cut.bmp").string()); }).find("truncated BMP"), std::string::npos);
+    }
+  }
+  fs::remove_all(d);
+}
+
 // A PNG signature and IHDR are all stb_image's header reader looks at.
 std::string png_header(uint32_t w, uint32_t h) {
   std::string s = "\x89PNG\r\n\x1a\n";
