@@ -152,6 +152,38 @@ TEST_F(CliErrors, AFailedWriteToStdoutExitsTwo) {
   expect_one_line_error(run_psa("conform tests/data/hf/mha >/dev/full"), "cannot write to standard output");
   expect_one_line_error(run_psa("--help >/dev/full"), "cannot write to standard output");
   expect_one_line_error(run_psa("train --help >/dev/full"), "cannot write to standard output");
+  // A pipe whose reader is gone (`psa inspect ... | head`): the same exit 2 and line, not death by SIGPIPE. The
+  // read end is closed before the child starts, so its first write fails however fast it runs.
+  for (const char* command : {"--help", "conform"}) {
+    int fds[2];
+    ASSERT_EQ(::pipe(fds), 0);
+    ::close(fds[0]);
+    const std::string err_path = ::testing::TempDir() + "psa_cli_epipe_" + std::to_string(::getpid());
+    std::fflush(nullptr);
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      ::dup2(fds[1], 1);
+      if (!std::freopen(err_path.c_str(), "w", stderr)) ::_exit(126);
+      const char* conform_args[] = {psa::test::psa_binary(), "conform", "tests/data/hf/mha", nullptr};
+      const char* help_args[] = {psa::test::psa_binary(), "--help", nullptr};
+      ::execv(psa::test::psa_binary(), const_cast<char* const*>(std::string(command) == "--help" ? help_args : conform_args));
+      ::_exit(127);
+    }
+    ::close(fds[1]);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    ASSERT_TRUE(WIFEXITED(status)) << command << ": killed by signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+    EXPECT_EQ(WEXITSTATUS(status), 2) << command;
+    EXPECT_EQ(psa::test::slurp(err_path), "psa: error: cannot write to standard output\n") << command;
+    std::remove(err_path.c_str());
+  }
+}
+
+TEST_F(CliErrors, NoCommandPrintsUsageOnStderr) {
+  const psa::test::CliResult r = run_psa("");
+  EXPECT_EQ(r.status, 2);
+  EXPECT_EQ(r.out, "");
+  EXPECT_NE(r.err.find("usage: psa <command>"), std::string::npos) << r.err;
 }
 
 }  // namespace

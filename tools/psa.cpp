@@ -1,5 +1,6 @@
 // The `psa` command line: one binary, one subcommand per task. Errors print one line and exit with status 2.
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -81,9 +82,9 @@ int finish_stdout(int rc) {
   return 2;
 }
 
-void usage() {
-  std::printf("usage: psa <command> [options]   (psa <command> --help for details)\n\ncommands:\n");
-  for (const Subcommand& c : kCommands) std::printf("  %-11s %s\n", c.name, c.help);
+void usage(FILE* to) {
+  std::fprintf(to, "usage: psa <command> [options]   (psa <command> --help for details)\n\ncommands:\n");
+  for (const Subcommand& c : kCommands) std::fprintf(to, "  %-11s %s\n", c.name, c.help);
 }
 
 }  // namespace
@@ -92,9 +93,16 @@ int main(int argc, char** argv) {
   // Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads steal the core
   // from the one doing the work (10x slower steps were measured). Must be set before the first parallel region.
   setenv("OMP_WAIT_POLICY", "passive", 0);
-  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
-    usage();
-    return finish_stdout(argc < 2 ? 2 : 0);
+  // A reader that went away (`psa inspect ... | head`) makes writes fail instead of killing the process: a
+  // training run outlives its log's reader, and finish_stdout reports the lost output with status 2.
+  std::signal(SIGPIPE, SIG_IGN);
+  if (argc < 2) {  // usage as the error it is: on stderr
+    usage(stderr);
+    return 2;
+  }
+  if (!std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
+    usage(stdout);
+    return finish_stdout(0);
   }
   for (const Subcommand& c : kCommands) {
     if (std::strcmp(argv[1], c.name)) continue;
@@ -109,6 +117,6 @@ int main(int argc, char** argv) {
     }
   }
   std::fprintf(stderr, "psa: unknown command '%s'\n", argv[1]);
-  usage();
+  usage(stderr);
   return 2;
 }
