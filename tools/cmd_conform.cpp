@@ -74,7 +74,16 @@ int cmd_conform(int argc, char** argv) {
   bool all_ok = true;
   for (const std::string& dir : args.positional)
     for (Device d : devices) {
-      nn::ConformReport r = nn::naming_fs_errors([&] { return nn::conform(dir, d, tol); });
+      // With several folders, an error must say which one: messages that do not name it get it in front.
+      nn::ConformReport r = nn::naming_fs_errors([&] {
+        try {
+          return nn::conform(dir, d, tol);
+        } catch (const Error& e) {
+          const std::string message = e.what();
+          if (message.find(dir) != std::string::npos) throw;
+          fail(dir, ": ", message);
+        }
+      });
       print_report(dir, d, r, args.has("--quiet"));
       all_ok = all_ok && r.ok();
     }
