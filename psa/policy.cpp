@@ -56,6 +56,7 @@ static PolicyEntry parse_entry(const json::Value& v, const std::string& where, c
   for (const std::string& special : Tokenizer::special_texts())
     PSA_CHECK(e.hint.find(special) == std::string::npos, where, ": 'hint' contains the special token ", special);
   e.refusal = opt_string(v, "refusal", where);
+  PSA_CHECK(e.refusal.empty() || !trim(e.refusal).empty(), where, ": 'refusal' is only white space");
   PSA_CHECK(e.action != "hint" || !trim(e.hint).empty(), where,
             ": action 'hint' needs a non-empty 'hint'");
   PSA_CHECK(e.action != "refuse" || !e.refusal.empty() || !default_refusal.empty(), where,
@@ -84,6 +85,7 @@ Policy parse_policy(const json::Value& v, const std::string& source_name) {
   p.name = opt_string(v, "name", source_name);
   p.source = opt_string(v, "source", source_name);
   p.refusal = opt_string(v, "refusal", source_name);
+  PSA_CHECK(p.refusal.empty() || !trim(p.refusal).empty(), source_name, ": 'refusal' is only white space");
   const json::Value* levels = v.find("levels");
   PSA_CHECK(levels && levels->is_object(), source_name, ": missing object 'levels'");
   json::check_keys(*levels, {"1", "2", "3"}, source_name + ": levels");

@@ -536,6 +536,13 @@ TEST_F(Data, BadPolicyFilesAreRejected) {
   bad = v;
   member(member(member(bad, "levels"), "1"), "misleading").set("action", "hint").set("hint", "  \t ");
   EXPECT_EQ(error_of([&] { parse_policy(bad, "p.json"); }), "p.json: levels.1.misleading: action 'hint' needs a non-empty 'hint'");
+  // A blank refusal printed a blank answer: refused like a blank hint, in an entry and at the top.
+  bad = v;
+  member(member(member(bad, "levels"), "3"), "politics").set("action", "refuse").set("refusal", "   ");
+  EXPECT_EQ(error_of([&] { parse_policy(bad, "p.json"); }), "p.json: levels.3.politics: 'refusal' is only white space");
+  bad = v;
+  bad.set("refusal", "\n");
+  EXPECT_EQ(error_of([&] { parse_policy(bad, "p.json"); }), "p.json: 'refusal' is only white space");
   // A hint is prompt text: an <image> tag in it used to abort generation in the image splice.
   bad = v;
   member(member(member(bad, "levels"), "3"), "illegal").set("hint", "Refuse <image> this.");
