@@ -253,7 +253,9 @@ File File::open(const std::string& path, bool verify_hashes) {
     f.tensors_.push_back(std::move(t));
   }
 
-  // Overlap: sort non-empty ranges by start; each must begin at or after the previous one's end.
+  // Overlap and coverage: sorted by start, each non-empty range begins exactly where the previous one ends, the
+  // first at 0 and the last ending with the file (as the safetensors library requires: no bytes that belong
+  // to no tensor, trailing ones included).
   std::vector<const TensorView*> order;
   for (const auto& t : f.tensors_)
     if (t.nbytes) order.push_back(&t);
@@ -269,6 +271,15 @@ File File::open(const std::string& path, bool verify_hashes) {
       fail(path, ": tensor '", b->name, "': data range ", r(b), " overlaps tensor '", a->name, "' ", r(a));
     }
   }
+  uint64_t covered = 0;
+  for (const TensorView* t : order) {
+    const uint64_t start = static_cast<uint64_t>(t->data - data);
+    PSA_CHECK(start == covered, path, ": data bytes ", range_str(covered, start), " belong to no tensor (before '",
+              t->name, "')");
+    covered = start + t->nbytes;
+  }
+  PSA_CHECK(covered == data_size, path, ": data bytes ", range_str(covered, data_size),
+            " after the last tensor belong to no tensor");
 
   if (verify_hashes) {
     if (auto it = f.metadata_.find(kMetadataHashKey); it != f.metadata_.end()) {  // files of older writers lack it

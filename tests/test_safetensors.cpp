@@ -271,6 +271,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"offsets_past_end", "tensor 'lm_head.weight': data range [16,32) past end of data (16 bytes)"},
         BadCase{"size_mismatch", "tensor 'w': data size 16 bytes != 3 elements x 4 bytes (F32 [3])"},
         BadCase{"overlap", "tensor 'b': data range [8,16) overlaps tensor 'a' [0,12)"},
+        BadCase{"gap", "data bytes [4,8) belong to no tensor (before 'b')"},
+        BadCase{"trailing_bytes", "data bytes [8,16) after the last tensor belong to no tensor"},
         BadCase{"dup_key", "duplicate key 'w'"},
         BadCase{"metadata_not_string", "__metadata__ key 'step': value is not a string (got number)"},
         BadCase{"hash_mismatch", "tensor 'w': xxh64 mismatch (stored 0000000000000000, computed "},

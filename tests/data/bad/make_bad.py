@@ -45,6 +45,8 @@ st("offsets_reversed.safetensors", hdr({"w": t("F32", [0], 16, 8)}), F)
 st("offsets_past_end.safetensors", hdr({"w": t("F32", [4], 0, 16), "lm_head.weight": t("F32", [4], 16, 32)}), F)
 st("size_mismatch.safetensors", hdr({"w": t("F32", [3], 0, 16)}), F)
 st("overlap.safetensors", hdr({"a": t("F32", [3], 0, 12), "b": t("F32", [2], 8, 16)}), F)
+st("gap.safetensors", hdr({"a": t("F32", [1], 0, 4), "b": t("F32", [2], 8, 16)}), F)
+st("trailing_bytes.safetensors", hdr({"w": t("F32", [2], 0, 8)}), F)
 st("dup_key.safetensors",
    '{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
    '"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}', F)
