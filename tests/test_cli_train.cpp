@@ -581,6 +581,18 @@ TEST_F(TrainCli, InspectRefusesADamagedFileInOneLine) {
   expect_one_line_error(run_psa({"inspect", (d / "missing").string()}), "no such file or folder");
 }
 
+// A tensor name with control bytes (NUL cut the listing short, ESC would drive the terminal) is listed escaped.
+TEST_F(TrainCli, InspectEscapesControlBytesInNames) {
+  const fs::path d = root_ / "inspect_names";
+  fs::create_directories(d);
+  const std::string name = std::string("a") + '\0' + "b\x1b[31m";
+  psa::nn::write_tensors((d / "odd.safetensors").string(), {{name, psa::Tensor::zeros({1})}}, {});
+  Result r = run_psa({"inspect", (d / "odd.safetensors").string()});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("a\\x00b\\x1b[31m"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find('\x1b'), std::string::npos);
+}
+
 
 }  // namespace
 

@@ -61,6 +61,9 @@ void check_output_file(const std::string& what, const std::string& path);
 void lock_output_dir(const std::string& what, const std::string& dir);
 // The extension of `path`, lowercased (".PNG" -> ".png"; "" when there is none).
 std::string lower_extension(const std::string& path);
+// `s` for a terminal: control bytes (NUL, ESC, newlines) as \xNN, so that a name read from a file can neither be
+// cut short nor drive the terminal.
+std::string printable(const std::string& s);
 
 using Command = int (*)(int argc, char** argv);
 

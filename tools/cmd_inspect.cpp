@@ -69,12 +69,12 @@ static json::Value inspect_file(const std::string& path) {
 static void print_file(const json::Value& r) {
   std::printf("%s: %ld tensors, %ld values, %ld bytes\nmetadata:", r.string_at("file").c_str(),
               (long)r.int_at("tensor_count"), (long)r.int_at("values"), (long)r.int_at("bytes"));
-  for (const json::Value& k : r.array_at("metadata_keys")) std::printf(" %s", k.as_string().c_str());
+  for (const json::Value& k : r.array_at("metadata_keys")) std::printf(" %s", cli::printable(k.as_string()).c_str());
   std::printf("%s\nhashes verified: %ld%s\n", r.array_at("metadata_keys").empty() ? " (none)" : "",
               (long)r.int_at("hashes_verified"), r.int_at("hashes_verified") ? "" : " (the file stores none)");
   const auto& tensors = r.array_at("tensors");
   for (size_t i = 0; i < tensors.size() && i < kMaxListedTensors; ++i) {
-    std::printf("  %-60s %-5s %s\n", tensors[i].string_at("name").c_str(), tensors[i].string_at("dtype").c_str(),
+    std::printf("  %-60s %-5s %s\n", cli::printable(tensors[i].string_at("name")).c_str(), tensors[i].string_at("dtype").c_str(),
                 json::dump(tensors[i].at("shape")).c_str());
   }
   if (tensors.size() > kMaxListedTensors)
