@@ -158,6 +158,10 @@ TEST_F(TrainCli, OneRecordsFileTrainsEveryStage) {
   fs::copy_file(fs::path(data_) / "train.jsonl", dir / "no_train" / "other.jsonl");
   expect_one_line_error(run_psa(train_args((dir / "no_train").string(), out + "3")), "no train.jsonl");
   EXPECT_FALSE(fs::exists(out + "3")) << "a failed run left its --out folder behind";
+  // A file that is not .jsonl (a dataset.json) or a checkpoint folder: said so, not "generate one with psa data".
+  expect_one_line_error(run_psa(train_args(data_ + "/dataset.json", out + "4")), "neither a dataset folder nor");
+  expect_one_line_error(run_psa(train_args(run_ + "/stage2", out + "4")), "a checkpoint folder, not a dataset folder");
+  EXPECT_FALSE(fs::exists(out + "4"));
 }
 
 // ---- a stage started from a checkpoint takes the tokenizer stored with it

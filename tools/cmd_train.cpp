@@ -435,6 +435,10 @@ int cmd_train(int argc, char** argv) {
   }
   if (!p.data_is_file && !fs::exists(fs::path(p.data) / "train.jsonl")) {
     // Only a missing or empty folder is filled with the synthetic data: never write into someone's data folder.
+    PSA_CHECK(!fs::exists(p.data) || fs::is_directory(p.data), "--data ", p.data, ": neither a dataset folder nor a .jsonl "
+              "records file (a dataset folder holds train.jsonl; `psa data --out DIR` writes one)");
+    PSA_CHECK(!fs::exists(fs::path(p.data) / "model.safetensors"), "--data ", p.data, ": a checkpoint folder, not a "
+              "dataset folder (--data takes the folder `psa data --out DIR` wrote, or a .jsonl records file)");
     PSA_CHECK(!fs::exists(p.data) || fs::is_empty(p.data), p.data, ": no train.jsonl (generate one with `psa data --out ",
               p.data, "`)");
     std::printf("generating the %s dataset into %s\n", p.preset.c_str(), p.data.c_str());
