@@ -980,8 +980,10 @@ void check_new_dataset_folder(const std::string& out_dir) {
   const std::filesystem::file_status st = std::filesystem::status(out_dir, ec);
   if (!std::filesystem::exists(st)) return;
   PSA_CHECK(std::filesystem::is_directory(st), out_dir, ": exists and is not a directory");
-  PSA_CHECK(std::filesystem::is_empty(out_dir, ec) && !ec, out_dir,
-            ": exists and is not empty (psa data writes only into a missing or empty folder)");
+  // The lock the caller took on the folder (tools/cli.h lock_output_dir) does not count.
+  bool empty = true;
+  for (const auto& e : std::filesystem::directory_iterator(out_dir, ec)) empty = empty && e.path().filename() == ".psa.lock";
+  PSA_CHECK(empty && !ec, out_dir, ": exists and is not empty (psa data writes only into a missing or empty folder)");
 }
 
 // Flushes the images to disk (one syncfs for the whole file system instead of one fsync per file), so that

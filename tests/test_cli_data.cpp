@@ -5,6 +5,8 @@
 // Runs ./build/psa (or $PSA_BIN) from the repository root; the binary's tests skip when it is not built.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -59,6 +61,28 @@ class CliData : public ::testing::Test {
   }
 };
 
+// Another process writing the folder (its lock held here, as a second psa data would find it): refused before
+// anything is written, and the folder keeps only the lock. Two runs into one --out used to interleave images.
+TEST_F(CliData, AFolderAnotherRunIsWritingIsRefused) {
+  const std::string dir = temp_path("locked");
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const int fd = ::open((dir + "/.psa.lock").c_str(), O_RDWR | O_CREAT, 0644);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX), 0);
+  expect_one_line_error(run_psa("data --scale 0.01 --out " + dir), "which a running psa process is writing");
+  int entries = 0;
+  for (const auto& e : fs::directory_iterator(dir)) entries += e.path().filename() == ".psa.lock" ? 1 : 100;
+  EXPECT_EQ(entries, 1);
+  ::close(fd);
+  // Free again: the lock file alone does not make the folder "not empty", and the finished dataset keeps none.
+  const auto r = run_psa("data --scale 0.01 --out " + dir);
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_FALSE(fs::exists(dir + "/.psa.lock"));
+  EXPECT_TRUE(fs::exists(dir + "/dataset.json"));
+  fs::remove_all(dir);
+}
+
 TEST_F(CliData, NonEmptyOutputFolderIsRefusedAndLeftAlone) {
   const std::string dir = temp_path("nonempty");
   fs::create_directories(dir);
@@ -70,7 +94,7 @@ TEST_F(CliData, NonEmptyOutputFolderIsRefusedAndLeftAlone) {
   fs::remove_all(dir);
   const std::string file = temp_path("file");
   std::ofstream(file) << "";
-  expect_one_line_error(run_psa("data --scale 0.01 --out " + file), file + ": exists and is not a directory");
+  expect_one_line_error(run_psa("data --scale 0.01 --out " + file), file + " is not a folder");
   fs::remove(file);
 }
 

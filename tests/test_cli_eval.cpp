@@ -191,7 +191,7 @@ TEST_F(EvalCli, OutputsIntoARunBeingTrainedAreRefused) {
   ASSERT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);  // what a running psa train holds
   const std::string pid = std::to_string(::getpid());
   ASSERT_EQ(::pwrite(fd, pid.data(), pid.size(), 0), ssize_t(pid.size()));
-  expect_one_line_error(eval({"--out", (d / "report.json").string()}), "which a running psa train is writing (pid " + pid);
+  expect_one_line_error(eval({"--out", (d / "report.json").string()}), "which a running psa process is writing (pid " + pid);
   ::close(fd);
   Result r = eval({"--out", (d / "report.json").string()});
   EXPECT_EQ(r.status, 0) << r.err;

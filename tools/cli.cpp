@@ -122,13 +122,18 @@ bool path_inside(const std::string& path, const std::string& dir) {
   return true;
 }
 
-void check_output_dir(const std::string& what, const std::string& dir) {
+void make_output_dir(const std::string& what, const std::string& dir) {
   namespace fs = std::filesystem;
   PSA_CHECK(!dir.empty(), what, ": expected a folder, got an empty path");
   std::error_code ec;
   PSA_CHECK(!fs::exists(dir, ec) || fs::is_directory(dir, ec), what, ": ", dir, " is not a folder");
   fs::create_directories(dir, ec);
   PSA_CHECK(!ec, what, ": cannot create the folder ", dir, ": ", ec.message());
+}
+
+void check_output_dir(const std::string& what, const std::string& dir) {
+  namespace fs = std::filesystem;
+  make_output_dir(what, dir);
   // Permissions, read-only mounts and quotas are only known by trying: a probe file, removed at once.
   const std::string probe = (fs::path(dir) / (".psa-write-probe-" + std::to_string(::getpid()))).string();
   const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600);
@@ -166,7 +171,7 @@ void check_output_location(const std::string& what, const std::string& path) {
               ": inside the checkpoint folder ", dir.string(), " (a checkpoint holds only what psa train writes; "
               "choose another folder)");
     const long holder = lock_holder((dir / ".psa.lock").string());
-    PSA_CHECK(holder == 0, what, " ", path, ": inside ", dir.string(), ", which a running psa train is writing",
+    PSA_CHECK(holder == 0, what, " ", path, ": inside ", dir.string(), ", which a running psa process is writing",
               holder > 0 ? " (pid " + std::to_string(holder) + ")" : std::string(), "; wait for it to end");
     if (dir == dir.root_path()) break;
   }
@@ -215,6 +220,18 @@ void lock_output_dir(const std::string& what, const std::string& dir) {
   const bool noted = ::ftruncate(fd, 0) == 0 && ::pwrite(fd, pid.data(), pid.size(), 0) == ssize_t(pid.size());
   (void)noted;
   // fd stays open (and locked) for the rest of the process.
+}
+
+bool holds_only_lock(const std::string& dir) {
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec))
+    if (e.path().filename() != ".psa.lock") return false;
+  return !ec;
+}
+
+void remove_lock_file(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::remove(std::filesystem::path(dir) / ".psa.lock", ec);
 }
 
 std::string printable(const std::string& s) {

@@ -49,6 +49,8 @@ bool path_inside(const std::string& path, const std::string& dir);
 // `dir` exists or is created, and a probe file can be created in it (then removed); else an error
 // "<what>: <reason>" with errno's text. `what` names the option, e.g. "--predictions".
 void check_output_dir(const std::string& what, const std::string& dir);
+// The first half of check_output_dir: `dir` is a folder or is made one (no probe file written).
+void make_output_dir(const std::string& what, const std::string& dir);
 // No folder above `path` is a checkpoint (model.safetensors with config.json) or a run folder another process's
 // psa train holds (its .psa.lock): writing there would mix another tool's file into them.
 void check_output_location(const std::string& what, const std::string& path);
@@ -59,6 +61,24 @@ void check_output_file(const std::string& what, const std::string& path);
 // exits, so that two runs never write one folder; the kernel drops it when the holder dies, so a killed run
 // leaves nothing to clean. Else an error "<what> <dir>: in use by another psa process (pid N)".
 void lock_output_dir(const std::string& what, const std::string& dir);
+// Whether `dir` holds nothing but its .psa.lock (or nothing).
+bool holds_only_lock(const std::string& dir);
+// Removes dir/.psa.lock from a folder that is finished (a dataset, an export): the lock itself stays held until
+// the process exits, and a later writer finds the folder not empty anyway.
+void remove_lock_file(const std::string& dir);
+// f() while holding dir's lock, then the lock file removed, also when f throws (a folder found not empty must
+// not keep a file of ours).
+template <typename F>
+auto removing_lock_file_after(const std::string& dir, F&& f) -> decltype(f()) {
+  try {
+    auto result = f();
+    remove_lock_file(dir);
+    return result;
+  } catch (...) {
+    remove_lock_file(dir);
+    throw;
+  }
+}
 // The extension of `path`, lowercased (".PNG" -> ".png"; "" when there is none).
 std::string lower_extension(const std::string& path);
 // `s` for a terminal: control bytes (NUL, ESC, newlines) as \xNN, so that a name read from a file can neither be

@@ -42,7 +42,14 @@ int cmd_export(int argc, char** argv) {
   const Checkpoint c = load_checkpoint(ckpt);
   const std::shared_ptr<PsaVlm> merged = merged_model(c);
   cli::check_output_dir("--out", out);
-  save_checkpoint(out, *merged, *c.tokenizer, c.stage, LoraSettings{});
+  // Locked, then found empty again: two exports into one --out both passed the first check and one replaced the
+  // other's files.
+  cli::lock_output_dir("--out", out);
+  cli::removing_lock_file_after(out, [&] {
+    PSA_CHECK(cli::holds_only_lock(out), "--out ", out, ": not empty (choose a new folder; an export never replaces files)");
+    save_checkpoint(out, *merged, *c.tokenizer, c.stage, LoraSettings{});
+    return 0;
+  });
   std::printf("merged the rank-%ld LoRA adapters (alpha %g) of %s into %s: %ld parameters, stage %s\n",
               (long)c.lora.rank, c.lora.alpha, ckpt.c_str(), out.c_str(), (long)merged->num_parameters(),
               c.stage.c_str());

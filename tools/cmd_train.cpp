@@ -442,7 +442,10 @@ int cmd_train(int argc, char** argv) {
     PSA_CHECK(!fs::exists(p.data) || fs::is_empty(p.data), p.data, ": no train.jsonl (generate one with `psa data --out ",
               p.data, "`)");
     std::printf("generating the %s dataset into %s\n", p.preset.c_str(), p.data.c_str());
-    generate_dataset(synth_preset(p.preset), p.data);
+    cli::make_output_dir("--data", p.data);
+    cli::lock_output_dir("--data", p.data);  // as psa data: one writer per dataset folder, locked before the probe
+    cli::check_output_dir("--data", p.data);
+    cli::removing_lock_file_after(p.data, [&] { return generate_dataset(synth_preset(p.preset), p.data); });
   }
   // Every file the run will read, before any stage trains or --overwrite removes anything.
   for (const StagePlan& s : todo)
