@@ -121,7 +121,7 @@ void plot_lines(const std::string& path, const std::vector<Series>& series, cons
   c.text(8, top - 14, o.y_label, kBlack);
   Image img(o.width, o.height);
   img.rgb = std::move(c.px);
-  json::write_file(path, encode_png(img));  // atomic: a chart rewritten during training is never half a file
+  json::write_file(path, encode_png(img, kPlotSoftware));  // atomic: a chart rewritten during training is never half a file
 }
 
 }  // namespace psa

@@ -11,6 +11,10 @@ struct Series {
   std::vector<double> x, y;  // x empty = 1, 2, 3, ...
 };
 
+// What every chart's PNG says in its Software chunk (image.h encode_png): how a command tells an earlier chart
+// of its own, which it may replace, from anyone's picture.
+constexpr const char* kPlotSoftware = "psa plot";
+
 struct PlotOptions {
   std::string title, x_label, y_label;
   bool log_y = false;

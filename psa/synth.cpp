@@ -1051,7 +1051,8 @@ json::Value synth_config_to_json(const SynthConfig& cfg) {
   return j;
 }
 
-json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir) {
+json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir,
+                             const std::function<void(int64_t done, int64_t total)>& progress) {
   check_synth_config(cfg);
   check_new_dataset_folder(out_dir);
   const Policy policy = resolve_policy(cfg.hint_policy);
@@ -1066,6 +1067,11 @@ json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir)
   JsonlWriter base;
   std::map<std::string, JsonlWriter> splits;
   const SplitJob jobs[] = {{"train", kTrain, cfg.train}, {"val", kVal, cfg.val}, {"test", kTest, cfg.test}};
+  int64_t done = 0, total = cfg.base_extra_clean;
+  for (const SplitJob& job : jobs) total += (int64_t)split_specs(job.sizes, cfg.image_size >= 64).size();
+  auto wrote_image = [&] {
+    if (progress) progress(++done, total);
+  };
   for (const SplitJob& job : jobs) {
     std::vector<SceneSpec> specs = split_specs(job.sizes, cfg.image_size >= 64);
     Rng order(stream_seed(cfg.seed, kOrder, job.stream));
@@ -1076,6 +1082,7 @@ json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir)
       Scene sc = make_scene(cfg, specs[i], rng);
       const std::string image = image_name(job.name, i);
       save_png(file(image), sc.img);
+      wrote_image();
       out.write(sc, safety_qa(sc, rng), image, job.name);
       if (job.stream != kTrain) continue;
       Rng qa_rng(stream_seed(cfg.seed, kBaseQA, i));  // the base file asks its own question of the same image
@@ -1087,6 +1094,7 @@ json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir)
     Scene sc = clean_scene(cfg.image_size, rng);
     const std::string image = image_name("base", i);
     save_png(file(image), sc.img);
+    wrote_image();
     base.write(sc, base_qa(sc, policy, cfg.hint_share, rng), image, "base");
   }
 

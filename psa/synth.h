@@ -3,6 +3,7 @@
 // and answers in the reference record format. Same config and seed -> byte-identical files on any machine.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "nn/json.h"
@@ -48,7 +49,9 @@ json::Value synth_config_to_json(const SynthConfig& cfg);
 // come first (then synced), then the record files, each written atomically, train.jsonl after the other ones and
 // dataset.json last: a run killed half-way leaves no record naming a missing or partial image, and a
 // dataset.json means a complete dataset.
-json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir);
+// `progress(done, total)` after each image written, when given.
+json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir,
+                             const std::function<void(int64_t done, int64_t total)>& progress = {});
 
 // Scene i of the vision-pretraining stream (psa/vision_pretrain.h): clean, risky and hard-negative scenes in
 // equal shares (typographic too when the train split has them), from a seed stream of its own, disjoint

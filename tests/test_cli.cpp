@@ -61,6 +61,18 @@ TEST_F(CliErrors, BenchStepScalingWritesThreeSeriesAndAChart) {
   bool chart = false;
   for (const auto& f : std::filesystem::directory_iterator(dir)) chart |= f.path().extension() == ".png";
   EXPECT_TRUE(chart) << "no chart in " << dir;
+  EXPECT_NE(r.err.find("[scaling] 15/15 patches"), std::string::npos) << "no progress line per point:\n" << r.err;
+  // An earlier sweep's files are replaced; anyone else's (notes, a dataset's file behind a link) are not.
+  for (const auto& f : std::filesystem::directory_iterator(dir)) {
+    const std::string kept = dir + "_other";
+    std::filesystem::create_directories(kept);
+    const std::string theirs = kept + "/" + f.path().filename().string();
+    std::ofstream(theirs) << "my notes";
+    Result again = run_psa("bench-step --scaling --steps 1 --warmup 0 --threads 1 --batch 2 --out-dir " + kept);
+    expect_one_line_error(again, "exists and is not a");
+    EXPECT_EQ(psa::test::slurp(theirs), "my notes");
+    std::filesystem::remove_all(kept);
+  }
   std::filesystem::remove_all(dir);
 }
 

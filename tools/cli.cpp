@@ -234,6 +234,14 @@ void remove_lock_file(const std::string& dir) {
   std::filesystem::remove(std::filesystem::path(dir) / ".psa.lock", ec);
 }
 
+void print_progress(const char* tag, int64_t done, int64_t total, const char* unit) {
+  static const bool tty = ::isatty(2);
+  const int64_t step = std::max<int64_t>(1, total / (tty ? 100 : 10));
+  if (done != total && done % step != 0) return;
+  std::fprintf(stderr, "%s[%s] %ld/%ld %s%s", tty ? "\r" : "", tag, (long)done, (long)total, unit,
+               tty && done != total ? "" : "\n");
+}
+
 std::string printable(const std::string& s) {
   std::string out;
   for (unsigned char c : s) {

@@ -81,6 +81,9 @@ auto removing_lock_file_after(const std::string& dir, F&& f) -> decltype(f()) {
 }
 // The extension of `path`, lowercased (".PNG" -> ".png"; "" when there is none).
 std::string lower_extension(const std::string& path);
+// A count on stderr ("[data] 1200/9400 images"): rewritten in place on a terminal at every percent, else one
+// line per tenth; the last call (done == total) ends the line.
+void print_progress(const char* tag, int64_t done, int64_t total, const char* unit);
 // `s` for a terminal: control bytes (NUL, ESC, newlines) as \xNN, so that a name read from a file can neither be
 // cut short nor drive the terminal.
 std::string printable(const std::string& s);

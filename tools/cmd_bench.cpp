@@ -11,7 +11,9 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <optional>
 #include <random>
 
@@ -19,6 +21,7 @@
 #include "bench/ceiling.h"
 #endif
 #include "nn/json.h"
+#include "psa/image.h"
 #include "psa/plot.h"
 #include "psa/train.h"
 #include "tensor/cuda/kernels.h"
@@ -339,26 +342,50 @@ void scaling_chart(const std::string& path, const StepSpec& s, const std::vector
   plot_lines(path, series, o);
 }
 
+constexpr const char* kScalingHead = "# Step-time scaling, ";
+constexpr int kScalingPoints = 15;  // 6 batch sizes, 4 text lengths, 5 image sides
+
+// The sweep's two files replace only earlier ones of their kind: a table starting with kScalingHead, a chart
+// marked by plot_lines. Anything else there (notes, a dataset's file behind a symbolic link) is refused.
+void check_scaling_outputs(const std::string& base) {
+  std::error_code ec;
+  const std::string md = base + ".md", png = base + ".png";
+  if (std::filesystem::exists(md, ec)) {
+    std::ifstream in(md, std::ios::binary);
+    std::string head(std::strlen(kScalingHead), '\0');
+    in.read(head.data(), std::streamsize(head.size()));
+    PSA_CHECK(in && head == kScalingHead, "--out-dir: ", md, " exists and is not a scaling table psa wrote "
+              "(choose another --out-dir, or remove it)");
+  }
+  PSA_CHECK(!std::filesystem::exists(png, ec) || png_written_by(png, kPlotSoftware), "--out-dir: ", png,
+            " exists and is not a chart psa wrote (choose another --out-dir, or remove it)");
+}
+
 int run_scaling(const StepSpec& s, const std::string& out_dir) {
   Trainer t = make_trainer(s);
   const nn::ClipConfig& vision = t.model->config.vision;
   const int64_t patches = vision.num_patches();
   std::vector<Point> pts;
-  for (int64_t b : {1, 2, 4, 8, 16, 32}) pts.push_back({"batch", b, s.text, patches, time_steps(t, s, b, s.text)});
-  for (int64_t l : {16, 32, 64, 128}) pts.push_back({"text", s.batch, l, patches, time_steps(t, s, s.batch, l)});
+  auto timed = [&](Point p) {  // one line per point: a sweep takes minutes
+    pts.push_back(p);
+    std::fprintf(stderr, "[scaling] %2zu/%d %-7s batch %2ld, text %3ld, patches %3ld: %.1f ms/step\n", pts.size(),
+                 kScalingPoints, p.series.c_str(), (long)p.batch, (long)p.text, (long)p.patches, p.t.median_ms);
+  };
+  for (int64_t b : {1, 2, 4, 8, 16, 32}) timed({"batch", b, s.text, patches, time_steps(t, s, b, s.text)});
+  for (int64_t l : {16, 32, 64, 128}) timed({"text", s.batch, l, patches, time_steps(t, s, s.batch, l)});
   // Patches: a model per image side (the position embeddings and the C-Abstractor's grid follow it).
   for (int64_t side : {4, 6, 8, 10, 12}) {
     StepSpec at = s;
     at.image_size = side * vision.patch;
     Trainer ti = make_trainer(at);
-    pts.push_back({"patches", s.batch, s.text, side * side, time_steps(ti, at, s.batch, s.text)});
+    timed({"patches", s.batch, s.text, side * side, time_steps(ti, at, s.batch, s.text)});
   }
   std::vector<double> load = load_average();
   char head[512];
   std::snprintf(head, sizeof head,
-                "# Step-time scaling, %s %s on %s (%s)\n\nthreads: %d, median of %ld steps after %ld warm-up per point, "
+                "%s%s %s on %s (%s)\n\nthreads: %d, median of %ld steps after %ld warm-up per point, "
                 "load average at the end %.2f %.2f %.2f, peak RSS %.0f MiB.\n\n",
-                s.preset.c_str(), s.stage.c_str(), host_name().c_str(), device_name(s.device), omp_get_max_threads(),
+                kScalingHead, s.preset.c_str(), s.stage.c_str(), host_name().c_str(), device_name(s.device), omp_get_max_threads(),
                 (long)s.steps, (long)s.warmup, load[0], load[1], load[2], peak_rss_mib());
   std::string md = std::string(head) + scaling_table(s, pts);
   std::printf("%s", md.c_str());
@@ -428,6 +455,7 @@ int cmd_bench_step(int argc, char** argv) {
     cli::check_output_dir("--out-dir", out_dir);  // before the sweep's minutes, not after
     for (const char* ext : {".md", ".png"})
       cli::check_output_file("--out-dir", out_dir + "/scaling_" + host_name() + ext);
+    check_scaling_outputs(out_dir + "/scaling_" + host_name());
     return run_scaling(s, out_dir);
   }
   Trainer t = make_trainer(s);

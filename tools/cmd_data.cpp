@@ -55,7 +55,9 @@ int cmd_data(int argc, char** argv) {
   cli::lock_output_dir("--out", out);
   cli::check_output_dir("--out", out);
   auto t0 = std::chrono::steady_clock::now();
-  const json::Value info = cli::removing_lock_file_after(out, [&] { return generate_dataset(cfg, out); });
+  const json::Value info = cli::removing_lock_file_after(out, [&] {
+    return generate_dataset(cfg, out, [](int64_t done, int64_t total) { cli::print_progress("data", done, total, "images"); });
+  });
   double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("wrote %s in %.1f s: %s\n", out.c_str(), s, json::dump(info.at("counts")).c_str());
   return 0;

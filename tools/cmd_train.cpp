@@ -445,7 +445,10 @@ int cmd_train(int argc, char** argv) {
     cli::make_output_dir("--data", p.data);
     cli::lock_output_dir("--data", p.data);  // as psa data: one writer per dataset folder, locked before the probe
     cli::check_output_dir("--data", p.data);
-    cli::removing_lock_file_after(p.data, [&] { return generate_dataset(synth_preset(p.preset), p.data); });
+    cli::removing_lock_file_after(p.data, [&] {
+      return generate_dataset(synth_preset(p.preset), p.data,
+                              [](int64_t done, int64_t total) { cli::print_progress("data", done, total, "images"); });
+    });
   }
   // Every file the run will read, before any stage trains or --overwrite removes anything.
   for (const StagePlan& s : todo)
