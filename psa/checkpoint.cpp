@@ -124,6 +124,7 @@ static void warn_unless_config_json_matches(const std::string& dir, const std::s
 
 Checkpoint load_checkpoint(const std::string& dir) {
   fs::path model_path = fs::path(dir) / "model.safetensors";
+  PSA_CHECK(!fs::is_regular_file(dir), dir, ": a file; give the checkpoint folder that holds it (`psa train` writes them)");
   PSA_CHECK(fs::exists(model_path), dir, ": no model.safetensors (is this a checkpoint folder? `psa train` writes them)");
   std::map<std::string, std::string> meta;
   nn::StateDict sd = nn::read_tensors(model_path.string(), &meta);

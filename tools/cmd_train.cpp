@@ -439,8 +439,10 @@ int cmd_train(int argc, char** argv) {
               "records file (a dataset folder holds train.jsonl; `psa data --out DIR` writes one)");
     PSA_CHECK(!fs::exists(fs::path(p.data) / "model.safetensors"), "--data ", p.data, ": a checkpoint folder, not a "
               "dataset folder (--data takes the folder `psa data --out DIR` wrote, or a .jsonl records file)");
-    PSA_CHECK(!fs::exists(p.data) || fs::is_empty(p.data), p.data, ": no train.jsonl (generate one with `psa data --out ",
-              p.data, "`)");
+    PSA_CHECK(!fs::exists(p.data) || fs::is_empty(p.data), p.data, ": no train.jsonl, and the folder is not empty",
+              fs::exists(fs::path(p.data) / "images") ? " (a dataset whose generation was stopped half-way? remove it, "
+                                                        "and psa train or psa data makes it again)"
+                                                      : " (psa data --out DIR writes a dataset into a new folder)");
     std::printf("generating the %s dataset into %s\n", p.preset.c_str(), p.data.c_str());
     cli::make_output_dir("--data", p.data);
     cli::lock_output_dir("--data", p.data);  // as psa data: one writer per dataset folder, locked before the probe

@@ -100,7 +100,7 @@ int main(int argc, char** argv) {
     usage(stderr);
     return 2;
   }
-  if (!std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
+  if (!std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
     usage(stdout);
     return finish_stdout(0);
   }
@@ -116,7 +116,6 @@ int main(int argc, char** argv) {
       return report_error(c.name, e.what());
     }
   }
-  std::fprintf(stderr, "psa: unknown command '%s'\n", argv[1]);
-  usage(stderr);
+  std::fprintf(stderr, "psa: unknown command '%s' (psa --help lists the commands)\n", argv[1]);
   return 2;
 }
