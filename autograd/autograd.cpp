@@ -134,9 +134,8 @@ void add_to_leaf(TensorImpl* leaf, const Tensor& g, bool shared) {
   else leaf->grad = shared ? g.clone().impl_ptr() : g.impl_ptr();
 }
 
-bool held_elsewhere(const Tensor& g, long own_refs) {
-  return g.impl_ptr().use_count() > own_refs || g.impl()->storage.use_count() > 1;
-}
+// Whether anything but the one reference the caller holds shares g (its impl or its memory).
+bool held_elsewhere(const Tensor& g) { return g.impl_ptr().use_count() > 1 || g.impl()->storage.use_count() > 1; }
 
 }  // namespace
 
@@ -157,8 +156,8 @@ void Tensor::backward(const Tensor& grad_output) const {
   }
   NoGrad no_grad;  // backward rules are computed with ops, but never recorded
   profile::BackwardScope in_backward;
-  if (!impl()->grad_fn) {  // backward() on a leaf: the seed is the caller's unless made here
-    add_to_leaf(impl(), seed, grad_output.defined());
+  if (!impl()->grad_fn) {  // backward() on a leaf
+    add_to_leaf(impl(), seed, held_elsewhere(seed));
     return;
   }
   std::unordered_map<Node*, Tensor> grads{{impl()->grad_fn.get(), seed}};
@@ -193,8 +192,8 @@ void Tensor::backward(const Tensor& grad_output) const {
     node->inputs.clear();
   }
   for (const std::shared_ptr<TensorImpl>& leaf : leaves) {
-    const Tensor& g = leaf_grads.at(leaf.get());
-    add_to_leaf(leaf.get(), g, held_elsewhere(g, 1));  // 1: the map's own reference
+    const Tensor& g = leaf_grads.at(leaf.get());  // the map holds the one reference
+    add_to_leaf(leaf.get(), g, held_elsewhere(g));
   }
 }
 

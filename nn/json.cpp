@@ -709,6 +709,13 @@ void sync_dir_of(const std::string& path) {
   if (rc != 0 && err != EINVAL && err != ENOTSUP) fail(path, ": fsync of directory ", dir, ": ", std::strerror(err));
 }
 
+bool holds_only_lock(const std::string& dir) {
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec))
+    if (e.path().filename() != kLockFileName) return false;
+  return !ec;
+}
+
 std::string write_target(const std::string& path) {
   namespace fs = std::filesystem;
   fs::path p = path;

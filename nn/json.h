@@ -132,6 +132,10 @@ struct TempFile {
 TempFile create_temp_beside(const std::string& path);
 // fsync of the folder holding `path`, so that a rename into it survives a power cut.
 void sync_dir_of(const std::string& path);
+// The file whose flock marks a folder's one writer (tools/cli.h lock_output_dir).
+constexpr const char* kLockFileName = ".psa.lock";
+// Whether folder `dir` holds nothing but (possibly) its lock file: "empty" for a writer that locked it first.
+bool holds_only_lock(const std::string& dir);
 
 // ---- implementation of the templates above
 

@@ -48,11 +48,11 @@ static void rename_into(const fs::path& from, const fs::path& to) {
 // model.safetensors goes last: it is what makes a folder a checkpoint (the loader, --resume and eval look for
 // it), and it carries the config and the xxHash64 of its tokenizer.json in its own metadata. So a crash before
 // its rename leaves the old model with its config (the loader builds nothing from config.json, which is there
-// for people and Hugging Face style tools, and only warns that it differs) and either its own tokenizer.json (when the new one is byte-identical,
-// the usual case: every stage of a run has the run's tokenizer, and an identical file is not replaced) or a
-// new one that the loader refuses by the hash, naming the folder: never a silently mixed model. Writing every
-// file into the staging folder first means that a failed write (a full disk, a non-finite LoRA number) leaves
-// the folder exactly as it was.
+// for people and Hugging Face style tools, and only warns that it differs) and either its own tokenizer.json
+// (when the new one is byte-identical, the usual case: every stage of a run has the run's tokenizer, and an
+// identical file is not replaced) or a new one that the loader refuses by the hash, naming the folder: never a
+// silently mixed model. Writing every file into the staging folder first means that a failed write (a full
+// disk, a non-finite LoRA number) leaves the folder exactly as it was.
 void save_checkpoint(const std::string& dir, const PsaVlm& model, const Tokenizer& tok, const std::string& stage,
                      const LoraSettings& lora) {
   const std::string config = json::dump(model.config.to_json(), 2), lora_text = json::dump(lora_json(lora));

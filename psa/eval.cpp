@@ -548,8 +548,8 @@ void check_table_file(const std::string& path) {
 
 void check_predictions_file(const std::string& path) {
   std::error_code ec;
-  if (!std::filesystem::exists(path, ec) || (std::filesystem::is_regular_file(path, ec) && std::filesystem::file_size(path, ec) == 0))
-    return;
+  namespace fs = std::filesystem;
+  if (!fs::exists(path, ec) || (fs::is_regular_file(path, ec) && fs::file_size(path, ec) == 0)) return;
   std::ifstream in(path, std::ios::binary);
   std::string first;
   std::getline(in, first);

@@ -133,11 +133,7 @@ static std::pair<std::string, std::string> first_sentence(const std::string& ans
 }
 
 static bool is_refusal_sentence(const std::string& n) {
-  if (starts_with_any(n, kRefusalStarts)) return true;
-  if (!starts_with_any(n, kRefusalLeadIns)) return false;
-  for (const char* p : kRefusalStarts)
-    if (contains_words(n, p)) return true;
-  return false;
+  return starts_with_any(n, kRefusalStarts) || (starts_with_any(n, kRefusalLeadIns) && contains_any(n, kRefusalStarts));
 }
 
 // A refusal sentence that names the topic while declining it ("I'm sorry, I can't help make a weapon.") is a

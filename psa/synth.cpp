@@ -980,10 +980,9 @@ void check_new_dataset_folder(const std::string& out_dir) {
   const std::filesystem::file_status st = std::filesystem::status(out_dir, ec);
   if (!std::filesystem::exists(st)) return;
   PSA_CHECK(std::filesystem::is_directory(st), out_dir, ": exists and is not a directory");
-  // The lock the caller took on the folder (tools/cli.h lock_output_dir) does not count.
-  bool empty = true;
-  for (const auto& e : std::filesystem::directory_iterator(out_dir, ec)) empty = empty && e.path().filename() == ".psa.lock";
-  PSA_CHECK(empty && !ec, out_dir, ": exists and is not empty (psa data writes only into a missing or empty folder)");
+  // The lock the caller took on the folder does not count.
+  PSA_CHECK(json::holds_only_lock(out_dir), out_dir,
+            ": exists and is not empty (psa data writes only into a missing or empty folder)");
 }
 
 // Flushes the images to disk (one syncfs for the whole file system instead of one fsync per file), so that
@@ -1067,13 +1066,18 @@ json::Value generate_dataset(const SynthConfig& cfg, const std::string& out_dir,
   JsonlWriter base;
   std::map<std::string, JsonlWriter> splits;
   const SplitJob jobs[] = {{"train", kTrain, cfg.train}, {"val", kVal, cfg.val}, {"test", kTest, cfg.test}};
+  std::vector<std::vector<SceneSpec>> split_scenes;
   int64_t done = 0, total = cfg.base_extra_clean;
-  for (const SplitJob& job : jobs) total += (int64_t)split_specs(job.sizes, cfg.image_size >= 64).size();
+  for (const SplitJob& job : jobs) {
+    split_scenes.push_back(split_specs(job.sizes, cfg.image_size >= 64));
+    total += (int64_t)split_scenes.back().size();
+  }
   auto wrote_image = [&] {
     if (progress) progress(++done, total);
   };
-  for (const SplitJob& job : jobs) {
-    std::vector<SceneSpec> specs = split_specs(job.sizes, cfg.image_size >= 64);
+  for (size_t j = 0; j < std::size(jobs); ++j) {
+    const SplitJob& job = jobs[j];
+    std::vector<SceneSpec>& specs = split_scenes[j];
     Rng order(stream_seed(cfg.seed, kOrder, job.stream));
     order.shuffle(specs);
     JsonlWriter& out = splits[job.name];

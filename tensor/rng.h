@@ -6,11 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define PSA_HD __host__ __device__ __forceinline__
-#else
-#define PSA_HD inline
-#endif
+#include "tensor/host_device.h"
 
 namespace psa {
 

@@ -170,7 +170,7 @@ void check_output_location(const std::string& what, const std::string& path) {
     PSA_CHECK(!(fs::exists(dir / "model.safetensors", ec) && fs::exists(dir / "config.json", ec)), what, " ", path,
               ": inside the checkpoint folder ", dir.string(), " (a checkpoint holds only what psa train writes; "
               "choose another folder)");
-    const long holder = lock_holder((dir / ".psa.lock").string());
+    const long holder = lock_holder((dir / json::kLockFileName).string());
     PSA_CHECK(holder == 0, what, " ", path, ": inside ", dir.string(), ", which a running psa process is writing",
               holder > 0 ? " (pid " + std::to_string(holder) + ")" : std::string(), "; wait for it to end");
     if (dir == dir.root_path()) break;
@@ -197,7 +197,7 @@ void check_output_file(const std::string& what, const std::string& path) {
 }
 
 void lock_output_dir(const std::string& what, const std::string& dir) {
-  const std::string path = (std::filesystem::path(dir) / ".psa.lock").string();
+  const std::string path = (std::filesystem::path(dir) / json::kLockFileName).string();
   // O_NOFOLLOW: a symlink planted as the lock would have the pid written over whatever it points to.
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
   PSA_CHECK(fd >= 0, what, " ", dir, ": cannot open the lock file ", path, ": ",
@@ -222,16 +222,9 @@ void lock_output_dir(const std::string& what, const std::string& dir) {
   // fd stays open (and locked) for the rest of the process.
 }
 
-bool holds_only_lock(const std::string& dir) {
-  std::error_code ec;
-  for (const auto& e : std::filesystem::directory_iterator(dir, ec))
-    if (e.path().filename() != ".psa.lock") return false;
-  return !ec;
-}
-
 void remove_lock_file(const std::string& dir) {
   std::error_code ec;
-  std::filesystem::remove(std::filesystem::path(dir) / ".psa.lock", ec);
+  std::filesystem::remove(std::filesystem::path(dir) / json::kLockFileName, ec);
 }
 
 void print_progress(const char* tag, int64_t done, int64_t total, const char* unit) {

@@ -9,6 +9,9 @@
 #include <string>
 #include <vector>
 
+#include "nn/json.h"
+#include "tensor/error.h"
+
 namespace psa::cli {
 
 struct Args {
@@ -61,16 +64,19 @@ void check_output_file(const std::string& what, const std::string& path);
 // exits, so that two runs never write one folder; the kernel drops it when the holder dies, so a killed run
 // leaves nothing to clean. Else an error "<what> <dir>: in use by another psa process (pid N)".
 void lock_output_dir(const std::string& what, const std::string& dir);
-// Whether `dir` holds nothing but its .psa.lock (or nothing).
-bool holds_only_lock(const std::string& dir);
-// Removes dir/.psa.lock from a folder that is finished (a dataset, an export): the lock itself stays held until
-// the process exits, and a later writer finds the folder not empty anyway.
+// Removes dir's lock file (the flock stays held until the process exits).
 void remove_lock_file(const std::string& dir);
-// f() while holding dir's lock, then the lock file removed, also when f throws (a folder found not empty must
-// not keep a file of ours).
+// f() fills `dir`, a missing or empty folder, as its one writer: the folder is made, locked (lock_output_dir),
+// found empty but for the lock (else "<what> <dir>: exists and is not empty (<why>)"), and probed for writing
+// (check_output_dir), in that order, so two runs never both pass the emptiness check, nor meets one the other's
+// probe file. The lock file is removed afterwards, also when f throws: a finished folder keeps nothing of it.
 template <typename F>
-auto removing_lock_file_after(const std::string& dir, F&& f) -> decltype(f()) {
+auto fill_new_folder(const std::string& what, const std::string& dir, const std::string& why, F&& f) -> decltype(f()) {
+  make_output_dir(what, dir);
+  lock_output_dir(what, dir);
   try {
+    PSA_CHECK(json::holds_only_lock(dir), what, " ", dir, ": exists and is not empty (", why, ")");
+    check_output_dir(what, dir);
     auto result = f();
     remove_lock_file(dir);
     return result;

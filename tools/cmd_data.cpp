@@ -44,18 +44,10 @@ int cmd_data(int argc, char** argv) {
   const std::string out = a.get_path("--out", "data/" + cfg.preset);
   // Not inside a checkpoint folder or a run a live psa train holds (as every other command's outputs).
   cli::check_output_location("--out", (std::filesystem::path(out) / "dataset.json").string());
-  // Locked before generate_dataset checks that the folder is empty: two runs into one --out used to pass the
-  // check together and interleave their images under one set of records.
-  check_synth_config(cfg);
-  std::error_code ec;
-  PSA_CHECK(!std::filesystem::is_directory(out, ec) || cli::holds_only_lock(out), out,
-            ": exists and is not empty (psa data writes only into a missing or empty folder)");
-  // Created and locked before the write probe: a second run's probe file must not meet the first's emptiness check.
-  cli::make_output_dir("--out", out);
-  cli::lock_output_dir("--out", out);
-  cli::check_output_dir("--out", out);
+  check_synth_config(cfg);  // before the folder is made
   auto t0 = std::chrono::steady_clock::now();
-  const json::Value info = cli::removing_lock_file_after(out, [&] {
+  // One writer: two runs into one --out used to pass the emptiness check together and interleave their images.
+  const json::Value info = cli::fill_new_folder("--out", out, "psa data writes only into a missing or empty folder", [&] {
     return generate_dataset(cfg, out, [](int64_t done, int64_t total) { cli::print_progress("data", done, total, "images"); });
   });
   double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -41,12 +41,8 @@ int cmd_export(int argc, char** argv) {
   // Loaded and merged before the folder is made: a checkpoint without adapters leaves nothing behind.
   const Checkpoint c = load_checkpoint(ckpt);
   const std::shared_ptr<PsaVlm> merged = merged_model(c);
-  cli::check_output_dir("--out", out);
-  // Locked, then found empty again: two exports into one --out both passed the first check and one replaced the
-  // other's files.
-  cli::lock_output_dir("--out", out);
-  cli::removing_lock_file_after(out, [&] {
-    PSA_CHECK(cli::holds_only_lock(out), "--out ", out, ": not empty (choose a new folder; an export never replaces files)");
+  // One writer: two exports into one --out both passed the check above, and one replaced the other's files.
+  cli::fill_new_folder("--out", out, "choose a new folder; an export never replaces files", [&] {
     save_checkpoint(out, *merged, *c.tokenizer, c.stage, LoraSettings{});
     return 0;
   });

@@ -444,10 +444,7 @@ int cmd_train(int argc, char** argv) {
                                                         "and psa train or psa data makes it again)"
                                                       : " (psa data --out DIR writes a dataset into a new folder)");
     std::printf("generating the %s dataset into %s\n", p.preset.c_str(), p.data.c_str());
-    cli::make_output_dir("--data", p.data);
-    cli::lock_output_dir("--data", p.data);  // as psa data: one writer per dataset folder, locked before the probe
-    cli::check_output_dir("--data", p.data);
-    cli::removing_lock_file_after(p.data, [&] {
+    cli::fill_new_folder("--data", p.data, "a dataset is generated only into a missing or empty folder", [&] {
       return generate_dataset(synth_preset(p.preset), p.data,
                               [](int64_t done, int64_t total) { cli::print_progress("data", done, total, "images"); });
     });

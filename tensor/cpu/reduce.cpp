@@ -2,6 +2,7 @@
 // reductions are short, and exactness against the f64 reference is worth more than the few cycles.
 #include "tensor/cpu/kernel_util.h"
 #include "tensor/cpu/kernels.h"
+#include "tensor/host_device.h"
 
 namespace psa::cpu {
 
@@ -40,12 +41,7 @@ void max_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& o
     for (int64_t o = 0; o < outer; ++o)
       for (int64_t j = 0; j < inner; ++j) {
         const T* col = pa + o * n * inner + j;
-        int64_t best = 0;
-        for (int64_t i = 1; i < n; ++i) {  // torch's rule: the first NaN (x != x), else the first maximum
-          const T x = col[i * inner], m = col[best * inner];
-          if (m != m) break;
-          if (x > m || x != x) best = i;
-        }
+        const int64_t best = column_argmax(col, n, inner);
         if (po) po[o * inner + j] = col[best * inner];
         pi[o * inner + j] = best;
       }

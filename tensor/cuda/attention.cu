@@ -711,9 +711,9 @@ template <typename T, int TN>
 constexpr int dkv_min_blocks() { return std::is_same<T, float>::value && TN == 4 ? 3 : 1; }
 
 template <typename T, int TN>
-__global__ void __launch_bounds__(kTileThreads, dkv_min_blocks<T, TN>()) tiles_backward_dkv(const T* g, const T* q, const T* k, const T* v,
-                                                                   const T* lse, const T* Dt, const T* mask,
-                                                                   AttnShape a, bool causal, T scale, T* gk, T* gv) {
+__global__ void __launch_bounds__(kTileThreads, dkv_min_blocks<T, TN>())
+    tiles_backward_dkv(const T* g, const T* q, const T* k, const T* v, const T* lse, const T* Dt, const T* mask,
+                       AttnShape a, bool causal, T scale, T* gk, T* gv) {
   using Gm = TileGeom<TN>;
   constexpr int DP = Gm::DP, LD = Gm::LD, LDT = Gm::LDT;
   T* sK = dynamic_smem<T>();

@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "tensor/cuda/common.cuh"
+#include "tensor/host_device.h"
 
 namespace psa::cuda {
 namespace {
@@ -58,12 +59,7 @@ __global__ void max_columns(const T* a, int64_t outer, int64_t n, int64_t inner,
   CUDA_LOOP(r, outer * inner) {
     int64_t o = r / inner, j = r % inner;
     const T* col = a + o * n * inner + j;
-    int64_t best = 0;
-    for (int64_t i = 1; i < n; ++i) {  // as the CPU's: the first NaN (x != x), else the first maximum
-      const T x = col[i * inner], m = col[best * inner];
-      if (m != m) break;
-      if (x > m || x != x) best = i;
-    }
+    const int64_t best = column_argmax(col, n, inner);
     if (out) out[r] = col[best * inner];
     argmax[r] = best;
   }
