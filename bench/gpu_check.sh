@@ -137,10 +137,13 @@ for s in (1, 2):
     ours = j["median_ms"]
     ref = t[f"stage{s}_ms"] if t else None
     peak = j.get("peak_gpu_gib") or 0.0
+    held = j.get("peak_gpu_reserved_gib")
     tpeak = t["runs"][-1].get(f"stage{s}_peak_gib") if t else None
+    theld = t["runs"][-1].get(f"stage{s}_reserved_gib") if t else None
     mfu = j.get("mfu")
     launches, copies = j.get("launches_per_step"), j.get("host_copies_per_step")
     print(f"| small step Stage {'I' * s} (ms, peak GiB ours {peak:.2f}" + (f" / torch {tpeak}" if tpeak else "") +
+          (f"; held with the cache ours {held:.2f}" if held is not None else "") + (f" / torch {theld}" if theld else "") +
           (f", MFU {100 * mfu:.1f}% of cuBLAS 8192²" if mfu else "") +
           (f", {launches:.0f} stream operations and {copies:.0f} device-to-host copies a step" if launches is not None else "") + ") "
           f"| {ours:.1f} | " + (f"torch eager {ref}" if ref else "-") + " | " + (f"{ours / ref:.2f}x" if ref else "-") + " |")

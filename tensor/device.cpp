@@ -19,6 +19,7 @@ int64_t host_copies() { return 0; }
 int64_t launches() { return 0; }
 void memset_zero(void*, size_t) { no_cuda(); }
 size_t peak_bytes() { return 0; }
+size_t peak_reserved_bytes() { return 0; }
 void set_guard_mode(bool) {}
 std::vector<std::string> check_guards() { return {}; }
 Stream::Stream() { no_cuda(); }

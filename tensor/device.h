@@ -22,7 +22,10 @@ int64_t host_copies();
 // (`psa bench-step` reports them per step).
 int64_t launches();
 void memset_zero(void* p, size_t nbytes);
+// The most bytes held at once in live tensors (sizes rounded as the cache rounds them; torch's
+// max_memory_allocated), and the most held from the driver, idle cached blocks included (max_memory_reserved).
 size_t peak_bytes();
+size_t peak_reserved_bytes();
 // Tests: guard mode gives every new allocation guard bytes on both sides and a 0xFF-filled (NaN) body;
 // check_guards() synchronises, verifies every live guarded block and returns (and clears) the violations found
 // so far, including those of blocks already freed.

@@ -42,6 +42,7 @@ TEST(Cuda, HostDeviceRoundTripIsExact) {
   Tensor back = h.to(Device::cuda).to(Device::cpu);
   EXPECT_EQ(back.vec<float>(), h.vec<float>());
   EXPECT_GT(gpu::peak_bytes(), 0u);
+  EXPECT_GE(gpu::peak_reserved_bytes(), gpu::peak_bytes());  // cached blocks stay held
 }
 
 // Integer uploads keep their host bytes: reading them back (ids, labels, index maps) copies nothing from the

@@ -86,7 +86,7 @@ struct StepTiming {
   std::vector<profile::Row> kernels;  // with --profile: summed over the timed steps
   // Memory peaks when the timed steps end: measured_peak runs afterwards, and its 8192² GEMMs (4 x 256 MiB on
   // the GPU, two 256 MiB results copied to the host) would otherwise be reported as the step's footprint.
-  double peak_gpu_gib = 0, peak_rss_mib = 0, peak_host_tensors_mib = 0;
+  double peak_gpu_gib = 0, peak_gpu_reserved_gib = 0, peak_rss_mib = 0, peak_host_tensors_mib = 0;
   double tokens_per_s() const { return tokens_per_step / (median_ms / 1000); }
   double achieved_gflops() const { return flops_per_step / (median_ms * 1e-3) * 1e-9; }
 };
@@ -189,6 +189,7 @@ StepTiming time_steps(Trainer& t, const StepSpec& s, int64_t batch, int64_t text
   r.host_copies_per_step = double(gpu::host_copies() - copies_at_warmup_end) / s.steps;
   r.launches_per_step = double(gpu::launches() - launches_at_warmup_end) / s.steps;
   r.peak_gpu_gib = gpu::peak_bytes() / 1073741824.0;
+  r.peak_gpu_reserved_gib = gpu::peak_reserved_bytes() / 1073741824.0;
   r.peak_rss_mib = peak_rss_mib();
   r.peak_host_tensors_mib = host_tensor_peak_bytes() / 1048576.0;
   return r;
@@ -246,6 +247,7 @@ json::Value timing_json(const StepSpec& s, const Trainer& t, const StepTiming& r
   j.set("peak_host_tensors_mib", r.peak_host_tensors_mib);
   if (s.device == Device::cuda) {
     j.set("peak_gpu_gib", r.peak_gpu_gib);
+    j.set("peak_gpu_reserved_gib", r.peak_gpu_reserved_gib);
     j.set("host_copies_per_step", r.host_copies_per_step);
     j.set("launches_per_step", r.launches_per_step);
   }
@@ -268,8 +270,9 @@ void print_timing(const StepSpec& s, const StepTiming& r, const std::pair<double
               r.tokens_per_s(), r.peak_rss_mib, r.peak_host_tensors_mib);
   if (s.threads) std::printf(", %ld thread%s", (long)s.threads, s.threads == 1 ? "" : "s");
   if (s.device == Device::cuda)
-    std::printf(", peak GPU %.2f GiB (caching allocator)\n  per step: %.0f stream operations (kernels, cuBLAS "
-                "calls, copies, memsets), %.0f device-to-host copies", r.peak_gpu_gib, r.launches_per_step, r.host_copies_per_step);
+    std::printf(", peak GPU %.2f GiB in tensors (%.2f GiB held with the cache)\n  per step: %.0f stream operations "
+                "(kernels, cuBLAS calls, copies, memsets), %.0f device-to-host copies",
+                r.peak_gpu_gib, r.peak_gpu_reserved_gib, r.launches_per_step, r.host_copies_per_step);
   std::printf("\n  %.2f GFLOP/step (matmul, attention, patch_conv), %.1f GFLOP/s", r.flops_per_step * 1e-9,
               r.achieved_gflops());
   if (peak.first)

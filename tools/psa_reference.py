@@ -730,6 +730,7 @@ def bench(preset, out_path, steps, warmup, thread_counts, device_name=None):
                 config[f"stage{stage}_trainable"] = sum(p.numel() for p in params)
                 if device.type == "cuda":
                     config[f"stage{stage}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
+                    config[f"stage{stage}_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2 ** 30, 3)
             run["configs"].append(config)
         for stage in (1, 2):  # the baseline: the faster split of the n threads, per stage
             best = min(run["configs"], key=lambda c: c[f"stage{stage}_ms"])

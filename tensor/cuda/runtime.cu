@@ -46,7 +46,8 @@ struct Cache {
   std::mutex mu;
   std::map<std::pair<cudaStream_t, size_t>, std::vector<void*>> free_blocks;  // (stream, rounded size) -> blocks
   std::unordered_map<void*, cudaStream_t> owner;  // live block -> the stream it was allocated on
-  size_t in_use = 0, peak = 0;
+  size_t in_use = 0, peak = 0;        // bytes in live tensors (rounded), like torch's memory_allocated
+  size_t reserved = 0, peak_reserved = 0;  // bytes held from cudaMalloc, cached blocks included (memory_reserved)
   bool guard = false;
   std::map<void*, size_t> guarded;  // user pointer -> user bytes
   std::vector<std::string> violations;
@@ -91,6 +92,7 @@ size_t release_cached(Cache& c) {
     released += key.second * blocks.size();
     blocks.clear();
   }
+  c.reserved -= released;
   return released;
 }
 
@@ -143,10 +145,14 @@ void verify_guards(Cache& c, void* user, size_t n) {
 void* device_malloc(Cache& c, size_t requested, size_t rounded) {
   void* p = nullptr;
   cudaError_t err = cudaMalloc(&p, rounded);
-  if (err == cudaSuccess) return p;
-  if (err != cudaErrorMemoryAllocation) ::psa::fail("cudaMalloc(", rounded, " bytes): ", cudaGetErrorString(err));
-  cudaGetLastError();
-  if (release_cached(c) == 0 || (err = cudaMalloc(&p, rounded)) != cudaSuccess) out_of_memory(requested, rounded, c, err);
+  if (err != cudaSuccess) {
+    if (err != cudaErrorMemoryAllocation) ::psa::fail("cudaMalloc(", rounded, " bytes): ", cudaGetErrorString(err));
+    cudaGetLastError();
+    if (release_cached(c) == 0 || (err = cudaMalloc(&p, rounded)) != cudaSuccess)
+      out_of_memory(requested, rounded, c, err);
+  }
+  c.reserved += rounded;
+  c.peak_reserved = std::max(c.peak_reserved, c.reserved);
   return p;
 }
 
@@ -211,6 +217,7 @@ void free(void* p, size_t nbytes) {
   if (g != c.guarded.end()) {  // a guard-mode block (guard mode may be off by now): verify, then release
     verify_guards(c, p, g->second);
     c.in_use -= g->second;
+    c.reserved -= std::max<size_t>(g->second + 2 * guard_bytes(), 1);
     c.guarded.erase(g);
     cudaFree(static_cast<char*>(p) - guard_bytes());  // unchecked: a destructor must not throw
     return;
@@ -251,7 +258,16 @@ void memset_zero(void* p, size_t n) {
   cudaCheck(cudaMemsetAsync(p, 0, n, t_current_stream));
   ++g_launches;
 }
-size_t peak_bytes() { return cache().peak; }
+size_t peak_bytes() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  return c.peak;
+}
+size_t peak_reserved_bytes() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  return c.peak_reserved;
+}
 
 // ---- streams and events
 
