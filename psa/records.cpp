@@ -2,6 +2,7 @@
 
 #include <cctype>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -191,6 +192,17 @@ std::vector<Record> load_records(const std::string& jsonl_path, LoadReport* repo
   }
   if (in.bad()) fail(jsonl_path, ": read error: ", std::strerror(errno));
   return records;
+}
+
+void print_skipped(const LoadReport& rep, const std::string& jsonl_path, size_t from) {
+  constexpr size_t kShown = 10;
+  const size_t n = rep.messages.size() > from ? rep.messages.size() - from : 0;
+  for (size_t i = 0; i < n && i < kShown; ++i) std::fprintf(stderr, "skipped %s\n", rep.messages[from + i].c_str());
+  if (n <= kShown) return;
+  if (jsonl_path.empty()) std::fprintf(stderr, "... and %zu more skipped records\n", n - kShown);
+  else
+    std::fprintf(stderr, "... and %zu more skipped lines (psa inspect %s lists the file's bad records)\n", n - kShown,
+                 jsonl_path.c_str());
 }
 
 json::Value record_to_json(int safe_level, int safe_type, const std::string& image, const std::string& question,

@@ -36,6 +36,11 @@ bool is_blank(const std::string& s);
 // check_images verifies every image part's header (exists, decodable format, size limit) without decoding.
 std::vector<Record> load_records(const std::string& jsonl_path, LoadReport* report, bool check_images = true);
 
+// Prints the skipped lines of `rep` (read from `jsonl_path`) from message `from` on to stderr, "skipped
+// FILE:LINE: reason": the first 10, then how many more there are and the command that lists the file's bad
+// lines (psa inspect FILE.jsonl; with no path, skips the file itself cannot show, only the count).
+void print_skipped(const LoadReport& rep, const std::string& jsonl_path, size_t from = 0);
+
 // Validates one parsed line; throws psa::Error with the reason (no location) when it is not a usable record.
 Record parse_record(const json::Value& v, const std::string& base_dir, bool check_images);
 

@@ -288,6 +288,29 @@ TEST(SynthChecks, GeneratorRefusesANonEmptyFolder) {
   fs::remove_all(dir);
 }
 
+// psa inspect FILE.jsonl lists every bad line (training shows the first 10 and points here), and a file whose
+// lines all load inspects with exit 0.
+TEST_F(CliData, InspectListsEveryBadLineOfARecordsFile) {
+  const std::string bad = psa::test::repo_path("tests/data/records/bad.jsonl");
+  Result r = run_psa({"inspect", bad});
+  expect_one_line_error(r, "12 of 13 lines skipped");
+  EXPECT_NE(r.out.find("1 records, 12 lines skipped"), std::string::npos) << r.out;
+  for (int line : {2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14})
+    EXPECT_NE(r.out.find("skipped " + bad + ":" + std::to_string(line) + ": "), std::string::npos) << line;
+  const std::string dir = temp_path("inspect_records");
+  fs::create_directories(dir);
+  std::ofstream(dir + "/good.jsonl") << slurp(bad).substr(0, slurp(bad).find('\n') + 1);
+  fs::create_directories(dir + "/img");
+  fs::copy_file(psa::test::repo_path("tests/data/records/img/a.png"), dir + "/img/a.png");
+  r = run_psa({"inspect", dir + "/good.jsonl", "--json"});
+  EXPECT_EQ(r.status, 0) << r.err;
+  const psa::json::Value j = psa::json::parse(r.out);
+  EXPECT_EQ(j.int_at("records"), 1);
+  EXPECT_EQ(j.at("by_type").int_at("clean"), 1);
+  EXPECT_TRUE(j.array_at("skipped_lines").empty());
+  fs::remove_all(dir);
+}
+
 // README: records are checked for unknown keys. The reference fields, our "meta" and LLaVA's "id" pass.
 TEST(RecordKeys, UnknownKeysSkipTheRecordWithLineAndReason) {
   const std::string dir = temp_path("keys");

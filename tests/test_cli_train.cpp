@@ -580,7 +580,7 @@ TEST_F(TrainCli, InspectRefusesADamagedFileInOneLine) {
   std::ofstream((d / "cut.safetensors").string(), std::ios::binary) << weights.substr(0, weights.size() / 2);
   expect_one_line_error(run_psa({"inspect", (d / "cut.safetensors").string()}), "cut.safetensors");
   std::ofstream((d / "notes.txt").string()) << "x";
-  expect_one_line_error(run_psa({"inspect", (d / "notes.txt").string()}), "expected a checkpoint folder or a .safetensors");
+  expect_one_line_error(run_psa({"inspect", (d / "notes.txt").string()}), "expected a checkpoint folder, a .safetensors file or a .jsonl");
   expect_one_line_error(run_psa({"inspect", d.string()}), "no model.safetensors");
   expect_one_line_error(run_psa({"inspect", (d / "missing").string()}), "no such file or folder");
 }

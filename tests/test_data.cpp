@@ -337,6 +337,13 @@ TEST_F(Data, BadRecordsAreSkippedWithFileLineReason) {
     EXPECT_EQ(rep.messages[i].rfind(prefix, 0), 0u) << rep.messages[i];
     EXPECT_NE(rep.messages[i].find(expected[i].second), std::string::npos) << rep.messages[i];
   }
+  // Training and eval print the first 10 and point at psa inspect for the rest.
+  ::testing::internal::CaptureStderr();
+  print_skipped(rep, path);
+  const std::string shown = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(shown.find("skipped " + rep.messages[9] + "\n"), std::string::npos) << shown;
+  EXPECT_EQ(shown.find(rep.messages[10]), std::string::npos) << shown;
+  EXPECT_NE(shown.find("... and 2 more skipped lines (psa inspect " + path), std::string::npos) << shown;
   // Without image checks the missing and undecodable files load (the trainer decodes later).
   LoadReport lax;
   load_records(path, &lax, false);

@@ -79,7 +79,7 @@ static std::vector<std::string> take_ckpts(int argc, char** argv, std::vector<ch
 static std::vector<Record> load_split(const std::string& path, int64_t* skipped) {
   LoadReport rep;
   std::vector<Record> records = load_records(path, &rep, true);
-  for (size_t i = 0; i < rep.messages.size() && i < 10; ++i) std::fprintf(stderr, "skipped %s\n", rep.messages[i].c_str());
+  print_skipped(rep, path);
   if (rep.skipped) std::fprintf(stderr, "%s: %ld records loaded, %ld lines skipped\n", path.c_str(), (long)rep.loaded, (long)rep.skipped);
   PSA_CHECK(!records.empty(), path, ": no usable records");
   *skipped = rep.skipped;
@@ -120,12 +120,11 @@ static json::Value eval_one(const std::string& dir, const std::vector<Record>& r
   // whose prompt, image and hint pass the model's positions is skipped (evaluate's drop_too_long).
   const Dataset d = build_dataset(records, *c.tokenizer, c.model->config.vision.image_size,
                                   c.model->config.text.max_positions, &rep);
-  for (size_t i = 0; i < rep.messages.size() && i < 10; ++i) std::fprintf(stderr, "skipped %s\n", rep.messages[i].c_str());
+  print_skipped(rep, "");  // what this checkpoint cannot take, not the file's bad lines
   PSA_CHECK(d.size() > 0, dir, ": no record could be prepared for this checkpoint");
   const size_t shown = rep.messages.size();
   json::Value m = evaluate(c, d, opt, &rep);  // adds the records whose prompt is too long for the model
-  for (size_t i = shown; i < rep.messages.size() && i < shown + 10; ++i)
-    std::fprintf(stderr, "skipped %s\n", rep.messages[i].c_str());
+  print_skipped(rep, "", shown);
   m.set("skipped_records", rep.skipped + unreadable);
   std::printf("%s (%s): %ld records in %.1f s (%.1f records/s)\n", dir.c_str(), c.stage.c_str(),
               (long)m.int_at("records"), m.number_at("eval_seconds"), m.number_at("records_per_second"));

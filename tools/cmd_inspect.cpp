@@ -7,20 +7,25 @@
 #include "nn/safetensors.h"
 #include "psa/checkpoint.h"
 #include "psa/eval.h"
+#include "psa/policy.h"
+#include "psa/records.h"
 #include "tools/cli.h"
 
 namespace psa {
 
 static const char* kInspectUsage = R"(usage: psa inspect PATH [--json]
 
-PATH is a checkpoint folder (what psa train writes: model.safetensors, config.json, tokenizer.json) or one
-.safetensors file (a training state, a Hugging Face weight file). Everything is read as the loaders read it:
-every tensor's stored xxHash64 is verified, and a checkpoint's config and tokenizer are checked against its
-weights, so a file that inspects cleanly also loads.
+PATH is a checkpoint folder (what psa train writes: model.safetensors, config.json, tokenizer.json), one
+.safetensors file (a training state, a Hugging Face weight file) or a .jsonl records file (psa data's splits,
+or real data for psa train --data). Everything is read as the loaders read it: every tensor's stored xxHash64
+is verified, and a checkpoint's config and tokenizer are checked against its weights, so a file that inspects
+cleanly also loads; a records file is parsed and every image header checked, as training does.
 
 checkpoint folder: stage, preset, LoRA settings, tokenizer, the model's dimensions, parameters per module
                    group (the groups of psa audit) and the size of each file
 safetensors file:  the metadata keys and every tensor's name, dtype and shape (the first 40; --json lists all)
+records file:      records per safety level and type, and every skipped line with its reason (exit status 2
+                   when any line is skipped: the list, then one line with the count)
 
 options:
   --json    one JSON object instead of text
@@ -79,6 +84,38 @@ static void print_file(const json::Value& r) {
   }
   if (tensors.size() > kMaxListedTensors)
     std::printf("  ... %zu more (--json lists them)\n", tensors.size() - kMaxListedTensors);
+}
+
+static json::Value inspect_records(const std::string& path) {
+  LoadReport rep;
+  const std::vector<Record> records = load_records(path, &rep, true);
+  int64_t levels[4] = {}, types[7] = {};
+  for (const Record& r : records) {
+    ++levels[r.safe_level];
+    ++types[r.safe_type];
+  }
+  json::Value by_level = json::Value::object(), by_type = json::Value::object(), skipped = json::Value::array();
+  for (int l = 0; l < 4; ++l) by_level.set(std::to_string(l), levels[l]);
+  for (int t = 0; t < 7; ++t) by_type.set(type_name(t), types[t]);
+  for (const std::string& m : rep.messages) skipped.push(m);
+  json::Value out = json::Value::object();
+  out.set("records_file", path);
+  out.set("records", rep.loaded);
+  out.set("skipped", rep.skipped);
+  out.set("by_level", std::move(by_level));
+  out.set("by_type", std::move(by_type));
+  out.set("skipped_lines", std::move(skipped));
+  return out;
+}
+
+static void print_records(const json::Value& r) {
+  std::printf("%s: %ld records, %ld lines skipped\nby level:", r.string_at("records_file").c_str(),
+              (long)r.int_at("records"), (long)r.int_at("skipped"));
+  for (const auto& [k, n] : r.at("by_level").as_object()) std::printf(" %s: %ld", k.c_str(), (long)n.as_int());
+  std::printf("\nby type:");
+  for (const auto& [k, n] : r.at("by_type").as_object()) std::printf(" %s: %ld", k.c_str(), (long)n.as_int());
+  std::printf("\n");
+  for (const json::Value& m : r.array_at("skipped_lines")) std::printf("skipped %s\n", cli::printable(m.as_string()).c_str());
 }
 
 static json::Value inspect_checkpoint(const std::string& dir) {
@@ -149,12 +186,20 @@ int cmd_inspect(int argc, char** argv) {
   PSA_CHECK(!path.empty(), "inspect: empty path");
   PSA_CHECK(fs::exists(path), path, ": no such file or folder");
   const bool folder = fs::is_directory(path);
-  PSA_CHECK(folder || cli::lower_extension(path) == ".safetensors", path,
-            ": expected a checkpoint folder or a .safetensors file");
-  const json::Value r = nn::naming_fs_errors([&] { return folder ? inspect_checkpoint(path) : inspect_file(path); });
+  const std::string ext = cli::lower_extension(path);
+  PSA_CHECK(folder || ext == ".safetensors" || ext == ".jsonl", path,
+            ": expected a checkpoint folder, a .safetensors file or a .jsonl records file");
+  const json::Value r = nn::naming_fs_errors([&] {
+    return folder ? inspect_checkpoint(path) : ext == ".jsonl" ? inspect_records(path) : inspect_file(path);
+  });
   if (a.has("--json")) std::printf("%s\n", json::dump(r, 2).c_str());
   else if (folder) print_checkpoint(r);
+  else if (ext == ".jsonl") print_records(r);
   else print_file(r);
+  if (ext == ".jsonl" && r.int_at("skipped")) {
+    std::fflush(stdout);
+    fail(path, ": ", r.int_at("skipped"), " of ", r.int_at("skipped") + r.int_at("records"), " lines skipped (listed above)");
+  }
   return 0;
 }
 

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <limits>
+#include <set>
 
 #include "nn/safetensors.h"
 #include "psa/eval.h"
@@ -142,11 +143,13 @@ struct StagePlan {
 
 const char* const kStages[] = {"base", "stage1", "stage2"};
 
+// The skipped lines of a file are listed once per run (--data FILE trains every stage on one file).
 Dataset load_split(const std::string& file, const Tokenizer& tok, const PsaConfig& cfg) {
+  static std::set<std::string> listed;
   LoadReport rep;
   std::vector<Record> recs = load_records(file, &rep);
   Dataset d = build_dataset(recs, tok, cfg.vision.image_size, cfg.max_text_tokens, &rep);
-  for (size_t i = 0; i < rep.messages.size() && i < 10; ++i) std::fprintf(stderr, "skipped: %s\n", rep.messages[i].c_str());
+  if (listed.insert(file).second) print_skipped(rep, file);
   std::printf("%s: %ld records loaded, %ld skipped\n", file.c_str(), (long)d.size(), (long)rep.skipped);
   return d;
 }
