@@ -97,6 +97,11 @@ StateDict read_tensors(const std::string& path, std::map<std::string, std::strin
   return out;
 }
 
+void require_hashes(const std::string& path, const std::map<std::string, std::string>& metadata) {
+  PSA_CHECK(metadata.count("xxh64.__metadata__"), path, ": no stored xxh64 hashes (psa writes one for every tensor "
+            "and its metadata): the file was edited or not written by psa");
+}
+
 void write_tensors(const std::string& path, const StateDict& tensors, const std::map<std::string, std::string>& metadata) {
   std::vector<Tensor> host;  // keeps host copies alive while writing
   std::vector<st::TensorData> data;

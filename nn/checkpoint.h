@@ -14,6 +14,9 @@ using StateDict = std::map<std::string, Tensor>;
 
 // Every tensor of a file, converted to the engine's dtypes (F16/BF16 -> f32, I8/U8/BOOL -> i32).
 StateDict read_tensors(const std::string& path, std::map<std::string, std::string>* metadata = nullptr);
+// For files this writer made (a checkpoint, a training state): fails unless `metadata` (read_tensors') holds the
+// hashes it writes, so a file whose hashes were stripped along with an edit is not taken for a foreign one.
+void require_hashes(const std::string& path, const std::map<std::string, std::string>& metadata);
 // Writes atomically with an xxHash64 per tensor in the metadata (verified by read_tensors).
 void write_tensors(const std::string& path, const StateDict& tensors, const std::map<std::string, std::string>& metadata = {});
 

@@ -282,7 +282,7 @@ File File::open(const std::string& path, bool verify_hashes) {
             " after the last tensor belong to no tensor");
 
   if (verify_hashes) {
-    if (auto it = f.metadata_.find(kMetadataHashKey); it != f.metadata_.end()) {  // files of older writers lack it
+    if (auto it = f.metadata_.find(kMetadataHashKey); it != f.metadata_.end()) {
       const std::string got = metadata_hash(f.metadata_);
       PSA_CHECK(it->second == got, path, ": __metadata__ does not match its xxh64 (stored ", it->second,
                 ", computed ", got, "): the header was edited or damaged");
@@ -297,8 +297,22 @@ File File::open(const std::string& path, bool verify_hashes) {
       const std::string got = xxh64_hex(t->data, t->nbytes);
       PSA_CHECK(want == got, path, ": tensor '", name, "': xxh64 mismatch (stored ", stored, ", computed ", got, ")");
     }
+    // This writer stores a hash for every tensor and one for the metadata: a file with some but not all of them
+    // had hashes removed along with whatever was changed.
+    if (f.hashed()) {
+      PSA_CHECK(f.metadata_.count(kMetadataHashKey), path, ": the tensors have xxh64 hashes but __metadata__ has "
+                "none (psa writes both): the header was edited");
+      for (const TensorView& t : f.tensors_)
+        PSA_CHECK(f.metadata_.count(kHashPrefix + t.name), path, ": tensor '", t.name, "' has no xxh64 though the "
+                  "file stores hashes (psa writes one for every tensor): the header was edited");
+    }
   }
   return f;
+}
+
+bool File::hashed() const {
+  auto it = metadata_.lower_bound(kHashPrefix);
+  return it != metadata_.end() && it->first.rfind(kHashPrefix, 0) == 0;
 }
 
 const TensorView* File::find(const std::string& name) const {

@@ -44,6 +44,9 @@ class File {
   const TensorView& at(const std::string& name) const;  // throws "path: no tensor 'name'"
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::string& path() const { return path_; }
+  // True when the file stores xxh64 hashes (this writer's files; Hugging Face's have none). open() then
+  // insists on one for every tensor and one for the metadata.
+  bool hashed() const;
 
  private:
   struct Buffer;

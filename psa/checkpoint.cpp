@@ -150,6 +150,7 @@ Checkpoint load_checkpoint(const std::string& dir) {
       s.include_lm_head = l.bool_at("include_lm_head");
       return s;
     });
+  nn::require_hashes(file, meta);  // after the metadata's own checks, which say more about a hostile file
   c.model = std::make_shared<PsaVlm>(cfg);
   if (c.lora.rank > 0) c.model->add_lora(c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.include_lm_head);
   c.model->load_state_dict(sd, true, model_path.string());

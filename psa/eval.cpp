@@ -12,6 +12,7 @@
 #include <map>
 #include <mutex>
 
+#include "nn/checkpoint.h"
 #include "nn/safetensors.h"
 #include "psa/infer.h"
 #include "psa/judge.h"
@@ -625,6 +626,7 @@ std::string model_file(const std::string& path) {
 std::map<std::string, Hashed> hash_tensors(const std::string& path, std::string* stage) {
   const st::File f = st::File::open(model_file(path), true);  // stored hashes verified
   const auto& meta = f.metadata();
+  nn::require_hashes(f.path(), meta);
   *stage = meta.count("stage") ? meta.at("stage") : "unknown";
   std::map<std::string, Hashed> out;
   for (const st::TensorView& t : f.tensors()) {

@@ -197,6 +197,7 @@ Resumed load_state(const std::string& path, PsaVlm& m, nn::AdamW& opt, Sampler& 
   PSA_CHECK(offset <= (int64_t)s.pool.size(), path, ": data offset ", offset, " past the epoch of ", s.pool.size(),
             " examples (a different dataset?)");
   r.skipped = meta.count("skipped") ? meta_int(meta, "skipped", path) : 0;
+  nn::require_hashes(path, meta);  // after the metadata's own checks, which say more about a hostile file
   for (int k = 0; k < 4; ++k) {
     auto it = st.find(kLossKeys[k]);
     if (it == st.end()) continue;  // states written before the per-loss series existed

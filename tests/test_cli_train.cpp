@@ -289,7 +289,7 @@ TEST_F(TrainCli, OverwriteKeepsTheRunWhenTheNewDataIsMissingOrUnusable) {
       << R"("<image>\nq"},{"from":"ASSISTANT","value":"a"}]})" << "\n";
   Result r = run_psa(train_args(bad.string(), out, {{"--stage", "base"}, {"--overwrite", ""}}));
   EXPECT_EQ(r.status, 2);
-  EXPECT_NE(r.err.find("skipped: " + (bad / "base_train.jsonl").string() + ":1:"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("skipped " + (bad / "base_train.jsonl").string() + ":1:"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("error: " + (bad / "base_train.jsonl").string() + ": no usable training examples"),
             std::string::npos) << r.err;
   for (const char* stage : {"/base", "/stage1", "/stage2"})

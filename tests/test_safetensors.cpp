@@ -11,6 +11,7 @@
 #include <cstring>
 #include <fstream>
 
+#include "nn/checkpoint.h"
 #include "nn/json.h"
 #include "nn/safetensors.h"
 #include "tensor/error.h"
@@ -303,6 +304,48 @@ TEST(Safetensors, EditedMetadataIsDetected) {
   EXPECT_EQ(st::File::open(path, false).metadata().at("config"), "{\"hidden_size\": 84}");
   const std::string e = error_of([&] { st::File::open(path); });
   EXPECT_NE(e.find(path + ": __metadata__ does not match its xxh64"), std::string::npos) << e;
+  std::system(("rm -rf '" + dir + "'").c_str());
+}
+
+// Blanks the metadata entry "key": "value" of a safetensors header in place (same length, still valid JSON).
+void blank_metadata_entry(std::string& raw, const std::string& key) {
+  size_t begin = raw.find("\"" + key + "\"");
+  ASSERT_NE(begin, std::string::npos) << key;
+  const size_t value = raw.find('"', raw.find(':', begin + key.size() + 2));
+  size_t end = raw.find('"', value + 1) + 1;
+  if (raw[end] == ',') ++end;
+  else begin = raw.rfind(',', begin);  // the last entry: its comma is before it
+  std::fill(raw.begin() + begin, raw.begin() + end, ' ');
+}
+
+// A data byte changed and its hash removed from the header: the file still carries the other hashes, so the
+// missing one is an edit, not a foreign writer. With every hash removed it reads like a Hugging Face file, and
+// only psa's own loaders (require_hashes) catch it.
+TEST(Safetensors, StrippedHashesAreDetected) {
+  std::string dir = fresh_dir("stripped");
+  std::string path = dir + "/c.safetensors";
+  std::vector<float> a = {1, 2}, b = {3, 4};
+  st::save(path, {{"a", DType::F32, {2}, a.data(), 8}, {"b", DType::F32, {2}, b.data(), 8}}, {{"step", "1"}});
+  const std::string saved = read_all(path);
+  std::string raw = saved;
+  raw[raw.size() - 1] ^= 0x01;  // b's data
+  blank_metadata_entry(raw, "xxh64.b");
+  std::ofstream(path, std::ios::binary) << raw;
+  std::string e = error_of([&] { st::File::open(path); });
+  EXPECT_EQ(e, path + ": tensor 'b' has no xxh64 though the file stores hashes (psa writes one for every tensor): "
+                      "the header was edited") << e;
+  for (const char* key : {"xxh64.a", "xxh64.__metadata__"}) blank_metadata_entry(raw, key);
+  std::ofstream(path, std::ios::binary) << raw;
+  const st::File f = st::File::open(path);
+  EXPECT_FALSE(f.hashed());
+  e = error_of([&] { psa::nn::require_hashes(path, f.metadata()); });
+  EXPECT_NE(e.find(path + ": no stored xxh64 hashes"), std::string::npos) << e;
+  EXPECT_TRUE(st::File::open(path).metadata().count("step"));
+  raw = saved;
+  blank_metadata_entry(raw, "xxh64.__metadata__");
+  std::ofstream(path, std::ios::binary) << raw;
+  e = error_of([&] { st::File::open(path); });
+  EXPECT_NE(e.find("the tensors have xxh64 hashes but __metadata__ has none"), std::string::npos) << e;
   std::system(("rm -rf '" + dir + "'").c_str());
 }
 
