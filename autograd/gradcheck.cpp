@@ -6,18 +6,18 @@
 
 namespace psa {
 
-Tensor randn(const Shape& shape, uint64_t seed, DType dtype, double stddev) {
+Tensor randn(const Shape& shape, uint64_t seed, DType dtype, double stddev, Device device) {
   Tensor t = Tensor::empty(shape, DType::f64);
   double* p = t.data<double>();
   for (int64_t i = 0, n = t.numel(); i < n; ++i) p[i] = stddev * philox_normal(seed, 0, i);
-  return t.to(dtype);
+  return t.to(dtype).to(device);
 }
 
-Tensor rand_uniform(const Shape& shape, uint64_t seed, double lo, double hi, DType dtype) {
+Tensor rand_uniform(const Shape& shape, uint64_t seed, double lo, double hi, DType dtype, Device device) {
   Tensor t = Tensor::empty(shape, DType::f64);
   double* p = t.data<double>();
   for (int64_t i = 0, n = t.numel(); i < n; ++i) p[i] = lo + (hi - lo) * philox_uniform(seed, 1, i);
-  return t.to(dtype);
+  return t.to(dtype).to(device);
 }
 
 double abs_error(double a, double b) {

@@ -25,8 +25,11 @@ GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)
 // worst, and NaN > tol is false.
 double abs_error(double a, double b);
 
-// Seeded helpers for tests and initialisation (Philox, identical on every device).
-Tensor randn(const Shape& shape, uint64_t seed, DType dtype = DType::f32, double stddev = 1.0);
-Tensor rand_uniform(const Shape& shape, uint64_t seed, double lo, double hi, DType dtype = DType::f32);
+// Seeded helpers for tests and initialisation (Philox on the host, then copied: the same values on every
+// device).
+Tensor randn(const Shape& shape, uint64_t seed, DType dtype = DType::f32, double stddev = 1.0,
+             Device device = Device::cpu);
+Tensor rand_uniform(const Shape& shape, uint64_t seed, double lo, double hi, DType dtype = DType::f32,
+                    Device device = Device::cpu);
 
 }  // namespace psa

@@ -40,6 +40,7 @@ Tensor sum(const Tensor& a, int64_t dim, bool keepdim = false);
 Tensor mean(const Tensor& a);
 Tensor mean(const Tensor& a, int64_t dim, bool keepdim = false);
 Tensor max(const Tensor& a, int64_t dim, bool keepdim = false);  // gradient to the first maximum
+Tensor max(const Tensor& a);                                     // all elements -> shape []
 Tensor sum_to(const Tensor& a, const Shape& shape);              // reverse of broadcasting
 Tensor argmax(const Tensor& a, int64_t dim);                     // i64, no gradient
 

@@ -36,6 +36,8 @@ Tensor mean(const Tensor& a, int64_t dim, bool keepdim) {
 
 Tensor mean(const Tensor& a) { return mul_scalar(sum(a), 1.0 / (double)a.numel()); }
 
+Tensor max(const Tensor& a) { return max(reshape(a, {a.numel()}), 0, false); }
+
 Tensor max(const Tensor& a, int64_t dim, bool keepdim) {
   check_defined("max", a, "input");
   int64_t d = normalize_dim("max", dim, a.dim());

@@ -188,6 +188,17 @@ std::vector<OpCase> reduce_cases() {
     return out;
   };
   v.push_back(all);
+  OpCase all_max = all;
+  all_max.op = "max";
+  all_max.shapes = {{{4, 3}}, {{}}, {{2, 3, 40}}};
+  all_max.run = [](const Inputs& in) { return max(in[0]); };
+  all_max.reference = [](const Inputs& in) {  // the first maximum, as the gradient goes to it
+    Tensor out = empty64({});
+    md(out)[0] = cd(in[0])[0];
+    for (int64_t i = 1; i < in[0].numel(); ++i) md(out)[0] = std::max(md(out)[0], cd(in[0])[i]);
+    return out;
+  };
+  v.push_back(all_max);
   return v;
 }
 

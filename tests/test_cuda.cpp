@@ -43,6 +43,11 @@ TEST(Cuda, HostDeviceRoundTripIsExact) {
   EXPECT_EQ(back.vec<float>(), h.vec<float>());
   EXPECT_GT(gpu::peak_bytes(), 0u);
   EXPECT_GE(gpu::peak_reserved_bytes(), gpu::peak_bytes());  // cached blocks stay held
+  // Seeded creation gives the host's values on the device.
+  const Tensor n = randn({3, 5}, 7, DType::f32, 0.5, Device::cuda), u = rand_uniform({4}, 7, -1, 2, DType::f64, Device::cuda);
+  EXPECT_EQ(n.device(), Device::cuda);
+  EXPECT_EQ(n.vec<float>(), randn({3, 5}, 7, DType::f32, 0.5).vec<float>());
+  EXPECT_EQ(u.vec<double>(), rand_uniform({4}, 7, -1, 2, DType::f64).vec<double>());
 }
 
 // Integer uploads keep their host bytes: reading them back (ids, labels, index maps) copies nothing from the
