@@ -21,7 +21,8 @@ for reference only and control is always off.
 
 required:
   --ckpt DIR            checkpoint folder (model.safetensors, config.json, tokenizer.json; `psa train` writes them)
-  --image FILE          any image stb_image reads; "a.png<split>b.png" pastes a pair side by side
+  --image FILE          a PNG, JPEG or BMP, up to 16384 px a side and 64 Mi pixels; "a.png<split>b.png"
+                        pastes a pair side by side
   --prompt TEXT         the user's question ("<image>" tags are removed: the template places the image); must
                         be valid UTF-8, not empty (after removing the tags and surrounding whitespace), and
                         fit the model's max_position_embeddings with the image and any hint
