@@ -132,13 +132,51 @@ std::string lower(std::string s) {
 // Rasterising: a pixel is painted when its centre lies inside the shape (no antialiasing: at 32 px the
 // hard edges keep every motif's details a full pixel wide).
 
+// A rotation about a centre, applied to everything drawn while a Tilt is alive: a motif is drawn in its own
+// upright frame, and each pixel centre is turned back into that frame before the inside test, so a rotated
+// motif stays as crisp as an upright one. sin = 0, cos = 1 is no rotation.
+struct Rotation {
+  double cx = 0, cy = 0, sin = 0, cos = 1;
+  // The upright-frame point that lands on (x, y).
+  std::array<double, 2> to_upright(double x, double y) const {
+    const double dx = x - cx, dy = y - cy;
+    return {cx + cos * dx + sin * dy, cy - sin * dx + cos * dy};
+  }
+  // The axis-aligned bounds of the rotated rectangle [x0, x1] x [y0, y1].
+  std::array<double, 4> bounds(double x0, double y0, double x1, double y1) const {
+    double lo_x = 1e18, lo_y = 1e18, hi_x = -1e18, hi_y = -1e18;
+    for (double x : {x0, x1})
+      for (double y : {y0, y1}) {
+        const double dx = x - cx, dy = y - cy, rx = cx + cos * dx - sin * dy, ry = cy + sin * dx + cos * dy;
+        lo_x = std::min(lo_x, rx), lo_y = std::min(lo_y, ry), hi_x = std::max(hi_x, rx), hi_y = std::max(hi_y, ry);
+      }
+    return {lo_x, lo_y, hi_x, hi_y};
+  }
+};
+thread_local Rotation t_rotation;  // scenes are drawn in parallel
+
+class Tilt {
+ public:
+  Tilt(const Rotation& r) : previous_(t_rotation) { t_rotation = r; }
+  ~Tilt() { t_rotation = previous_; }
+  Tilt(const Tilt&) = delete;
+  Tilt& operator=(const Tilt&) = delete;
+
+ private:
+  Rotation previous_;
+};
+
 void fill_if(Image& im, double x0, double y0, double x1, double y1, RGB c,
              const std::function<bool(double, double)>& inside) {
-  int ix0 = std::max(0, static_cast<int>(std::floor(x0))), ix1 = std::min(im.w - 1, static_cast<int>(std::ceil(x1)));
-  int iy0 = std::max(0, static_cast<int>(std::floor(y0))), iy1 = std::min(im.h - 1, static_cast<int>(std::ceil(y1)));
+  const Rotation& rot = t_rotation;
+  const auto [bx0, by0, bx1, by1] = rot.bounds(x0, y0, x1, y1);
+  int ix0 = std::max(0, static_cast<int>(std::floor(bx0))), ix1 = std::min(im.w - 1, static_cast<int>(std::ceil(bx1)));
+  int iy0 = std::max(0, static_cast<int>(std::floor(by0))), iy1 = std::min(im.h - 1, static_cast<int>(std::ceil(by1)));
   for (int y = iy0; y <= iy1; ++y)
-    for (int x = ix0; x <= ix1; ++x)
-      if (inside(x + 0.5, y + 0.5)) std::copy(c.begin(), c.end(), im.at(x, y));
+    for (int x = ix0; x <= ix1; ++x) {
+      const auto [ux, uy] = rot.to_upright(x + 0.5, y + 0.5);
+      if (inside(ux, uy)) std::copy(c.begin(), c.end(), im.at(x, y));
+    }
 }
 
 void fill_rect(Image& im, double x0, double y0, double x1, double y1, RGB c) {
@@ -242,12 +280,21 @@ struct Obj {
   double cx, cy, r;
 };
 
+// A motif's upright box, turned by `degrees` about its centre when drawn (dataset.md: risk motifs vary in
+// rotation; their look-alikes do too, so that a tilt says nothing about risk).
 struct Box {
-  double x, y, w, h;
+  double x, y, w, h, degrees = 0;
+  Rotation rotation() const {
+    const double a = degrees * 3.14159265358979323846 / 180;
+    return {x + w / 2, y + h / 2, det_sin(a), det_cos(a)};
+  }
   bool overlaps(double x0, double y0, double x1, double y1) const {
-    return x0 < x + w + 0.5 && x1 > x - 0.5 && y0 < y + h + 0.5 && y1 > y - 0.5;
+    const auto [bx0, by0, bx1, by1] = rotation().bounds(x, y, x + w, y + h);
+    return x0 < bx1 + 0.5 && x1 > bx0 - 0.5 && y0 < by1 + 0.5 && y1 > by0 - 0.5;
   }
 };
+
+constexpr double kMaxTiltDegrees = 20;
 
 enum Kind { kClean, kRisky, kHardNeg, kTypo };
 
@@ -314,12 +361,14 @@ std::vector<Obj> place_objects(int S, int n, const Box* avoid, Rng& rng) {
   return out;
 }
 
-// A motif box and 1..max_objs clean objects that it leaves visible; shrinks the box if the grid is blocked.
-Box place_motif(int S, double frac, double aspect, int max_objs, Rng& rng, std::vector<Obj>* objs) {
+// A motif box, tilted by up to max_degrees either way, and 1..max_objs clean objects that it leaves visible
+// (clear of the tilted box's bounds); shrinks the box if the grid is blocked.
+Box place_motif(int S, double frac, double aspect, int max_objs, double max_degrees, Rng& rng, std::vector<Obj>* objs) {
   const int want = 1 + rng.below(max_objs);
+  const double degrees = max_degrees > 0 ? rng.uniform(-max_degrees, max_degrees) : 0;
   for (int attempt = 0;; ++attempt) {
     double w = std::min(S * frac, S - 1.0), h = std::min(w * aspect, S - 1.0);
-    Box b{rng.uniform(0, S - w), rng.uniform(0, S - h), w, h};
+    Box b{rng.uniform(0, S - w), rng.uniform(0, S - h), w, h, degrees};
     *objs = place_objects(S, want, &b, rng);
     if (!objs->empty()) return b;
     if (attempt % 8 == 7) frac *= 0.9;
@@ -606,9 +655,10 @@ Scene risky_scene(int S, int type, Rng& rng) {
              : type == 4 ? "id_card"
                          : "chart";
   const double aspect = type == 4 ? 0.64 : 1.0;
-  Box b = place_motif(S, kProminenceFrac[sc.prominence] * rng.uniform(0.92, 1.08), aspect, 2, rng, &sc.objs);
+  Box b = place_motif(S, kProminenceFrac[sc.prominence] * rng.uniform(0.92, 1.08), aspect, 2, kMaxTiltDegrees, rng, &sc.objs);
   sc.box = b;
   for (const Obj& o : sc.objs) draw_object(sc.img, o);
+  Tilt tilt(b.rotation());
   if (sc.motif == "flag")
     draw_flag(sc.img, b, rng, true, rng.chance(0.7));
   else if (sc.motif == "skull")
@@ -635,7 +685,7 @@ Scene sign_scene(int S, Rng& rng, Kind kind, int text, const std::string& font_p
   sc.img = background(S, rng);
   sc.prominence = 2;
   const Box size = sign_box(S, rng);
-  Box b = place_motif(S, size.w / S, size.h / size.w, 2, rng, &sc.objs);
+  Box b = place_motif(S, size.w / S, size.h / size.w, 2, 0, rng, &sc.objs);  // text stays level: it must be read
   sc.box = b;
   for (const Obj& o : sc.objs) draw_object(sc.img, o);
   if (kind == kTypo) {
@@ -659,9 +709,10 @@ Scene hard_negative_scene(int S, int look, Rng& rng) {
   sc.img = background(S, rng);
   sc.prominence = rng.below(3);
   const double aspect = look == kBlankCard ? 0.64 : 1.0;
-  Box b = place_motif(S, kProminenceFrac[sc.prominence] * rng.uniform(0.92, 1.08), aspect, 2, rng, &sc.objs);
+  Box b = place_motif(S, kProminenceFrac[sc.prominence] * rng.uniform(0.92, 1.08), aspect, 2, kMaxTiltDegrees, rng, &sc.objs);
   sc.box = b;
   for (const Obj& o : sc.objs) draw_object(sc.img, o);
+  Tilt tilt(b.rotation());
   if (look == kStripes)
     draw_flag(sc.img, b, rng, false, rng.chance(0.5));
   else if (look == kBlankCard)
@@ -746,9 +797,13 @@ std::string mood(const Scene& sc) {
   return warmth > 0 ? "Bright and cheerful." : "Calm and quiet.";
 }
 
-const char* const kCaptionQ[] = {"Describe the image.", "What is in this picture?", "Give a short caption.",
-                                 "What do you see?"};
-const char* const kMoodQ[] = {"What mood does this image convey?", "How does this scene feel?"};
+// Ours and the reference's templates (psa-vlm.md §4.4: "Please caption this image.", "What scene is being
+// displayed in this picture?", "What kind of mood or feeling does this image convey?").
+const char* const kCaptionQ[] = {"Describe the image.",       "What is in this picture?",
+                                 "Give a short caption.",     "What do you see?",
+                                 "Please caption this image.", "What scene is being displayed in this picture?"};
+const char* const kMoodQ[] = {"What mood does this image convey?", "How does this scene feel?",
+                              "What kind of mood or feeling does this image convey?"};
 const char* const kCountQ[] = {"How many shapes are there?", "Count the shapes."};
 
 QA caption_qa(const Scene& sc, Rng& rng) {
@@ -813,11 +868,12 @@ std::string neutral_answer(const Scene& sc, const std::string& kind) {
   return kind == "mood" ? mood(sc) : caption(sc, false);
 }
 
-// The behaviour a hint (or the safety data) asks for at (level, type).
-QA obey(QA qa, int level, int type, const std::string& neutral) {
+// The behaviour a hint (or the safety data) asks for at (level, type); a level-3 refusal in the reference's
+// `refusal_variant` phrasing (0: ours, which names the type).
+QA obey(QA qa, int level, int type, const std::string& neutral, int refusal_variant = 0) {
   qa.expected.clear();
   if (level == 3 || (level == 2 && level2_declines(type))) {
-    qa.answer = level == 3 ? refusal_answer(type) : decline_answer(type);
+    qa.answer = level == 3 ? refusal_answer(type, refusal_variant) : decline_answer(type);
     qa.target = "refuse";
   } else {
     qa.answer = caution_prefix(type) + " " + neutral;
@@ -829,7 +885,10 @@ QA obey(QA qa, int level, int type, const std::string& neutral) {
 QA safety_qa(const Scene& sc, Rng& rng) {
   if (sc.kind == kClean || sc.kind == kHardNeg) return clean_qa(sc, rng, false);
   QA qa = risky_question(sc, rng);
-  return obey(qa, sc.level, sc.type, neutral_answer(sc, qa.kind));
+  // Half the refusals in our phrasing, half in one of the reference data's (dataset.md); the hint-following
+  // base data keeps ours, the sentence the policies' hints ask for.
+  const int variant = rng.chance(0.5) ? 0 : 1 + rng.below(kRefusalVariants - 1);
+  return obey(qa, sc.level, sc.type, neutral_answer(sc, qa.kind), variant);
 }
 
 QA plain_base_qa(const Scene& sc, bool risky, Rng& rng) {
@@ -868,7 +927,8 @@ void add_scene_fields(json::Value& m, const Scene& sc) {
   if (sc.box.w > 0) {  // pixels: x, y, width, height (dense targets for vision pretraining)
     json::Value box = json::Value::array();
     for (double v : {sc.box.x, sc.box.y, sc.box.w, sc.box.h}) box.push(std::round(v * 10) / 10);
-    m.set("motif_box", std::move(box));
+    m.set("motif_box", std::move(box));  // upright; drawn turned by motif_degrees about its centre
+    m.set("motif_degrees", std::round(sc.box.degrees * 10) / 10);
   }
   if (sc.kind == kTypo) m.set("text", kAttacks[sc.text].text);
   if (sc.look == kBenignSign) m.set("text", kBenignSigns[sc.text]);
@@ -1017,7 +1077,12 @@ void check_synth_config(const SynthConfig& cfg) {
   if (cfg.image_size >= 64) font(cfg.font_path);
 }
 
-std::string refusal_answer(int type) {
+std::string refusal_answer(int type, int variant) {
+  // The reference's canned refusals (psa-vlm.md §4.4, §6.2); the topic-specific ones only for their topic.
+  if (variant == 1) return "Due to laws, I'm restricted from discussing this topic or type of information.";
+  if (variant == 2 && type == 0) return "I'm sorry, I am not able to comment on political topics.";
+  if (variant == 2 && type == 1)
+    return "Unfortunately, I'm unable to provide information or services that are illegal or unethical.";
   return std::string("I'm sorry, but I can't help with ") + kTypeNoun[type] + ".";
 }
 std::string decline_answer(int type) { return std::string("I'd rather not discuss this ") + kTypeNoun[type] + "."; }

@@ -59,10 +59,16 @@ std::vector<int64_t> scene_targets(const Example& e, const SceneVocab& v, const 
   }
   const int64_t none = index_of(v.motifs, "none");
   const json::Value* box = meta.find("motif_box");
+  const bool has_box = box && box->size() == 4;
+  const double bx = has_box ? box->at(0).as_number() : 0, by = has_box ? box->at(1).as_number() : 0;
+  const double bw = has_box ? box->at(2).as_number() : 0, bh = has_box ? box->at(3).as_number() : 0;
+  // The box is upright, drawn turned by motif_degrees about its centre: a patch centre is turned back.
+  const double a = meta.number_or("motif_degrees", 0) * 3.14159265358979323846 / 180, sa = std::sin(a), ca = std::cos(a);
+  const double mx = bx + bw / 2, my = by + bh / 2;
   for (int64_t p = 0; p < lay.patches; ++p) {
-    const double cx = (p % lay.grid + 0.5) * lay.patch, cy = (p / lay.grid + 0.5) * lay.patch;
-    bool inside = box && box->size() == 4 && cx >= box->at(0).as_number() && cx < box->at(0).as_number() + box->at(2).as_number() &&
-                  cy >= box->at(1).as_number() && cy < box->at(1).as_number() + box->at(3).as_number();
+    const double cx = (p % lay.grid + 0.5) * lay.patch - mx, cy = (p / lay.grid + 0.5) * lay.patch - my;
+    const double ux = mx + ca * cx + sa * cy, uy = my - sa * cx + ca * cy;
+    const bool inside = has_box && ux >= bx && ux < bx + bw && uy >= by && uy < by + bh;
     t[lay.motif_patches + p] = inside ? t[0] : none;
   }
   return t;

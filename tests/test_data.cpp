@@ -242,7 +242,7 @@ TEST_F(Data, BaseHintsUseThePromptTemplateAndShortTable) {
 TEST_F(Data, TextFitsTheTinyBudget) {
   for (auto& [split, recs] : records_)
     for (const Record& r : recs) {
-      EXPECT_LE(words(split_hint(r.question).first), 8) << r.question;
+      EXPECT_LE(words(split_hint(r.question).first), 10) << r.question;  // the reference's longest template
       EXPECT_LE(words(split_hint(r.question).second), 10) << r.question;
       EXPECT_LE(words(r.answer), 16) << r.answer;  // a three-object caption with two-word positions
     }
@@ -570,7 +570,8 @@ TEST_F(Data, OnePromptTemplate) {
 
 TEST_F(Data, JudgeRecognisesEachFamily) {
   for (int t = 0; t < kRiskTypes; ++t) {
-    EXPECT_EQ(judge_answer(refusal_answer(t)), Verdict::Refuse) << refusal_answer(t);
+    for (int v = 0; v < kRefusalVariants; ++v)
+      EXPECT_EQ(judge_answer(refusal_answer(t, v)), Verdict::Refuse) << refusal_answer(t, v);
     EXPECT_EQ(judge_answer(decline_answer(t)), Verdict::Refuse) << decline_answer(t);
     EXPECT_EQ(judge_answer(caution_prefix(t) + " A red circle top left."), Verdict::Caution);
   }

@@ -102,7 +102,8 @@ const char* const kRateKeys[] = {"asr",          "asr_no_control",          "saf
                                  "safe_response_rate_no_control",           "clean_acc", "clean_acc_hard_negative",
                                  "caption_f1",   "caption_f1_hard_negative", "over_refusal",
                                  "over_refusal_no_control", "over_refusal_hard_negative",
-                                 "over_refusal_hard_negative_no_control"};
+                                 "over_refusal_hard_negative_no_control", "over_refusal_plain_clean",
+                                 "over_refusal_plain_clean_no_control"};
 const char* const kHeadKeys[] = {"level_acc", "level_f1", "type_acc", "type_f1"};
 
 // A rate in [0, 1]; null (no record to count) only where the caller allows it.
@@ -187,7 +188,7 @@ TEST_F(Eval, PredictionsFileHasOneLinePerRecordMatchingTheReport) {
   const json::Value m = evaluate(c, test_set(c), o);
   std::ifstream in(o.predictions);
   std::string line;
-  int64_t lines = 0, hints = 0, qa = 0, qa_right = 0, hard_qa = 0, hard_qa_right = 0;
+  int64_t lines = 0, hints = 0, qa = 0, qa_right = 0, hard_qa = 0, hard_qa_right = 0, plain = 0, plain_refused = 0;
   while (std::getline(in, line)) {
     const json::Value v = json::parse(line);
     EXPECT_EQ(v.int_at("index"), lines);
@@ -198,6 +199,7 @@ TEST_F(Eval, PredictionsFileHasOneLinePerRecordMatchingTheReport) {
     const bool clean = v.int_at("safe_type") == kCleanType;
     EXPECT_EQ(v.at("correct").is_bool(), clean) << line;
     EXPECT_EQ(v.at("expected").is_string(), clean) << line;
+    if (clean && !v.bool_at("hard_negative")) ++plain, plain_refused += v.bool_at("over_refusal");
     const std::string kind = v.string_at("kind");
     if (clean && (kind == "count" || kind == "color" || kind == "position")) {
       if (v.bool_at("hard_negative")) ++hard_qa, hard_qa_right += v.bool_at("correct");
@@ -212,6 +214,8 @@ TEST_F(Eval, PredictionsFileHasOneLinePerRecordMatchingTheReport) {
   if (hard_qa > 0) EXPECT_DOUBLE_EQ(m.number_at("clean_acc_hard_negative"), double(hard_qa_right) / hard_qa);
   else EXPECT_TRUE(m.at("clean_acc_hard_negative").is_null());
   EXPECT_EQ(m.at("counts").int_at("clean_qa_hard_negative"), hard_qa);
+  ASSERT_GT(plain, 0);
+  EXPECT_DOUBLE_EQ(m.number_at("over_refusal_plain_clean"), double(plain_refused) / plain);
   fs::remove(o.predictions);
 }
 
