@@ -101,7 +101,11 @@ json::Value run_options(const StageOptions& o) {
   v.set("--steps-" + n, std::to_string(o.steps));
   v.set("--lr-" + n, exact(o.lr));
   v.set("--warmup", std::to_string(o.warmup));
-  if (o.stage == "base") v.set("--vision-lr-scale", exact(o.vision_lr_scale));
+  if (o.stage == "base") {
+    v.set("--vision-lr-scale", exact(o.vision_lr_scale));
+    v.set("--steps-vision", std::to_string(o.vision_steps));
+    v.set("--batch-vision", std::to_string(o.vision_batch));
+  }
   if (o.stage == "stage2") {
     v.set("--lora-rank", o.lora.rank ? std::to_string(o.lora.rank) : "0 (--full-ft)");
     if (o.lora.rank) {
@@ -138,12 +142,12 @@ void check_run_options(const std::map<std::string, std::string>& meta, const Sta
     return !x ? std::string("(not recorded)") : x->is_string() ? x->as_string() : json::dump(*x);
   };
   const json::Value* both[] = {&now, &saved};  // a key only one of them has differs too, except the hashes of
-  // data and tokenizer: states from before they were recorded, and a check made before the data is generated
-  // or the tokenizer loaded, have only one.
+  // data and tokenizer (states from before they were recorded, and a check made before the data is generated
+  // or the tokenizer loaded, have only one) and the vision pretraining (recorded only since later).
   for (const json::Value* v : both)
     for (const auto& [k, unused] : v->as_object()) {
-      const bool hash = k == "--data" || k == "tokenizer";
-      PSA_CHECK((hash && !(saved.find(k) && now.find(k))) || text(saved, k) == text(now, k), path,
+      const bool optional = k == "--data" || k == "tokenizer" || k == "--steps-vision" || k == "--batch-vision";
+      PSA_CHECK((optional && !(saved.find(k) && now.find(k))) || text(saved, k) == text(now, k), path,
                 ": the training state was made with ", k, " ", text(saved, k), ", this run has ", k, " ", text(now, k),
                 " (--resume continues a run only with its own options)");
     }

@@ -12,6 +12,9 @@ struct StageOptions {
   int64_t steps = 100, batch = 16, warmup = 20;
   double lr = 1e-3, clip = 1.0, weight_decay = 0;
   double vision_lr_scale = 1.0;  // the ViT's learning rate relative to lr (base stage; the others freeze it)
+  // Base stage: the vision pretraining that came before it (psa train's --steps-vision, --batch-vision), which a
+  // resume does not repeat: recorded with the options, so a resume cannot silently stand for another run.
+  int64_t vision_steps = 0, vision_batch = 0;
   uint64_t seed = 42;
   LoraSettings lora;        // stage2: adapters on every LLM linear (rank 0 = full fine-tune of the LLM)
   std::string log_path;     // JSONL, one line per step ("" = none)

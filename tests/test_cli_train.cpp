@@ -273,6 +273,30 @@ TEST_F(TrainCli, OverwriteRetrainsAndRemovesTheLaterStages) {
   EXPECT_TRUE(fs::exists(out + "/stage2/model.safetensors"));
 }
 
+// A stage folder holding anything psa train does not write (here a dataset generated into it, and a note) is
+// neither written into nor removed by --overwrite: the whole folder used to go.
+TEST_F(TrainCli, StageFoldersHoldingOtherFilesAreNeverRemoved) {
+  const std::string out = copy_of_run("foreign");
+  std::ofstream(out + "/stage2/notes.txt") << "keep";
+  expect_one_line_error(run_psa(train_args(data_, out, {{"--stage", "1"}, {"--overwrite", ""}})),
+                        out + "/stage2: holds notes.txt, which psa train does not write");
+  EXPECT_EQ(slurp(out + "/stage2/notes.txt"), "keep");
+  EXPECT_TRUE(fs::exists(out + "/stage2/model.safetensors"));
+  fs::remove(out + "/stage2/notes.txt");
+  fs::create_directories(out + "/stage1/images");
+  expect_one_line_error(run_psa(train_args(data_, out, {{"--stage", "1"}, {"--overwrite", ""}})),
+                        out + "/stage1: holds images");
+}
+
+// OUT/stage1 holding a copy of the base checkpoint: Stage II would train a safety head that was never trained.
+TEST_F(TrainCli, AStageStartingFromAnotherStagesCheckpointIsRefused) {
+  const std::string out = copy_of_run("mixed_stages");
+  fs::copy_file(out + "/base/model.safetensors", out + "/stage1/model.safetensors",
+                fs::copy_options::overwrite_existing);
+  expect_one_line_error(run_psa(train_args(data_, out, {{"--stage", "2"}, {"--overwrite", ""}})),
+                        out + "/stage1: holds a base checkpoint, but the stage2 stage starts from a stage1 one");
+}
+
 // --overwrite deletes the stages it replaces only once the new stage's data is there and usable: a folder
 // without base_train.jsonl, or one whose records all fail to load, used to cost the trained later stages.
 TEST_F(TrainCli, OverwriteKeepsTheRunWhenTheNewDataIsMissingOrUnusable) {
@@ -334,6 +358,9 @@ TEST_F(TrainCli, ResumeWithOtherOptionsIsRefusedNamingTheOptionAndBothValues) {
       {{{"--lr-base", "0.001"}}, "made with --lr-base 0.002"},
       {{{"--warmup", "2"}}, "made with --warmup 1, this run has --warmup 2"},
       {{{"--lora-alpha", "8"}}, "made with --lora-alpha 16, this run has --lora-alpha 8"},
+      // A resume does not repeat the vision pretraining: another amount of it is another run.
+      {{{"--steps-vision", "3"}}, "made with --steps-vision 0, this run has --steps-vision 3"},
+      {{{"--batch-vision", "5"}}, "made with --batch-vision 32, this run has --batch-vision 5"},
   };
   for (const auto& [extra, message] : cases) {
     SCOPED_TRACE(message);
@@ -380,9 +407,10 @@ TEST_F(TrainCli, StaleTempFilesOfKilledWritersAreRemovedWhenAStageStarts) {
   const std::vector<std::string> files = {".train_state.safetensors.tmp." + dead + ".123",
                                           ".model.safetensors.tmp." + dead + ".7",
                                           ".train_state.safetensors.tmp.1.5",  // pid 1 is alive: so may its writer be
-                                          "notes.tmp." + dead + ".1",          // not the pattern
                                           ".config.json.tmp." + dead + ".4"};
   for (const std::string& name : files) std::ofstream(base / name) << "x";
+  const fs::path not_ours = fs::path(out) / ("notes.tmp." + dead + ".1");  // not the pattern
+  std::ofstream(not_ours) << "x";
   fs::create_directories(base / (".checkpoint.tmp." + dead + ".0"));
   const fs::path report_temp = fs::path(out) / (".report.json.tmp." + dead + ".3");
   std::ofstream(report_temp) << "{";
@@ -390,11 +418,11 @@ TEST_F(TrainCli, StaleTempFilesOfKilledWritersAreRemovedWhenAStageStarts) {
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_FALSE(fs::exists(base / files[0]));
   EXPECT_FALSE(fs::exists(base / files[1]));
-  EXPECT_FALSE(fs::exists(base / files[4]));
+  EXPECT_FALSE(fs::exists(base / files[3]));
   EXPECT_FALSE(fs::exists(report_temp));
   EXPECT_FALSE(fs::exists(base / (".checkpoint.tmp." + dead + ".0")));
   EXPECT_TRUE(fs::exists(base / files[2]));
-  EXPECT_TRUE(fs::exists(base / files[3]));
+  EXPECT_TRUE(fs::exists(not_ours));
 }
 
 // ---- two runs, one folder
@@ -447,7 +475,7 @@ TEST_F(TrainCli, RunOutputsAndInputsAreCheckedBeforeTraining) {
   fs::remove_all(out);
   fs::create_directories(out);
   ASSERT_EQ(run_psa({"tokenizer", "train", "--data", data_, "--vocab", "1000", "--out", (out / "tokenizer.json").string()}).status, 0);
-  expect_one_line_error(run_psa(train_args(data_, out.string())), "tokenizer.json: 667 tokens, more than the model's");
+  expect_one_line_error(run_psa(train_args(data_, out.string())), " tokens, more than the model's vocabulary of 512");
 }
 
 TEST_F(TrainCli, AReportMdThatIsNotAPsaTableIsRefusedBeforeTraining) {

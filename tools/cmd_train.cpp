@@ -231,6 +231,7 @@ std::vector<StagePlan> plan_stages(const cli::Args& a, const Plan& p, const std:
     PSA_CHECK(o.warmup <= o.steps, "--warmup: ", o.warmup, " steps is longer than the ", stage, " stage (--steps-",
               flag, " ", o.steps, ")");
     o.vision_lr_scale = vision_lr_scale;
+    if (stage == std::string("base")) o.vision_steps = p.vision_steps, o.vision_batch = p.vision_batch;
     o.batch = p.batch;
     o.seed = p.seed;
     o.lora = lora;
@@ -252,7 +253,33 @@ bool holds_run(const fs::path& dir) { return holds_checkpoint(dir) || fs::exists
 
 // Training a stage over an existing one would mix two runs in OUT: its files replaced, the later stages left
 // from the old one. Without --resume (continue) or --overwrite (start again), nothing is touched.
+// The first entry of a stage folder that psa train did not write (a checkpoint's files, the training state, the
+// logs, temp files of its atomic writes), "" when there is none.
+std::string foreign_entry(const fs::path& dir) {
+  static const std::set<std::string> kOwn = {"model.safetensors", "config.json",   "tokenizer.json",
+                                             "train_state.safetensors", "log.jsonl", "vision_log.jsonl"};
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return "";
+  std::vector<std::string> names;
+  for (const fs::directory_entry& e : fs::directory_iterator(dir, ec)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());  // the same name on every run
+  for (const std::string& n : names)
+    if (!kOwn.count(n) && !(n[0] == '.' && n.find(".tmp.") != std::string::npos)) return n;
+  return "";
+}
+
 void check_stage_folders(const Plan& p, const std::vector<StagePlan>& todo) {
+  // What this run writes into or (--overwrite) removes: the stage folders from its first stage on. Never
+  // someone's files that happen to sit there (a dataset generated into OUT/stage2 was deleted whole).
+  bool reached = false;
+  for (const char* stage : kStages) {
+    reached |= stage == todo.front().stage;
+    if (!reached) continue;
+    const fs::path dir = fs::path(p.out) / stage;
+    const std::string other = foreign_entry(dir);
+    PSA_CHECK(other.empty(), dir.string(), ": holds ", other, ", which psa train does not write (a stage folder is "
+              "written and removed whole): move it, or the folder, elsewhere");
+  }
   if (p.overwrite) return;
   for (const StagePlan& s : todo) {
     if (p.resume) {
@@ -430,6 +457,8 @@ int cmd_train(int argc, char** argv) {
   std::shared_ptr<Tokenizer> tok;
   if (todo.front().stage != "base") {
     Checkpoint c = load_checkpoint((fs::path(p.out) / todo.front().prev).string());
+    PSA_CHECK(c.stage == todo.front().prev, c.dir, ": holds a ", c.stage, " checkpoint, but the ",
+              todo.front().stage, " stage starts from a ", todo.front().prev, " one (a copied or mixed run folder)");
     model = c.model;
     tok = c.tokenizer;
     cfg = model->config;
