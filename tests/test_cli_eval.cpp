@@ -199,6 +199,32 @@ TEST_F(EvalCli, OutputsIntoARunBeingTrainedAreRefused) {
   EXPECT_EQ(psa::json::parse_file((d / "report.json").string()).at("stage2").int_at("skipped_records"), 0);
 }
 
+// The other order: an eval writing into a run folder holds it, so a psa train started meanwhile is refused. It
+// used to run, and the eval then wrote back the report.json it had read at its start, dropping train's entries.
+TEST_F(EvalCli, ATrainStartedDuringAnEvalIntoItsRunIsRefused) {
+  const fs::path run = root_ / "run_in_eval";
+  fs::remove_all(run);
+  fs::copy(run_, run, fs::copy_options::recursive);
+  ASSERT_TRUE(fs::exists(run / ".psa.lock"));
+  // Long enough to be caught: every test record, answers of up to 400 tokens, one at a time.
+  Result bg = run_psa("eval --data " + data_ + " --ckpt " + (run / "stage2").string() + " --out " +
+                      (run / "report.json").string() + " --max-new-tokens 400 --sequential --quiet >/dev/null 2>&1 & echo $!");
+  const pid_t pid = std::atoi(bg.out.c_str());
+  ASSERT_GT(pid, 0) << bg.out;
+  bool held = false;
+  for (int i = 0; i < 600 && !held && ::kill(pid, 0) == 0; ++i) {
+    const int fd = ::open((run / ".psa.lock").c_str(), O_RDONLY);
+    held = fd >= 0 && ::flock(fd, LOCK_EX | LOCK_NB) != 0;
+    if (fd >= 0) ::close(fd);  // releases the probe's own lock at once
+    if (!held) ::usleep(20000);
+  }
+  ASSERT_TRUE(held) << "the eval ended before it was seen holding the run";
+  expect_one_line_error(run_psa({"train", "--data", data_, "--out", run.string(), "--stage", "2", "--overwrite",
+                                 "--steps-2", "2", "--batch", "2", "--no-eval", "--quiet"}),
+                        "in use by another psa process (pid " + std::to_string(pid) + ")");
+  while (::kill(pid, 0) == 0) ::usleep(50000);
+}
+
 // "run/stage2/" named its predictions ".jsonl".
 TEST_F(EvalCli, PredictionFilesTakeTheFolderNameAlsoWithATrailingSlash) {
   const fs::path d = dir("pred_names");

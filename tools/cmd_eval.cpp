@@ -3,6 +3,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include "psa/eval.h"
 #include "psa/infer.h"
@@ -156,6 +157,19 @@ static void check_outputs(const std::vector<Output>& outs, const std::vector<Out
   for (const Output& o : outs) cli::check_output_file(o.flag, o.path);
 }
 
+// A run folder (one holding psa train's .psa.lock) that an output lies in stays locked for the whole evaluation:
+// a psa train started meanwhile is refused, instead of losing its report entries when eval writes the copy of
+// report.json it read at the start. (A train already running is refused by check_output_file.)
+static void lock_run_folders(const std::vector<Output>& outs) {
+  std::set<std::string> locked;
+  for (const Output& o : outs)
+    for (fs::path d = fs::absolute(o.path).lexically_normal().parent_path(); d.has_relative_path(); d = d.parent_path())
+      if (fs::exists(d / ".psa.lock")) {
+        if (locked.insert(d.string()).second) cli::lock_output_dir(o.flag, d.string());
+        break;
+      }
+}
+
 // Missing checkpoints fail now, not after the ones before them were evaluated.
 static void check_ckpts(const std::vector<std::string>& ckpts) {
   for (const std::string& dir : ckpts) {
@@ -220,6 +234,7 @@ int cmd_eval(int argc, char** argv) {
   std::vector<Output> read_folders{{"--data", data}};
   for (const std::string& dir : ckpts) read_folders.push_back({"--ckpt", dir});
   check_outputs(outs, inputs, read_folders);
+  lock_run_folders(outs);  // before the report is read
   json::Value report = read_report(out);
   check_table_file(md_path);
   for (const std::string& f : pred_files) check_predictions_file(f);
