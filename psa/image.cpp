@@ -1,6 +1,8 @@
 #include "psa/image.h"
 
 #include <algorithm>
+#include <array>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -134,9 +136,55 @@ void check_bmp(const std::string& path, const std::string& s) {
             " pixels need ", need, ")");
 }
 
+// CRC-32 (ISO 3309, the zlib polynomial, as PNG chunks use) of bytes [at, at + n).
+uint32_t crc32_of(const std::string& bytes, size_t at = 0, size_t n = std::string::npos) {
+  static const auto table = [] {
+    std::array<uint32_t, 256> t{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+      t[i] = c;
+    }
+    return t;
+  }();
+  n = std::min(n, bytes.size() - at);
+  uint32_t c = 0xFFFFFFFFu;
+  for (size_t i = at; i < at + n; ++i) c = table[(c ^ (unsigned char)bytes[i]) & 0xFF] ^ (c >> 8);
+  return c ^ 0xFFFFFFFFu;
+}
+
+// 'IDAT', or its bytes as \xNN where one is not a letter (a damaged type must not reach the terminal raw).
+std::string chunk_name(const std::string& type) {
+  std::string out = "'";
+  for (unsigned char c : type) {
+    char hex[8];
+    std::snprintf(hex, sizeof hex, "\\x%02X", c);
+    out += std::isalpha(c) ? std::string(1, char(c)) : std::string(hex);
+  }
+  return out + "'";
+}
+
+// stb_image checks no CRC: a flipped bit in the pixel data decoded to other pixels without a word. The critical
+// chunks (IHDR, PLTE, IDAT, IEND: an upper-case first letter) must match theirs, as libpng insists; a damaged
+// ancillary one (text, colour metadata) is left to the decoder, which skips it.
+void check_png(const std::string& path, const std::string& s) {
+  for (size_t at = 8;;) {
+    PSA_CHECK(at + 12 <= s.size(), path, ": cannot decode image: truncated PNG (", s.size(), " bytes, no IEND chunk)");
+    const uint32_t len = be32(s, at);
+    PSA_CHECK(len <= s.size() - at - 12, path, ": cannot decode image: truncated PNG (chunk at byte ", at, " of ",
+              len, " bytes runs past the end of the ", s.size(), "-byte file)");
+    const std::string type = s.substr(at + 4, 4);
+    if (std::isupper((unsigned char)type[0]))
+      PSA_CHECK(crc32_of(s, at + 4, len + 4) == be32(s, at + 8 + len), path, ": cannot decode image: PNG chunk ",
+                chunk_name(type), " at byte ", at, " fails its CRC (the file is damaged)");
+    if (type == "IEND") return;
+    at += 12 + size_t(len);
+  }
+}
+
 // Format sniffing by magic bytes (the extension says nothing about a hostile file) + format-specific checks.
 void check_format(const std::string& path, const std::string& bytes) {
-  if (starts_with(bytes, "\x89PNG\r\n\x1a\n", 8)) return;
+  if (starts_with(bytes, "\x89PNG\r\n\x1a\n", 8)) return;  // check_png, after the size from its header
   if (starts_with(bytes, "BM", 2)) return check_bmp(path, bytes);
   if (starts_with(bytes, "\xFF\xD8", 2)) return check_jpeg(path, bytes);
   fail(path, ": cannot decode image: not a PNG, JPEG or BMP file");
@@ -151,6 +199,7 @@ void check_header(const std::string& path, const std::string& bytes, int* w, int
   if (starts_with(bytes, "\x89PNG\r\n\x1a\n", 8) && bytes.size() >= 24 && bytes.compare(12, 4, "IHDR") == 0 &&
       be32(bytes, 16) > 0 && be32(bytes, 20) > 0)
     check_size(path, be32(bytes, 16), be32(bytes, 20));
+  if (starts_with(bytes, "\x89PNG\r\n\x1a\n", 8)) check_png(path, bytes);
   int comp = 0;
   if (!stbi_info_from_memory(bytes_of(bytes), int(bytes.size()), w, h, &comp))
     fail(path, ": cannot decode image: ", stb_reason());
@@ -192,15 +241,6 @@ namespace {
 // PNG chunks: length (big-endian), type, data, CRC-32 (ISO 3309, the zlib polynomial) of type and data.
 constexpr size_t kPngSignature = 8, kIhdrChunk = 8 + 13 + 4;
 constexpr char kSoftwareKey[] = "Software";
-
-uint32_t crc32_of(const std::string& bytes) {
-  uint32_t c = 0xFFFFFFFFu;
-  for (unsigned char b : bytes) {
-    c ^= b;
-    for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
-  }
-  return c ^ 0xFFFFFFFFu;
-}
 
 std::string big_endian32(uint32_t v) {
   return {char(v >> 24), char(v >> 16), char(v >> 8), char(v)};

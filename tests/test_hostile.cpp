@@ -134,11 +134,31 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"image_zero_width.png", "cannot decode image"},
                       Case{"image.gif", "not a PNG, JPEG or BMP file"}));
 
-// The header alone is fine; the pixel data is missing.
-TEST(Hostile, TruncatedImagePassesTheHeaderCheckButDoesNotLoad) {
-  check_image(kBad + "image_truncated.png");
-  EXPECT_EQ(error_of([&] { load_image(kBad + "image_truncated.png"); }),
-            kBad + "image_truncated.png: cannot decode image: corrupt or truncated data");
+// The header alone is fine; the pixel data is missing: the chunk walk of the check sees it already.
+TEST(Hostile, TruncatedImageIsRefusedByTheCheckAndTheLoad) {
+  const std::string want = kBad + "image_truncated.png: cannot decode image: truncated PNG (33 bytes, no IEND chunk)";
+  EXPECT_EQ(error_of([&] { check_image(kBad + "image_truncated.png"); }), want);
+  EXPECT_EQ(error_of([&] { load_image(kBad + "image_truncated.png"); }), want);
+}
+
+// stb_image checks no CRC: one flipped bit in the compressed pixels decoded to other pixels without a word.
+TEST(Hostile, APngWithADamagedChunkIsRefused) {
+  const std::string path = ::testing::TempDir() + "psa_flipped_" + std::to_string(::getpid()) + ".png";
+  Image img(9, 7);
+  for (size_t i = 0; i < img.rgb.size(); ++i) img.rgb[i] = uint8_t(i * 37);
+  std::string bytes = encode_png(img);
+  const size_t idat = bytes.find("IDAT");
+  ASSERT_NE(idat, std::string::npos);
+  bytes[idat + 10] ^= 0x10;
+  std::ofstream(path, std::ios::binary) << bytes;
+  const std::string e = error_of([&] { load_image(path); });
+  EXPECT_NE(e.find(path + ": cannot decode image: PNG chunk 'IDAT' at byte " + std::to_string(idat - 4) +
+                   " fails its CRC"), std::string::npos) << e;
+  EXPECT_EQ(error_of([&] { check_image(path); }), e);
+  bytes[idat + 10] ^= 0x10;  // restored: it loads
+  std::ofstream(path, std::ios::binary) << bytes;
+  EXPECT_EQ(load_image(path).rgb, img.rgb);
+  std::remove(path.c_str());
 }
 
 // ---- JSONL records: every hostile line is skipped with its own reason, none throws
