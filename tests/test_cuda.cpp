@@ -236,6 +236,7 @@ TEST(CudaParity, EveryOpMatchesCpuInF64) {
 // run ranks the two (kernels.h).
 TEST(CudaParity, AttentionRowsKernelsMatchCpu) {
   SKIP_WITHOUT_GPU();
+#ifdef PSA_CUDA  // a CPU-only build (CUDA=0) has no cuda:: kernels to link; the skip above is what it shows
   GuardScope guard;
   const cuda::AttentionKernel before = cuda::attention_kernel();
   cuda::set_attention_kernel(cuda::AttentionKernel::rows);
@@ -243,6 +244,7 @@ TEST(CudaParity, AttentionRowsKernelsMatchCpu) {
   for (const std::string& f : op_parity(DType::f64, {"attention"})) failures.push_back(f);
   cuda::set_attention_kernel(before);
   report(failures);
+#endif
 }
 
 // Op case `c` (trial 0, f32) with a NaN first and an Inf last in input `poisoned`: the forward on both devices
@@ -343,6 +345,7 @@ TEST(CudaParity, TrainingReductionsAreBitwiseReproducible) {
 
 TEST(CudaParity, OptimizerKernelsMatchCpu) {
   SKIP_WITHOUT_GPU();
+#ifdef PSA_CUDA
   GuardScope guard;
   Shape s{1001, 3};
   Tensor p = randn(s, 1), g = randn(s, 2), m = randn(s, 3, DType::f32, 0.1), v = mul(m, m);
@@ -413,6 +416,7 @@ TEST(CudaParity, OptimizerKernelsMatchCpu) {
   const std::vector<Tensor> with_inf{dev[2], Tensor::from(bad, s).to(Device::cuda)};
   EXPECT_TRUE(std::isinf(PSA_KERNEL(Device::cuda, sum_squares)(with_inf)));
   for (const std::string& e : gpu::check_guards()) ADD_FAILURE() << "optimizer kernels: guard bytes: " << e;
+#endif
 }
 
 // ---- GEMM ---------------------------------------------------------------------------------------------------
