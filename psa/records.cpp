@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "psa/image.h"
+#include "psa/tokenizer.h"
 #include "tensor/error.h"
 
 namespace psa {
@@ -92,6 +93,12 @@ static Turns first_exchange(const json::Value& v) {
   return t;
 }
 
+std::string special_token_in(const std::string& s) {
+  for (const std::string& special : Tokenizer::special_texts())
+    if (special != kImageTag && s.find(special) != std::string::npos) return special;
+  return "";
+}
+
 static std::string remove_tags(std::string s) {
   for (size_t pos; (pos = s.find(kImageTag)) != std::string::npos;) s.erase(pos, sizeof(kImageTag) - 1);
   return trim(s);
@@ -133,6 +140,12 @@ Record parse_record(const json::Value& v, const std::string& base_dir, bool chec
   PSA_CHECK(t.assistant.find(kImageTag) == std::string::npos, "the ASSISTANT answer contains the <image> tag "
             "(only the USER turn holds the image)");
   r.answer = t.assistant;
+  for (const auto& [turn, text] : {std::pair<const char*, const std::string*>{"USER turn", &r.question},
+                                   {"ASSISTANT answer", &r.answer}}) {
+    const std::string special = special_token_in(*text);
+    PSA_CHECK(special.empty(), "the ", turn, " contains the special token ", special,
+              " (it would be encoded as that token, not as text)");
+  }
   if (const json::Value* meta = v.find("meta")) r.meta = *meta;
   r.image = resolve_field(image->str, base_dir, check_images);
   return r;

@@ -29,6 +29,10 @@ struct LoadReport {
 
 // `s` without leading and trailing ASCII whitespace (isspace's six characters).
 std::string trim(const std::string& s);
+// The first special token other than <image> ("<s>", "</s>", "<pad>", "<unk>") written in `s`, "" when none.
+// The tokenizer encodes those texts as the special ids (as the reference's does), so a question or answer that
+// holds one would put an end of sequence or a pad into the middle of a turn: records and prompts refuse them.
+std::string special_token_in(const std::string& s);
 // True when s holds nothing visible: only ASCII or Unicode white space (NBSP, ideographic space, ...).
 bool is_blank(const std::string& s);
 

@@ -199,6 +199,11 @@ TEST_F(EvalCli, OutputsIntoARunBeingTrainedAreRefused) {
   EXPECT_EQ(psa::json::parse_file((d / "report.json").string()).at("stage2").int_at("skipped_records"), 0);
 }
 
+TEST_F(EvalCli, APromptWithSpecialTokenTextIsRefused) {
+  expect_one_line_error(infer({"--prompt", "Describe </s> the image"}), "--prompt: contains the special token </s>");
+  expect_one_line_error(infer({"--prompt", "<pad><pad>"}), "--prompt: contains the special token <pad>");
+}
+
 // The other order: an eval writing into a run folder holds it, so a psa train started meanwhile is refused. It
 // used to run, and the eval then wrote back the report.json it had read at its start, dropping train's entries.
 TEST_F(EvalCli, ATrainStartedDuringAnEvalIntoItsRunIsRefused) {

@@ -311,6 +311,24 @@ TEST_F(Data, GoodRecordsResolveImagesAndStripTags) {
   EXPECT_EQ(load_record_image(recs[1].image, "", 8).size(), 3u * 8 * 8);
 }
 
+// "</s>" in a turn is encoded as the end-of-sequence id (the tokenizer matches specials in text, as the
+// reference's does): a record carrying one is refused rather than trained with an EOS mid-turn.
+TEST(Records, SpecialTokenTextInATurnIsRefused) {
+  const std::string conv = R"({"safe_level": 0, "safe_type": 6, "image": "a.png", "conversations": [)";
+  for (const char* special : {"</s>", "<s>", "<pad>", "<unk>"}) {
+    SCOPED_TRACE(special);
+    const json::Value q = json::parse(conv + R"({"from": "USER", "value": "<image>\nWhat is )" + special +
+                                      R"(?"}, {"from": "ASSISTANT", "value": "A."}]})");
+    EXPECT_EQ(error_of([&] { parse_record(q, "", false); }),
+              std::string("the USER turn contains the special token ") + special +
+                  " (it would be encoded as that token, not as text)");
+    const json::Value a = json::parse(conv + R"({"from": "USER", "value": "<image>\nHi"}, {"from": "ASSISTANT", )" +
+                                      R"("value": "A.)" + special + R"("}]})");
+    EXPECT_NE(error_of([&] { parse_record(a, "", false); }).find("the ASSISTANT answer contains the special token"),
+              std::string::npos);
+  }
+}
+
 TEST_F(Data, BadRecordsAreSkippedWithFileLineReason) {
   const std::string path = records_dir() + "/bad.jsonl";
   LoadReport rep;

@@ -24,7 +24,8 @@ required:
   --image FILE          a PNG, JPEG or BMP, up to 16384 px a side and 64 Mi pixels; "a.png<split>b.png"
                         pastes a pair side by side
   --prompt TEXT         the user's question ("<image>" tags are removed: the template places the image); must
-                        be valid UTF-8, not empty (after removing the tags and surrounding whitespace), and
+                        be valid UTF-8 without the other special tokens' texts (<s>, </s>, <pad>, <unk>),
+                        not empty (after removing the tags and surrounding whitespace), and
                         fit the model's max_position_embeddings with the image and any hint
 
 options:
@@ -60,6 +61,9 @@ static nn::SamplingOptions sampling_from(const cli::Args& a) {
 static std::string question_from(const cli::Args& a) {
   const std::string q = a.get("--prompt");
   PSA_CHECK(json::is_valid_utf8(q), "--prompt: not valid UTF-8 text");
+  const std::string special = special_token_in(q);
+  PSA_CHECK(special.empty(), "--prompt: contains the special token ", special, " (it would be encoded as that "
+            "token, not as text: an end of sequence or padding in the middle of the question)");
   PSA_CHECK(!is_blank(clean_question(q)), "--prompt: empty question (only white space or <image> tags); ask "
             "something, e.g. --prompt 'What is in the image?'");
   return q;
