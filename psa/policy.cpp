@@ -40,6 +40,11 @@ static std::string opt_string(const json::Value& obj, const std::string& key, co
   const json::Value* v = obj.find(key);
   if (!v || v->is_null()) return "";
   PSA_CHECK(v->is_string(), where, ": '", key, "' must be a string, got ", json::kind_name(v->kind));
+  // Hints go into prompts and refusals to the terminal as answers: a NUL or an escape sequence in either is
+  // never a sentence.
+  for (unsigned char c : v->str)
+    PSA_CHECK(c >= 0x20 && c != 0x7F, where, ": '", key, "' contains the control character ",
+              str_cat("0x", "0123456789ABCDEF"[c >> 4], "0123456789ABCDEF"[c & 15]), " (text only)");
   return v->str;
 }
 
@@ -56,8 +61,8 @@ static PolicyEntry parse_entry(const json::Value& v, const std::string& where, c
   for (const std::string& special : Tokenizer::special_texts())
     PSA_CHECK(e.hint.find(special) == std::string::npos, where, ": 'hint' contains the special token ", special);
   e.refusal = opt_string(v, "refusal", where);
-  PSA_CHECK(e.refusal.empty() || !trim(e.refusal).empty(), where, ": 'refusal' is only white space");
-  PSA_CHECK(e.action != "hint" || !trim(e.hint).empty(), where,
+  PSA_CHECK(e.refusal.empty() || !is_blank(e.refusal), where, ": 'refusal' is only white space");
+  PSA_CHECK(e.action != "hint" || !is_blank(e.hint), where,
             ": action 'hint' needs a non-empty 'hint'");
   PSA_CHECK(e.action != "refuse" || !e.refusal.empty() || !default_refusal.empty(), where,
             ": action 'refuse' needs a 'refusal' sentence (or a top-level one)");
@@ -85,7 +90,7 @@ Policy parse_policy(const json::Value& v, const std::string& source_name) {
   p.name = opt_string(v, "name", source_name);
   p.source = opt_string(v, "source", source_name);
   p.refusal = opt_string(v, "refusal", source_name);
-  PSA_CHECK(p.refusal.empty() || !trim(p.refusal).empty(), source_name, ": 'refusal' is only white space");
+  PSA_CHECK(p.refusal.empty() || !is_blank(p.refusal), source_name, ": 'refusal' is only white space");
   const json::Value* levels = v.find("levels");
   PSA_CHECK(levels && levels->is_object(), source_name, ": missing object 'levels'");
   json::check_keys(*levels, {"1", "2", "3"}, source_name + ": levels");

@@ -559,15 +559,23 @@ TEST_F(Data, BadPolicyFilesAreRejected) {
   bad.set("levelz", 1);
   EXPECT_EQ(error_of([&] { parse_policy(bad, "p.json"); }), "p.json: unknown key 'levelz'");
   bad = v;
-  member(member(member(bad, "levels"), "1"), "misleading").set("action", "hint").set("hint", "  \t ");
+  member(member(member(bad, "levels"), "1"), "misleading").set("action", "hint").set("hint", "  \xE3\x80\x80 ");  // U+3000
   EXPECT_EQ(error_of([&] { parse_policy(bad, "p.json"); }), "p.json: levels.1.misleading: action 'hint' needs a non-empty 'hint'");
   // A blank refusal printed a blank answer: refused like a blank hint, in an entry and at the top.
   bad = v;
   member(member(member(bad, "levels"), "3"), "politics").set("action", "refuse").set("refusal", "   ");
   EXPECT_EQ(error_of([&] { parse_policy(bad, "p.json"); }), "p.json: levels.3.politics: 'refusal' is only white space");
   bad = v;
-  bad.set("refusal", "\n");
+  bad.set("refusal", "\xC2\xA0");  // NBSP
   EXPECT_EQ(error_of([&] { parse_policy(bad, "p.json"); }), "p.json: 'refusal' is only white space");
+  // Control characters: a NUL answer printed nothing, an escape sequence drove the terminal.
+  bad = v;
+  bad.set("refusal", "\x1b[2J");
+  EXPECT_EQ(error_of([&] { parse_policy(bad, "p.json"); }), "p.json: 'refusal' contains the control character 0x1B (text only)");
+  bad = v;
+  member(member(member(bad, "levels"), "2"), "insults").set("hint", std::string("a\0b", 3));
+  EXPECT_EQ(error_of([&] { parse_policy(bad, "p.json"); }),
+            "p.json: levels.2.insults: 'hint' contains the control character 0x00 (text only)");
   // A hint is prompt text: an <image> tag in it used to abort generation in the image splice.
   bad = v;
   member(member(member(bad, "levels"), "3"), "illegal").set("hint", "Refuse <image> this.");
