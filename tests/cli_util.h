@@ -45,6 +45,20 @@ inline CliResult run_psa(const std::string& args, const std::string& env = "") {
   return r;
 }
 
+// `psa ARGS` under a file-size limit of `blocks` 512-byte blocks (ulimit -f): every write past it fails with
+// EFBIG, as on a full disk.
+inline CliResult run_psa_file_limit(const std::string& args, int blocks) {
+  const std::string err_path = ::testing::TempDir() + "psa_cli_fsize_" + std::to_string(::getpid());
+  const std::string cmd = "ulimit -f " + std::to_string(blocks) + "; OMP_NUM_THREADS=1 " + psa_binary() + " " +
+                          args + " >/dev/null 2>" + err_path;
+  CliResult r;
+  const int status = std::system(cmd.c_str());
+  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.err = slurp(err_path);
+  std::remove(err_path.c_str());
+  return r;
+}
+
 // fork + exec of `psa args...` on one thread, no shell: arguments pass as they are (empty ones and invalid UTF-8
 // included); stdout and stderr captured.
 inline CliResult run_psa(const std::vector<std::string>& args) {

@@ -83,6 +83,22 @@ TEST_F(CliData, AFolderAnotherRunIsWritingIsRefused) {
   fs::remove_all(dir);
 }
 
+// A write that fails midway (a full disk; here a file-size limit) takes what the run wrote with it, and the
+// folder it made: a retry used to be refused by the half-written folder.
+TEST_F(CliData, AFailedGenerationRemovesWhatItWrote) {
+  const std::string dir = temp_path("fsize");
+  // stderr: the progress lines, then the error.
+  Result r = psa::test::run_psa_file_limit("data --scale 0.01 --out " + dir, 8);
+  EXPECT_EQ(r.status, 2);
+  EXPECT_NE(r.err.find("psa data: error: " + dir + "/base_train.jsonl: cannot write: File too large\n"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(dir));
+  fs::create_directories(dir);  // a folder that was there stays, empty
+  EXPECT_EQ(psa::test::run_psa_file_limit("data --scale 0.01 --out " + dir, 8).status, 2);
+  EXPECT_TRUE(fs::is_directory(dir));
+  EXPECT_TRUE(fs::is_empty(dir));
+  fs::remove_all(dir);
+}
+
 TEST_F(CliData, NonEmptyOutputFolderIsRefusedAndLeftAlone) {
   const std::string dir = temp_path("nonempty");
   fs::create_directories(dir);

@@ -582,6 +582,24 @@ TEST_F(TrainCli, ExportRefusesWhatItCannotDoInOneLine) {
   EXPECT_FALSE(fs::exists(out + "/model.safetensors"));
 }
 
+// A killed export leaves its staging folder and lock; a retry takes the folder (the dead writer's temps go). A
+// failed write (file-size limit, as a full disk) takes the folder it made with it.
+TEST_F(TrainCli, ExportRetriesAfterAKilledOrFailedExport) {
+  const std::string out = (root_ / "merged_retry").string();
+  fs::remove_all(out);
+  fs::create_directories(out + "/.checkpoint.tmp.999999999.0");  // above any pid_max: a dead writer's
+  std::ofstream(out + "/.checkpoint.tmp.999999999.0/model.safetensors") << "half";
+  std::ofstream(out + "/.psa.lock") << "999999999";
+  Result r = run_psa({"export", "--merge-lora", run_ + "/stage2", "--out", out});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_FALSE(fs::exists(out + "/.checkpoint.tmp.999999999.0"));
+  EXPECT_EQ(run_psa({"inspect", out}).status, 0);
+  fs::remove_all(out);
+  r = psa::test::run_psa_file_limit("export --merge-lora " + run_ + "/stage2 --out " + out, 64);
+  expect_one_line_error(r, "File too large");
+  EXPECT_FALSE(fs::exists(out));
+}
+
 TEST_F(TrainCli, InspectDescribesACheckpointAndAFile) {
   Result r = run_psa({"inspect", run_ + "/stage2"});
   ASSERT_EQ(r.status, 0) << r.err;

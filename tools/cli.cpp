@@ -227,6 +227,16 @@ void remove_lock_file(const std::string& dir) {
   std::filesystem::remove(std::filesystem::path(dir) / json::kLockFileName, ec);
 }
 
+void discard_filled_folder(const std::string& dir, bool made) {
+  std::error_code ec;
+  std::vector<std::filesystem::path> written;  // collected first: no removal while the folder is read
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec))
+    if (e.path().filename() != json::kLockFileName) written.push_back(e.path());
+  for (const auto& p : written) std::filesystem::remove_all(p, ec);
+  remove_lock_file(dir);
+  if (made) std::filesystem::remove(dir, ec);  // only if now empty
+}
+
 void print_progress(const char* tag, int64_t done, int64_t total, const char* unit) {
   static const bool tty = ::isatty(2);
   const int64_t step = std::max<int64_t>(1, total / (tty ? 100 : 10));

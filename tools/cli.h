@@ -4,12 +4,14 @@
 // (psa::Error naming the flag; the binary exits with status 2).
 #pragma once
 #include <cstdint>
+#include <filesystem>
 #include <limits>
 #include <map>
 #include <string>
 #include <vector>
 
 #include "nn/json.h"
+#include "psa/checkpoint.h"
 #include "tensor/error.h"
 
 namespace psa::cli {
@@ -66,22 +68,32 @@ void check_output_file(const std::string& what, const std::string& path);
 void lock_output_dir(const std::string& what, const std::string& dir);
 // Removes dir's lock file (the flock stays held until the process exits).
 void remove_lock_file(const std::string& dir);
+// Locked `dir` holds only what this process wrote into it: everything but the lock goes, and the folder too when
+// `made` (fill_new_folder's clean-up after a failure, e.g. a full disk).
+void discard_filled_folder(const std::string& dir, bool made);
 // f() fills `dir`, a missing or empty folder, as its one writer: the folder is made, locked (lock_output_dir),
-// found empty but for the lock (else "<what> <dir>: exists and is not empty (<why>)"), and probed for writing
-// (check_output_dir), in that order, so two runs never both pass the emptiness check, nor meets one the other's
-// probe file. The lock file is removed afterwards, also when f throws: a finished folder keeps nothing of it.
+// cleared of temp files that killed writers left (psa export's staging folder), found empty but for the lock
+// (else "<what> <dir>: exists and is not empty (<why>)"), and probed for writing (check_output_dir), in that
+// order, so two runs never both pass the emptiness check, nor meets one the other's probe file. The lock file is
+// removed afterwards; when f throws, what it wrote goes too (and the folder, if made here), so a retry can start.
 template <typename F>
 auto fill_new_folder(const std::string& what, const std::string& dir, const std::string& why, F&& f) -> decltype(f()) {
+  std::error_code ec;
+  const bool made = !std::filesystem::exists(dir, ec);
   make_output_dir(what, dir);
   lock_output_dir(what, dir);
+  bool ours = false;  // past the emptiness check: whatever is in the folder from then on is this run's
   try {
+    remove_stale_temps(dir);
     PSA_CHECK(json::holds_only_lock(dir), what, " ", dir, ": exists and is not empty (", why, ")");
+    ours = true;
     check_output_dir(what, dir);
     auto result = f();
     remove_lock_file(dir);
     return result;
   } catch (...) {
-    remove_lock_file(dir);
+    if (ours) discard_filled_folder(dir, made);
+    else remove_lock_file(dir);
     throw;
   }
 }

@@ -35,7 +35,9 @@ int cmd_export(int argc, char** argv) {
   PSA_CHECK(!cli::path_inside(out, ckpt) && !cli::path_inside(ckpt, out), "--out ", out,
             ": overlaps the checkpoint folder ", ckpt, " (write the merged copy elsewhere)");
   std::error_code ec;
-  PSA_CHECK(!fs::exists(out, ec) || !fs::is_directory(out, ec) || fs::is_empty(out, ec), "--out ", out,
+  // A killed export's staging folder and lock are no content (only temps of dead processes are removed).
+  if (fs::is_directory(out, ec)) remove_stale_temps(out);
+  PSA_CHECK(!fs::exists(out, ec) || !fs::is_directory(out, ec) || json::holds_only_lock(out), "--out ", out,
             ": not empty (choose a new folder; an export never replaces files)");
   cli::check_output_location("--out", (fs::path(out) / "model.safetensors").string());
   // Loaded and merged before the folder is made: a checkpoint without adapters leaves nothing behind.

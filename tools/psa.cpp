@@ -96,6 +96,8 @@ int main(int argc, char** argv) {
   // A reader that went away (`psa inspect ... | head`) makes writes fail instead of killing the process: a
   // training run outlives its log's reader, and finish_stdout reports the lost output with status 2.
   std::signal(SIGPIPE, SIG_IGN);
+  // Likewise a file-size limit (ulimit -f): the write fails with EFBIG, reported and cleaned up like a full disk.
+  std::signal(SIGXFSZ, SIG_IGN);
   if (argc < 2) {  // usage as the error it is: on stderr
     usage(stderr);
     return 2;
