@@ -227,17 +227,20 @@ Resumed load_state(const std::string& path, PsaVlm& m, nn::AdamW& opt, Sampler& 
 }
 
 // A resumed run appends to the log; lines past the resumed step came from the killed run and would repeat.
-void truncate_log(const std::string& path, int64_t step) {
+// Returns how many lines it keeps.
+int64_t truncate_log(const std::string& path, int64_t step) {
   std::ifstream in(path);
-  if (!in) return;
+  if (!in) return 0;
   std::string kept, line;
+  int64_t lines = 0;
   while (std::getline(in, line)) {
     try {
-      if (json::parse(line, path).int_or("step", 0) <= step) kept += line + "\n";
+      if (json::parse(line, path).int_or("step", 0) <= step) kept += line + "\n", ++lines;
     } catch (const Error&) {  // a line cut short by the kill
     }
   }
   json::write_file(path, kept);
+  return lines;
 }
 
 std::string eta(double s) {
@@ -289,7 +292,15 @@ StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o) {
   StageResult r;
   int64_t first_step = 0;
   if (!o.resume_from.empty()) first_step = load_state(o.resume_from, m, opt, sampler, o, r).step;
-  if (!o.resume_from.empty() && !o.log_path.empty()) truncate_log(o.log_path, first_step);
+  if (!o.resume_from.empty() && !o.log_path.empty()) {
+    // Every step but the skipped ones has a line. Fewer: the log lost lines the fsynced state kept (a power
+    // loss, an edit); the state's loss series, which the report and the curves use, are whole.
+    const int64_t lines = truncate_log(o.log_path, first_step), want = first_step - r.skipped;
+    if (lines < want)
+      std::fprintf(stderr, "warning: %s has lines for %ld of the %ld steps before the resumed step %ld (the rest "
+                   "were lost); the training state holds every step's losses\n", o.log_path.c_str(), (long)lines,
+                   (long)want, (long)first_step);
+  }
   std::ofstream log;
   if (!o.log_path.empty()) log.open(o.log_path, o.resume_from.empty() ? std::ios::trunc : std::ios::app);
   bool classify = o.stage != "base", safety_tokens = o.stage != "base";
