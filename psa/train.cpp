@@ -137,9 +137,26 @@ void check_run_options(const std::map<std::string, std::string>& meta, const Sta
     fail(path, ": metadata '", kOptionsKey, "': ", e.what());
   }
   const json::Value now = run_options(o);
+  // A state of another stage (copied into this stage's folder) differs in its --steps-<stage> key: say so.
+  for (const char* stage : {"base", "stage1", "stage2"}) {
+    const std::string key = std::string("--steps-") + (stage[0] == 'b' ? "base" : stage + 5);
+    PSA_CHECK(!saved.find(key) || now.find(key), path, ": a training state of the ", stage, " stage, not of ", o.stage,
+              " (a copied or mixed run folder)");
+  }
+  // Values as stored (round-trip digits), shown in the fewest digits that read back the same.
   auto text = [](const json::Value& v, const std::string& k) {
     const json::Value* x = v.find(k);
-    return !x ? std::string("(not recorded)") : x->is_string() ? x->as_string() : json::dump(*x);
+    if (!x) return std::string("(not recorded)");
+    const std::string t = x->is_string() ? x->as_string() : json::dump(*x);
+    char* end = nullptr;
+    const double d = std::strtod(t.c_str(), &end);
+    if (t.empty() || *end != 0 || t.find_first_of(".eE") == std::string::npos) return t;  // integers stay exact
+    char buf[32];
+    for (int digits = 1; digits <= 17; ++digits) {
+      std::snprintf(buf, sizeof buf, "%.*g", digits, d);
+      if (std::strtod(buf, nullptr) == d) break;
+    }
+    return std::string(buf);
   };
   const json::Value* both[] = {&now, &saved};  // a key only one of them has differs too, except the hashes of
   // data and tokenizer (states from before they were recorded, and a check made before the data is generated

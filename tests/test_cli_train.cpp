@@ -368,6 +368,16 @@ TEST_F(TrainCli, ResumeWithOtherOptionsIsRefusedNamingTheOptionAndBothValues) {
     o["--resume"] = "";
     expect_one_line_error(run_psa(train_args(data_, out, o)), message);
   }
+  // A learning rate is shown in the fewest digits that read back (it was 0.0030000000000000001).
+  expect_one_line_error(run_psa(train_args(data_, out, {{"--resume", ""}, {"--lr-1", "0.001"}})),
+                        "made with --lr-1 0.003, this run has --lr-1 0.001");
+  // Stage I's state copied into stage2/: named as what it is.
+  fs::copy_file(out + "/stage1/train_state.safetensors", out + "/stage2/train_state.safetensors",
+                fs::copy_options::overwrite_existing);
+  expect_one_line_error(run_psa(train_args(data_, out, {{"--resume", ""}, {"--stage", "2"}})),
+                        "a training state of the stage1 stage, not of stage2");
+  fs::copy_file(run_ + "/stage2/train_state.safetensors", out + "/stage2/train_state.safetensors",
+                fs::copy_options::overwrite_existing);
   // Other records (another seed's dataset) would mix two datasets in one run; the state names the first by hash.
   Result other = run_psa(train_args(other_, out, {{"--resume", ""}}));
   expect_one_line_error(other, "made with --data records with xxh64 ");
@@ -381,6 +391,18 @@ TEST_F(TrainCli, ResumeWithOtherOptionsIsRefusedNamingTheOptionAndBothValues) {
   Result same = run_psa(train_args(data_, out, {{"--resume", ""}}));
   EXPECT_EQ(same.status, 0) << same.err;
   EXPECT_EQ(same.err, "");
+}
+
+// The log lost lines the state kept (cut after a kill, or by a power loss before its lines reached the disk):
+// said once, not left as a silent gap.
+TEST_F(TrainCli, ResumeOverALogMissingStepsWarns) {
+  const std::string out = copy_of_run("short_log");
+  const std::string log = out + "/base/log.jsonl", text = slurp(log);
+  std::ofstream(log, std::ios::binary) << text.substr(0, text.find('\n') + 1);
+  Result r = run_psa(train_args(data_, out, {{"--resume", ""}, {"--stage", "base"}}));
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.err, "warning: " + log + " has lines for 1 of the 2 steps before the resumed step 2 (the rest were "
+                   "lost); the training state holds every step's losses\n");
 }
 
 TEST_F(TrainCli, ResumeFromAStateWithoutTheRecordWarnsOnce) {
