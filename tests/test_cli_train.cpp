@@ -132,6 +132,18 @@ TEST_F(TrainCli, OutOfRangeOptionsAreRefusedBeforeAnyWork) {
   }
 }
 
+// The default: every stage, then the benchmark, in one process that holds the run folder's lock all along (the
+// evaluation once refused its own parent as "another psa process").
+TEST_F(TrainCli, TrainingEndsWithTheEvaluationItsReportHolds) {
+  const std::string out = (root_ / "with_eval").string();
+  fs::remove_all(out);
+  Result r = run_psa(train_args(data_, out, {{"--no-eval", "\x01"}, {"--eval-limit", "3"}}));
+  ASSERT_EQ(r.status, 0) << r.err;
+  const psa::json::Value report = psa::json::parse_file(out + "/report.json");
+  for (const char* stage : {"base", "stage1", "stage2"}) EXPECT_EQ(report.at(stage).int_at("records"), 3) << stage;
+  EXPECT_TRUE(fs::exists(out + "/report.md"));
+}
+
 TEST_F(TrainCli, LoraRankZeroStillMeansFullFineTuning) {
   const std::string out = copy_of_run("rank0");
   Result r = run_psa(train_args(data_, out, {{"--stage", "2"}, {"--lora-rank", "0"}, {"--overwrite", ""}}));

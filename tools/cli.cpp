@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <set>
 
 #include "nn/json.h"
 #include "tensor/error.h"
@@ -207,6 +208,13 @@ void lock_output_dir(const std::string& what, const std::string& dir) {
     ::close(fd);
     fail(what, " ", dir, ": the lock file ", path, " is not a regular file (remove it)");
   }
+  // Held already by this process (psa train runs its evaluation, which locks the run folder it writes to, in
+  // process): a second flock on a new descriptor would conflict with our own first one.
+  static std::set<std::pair<dev_t, ino_t>> held;
+  if (held.count({st.st_dev, st.st_ino})) {
+    ::close(fd);
+    return;
+  }
   if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     const int err = errno;
     const long pid = recorded_pid(fd);
@@ -219,6 +227,7 @@ void lock_output_dir(const std::string& what, const std::string& dir) {
   // Only a note for the message above: the lock itself is the flock, so a failed write changes nothing.
   const bool noted = ::ftruncate(fd, 0) == 0 && ::pwrite(fd, pid.data(), pid.size(), 0) == ssize_t(pid.size());
   (void)noted;
+  held.insert({st.st_dev, st.st_ino});
   // fd stays open (and locked) for the rest of the process.
 }
 
