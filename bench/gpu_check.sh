@@ -143,7 +143,7 @@ for s in (1, 2):
     mfu = j.get("mfu")
     launches, copies = j.get("launches_per_step"), j.get("host_copies_per_step")
     print(f"| small step Stage {'I' * s} (ms, peak GiB ours {peak:.2f}" + (f" / torch {tpeak}" if tpeak else "") +
-          (f"; held with the cache ours {held:.2f}" if held is not None else "") + (f" / torch {theld}" if theld else "") +
+          (f"; held with the cache ours {held:.2f}" + (f" / torch {theld}" if theld else "") if held is not None else "") +
           (f", MFU {100 * mfu:.1f}% of cuBLAS 8192²" if mfu else "") +
           (f", {launches:.0f} stream operations and {copies:.0f} device-to-host copies a step" if launches is not None else "") + ") "
           f"| {ours:.1f} | " + (f"torch eager {ref}" if ref else "-") + " | " + (f"{ours / ref:.2f}x" if ref else "-") + " |")

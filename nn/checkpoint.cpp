@@ -98,7 +98,7 @@ StateDict read_tensors(const std::string& path, std::map<std::string, std::strin
 }
 
 void require_hashes(const std::string& path, const std::map<std::string, std::string>& metadata) {
-  PSA_CHECK(metadata.count("xxh64.__metadata__"), path, ": no stored xxh64 hashes (psa writes one for every tensor "
+  PSA_CHECK(metadata.count(st::kMetadataHashKey), path, ": no stored xxh64 hashes (psa writes one for every tensor "
             "and its metadata): the file was edited or not written by psa");
 }
 

@@ -26,9 +26,6 @@ namespace {
 
 constexpr uint64_t kMaxHeader = 100ull << 20;  // the reference implementation's limit as well
 const char* const kHashPrefix = "xxh64.";
-// The hash of the other metadata entries (the model config, the LoRA settings...): an edit of one byte there
-// changes what a checkpoint computes as surely as an edit of its weights. "__metadata__" is no tensor's name.
-const char* const kMetadataHashKey = "xxh64.__metadata__";
 
 // Every entry but the hashes, in key order, each key and value NUL-terminated: one text per metadata.
 std::string metadata_hash(const std::map<std::string, std::string>& metadata) {
@@ -301,7 +298,8 @@ File File::open(const std::string& path, bool verify_hashes) {
     // had hashes removed along with whatever was changed.
     if (f.hashed()) {
       PSA_CHECK(f.metadata_.count(kMetadataHashKey), path, ": the tensors have xxh64 hashes but __metadata__ has "
-                "none (psa writes both): the header was edited");
+                "none (psa writes both): the header was edited, or a psa from before 2026-12 wrote it (train or "
+                "save it again)");
       for (const TensorView& t : f.tensors_)
         PSA_CHECK(f.metadata_.count(kHashPrefix + t.name), path, ": tensor '", t.name, "' has no xxh64 though the "
                   "file stores hashes (psa writes one for every tensor): the header was edited");

@@ -31,6 +31,10 @@ struct TensorView {
   int64_t numel() const;
 };
 
+// The hash of the other metadata entries (the model config, the LoRA settings...): an edit of one byte there
+// changes what a checkpoint computes as surely as an edit of its weights. "__metadata__" is no tensor's name.
+constexpr const char* kMetadataHashKey = "xxh64.__metadata__";
+
 // A whole file mapped into memory and validated on open. Copies share the mapping; views stay valid
 // while any copy lives.
 class File {

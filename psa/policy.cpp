@@ -40,12 +40,18 @@ static std::string opt_string(const json::Value& obj, const std::string& key, co
   const json::Value* v = obj.find(key);
   if (!v || v->is_null()) return "";
   PSA_CHECK(v->is_string(), where, ": '", key, "' must be a string, got ", json::kind_name(v->kind));
-  // Hints go into prompts and refusals to the terminal as answers: a NUL or an escape sequence in either is
-  // never a sentence.
-  for (unsigned char c : v->str)
-    PSA_CHECK(c >= 0x20 && c != 0x7F, where, ": '", key, "' contains the control character ",
-              str_cat("0x", "0123456789ABCDEF"[c >> 4], "0123456789ABCDEF"[c & 15]), " (text only)");
-  return v->str;
+  // Hints go into prompts and refusals to the terminal as answers: a NUL or an escape sequence (ESC, or the C1
+  // CSI U+009B some terminals act on) in either is never a sentence. Tabs and line breaks are text.
+  const std::string& t = v->str;
+  for (size_t i = 0; i < t.size(); ++i) {
+    const unsigned char c = t[i];
+    const bool c1 = c == 0xC2 && i + 1 < t.size() && (unsigned char)t[i + 1] >= 0x80 && (unsigned char)t[i + 1] <= 0x9F;
+    const unsigned code = c1 ? (unsigned char)t[i + 1] : c;
+    PSA_CHECK(!c1 && (c >= 0x20 || c == '\n' || c == '\t') && c != 0x7F, where, ": '", key,
+              "' contains the control character ", str_cat(c1 ? "U+00" : "0x", "0123456789ABCDEF"[code >> 4],
+              "0123456789ABCDEF"[code & 15]), " (text only)");
+  }
+  return t;
 }
 
 static PolicyEntry parse_entry(const json::Value& v, const std::string& where, const std::string& default_refusal) {

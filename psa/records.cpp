@@ -214,7 +214,7 @@ void print_skipped(const LoadReport& rep, const std::string& jsonl_path, size_t 
   if (n <= kShown) return;
   if (jsonl_path.empty()) std::fprintf(stderr, "... and %zu more skipped records\n", n - kShown);
   else
-    std::fprintf(stderr, "... and %zu more skipped lines (psa inspect %s lists the file's bad records)\n", n - kShown,
+    std::fprintf(stderr, "... and %zu more skipped lines (psa inspect '%s' lists the file's bad records)\n", n - kShown,
                  jsonl_path.c_str());
 }
 

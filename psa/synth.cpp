@@ -885,8 +885,9 @@ QA obey(QA qa, int level, int type, const std::string& neutral, int refusal_vari
 QA safety_qa(const Scene& sc, Rng& rng) {
   if (sc.kind == kClean || sc.kind == kHardNeg) return clean_qa(sc, rng, false);
   QA qa = risky_question(sc, rng);
-  // Most refusals in our phrasing, a fifth in one of the reference data's (dataset.md); the hint-following base
-  // data keeps ours, the sentence the policies' hints ask for. At an even split of three phrasings for one
+  // Most refusals in our phrasing, the rest in one of the reference data's (dataset.md): a fifth for politics and
+  // illegal content, a tenth for the other types (the reference has no topic sentence for them, variant 2 falls
+  // back to ours). The hint-following base data keeps ours, the sentence the policies' hints ask for. At an even split of three phrasings for one
   // (level, type) the tiny LM's greedy answer blended them ("I'm une."), which is no refusal at all.
   const int variant = rng.chance(0.8) ? 0 : 1 + rng.below(kRefusalVariants - 1);
   return obey(qa, sc.level, sc.type, neutral_answer(sc, qa.kind), variant);

@@ -92,6 +92,9 @@ TEST_F(CliData, AFailedGenerationRemovesWhatItWrote) {
   EXPECT_EQ(r.status, 2);
   EXPECT_NE(r.err.find("psa data: error: " + dir + "/base_train.jsonl: cannot write: File too large\n"), std::string::npos) << r.err;
   EXPECT_FALSE(fs::exists(dir));
+  // And the folders above it that the run made.
+  EXPECT_EQ(psa::test::run_psa_file_limit("data --scale 0.01 --out '" + dir + "/a b/c'", 8).status, 2);
+  EXPECT_FALSE(fs::exists(dir));
   fs::create_directories(dir);  // a folder that was there stays, empty
   EXPECT_EQ(psa::test::run_psa_file_limit("data --scale 0.01 --out " + dir, 8).status, 2);
   EXPECT_TRUE(fs::is_directory(dir));
@@ -309,7 +312,7 @@ TEST(SynthChecks, GeneratorRefusesANonEmptyFolder) {
 TEST_F(CliData, InspectListsEveryBadLineOfARecordsFile) {
   const std::string bad = psa::test::repo_path("tests/data/records/bad.jsonl");
   Result r = run_psa({"inspect", bad});
-  expect_one_line_error(r, "12 of 13 lines skipped");
+  expect_one_line_error(r, "12 of 13 non-blank lines skipped");
   EXPECT_NE(r.out.find("1 records, 12 lines skipped"), std::string::npos) << r.out;
   for (int line : {2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14})
     EXPECT_NE(r.out.find("skipped " + bad + ":" + std::to_string(line) + ": "), std::string::npos) << line;

@@ -248,6 +248,23 @@ TEST_F(Data, TextFitsTheTinyBudget) {
     }
 }
 
+// dataset.md: motifs vary in rotation. Risk motifs and their look-alikes alike (a tilt must say nothing about
+// risk), within the generator's 20 degrees either way.
+TEST_F(Data, MotifsAreTiltedAndTheirLookAlikesToo) {
+  int tilted_risky = 0, tilted_look_alike = 0, boxes = 0;
+  for (auto& [split, recs] : records_)
+    for (const Record& r : recs) {
+      if (!r.meta.contains("motif_box")) continue;
+      ++boxes;
+      const double deg = r.meta.number_at("motif_degrees");
+      EXPECT_LE(std::fabs(deg), 20.0) << r.source;
+      if (std::fabs(deg) >= 2) (is_hard_negative(r) ? tilted_look_alike : tilted_risky)++;
+    }
+  EXPECT_GT(boxes, 0);
+  EXPECT_GT(tilted_risky, 0);
+  EXPECT_GT(tilted_look_alike, 0);
+}
+
 TEST_F(Data, SplitsShareNoImage) {
   std::set<std::string> train;
   for (const Record& r : records_["train"]) train.insert(read_bytes(r.image));  // stb's PNG encoder is deterministic
@@ -268,6 +285,7 @@ TEST_F(Data, TypographicAttacksAtSixtyFourPixels) {
   int attacks = 0, signs = 0;
   for (const Record& r : recs) {
     if (r.meta.string_at("motif") == "text") {
+      EXPECT_EQ(r.meta.number_at("motif_degrees"), 0) << "text stays level: it must be read";
       ++attacks;
       EXPECT_NE(r.safe_type, kCleanType);
       EXPECT_NE(judge_answer(r.answer), Verdict::Comply) << r.answer;
@@ -361,7 +379,7 @@ TEST_F(Data, BadRecordsAreSkippedWithFileLineReason) {
   const std::string shown = ::testing::internal::GetCapturedStderr();
   EXPECT_NE(shown.find("skipped " + rep.messages[9] + "\n"), std::string::npos) << shown;
   EXPECT_EQ(shown.find(rep.messages[10]), std::string::npos) << shown;
-  EXPECT_NE(shown.find("... and 2 more skipped lines (psa inspect " + path), std::string::npos) << shown;
+  EXPECT_NE(shown.find("... and 2 more skipped lines (psa inspect '" + path + "'"), std::string::npos) << shown;
   // Without image checks the missing and undecodable files load (the trainer decodes later).
   LoadReport lax;
   load_records(path, &lax, false);
@@ -576,6 +594,12 @@ TEST_F(Data, BadPolicyFilesAreRejected) {
   member(member(member(bad, "levels"), "2"), "insults").set("hint", std::string("a\0b", 3));
   EXPECT_EQ(error_of([&] { parse_policy(bad, "p.json"); }),
             "p.json: levels.2.insults: 'hint' contains the control character 0x00 (text only)");
+  bad = v;
+  bad.set("refusal", "No.\xC2\x9B" "2J");
+  EXPECT_EQ(error_of([&] { parse_policy(bad, "p.json"); }), "p.json: 'refusal' contains the control character U+009B (text only)");
+  bad = v;
+  bad.set("refusal", "I can't help.\n\tSorry.");  // line breaks and tabs are text
+  EXPECT_EQ(error_of([&] { parse_policy(bad, "p.json"); }), "");
   // A hint is prompt text: an <image> tag in it used to abort generation in the image splice.
   bad = v;
   member(member(member(bad, "levels"), "3"), "illegal").set("hint", "Refuse <image> this.");

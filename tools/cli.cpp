@@ -236,14 +236,30 @@ void remove_lock_file(const std::string& dir) {
   std::filesystem::remove(std::filesystem::path(dir) / json::kLockFileName, ec);
 }
 
-void discard_filled_folder(const std::string& dir, bool made) {
+std::string first_missing_folder(const std::string& dir) {
+  namespace fs = std::filesystem;
   std::error_code ec;
-  std::vector<std::filesystem::path> written;  // collected first: no removal while the folder is read
-  for (const auto& e : std::filesystem::directory_iterator(dir, ec))
+  fs::path missing;
+  for (fs::path p = fs::absolute(dir, ec).lexically_normal(); !p.empty() && !fs::exists(p, ec); p = p.parent_path()) {
+    missing = p;
+    if (p == p.parent_path()) break;
+  }
+  return missing.string();
+}
+
+void discard_filled_folder(const std::string& dir, const std::string& first_made) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  std::vector<fs::path> written;  // collected first: no removal while the folder is read
+  for (const auto& e : fs::directory_iterator(dir, ec))
     if (e.path().filename() != json::kLockFileName) written.push_back(e.path());
-  for (const auto& p : written) std::filesystem::remove_all(p, ec);
+  for (const auto& p : written) fs::remove_all(p, ec);
   remove_lock_file(dir);
-  if (made) std::filesystem::remove(dir, ec);  // only if now empty
+  if (first_made.empty()) return;
+  for (fs::path p = fs::absolute(dir, ec).lexically_normal();; p = p.parent_path()) {
+    if (!fs::remove(p, ec)) break;  // only an empty folder goes
+    if (p == fs::path(first_made) || p == p.parent_path()) break;
+  }
 }
 
 void print_progress(const char* tag, int64_t done, int64_t total, const char* unit) {

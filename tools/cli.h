@@ -68,9 +68,12 @@ void check_output_file(const std::string& what, const std::string& path);
 void lock_output_dir(const std::string& what, const std::string& dir);
 // Removes dir's lock file (the flock stays held until the process exits).
 void remove_lock_file(const std::string& dir);
-// Locked `dir` holds only what this process wrote into it: everything but the lock goes, and the folder too when
-// `made` (fill_new_folder's clean-up after a failure, e.g. a full disk).
-void discard_filled_folder(const std::string& dir, bool made);
+// The outermost folder of `dir`'s path that does not exist yet ("" when `dir` exists): what creating `dir` makes.
+std::string first_missing_folder(const std::string& dir);
+// Locked `dir` holds only what this process wrote into it: everything but the lock goes, and so do the folders
+// from `dir` up to `first_made` that this run created ("" for none): fill_new_folder's clean-up after a failure,
+// e.g. a full disk.
+void discard_filled_folder(const std::string& dir, const std::string& first_made);
 // f() fills `dir`, a missing or empty folder, as its one writer: the folder is made, locked (lock_output_dir),
 // cleared of temp files that killed writers left (psa export's staging folder), found empty but for the lock
 // (else "<what> <dir>: exists and is not empty (<why>)"), and probed for writing (check_output_dir), in that
@@ -78,8 +81,7 @@ void discard_filled_folder(const std::string& dir, bool made);
 // removed afterwards; when f throws, what it wrote goes too (and the folder, if made here), so a retry can start.
 template <typename F>
 auto fill_new_folder(const std::string& what, const std::string& dir, const std::string& why, F&& f) -> decltype(f()) {
-  std::error_code ec;
-  const bool made = !std::filesystem::exists(dir, ec);
+  const std::string first_made = first_missing_folder(dir);
   make_output_dir(what, dir);
   lock_output_dir(what, dir);
   bool ours = false;  // past the emptiness check: whatever is in the folder from then on is this run's
@@ -92,7 +94,7 @@ auto fill_new_folder(const std::string& what, const std::string& dir, const std:
     remove_lock_file(dir);
     return result;
   } catch (...) {
-    if (ours) discard_filled_folder(dir, made);
+    if (ours) discard_filled_folder(dir, first_made);
     else remove_lock_file(dir);
     throw;
   }

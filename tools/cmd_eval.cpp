@@ -164,7 +164,7 @@ static void lock_run_folders(const std::vector<Output>& outs) {
   std::set<std::string> locked;
   for (const Output& o : outs)
     for (fs::path d = fs::absolute(o.path).lexically_normal().parent_path(); d.has_relative_path(); d = d.parent_path())
-      if (fs::exists(d / ".psa.lock")) {
+      if (fs::exists(d / json::kLockFileName)) {
         if (locked.insert(d.string()).second) cli::lock_output_dir(o.flag, d.string());
         break;
       }

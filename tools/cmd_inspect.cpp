@@ -102,6 +102,7 @@ static json::Value inspect_records(const std::string& path) {
   out.set("records_file", path);
   out.set("records", rep.loaded);
   out.set("skipped", rep.skipped);
+  out.set("lines", rep.lines);  // non-blank
   out.set("by_level", std::move(by_level));
   out.set("by_type", std::move(by_type));
   out.set("skipped_lines", std::move(skipped));
@@ -198,7 +199,7 @@ int cmd_inspect(int argc, char** argv) {
   else print_file(r);
   if (ext == ".jsonl" && r.int_at("skipped")) {
     std::fflush(stdout);
-    fail(path, ": ", r.int_at("skipped"), " of ", r.int_at("skipped") + r.int_at("records"), " lines skipped (listed above)");
+    fail(path, ": ", r.int_at("skipped"), " of ", r.int_at("lines"), " non-blank lines skipped (listed above)");
   }
   return 0;
 }

@@ -148,8 +148,11 @@ Dataset load_split(const std::string& file, const Tokenizer& tok, const PsaConfi
   static std::set<std::string> listed;
   LoadReport rep;
   std::vector<Record> recs = load_records(file, &rep);
+  const bool first = listed.insert(file).second;
+  if (first) print_skipped(rep, file);  // the file's bad lines, which psa inspect lists too
+  const size_t shown = rep.messages.size();
   Dataset d = build_dataset(recs, tok, cfg.vision.image_size, cfg.max_text_tokens, &rep);
-  if (listed.insert(file).second) print_skipped(rep, file);
+  if (first) print_skipped(rep, "", shown);  // what this model cannot take (text too long, undecodable image)
   std::printf("%s: %ld records loaded, %ld skipped\n", file.c_str(), (long)d.size(), (long)rep.skipped);
   return d;
 }

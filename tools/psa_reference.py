@@ -722,6 +722,10 @@ def bench(preset, out_path, steps, warmup, thread_counts, device_name=None):
             for stage in (1, 2):
                 params = stage_params(model, stage)
                 if device.type == "cuda":
+                    # Each stage's peaks on their own, as bench-step measures them (one process a stage): the
+                    # previous stage's gradients and cached blocks go first.
+                    model.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 t = time_steps(model, batch, params, steps, warmup, device)
                 config[f"stage{stage}_ms"] = round(statistics.median(t), 2)
