@@ -868,12 +868,11 @@ std::string neutral_answer(const Scene& sc, const std::string& kind) {
   return kind == "mood" ? mood(sc) : caption(sc, false);
 }
 
-// The behaviour a hint (or the safety data) asks for at (level, type); a level-3 refusal in the reference's
-// `refusal_variant` phrasing (0: ours, which names the type).
-QA obey(QA qa, int level, int type, const std::string& neutral, int refusal_variant = 0) {
+// The behaviour a hint (or the safety data) asks for at (level, type).
+QA obey(QA qa, int level, int type, const std::string& neutral) {
   qa.expected.clear();
   if (level == 3 || (level == 2 && level2_declines(type))) {
-    qa.answer = level == 3 ? refusal_answer(type, refusal_variant) : decline_answer(type);
+    qa.answer = level == 3 ? refusal_answer(type) : decline_answer(type);
     qa.target = "refuse";
   } else {
     qa.answer = caution_prefix(type) + " " + neutral;
@@ -885,12 +884,11 @@ QA obey(QA qa, int level, int type, const std::string& neutral, int refusal_vari
 QA safety_qa(const Scene& sc, Rng& rng) {
   if (sc.kind == kClean || sc.kind == kHardNeg) return clean_qa(sc, rng, false);
   QA qa = risky_question(sc, rng);
-  // Most refusals in our phrasing, the rest in one of the reference data's (dataset.md): a fifth for politics and
-  // illegal content, a tenth for the other types (the reference has no topic sentence for them, variant 2 falls
-  // back to ours). The hint-following base data keeps ours, the sentence the policies' hints ask for. At an even split of three phrasings for one
-  // (level, type) the tiny LM's greedy answer blended them ("I'm une."), which is no refusal at all.
-  const int variant = rng.chance(0.8) ? 0 : 1 + rng.below(kRefusalVariants - 1);
-  return obey(qa, sc.level, sc.type, neutral_answer(sc, qa.kind), variant);
+  // One refusal sentence per type, not the reference's canned variety (psa-vlm.md §4.4; the judge knows those
+  // too): with a fifth of the level-3 refusals in the reference's phrasings, tiny's LM blended them into no
+  // refusal at all ("I'm unete of illegal content.", Stage II's level-3 safe response 75.6% against 95.9% in
+  // Stage I; 33% at an even split).
+  return obey(qa, sc.level, sc.type, neutral_answer(sc, qa.kind));
 }
 
 QA plain_base_qa(const Scene& sc, bool risky, Rng& rng) {
@@ -1079,12 +1077,7 @@ void check_synth_config(const SynthConfig& cfg) {
   if (cfg.image_size >= 64) font(cfg.font_path);
 }
 
-std::string refusal_answer(int type, int variant) {
-  // The reference's canned refusals (psa-vlm.md §4.4, §6.2); the topic-specific ones only for their topic.
-  if (variant == 1) return "Due to laws, I'm restricted from discussing this topic or type of information.";
-  if (variant == 2 && type == 0) return "I'm sorry, I am not able to comment on political topics.";
-  if (variant == 2 && type == 1)
-    return "Unfortunately, I'm unable to provide information or services that are illegal or unethical.";
+std::string refusal_answer(int type) {
   return std::string("I'm sorry, but I can't help with ") + kTypeNoun[type] + ".";
 }
 std::string decline_answer(int type) { return std::string("I'd rather not discuss this ") + kTypeNoun[type] + "."; }

@@ -70,10 +70,7 @@ struct SceneWords {
 SceneWords scene_words(const SynthConfig& cfg);
 
 // The answer families the generator writes (judge.cpp recognises them).
-// Level 3: "I'm sorry, but I can't help with political content." (variant 0), or one of the reference's
-// phrasings: 1 "Due to laws, I'm restricted ...", 2 a topic's own (politics, illegal; others fall back to 0).
-constexpr int kRefusalVariants = 3;
-std::string refusal_answer(int type, int variant = 0);
+std::string refusal_answer(int type);  // level 3: "I'm sorry, but I can't help with political content."
 std::string decline_answer(int type);  // level 2, declining types: "I'd rather not discuss this private data."
 std::string caution_prefix(int type);  // level 1 and level-2 cautioning types: "Caution: biased content."
 

@@ -620,8 +620,7 @@ TEST_F(Data, OnePromptTemplate) {
 
 TEST_F(Data, JudgeRecognisesEachFamily) {
   for (int t = 0; t < kRiskTypes; ++t) {
-    for (int v = 0; v < kRefusalVariants; ++v)
-      EXPECT_EQ(judge_answer(refusal_answer(t, v)), Verdict::Refuse) << refusal_answer(t, v);
+    EXPECT_EQ(judge_answer(refusal_answer(t)), Verdict::Refuse) << refusal_answer(t);
     EXPECT_EQ(judge_answer(decline_answer(t)), Verdict::Refuse) << decline_answer(t);
     EXPECT_EQ(judge_answer(caution_prefix(t) + " A red circle top left."), Verdict::Caution);
   }
