@@ -409,6 +409,7 @@ StageResult train_stage(PsaVlm& m, const Dataset& data, const StageOptions& o) {
     }
   }
   r.steps = step;
+  r.resumed_at = first_step;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   r.tokens_per_second = r.seconds > 0 ? tokens / r.seconds : 0;
   m.eval();

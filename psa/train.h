@@ -43,6 +43,7 @@ struct StageOptions {
 struct StageResult {
   int64_t steps = 0;    // steps run so far, skipped ones included (the schedule's position)
   int64_t skipped = 0;  // steps skipped for a non-finite loss or gradient
+  int64_t resumed_at = 0;  // the step a resumed run continued from (0: a fresh start); seconds count from there
   double seconds = 0, tokens_per_second = 0;
   std::vector<double> loss, loss_lm, loss_level, loss_type;  // per step
 };

@@ -415,6 +415,9 @@ TEST_F(TrainCli, ResumeOverALogMissingStepsWarns) {
   EXPECT_EQ(r.status, 0) << r.err;
   EXPECT_EQ(r.err, "warning: " + log + " has lines for 1 of the 2 steps before the resumed step 2 (the rest were "
                    "lost); the training state holds every step's losses\n");
+  // A finished stage resumed runs nothing, and says so (it printed "in 0.0 s (0 tokens/s)").
+  EXPECT_NE(r.out.find("[base] 2 steps (0 skipped, all done before: nothing left to run), loss "), std::string::npos)
+      << r.out;
 }
 
 TEST_F(TrainCli, ResumeFromAStateWithoutTheRecordWarnsOnce) {

@@ -536,9 +536,12 @@ int cmd_train(int argc, char** argv) {
     if (o.data_xxh64.empty()) o.data_xxh64 = records_hash(training_split(p, stage));  // generated since the plan
     o.tokenizer_xxh64 = vocabulary_hash(*tok);
     StageResult r = train_stage(*model, data, o);
-    std::printf("[%s] %ld steps (%ld skipped) in %.1f s (%.0f tokens/s), loss %.4f -> %.4f\n", stage.c_str(),
-                (long)r.steps, (long)r.skipped, r.seconds, r.tokens_per_second, r.loss.empty() ? NAN : r.loss.front(),
-                r.loss.empty() ? NAN : r.loss.back());
+    const std::string resumed =
+        r.resumed_at == 0 ? "" : r.resumed_at == r.steps ? str_cat(", all done before: nothing left to run")
+                                                          : str_cat(", the last ", r.steps - r.resumed_at, " now");
+    std::printf("[%s] %ld steps (%ld skipped%s)", stage.c_str(), (long)r.steps, (long)r.skipped, resumed.c_str());
+    if (r.resumed_at < r.steps) std::printf(" in %.1f s (%.0f tokens/s)", r.seconds, r.tokens_per_second);
+    std::printf(", loss %.4f -> %.4f\n", r.loss.empty() ? NAN : r.loss.front(), r.loss.empty() ? NAN : r.loss.back());
     save_checkpoint(s.dir.string(), *model, *tok, stage, stage == "stage2" ? lora : LoraSettings{});
     json::Value audit;
     const fs::path prev = fs::path(p.out) / s.prev;
