@@ -138,11 +138,10 @@ void check_run_options(const std::map<std::string, std::string>& meta, const Sta
   }
   const json::Value now = run_options(o);
   // A state of another stage (copied into this stage's folder) differs in its --steps-<stage> key: say so.
-  for (const char* stage : {"base", "stage1", "stage2"}) {
-    const std::string key = std::string("--steps-") + (stage[0] == 'b' ? "base" : stage + 5);
+  for (const auto& [key, stage] : {std::pair<const char*, const char*>{"--steps-base", "base"},
+                                   {"--steps-1", "stage1"}, {"--steps-2", "stage2"}})
     PSA_CHECK(!saved.find(key) || now.find(key), path, ": a training state of the ", stage, " stage, not of ", o.stage,
               " (a copied or mixed run folder)");
-  }
   // Values as stored (round-trip digits), shown in the fewest digits that read back the same.
   auto text = [](const json::Value& v, const std::string& k) {
     const json::Value* x = v.find(k);

@@ -537,7 +537,7 @@ int cmd_train(int argc, char** argv) {
     o.tokenizer_xxh64 = vocabulary_hash(*tok);
     StageResult r = train_stage(*model, data, o);
     const std::string resumed =
-        r.resumed_at == 0 ? "" : r.resumed_at == r.steps ? str_cat(", all done before: nothing left to run")
+        r.resumed_at == 0 ? "" : r.resumed_at == r.steps ? std::string(", all done before: nothing left to run")
                                                           : str_cat(", the last ", r.steps - r.resumed_at, " now");
     std::printf("[%s] %ld steps (%ld skipped%s)", stage.c_str(), (long)r.steps, (long)r.skipped, resumed.c_str());
     if (r.resumed_at < r.steps) std::printf(" in %.1f s (%.0f tokens/s)", r.seconds, r.tokens_per_second);
